@@ -1,0 +1,329 @@
+"""One typed config tree for every stage, loaded from YAML then dotted ``key=value`` overrides.
+
+Each concern (model, subject, prior, lora, train, cluster, tune, eval, serve) is its own pydantic
+model. Every model forbids unknown keys, so a typo is an error that names the field path instead of
+a silently ignored setting. Configs travel to Ray tasks and workers as plain dicts and are
+re-validated there (``RaydbConfig.model_validate``), never through module globals.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "SubjectConfig",
+    "PriorConfig",
+    "LoraConfig",
+    "TrainConfig",
+    "ClusterConfig",
+    "SearchSpace",
+    "TuneConfig",
+    "EvalConfig",
+    "ServeConfig",
+    "RaydbConfig",
+    "load_config",
+    "apply_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names every offending field path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    pretrained: str = Field(
+        "tiny",
+        description="Base model: 'tiny' (built in), a local diffusers directory, an s3:// prefix, "
+        "or a Hugging Face hub id (needs network).",
+    )
+    revision: str | None = Field(None, description="Hub revision, for hub ids only.")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="Override the scheduler's prediction type (default: from the scheduler)."
+    )
+    cache_dir: str | None = Field(
+        None, description="Local cache for s3:// models (default: ~/.cache/raydb/models)."
+    )
+
+
+class SubjectConfig(_Strict):
+    id: str = Field("demo", description="Registry id of the subject: [A-Za-z0-9][A-Za-z0-9_.-]{0,63}.")
+    tenant: str = Field("default", description="Tenant that owns the subject (used by serving).")
+    instance_data: str = Field(
+        "builtin:demo", description="Folder or s3:// prefix of the subject's photos, or builtin:demo."
+    )
+    instance_prompt: str = Field("a photo of sks toy", description="Prompt with the subject token.")
+    class_prompt: str = Field("a photo of a toy", description="Prompt of the subject's class.")
+    instance_token: str | None = Field(
+        None, description="Rare token naming the subject (default: the word of instance_prompt "
+        "that is not in class_prompt)."
+    )
+
+    @field_validator("id", "tenant")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        from raydb.registry import check_safe_id
+
+        return check_safe_id(value)
+
+    @field_validator("instance_prompt", "class_prompt")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class PriorConfig(_Strict):
+    enabled: bool = Field(True, description="Train with prior preservation ([instance | class] batches).")
+    class_data: str | None = Field(None, description="Existing class images (folder or s3://); "
+                                   "when unset they are generated into the shared prior cache.")
+    num_class_images: int = Field(100, ge=1, description="Class images used for prior preservation.")
+    sample_batch_size: int = Field(4, ge=1, description="Images generated per pipeline call.")
+    num_inference_steps: int = Field(25, ge=1, description="Denoising steps per class image.")
+    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale.")
+    negative_prompt: str = Field("", description="Negative prompt for class images.")
+    seed: int = Field(0, ge=0, description="Base seed; image i uses a seed derived from (seed, i).")
+    concurrency: int | None = Field(None, ge=1, description="Generator actors (default: GPUs, or 1 on CPU).")
+    num_holdout: int = Field(4, ge=0, description="Extra class images generated but never trained on "
+                             "(used by validation metrics).")
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(4, gt=0, description="LoRA rank r.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha (default: equal to rank).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="UNet modules that receive LoRA layers.",
+    )
+    train_text_encoder: bool = Field(False, description="Also train LoRA layers in the text encoder.")
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+        description="Text-encoder modules that receive LoRA layers when train_text_encoder is on.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one module")
+        return value
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class TrainConfig(_Strict):
+    resolution: int = Field(512, ge=8, description="Square training resolution in pixels (multiple of 8).")
+    center_crop: bool = Field(True, description="Center-crop (else resize only) to the resolution.")
+    random_flip: bool = Field(False, description="Add horizontally flipped copies (cached as their own entries).")
+    batch_size: int = Field(1, ge=1, description="Instance images per micro-batch per worker "
+                            "(the same number of class images is appended).")
+    max_steps: int = Field(400, ge=1, description="Optimizer steps.")
+    learning_rate: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
+    prior_loss_weight: float = Field(1.0, ge=0.0, description="lambda in loss = instance + lambda * prior.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm over LoRA parameters.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule (diffusers' get_scheduler)."
+    )
+    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast dtype.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for UNet activation memory.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_weight_decay: float = Field(1e-2, ge=0.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+    seed: int = Field(0, ge=0, description="Seed of noise, timesteps, LoRA init and data order.")
+    checkpoint_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
+    checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept per run.")
+    cache_latents: bool = Field(True, description="Encode images and prompts once (frozen VAE/text "
+                                "encoder) instead of every step.")
+    num_sample_images: int = Field(4, ge=0, description="Images in the final sample grid.")
+    sample_steps: int = Field(25, ge=1, description="Denoising steps for the sample grid.")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+        return value
+
+
+class ClusterConfig(_Strict):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    use_gpu: Literal["auto"] | bool = Field("auto", description="auto: use GPUs when the cluster has them.")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved by each Train worker.")
+    max_failures: int = Field(3, ge=-1, description="Worker-group restarts before a run fails (-1: unlimited).")
+    address: str | None = Field(None, description="Ray address to join (default: auto-detect or start local).")
+
+
+class SearchSpace(_Strict):
+    """A search dimension: an explicit list (grid) or ``{low, high}`` sampled log-uniformly."""
+
+    values: list[float] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, data: Any) -> Any:
+        if isinstance(data, list | tuple):
+            return {"values": list(data)}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchSpace:
+        if self.values is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either a list of values or {low, high}, not both")
+            if not self.values:
+                raise ValueError("the list of values is empty")
+            if any(v < 0 for v in self.values):
+                raise ValueError("values must not be negative")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give a list of values or both low and high")
+        if self.low <= 0 or self.high <= 0:
+            raise ValueError("low and high must be positive for a log-uniform range")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class TuneConfig(_Strict):
+    prior_loss_weight: SearchSpace = Field(default_factory=lambda: SearchSpace(values=[0.0, 1.0]))
+    learning_rate: SearchSpace = Field(default_factory=lambda: SearchSpace(values=[1e-4]))
+    num_samples: int = Field(1, ge=1, description="Samples per grid point (or draws for ranges).")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Default: what the cluster fits.")
+    eval_every: int = Field(10, ge=1, description="Optimizer steps between validation metrics.")
+    grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial may be stopped.")
+    reduction_factor: float = Field(2.0, gt=1.0, description="ASHA reduction factor.")
+    prior_weight_in_score: float = Field(1.0, ge=0.0, description="val_score = val_instance + w * val_prior.")
+    name: str = Field("tune", description="Experiment name under the subject's tune folder.")
+
+
+class EvalConfig(_Strict):
+    clip_model: str | None = Field(None, description="CLIP model for CLIP-I/CLIP-T ('tiny' or a path).")
+    num_images: int = Field(2, ge=1, description="Sampled images for CLIP metrics.")
+    num_inference_steps: int = Field(10, ge=1)
+
+
+class ServeConfig(_Strict):
+    auth: Literal["api_key", "none"] = Field("api_key", description="none: no authentication (local only).")
+    api_keys: dict[str, str] = Field(
+        default_factory=dict, description="sha256 hex digest of an API key -> tenant."
+    )
+    api_keys_env: str = Field("RAYDB_API_KEYS", description="Env var with 'key:tenant,key:tenant'.")
+    max_num_models_per_replica: int = Field(8, ge=1)
+    num_replicas: int = Field(1, ge=1)
+    max_inference_steps: int = Field(50, ge=1)
+    default_inference_steps: int = Field(25, ge=1)
+    max_size: int = Field(768, ge=8)
+    max_images: int = Field(4, ge=1)
+    max_prompt_chars: int = Field(500, ge=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+
+
+class RaydbConfig(_Strict):
+    workspace: str = Field("./workspace", description="Local path or s3://bucket/prefix for all artifacts.")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default: $AWS_ENDPOINT_URL).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    subject: SubjectConfig = Field(default_factory=SubjectConfig)
+    prior: PriorConfig = Field(default_factory=PriorConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tune: TuneConfig | None = None
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict, the form in which a config travels to Ray tasks and workers."""
+        return self.model_dump(mode="json")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for item in err.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "<root>"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override's right-hand side as YAML so numbers, bools, lists and null work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``a.b.c=value`` overrides to a nested dict (a new dict is returned)."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.max_steps=60)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty segment in key {key!r}")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section"
+                )
+            node = nxt
+        node[parts[-1]] = _parse_value(raw)
+    return out
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, data: dict | None = None
+) -> RaydbConfig:
+    """Load and validate a config: YAML file (or ``data``), then ``key=value`` overrides.
+
+    Raises ConfigError naming each bad field path and the reason.
+    """
+    source = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = dict(data or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+        raw = loaded
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source += " + overrides"
+    try:
+        return RaydbConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None

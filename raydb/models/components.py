@@ -1,0 +1,172 @@
+"""Resolve ``model.pretrained`` to a diffusers folder and load its components.
+
+``tiny`` is materialised once (``save_pretrained``) and then loaded through the same
+``from_pretrained`` path as a real checkpoint; ``s3://`` prefixes are downloaded once into a local
+cache keyed by the objects' ETags; local folders are used in place; anything else is a hub id.
+Every model gets an *identity* string that keys caches (prior images, encodings) and is recorded in
+adapters, so a server can refuse an adapter trained on another base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raydb.config import ModelConfig
+from raydb.models.tiny import save_tiny_model, tiny_identity
+from raydb.storage import Storage, is_s3
+
+__all__ = ["Components", "resolve_model", "load_components", "load_pipeline", "model_identity"]
+
+_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class Components:
+    """The pieces of an SD checkpoint the trainer needs (frozen unless LoRA is added)."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: Any  # DDPMScheduler: add_noise / get_velocity for training
+    identity: str
+    path: str
+    prediction_type: str
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("RAYDB_CACHE", Path.home() / ".cache" / "raydb"))
+
+
+def _hash_local_dir(path: Path) -> str:
+    """Content key of a local diffusers folder: JSON files in full, weights by size + first MiB."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = str(file.relative_to(path))
+        h.update(rel.encode())
+        if file.suffix in {".json", ".txt"}:
+            h.update(file.read_bytes())
+        else:
+            h.update(str(file.stat().st_size).encode())
+            with file.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def model_identity(path: str) -> str:
+    """Stable identity of a resolved model folder (or hub id)."""
+    p = Path(path)
+    marker = p / "raydb_identity.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())["identity"]
+    if p.is_dir():
+        return f"local-{_hash_local_dir(p)}"
+    return f"hub:{path}"
+
+
+def resolve_model(cfg: ModelConfig, storage: Storage, workspace: str) -> tuple[str, str]:
+    """``(local folder or hub id, identity)`` for ``cfg.pretrained``; materialises tiny / s3 once."""
+    spec = cfg.pretrained
+    if spec == "tiny":
+        root = Path(workspace) if not is_s3(workspace) else Path(cfg.cache_dir or _default_cache())
+        target = root / "models" / tiny_identity()
+        if not (target / "raydb_identity.json").is_file():
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            save_tiny_model(tmp)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process won the race; theirs is identical
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(target), tiny_identity()
+    if is_s3(spec):
+        client = storage._client()
+        from raydb.storage import split_s3
+
+        bucket, prefix = split_s3(spec)
+        prefix = prefix.rstrip("/") + "/"
+        listing = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            listing += [(o["Key"][len(prefix):], o["ETag"], o["Size"]) for o in page.get("Contents", [])]
+        if not listing:
+            raise FileNotFoundError(f"model.pretrained: nothing found under {spec}")
+        key = hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()[:16]
+        target = Path(cfg.cache_dir or _default_cache()) / "models" / f"s3-{key}"
+        if not (target / ".complete").is_file():
+            storage.download_dir(spec, target)
+            (target / ".complete").write_text(spec + "\n")
+        return str(target), f"s3-{key}"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+            raise FileNotFoundError(
+                f"model.pretrained: {path} is not a diffusers folder (no model_index.json or unet/)"
+            )
+        return str(path.resolve()), model_identity(str(path))
+    if spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model.pretrained: folder {spec} does not exist")
+    return spec, f"hub:{spec}@{cfg.revision or 'main'}"
+
+
+def load_components(
+    cfg: ModelConfig,
+    storage: Storage,
+    workspace: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Components:
+    """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler, all frozen."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path, identity = resolve_model(cfg, storage, workspace)
+    kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    prediction_type = cfg.prediction_type or scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(
+            f"model.prediction_type: the scheduler of {cfg.pretrained} predicts {prediction_type!r}; "
+            "raydb trains 'epsilon' or 'v_prediction' (set model.prediction_type)"
+        )
+    scheduler.register_to_config(prediction_type=prediction_type)
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.to(device=device, dtype=dtype)
+        module.eval()
+    return Components(tokenizer, text_encoder, vae, unet, scheduler, identity, path, prediction_type)
+
+
+def load_pipeline(
+    cfg: ModelConfig,
+    storage: Storage,
+    workspace: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+):
+    """A ``StableDiffusionPipeline`` for sampling (safety checker off; progress bar off)."""
+    from diffusers import StableDiffusionPipeline
+
+    path, identity = resolve_model(cfg, storage, workspace)
+    kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kw
+    )
+    if cfg.prediction_type:
+        pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.raydb_identity = identity
+    return pipe.to(device)

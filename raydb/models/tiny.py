@@ -1,0 +1,135 @@
+"""The embedded tiny model: Stable Diffusion's architecture at toy widths, with seeded random weights.
+
+It has SD's geometry — a VAE that downsamples by 8 into 4 latent channels, a UNet with
+cross-attention on CLIP text embeddings, SD's noise schedule — so every code path (LoRA targets,
+latent shapes, schedulers, ``StableDiffusionPipeline``) is the one real checkpoints take. The
+tokenizer's vocabulary is built here, in code: printable bytes plus a few whole words, so nothing
+is ever downloaded. The model is written with ``save_pretrained`` and read back with
+``from_pretrained`` exactly like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+__all__ = ["TINY_SPEC", "tiny_identity", "build_tiny_tokenizer", "save_tiny_model"]
+
+# Bump when the architecture or vocabulary changes: it is part of the model identity (cache keys).
+TINY_SPEC = {
+    "version": 1,
+    "seed": 1234,
+    "unet": {
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 1,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    },
+    "vae": {"block_out_channels": [8, 16, 16, 16], "norm_num_groups": 4, "latent_channels": 4},
+    "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "words": ["a", "photo", "of", "sks", "dog", "cat", "toy", "the", "in", "on", "with", "red",
+              "blue", "green", "beach", "snow", "zwx", "person", "picture", "drawing"],
+}
+
+
+def tiny_identity() -> str:
+    """Content identity of the tiny model, e.g. ``tiny-v1-3fa2c1d0``."""
+    digest = hashlib.sha256(json.dumps(TINY_SPEC, sort_keys=True).encode()).hexdigest()[:8]
+    return f"tiny-v{TINY_SPEC['version']}-{digest}"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (the base alphabet of byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[tuple[str, str]] = []
+    for word in TINY_SPEC["words"]:  # whole-word merges so common prompt words are one token
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            merges.append((pieces[0], pieces[1]))
+            if merged not in tokens:
+                tokens.append(merged)
+            pieces = [merged] + pieces[2:]
+    merges = list(dict.fromkeys(merges))
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges
+
+
+def build_tiny_tokenizer(model_max_length: int = 77):
+    """A CLIPTokenizer whose byte-level BPE vocabulary is built in code (no download)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _vocab_and_merges()
+    return CLIPTokenizer(vocab=vocab, merges=merges,
+                         model_max_length=model_max_length)
+
+
+def save_tiny_model(path: str | Path) -> Path:
+    """Build the tiny SD model with seeded random weights and ``save_pretrained`` it to ``path``.
+
+    The folder is a regular diffusers layout (model_index.json, unet/, vae/, text_encoder/,
+    tokenizer/, scheduler/), loadable by ``StableDiffusionPipeline.from_pretrained``.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    torch.manual_seed(TINY_SPEC["seed"])
+    tokenizer = build_tiny_tokenizer()
+    spec_u, spec_v, spec_t = TINY_SPEC["unet"], TINY_SPEC["vae"], TINY_SPEC["text"]
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=tuple(spec_u["block_out_channels"]),
+        down_block_types=tuple(spec_u["down_block_types"]),
+        up_block_types=tuple(spec_u["up_block_types"]),
+        layers_per_block=spec_u["layers_per_block"],
+        cross_attention_dim=spec_u["cross_attention_dim"],
+        attention_head_dim=spec_u["attention_head_dim"],
+        norm_num_groups=spec_u["norm_num_groups"],
+    )
+    n_vae = len(spec_v["block_out_channels"])
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=spec_v["latent_channels"],
+        block_out_channels=tuple(spec_v["block_out_channels"]),
+        down_block_types=("DownEncoderBlock2D",) * n_vae,
+        up_block_types=("UpDecoderBlock2D",) * n_vae,
+        norm_num_groups=spec_v["norm_num_groups"], sample_size=64,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **spec_t,
+    ))
+    # SD 1.x's schedule: scaled-linear betas, 1000 training steps, epsilon prediction.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(path, safe_serialization=True)
+    (path / "raydb_identity.json").write_text(json.dumps({"identity": tiny_identity()}) + "\n")
+    return path

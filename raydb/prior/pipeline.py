@@ -1,0 +1,128 @@
+"""``ensure_prior_images``: make sure the first ``num_class_images`` (+ holdout) class images exist.
+
+Only the missing blocks are generated. With Ray (the default when Ray is importable and running or
+``use_ray=True``) the blocks are a Ray Data dataset mapped by an actor pool of ``BlockGenerator`` s,
+one pipeline per GPU (``num_gpus=1`` each) or ``prior.concurrency`` CPU actors; Ray Data restarts a
+lost actor and retries its block, and since blocks are published atomically and only once, a failure
+costs at most the blocks in flight. Without Ray the same generator runs in-process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from raydb.config import RaydbConfig
+from raydb.prior.cache import PriorCache, prior_cache_for
+from raydb.prior.generate import BlockGenerator
+from raydb.storage import Storage
+
+__all__ = ["PriorRunStats", "ensure_prior_images", "prior_total_images", "resolve_prior_cache"]
+
+
+@dataclass
+class PriorRunStats:
+    cache_uri: str
+    key: str
+    requested: int
+    blocks_generated: int = 0
+    images_generated: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    actors: int = 0
+    blocks: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def prior_total_images(cfg: RaydbConfig) -> int:
+    """Training class images plus the held-out ones used only by validation."""
+    return cfg.prior.num_class_images + cfg.prior.num_holdout
+
+
+def resolve_prior_cache(cfg: RaydbConfig, storage: Storage) -> PriorCache:
+    """The cache for ``cfg`` (resolves the base model's identity and scheduler name)."""
+    import json
+    from pathlib import Path
+
+    from raydb.models.components import resolve_model
+
+    path, identity = resolve_model(cfg.model, storage, cfg.workspace)
+    scheduler_name = "unknown"
+    sched_cfg = Path(path) / "scheduler" / "scheduler_config.json"
+    if sched_cfg.is_file():
+        scheduler_name = json.loads(sched_cfg.read_text()).get("_class_name", "unknown")
+    return prior_cache_for(cfg, identity, scheduler_name)
+
+
+def _ray_running() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
+def _generate_with_ray(cfg: RaydbConfig, cache: PriorCache, blocks: list[int], progress) -> int:
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = cfg.prior.concurrency or (gpus if gpus else 1)
+    actors = max(1, min(actors, len(blocks)))
+    ds = ray.data.from_items([{"block": b} for b in blocks], override_num_blocks=len(blocks))
+    out = ds.map_batches(
+        BlockGenerator,
+        fn_constructor_kwargs={"cfg": cfg.to_dict(), "cache": cache.__dict__,
+                               "endpoint_url": Storage(cfg.s3_endpoint_url).endpoint_url},
+        batch_size=1, concurrency=actors, num_gpus=1 if gpus else 0, num_cpus=1,
+        batch_format="numpy",
+    )
+    for batch in out.iter_batches(batch_size=1, batch_format="numpy"):
+        progress(int(batch["block"][0]))
+    return actors
+
+
+def ensure_prior_images(
+    cfg: RaydbConfig, storage: Storage | None = None, *, use_ray: bool | None = None,
+    count: int | None = None, quiet: bool = False,
+) -> PriorRunStats:
+    """Generate whatever blocks of the class-prior cache are missing; return what was done."""
+    from tqdm.auto import tqdm
+
+    storage = storage or Storage(cfg.s3_endpoint_url)
+    cache = resolve_prior_cache(cfg, storage)
+    count = count if count is not None else prior_total_images(cfg)
+    stats = PriorRunStats(cache.uri, cache.key, count)
+    missing = cache.missing_blocks(storage, count)
+    if not missing:
+        cache.write_manifest(storage)
+        return stats
+    use_ray = _ray_running() if use_ray is None else use_ray
+    bar = tqdm(total=len(missing) * cache.block_size, unit="img", desc="prior images", disable=quiet)
+    start = time.perf_counter()
+
+    def progress(block: int) -> None:
+        stats.blocks.append(block)
+        bar.update(cache.block_size)
+
+    if use_ray:
+        stats.actors = _generate_with_ray(cfg, cache, missing, progress)
+    else:
+        gen = BlockGenerator(cfg.to_dict(), cache.__dict__, storage.endpoint_url)
+        stats.actors = 1
+        for block in missing:
+            gen({"block": np.array([block])})
+            progress(block)
+    bar.close()
+    stats.seconds = time.perf_counter() - start
+    stats.blocks_generated = len(stats.blocks)
+    stats.images_generated = stats.blocks_generated * cache.block_size
+    stats.images_per_s = stats.images_generated / max(stats.seconds, 1e-9)
+    cache.write_manifest(storage)
+    if not quiet:
+        print(f"prior images: generated {stats.images_generated} in {stats.seconds:.1f}s "
+              f"({stats.images_per_s:.2f} images/s, {stats.actors} actor(s)) -> {cache.uri}")
+    return stats

@@ -1,0 +1,267 @@
+"""One small API over local paths and ``s3://bucket/prefix`` URIs.
+
+Every stage reads and writes artifacts through these functions, so a workspace can live on a laptop
+disk or in S3 without the stage knowing. Writes are atomic: local files go through a temp file and
+``os.replace``; S3 objects are single PUTs, which S3 makes visible only when complete. Ray gets a
+``pyarrow.fs`` filesystem plus path from :func:`Storage.arrow_fs` (pyarrow does not read
+``AWS_ENDPOINT_URL``, so the endpoint is passed as ``endpoint_override``).
+
+Credentials come from the standard AWS chain (env, profile, instance profile) and are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+__all__ = ["Storage", "StorageError", "NotFound", "join", "is_s3", "split_s3"]
+
+
+class StorageError(RuntimeError):
+    """An I/O failure on a workspace URI; the message names the URI."""
+
+
+class NotFound(StorageError, FileNotFoundError):
+    """The URI does not exist."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"not an s3:// URI: {uri!r}")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI segments with '/', for local paths and s3:// alike."""
+    out = str(base).rstrip("/")
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+class Storage:
+    """Read/write bytes and JSON on local paths or S3.
+
+    ``endpoint_url`` overrides the S3 endpoint (MinIO, moto, …); by default the standard
+    ``AWS_ENDPOINT_URL`` environment variable is used, as boto3 does.
+    """
+
+    def __init__(self, endpoint_url: str | None = None) -> None:
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self._lock = threading.Lock()
+        self._s3 = None
+        self._arrow_s3 = None
+
+    # -- clients ---------------------------------------------------------------------------
+    def _client(self):
+        with self._lock:
+            if self._s3 is None:
+                import boto3
+
+                self._s3 = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url)
+            return self._s3
+
+    def arrow_fs(self, uri: str):
+        """``(pyarrow.fs.FileSystem, path)`` for handing ``uri`` to pyarrow or Ray."""
+        import pyarrow.fs as pafs
+
+        if not is_s3(uri):
+            return pafs.LocalFileSystem(), str(Path(uri).absolute())
+        with self._lock:
+            if self._arrow_s3 is None:
+                kwargs: dict[str, Any] = {
+                    "region": os.environ.get("AWS_REGION")
+                    or os.environ.get("AWS_DEFAULT_REGION")
+                    or "us-east-1"
+                }
+                if self.endpoint_url:
+                    parsed = urlparse(self.endpoint_url)
+                    kwargs["endpoint_override"] = parsed.netloc or parsed.path
+                    kwargs["scheme"] = parsed.scheme or "https"
+                self._arrow_s3 = pafs.S3FileSystem(**kwargs)
+        bucket, key = split_s3(uri)
+        return self._arrow_s3, f"{bucket}/{key}".rstrip("/")
+
+    # -- bytes -----------------------------------------------------------------------------
+    def read_bytes(self, uri: str) -> bytes:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                return self._client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            except Exception as exc:  # botocore raises NoSuchKey / ClientError(404)
+                if _is_not_found(exc):
+                    raise NotFound(f"no such object: {uri}") from None
+                raise StorageError(f"cannot read {uri}: {_short(exc)}") from None
+        try:
+            return Path(uri).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no such file: {uri}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc}") from None
+
+    def write_bytes(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Write atomically; readers see the old object or the whole new one, never a part.
+
+        With ``if_absent`` the write happens only when nothing exists at ``uri`` yet; returns
+        whether this call wrote.
+        """
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": data}
+            if if_absent:
+                kwargs["IfNoneMatch"] = "*"
+            try:
+                self._client().put_object(**kwargs)
+                return True
+            except Exception as exc:
+                if if_absent and _is_precondition_failed(exc):
+                    return False
+                raise StorageError(f"cannot write {uri}: {_short(exc)}") from None
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if if_absent:
+                try:
+                    os.link(tmp, path)  # atomic create-if-absent
+                except FileExistsError:
+                    return False
+                finally:
+                    os.unlink(tmp)
+                return True
+            os.replace(tmp, path)
+            return True
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def read_json(self, uri: str) -> Any:
+        raw = self.read_bytes(uri)
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise StorageError(f"{uri} is not valid JSON: {exc}") from None
+
+    def write_json(self, uri: str, obj: Any, *, if_absent: bool = False) -> bool:
+        return self.write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(),
+                                if_absent=if_absent)
+
+    def read_json_or(self, uri: str, default: Any = None) -> Any:
+        try:
+            return self.read_json(uri)
+        except NotFound:
+            return default
+
+    # -- listing ---------------------------------------------------------------------------
+    def exists(self, uri: str) -> bool:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                self._client().head_object(Bucket=bucket, Key=key)
+                return True
+            except Exception as exc:
+                if _is_not_found(exc):
+                    return bool(self.list(uri, recursive=False, limit=1))
+                raise StorageError(f"cannot stat {uri}: {_short(exc)}") from None
+        return Path(uri).exists()
+
+    def list(self, uri: str, *, recursive: bool = False, limit: int | None = None) -> list[str]:
+        """Names (relative to ``uri``) of the entries under a prefix/folder, sorted.
+
+        Non-recursive listings include sub-folders with a trailing '/'. Missing prefix -> [].
+        """
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            prefix = key.rstrip("/") + "/" if key else ""
+            names: set[str] = set()
+            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+            if not recursive:
+                kwargs["Delimiter"] = "/"
+            try:
+                for page in self._client().get_paginator("list_objects_v2").paginate(**kwargs):
+                    names.update(o["Key"][len(prefix):] for o in page.get("Contents", []))
+                    names.update(p["Prefix"][len(prefix):] for p in page.get("CommonPrefixes", []))
+                    if limit and len(names) >= limit:
+                        break
+            except Exception as exc:
+                raise StorageError(f"cannot list {uri}: {_short(exc)}") from None
+            return sorted(n for n in names if n)[:limit]
+        root = Path(uri)
+        if not root.is_dir():
+            return []
+        if recursive:
+            out = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+        else:
+            out = [p.name + ("/" if p.is_dir() else "") for p in root.iterdir()]
+        out = sorted(n for n in out if not Path(n).name.startswith(".") or n.endswith("/"))
+        return out[:limit]
+
+    def delete(self, uri: str, *, recursive: bool = False) -> None:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            keys = [key] if not recursive else [join(key, n) for n in self.list(uri, recursive=True)]
+            for k in keys:
+                self._client().delete_object(Bucket=bucket, Key=k)
+            return
+        path = Path(uri)
+        if path.is_dir() and recursive:
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+
+    # -- folders ---------------------------------------------------------------------------
+    def download_dir(self, uri: str, local: str | Path) -> Path:
+        """Copy every object under ``uri`` into a local folder (for s3:// model weights)."""
+        local = Path(local)
+        names = self.list(uri, recursive=True)
+        if not names:
+            raise NotFound(f"nothing found under {uri}")
+        for name in names:
+            dest = local / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(self.read_bytes(join(uri, name)))
+        return local
+
+    def upload_dir(self, local: str | Path, uri: str) -> None:
+        local = Path(local)
+        for path in sorted(local.rglob("*")):
+            if path.is_file():
+                self.write_bytes(join(uri, str(path.relative_to(local))), path.read_bytes())
+
+
+def _short(exc: Exception) -> str:
+    """Error text without request ids or signatures (never credentials)."""
+    return str(exc).splitlines()[0][:300]
+
+
+def _error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _is_not_found(exc: Exception) -> bool:
+    return _error_code(exc) in {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
+
+
+def _is_precondition_failed(exc: Exception) -> bool:
+    return _error_code(exc) in {"PreconditionFailed", "412", "ConditionalRequestConflict"}

@@ -1,0 +1,131 @@
+"""Deterministic, resumable micro-batches laid out ``[instance | class]``.
+
+Every sample of the run has a *global position* ``p`` (counting micro-batches over all workers), and
+everything random about it — which image, the latent-sampling noise, the diffusion noise and the
+timestep — is drawn from a generator seeded by ``(train.seed, stream, p)``. Consequences:
+
+* a run resumed from a checkpoint at step s sees exactly the batches an uninterrupted run would;
+* two DDP workers with batch b see the same samples as one worker with batch 2b (rank r of W takes
+  positions ``((step * accum + micro) * W + r) * b + j``), which is how tests show DDP is correct;
+* images are visited epoch by epoch, in a fresh seeded permutation each epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from raydb.train.encode import EncodedImages
+
+__all__ = ["TrainingData", "MicroBatch", "make_micro_batch"]
+
+
+@dataclass
+class TrainingData:
+    """What the loop samples from. Either cached latents or raw pixels (the uncached reference).
+
+    instance/class_: EncodedImages (cached) or ``[N, 3, H, W]`` pixel tensors (uncached).
+    instance_embeds/class_embeds: ``[1, L, D]`` prompt embeddings (None when the text encoder trains).
+    instance_ids/class_ids: ``[1, L]`` token ids.
+    """
+
+    instance: EncodedImages | torch.Tensor
+    class_: EncodedImages | torch.Tensor | None
+    instance_embeds: torch.Tensor | None
+    class_embeds: torch.Tensor | None
+    instance_ids: torch.Tensor
+    class_ids: torch.Tensor | None
+    latent_shape: tuple[int, int, int]  # (C, h, w)
+
+    @property
+    def with_prior(self) -> bool:
+        return self.class_ is not None
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch, ``[instance | class]`` along dim 0 (size 2B with prior, else B).
+
+    Either ``latent_mean``/``latent_std`` ``[N, C, h, w]`` (cached) or ``pixels`` ``[N, 3, H, W]``;
+    ``latent_eps``/``noise`` ``[N, C, h, w]``; ``timesteps`` ``[N]``; ``encoder_hidden_states``
+    ``[N, L, D]`` or ``input_ids`` ``[N, L]`` when the text encoder trains.
+    """
+
+    latent_mean: torch.Tensor | None
+    latent_std: torch.Tensor | None
+    pixels: torch.Tensor | None
+    latent_eps: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    encoder_hidden_states: torch.Tensor | None
+    input_ids: torch.Tensor
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        return MicroBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                             for k, v in self.__dict__.items()})
+
+    @property
+    def size(self) -> int:
+        return self.noise.shape[0]
+
+
+def _seed(*parts: int | str) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _image_index(seed: int, stream: str, position: int, count: int) -> int:
+    epoch, offset = divmod(position, count)
+    g = torch.Generator().manual_seed(_seed(seed, stream, "epoch", epoch))
+    return int(torch.randperm(count, generator=g)[offset])
+
+
+def _half(source, embeds, ids, positions, *, seed, stream, latent_shape, num_train_timesteps):
+    count = len(source) if isinstance(source, EncodedImages) else source.shape[0]
+    idx = [_image_index(seed, stream, p, count) for p in positions]
+    eps, noise, steps = [], [], []
+    for p in positions:
+        g = torch.Generator().manual_seed(_seed(seed, stream, "sample", p))
+        eps.append(torch.randn(latent_shape, generator=g))
+        noise.append(torch.randn(latent_shape, generator=g))
+        steps.append(int(torch.randint(0, num_train_timesteps, (1,), generator=g)))
+    out = {
+        "latent_eps": torch.stack(eps),
+        "noise": torch.stack(noise),
+        "timesteps": torch.tensor(steps, dtype=torch.long),
+        "input_ids": ids.expand(len(positions), -1),
+        "encoder_hidden_states": None if embeds is None else embeds.expand(len(positions), -1, -1),
+    }
+    if isinstance(source, EncodedImages):
+        out.update(latent_mean=source.mean[idx], latent_std=source.std[idx], pixels=None)
+    else:
+        out.update(latent_mean=None, latent_std=None, pixels=source[idx])
+    return out
+
+
+def make_micro_batch(
+    data: TrainingData,
+    *,
+    step: int,
+    micro: int,
+    batch_size: int,
+    accumulation: int,
+    seed: int,
+    num_train_timesteps: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> MicroBatch:
+    """The micro-batch ``micro`` of optimizer step ``step`` (0-based) for worker ``rank``."""
+    first = ((step * accumulation + micro) * world_size + rank) * batch_size
+    positions = range(first, first + batch_size)
+    kw = {"seed": seed, "latent_shape": data.latent_shape, "num_train_timesteps": num_train_timesteps}
+    parts = [_half(data.instance, data.instance_embeds, data.instance_ids, positions, stream="instance", **kw)]
+    if data.with_prior:
+        parts.append(_half(data.class_, data.class_embeds, data.class_ids, positions, stream="class", **kw))
+    merged = {}
+    for key in parts[0]:
+        vals = [part[key] for part in parts]
+        merged[key] = None if vals[0] is None else torch.cat(vals)
+    return MicroBatch(**merged)

@@ -1,0 +1,67 @@
+"""Encode images and prompts once with the frozen VAE and text encoder.
+
+The VAE and (unless LoRA trains it) the text encoder never change during DreamBooth-LoRA training,
+so re-encoding every step — what diffusers' script does — wastes most of a small step. We keep the
+VAE's latent *distribution* (mean and std) rather than one sample, so every step still draws a fresh
+``latent_dist.sample()`` exactly as the reference loop does; only the encoder pass is saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+__all__ = ["EncodedImages", "images_to_tensor", "encode_images", "encode_prompts", "tokenize", "add_flips"]
+
+
+@dataclass
+class EncodedImages:
+    """Latent distributions of N images: ``mean``/``std`` are ``[N, C, h, w]`` fp32 (h = H/8)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+
+def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """RGB PIL images (same size) -> ``[N, 3, H, W]`` fp32 in [-1, 1] (the VAE's input range)."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0).contiguous()
+
+
+def add_flips(images: list[Image.Image]) -> list[Image.Image]:
+    """Horizontal-flip augmentation as extra entries (cached like any other image)."""
+    return images + [ImageOps.mirror(im) for im in images]
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor, *, batch_size: int = 8) -> EncodedImages:
+    """``[N, 3, H, W]`` pixels -> latent distribution parameters, computed in ``batch_size`` chunks."""
+    param = next(vae.parameters())
+    means, stds = [], []
+    for chunk in pixels.split(batch_size):
+        dist = vae.encode(chunk.to(param.device, param.dtype)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    return EncodedImages(torch.cat(means), torch.cat(stds))
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> ``[P, L]`` token ids padded/truncated to the tokenizer's max length (77 for SD)."""
+    return tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> ``[P, L, D]`` last hidden states (SD's cross-attention conditioning), fp32 on CPU."""
+    param = next(text_encoder.parameters())
+    ids = tokenize(tokenizer, prompts).to(param.device)
+    return text_encoder(ids)[0].float().cpu()

@@ -1,0 +1,95 @@
+"""LoRA through peft on the UNet attention projections (and optionally the text encoder).
+
+Initialisation follows diffusers' DreamBooth-LoRA script: ``init_lora_weights="gaussian"``, so
+``lora_B`` starts at zero and the adapted model equals the base model at step 0. Trainable LoRA
+parameters are kept in fp32 even when the frozen base runs in fp16/bf16, because optimizer updates
+of ~1e-4 relative size vanish in half precision.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+
+from raydb.config import LoraConfig
+
+__all__ = ["add_lora", "trainable_parameters", "lora_state_dicts", "save_lora", "load_lora_state"]
+
+
+def add_lora(
+    unet: torch.nn.Module, cfg: LoraConfig, text_encoder: torch.nn.Module | None = None
+) -> list[torch.nn.Parameter]:
+    """Inject LoRA layers; return the trainable (fp32) parameters. Base weights stay frozen."""
+    unet.requires_grad_(False)
+    unet.add_adapter(PeftLoraConfig(
+        r=cfg.rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.dropout,
+        init_lora_weights="gaussian", target_modules=list(cfg.target_modules),
+    ))
+    if cfg.train_text_encoder:
+        if text_encoder is None:
+            raise ValueError("lora.train_text_encoder needs the text encoder")
+        text_encoder.requires_grad_(False)
+        text_encoder.add_adapter(PeftLoraConfig(
+            r=cfg.rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.dropout,
+            init_lora_weights="gaussian", target_modules=list(cfg.text_encoder_target_modules),
+        ))
+    params = trainable_parameters(unet, text_encoder if cfg.train_text_encoder else None)
+    if not params:
+        raise ValueError(f"lora.target_modules {cfg.target_modules} matched no module of the UNet")
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def trainable_parameters(*modules: torch.nn.Module | None) -> list[torch.nn.Parameter]:
+    return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+
+
+def lora_state_dicts(
+    unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """peft-format LoRA state dicts ``{"unet": ..., "text_encoder": ...}`` (fp32, on CPU)."""
+    from peft.utils import get_peft_model_state_dict
+
+    out = {"unet": {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(unet).items()}}
+    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
+        out["text_encoder"] = {
+            k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(text_encoder).items()
+        }
+    return out
+
+
+def load_lora_state(
+    unet: torch.nn.Module, states: dict[str, dict[str, torch.Tensor]],
+    text_encoder: torch.nn.Module | None = None,
+) -> None:
+    """Restore LoRA weights saved by :func:`lora_state_dicts` (checkpoint resume)."""
+    from peft.utils import set_peft_model_state_dict
+
+    set_peft_model_state_dict(unet, states["unet"])
+    if text_encoder is not None and "text_encoder" in states:
+        set_peft_model_state_dict(text_encoder, states["text_encoder"])
+
+
+def save_lora(
+    unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None
+) -> bytes:
+    """The adapter as ``pytorch_lora_weights.safetensors`` bytes, in diffusers' LoRA format.
+
+    Loadable by ``StableDiffusionPipeline.load_lora_weights``.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    states = lora_state_dicts(unet, text_encoder)
+    unet_layers = convert_state_dict_to_diffusers(states["unet"])
+    te_layers = convert_state_dict_to_diffusers(states["text_encoder"]) if "text_encoder" in states else None
+    with tempfile.TemporaryDirectory() as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
+            safe_serialization=True,
+        )
+        return (Path(tmp) / "pytorch_lora_weights.safetensors").read_bytes()

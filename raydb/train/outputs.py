@@ -1,0 +1,123 @@
+"""What a run leaves behind: adapter + adapter.json, metrics.jsonl, loss curve and sample grid."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from typing import Any
+
+import torch
+from PIL import Image
+
+from raydb.config import RaydbConfig
+from raydb.storage import Storage, join
+
+__all__ = ["adapter_metadata", "write_adapter", "loss_curve_png", "sample_grid_png", "image_grid"]
+
+
+def adapter_metadata(
+    cfg: RaydbConfig, *, model_identity: str, weights: bytes, metrics: dict[str, Any],
+    prediction_type: str,
+) -> dict[str, Any]:
+    """adapter.json: enough to serve, audit and reproduce the adapter."""
+    from raydb.serving_token import instance_token
+
+    return {
+        "format": "diffusers-lora-v1",
+        "weights": "pytorch_lora_weights.safetensors",
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "base_model": {"pretrained": cfg.model.pretrained, "identity": model_identity,
+                       "prediction_type": prediction_type},
+        "lora": cfg.lora.model_dump(mode="json") | {"alpha": cfg.lora.effective_alpha},
+        "subject": {"id": cfg.subject.id, "tenant": cfg.subject.tenant,
+                    "instance_prompt": cfg.subject.instance_prompt,
+                    "class_prompt": cfg.subject.class_prompt,
+                    "instance_token": instance_token(cfg.subject)},
+        "training": cfg.train.model_dump(mode="json") | {"prior_enabled": cfg.prior.enabled,
+                                                         "num_class_images": cfg.prior.num_class_images,
+                                                         "num_workers": cfg.cluster.num_workers},
+        "metrics": metrics,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_adapter(storage: Storage, adapter_uri: str, weights: bytes, meta: dict[str, Any]) -> None:
+    storage.write_bytes(join(adapter_uri, "pytorch_lora_weights.safetensors"), weights)
+    storage.write_json(join(adapter_uri, "adapter.json"), meta)
+
+
+def loss_curve_png(metrics: list[dict[str, Any]], title: str = "training loss") -> bytes:
+    """Total, instance and prior loss per optimizer step (with a moving average)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, color in (("loss", "black"), ("loss_instance", "tab:blue"), ("loss_prior", "tab:orange")):
+        vals = [m.get(key) for m in metrics]
+        if all(v is None for v in vals):
+            continue
+        ax.plot(steps, vals, color=color, alpha=0.25, linewidth=1)
+        k = max(1, len(vals) // 20)
+        smooth = [sum(vals[max(0, i - k + 1): i + 1]) / len(vals[max(0, i - k + 1): i + 1])
+                  for i in range(len(vals))]
+        ax.plot(steps, smooth, color=color, label=key, linewidth=2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("MSE")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
+    w, h = rows[0][0].size
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * w, len(rows) * h), "white")
+    for y, row in enumerate(rows):
+        for x, img in enumerate(row):
+            grid.paste(img, (x * w, y * h))
+    return grid
+
+
+@torch.no_grad()
+def sample_grid_png(
+    cfg: RaydbConfig, storage: Storage, adapter_weights: bytes, *, seeds: list[int] | None = None,
+) -> bytes:
+    """Top row: base model; bottom row: base + trained adapter; instance prompt, same seeds."""
+    import tempfile
+    from pathlib import Path
+
+    from raydb.models.components import load_pipeline
+
+    seeds = seeds or list(range(cfg.train.num_sample_images))
+    pipe = load_pipeline(cfg.model, storage, cfg.workspace)
+    res = cfg.train.resolution
+
+    def row() -> list[Image.Image]:
+        return [pipe(cfg.subject.instance_prompt, num_inference_steps=cfg.train.sample_steps,
+                     height=res, width=res, generator=torch.Generator().manual_seed(s)).images[0]
+                for s in seeds]
+
+    base = row()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "pytorch_lora_weights.safetensors").write_bytes(adapter_weights)
+        pipe.load_lora_weights(tmp, weight_name="pytorch_lora_weights.safetensors")
+    tuned = row()
+    buf = io.BytesIO()
+    image_grid([base, tuned]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def metrics_line(metrics: dict[str, Any]) -> str:
+    keys = ("step", "loss", "loss_instance", "loss_prior", "lr", "grad_norm", "images_per_s")
+    return json.dumps({k: metrics[k] for k in keys if k in metrics} |
+                      {k: v for k, v in metrics.items() if k.startswith("val_")})

@@ -1,0 +1,174 @@
+"""The training step: encode (or sample cached latents) -> noise -> predict -> dual loss -> update.
+
+``forward_loss`` is one micro-batch's forward pass and loss; ``optimizer_step`` accumulates
+``gradient_accumulation_steps`` micro-batches, clips, steps AdamW and the lr schedule. Both are
+plain PyTorch: the single-process trainer, Ray Train workers, Tune trials and the GPU benchmark all
+call these same two functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from raydb.config import RaydbConfig
+from raydb.train.data import MicroBatch
+from raydb.train.loss import LossParts, dreambooth_loss, training_target
+from raydb.train.lora import add_lora
+
+__all__ = ["TrainState", "build_train_state", "forward_loss", "optimizer_step", "autocast_dtype"]
+
+_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
+    return _DTYPES[mixed_precision]
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training (and is checkpointed)."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module | None  # set only when its LoRA trains
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    step: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def build_train_state(
+    cfg: RaydbConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
+    *, fused_adam: bool | None = None,
+) -> TrainState:
+    """Add LoRA, build AdamW over the LoRA parameters and diffusers' lr schedule.
+
+    LoRA init is seeded by ``train.seed`` so every worker (and every rerun) starts identical.
+    """
+    from diffusers.optimization import get_scheduler
+
+    torch.manual_seed(cfg.train.seed)
+    params = add_lora(unet, cfg.lora, text_encoder)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    tc = cfg.train
+    optimizer = torch.optim.AdamW(
+        params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
+        weight_decay=tc.adam_weight_decay, eps=tc.adam_epsilon, fused=fused_adam,
+    )
+    lr_scheduler = get_scheduler(
+        tc.lr_scheduler, optimizer=optimizer, num_warmup_steps=tc.lr_warmup_steps,
+        num_training_steps=tc.max_steps,
+    )
+    device_type = params[0].device.type
+    scaler = torch.amp.GradScaler(device_type) if tc.mixed_precision == "fp16" else None
+    return TrainState(unet, text_encoder if cfg.lora.train_text_encoder else None, params,
+                      optimizer, lr_scheduler, scaler)
+
+
+def _latents(batch: MicroBatch, vae, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
+    """``latent_dist.sample() * scaling_factor`` — from cached mean/std, or by running the VAE."""
+    if batch.pixels is not None:
+        param = next(vae.parameters())
+        with torch.no_grad():
+            dist = vae.encode(batch.pixels.to(param.dtype)).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+    else:
+        mean, std = batch.latent_mean, batch.latent_std
+    latents = mean + std * batch.latent_eps
+    if shift_factor is not None:
+        latents = latents - shift_factor
+    return latents * scaling_factor
+
+
+def forward_loss(
+    unet: torch.nn.Module,
+    noise_scheduler,
+    batch: MicroBatch,
+    *,
+    prediction_type: str,
+    prior_loss_weight: float,
+    with_prior: bool,
+    vae,
+    text_encoder: torch.nn.Module | None = None,
+    mixed_precision: str = "no",
+) -> LossParts:
+    """One micro-batch: latents -> ``add_noise`` -> UNet -> target -> dual loss (fp32).
+
+    ``vae`` supplies ``scaling_factor`` (and encodes ``batch.pixels`` on the uncached path).
+    """
+    latents = _latents(batch, vae, vae.config.scaling_factor, vae.config.get("shift_factor"))
+    noisy = noise_scheduler.add_noise(latents, batch.noise, batch.timesteps)
+    dtype = autocast_dtype(mixed_precision)
+    device_type = latents.device.type
+    ctx = torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with ctx:
+        if batch.encoder_hidden_states is not None:
+            cond = batch.encoder_hidden_states
+        else:
+            cond = text_encoder(batch.input_ids)[0]
+        unet_dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
+        pred = unet(noisy.to(unet_dtype), batch.timesteps, cond.to(unet_dtype)).sample
+    target = training_target(noise_scheduler, latents, batch.noise, batch.timesteps, prediction_type)
+    return dreambooth_loss(pred, target, prior_loss_weight=prior_loss_weight, with_prior=with_prior)
+
+
+def optimizer_step(
+    state: TrainState,
+    micro_batches: list[MicroBatch],
+    *,
+    cfg: RaydbConfig,
+    noise_scheduler,
+    prediction_type: str,
+    with_prior: bool,
+    vae,
+    model: torch.nn.Module | None = None,
+) -> dict[str, float]:
+    """Accumulate the micro-batches, clip, step. Returns the step's metrics.
+
+    ``model`` is the UNet to call (a DDP wrapper under Ray Train; its ``no_sync`` skips the
+    gradient all-reduce on every micro-batch but the last). Losses are averaged over micro-batches
+    so k micro-batches of size b update exactly like one batch of size k*b.
+    """
+    model = model if model is not None else state.unet
+    n = len(micro_batches)
+    start = time.perf_counter()
+    totals = {"loss": 0.0, "loss_instance": 0.0, "loss_prior": 0.0}
+    images = 0
+    for i, batch in enumerate(micro_batches):
+        sync = not hasattr(model, "no_sync") or i == n - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            parts = forward_loss(
+                model, noise_scheduler, batch, prediction_type=prediction_type,
+                prior_loss_weight=cfg.train.prior_loss_weight, with_prior=with_prior, vae=vae,
+                text_encoder=state.text_encoder, mixed_precision=cfg.train.mixed_precision,
+            )
+            loss = parts.total / n
+            (state.scaler.scale(loss) if state.scaler else loss).backward()
+        totals["loss"] += parts.total.item() / n
+        totals["loss_instance"] += parts.instance.item() / n
+        totals["loss_prior"] += (parts.prior.item() if parts.prior is not None else 0.0) / n
+        images += batch.size
+    if state.scaler:
+        state.scaler.unscale_(state.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.train.max_grad_norm)
+    lr = state.optimizer.param_groups[0]["lr"]
+    if state.scaler:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.step()
+    state.lr_scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    if state.params[0].device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"step": state.step, **totals, "lr": lr, "grad_norm": float(grad_norm),
+            "images": images, "seconds": seconds, "images_per_s": images / seconds}

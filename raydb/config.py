@@ -30,6 +30,7 @@ __all__ = [
     "RaydbConfig",
     "load_config",
     "apply_overrides",
+    "config_reference_markdown",
 ]
 
 
@@ -38,7 +39,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # YAML (and so every override) reads `id: 42` or `revision: 2024` as a number; a str field
+    # takes it as text instead of rejecting it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class ModelConfig(_Strict):
@@ -327,3 +330,22 @@ def load_config(
         return RaydbConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+
+
+def config_reference_markdown() -> str:
+    """Markdown table of every config key with its default and description (for the README)."""
+
+    def rows(model: type[BaseModel], prefix: str = ""):
+        for name, info in model.model_fields.items():
+            sub = next((c for c in getattr(info.annotation, "__args__", (info.annotation,))
+                        if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            if sub is not None and sub is not SearchSpace:
+                yield from rows(sub, f"{prefix}{name}.")
+                continue
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump(exclude_none=True)
+            desc = info.description or (sub.__doc__ or "").strip().splitlines()[0] if sub else info.description
+            yield f"| `{prefix}{name}` | `{default!r}` | {desc or ''} |"
+
+    return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows(RaydbConfig)])

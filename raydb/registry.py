@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 SAFE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
-_SAFE_ID = re.compile(rf"^{SAFE_ID_PATTERN}$")
+_SAFE_ID = re.compile(SAFE_ID_PATTERN)
 ADAPTER_FILES = ("pytorch_lora_weights.safetensors", "adapter.json")
 
 
@@ -37,7 +37,7 @@ def check_safe_id(value: str) -> str:
         raise ValueError("must be a non-empty id")
     if ".." in value:
         raise ValueError(f"{value!r} contains '..'")
-    if not _SAFE_ID.match(value):
+    if not _SAFE_ID.fullmatch(value):  # not match+$: "$" also accepts a trailing newline
         raise ValueError(
             f"{value!r} is not a safe id: use 1-64 letters, digits, '_', '-', '.', "
             "starting with a letter or digit (no '/' or spaces)"
@@ -62,6 +62,15 @@ def register_adapter(
     Returns the registry record: ``{subject_id, version, uri, registered_at}``.
     """
     base = subject_uri(workspace, subject_id)
+    meta = storage.read_json(join(adapter_dir_uri, "adapter.json"))
+    meta.update(extra_metadata or {})
+    current = storage.read_json_or(join(base, "latest.json"))
+    if current:  # idempotent: registering the same weights again keeps the current version
+        current_meta = storage.read_json_or(join(current["uri"], "adapter.json"), {})
+        if current_meta.get("weights_sha256") == meta.get("weights_sha256") and all(
+            current_meta.get(k) == v for k, v in (extra_metadata or {}).items()
+        ):
+            return current
     existing = [n.rstrip("/") for n in storage.list(base) if n.startswith("v") and n.endswith("/")]
     numbers = [int(n[1:]) for n in existing if n[1:].isdigit()]
     version_no = max(numbers, default=0) + 1
@@ -72,8 +81,6 @@ def register_adapter(
             break
         version_no += 1
     version_uri = join(base, version)
-    meta = storage.read_json(join(adapter_dir_uri, "adapter.json"))
-    meta.update(extra_metadata or {})
     meta["subject_id"] = subject_id
     meta["version"] = version
     storage.write_bytes(

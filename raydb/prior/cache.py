@@ -1,14 +1,18 @@
 """The shared prior cache: ``<workspace>/priors/<key>/blocks/block-NNNNNN.parquet`` + manifest.json.
 
 The key hashes everything that changes the pixels — base-model identity, class prompt, negative
-prompt, resolution, steps, guidance, scheduler, seed, and the generation batch size — so a second
-subject of the same class reuses the images, and a different class prompt never collides.
+prompt, resolution, steps, guidance, scheduler, seed, the generation batch size and the CPU
+intra-op thread count — so a second subject of the same class reuses the images, and a different
+class prompt never collides.
 
 Images are generated in fixed *blocks* of ``sample_batch_size`` consecutive indices (block k holds
 ``[k*S, (k+1)*S)``), each block from one pipeline call with one generator per image seeded by
 ``(prior.seed, index)``. Fixed blocks are why the set is bit-identical whatever the number of
 actors: batched and unbatched diffusion differ in the last bit on CPU (seen: 1/255 in a pixel), so
 the batch composition must not depend on scheduling — and the batch size is part of the key.
+For the same reason every CPU generator runs exactly ``CPU_THREADS`` intra-op threads: CPU kernels
+split their reductions by thread count, so 1, 2 and 3 threads give three different sets of PNG
+bytes (measured with the tiny model). Throughput on CPU scales with actors, one core each.
 
 A block is one Parquet file written atomically, with ``if_absent`` so two jobs filling the same key
 at once both end with one identical, duplicate-free set (and the same bytes, since blocks are
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -29,7 +34,13 @@ from PIL import Image
 from raydb.config import RaydbConfig
 from raydb.storage import Storage, join
 
-__all__ = ["PriorCache", "prior_cache_for", "image_seed", "BLOCK_SCHEMA"]
+__all__ = ["PriorCache", "prior_cache_for", "image_seed", "BLOCK_SCHEMA", "CPU_THREADS"]
+
+# torch intra-op threads of every CPU generator, whatever the number of actors (see above).
+CPU_THREADS = 1
+
+# Only published blocks: temp files of in-flight writes (".block-…tmp") never match.
+_BLOCK_NAME = re.compile(r"^block-(\d{6})\.parquet$")
 
 BLOCK_SCHEMA = pa.schema([
     ("index", pa.int64()), ("seed", pa.int64()), ("png", pa.binary()), ("prompt", pa.string()),
@@ -63,8 +74,9 @@ class PriorCache:
         return list(range(-(-count // self.block_size)))
 
     def done_blocks(self, storage: Storage) -> set[int]:
+        """Numbers of the published blocks (a block file exists only once it is complete)."""
         names = storage.list(join(self.uri, "blocks"))
-        return {int(n[6:12]) for n in names if n.startswith("block-") and n.endswith(".parquet")}
+        return {int(m.group(1)) for m in map(_BLOCK_NAME.match, names) if m}
 
     def missing_blocks(self, storage: Storage, count: int) -> list[int]:
         done = self.done_blocks(storage)
@@ -108,6 +120,7 @@ def prior_cache_for(cfg: RaydbConfig, model_identity: str, scheduler_name: str) 
         "negative_prompt": p.negative_prompt, "resolution": cfg.train.resolution,
         "num_inference_steps": p.num_inference_steps, "guidance_scale": p.guidance_scale,
         "scheduler": scheduler_name, "seed": p.seed, "sample_batch_size": p.sample_batch_size,
+        "cpu_threads": CPU_THREADS,
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     return PriorCache(join(cfg.workspace, "priors", key), key, settings)

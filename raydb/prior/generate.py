@@ -3,6 +3,12 @@
 ``BlockGenerator`` is a plain class — Ray Data instantiates it as an actor per device and calls it
 on batches of block numbers; the single-process path calls it directly. Each call generates a block
 with one pipeline call of ``sample_batch_size`` images and publishes it atomically.
+
+Threads: on CPU a generator runs ``settings["cpu_threads"]`` (``CPU_THREADS`` = 1) torch intra-op
+threads, set explicitly rather than left to torch's default of one per core. That keeps the bytes
+independent of how many actors share a machine (thread count changes CPU reductions bit-wise) and
+never oversubscribes cores: each CPU actor reserves ``num_cpus=cpu_threads``, so N actors on an
+N-core node run N threads in all. To use more cores, raise ``prior.concurrency``.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -17,28 +25,49 @@ import torch
 
 from raydb.config import RaydbConfig
 from raydb.models.components import load_pipeline
-from raydb.prior.cache import PriorCache, image_seed
+from raydb.prior.cache import CPU_THREADS, PriorCache, image_seed
 from raydb.storage import Storage
 
-__all__ = ["BlockGenerator", "generate_block_images", "FAIL_AFTER_ENV"]
+__all__ = ["BlockGenerator", "generate_block_images", "cpu_threads"]
 
-# Fault injection for tests: an actor process exits hard after this many blocks (see tests).
-FAIL_AFTER_ENV = "RAYDB_TEST_PRIOR_FAIL_AFTER"
+
+def cpu_threads(cache: PriorCache) -> int:
+    """Intra-op threads a CPU generator of ``cache`` uses (part of the cache key)."""
+    return int(cache.settings.get("cpu_threads", CPU_THREADS))
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def generate_block_images(pipe, cache: PriorCache, block: int, device: str = "cpu") -> list[dict]:
-    """Rows (see BLOCK_SCHEMA) of one block: indices ``[block*S, (block+1)*S)``."""
+    """Rows (see BLOCK_SCHEMA) of one block: indices ``[block*S, (block+1)*S)``.
+
+    On CPU the pipeline runs with ``cpu_threads(cache)`` threads so the bytes do not depend on
+    the caller's thread setting.
+    """
     s = cache.settings
     indices = list(range(block * cache.block_size, (block + 1) * cache.block_size))
     seeds = [image_seed(s["seed"], i) for i in indices]
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
     n = len(indices)
-    images = pipe(
-        prompt=[s["class_prompt"]] * n,
-        negative_prompt=[s["negative_prompt"]] * n if s["negative_prompt"] else None,
-        num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
-        height=s["resolution"], width=s["resolution"], generator=generators,
-    ).images
+    threads = cpu_threads(cache) if str(device).startswith("cpu") else torch.get_num_threads()
+    with _torch_threads(threads):
+        images = pipe(
+            prompt=[s["class_prompt"]] * n,
+            negative_prompt=[s["negative_prompt"]] * n if s["negative_prompt"] else None,
+            num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
+            height=s["resolution"], width=s["resolution"], generator=generators,
+        ).images
     rows = []
     for index, seed, img in zip(indices, seeds, images, strict=True):
         buf = io.BytesIO()
@@ -51,9 +80,21 @@ def generate_block_images(pipe, cache: PriorCache, block: int, device: str = "cp
 
 
 class BlockGenerator:
-    """Holds one pipeline; ``__call__({"block": [...]})`` generates and publishes those blocks."""
+    """Holds one pipeline; ``__call__({"block": [...]})`` generates and publishes those blocks.
 
-    def __init__(self, cfg: dict[str, Any], cache: dict[str, Any], endpoint_url: str | None = None):
+    Returns ``{"block": int64[n], "written": bool[n], "seconds": float64[n]}``; ``written`` is
+    False when the block was already published (by another job, or before a retry).
+
+    ``fail_after``/``fail_marker`` are for tests only: the process exits hard (``os._exit``, as a
+    preempted node would) before its ``fail_after``-th block, once — the first process to create
+    ``fail_marker`` fails, restarted actors run normally. They travel as constructor arguments
+    because environment variables set in the driver do not reach running Ray workers.
+    """
+
+    def __init__(self, cfg: dict[str, Any], cache: dict[str, Any], endpoint_url: str | None = None,
+                 *, fail_after: int | None = None, fail_marker: str | None = None):
+        if (fail_after is None) != (fail_marker is None):
+            raise ValueError("fail_after and fail_marker go together (the marker makes it fail once)")
         self.cfg = RaydbConfig.model_validate(cfg)
         self.cache = PriorCache(**cache)
         self.storage = Storage(endpoint_url or self.cfg.s3_endpoint_url)
@@ -61,13 +102,14 @@ class BlockGenerator:
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.pipe = load_pipeline(self.cfg.model, self.storage, self.cfg.workspace,
                                   dtype=dtype, device=self.device)
+        self.fail_after, self.fail_marker = fail_after, fail_marker
         self.done = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out_blocks, written, seconds = [], [], []
         for block in batch["block"].tolist():
-            fail_after = os.environ.get(FAIL_AFTER_ENV)
-            if fail_after is not None and self.done >= int(fail_after) and _first_failure():
+            if self.fail_after is not None and self.done >= self.fail_after and _first_failure(
+                    self.fail_marker):
                 os._exit(1)  # simulate a lost actor (preemption): no cleanup, no exception
             start = time.perf_counter()
             if block in self.cache.done_blocks(self.storage):  # finished meanwhile by another job
@@ -79,15 +121,12 @@ class BlockGenerator:
             written.append(wrote)
             seconds.append(time.perf_counter() - start)
             self.done += 1
-        return {"block": np.array(out_blocks, dtype=np.int64), "written": np.array(written),
-                "seconds": np.array(seconds)}
+        return {"block": np.array(out_blocks, dtype=np.int64), "written": np.array(written, dtype=bool),
+                "seconds": np.array(seconds, dtype=np.float64)}
 
 
-def _first_failure() -> bool:
-    """Fail once per test run: the marker file makes the restarted actor behave."""
-    marker = os.environ.get(FAIL_AFTER_ENV + "_MARKER")
-    if not marker:
-        return True
+def _first_failure(marker: str) -> bool:
+    """True for the first process to claim ``marker`` (an O_EXCL file create)."""
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:

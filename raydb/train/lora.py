@@ -87,9 +87,22 @@ def save_lora(
     states = lora_state_dicts(unet, text_encoder)
     unet_layers = convert_state_dict_to_diffusers(states["unet"])
     te_layers = convert_state_dict_to_diffusers(states["text_encoder"]) if "text_encoder" in states else None
+    # Without the adapter config in the file header the loader assumes lora_alpha == rank, so an
+    # adapter trained with lora.alpha != lora.rank would be served at the wrong scale.
     with tempfile.TemporaryDirectory() as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
             safe_serialization=True,
+            unet_lora_adapter_metadata=_adapter_metadata(unet),
+            text_encoder_lora_adapter_metadata=_adapter_metadata(text_encoder) if te_layers else None,
         )
         return (Path(tmp) / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+def _adapter_metadata(module: torch.nn.Module | None) -> dict | None:
+    """The peft LoraConfig (rank, alpha, targets) of ``module``'s adapter, as diffusers stores it."""
+    config = (getattr(module, "peft_config", None) or {}).get("default")
+    if config is None:
+        return None
+    # Sets (target_modules) are sorted so the adapter bytes do not depend on the hash seed.
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}

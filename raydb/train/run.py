@@ -183,12 +183,15 @@ def train_subject(
 
     storage = storage or Storage(cfg.s3_endpoint_url)
     tc = cfg.train
+    run = run_uri(cfg)
+    finished = storage.read_json_or(join(run, "adapter", "adapter.json")) if resume else None
+    if finished and finished.get("metrics", {}).get("steps", 0) >= tc.max_steps:
+        return _finished_result(cfg, storage, run, finished, register=register, quiet=quiet)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = autocast_dtype(tc.mixed_precision) or torch.float32
     components = load_components(cfg.model, storage, cfg.workspace, device=device, dtype=dtype)
     data = prepare_training_data(cfg, components, storage)
     state = build_train_state(cfg, components.unet, components.text_encoder)
-    run = run_uri(cfg)
     metrics: list[dict[str, Any]] = []
     latest = _latest_checkpoint(storage, run) if resume else None
     if latest:
@@ -213,6 +216,22 @@ def train_subject(
             _save_checkpoint(storage, run, state, metrics, tc.checkpoints_to_keep)
     bar.close()
     return finish_run(cfg, storage, state, components, metrics, register=register, samples=samples)
+
+
+def _finished_result(cfg: RaydbConfig, storage: Storage, run: str, meta: dict[str, Any], *,
+                     register: bool, quiet: bool) -> dict[str, Any]:
+    """A rerun of a finished run: nothing to train; make sure it is registered."""
+    from raydb.registry import register_adapter
+
+    adapter = join(run, "adapter")
+    result = {"adapter_uri": adapter, "run_dir": run, "steps": meta["metrics"]["steps"],
+              "images_per_s": meta["metrics"].get("images_per_s"), "loss": meta["metrics"].get("loss"),
+              "skipped": True}
+    if register:
+        result["registered"] = register_adapter(storage, cfg.workspace, cfg.subject.id, adapter)["uri"]
+    if not quiet:
+        print(f"run {run} already finished ({result['steps']} steps); nothing to train")
+    return result
 
 
 def _save_checkpoint(storage: Storage, run: str, state: TrainState, metrics, keep: int) -> None:

@@ -1,0 +1,103 @@
+"""Shared fixtures: offline hub, the tiny model, a real S3 API (moto server), a local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an accidental download fails loudly
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+from raydb.config import RaydbConfig, load_config  # noqa: E402
+
+TINY_TRAIN = {
+    "resolution": 64, "max_steps": 6, "batch_size": 1, "checkpoint_every": 1000,
+    "num_sample_images": 0, "sample_steps": 2, "learning_rate": 1e-3,
+}
+TINY_PRIOR = {"num_class_images": 4, "sample_batch_size": 2, "num_inference_steps": 2, "num_holdout": 0}
+
+
+@pytest.fixture(scope="session")
+def shared_workspace(tmp_path_factory) -> str:
+    """A workspace reused across tests so the tiny model is written once per session."""
+    return str(tmp_path_factory.mktemp("shared-ws"))
+
+
+@pytest.fixture
+def make_cfg(tmp_path, shared_workspace):
+    """Factory for small configs: ``make_cfg(train={"max_steps": 3}, workspace=...)``."""
+
+    def make(workspace: str | None = None, **sections) -> RaydbConfig:
+        data = {"workspace": workspace or str(tmp_path / "ws"),
+                "train": dict(TINY_TRAIN), "prior": dict(TINY_PRIOR),
+                "model": {"pretrained": "tiny", "cache_dir": str(tmp_path / "cache")}}
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return load_config(data=data)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from raydb.models.tiny import save_tiny_model
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1: a real HTTP S3 API for boto3 and pyarrow alike."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                             "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket; returns ``(endpoint, "s3://bucket")``."""
+    import boto3
+
+    name = "raydb-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket=name)
+    return s3_server, f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the integration tier (more logical CPUs than the 2 cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=True, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()

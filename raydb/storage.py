@@ -174,6 +174,8 @@ class Storage:
     def exists(self, uri: str) -> bool:
         if is_s3(uri):
             bucket, key = split_s3(uri)
+            if not key or key.endswith("/"):  # a bucket or folder: no object to HEAD
+                return bool(self.list(uri, recursive=False, limit=1))
             try:
                 self._client().head_object(Bucket=bucket, Key=key)
                 return True
@@ -215,11 +217,18 @@ class Storage:
         return out[:limit]
 
     def delete(self, uri: str, *, recursive: bool = False) -> None:
+        """Remove a file/object; with ``recursive`` also everything under it. Missing -> no-op."""
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            keys = [key] if not recursive else [join(key, n) for n in self.list(uri, recursive=True)]
-            for k in keys:
-                self._client().delete_object(Bucket=bucket, Key=k)
+            prefix = key.rstrip("/") + "/" if key else ""  # join() would turn a bucket root into "/name"
+            keys = [key] if key else []  # like local disk, a recursive delete of a file removes it
+            if recursive:
+                keys += [prefix + n for n in self.list(uri, recursive=True)]
+            try:
+                for k in keys:
+                    self._client().delete_object(Bucket=bucket, Key=k)
+            except Exception as exc:
+                raise StorageError(f"cannot delete {uri}: {_short(exc)}") from None
             return
         path = Path(uri)
         if path.is_dir() and recursive:

@@ -224,3 +224,11 @@ def test_s3_recursive_delete_at_bucket_root(s3_bucket) -> None:
     assert storage.exists(bucket)
     storage.delete(bucket, recursive=True)
     assert storage.list(bucket, recursive=True) == []
+
+
+def test_recursive_delete_of_a_single_file(store) -> None:
+    storage, root = store
+    uri = join(root, "single.bin")
+    storage.write_bytes(uri, b"x")
+    storage.delete(uri, recursive=True)
+    assert not storage.exists(uri)

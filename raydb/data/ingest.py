@@ -62,7 +62,9 @@ class _Source:
 
 def _list_sources(storage: Storage, uri: str, field: str) -> list[_Source]:
     if is_s3(uri):
-        names = [n for n in storage.list(uri, recursive=True) if not n.endswith("/")]
+        # hidden files (.DS_Store, ...) are skipped here exactly as on local disk below
+        names = [n for n in storage.list(uri, recursive=True)
+                 if not n.endswith("/") and not Path(n).name.startswith(".")]
         return [_Source(n, storage.read_bytes(join(uri, n))) for n in names]
     root = Path(uri).expanduser()
     if not root.is_dir():
@@ -96,7 +98,8 @@ def load_images(
                 probe.verify()  # catches truncated / corrupt data without decoding twice later
             img = Image.open(io.BytesIO(src.data))
             img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
+                ValueError) as exc:
             problems[src.name] = f"corrupt or unreadable image ({type(exc).__name__})"
             continue
         w, h = ImageOps.exif_transpose(img).size

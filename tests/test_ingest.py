@@ -1,0 +1,172 @@
+"""Instance image ingestion: orientation, RGB, resize + crop, and one error naming every bad file."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageOps
+
+from raydb.data.demo import DEMO_URI, demo_images
+from raydb.data.ingest import IngestError, load_images, min_image_side, prepare_image
+from raydb.storage import Storage, join
+
+
+def _solid(size: tuple[int, int], color=(200, 30, 30), mode: str = "RGB") -> Image.Image:
+    return Image.new(mode, size, color)
+
+
+def _rotated_jpeg(path: Path) -> None:
+    """A 100x60 landscape JPEG whose EXIF says 'rotate 90° clockwise to display' (orientation 6).
+
+    The left half is red and the right half blue, so once oriented the top is red, the bottom blue.
+    """
+    img = _solid((100, 60), (220, 20, 20))
+    img.paste(_solid((50, 60), (20, 20, 220)), (50, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(path, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def test_prepare_applies_exif_orientation(tmp_path: Path) -> None:
+    _rotated_jpeg(tmp_path / "rot.jpg")
+    with Image.open(tmp_path / "rot.jpg") as raw:
+        assert raw.size == (100, 60)
+        assert raw.getexif()[0x0112] == 6
+        assert ImageOps.exif_transpose(raw).size == (60, 100)  # tall once oriented
+        cropped = prepare_image(raw, 40)
+    assert cropped.size == (40, 40)
+    # the shorter side (60) became 40, so the tall 40x67 image lost its top and bottom rows
+    top, bottom = cropped.getpixel((20, 2)), cropped.getpixel((20, 37))
+    assert top[0] > 150 and top[2] < 80, top
+    assert bottom[2] > 150 and bottom[0] < 80, bottom
+    # loading the folder orients the same way
+    (loaded,) = load_images(str(tmp_path), 40)
+    assert loaded.getpixel((20, 2))[0] > 150 and loaded.getpixel((20, 37))[2] > 150
+
+
+def test_prepare_resizes_shorter_side_then_center_crops() -> None:
+    img = _solid((300, 100), (0, 0, 0))
+    img.paste(_solid((100, 100), (255, 255, 255)), (100, 0))  # a white square in the middle
+    out = prepare_image(img, 64)
+    assert out.size == (64, 64)
+    assert min(out.getpixel((x, 32))[0] for x in range(4, 60)) > 200  # only the middle survives
+    squashed = prepare_image(img, 64, center_crop=False)
+    assert squashed.size == (64, 64)
+    assert squashed.getpixel((2, 32))[0] < 50  # the black sides are kept, squeezed
+
+
+def test_folder_of_formats_loads(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    _rotated_jpeg(folder / "a_rotated.jpg")
+    _solid((80, 120), (10, 200, 10, 128), "RGBA").save(folder / "b_rgba.png")
+    _solid((90, 90), 128, "L").save(folder / "c_gray.webp")
+    _solid((64, 64)).save(folder / "nested" / "d.JPEG")
+    (folder / ".DS_Store").write_bytes(b"\x00junk")  # hidden files are skipped
+    images = load_images(str(folder), 32)
+    assert len(images) == 4
+    for img in images:
+        assert img.mode == "RGB"
+        assert img.size == (32, 32)
+    gray = images[2].getpixel((16, 16))
+    assert gray[0] == gray[1] == gray[2]
+
+
+def test_builtin_demo() -> None:
+    images = load_images(DEMO_URI, 64)
+    assert len(images) == 5
+    assert all(img.size == (64, 64) and img.mode == "RGB" for img in images)
+    again = demo_images()
+    assert [im.tobytes() for im in again] == [im.tobytes() for im in demo_images()]  # deterministic
+
+
+def _error(uri: str, resolution: int = 64, **kwargs) -> IngestError:
+    with pytest.raises(IngestError) as info:
+        load_images(uri, resolution, **kwargs)
+    return info.value
+
+
+def test_corrupt_file_is_named(tmp_path: Path) -> None:
+    _solid((64, 64)).save(tmp_path / "good.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    err = _error(str(tmp_path))
+    assert "broken.jpg" in str(err) and "corrupt" in str(err)
+    assert "good.png" not in str(err)
+    assert str(tmp_path) in str(err) and "subject.instance_data" in str(err)
+
+
+def test_truncated_image_is_named(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.effect_noise((128, 128), 60).convert("RGB").save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    assert "cut.jpg" in str(_error(str(tmp_path)))
+
+
+def test_non_image_file_is_named(tmp_path: Path) -> None:
+    _solid((64, 64)).save(tmp_path / "good.png")
+    (tmp_path / "notes.txt").write_text("my dog's name is Rex")
+    err = _error(str(tmp_path))
+    assert set(err.problems) == {"notes.txt"}
+    assert "notes.txt: not an image" in str(err)
+
+
+def test_empty_and_missing_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert "no files found" in str(_error(str(tmp_path / "empty")))
+    assert "does not exist" in str(_error(str(tmp_path / "missing")))
+
+
+def test_too_small_image_is_named(tmp_path: Path) -> None:
+    assert min_image_side(512) == 256 and min_image_side(32) == 32
+    _solid((200, 31)).save(tmp_path / "strip.png")
+    err = _error(str(tmp_path), 64)
+    assert "strip.png" in str(err) and "too small" in str(err) and "200x31" in str(err)
+
+
+def test_all_bad_files_listed_in_one_error(tmp_path: Path) -> None:
+    _solid((64, 64)).save(tmp_path / "ok.png")
+    (tmp_path / "bad1.png").write_bytes(b"garbage")
+    (tmp_path / "readme.md").write_text("hi")
+    _solid((10, 10)).save(tmp_path / "tiny.jpg")
+    err = _error(str(tmp_path), field="prior.class_data")
+    assert set(err.problems) == {"bad1.png", "readme.md", "tiny.jpg"}
+    message = str(err)
+    assert message.startswith("prior.class_data: 3 problem(s)")
+    for name in ("bad1.png", "readme.md", "tiny.jpg"):
+        assert name in message
+
+
+def test_loads_from_s3(s3_bucket, tmp_path: Path) -> None:
+    endpoint, bucket = s3_bucket
+    storage = Storage(endpoint)
+    for i, size in enumerate([(96, 64), (64, 96), (70, 70)]):
+        buf = io.BytesIO()
+        _solid(size, (i * 80, 0, 0)).save(buf, "PNG")
+        storage.write_bytes(join(bucket, f"subject/img{i}.png"), buf.getvalue())
+    images = load_images(join(bucket, "subject"), 64, storage=storage)
+    assert [im.size for im in images] == [(64, 64)] * 3
+    assert [im.getpixel((0, 0))[0] for im in images] == [0, 80, 160]  # sorted by name
+
+    storage.write_bytes(join(bucket, "subject/notes.txt"), b"x")
+    err = _error(join(bucket, "subject"), storage=storage)
+    assert set(err.problems) == {"notes.txt"}
+    assert "no files found" in str(_error(join(bucket, "empty"), storage=storage))
+
+
+def test_hidden_files_skipped_on_s3_like_on_disk(s3_bucket) -> None:
+    endpoint, bucket = s3_bucket
+    storage = Storage(endpoint)
+    buf = io.BytesIO()
+    _solid((64, 64)).save(buf, "PNG")
+    storage.write_bytes(join(bucket, "subject/img.png"), buf.getvalue())
+    storage.write_bytes(join(bucket, "subject/.DS_Store"), b"\x00junk")
+    assert len(load_images(join(bucket, "subject"), 64, storage=storage)) == 1
+
+
+def test_decompression_bomb_is_an_ingest_error(tmp_path: Path, monkeypatch) -> None:
+    _solid((64, 64)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # 64x64 is now over 2x the limit
+    err = _error(str(tmp_path))
+    assert set(err.problems) == {"huge.png"}

@@ -138,6 +138,7 @@ class Storage:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; keep the usual permissions
             if if_absent:
                 try:
                     os.link(tmp, path)  # atomic create-if-absent
@@ -256,6 +257,15 @@ class Storage:
         for path in sorted(local.rglob("*")):
             if path.is_file():
                 self.write_bytes(join(uri, str(path.relative_to(local))), path.read_bytes())
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def _short(exc: Exception) -> str:

@@ -85,7 +85,9 @@ def s3_bucket(s3_server, request):
     """A fresh bucket; returns ``(endpoint, "s3://bucket")``."""
     import boto3
 
-    name = "raydb-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    import re
+
+    name = "raydb-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
     client = boto3.client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket=name)
     return s3_server, f"s3://{name}"

@@ -42,7 +42,12 @@ def min_image_side(resolution: int) -> int:
 
 def prepare_image(img: Image.Image, resolution: int, center_crop: bool = True) -> Image.Image:
     """EXIF-orient, RGB, resize shorter side to ``resolution``, then center-crop (or squash)."""
-    img = ImageOps.exif_transpose(img).convert("RGB")
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")  # transparent areas become white, not black
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel("A"))
+    img = img.convert("RGB")
     if not center_crop:
         return img.resize((resolution, resolution), Image.Resampling.BICUBIC)
     w, h = img.size

@@ -103,7 +103,8 @@ def resolve_model(cfg: ModelConfig, storage: Storage, workspace: str) -> tuple[s
         if not (target / ".complete").is_file():
             storage.download_dir(spec, target)
             (target / ".complete").write_text(spec + "\n")
-        return str(target), f"s3-{key}"
+        marker = target / "raydb_identity.json"  # a copied raydb model keeps its identity
+        return str(target), model_identity(str(target)) if marker.is_file() else f"s3-{key}"
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():

@@ -240,6 +240,14 @@ class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
+    app_name: str = Field("raydb", description="Ray Serve application name.")
+    num_cpus_per_replica: float = Field(
+        1.0, gt=0.0, description="CPUs reserved by each diffusion replica (also its torch threads)."
+    )
+    num_gpus_per_replica: float = Field(0.0, ge=0.0, description="GPUs reserved by each diffusion replica.")
+    max_ongoing_requests: int = Field(
+        16, ge=1, description="Requests a diffusion replica accepts at once (they queue on its pipeline lock)."
+    )
 
 
 class RaydbConfig(_Strict):

@@ -1,0 +1,76 @@
+"""Serving: registered subjects over HTTP on Ray Serve (the last stage of the pipeline).
+
+``build_application(cfg)`` wires the two deployments (see :mod:`raydb.serving.deployments`);
+``serve/app.py`` exposes it to ``serve run`` / ``serve deploy``, and ``raydb serve --config …`` calls
+:func:`run_server`. The API, auth and error codes are documented in docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+from raydb.config import RaydbConfig
+
+__all__ = ["build_application", "deploy", "run_server"]
+
+logger = logging.getLogger(__name__)
+
+
+def _warn_if_open(cfg: RaydbConfig) -> None:
+    if cfg.serve.auth == "none":
+        print("WARNING: serve.auth is 'none': the API is open and every caller sees every tenant's "
+              "subjects. Use it only on a trusted local machine.", file=sys.stderr)
+
+
+def build_application(cfg: RaydbConfig) -> Any:
+    """The Serve application (``Application``): ingress -> diffusion replicas, sized from ``cfg.serve``."""
+    from raydb.serving.deployments import DiffusionDeployment, IngressDeployment
+
+    _warn_if_open(cfg)
+    sc = cfg.serve
+    config = cfg.to_dict()
+    diffusion = DiffusionDeployment.options(
+        num_replicas=sc.num_replicas, max_ongoing_requests=sc.max_ongoing_requests,
+        ray_actor_options={"num_cpus": sc.num_cpus_per_replica, "num_gpus": sc.num_gpus_per_replica},
+    ).bind(config)
+    # The ingress only awaits the diffusion replicas, so it may hold many requests at once.
+    ingress = IngressDeployment.options(
+        max_ongoing_requests=max(64, 4 * sc.max_ongoing_requests * sc.num_replicas),
+        ray_actor_options={"num_cpus": 0.1},
+    )
+    return ingress.bind(config, diffusion)
+
+
+def deploy(cfg: RaydbConfig) -> Any:
+    """Start Serve's HTTP proxy on ``serve.host:serve.port`` and run the app; returns the ingress handle.
+
+    Joins the Ray cluster at ``cluster.address`` (or starts a local one) when Ray is not initialised.
+    """
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.cluster.address)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    return serve.run(build_application(cfg), name=cfg.serve.app_name,
+                     route_prefix=cfg.serve.route_prefix, blocking=False)
+
+
+def run_server(cfg: RaydbConfig) -> None:
+    """``raydb serve``: deploy, print the address, block until Ctrl-C, then shut Serve down."""
+    from ray import serve
+
+    deploy(cfg)
+    prefix = cfg.serve.route_prefix.rstrip("/")
+    print(f"raydb serving on http://{cfg.serve.host}:{cfg.serve.port}{prefix}/v1/generate "
+          f"(health: {prefix}/healthz; Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()

@@ -1,0 +1,89 @@
+"""Which subjects a tenant may see, read from the registry on every request.
+
+Every adapter records its owner in ``adapter.json`` (``subject.tenant``). A subject owned by another
+tenant is reported exactly like a missing one (:class:`SubjectNotFound`, served as 404), so subject ids
+of other tenants do not leak. ``tenant=None`` means authentication is off: every subject is visible.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from raydb.registry import check_safe_id, latest_version, list_subjects
+from raydb.storage import NotFound, Storage, join
+
+__all__ = ["SubjectNotFound", "SubjectVersion", "find_subject", "tenant_subjects", "model_id",
+           "parse_model_id"]
+
+_VERSION = re.compile(r"^v\d{4,}$")
+
+
+class SubjectNotFound(LookupError):
+    """Unknown subject, or one the caller's tenant does not own (deliberately indistinguishable)."""
+
+
+@dataclass(frozen=True)
+class SubjectVersion:
+    subject_id: str
+    version: str
+    uri: str
+    metadata: dict[str, Any]
+
+    @property
+    def tenant(self) -> str | None:
+        return self.metadata.get("subject", {}).get("tenant")
+
+
+def model_id(subject_id: str, version: str) -> str:
+    """The multiplexed model id of a registered adapter version: ``<subject>@<version>``.
+
+    Keying by version means a newly registered version is loaded fresh, and the old one ages out of
+    the replicas' LRU caches.
+    """
+    return f"{subject_id}@{version}"
+
+
+def parse_model_id(value: str) -> tuple[str, str]:
+    """``"alice@v0001"`` -> ``("alice", "v0001")``; ValueError for anything else (no path tricks)."""
+    subject_id, sep, version = value.partition("@")
+    if not sep or not _VERSION.match(version):
+        raise ValueError(f"bad adapter id {value!r} (expected <subject>@vNNNN)")
+    return check_safe_id(subject_id), version
+
+
+def find_subject(storage: Storage, workspace: str, subject_id: str, tenant: str | None) -> SubjectVersion:
+    """The latest version of ``subject_id`` if ``tenant`` owns it (any tenant when None)."""
+    try:
+        check_safe_id(subject_id)
+        latest = latest_version(storage, workspace, subject_id)
+        meta = storage.read_json(join(latest["uri"], "adapter.json"))
+    except (ValueError, NotFound):
+        raise SubjectNotFound(f"unknown subject {subject_id!r}") from None
+    found = SubjectVersion(subject_id, latest["version"], latest["uri"], meta)
+    if tenant is not None and found.tenant != tenant:
+        raise SubjectNotFound(f"unknown subject {subject_id!r}")
+    return found
+
+
+def tenant_subjects(storage: Storage, workspace: str, tenant: str | None) -> list[dict[str, Any]]:
+    """``GET /v1/subjects`` rows for ``tenant``: id, versions and the adapter's public metadata."""
+    rows = []
+    for sid, entry in sorted(list_subjects(storage, workspace).items()):
+        meta = entry["metadata"]
+        subject = meta.get("subject", {})
+        if tenant is not None and subject.get("tenant") != tenant:
+            continue
+        rows.append({
+            "subject_id": sid,
+            "tenant": subject.get("tenant"),
+            "latest_version": entry["latest"]["version"],
+            "versions": entry["versions"],
+            "registered_at": entry["latest"].get("registered_at"),
+            "instance_token": subject.get("instance_token"),
+            "instance_prompt": subject.get("instance_prompt"),
+            "class_prompt": subject.get("class_prompt"),
+            "base_model": meta.get("base_model", {}).get("pretrained"),
+        })
+    return rows

@@ -1,0 +1,1 @@
+"""Ray Serve entrypoints for raydb (thin: the logic lives in raydb.serving)."""

@@ -1,0 +1,254 @@
+"""Serving: unit tests for auth/validation, then one real Serve app over HTTP (integration tier).
+
+The Ray tests share one module-scoped app: three trained subjects in two tenants (alice and bob of
+t1, carol of t2), plus two bad registry entries made from them — ``alien`` (adapter.json names
+another base model) and ``broken`` (weights file corrupted). ``max_num_models_per_replica=2`` and one
+diffusion replica, so cycling three subjects must evict and reload adapters.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from raydb.config import ServeConfig, load_config
+from raydb.serving.api import GenerateRequest, RequestError, final_prompt, validate_generate
+from raydb.serving.auth import KeyRing, hash_key, key_from_headers, parse_env_keys
+
+REPO = Path(__file__).resolve().parents[1]
+KEY_A, KEY_B = "test-key-tenant-one", "test-key-tenant-two"
+SUBJECTS = [("alice", "t1", "sks", "dog"), ("bob", "t1", "zwx", "cat"), ("carol", "t2", "qpv", "toy")]
+META = {"subject": {"instance_token": "sks", "class_prompt": "a photo of a dog"}}
+
+
+# -- unit tier: no Ray -------------------------------------------------------------------------------
+def test_keyring_matches_hashed_and_env_keys_only():
+    cfg = ServeConfig(api_keys={hash_key("k1"): "t1"}, api_keys_env="TEST_KEYS")
+    ring = KeyRing.from_config(cfg, environ={"TEST_KEYS": "k2:t2, k:3:t3"})
+    assert [ring.tenant_for(k) for k in ("k1", "k2", "k:3", "nope", "", None)] == \
+        ["t1", "t2", "t3", None, None, None]
+    with pytest.raises(ValueError, match="sha256 hex digest"):
+        KeyRing({"k1": "t1"})  # a plain key where a digest belongs
+    with pytest.raises(ValueError, match="entry 1") as err:
+        parse_env_keys("secret-without-tenant")
+    assert "secret" not in str(err.value)  # keys never appear in messages
+    assert key_from_headers({"authorization": "Bearer abc"}) == "abc"
+    assert key_from_headers({"x-api-key": "xyz"}) == "xyz"
+    assert key_from_headers({"authorization": "Basic abc"}) is None
+
+
+def test_validate_generate_limits_name_the_field_and_token_rule():
+    cfg = ServeConfig(max_inference_steps=10, default_inference_steps=4, max_size=128, max_images=2,
+                      max_prompt_chars=20)
+    ok = validate_generate(GenerateRequest(subject_id="a", prompt="a dog on a beach", seed=1), cfg, META)
+    assert (ok.prompt, ok.num_inference_steps, ok.seed) == ("a sks dog on a beach", 4, 1)
+    for body, field in [({"width": 60}, "width"), ({"height": 256}, "height"),
+                        ({"num_inference_steps": 11}, "num_inference_steps"),
+                        ({"num_images": 3}, "num_images"), ({"prompt": "x" * 21}, "prompt")]:
+        with pytest.raises(RequestError) as err:
+            validate_generate(GenerateRequest(**({"subject_id": "a", "prompt": "p"} | body)), cfg, META)
+        assert err.value.detail()[0]["loc"] == ["body", field]
+    assert final_prompt("a sks dog", META) == "a sks dog"
+    assert final_prompt("a castle", META) == "sks a castle"
+
+
+def test_shipped_serve_configs_load_and_build():
+    from ray.serve.schema import ServeDeploySchema
+
+    deploy = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve/config.yaml").read_text()))
+    app_args = deploy.applications[0].args
+    assert deploy.applications[0].import_path == "serve.app:build_app"
+    load_config(REPO / app_args["config"])
+    from serve.app import build_app
+
+    assert type(build_app({"config": str(REPO / app_args["config"])})).__name__ == "Application"
+
+
+# -- integration tier: one Serve app over real HTTP --------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(workspace: str, sid: str, tenant: str, token: str, noun: str) -> None:
+    from raydb.train.run import train_subject
+
+    cfg = load_config(data={
+        "workspace": workspace, "model": {"pretrained": "tiny"}, "prior": {"enabled": False},
+        "subject": {"id": sid, "tenant": tenant, "instance_prompt": f"a photo of {token} {noun}",
+                    "class_prompt": f"a photo of a {noun}"},
+        "train": {"resolution": 64, "max_steps": 4, "learning_rate": 1e-2, "checkpoint_every": 1000,
+                  "num_sample_images": 0, "seed": len(sid)},
+    })
+    train_subject(cfg, quiet=True, samples=False)
+
+
+def _bad_copies(workspace: str) -> None:
+    """``alien``: alice's adapter claiming another base model; ``broken``: bob's with bad weights."""
+    from raydb.registry import latest_version, register_adapter
+    from raydb.storage import Storage, join
+
+    storage = Storage()
+    alien = register_adapter(storage, workspace, "alien", latest_version(storage, workspace, "alice")["uri"])
+    meta = storage.read_json(join(alien["uri"], "adapter.json"))
+    meta["base_model"]["identity"] = "some-other-base-model"
+    storage.write_json(join(alien["uri"], "adapter.json"), meta)
+    broken = register_adapter(storage, workspace, "broken", latest_version(storage, workspace, "bob")["uri"])
+    weights = Path(broken["uri"]) / "pytorch_lora_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # flip tensor bytes; the header still parses
+    weights.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    import httpx
+    from ray import serve
+
+    from raydb.serving import deploy
+
+    workspace = str(tmp_path_factory.mktemp("serve-ws"))
+    for subject in SUBJECTS:
+        _train(workspace, *subject)
+    _bad_copies(workspace)
+    port = _free_port()
+    cfg = load_config(data={
+        "workspace": workspace, "model": {"pretrained": "tiny"},
+        "serve": {"api_keys": {hash_key(KEY_A): "t1", hash_key(KEY_B): "t2"}, "port": port,
+                  "max_num_models_per_replica": 2, "max_size": 128, "max_inference_steps": 8,
+                  "default_inference_steps": 2, "max_images": 2, "num_cpus_per_replica": 1},
+    })
+    deploy(cfg)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    deadline = time.time() + 60
+    while client.get("/healthz").status_code != 200:
+        assert time.time() < deadline, "server did not become healthy"
+        time.sleep(0.5)
+    yield client
+    client.close()
+    serve.shutdown()
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _generate(client, subject_id: str, key: str = KEY_A, **body):
+    body = {"subject_id": subject_id, "prompt": "a photo", "seed": 3, "num_inference_steps": 2,
+            "width": 64, "height": 64} | body
+    return client.post("/v1/generate", json=body, headers=_auth(key))
+
+
+def _pixels(png_or_b64: bytes | str) -> np.ndarray:
+    data = base64.b64decode(png_or_b64) if isinstance(png_or_b64, str) else png_or_b64
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def _image(client, subject_id: str, key: str = KEY_A, **body) -> np.ndarray:
+    resp = _generate(client, subject_id, key, **body)
+    assert resp.status_code == 200, resp.text
+    return _pixels(resp.json()["images"][0])
+
+
+def _diffusion():
+    from ray import serve
+
+    return serve.get_deployment_handle("RaydbDiffusion", app_name="raydb")
+
+
+@pytest.mark.ray
+def test_subjects_differ_from_each_other_and_base_and_repeat(server):
+    first = {}
+    for sid, _, token, noun in SUBJECTS:
+        key = KEY_B if sid == "carol" else KEY_A
+        resp = _generate(server, sid, key, prompt=f"a {noun} on a beach")
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["prompt"] == f"a {token} {noun} on a beach" and body["prompt_rewritten"] is True
+        assert (body["adapter_version"], body["seed"], body["width"]) == ("v0001", 3, 64)
+        first[sid] = _pixels(body["images"][0])
+        base = _diffusion().generate.remote(
+            {k: body[k] for k in ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale",
+                                  "seed", "width", "height", "num_images")}).result()
+        assert np.abs(first[sid] - _pixels(base["images"][0])).mean() > 1.0, f"{sid} looks like the base"
+        png = server.post("/v1/generate", headers=_auth(key) | {"Accept": "image/png"},
+                          json={"subject_id": sid, "prompt": f"a {noun} on a beach", "seed": 3,
+                                "num_inference_steps": 2, "width": 64, "height": 64})
+        assert png.headers["content-type"] == "image/png"
+        assert np.array_equal(_pixels(png.content), first[sid])  # same request + seed: same image
+    for a, b in [("alice", "bob"), ("alice", "carol"), ("bob", "carol")]:
+        assert np.abs(first[a] - first[b]).mean() > 1.0, f"{a} and {b} look alike"
+
+
+@pytest.mark.ray
+def test_cycling_three_subjects_through_two_slots_evicts_and_reloads(server):
+    keys = {"alice": KEY_A, "bob": KEY_A, "carol": KEY_B}
+    first = {sid: _image(server, sid, keys[sid]) for sid in keys}
+    before = _diffusion().stats.remote().result()
+    for sid in ["alice", "bob", "carol"] * 2:  # LRU of 2 over a cycle of 3: every request misses
+        assert np.array_equal(_image(server, sid, keys[sid]), first[sid]), sid
+    after = _diffusion().stats.remote().result()
+    assert after["loads"] - before["loads"] == 6 and after["unloads"] - before["unloads"] == 6
+    assert len(after["resident"]) == 2  # evicted adapters are gone from the pipeline too
+
+
+@pytest.mark.ray
+def test_concurrent_requests_equal_sequential_results(server):
+    keys = {"alice": KEY_A, "bob": KEY_A, "carol": KEY_B}
+    combos = [(sid, seed) for sid in keys for seed in (0, 1)]
+    sequential = {(sid, seed): _image(server, sid, keys[sid], seed=seed) for sid, seed in combos}
+    jobs = combos * 5
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: _generate(server, job[0], keys[job[0]], seed=job[1]), jobs))
+    assert [r.status_code for r in results] == [200] * len(jobs)
+    for job, resp in zip(jobs, results, strict=True):
+        assert np.array_equal(_pixels(resp.json()["images"][0]), sequential[job]), job
+
+
+@pytest.mark.ray
+def test_error_statuses(server):
+    assert server.get("/healthz").status_code == 200
+    assert server.get("/v1/subjects").status_code == 401
+    assert server.get("/v1/subjects", headers=_auth("wrong-key")).status_code == 401
+    assert server.get("/v1/subjects", headers={"X-API-Key": KEY_A}).status_code == 200
+    assert _generate(server, "alice", key="wrong-key").status_code == 401
+    for sid in ("nobody", "../subjects"):
+        resp = _generate(server, sid)
+        assert resp.status_code == 404 and "unknown subject" in resp.json()["detail"]
+    for body, field in [({"width": 65}, "width"), ({"num_inference_steps": 9}, "num_inference_steps"),
+                        ({"prompt": None}, "prompt"), ({"colour": "red"}, "colour"),
+                        ({"num_images": 3}, "num_images"), ({"seed": -1}, "seed")]:
+        resp = _generate(server, "alice", **body)
+        assert resp.status_code == 422, (body, resp.text)
+        assert resp.json()["detail"][0]["loc"] == ["body", field]
+    resp = _generate(server, "alien")
+    assert resp.status_code == 409 and "base model" in resp.json()["detail"]
+    resp = _generate(server, "broken")
+    assert resp.status_code == 500 and "integrity" in resp.json()["detail"]
+    assert _generate(server, "alice").status_code == 200  # the replica still serves everyone else
+    assert _generate(server, "carol", key=KEY_B).status_code == 200
+
+
+@pytest.mark.ray
+def test_a_tenant_sees_and_uses_only_its_own_subjects(server):
+    def listed(key: str) -> list[str]:
+        rows = server.get("/v1/subjects", headers=_auth(key)).json()["subjects"]
+        return [row["subject_id"] for row in rows]
+
+    assert listed(KEY_A) == ["alice", "alien", "bob", "broken"]
+    assert listed(KEY_B) == ["carol"]
+    rows = server.get("/v1/subjects", headers=_auth(KEY_B)).json()["subjects"]
+    assert rows[0]["instance_token"] == "qpv" and rows[0]["versions"] == ["v0001"]
+    for sid, key in [("alice", KEY_B), ("carol", KEY_A)]:
+        resp = _generate(server, sid, key)
+        assert resp.status_code == 404 and resp.json()["detail"] == f"unknown subject {sid!r}"

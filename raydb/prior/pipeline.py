@@ -1,22 +1,28 @@
 """``ensure_prior_images``: make sure the first ``num_class_images`` (+ holdout) class images exist.
 
 Only the missing blocks are generated. With Ray (the default when Ray is importable and running or
-``use_ray=True``) the blocks are a Ray Data dataset mapped by an actor pool of ``BlockGenerator`` s,
-one pipeline per GPU (``num_gpus=1`` each) or ``prior.concurrency`` CPU actors; Ray Data restarts a
-lost actor and retries its block, and since blocks are published atomically and only once, a failure
-costs at most the blocks in flight. Without Ray the same generator runs in-process.
+``use_ray=True``) the blocks are a Ray Data dataset mapped by a fixed-size actor pool of
+``BlockGenerator`` s, one pipeline per GPU (``num_gpus=1`` each) or ``prior.concurrency`` CPU actors
+(default 1) reserving ``cpu_threads`` CPUs each; Ray Data restarts a lost actor and retries its
+blocks (``max_restarts=-1``, ``max_task_retries=-1`` are its defaults), and since blocks are
+published atomically and only once, a failure costs at most the blocks in flight. Without Ray the
+same generator runs in-process; the bytes are the same either way.
+
+Progress: one tqdm bar in the driver counts images as blocks come back (Ray Data's own operator bars
+are switched off for this dataset), and a last line reports images/s over the blocks this call wrote.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from raydb.config import RaydbConfig
 from raydb.prior.cache import PriorCache, prior_cache_for
-from raydb.prior.generate import BlockGenerator
+from raydb.prior.generate import BlockGenerator, cpu_threads
 from raydb.storage import Storage
 
 __all__ = ["PriorRunStats", "ensure_prior_images", "prior_total_images", "resolve_prior_cache"]
@@ -24,15 +30,18 @@ __all__ = ["PriorRunStats", "ensure_prior_images", "prior_total_images", "resolv
 
 @dataclass
 class PriorRunStats:
+    """What one ``ensure_prior_images`` call did; ``*_generated`` count only blocks it published."""
+
     cache_uri: str
     key: str
     requested: int
     blocks_generated: int = 0
     images_generated: int = 0
     seconds: float = 0.0
+    first_block_s: float = 0.0  # start-up (actors, pipeline load) + the first block
     images_per_s: float = 0.0
     actors: int = 0
-    blocks: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # blocks processed (published or found done)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -66,30 +75,48 @@ def _ray_running() -> bool:
     return ray.is_initialized()
 
 
-def _generate_with_ray(cfg: RaydbConfig, cache: PriorCache, blocks: list[int], progress) -> int:
+def _generate_with_ray(cfg: RaydbConfig, cache: PriorCache, blocks: list[int],
+                       progress: Callable[[int, bool], None], quiet: bool,
+                       generator_kwargs: dict) -> int:
+    """Map ``blocks`` through an actor pool of ``BlockGenerator``; returns the pool size."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = cfg.prior.concurrency or (gpus if gpus else 1)
     actors = max(1, min(actors, len(blocks)))
+    # One row per block and one block per task, so blocks spread over actors and a lost actor
+    # costs only the blocks it had in flight.
     ds = ray.data.from_items([{"block": b} for b in blocks], override_num_blocks=len(blocks))
+    resources = {"num_gpus": 1} if gpus else {"num_cpus": cpu_threads(cache)}
     out = ds.map_batches(
         BlockGenerator,
         fn_constructor_kwargs={"cfg": cfg.to_dict(), "cache": cache.__dict__,
-                               "endpoint_url": Storage(cfg.s3_endpoint_url).endpoint_url},
-        batch_size=1, concurrency=actors, num_gpus=1 if gpus else 0, num_cpus=1,
-        batch_format="numpy",
+                               "endpoint_url": Storage(cfg.s3_endpoint_url).endpoint_url,
+                               **generator_kwargs},
+        batch_size=1, batch_format="numpy",
+        # Two blocks in flight per actor: the next block is already queued when one finishes (no
+        # idle round trip through the executor); a lost actor costs at most those two blocks.
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+        **resources,
     )
-    for batch in out.iter_batches(batch_size=1, batch_format="numpy"):
-        progress(int(batch["block"][0]))
+    out.context.enable_progress_bars = False  # the driver's tqdm bar is the one progress bar
+    out.context.print_on_execution_start = not quiet
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        for block, written in zip(batch["block"].tolist(), batch["written"].tolist(), strict=True):
+            progress(int(block), bool(written))
     return actors
 
 
 def ensure_prior_images(
     cfg: RaydbConfig, storage: Storage | None = None, *, use_ray: bool | None = None,
-    count: int | None = None, quiet: bool = False,
+    count: int | None = None, quiet: bool = False, _fail_after: tuple[int, str] | None = None,
 ) -> PriorRunStats:
-    """Generate whatever blocks of the class-prior cache are missing; return what was done."""
+    """Generate whatever blocks of the class-prior cache are missing; return what was done.
+
+    ``count`` defaults to ``num_class_images + num_holdout``; blocks already published (by an
+    earlier run or a concurrent job) are not regenerated. ``_fail_after=(n, marker_path)`` is for
+    tests: a generator process dies before its n-th block, once (see ``BlockGenerator``).
+    """
     from tqdm.auto import tqdm
 
     storage = storage or Storage(cfg.s3_endpoint_url)
@@ -101,24 +128,29 @@ def ensure_prior_images(
         cache.write_manifest(storage)
         return stats
     use_ray = _ray_running() if use_ray is None else use_ray
+    generator_kwargs = {}
+    if _fail_after is not None:
+        generator_kwargs = {"fail_after": _fail_after[0], "fail_marker": _fail_after[1]}
     bar = tqdm(total=len(missing) * cache.block_size, unit="img", desc="prior images", disable=quiet)
     start = time.perf_counter()
 
-    def progress(block: int) -> None:
+    def progress(block: int, written: bool) -> None:
+        if not stats.blocks:
+            stats.first_block_s = time.perf_counter() - start
         stats.blocks.append(block)
+        stats.blocks_generated += int(written)
         bar.update(cache.block_size)
 
     if use_ray:
-        stats.actors = _generate_with_ray(cfg, cache, missing, progress)
+        stats.actors = _generate_with_ray(cfg, cache, missing, progress, quiet, generator_kwargs)
     else:
-        gen = BlockGenerator(cfg.to_dict(), cache.__dict__, storage.endpoint_url)
+        gen = BlockGenerator(cfg.to_dict(), cache.__dict__, storage.endpoint_url, **generator_kwargs)
         stats.actors = 1
         for block in missing:
-            gen({"block": np.array([block])})
-            progress(block)
+            result = gen({"block": np.array([block], dtype=np.int64)})
+            progress(block, bool(result["written"][0]))
     bar.close()
     stats.seconds = time.perf_counter() - start
-    stats.blocks_generated = len(stats.blocks)
     stats.images_generated = stats.blocks_generated * cache.block_size
     stats.images_per_s = stats.images_generated / max(stats.seconds, 1e-9)
     cache.write_manifest(storage)

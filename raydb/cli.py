@@ -42,9 +42,15 @@ def _cmd_prior(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
 
 
 def _cmd_train(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
-    from raydb.train.run import train_subject
+    if args.local:
+        from raydb.train.run import train_subject
 
-    return train_subject(cfg, resume=not args.restart)
+        return train_subject(cfg, resume=not args.restart)
+    from raydb.ray_utils import init_ray
+    from raydb.train.distributed import train_distributed
+
+    init_ray(cfg)
+    return train_distributed(cfg)
 
 
 def _cmd_serve(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
@@ -82,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "prior":
             p.add_argument("--no-ray", action="store_true", help="generate in this process")
         if name == "train":
-            p.add_argument("--restart", action="store_true", help="ignore existing checkpoints")
+            p.add_argument("--local", action="store_true",
+                           help="train in this process without Ray (one worker)")
+            p.add_argument("--restart", action="store_true",
+                           help="with --local: ignore existing checkpoints")
         if name == "config":
             p.add_argument("--reference", action="store_true", help="print the key reference (Markdown)")
         if name == "demo":

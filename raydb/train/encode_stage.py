@@ -1,0 +1,179 @@
+"""The encode stage on Ray Data: frozen VAE + text encoder turn images and prompts into the cache.
+
+Actors holding the frozen VAE map batches of images (PNG bytes) to latent distributions; the rows
+are written with pyarrow as ``<workspace>/encoded/<key>/{instance,class}.parquet`` next to
+``prompts.safetensors`` (prompt embeddings and token ids) and a ``manifest.json``. The key hashes
+every input (model identity, image bytes, resolution, crop/flip, prompts), so a rerun with unchanged
+inputs skips the stage, and any change re-encodes into a new folder.
+
+Row schema of the Parquet files: ``index: int64, mean: binary (fp32 [C, h, w]), std: binary,
+shape: list<int32>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from raydb.config import RaydbConfig
+from raydb.storage import Storage, join
+from raydb.train.encode import EncodedImages, add_flips, encode_images, images_to_tensor
+
+__all__ = ["EncodedCache", "run_encode_stage", "ImageEncoder", "rows_to_encoded", "load_prompts"]
+
+ENCODED_SCHEMA = pa.schema([("index", pa.int64()), ("mean", pa.binary()), ("std", pa.binary()),
+                            ("shape", pa.list_(pa.int32()))])
+
+
+@dataclass(frozen=True)
+class EncodedCache:
+    uri: str
+    key: str
+    num_instance: int
+    num_class: int
+
+    @property
+    def instance_uri(self) -> str:
+        return join(self.uri, "instance.parquet")
+
+    @property
+    def class_uri(self) -> str:
+        return join(self.uri, "class.parquet")
+
+    @property
+    def prompts_uri(self) -> str:
+        return join(self.uri, "prompts.safetensors")
+
+
+class ImageEncoder:
+    """Ray Data actor: ``{"index", "kind", "png"}`` batches -> ``{"index", "kind", "mean", "std",
+    "shape"}`` (mean/std as fp32 bytes of shape ``[C, h, w]``)."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        from raydb.models.components import load_components
+
+        self.cfg = RaydbConfig.model_validate(cfg)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        comps = load_components(self.cfg.model, Storage(self.cfg.s3_endpoint_url), self.cfg.workspace,
+                                device=self.device)
+        self.vae = comps.vae
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in batch["png"]]
+        enc = encode_images(self.vae, images_to_tensor(images))
+        return {
+            "index": batch["index"], "kind": batch["kind"],
+            "mean": np.array([m.numpy().tobytes() for m in enc.mean], dtype=object),
+            "std": np.array([s.numpy().tobytes() for s in enc.std], dtype=object),
+            "shape": np.array([list(m.shape) for m in enc.mean], dtype=np.int32),
+        }
+
+
+def rows_to_encoded(rows: dict[str, Any]) -> EncodedImages:
+    """Parquet/Ray rows (any order) -> EncodedImages sorted by index."""
+    order = np.argsort(np.asarray(rows["index"]))
+    shape = tuple(int(x) for x in np.asarray(rows["shape"][0]))
+
+    def stack(col: str) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(np.frombuffer(rows[col][i], dtype=np.float32).reshape(shape).copy())
+                            for i in order])
+
+    return EncodedImages(stack("mean"), stack("std"))
+
+
+def load_prompts(storage: Storage, cache: EncodedCache) -> dict[str, torch.Tensor]:
+    """``{"embeds": [2, L, D], "ids": [2, L]}`` for (instance prompt, class prompt)."""
+    from safetensors.torch import load
+
+    return load(storage.read_bytes(cache.prompts_uri))
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _encode_prompts_task(cfg_dict: dict[str, Any]) -> bytes:
+    from safetensors.torch import save
+
+    from raydb.models.components import load_components
+    from raydb.train.encode import encode_prompts, tokenize
+
+    cfg = RaydbConfig.model_validate(cfg_dict)
+    comps = load_components(cfg.model, Storage(cfg.s3_endpoint_url), cfg.workspace)
+    prompts = [cfg.subject.instance_prompt, cfg.subject.class_prompt]
+    return save({"embeds": encode_prompts(comps.tokenizer, comps.text_encoder, prompts).contiguous(),
+                 "ids": tokenize(comps.tokenizer, prompts).contiguous()})
+
+
+def _write_parquet(storage: Storage, uri: str, rows: list[dict[str, Any]]) -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA), buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def run_encode_stage(
+    cfg: RaydbConfig, storage: Storage, instance_images: list[Image.Image],
+    class_images: list[Image.Image], *, model_identity: str, concurrency: int = 1,
+) -> tuple[EncodedCache, bool]:
+    """Encode on Ray Data unless an identical encoding exists. Returns ``(cache, ran)``."""
+    import ray
+
+    tc = cfg.train
+    if tc.random_flip:
+        instance_images, class_images = add_flips(instance_images), add_flips(class_images)
+    inst_png, class_png = [_png(i) for i in instance_images], [_png(i) for i in class_images]
+    h = hashlib.sha256()
+    for part in (model_identity, cfg.subject.instance_prompt, cfg.subject.class_prompt,
+                 str(tc.resolution), str(tc.center_crop), str(tc.random_flip), str(len(class_png))):
+        h.update(part.encode() + b"\0")
+    for png in inst_png + [b"--"] + class_png:
+        h.update(hashlib.sha256(png).digest())
+    key = h.hexdigest()[:20]
+    cache = EncodedCache(join(cfg.workspace, "encoded", key), key, len(inst_png), len(class_png))
+    manifest = storage.read_json_or(join(cache.uri, "manifest.json"))
+    if manifest and manifest.get("key") == key:
+        return cache, False
+    rows = [{"index": i, "png": p, "kind": "instance"} for i, p in enumerate(inst_png)]
+    rows += [{"index": i, "png": p, "kind": "class"} for i, p in enumerate(class_png)]
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    prompts_ref = ray.remote(num_cpus=1, num_gpus=0)(_encode_prompts_task).remote(cfg.to_dict())
+    out: dict[str, list[dict[str, Any]]] = {"instance": [], "class": []}
+    ds = ray.data.from_items(rows).map_batches(
+        ImageEncoder, fn_constructor_kwargs={"cfg": cfg.to_dict()}, batch_size=8,
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(concurrency, len(rows)))),
+        num_gpus=1 if gpus else 0, num_cpus=1, batch_format="numpy",
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(batch["index"])):
+            out[str(batch["kind"][i])].append({
+                "index": int(batch["index"][i]), "mean": bytes(batch["mean"][i]),
+                "std": bytes(batch["std"][i]), "shape": [int(x) for x in batch["shape"][i]]})
+    _write_parquet(storage, cache.instance_uri, sorted(out["instance"], key=lambda r: r["index"]))
+    if out["class"]:
+        _write_parquet(storage, cache.class_uri, sorted(out["class"], key=lambda r: r["index"]))
+    storage.write_bytes(cache.prompts_uri, ray.get(prompts_ref))
+    storage.write_json(join(cache.uri, "manifest.json"), {
+        "key": key, "model": model_identity, "num_instance": len(inst_png), "num_class": len(class_png),
+        "resolution": tc.resolution, "random_flip": tc.random_flip,
+    })
+    return cache, True
+
+
+def read_encoded(storage: Storage, uri: str) -> EncodedImages:
+    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    return rows_to_encoded({c: table[c].to_pylist() for c in table.column_names})
+
+
+def manifest_of(storage: Storage, cache: EncodedCache) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(join(cache.uri, "manifest.json")))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from raydb.serving.auth import KeyRing, hash_key, key_from_headers, parse_env_ke
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_A, KEY_B = "test-key-tenant-one", "test-key-tenant-two"
+KEY_ENV = "test-key-from-env"  # a tenant-one key given in plain text through the environment
 SUBJECTS = [("alice", "t1", "sks", "dog"), ("bob", "t1", "zwx", "cat"), ("carol", "t2", "qpv", "toy")]
 META = {"subject": {"instance_token": "sks", "class_prompt": "a photo of a dog"}}
 
@@ -115,20 +117,23 @@ def server(ray_cluster, tmp_path_factory):
     import httpx
     from ray import serve
 
-    from raydb.serving import deploy
+    from raydb.serving import run_server
 
     workspace = str(tmp_path_factory.mktemp("serve-ws"))
     for subject in SUBJECTS:
         _train(workspace, *subject)
     _bad_copies(workspace)
     port = _free_port()
+    os.environ["RAYDB_TEST_SERVE_KEYS"] = f"{KEY_ENV}:t1"
     cfg = load_config(data={
         "workspace": workspace, "model": {"pretrained": "tiny"},
         "serve": {"api_keys": {hash_key(KEY_A): "t1", hash_key(KEY_B): "t2"}, "port": port,
+                  "api_keys_env": "RAYDB_TEST_SERVE_KEYS",
                   "max_num_models_per_replica": 2, "max_size": 128, "max_inference_steps": 8,
                   "default_inference_steps": 2, "max_images": 2, "num_cpus_per_replica": 1},
     })
-    deploy(cfg)
+    run_server(cfg, blocking=False)
+    del os.environ["RAYDB_TEST_SERVE_KEYS"]
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     deadline = time.time() + 60
     while client.get("/healthz").status_code != 200:
@@ -221,6 +226,7 @@ def test_error_statuses(server):
     assert server.get("/v1/subjects").status_code == 401
     assert server.get("/v1/subjects", headers=_auth("wrong-key")).status_code == 401
     assert server.get("/v1/subjects", headers={"X-API-Key": KEY_A}).status_code == 200
+    assert server.get("/v1/subjects", headers=_auth(KEY_ENV)).status_code == 200
     assert _generate(server, "alice", key="wrong-key").status_code == 401
     for sid in ("nobody", "../subjects"):
         resp = _generate(server, sid)

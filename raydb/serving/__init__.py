@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -25,13 +26,27 @@ def _warn_if_open(cfg: RaydbConfig) -> None:
               "subjects. Use it only on a trusted local machine.", file=sys.stderr)
 
 
+def _with_env_keys(cfg: RaydbConfig) -> RaydbConfig:
+    """Fold plain keys from ``$<serve.api_keys_env>`` (here, where the app is built) into digests, so
+    replicas on other nodes, whose environment lacks the variable, know them too. Only digests travel.
+    """
+    from raydb.serving.auth import parse_env_keys
+
+    text = os.environ.get(cfg.serve.api_keys_env, "")
+    if cfg.serve.auth != "api_key" or not text.strip():
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.serve.api_keys = {**cfg.serve.api_keys, **parse_env_keys(text, cfg.serve.api_keys_env)}
+    return cfg
+
+
 def build_application(cfg: RaydbConfig) -> Any:
     """The Serve application (``Application``): ingress -> diffusion replicas, sized from ``cfg.serve``."""
     from raydb.serving.deployments import DiffusionDeployment, IngressDeployment
 
     _warn_if_open(cfg)
     sc = cfg.serve
-    config = cfg.to_dict()
+    config = _with_env_keys(cfg).to_dict()
     diffusion = DiffusionDeployment.options(
         num_replicas=sc.num_replicas, max_ongoing_requests=sc.max_ongoing_requests,
         ray_actor_options={"num_cpus": sc.num_cpus_per_replica, "num_gpus": sc.num_gpus_per_replica},
@@ -49,24 +64,27 @@ def deploy(cfg: RaydbConfig) -> Any:
 
     Joins the Ray cluster at ``cluster.address`` (or starts a local one) when Ray is not initialised.
     """
-    import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.cluster.address)
+    from raydb.ray_utils import init_ray
+
+    init_ray(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     return serve.run(build_application(cfg), name=cfg.serve.app_name,
                      route_prefix=cfg.serve.route_prefix, blocking=False)
 
 
-def run_server(cfg: RaydbConfig) -> None:
-    """``raydb serve``: deploy, print the address, block until Ctrl-C, then shut Serve down."""
+def run_server(cfg: RaydbConfig, *, blocking: bool = True) -> Any:
+    """``raydb serve``: deploy and print the address; with ``blocking``, wait for Ctrl-C and then shut
+    Serve down, else return the ingress handle at once."""
     from ray import serve
 
-    deploy(cfg)
+    handle = deploy(cfg)
     prefix = cfg.serve.route_prefix.rstrip("/")
     print(f"raydb serving on http://{cfg.serve.host}:{cfg.serve.port}{prefix}/v1/generate "
-          f"(health: {prefix}/healthz; Ctrl-C stops)")
+          f"(health: {prefix}/healthz{'; Ctrl-C stops' if blocking else ''})")
+    if not blocking:
+        return handle
     try:
         while True:
             time.sleep(3600)

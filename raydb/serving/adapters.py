@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import sys
 import threading
 from typing import Any
 
@@ -88,7 +89,10 @@ class LoadedAdapter:
 
     def __del__(self) -> None:
         # Called by Serve's LRU eviction (in a worker thread) and again by the garbage collector;
-        # the second call finds the adapter unloaded and does nothing.
+        # the second call finds the adapter unloaded and does nothing. At interpreter exit the
+        # pipeline is going away with the process, and diffusers can no longer import what it needs.
+        if sys.is_finalizing():
+            return
         with self._state:
             self._evicted = True
             drop = self._take_unload()

@@ -63,6 +63,27 @@ def test_validate_generate_limits_name_the_field_and_token_rule():
     assert final_prompt("a castle", META) == "sks a castle"
 
 
+def test_evicted_adapter_in_use_is_unloaded_by_its_last_user():
+    from raydb.serving.adapters import LoadedAdapter
+
+    class Pool:
+        unloaded: list[str] = []
+
+        def unload(self, adapter):
+            self.unloaded.append(adapter.name)
+
+    pool = Pool()
+    adapter = LoadedAdapter(pool, "adapter0", "alice", "v0001", {})
+    adapter.acquire()
+    adapter.__del__()  # Serve evicts it while a request still holds it
+    assert pool.unloaded == [] and adapter.loaded
+    assert adapter.release() is True and not adapter.loaded  # the last user unloads it
+    adapter.__del__()  # the garbage collector's call is a no-op
+    idle = LoadedAdapter(pool, "adapter1", "bob", "v0001", {})
+    idle.__del__()
+    assert pool.unloaded == ["adapter1"] and not idle.loaded
+
+
 def test_shipped_serve_configs_load_and_build():
     from ray.serve.schema import ServeDeploySchema
 

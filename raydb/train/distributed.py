@@ -26,7 +26,8 @@ import torch
 from raydb.config import RaydbConfig
 from raydb.storage import Storage, is_s3, join
 
-__all__ = ["train_distributed", "train_loop_per_worker", "resolve_use_gpu"]
+__all__ = ["train_distributed", "prepare_encoded", "build_trainer", "train_loop_per_worker",
+           "resolve_use_gpu"]
 
 # Test hook, read by the driver and passed to workers: "rank:step[:marker]" makes that worker
 # SIGKILL itself at that step (once, if a marker file path is given) — a preempted node.
@@ -166,25 +167,14 @@ def _first_kill(spec: str) -> bool:
         return False
 
 
-def train_distributed(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool = True,
-                      quiet: bool = False) -> dict[str, Any]:
-    """Priors -> encode -> TorchTrainer -> register. Returns the JSON summary of ``raydb train``."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def prepare_encoded(cfg: RaydbConfig, storage: Storage) -> tuple[Any, bool]:
+    """Stages 1-2: prior images (shared cache) and the encode stage. Returns ``(EncodedCache, ran)``."""
     from raydb.data.ingest import load_images
     from raydb.models.components import resolve_model
-    from raydb.registry import register_adapter
     from raydb.train.encode_stage import run_encode_stage
-    from raydb.train.run import _finished_result, load_class_images, run_id, run_uri
+    from raydb.train.run import load_class_images
 
-    storage = storage or Storage(cfg.s3_endpoint_url)
     tc = cfg.train
-    run = run_uri(cfg)
-    finished = storage.read_json_or(join(run, "adapter", "adapter.json"))
-    if finished and finished.get("metrics", {}).get("steps", 0) >= tc.max_steps:
-        return _finished_result(cfg, storage, run, finished, register=register, quiet=quiet)
     if cfg.prior.enabled and cfg.prior.num_class_images < cfg.cluster.num_workers:
         raise ValueError(f"prior.num_class_images ({cfg.prior.num_class_images}) must be at least "
                          f"cluster.num_workers ({cfg.cluster.num_workers}): class images are split "
@@ -193,7 +183,21 @@ def train_distributed(cfg: RaydbConfig, storage: Storage | None = None, *, regis
     instance = load_images(cfg.subject.instance_data, tc.resolution, storage=storage,
                            center_crop=tc.center_crop)
     class_images = load_class_images(cfg, storage)
-    cache, _ = run_encode_stage(cfg, storage, instance, class_images, model_identity=identity)
+    return run_encode_stage(cfg, storage, instance, class_images, model_identity=identity)
+
+
+def build_trainer(cfg: RaydbConfig, storage: Storage, cache: Any, *,
+                  extra_config: dict[str, Any] | None = None):
+    """``(TorchTrainer, run uri)`` for ``cfg`` over an encoded cache (``raydb train`` and Tune).
+
+    The Ray Train run lives in the run folder ``runs/<subject>/<run id>``, so its checkpoints sit
+    beside the outputs and a rerun of the same config finds them.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raydb.train.run import run_id, run_uri
 
     datasets = {}
     if cache.num_class:
@@ -202,21 +206,37 @@ def train_distributed(cfg: RaydbConfig, storage: Storage | None = None, *, regis
     use_gpu = resolve_use_gpu(cfg)
     storage_path, storage_fs = _storage_location(storage, cfg)
     cpus = cfg.cluster.cpus_per_worker
-    trainer = TorchTrainer(
+    name, run = run_id(cfg), run_uri(cfg)
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "encoded": cache.__dict__, "run": run,
                            "threads_per_worker": max(1, int(cpus)),
-                           "test_kill_at": os.environ.get(_KILL_ENV)},
+                           "test_kill_at": os.environ.get(_KILL_ENV)} | (extra_config or {}),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=run_id(cfg), storage_path=storage_path, storage_filesystem=storage_fs,
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
         ),
         datasets=datasets,
-    )
+    ), run
+
+
+def train_distributed(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool = True,
+                      quiet: bool = False) -> dict[str, Any]:
+    """Priors -> encode -> TorchTrainer -> register. Returns the JSON summary of ``raydb train``."""
+    from raydb.registry import register_adapter
+    from raydb.train.run import _finished_result, run_uri
+
+    storage = storage or Storage(cfg.s3_endpoint_url)
+    run = run_uri(cfg)
+    finished = storage.read_json_or(join(run, "adapter", "adapter.json"))
+    if finished and finished.get("metrics", {}).get("steps", 0) >= cfg.train.max_steps:
+        return _finished_result(cfg, storage, run, finished, register=register, quiet=quiet)
+    cache, _ = prepare_encoded(cfg, storage)
+    trainer, run = build_trainer(cfg, storage, cache)
     trainer.fit()
     result = json.loads(storage.read_bytes(join(run, "result.json")))
     if register:

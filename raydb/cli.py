@@ -60,6 +60,27 @@ def _cmd_serve(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
     return {}
 
 
+def _cmd_pipeline(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
+    from raydb.pipeline import cluster_is_joined, run_pipeline
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    deploy = args.deploy or bool(stages and "serve" in stages)
+    result = run_pipeline(cfg, deploy=deploy, stages=stages)
+    if deploy and not cluster_is_joined(cfg):  # our own local cluster ends with us: keep serving
+        print(json.dumps(result, default=str))
+        from raydb.serving import run_server
+
+        run_server(cfg, blocking=True)
+        return {}
+    return result
+
+
+def _cmd_encode(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
+    from raydb.pipeline import run_pipeline
+
+    return run_pipeline(cfg, stages=["prior", "encode"])
+
+
 def _cmd_demo(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
     from raydb.demo import run_demo
 
@@ -70,6 +91,9 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "prior": (_cmd_prior, "generate the class-prior images into the shared cache (Ray Data)"),
     "train": (_cmd_train, "train a subject's DreamBooth-LoRA adapter and register it"),
     "serve": (_cmd_serve, "run the Ray Serve app over the adapter registry"),
+    "pipeline": (_cmd_pipeline, "priors -> encode -> train or tune -> register [-> serve], "
+                 "skipping stages whose inputs are unchanged"),
+    "encode": (_cmd_encode, "priors and the encoded latent cache (Ray Data)"),
     "demo": (_cmd_demo, "the embedded end-to-end demo (tiny model, built-in subject)"),
     "config": (_cmd_config, "validate a config and print it with defaults filled in"),
 }
@@ -94,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --local: ignore existing checkpoints")
         if name == "config":
             p.add_argument("--reference", action="store_true", help="print the key reference (Markdown)")
+        if name == "pipeline":
+            p.add_argument("--deploy", action="store_true",
+                           help="deploy or update the Serve app at the end")
+            p.add_argument("--stages", help="comma-separated subset, e.g. prior,encode "
+                           "(default: all; tune instead of train when the config has tune:)")
         if name == "demo":
             p.add_argument("--output", default="demo-output", help="where the demo's pictures go")
     return parser

@@ -1,0 +1,12 @@
+"""`ray job submit --working-dir . -- python jobs/tune.py --config my-tune.yaml [key=value ...]`
+
+The search alone (it runs priors and the encode stage itself and registers the best trial); the
+config needs a `tune:` section.
+"""
+
+import sys
+
+from raydb.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["pipeline", "--stages", "tune", *sys.argv[1:]]))

@@ -1,0 +1,345 @@
+"""The whole pipeline as one job: priors -> encode -> train (or tune) -> register -> deploy.
+
+``run_pipeline`` calls each stage's own raydb function in order. Before a stage runs it hashes the
+config fields the stage depends on (its *inputs*, which include its upstream stages' inputs, since
+their outputs are a function of them) and reads ``<workspace>/pipeline/<subject>/<stage>.json``.
+When that manifest records the same hash and the outputs it lists still exist, the stage is skipped
+and its recorded outputs are handed on; otherwise the stage runs and its manifest is written only
+after it succeeded, so a crash leaves the stage to be redone. The stage functions also skip their
+own finished work (prior blocks, the encoded cache, a finished run), so a rerun after a crash inside
+a stage is cheap as well.
+
+The run ends with a table (stage, skipped or ran, seconds, key outputs), ``summary.json`` beside the
+manifests, and the summary dict that the CLI prints as its final JSON line.
+
+Instance photos enter the encode hash by listing (file names, and sizes and mtimes for local
+folders); the base model by its config (``model.pretrained``, ``model.revision``), not its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raydb.config import RaydbConfig
+from raydb.storage import Storage, is_s3, join
+
+__all__ = ["STAGES", "StageResult", "run_pipeline", "inputs_key", "manifest_matches", "run_stage",
+           "stage_inputs", "format_summary", "pipeline_uri", "cluster_is_joined"]
+
+STAGES = ("prior", "encode", "train", "tune", "register", "serve")
+
+
+@dataclass
+class StageResult:
+    """One row of the summary. ``status``: ``ran``, ``skipped`` (manifest matched) or ``off``."""
+
+    stage: str
+    status: str
+    seconds: float
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+# -- manifests (pure; no Ray) ------------------------------------------------------------------
+
+def inputs_key(inputs: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a stage's inputs."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def manifest_matches(manifest: dict[str, Any] | None, key: str) -> bool:
+    """A manifest matches when it is complete and records the same inputs hash."""
+    return bool(manifest) and manifest.get("inputs_key") == key and "outputs" in manifest
+
+
+def pipeline_uri(cfg: RaydbConfig) -> str:
+    return join(cfg.workspace, "pipeline", cfg.subject.id)
+
+
+def run_stage(
+    storage: Storage, manifest_uri: str, stage: str, inputs: dict[str, Any],
+    run: Callable[[], dict[str, Any]], outputs_exist: Callable[[dict[str, Any]], bool],
+) -> StageResult:
+    """Skip ``stage`` when its manifest matches ``inputs`` and ``outputs_exist(outputs)``; else run it.
+
+    ``run`` returns the stage's outputs (JSON-able); they are recorded with the inputs after it
+    returned, so a stage that raises leaves any older manifest untouched and is redone next time.
+    """
+    start = time.perf_counter()
+    key = inputs_key(inputs)
+    manifest = storage.read_json_or(manifest_uri)
+    if manifest_matches(manifest, key) and outputs_exist(manifest["outputs"]):
+        return StageResult(stage, "skipped", time.perf_counter() - start, manifest["outputs"])
+    outputs = run()
+    seconds = time.perf_counter() - start
+    storage.write_json(manifest_uri, {
+        "stage": stage, "inputs_key": key, "inputs": inputs, "outputs": outputs,
+        "seconds": round(seconds, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    return StageResult(stage, "ran", seconds, outputs)
+
+
+def _data_fingerprint(storage: Storage, uri: str | None) -> Any:
+    """Cheap identity of a folder of images: names (+ size, mtime locally); builtin data by name."""
+    if not uri or uri.startswith("builtin:"):
+        return uri
+    if is_s3(uri):
+        return sorted(storage.list(uri, recursive=True))
+    root = Path(uri)
+    if not root.is_dir():
+        return uri
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in root.rglob("*") if p.is_file())
+
+
+def stage_inputs(cfg: RaydbConfig, storage: Storage, stage: str) -> dict[str, Any]:
+    """The config fields ``stage`` depends on, cumulative over its upstream stages."""
+    from raydb.train.run import run_id
+
+    c = cfg.to_dict()
+    model = {k: c["model"][k] for k in ("pretrained", "revision", "prediction_type")}
+    prior = {"model": model, "class_prompt": cfg.subject.class_prompt, "resolution": cfg.train.resolution,
+             "prior": {k: v for k, v in c["prior"].items() if k != "concurrency"},
+             "class_data": _data_fingerprint(storage, cfg.prior.class_data)}
+    if stage == "prior":
+        return prior
+    encode = prior | {
+        "instance_data": _data_fingerprint(storage, cfg.subject.instance_data),
+        "instance_prompt": cfg.subject.instance_prompt,
+        "crop_flip": [cfg.train.center_crop, cfg.train.random_flip],
+    }
+    if stage == "encode":
+        return encode
+    # run_id hashes model, subject, prior, lora, train and the worker count.
+    train = encode | {"run_id": run_id(cfg)}
+    if stage == "train":
+        return train
+    tune = train | {"tune": c["tune"], "eval": c["eval"]}
+    if stage == "tune":
+        return tune
+    if stage == "register":
+        return tune if cfg.tune is not None else train
+    if stage == "serve":
+        return {"serve": _serve_config(cfg).to_dict()["serve"], "model": model, "workspace": cfg.workspace,
+                "address": _ray_address()}
+    raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+
+
+# -- the stages --------------------------------------------------------------------------------
+
+def cluster_is_joined(cfg: RaydbConfig) -> bool:
+    """True when we run against an existing cluster (``ray job submit``, RAY_ADDRESS, cluster.address)."""
+    return bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+
+
+def _ray_address() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+
+
+def _ensure_ray(cfg: RaydbConfig) -> None:
+    from raydb.ray_utils import init_ray
+
+    init_ray(cfg)
+
+
+def _serve_config(cfg: RaydbConfig) -> RaydbConfig:
+    from raydb.serving import _with_env_keys  # env keys become digests: the hash never holds a key
+
+    return _with_env_keys(cfg)
+
+
+def _exists_all(storage: Storage, *uris: str) -> bool:
+    return all(storage.exists(u) for u in uris)
+
+
+def _prior(cfg: RaydbConfig, storage: Storage) -> dict[str, Any]:
+    from raydb.prior import ensure_prior_images
+
+    _ensure_ray(cfg)
+    stats = ensure_prior_images(cfg, storage, use_ray=True)
+    return {"cache_uri": stats.cache_uri, "key": stats.key, "images": stats.requested,
+            "images_generated": stats.images_generated}
+
+
+def _prior_exists(storage: Storage, cfg: RaydbConfig, out: dict[str, Any]) -> bool:
+    from raydb.prior.pipeline import resolve_prior_cache
+
+    cache = resolve_prior_cache(cfg, storage)
+    return cache.uri == out.get("cache_uri") and not cache.missing_blocks(storage, out["images"])
+
+
+def _encode(cfg: RaydbConfig, storage: Storage) -> dict[str, Any]:
+    from raydb.train.distributed import prepare_encoded
+
+    _ensure_ray(cfg)
+    cache, ran = prepare_encoded(cfg, storage)
+    return dict(cache.__dict__) | {"reused": not ran}
+
+
+def _train(cfg: RaydbConfig, storage: Storage) -> dict[str, Any]:
+    from raydb.train.distributed import train_distributed
+
+    _ensure_ray(cfg)
+    result = train_distributed(cfg, storage, register=False)
+    return {k: result.get(k) for k in ("adapter_uri", "run_dir", "steps", "images_per_s", "loss")} | {
+        "reused": bool(result.get("skipped"))}
+
+
+def _tune(cfg: RaydbConfig, storage: Storage) -> dict[str, Any]:
+    from raydb.tune import run_tune  # imported here: the search is optional and pulls in Ray Tune
+
+    _ensure_ray(cfg)
+    result = run_tune(cfg, storage)
+    best = result["best"]
+    adapter = result.get("registered") or join(best["run_dir"], "adapter")
+    return {"adapter_uri": adapter, "run_dir": best.get("run_dir"), "best": best,
+            "results_csv": result.get("results_csv"), "plot": result.get("plot")}
+
+
+def _adapter_exists(storage: Storage, out: dict[str, Any]) -> bool:
+    from raydb.registry import ADAPTER_FILES
+
+    return _exists_all(storage, *(join(out["adapter_uri"], f) for f in ADAPTER_FILES))
+
+
+def _register(cfg: RaydbConfig, storage: Storage, adapter_uri: str) -> dict[str, Any]:
+    from raydb.registry import register_adapter
+
+    # Idempotent: the same weights as the current latest (e.g. the search registered them) keep it.
+    record = register_adapter(storage, cfg.workspace, cfg.subject.id, adapter_uri)
+    return {"uri": record["uri"], "version": record["version"], "adapter_uri": adapter_uri}
+
+
+def _register_current(storage: Storage, cfg: RaydbConfig, out: dict[str, Any]) -> bool:
+    from raydb.registry import subject_uri
+
+    latest = storage.read_json_or(join(subject_uri(cfg.workspace, cfg.subject.id), "latest.json"))
+    return bool(latest) and latest.get("uri") == out.get("uri")
+
+
+def _serve(cfg: RaydbConfig) -> dict[str, Any]:
+    from raydb.serving import deploy
+
+    deploy(cfg)
+    prefix = cfg.serve.route_prefix.rstrip("/")
+    return {"url": f"http://{cfg.serve.host}:{cfg.serve.port}{prefix}/v1/generate",
+            "app": cfg.serve.app_name}
+
+
+def _serve_running(cfg: RaydbConfig) -> bool:
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(cfg.serve.app_name)
+    except Exception:  # Serve not started on this cluster
+        return False
+    return app is not None and str(app.status).endswith("RUNNING")
+
+
+# -- the pipeline ------------------------------------------------------------------------------
+
+def _selected(cfg: RaydbConfig, deploy: bool, stages: list[str] | None) -> list[str]:
+    order = ["prior", "encode", "tune" if cfg.tune is not None else "train", "register"]
+    order += ["serve"] if deploy else []
+    if stages is None:
+        return order
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; expected some of {', '.join(STAGES)}")
+    if "tune" in stages and cfg.tune is None:
+        raise ValueError("stage 'tune' needs a tune: section in the config")
+    return [s for s in STAGES if s in stages]
+
+
+def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bool = False,
+                 stages: list[str] | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run (or skip) each stage in order; returns ``{subject, stages: [...], adapter_uri, registered,
+    url, summary_uri}``. ``stages`` picks a subset (each stage's function fetches what it needs)."""
+    storage = storage or Storage(cfg.s3_endpoint_url)
+    base = pipeline_uri(cfg)
+    results: list[StageResult] = []
+    outputs: dict[str, dict[str, Any]] = {}
+    prior_off = not cfg.prior.enabled or bool(cfg.prior.class_data)
+
+    def stage(name: str, run: Callable[[], dict[str, Any]], exists: Callable[[dict], bool]) -> None:
+        if not quiet:
+            print(f"== pipeline stage {name}", flush=True)
+        res = run_stage(storage, join(base, f"{name}.json"), name, stage_inputs(cfg, storage, name),
+                        run, exists)
+        outputs[name] = res.outputs
+        results.append(res)
+
+    for name in _selected(cfg, deploy, stages):
+        if name == "prior":
+            if prior_off:
+                results.append(StageResult("prior", "off", 0.0, {"class_data": cfg.prior.class_data}))
+                continue
+            stage("prior", lambda: _prior(cfg, storage), lambda o: _prior_exists(storage, cfg, o))
+        elif name == "encode":
+            stage("encode", lambda: _encode(cfg, storage),
+                  lambda o: storage.exists(join(o["uri"], "manifest.json")))
+        elif name in ("train", "tune"):
+            stage(name, (lambda: _train(cfg, storage)) if name == "train" else (lambda: _tune(cfg, storage)),
+                  lambda o: _adapter_exists(storage, o))
+        elif name == "register":
+            adapter = (outputs.get("tune") or outputs.get("train") or _recorded(storage, cfg))["adapter_uri"]
+            stage("register", lambda a=adapter: _register(cfg, storage, a),
+                  lambda o, a=adapter: o.get("adapter_uri") == a and _register_current(storage, cfg, o))
+        elif name == "serve":
+            _ensure_ray(cfg)
+            stage("serve", lambda: _serve(cfg), lambda o: _serve_running(cfg))
+    summary = {
+        "subject": cfg.subject.id,
+        "stages": [asdict(r) | {"seconds": round(r.seconds, 2)} for r in results],
+        "adapter_uri": (outputs.get("tune") or outputs.get("train") or {}).get("adapter_uri"),
+        "registered": outputs.get("register", {}).get("uri"),
+        "url": outputs.get("serve", {}).get("url"),
+        "summary_uri": join(base, "summary.json"),
+    }
+    storage.write_json(summary["summary_uri"], summary)
+    if not quiet:
+        print(format_summary(results), flush=True)
+    return summary
+
+
+def _recorded(storage: Storage, cfg: RaydbConfig) -> dict[str, Any]:
+    """The adapter of the last train/tune stage of this config (``register`` run on its own)."""
+    name = "tune" if cfg.tune is not None else "train"
+    manifest = storage.read_json_or(join(pipeline_uri(cfg), f"{name}.json"))
+    if not manifest_matches(manifest, inputs_key(stage_inputs(cfg, storage, name))):
+        raise ValueError(f"register: no finished {name} stage for this config; run it first "
+                         f"(raydb pipeline --stages {name})")
+    return manifest["outputs"]
+
+
+def _key_outputs(res: StageResult) -> str:
+    o = res.outputs
+    picks = {
+        "prior": lambda: f"{o.get('images')} images in {o.get('cache_uri')}",
+        "encode": lambda: f"{o.get('num_instance')} instance + {o.get('num_class')} class in {o.get('uri')}",
+        "train": lambda: f"{o.get('steps')} steps -> {o.get('adapter_uri')}",
+        "tune": lambda: f"best trial {o.get('best', {}).get('trial')} -> {o.get('results_csv')}",
+        "register": lambda: f"{o.get('version')} at {o.get('uri')}",
+        "serve": lambda: f"{o.get('url')}",
+    }
+    if res.status == "off":
+        return "prior preservation off" if not o.get("class_data") else f"class images from {o['class_data']}"
+    text = picks[res.stage]()
+    return text + (" (found finished)" if o.get("reused") and res.status == "ran" else "")
+
+
+def format_summary(results: list[StageResult]) -> str:
+    """The per-stage table printed at the end of a pipeline run."""
+    rows = [("stage", "status", "seconds", "outputs")]
+    rows += [(r.stage, r.status, f"{r.seconds:.1f}", _key_outputs(r)) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3] for row in rows]
+    return "\n".join(["pipeline summary:", *lines])

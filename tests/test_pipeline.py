@@ -1,0 +1,120 @@
+"""Stage skipping without Ray: manifest hashing, matching, and the run-or-skip decision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raydb.pipeline import (
+    StageResult,
+    format_summary,
+    inputs_key,
+    manifest_matches,
+    run_stage,
+    stage_inputs,
+)
+from raydb.storage import Storage
+
+
+def test_inputs_key_is_order_independent_and_value_sensitive():
+    assert inputs_key({"a": 1, "b": {"c": 2, "d": 3}}) == inputs_key({"b": {"d": 3, "c": 2}, "a": 1})
+    assert inputs_key({"a": 1}) != inputs_key({"a": 2})
+
+
+def test_manifest_matches_needs_same_key_and_outputs():
+    key = inputs_key({"x": 1})
+    assert manifest_matches({"inputs_key": key, "outputs": {}}, key)
+    assert not manifest_matches(None, key)
+    assert not manifest_matches({"inputs_key": key}, key)  # written without outputs: incomplete
+    assert not manifest_matches({"inputs_key": "other", "outputs": {}}, key)
+
+
+class _Counter:
+    def __init__(self, tmp: Path):
+        self.calls = 0
+        self.out = tmp / "artifact.txt"
+
+    def run(self) -> dict:
+        self.calls += 1
+        self.out.write_text(str(self.calls))
+        return {"artifact": str(self.out)}
+
+    def exists(self, outputs: dict) -> bool:
+        return Path(outputs["artifact"]).is_file()
+
+
+def test_run_stage_skips_reruns_on_change_and_on_missing_outputs(tmp_path):
+    storage, stage = Storage(), _Counter(tmp_path)
+    uri = str(tmp_path / "pipeline" / "s" / "train.json")
+    first = run_stage(storage, uri, "train", {"lr": 1e-3}, stage.run, stage.exists)
+    assert (first.status, stage.calls) == ("ran", 1)
+    manifest = json.loads(Path(uri).read_text())
+    assert manifest["inputs"] == {"lr": 1e-3} and manifest["outputs"] == first.outputs
+
+    again = run_stage(storage, uri, "train", {"lr": 1e-3}, stage.run, stage.exists)
+    assert (again.status, stage.calls, again.outputs) == ("skipped", 1, first.outputs)
+
+    changed = run_stage(storage, uri, "train", {"lr": 2e-3}, stage.run, stage.exists)
+    assert (changed.status, stage.calls) == ("ran", 2)
+
+    stage.out.unlink()  # outputs gone: the matching manifest alone is not enough
+    redo = run_stage(storage, uri, "train", {"lr": 2e-3}, stage.run, stage.exists)
+    assert (redo.status, stage.calls) == ("ran", 3)
+
+
+def test_failed_stage_keeps_old_manifest_and_is_redone(tmp_path):
+    storage, stage = Storage(), _Counter(tmp_path)
+    uri = str(tmp_path / "encode.json")
+    run_stage(storage, uri, "encode", {"v": 1}, stage.run, stage.exists)
+    before = Path(uri).read_text()
+
+    def boom() -> dict:
+        raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError):
+        run_stage(storage, uri, "encode", {"v": 2}, boom, stage.exists)
+    assert Path(uri).read_text() == before
+    assert run_stage(storage, uri, "encode", {"v": 2}, stage.run, stage.exists).status == "ran"
+
+
+def test_stage_inputs_follow_only_relevant_fields(make_cfg, tmp_path):
+    storage = Storage()
+    base = make_cfg()
+    steps = make_cfg(train={"max_steps": 7})
+    concurrency = make_cfg(prior={"concurrency": 3})
+    photos = make_cfg(subject={"instance_prompt": "a photo of zwx toy"})
+
+    def key(cfg, stage):
+        return inputs_key(stage_inputs(cfg, storage, stage))
+
+    # Training length changes training and registration, not priors or the encoded cache.
+    assert key(base, "prior") == key(steps, "prior") and key(base, "encode") == key(steps, "encode")
+    assert key(base, "train") != key(steps, "train") and key(base, "register") != key(steps, "register")
+    # The number of generator actors changes no pixels.
+    assert key(base, "prior") == key(concurrency, "prior")
+    assert key(base, "prior") == key(photos, "prior") and key(base, "encode") != key(photos, "encode")
+    # A local photo folder is fingerprinted by its files.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"1")
+    local = make_cfg(subject={"instance_data": str(folder)})
+    k1 = key(local, "encode")
+    (folder / "b.png").write_bytes(b"2")
+    assert key(local, "encode") != k1
+    tuned = make_cfg(tune={"learning_rate": [1e-4, 1e-3]})
+    assert key(tuned, "register") == key(tuned, "tune") != key(base, "train")
+
+
+def test_summary_table_lists_every_stage():
+    text = format_summary([
+        StageResult("prior", "skipped", 0.01, {"images": 4, "cache_uri": "/ws/priors/k"}),
+        StageResult("train", "ran", 12.3, {"steps": 6, "adapter_uri": "/ws/runs/a", "reused": True}),
+        StageResult("register", "ran", 0.2, {"version": "v0001", "uri": "/ws/subjects/demo/v0001"}),
+    ])
+    lines = text.splitlines()
+    assert lines[1].split()[:3] == ["stage", "status", "seconds"]
+    assert lines[2].split()[:3] == ["prior", "skipped", "0.0"] and "4 images" in lines[2]
+    assert "6 steps -> /ws/runs/a (found finished)" in lines[3]
+    assert "v0001 at /ws/subjects/demo/v0001" in lines[4]

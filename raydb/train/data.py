@@ -121,7 +121,8 @@ def make_micro_batch(
     first = ((step * accumulation + micro) * world_size + rank) * batch_size
     positions = range(first, first + batch_size)
     kw = {"seed": seed, "latent_shape": data.latent_shape, "num_train_timesteps": num_train_timesteps}
-    parts = [_half(data.instance, data.instance_embeds, data.instance_ids, positions, stream="instance", **kw)]
+    parts = [_half(data.instance, data.instance_embeds, data.instance_ids, positions,
+                   stream="instance", **kw)]
     if data.with_prior:
         parts.append(_half(data.class_, data.class_embeds, data.class_ids, positions, stream="class", **kw))
     merged = {}

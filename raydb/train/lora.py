@@ -8,11 +8,14 @@ of ~1e-4 relative size vanish in half precision.
 
 from __future__ import annotations
 
+import json
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
 
 from raydb.config import LoraConfig
 
@@ -32,10 +35,12 @@ def add_lora(
         if text_encoder is None:
             raise ValueError("lora.train_text_encoder needs the text encoder")
         text_encoder.requires_grad_(False)
-        text_encoder.add_adapter(PeftLoraConfig(
+        # peft's own injection (what diffusers' add_adapter does for the UNet): transformers'
+        # add_adapter refuses peft versions older than the one it was released against.
+        inject_adapter_in_model(PeftLoraConfig(
             r=cfg.rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.dropout,
             init_lora_weights="gaussian", target_modules=list(cfg.text_encoder_target_modules),
-        ))
+        ), text_encoder)
     params = trainable_parameters(unet, text_encoder if cfg.train_text_encoder else None)
     if not params:
         raise ValueError(f"lora.target_modules {cfg.target_modules} matched no module of the UNet")
@@ -96,7 +101,7 @@ def save_lora(
             unet_lora_adapter_metadata=_adapter_metadata(unet),
             text_encoder_lora_adapter_metadata=_adapter_metadata(text_encoder) if te_layers else None,
         )
-        return (Path(tmp) / "pytorch_lora_weights.safetensors").read_bytes()
+        return _canonical_header((Path(tmp) / "pytorch_lora_weights.safetensors").read_bytes())
 
 
 def _adapter_metadata(module: torch.nn.Module | None) -> dict | None:
@@ -106,3 +111,16 @@ def _adapter_metadata(module: torch.nn.Module | None) -> dict | None:
         return None
     # Sets (target_modules) are sorted so the adapter bytes do not depend on the hash seed.
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """Rewrite a safetensors header with sorted keys; tensor bytes are left untouched.
+
+    safetensors writes ``__metadata__`` from a Rust HashMap, whose order changes per process, so
+    the same adapter would otherwise get a different sha256 in every worker and rerun.
+    """
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8-byte alignment
+    return struct.pack("<Q", len(text)) + text + data[8 + size:]

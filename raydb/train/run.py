@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,9 +26,8 @@ from raydb.storage import Storage, join
 from raydb.train.checkpoint import state_from_bytes, state_to_bytes
 from raydb.train.data import TrainingData, make_micro_batch
 from raydb.train.encode import add_flips, encode_images, encode_prompts, images_to_tensor, tokenize
-from raydb.train.lora import lora_state_dicts, load_lora_state, save_lora
-from raydb.train.outputs import (adapter_metadata, loss_curve_png, metrics_line, sample_grid_png,
-                                 write_adapter)
+from raydb.train.lora import load_lora_state, lora_state_dicts, save_lora
+from raydb.train.outputs import adapter_metadata, loss_curve_png, metrics_line, sample_grid_png, write_adapter
 from raydb.train.step import TrainState, autocast_dtype, build_train_state, optimizer_step
 
 __all__ = [

@@ -17,8 +17,8 @@ import torch
 
 from raydb.config import RaydbConfig
 from raydb.train.data import MicroBatch
-from raydb.train.loss import LossParts, dreambooth_loss, training_target
 from raydb.train.lora import add_lora
+from raydb.train.loss import LossParts, dreambooth_loss, training_target
 
 __all__ = ["TrainState", "build_train_state", "forward_loss", "optimizer_step", "autocast_dtype"]
 
@@ -55,6 +55,10 @@ def build_train_state(
 
     torch.manual_seed(cfg.train.seed)
     params = add_lora(unet, cfg.lora, text_encoder)
+    # load_components leaves everything in eval mode; LoRA dropout only acts in train mode.
+    unet.train()
+    if cfg.lora.train_text_encoder and text_encoder is not None:
+        text_encoder.train()
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     tc = cfg.train
@@ -119,6 +123,12 @@ def forward_loss(
     return dreambooth_loss(pred, target, prior_loss_weight=prior_loss_weight, with_prior=with_prior)
 
 
+def _grad_norm(params: list[torch.nn.Parameter]) -> float:
+    """L2 norm over all gradients (what the optimizer actually applies, after clipping)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def optimizer_step(
     state: TrainState,
     micro_batches: list[MicroBatch],
@@ -134,7 +144,8 @@ def optimizer_step(
 
     ``model`` is the UNet to call (a DDP wrapper under Ray Train; its ``no_sync`` skips the
     gradient all-reduce on every micro-batch but the last). Losses are averaged over micro-batches
-    so k micro-batches of size b update exactly like one batch of size k*b.
+    so k micro-batches of size b update exactly like one batch of size k*b. ``grad_norm`` is the
+    norm before clipping, ``grad_norm_clipped`` the norm of the gradient actually applied.
     """
     model = model if model is not None else state.unet
     n = len(micro_batches)
@@ -158,6 +169,7 @@ def optimizer_step(
     if state.scaler:
         state.scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.train.max_grad_norm)
+    grad_norm_clipped = _grad_norm(state.params)
     lr = state.optimizer.param_groups[0]["lr"]
     if state.scaler:
         state.scaler.step(state.optimizer)
@@ -171,4 +183,5 @@ def optimizer_step(
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"step": state.step, **totals, "lr": lr, "grad_norm": float(grad_norm),
+            "grad_norm_clipped": grad_norm_clipped,
             "images": images, "seconds": seconds, "images_per_s": images / seconds}

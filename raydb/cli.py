@@ -65,8 +65,9 @@ def _cmd_pipeline(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     deploy = args.deploy or bool(stages and "serve" in stages)
+    joined = cluster_is_joined(cfg)  # asked before Ray starts: a local start sets RAY_ADDRESS
     result = run_pipeline(cfg, deploy=deploy, stages=stages)
-    if deploy and not cluster_is_joined(cfg):  # our own local cluster ends with us: keep serving
+    if deploy and not joined:  # our own local cluster ends with us: keep serving
         print(json.dumps(result, default=str))
         from raydb.serving import run_server
 

@@ -6,7 +6,40 @@ import os
 
 from raydb.config import RaydbConfig
 
-__all__ = ["init_ray"]
+__all__ = ["init_ray", "start_local_ray"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def start_local_ray(num_cpus: int, *, dashboard: bool = True, env: dict[str, str] | None = None,
+                    log_to_driver: bool = False):
+    """Start a local cluster whose processes all know its address.
+
+    Ray's state API (which Train uses to clean up placement groups) auto-detects the cluster; with
+    more than one Ray instance on a machine (a ``ray start`` cluster beside a test session, two
+    users) that fails with "Found multiple active Ray instances". So the GCS port is chosen up
+    front and ``RAY_ADDRESS`` is given to every worker through the job's runtime env.
+    """
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    port = _free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    address = f"{get_node_ip_address()}:{port}"
+    env = dict(env or {}) | {"RAY_ADDRESS": address}
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env={"env_vars": env},
+                 log_to_driver=log_to_driver)
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    os.environ["RAY_ADDRESS"] = address  # this driver's own state-API calls and subprocesses
+    return ray
 
 
 def init_ray(cfg: RaydbConfig | None = None, *, num_cpus: int | None = None, dashboard: bool = True):
@@ -29,6 +62,4 @@ def init_ray(cfg: RaydbConfig | None = None, *, num_cpus: int | None = None, das
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return ray
     cpus = num_cpus or max(8, 2 * (os.cpu_count() or 1))
-    ray.init(num_cpus=cpus, include_dashboard=dashboard, runtime_env={"env_vars": env},
-             log_to_driver=False)
-    return ray
+    return start_local_ray(cpus, dashboard=dashboard, env=env)

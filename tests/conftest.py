@@ -98,8 +98,14 @@ def ray_cluster():
     """One local Ray cluster for the integration tier (more logical CPUs than the 2 cores)."""
     import ray
 
+    from raydb.ray_utils import start_local_ray
+
+    saved = os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=True, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+        start_local_ray(8, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     yield ray
     ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = saved

@@ -112,6 +112,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                       (d / "state.json").read_bytes())
         resumed_from = state.step
 
+    eval_every = config.get("eval_every")
+    validator = _Validator(cfg, comps, storage, cache, prompts) if eval_every and rank == 0 else None
     kill_at = config.get("test_kill_at")
     n_timesteps = comps.noise_scheduler.config.num_train_timesteps
     while state.step < tc.max_steps:
@@ -136,8 +138,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             m["images_per_s"] = m["images"] / m["seconds"]
         metrics.append(m)
         last = state.step >= tc.max_steps
-        if state.step % tc.checkpoint_every == 0 or last:
+        evaluate = bool(eval_every) and (state.step % eval_every == 0 or last)
+        if state.step % tc.checkpoint_every == 0 or last or evaluate:
             report = {"step": state.step, "loss": m["loss"], "resumed_from": resumed_from}
+            if validator is not None:  # rank 0 scores; Tune keeps rank 0's metrics
+                val = validator(state.unet)
+                m.update(val)
+                report.update(val)
             if rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     tensors, skeleton = checkpoint_payload(state, metrics)
@@ -154,6 +161,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         storage.write_json(join(config["run"], "result.json"), result | {"resumed_from": resumed_from})
 
 
+class _Validator:
+    """``val_instance`` / ``val_prior`` / ``val_score`` on fixed noise and timesteps (rank 0).
+
+    val_instance: denoising MSE of the instance images with the instance prompt (subject fit);
+    val_prior: the same on held-out class images with the class prompt (prior kept). Both use the
+    same seed in every trial, so ``val_score = val_instance + w * val_prior`` compares trials
+    whatever their ``prior_loss_weight``.
+    """
+
+    def __init__(self, cfg: RaydbConfig, comps: Any, storage: Storage, cache: Any,
+                 prompts: dict[str, torch.Tensor]) -> None:
+        from raydb.train.encode_stage import read_encoded
+
+        self.cfg, self.comps = cfg, comps
+        self.instance = read_encoded(storage, cache.instance_uri)
+        self.holdout = read_encoded(storage, cache.holdout_uri) if cache.num_holdout else None
+        self.embeds = prompts["embeds"]
+        self.weight = cfg.tune.prior_weight_in_score if cfg.tune else 1.0
+
+    def __call__(self, unet: torch.nn.Module) -> dict[str, float]:
+        from raydb.train.evaluate import denoising_loss
+
+        kw = {"prediction_type": self.comps.prediction_type, "seed": self.cfg.train.seed + 7919}
+        out = {"val_instance": denoising_loss(unet, self.comps.noise_scheduler, self.comps.vae,
+                                              self.instance, self.embeds[0:1], **kw)}
+        if self.holdout is not None:
+            out["val_prior"] = denoising_loss(unet, self.comps.noise_scheduler, self.comps.vae,
+                                              self.holdout, self.embeds[1:2], **kw)
+        out["val_score"] = out["val_instance"] + self.weight * out.get("val_prior", 0.0)
+        return out
+
+
 def _first_kill(spec: str) -> bool:
     """``spec`` is ``"rank:step[:marker-file]"``; with a marker the kill happens only once."""
     parts = spec.split(":", 2)
@@ -167,8 +206,11 @@ def _first_kill(spec: str) -> bool:
         return False
 
 
-def prepare_encoded(cfg: RaydbConfig, storage: Storage) -> tuple[Any, bool]:
-    """Stages 1-2: prior images (shared cache) and the encode stage. Returns ``(EncodedCache, ran)``."""
+def prepare_encoded(cfg: RaydbConfig, storage: Storage, *, with_holdout: bool = False) -> tuple[Any, bool]:
+    """Stages 1-2: prior images (shared cache) and the encode stage. Returns ``(EncodedCache, ran)``.
+
+    ``with_holdout`` also encodes the held-out class images that validation (Tune) scores.
+    """
     from raydb.data.ingest import load_images
     from raydb.models.components import resolve_model
     from raydb.train.encode_stage import run_encode_stage
@@ -183,11 +225,26 @@ def prepare_encoded(cfg: RaydbConfig, storage: Storage) -> tuple[Any, bool]:
     instance = load_images(cfg.subject.instance_data, tc.resolution, storage=storage,
                            center_crop=tc.center_crop)
     class_images = load_class_images(cfg, storage)
-    return run_encode_stage(cfg, storage, instance, class_images, model_identity=identity)
+    holdout = load_class_images(cfg, storage, holdout=True) if with_holdout else None
+    return run_encode_stage(cfg, storage, instance, class_images, model_identity=identity,
+                            holdout_images=holdout)
+
+
+def read_class_dataset(storage: Storage, cache: Any):
+    """The encoded class rows as a materialized Ray dataset (split across Train workers).
+
+    Read before any worker starts, by the caller's process: the set is small, and a streaming
+    read inside a Tune trial is limited to the trial's own tiny CPU share and never starts.
+    """
+    import ray
+
+    fs, path = storage.arrow_fs(cache.class_uri)
+    return ray.data.read_parquet(path, filesystem=fs).materialize()
 
 
 def build_trainer(cfg: RaydbConfig, storage: Storage, cache: Any, *,
-                  extra_config: dict[str, Any] | None = None):
+                  extra_config: dict[str, Any] | None = None, callbacks: list | None = None,
+                  class_dataset: Any = None):
     """``(TorchTrainer, run uri)`` for ``cfg`` over an encoded cache (``raydb train`` and Tune).
 
     The Ray Train run lives in the run folder ``runs/<subject>/<run id>``, so its checkpoints sit
@@ -199,10 +256,9 @@ def build_trainer(cfg: RaydbConfig, storage: Storage, cache: Any, *,
 
     from raydb.train.run import run_id, run_uri
 
-    datasets = {}
-    if cache.num_class:
-        fs, path = storage.arrow_fs(cache.class_uri)
-        datasets["class"] = ray.data.read_parquet(path, filesystem=fs)
+    if class_dataset is None and cache.num_class:
+        class_dataset = read_class_dataset(storage, cache)
+    datasets = {"class": class_dataset} if class_dataset is not None else {}
     use_gpu = resolve_use_gpu(cfg)
     storage_path, storage_fs = _storage_location(storage, cfg)
     cpus = cfg.cluster.cpus_per_worker
@@ -219,6 +275,7 @@ def build_trainer(cfg: RaydbConfig, storage: Storage, cache: Any, *,
             name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            callbacks=callbacks,
         ),
         datasets=datasets,
     ), run

@@ -40,6 +40,7 @@ class EncodedCache:
     key: str
     num_instance: int
     num_class: int
+    num_holdout: int = 0
 
     @property
     def instance_uri(self) -> str:
@@ -48,6 +49,11 @@ class EncodedCache:
     @property
     def class_uri(self) -> str:
         return join(self.uri, "class.parquet")
+
+    @property
+    def holdout_uri(self) -> str:
+        """Held-out class images: generated with the others, never trained on (validation)."""
+        return join(self.uri, "holdout.parquet")
 
     @property
     def prompts_uri(self) -> str:
@@ -125,6 +131,7 @@ def _write_parquet(storage: Storage, uri: str, rows: list[dict[str, Any]]) -> No
 def run_encode_stage(
     cfg: RaydbConfig, storage: Storage, instance_images: list[Image.Image],
     class_images: list[Image.Image], *, model_identity: str, concurrency: int = 1,
+    holdout_images: list[Image.Image] | None = None,
 ) -> tuple[EncodedCache, bool]:
     """Encode on Ray Data unless an identical encoding exists. Returns ``(cache, ran)``."""
     import ray
@@ -133,22 +140,25 @@ def run_encode_stage(
     if tc.random_flip:
         instance_images, class_images = add_flips(instance_images), add_flips(class_images)
     inst_png, class_png = [_png(i) for i in instance_images], [_png(i) for i in class_images]
+    hold_png = [_png(i) for i in holdout_images or []]
     h = hashlib.sha256()
     for part in (model_identity, cfg.subject.instance_prompt, cfg.subject.class_prompt,
                  str(tc.resolution), str(tc.center_crop), str(tc.random_flip), str(len(class_png))):
         h.update(part.encode() + b"\0")
-    for png in inst_png + [b"--"] + class_png:
+    for png in inst_png + [b"--"] + class_png + [b"--"] + hold_png:
         h.update(hashlib.sha256(png).digest())
     key = h.hexdigest()[:20]
-    cache = EncodedCache(join(cfg.workspace, "encoded", key), key, len(inst_png), len(class_png))
+    cache = EncodedCache(join(cfg.workspace, "encoded", key), key, len(inst_png), len(class_png),
+                         len(hold_png))
     manifest = storage.read_json_or(join(cache.uri, "manifest.json"))
     if manifest and manifest.get("key") == key:
         return cache, False
     rows = [{"index": i, "png": p, "kind": "instance"} for i, p in enumerate(inst_png)]
     rows += [{"index": i, "png": p, "kind": "class"} for i, p in enumerate(class_png)]
+    rows += [{"index": i, "png": p, "kind": "holdout"} for i, p in enumerate(hold_png)]
     gpus = int(ray.cluster_resources().get("GPU", 0))
     prompts_ref = ray.remote(num_cpus=1, num_gpus=0)(_encode_prompts_task).remote(cfg.to_dict())
-    out: dict[str, list[dict[str, Any]]] = {"instance": [], "class": []}
+    out: dict[str, list[dict[str, Any]]] = {"instance": [], "class": [], "holdout": []}
     ds = ray.data.from_items(rows).map_batches(
         ImageEncoder, fn_constructor_kwargs={"cfg": cfg.to_dict()}, batch_size=8,
         compute=ray.data.ActorPoolStrategy(size=max(1, min(concurrency, len(rows)))),
@@ -162,9 +172,12 @@ def run_encode_stage(
     _write_parquet(storage, cache.instance_uri, sorted(out["instance"], key=lambda r: r["index"]))
     if out["class"]:
         _write_parquet(storage, cache.class_uri, sorted(out["class"], key=lambda r: r["index"]))
+    if out["holdout"]:
+        _write_parquet(storage, cache.holdout_uri, sorted(out["holdout"], key=lambda r: r["index"]))
     storage.write_bytes(cache.prompts_uri, ray.get(prompts_ref))
     storage.write_json(join(cache.uri, "manifest.json"), {
         "key": key, "model": model_identity, "num_instance": len(inst_png), "num_class": len(class_png),
+        "num_holdout": len(hold_png),
         "resolution": tc.resolution, "random_flip": tc.random_flip,
     })
     return cache, True

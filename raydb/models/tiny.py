@@ -31,7 +31,10 @@ TINY_SPEC = {
         "attention_head_dim": 8,
         "norm_num_groups": 8,
     },
-    "vae": {"block_out_channels": [8, 16, 16, 16], "norm_num_groups": 4, "latent_channels": 4},
+    # SD's VAE is ~0.4x the UNet's width with 2 resnets per level, and runs at full resolution;
+    # keeping that proportion keeps the cost of encoding (what the latent cache saves) realistic.
+    "vae": {"block_out_channels": [16, 32, 64, 64], "norm_num_groups": 8, "latent_channels": 4,
+            "layers_per_block": 2},
     "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
     "words": ["a", "photo", "of", "sks", "dog", "cat", "toy", "the", "in", "on", "with", "red",
               "blue", "green", "beach", "snow", "zwx", "person", "picture", "drawing"],
@@ -113,7 +116,8 @@ def save_tiny_model(path: str | Path) -> Path:
         block_out_channels=tuple(spec_v["block_out_channels"]),
         down_block_types=("DownEncoderBlock2D",) * n_vae,
         up_block_types=("UpDecoderBlock2D",) * n_vae,
-        norm_num_groups=spec_v["norm_num_groups"], sample_size=64,
+        norm_num_groups=spec_v["norm_num_groups"], layers_per_block=spec_v["layers_per_block"],
+        sample_size=64,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), max_position_embeddings=77,

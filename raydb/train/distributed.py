@@ -101,7 +101,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = build_train_state(cfg, comps.unet, comps.text_encoder)
     model: torch.nn.Module = comps.unet
     if world > 1:
-        model = DistributedDataParallel(comps.unet, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(comps.unet, device_ids=ids)
     metrics: list[dict[str, Any]] = []
     resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
@@ -250,7 +251,6 @@ def build_trainer(cfg: RaydbConfig, storage: Storage, cache: Any, *,
     The Ray Train run lives in the run folder ``runs/<subject>/<run id>``, so its checkpoints sit
     beside the outputs and a rerun of the same config finds them.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -90,8 +90,9 @@ def rows_to_encoded(rows: dict[str, Any]) -> EncodedImages:
     shape = tuple(int(x) for x in np.asarray(rows["shape"][0]))
 
     def stack(col: str) -> torch.Tensor:
-        return torch.stack([torch.from_numpy(np.frombuffer(rows[col][i], dtype=np.float32).reshape(shape).copy())
-                            for i in order])
+        return torch.stack([
+            torch.from_numpy(np.frombuffer(rows[col][i], dtype=np.float32).reshape(shape).copy())
+            for i in order])
 
     return EncodedImages(stack("mean"), stack("std"))
 

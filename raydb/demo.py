@@ -1,76 +1,132 @@
-"""``make demo``: the whole pipeline on the embedded tiny model and the built-in demo subject."""
+"""``make demo``: the whole pipeline on a local Ray cluster, then one authenticated HTTP request.
+
+tiny model -> built-in demo subject -> ``run_pipeline`` (prior images, encode, training — or a short
+search when the config has ``tune:`` — registration, the Serve app) -> ``POST /v1/generate`` with a
+fresh random API key -> the PNG on disk -> Serve shut down. A second ``make demo`` skips every
+stage whose inputs are unchanged (see :mod:`raydb.pipeline`).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
 import shutil
+import socket
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from raydb.config import RaydbConfig
 from raydb.storage import Storage, is_s3, join
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "generate_png"]
 
 
-def _copy_out(storage: Storage, uri: str, dest: Path) -> str:
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def generate_png(url: str, api_key: str | None, body: dict[str, Any], *,
+                 timeout: float = 300) -> tuple[int, bytes]:
+    """``POST`` ``body`` to ``/v1/generate`` asking for a PNG; returns ``(HTTP status, body bytes)``."""
+    headers = {"Content-Type": "application/json", "Accept": "image/png"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _copy_out(storage: Storage, uri: str | None, dest: Path) -> str | None:
+    if not uri or not storage.exists(uri):
+        return None
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(storage.read_bytes(uri))
     return str(dest)
 
 
 def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
-    """Tiny model -> demo subject -> prior images (Ray Data) -> training -> registry -> pictures."""
-    from raydb.data.ingest import load_images
-    from raydb.models.components import resolve_model
-    from raydb.prior import ensure_prior_images
-    from raydb.ray_utils import init_ray
-    from raydb.train.outputs import image_grid
-    from raydb.train.run import train_subject
+    """Run the pipeline with a Serve deployment, make one authenticated request, shut Serve down."""
+    import ray
+    from ray import serve
 
+    from raydb.pipeline import run_pipeline
+    from raydb.ray_utils import init_ray
+
+    start = time.perf_counter()
     storage = Storage(cfg.s3_endpoint_url)
     out = Path(output)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    timings: dict[str, float] = {}
+    cfg = cfg.model_copy(deep=True)
+    if not _port_free(cfg.serve.host, cfg.serve.port):  # another server on this machine: move aside
+        cfg.serve.port = _free_port(cfg.serve.host)
+    # A fresh key for this demo only, given the way an operator would: in the environment, before
+    # the app is built (only its sha256 digest reaches the replicas).
+    api_key = secrets.token_urlsafe(24)
+    os.environ[cfg.serve.api_keys_env] = f"{api_key}:{cfg.subject.tenant}"
 
-    t = time.perf_counter()
-    model_path, identity = resolve_model(cfg.model, storage, cfg.workspace)
-    timings["model"] = time.perf_counter() - t
-    print(f"[1/4] base model {cfg.model.pretrained!r} ({identity}) at {model_path}")
-
-    t = time.perf_counter()
-    instance = load_images(cfg.subject.instance_data, cfg.train.resolution, storage=storage,
-                           center_crop=cfg.train.center_crop)
-    image_grid([instance]).save(out / "instance_images.png")
-    timings["ingest"] = time.perf_counter() - t
-    print(f"[2/4] ingested {len(instance)} instance images from {cfg.subject.instance_data}")
-
-    t = time.perf_counter()
     init_ray(cfg)
-    prior = ensure_prior_images(cfg, storage, use_ray=True)
-    timings["prior"] = time.perf_counter() - t
-    print(f"[3/4] prior cache {prior.cache_uri}: {prior.images_generated} generated now")
+    try:
+        summary = run_pipeline(cfg, storage, deploy=True)
+        url = summary["url"]
+        body = {"subject_id": cfg.subject.id, "prompt": f"{cfg.subject.instance_prompt} on a beach",
+                "seed": 0, "num_inference_steps": 10, "width": cfg.train.resolution,
+                "height": cfg.train.resolution}
+        denied, _ = generate_png(url, None, body)
+        t = time.perf_counter()
+        status, png = generate_png(url, api_key, body)
+        request_s = time.perf_counter() - t
+        if status != 200 or not png.startswith(b"\x89PNG"):
+            raise RuntimeError(f"POST {url} answered {status}: {png[:300]!r}")
+        (out / "generated.png").write_bytes(png)
+        print(f"POST {url} without a key: {denied}; with the demo key: {status}, "
+              f"{len(png)} bytes of PNG in {request_s:.1f}s -> {out / 'generated.png'}")
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
 
-    t = time.perf_counter()
-    result = train_subject(cfg, storage)
-    timings["train"] = time.perf_counter() - t
-    print(f"[4/4] trained {result['steps']} steps at {result['images_per_s']:.1f} images/s; "
-          f"registered {result.get('registered')}")
-
+    stages = {s["stage"]: s["outputs"] for s in summary["stages"]}
+    learned = stages.get("tune") or stages.get("train") or {}
+    run_dir = learned.get("run_dir")
     artifacts = {
-        "instance_images": str(out / "instance_images.png"),
-        "samples": _copy_out(storage, join(result["run_dir"], "samples.png"), out / "samples.png"),
-        "loss_curve": _copy_out(storage, join(result["run_dir"], "loss_curve.png"), out / "loss_curve.png"),
-        "adapter": result["adapter_uri"],
-        "registry": result.get("registered"),
-        "run_dir": result["run_dir"],
-        "prior_cache": prior.cache_uri,
+        "generated_png": str(out / "generated.png"),
+        "samples": _copy_out(storage, run_dir and join(run_dir, "samples.png"), out / "samples.png"),
+        "loss_curve": _copy_out(storage, run_dir and join(run_dir, "loss_curve.png"), out / "loss_curve.png"),
+        "tune_results": stages.get("tune", {}).get("results_csv"),
+        "tune_plot": _copy_out(storage, stages.get("tune", {}).get("plot"), out / "tune_trials.png"),
+        "adapter": summary["adapter_uri"],
+        "registry": summary["registered"],
+        "run_dir": run_dir,
+        "encoded_cache": stages.get("encode", {}).get("uri"),
+        "prior_cache": stages.get("prior", {}).get("cache_uri"),
+        "pipeline_summary": summary["summary_uri"],
         "workspace": cfg.workspace if is_s3(cfg.workspace) else str(Path(cfg.workspace).resolve()),
     }
     print("\nArtifacts:")
     for name, where in artifacts.items():
-        print(f"  {name:16s} {where}")
-    print("  (samples.png: top row base model, bottom row with the adapter; same seeds)")
-    return {"artifacts": artifacts, "timings_s": {k: round(v, 2) for k, v in timings.items()}}
+        if where:
+            print(f"  {name:17s} {where}")
+    print(f"  (served at {summary['url']} during the demo; Serve is shut down now. "
+          f"`raydb pipeline --deploy --config ...` keeps it running)")
+    return {"artifacts": artifacts, "stages": {s["stage"]: s["status"] for s in summary["stages"]},
+            "seconds": round(time.perf_counter() - start, 1)}

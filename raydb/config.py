@@ -251,7 +251,8 @@ class ServeConfig(_Strict):
 
 
 class RaydbConfig(_Strict):
-    workspace: str = Field("./workspace", description="Local path or s3://bucket/prefix for all artifacts.")
+    workspace: str = Field("./workspace", validate_default=True,
+                           description="Local path or s3://bucket/prefix for all artifacts.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default: $AWS_ENDPOINT_URL).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     subject: SubjectConfig = Field(default_factory=SubjectConfig)
@@ -262,6 +263,14 @@ class RaydbConfig(_Strict):
     tune: TuneConfig | None = None
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @field_validator("workspace")
+    @classmethod
+    def _absolute_workspace(cls, value: str) -> str:
+        """Local workspaces become absolute: Ray workers and Tune trials run in other folders."""
+        if value.startswith("s3://"):
+            return value.rstrip("/")
+        return str(Path(value).expanduser().absolute())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, the form in which a config travels to Ray tasks and workers."""

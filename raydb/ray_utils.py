@@ -58,8 +58,8 @@ def init_ray(cfg: RaydbConfig | None = None, *, num_cpus: int | None = None, das
         return ray
     env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false"}
     address = (cfg.cluster.address if cfg else None) or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    if address:  # joining: the cluster's (or the submitted job's) runtime env applies as it is
+        ray.init(address=address, log_to_driver=True)
         return ray
     cpus = num_cpus or max(8, 2 * (os.cpu_count() or 1))
     return start_local_ray(cpus, dashboard=dashboard, env=env)

@@ -193,8 +193,11 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool
     from raydb.registry import register_adapter
     from raydb.train.distributed import prepare_encoded, read_class_dataset
 
+    from raydb.ray_utils import init_ray
+
     if cfg.tune is None:
         raise ValueError("tune: the config has no tune section")
+    init_ray(cfg)
     storage = storage or Storage(cfg.s3_endpoint_url)
     tc = cfg.tune
     cache, _ = prepare_encoded(cfg, storage, with_holdout=True)
@@ -215,7 +218,8 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool
         tune.with_parameters(_trial, cfg_dict=cfg.to_dict(), encoded=cache.__dict__,
                              class_dataset=read_class_dataset(storage, cache) if cache.num_class else None),
         {"CPU": 0.25})
-    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+    restored = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
+    if restored:
         if not quiet:
             print(f"resuming the search in {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,
@@ -246,7 +250,8 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool
     best = min(finished, key=lambda r: r["val_score"])
     summary: dict[str, Any] = {"best": best, "results_csv": join(out, "results.csv"),
                                "plot": join(out, "trials.png"), "trials": len(rows),
-                               "stopped_early": sum(r["status"] == "stopped_early" for r in rows)}
+                               "stopped_early": sum(r["status"] == "stopped_early" for r in rows),
+                               "restored": restored}
     if register:
         hyper = {"prior_loss_weight": best["prior_loss_weight"], "learning_rate": best["learning_rate"]}
         val = {k: best[k] for k in ("val_instance", "val_prior", "val_score")}

@@ -284,9 +284,11 @@ def build_trainer(cfg: RaydbConfig, storage: Storage, cache: Any, *,
 def train_distributed(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool = True,
                       quiet: bool = False) -> dict[str, Any]:
     """Priors -> encode -> TorchTrainer -> register. Returns the JSON summary of ``raydb train``."""
+    from raydb.ray_utils import init_ray
     from raydb.registry import register_adapter
     from raydb.train.run import _finished_result, run_uri
 
+    init_ray(cfg)
     storage = storage or Storage(cfg.s3_endpoint_url)
     run = run_uri(cfg)
     finished = storage.read_json_or(join(run, "adapter", "adapter.json"))

@@ -66,7 +66,8 @@ def test_killed_tune_driver_resumes(ray_cluster, make_cfg, tmp_path):
 
     cfg = make_cfg(train={"max_steps": 4}, prior={"num_holdout": 2},
                    tune=GRID | {"prior_loss_weight": [0.0, 1.0], "learning_rate": [1e-2],
-                                "max_concurrent_trials": 1, "eval_every": 2})
+                                "max_concurrent_trials": 1, "eval_every": 2,
+                                "grace_period": 2})  # no early stop: both trials finish
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
     script = (

@@ -76,6 +76,12 @@ def _cmd_pipeline(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
     return result
 
 
+def _cmd_tune(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
+    from raydb.tune import run_tune
+
+    return run_tune(cfg)
+
+
 def _cmd_encode(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
     from raydb.pipeline import run_pipeline
 
@@ -94,6 +100,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "serve": (_cmd_serve, "run the Ray Serve app over the adapter registry"),
     "pipeline": (_cmd_pipeline, "priors -> encode -> train or tune -> register [-> serve], "
                  "skipping stages whose inputs are unchanged"),
+    "tune": (_cmd_tune, "search prior_loss_weight x learning_rate with Ray Tune; register the best"),
     "encode": (_cmd_encode, "priors and the encoded latent cache (Ray Data)"),
     "demo": (_cmd_demo, "the embedded end-to-end demo (tiny model, built-in subject)"),
     "config": (_cmd_config, "validate a config and print it with defaults filled in"),

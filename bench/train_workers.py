@@ -46,7 +46,8 @@ def main() -> None:
             import json
             from pathlib import Path
 
-            lines = [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+            log = (Path(result["run_dir"]) / "metrics.jsonl").read_text()
+            lines = [json.loads(x) for x in log.splitlines()]
             ips = statistics.median(m["images_per_s"] for m in lines[5:])
             rows.append((workers, ips, wall))
     base = rows[0][1]

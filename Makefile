@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/raydb demo --config jobs/configs/demo.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check raydb jobs serve tests bench

@@ -46,6 +46,21 @@ def make_cfg(tmp_path, shared_workspace):
 
 
 @pytest.fixture(scope="session")
+def class_images_dir(tmp_path_factory) -> str:
+    """Eight ready-made class images (``prior.class_data``) for tests that are not about prior
+    generation: they skip starting generator actors on every training run."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("class-images")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"class{i}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     from raydb.models.tiny import save_tiny_model
 
@@ -83,9 +98,9 @@ def s3_server():
 @pytest.fixture
 def s3_bucket(s3_server, request):
     """A fresh bucket; returns ``(endpoint, "s3://bucket")``."""
-    import boto3
-
     import re
+
+    import boto3
 
     name = "raydb-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
     client = boto3.client("s3", endpoint_url=s3_server)

@@ -36,25 +36,6 @@ def _folder(path: Path, images) -> str:
     return str(path)
 
 
-def test_two_workers_train_and_register(ray_cluster, make_cfg):
-    from raydb.train.distributed import train_distributed
-
-    cfg = make_cfg(cluster={"num_workers": 2}, train={"max_steps": 4, "checkpoint_every": 2})
-    result = train_distributed(cfg, quiet=True)
-    assert result["steps"] == 4 and result["resumed_from"] == 0
-    record = latest_version(Storage(), cfg.workspace, cfg.subject.id)
-    assert record["uri"] == result["registered"]
-    meta = json.loads((Path(record["uri"]) / "adapter.json").read_text())
-    assert meta["metrics"]["num_workers"] == 2
-    lines = _metrics(result)
-    assert [m["step"] for m in lines] == [1, 2, 3, 4]
-    # images_per_s sums the workers: 2 workers x (1 instance + 1 class) per step
-    assert all(m["images_per_s"] > 0 for m in lines)
-    # a rerun of a finished run trains nothing and keeps the registered version
-    again = train_distributed(cfg, quiet=True)
-    assert again["skipped"] and again["registered"] == record["uri"]
-
-
 def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tmp_path):
     """2 workers x batch b == 1 worker x batch 2b: DDP averages gradients correctly.
 
@@ -66,7 +47,7 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
     same = demo_images(1)[0]
     class_dir = _folder(tmp_path / "class", [same, same, same, same])
     common = {"prior": {"class_data": class_dir, "num_class_images": 4},
-              "train": {"max_steps": 3, "checkpoint_every": 100, "learning_rate": 1e-2}}
+              "train": {"max_steps": 2, "checkpoint_every": 100, "learning_rate": 1e-2}}
     one = train_distributed(make_cfg(workspace=str(tmp_path / "one"), cluster={"num_workers": 1},
                                      **{**common, "train": {**common["train"], "batch_size": 2}}),
                             quiet=True, register=False)
@@ -87,26 +68,39 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
 
 
-def test_killed_worker_is_replaced_and_run_resumes(ray_cluster, make_cfg, tmp_path, monkeypatch):
+def test_two_workers_survive_a_killed_worker_and_register(ray_cluster, make_cfg, tmp_path,
+                                                          monkeypatch, class_images_dir):
+    """2 workers; worker 1 is SIGKILLed at step 5 (after checkpoints at 2 and 4): the group is
+    replaced, resumes from a checkpoint, finishes exactly max_steps and registers the adapter."""
     from raydb.train.distributed import train_distributed
 
     monkeypatch.setenv("RAYDB_TEST_KILL_AT_STEP", f"1:5:{tmp_path / 'killed-once'}")
     cfg = make_cfg(cluster={"num_workers": 2, "max_failures": 2},
+                   prior={"class_data": class_images_dir, "num_class_images": 4},
                    train={"max_steps": 8, "checkpoint_every": 2})
     result = train_distributed(cfg, quiet=True)
     assert (tmp_path / "killed-once").exists(), "the fault was not injected"
     # Resumed from a checkpoint taken before the kill at step 5 (step 4, or step 2 when the
     # controller had not yet registered step 4's report when it saw the worker die).
     assert result["resumed_from"] in (2, 4)
-    steps = [m["step"] for m in _metrics(result)]
-    assert steps == list(range(1, 9))  # continues the count, exactly max_steps steps
+    lines = _metrics(result)
+    assert [m["step"] for m in lines] == list(range(1, 9))  # continues the count, exactly max_steps
+    assert all(m["images_per_s"] > 0 for m in lines)
+    record = latest_version(Storage(), cfg.workspace, cfg.subject.id)
+    assert record["uri"] == result["registered"]
+    meta = json.loads((Path(record["uri"]) / "adapter.json").read_text())
+    assert meta["metrics"]["num_workers"] == 2 and meta["metrics"]["steps"] == 8
+    # a rerun of the finished run trains nothing and keeps the registered version
+    again = train_distributed(cfg, quiet=True)
+    assert again["skipped"] and again["registered"] == record["uri"]
 
 
-def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path):
+def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, class_images_dir):
     from raydb.train.distributed import train_distributed
     from raydb.train.run import run_uri
 
     cfg = make_cfg(cluster={"num_workers": 1},
+                   prior={"class_data": class_images_dir, "num_class_images": 4},
                    train={"max_steps": 60, "checkpoint_every": 3, "resolution": 64})
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
@@ -143,15 +137,17 @@ def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path):
     assert [m["step"] for m in _metrics(result)] == list(range(1, 61))
 
 
-def test_three_instance_images_on_four_workers(ray_cluster, make_cfg, tmp_path):
+def test_three_instance_images_on_four_workers(ray_cluster, make_cfg, tmp_path, class_images_dir):
     from raydb.train.distributed import train_distributed
 
     photos = _folder(tmp_path / "photos", demo_images(3))
     cfg = make_cfg(subject={"instance_data": photos}, cluster={"num_workers": 4},
-                   prior={"num_class_images": 4}, train={"max_steps": 2})
+                   prior={"class_data": class_images_dir, "num_class_images": 4},
+                   train={"max_steps": 2})
     result = train_distributed(cfg, quiet=True, register=False)
     assert result["steps"] == 2
-    assert json.loads((Path(result["adapter_uri"]) / "adapter.json").read_text())["metrics"]["num_workers"] == 4
+    meta = json.loads((Path(result["adapter_uri"]) / "adapter.json").read_text())
+    assert meta["metrics"]["num_workers"] == 4
 
 
 def test_too_few_class_images_for_workers_is_a_clear_error(ray_cluster, make_cfg):

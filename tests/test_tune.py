@@ -27,13 +27,14 @@ def _rows(path: str) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg):
+def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_images_dir):
     """2x2 grid, two trials at a time: the lr=1e-3 trials of the second pair reach the first rung
     after both first-pair trials recorded theirs, score worse than the cut-off (the lr=1e-2 trial
     is ahead) and are stopped there."""
     from raydb.tune import run_tune
 
-    cfg = make_cfg(train={"max_steps": 8}, prior={"num_holdout": 2},
+    # 4 class images to train on, the other 4 of the folder held out for val_prior
+    cfg = make_cfg(train={"max_steps": 8}, prior={"class_data": class_images_dir, "num_class_images": 4},
                    tune=GRID | {"max_concurrent_trials": 2})
     summary = run_tune(cfg, quiet=True)
     rows = _rows(summary["results_csv"])
@@ -59,12 +60,12 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg):
     assert Path(summary["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_killed_tune_driver_resumes(ray_cluster, make_cfg, tmp_path):
+def test_killed_tune_driver_resumes(ray_cluster, make_cfg, tmp_path, class_images_dir):
     """Kill the tune driver after its first trial finished; the rerun restores the experiment and
     does not train the finished trial again."""
     from raydb.tune import run_tune, tune_uri
 
-    cfg = make_cfg(train={"max_steps": 4}, prior={"num_holdout": 2},
+    cfg = make_cfg(train={"max_steps": 4}, prior={"class_data": class_images_dir, "num_class_images": 4},
                    tune=GRID | {"prior_loss_weight": [0.0, 1.0], "learning_rate": [1e-2],
                                 "max_concurrent_trials": 1, "eval_every": 2,
                                 "grace_period": 2})  # no early stop: both trials finish

@@ -35,7 +35,8 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
 
     # 4 class images to train on, the other 4 of the folder held out for val_prior
     cfg = make_cfg(train={"max_steps": 8}, prior={"class_data": class_images_dir, "num_class_images": 4},
-                   tune=GRID | {"max_concurrent_trials": 2})
+                   tune=GRID | {"max_concurrent_trials": 2},
+                   eval={"clip_model": "tiny", "num_images": 1, "num_inference_steps": 2})
     summary = run_tune(cfg, quiet=True)
     rows = _rows(summary["results_csv"])
     assert len(rows) == 4
@@ -52,6 +53,10 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
     # val_score = val_instance + 1.0 * val_prior, whatever the trial's prior_loss_weight
     for r in completed:
         assert float(r["val_score"]) == pytest.approx(float(r["val_instance"]) + float(r["val_prior"]))
+    # with eval.clip_model set, the validator also reports CLIP-I / CLIP-T
+    log = (Path(summary["best"]["run_dir"]) / "metrics.jsonl").read_text()
+    logged = [json.loads(x) for x in log.splitlines()]
+    assert any("val_clip_i" in m and "val_clip_t" in m for m in logged)
     record = latest_version(Storage(), cfg.workspace, cfg.subject.id)
     meta = json.loads((Path(record["uri"]) / "adapter.json").read_text())
     assert meta["tune"]["hyperparameters"] == {"prior_loss_weight": float(best["prior_loss_weight"]),

@@ -180,6 +180,14 @@ class _Validator:
         self.holdout = read_encoded(storage, cache.holdout_uri) if cache.num_holdout else None
         self.embeds = prompts["embeds"]
         self.weight = cfg.tune.prior_weight_in_score if cfg.tune else 1.0
+        self.clip = None
+        if cfg.eval.clip_model:  # CLIP-I / CLIP-T on a few sampled images
+            from raydb.data.ingest import load_images
+            from raydb.train.clip_eval import load_clip
+
+            self.clip = load_clip(cfg.eval.clip_model)
+            self.instance_images = load_images(cfg.subject.instance_data, cfg.train.resolution,
+                                               storage=storage, center_crop=cfg.train.center_crop)
 
     def __call__(self, unet: torch.nn.Module) -> dict[str, float]:
         from raydb.train.evaluate import denoising_loss
@@ -191,6 +199,11 @@ class _Validator:
             out["val_prior"] = denoising_loss(unet, self.comps.noise_scheduler, self.comps.vae,
                                               self.holdout, self.embeds[1:2], **kw)
         out["val_score"] = out["val_instance"] + self.weight * out.get("val_prior", 0.0)
+        if self.clip is not None:
+            from raydb.train.clip_eval import sample_clip_metrics
+
+            clip = sample_clip_metrics(self.cfg, self.comps, unet, self.instance_images, *self.clip)
+            out |= {"val_clip_i": clip["clip_i"], "val_clip_t": clip["clip_t"]}
         return out
 
 

@@ -77,8 +77,6 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     cfg = cfg.model_copy(deep=True)
-    if not is_s3(cfg.workspace):  # Tune trials and Train workers run in other directories
-        cfg.workspace = str(Path(cfg.workspace).resolve())
     if not _port_free(cfg.serve.host, cfg.serve.port):  # another server on this machine: move aside
         cfg.serve.port = _free_port(cfg.serve.host)
     # A fresh key for this demo only, given the way an operator would: in the environment, before

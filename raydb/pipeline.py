@@ -264,8 +264,6 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
     """Run (or skip) each stage in order; returns ``{subject, stages: [...], adapter_uri, registered,
     url, summary_uri}``. ``stages`` picks a subset (each stage's function fetches what it needs)."""
     storage = storage or Storage(cfg.s3_endpoint_url)
-    if not is_s3(cfg.workspace):  # Tune trials and Train workers run in other directories
-        cfg = cfg.model_copy(update={"workspace": str(Path(cfg.workspace).resolve())})
     base = pipeline_uri(cfg)
     results: list[StageResult] = []
     outputs: dict[str, dict[str, Any]] = {}

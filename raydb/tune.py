@@ -88,8 +88,12 @@ def _last_val(storage: Storage, run: str) -> dict[str, float]:
         lines = storage.read_bytes(join(run, "metrics.jsonl")).decode().splitlines()
     except FileNotFoundError:
         return {}
-    for line in reversed(lines):
-        row = json.loads(line)
+    return _last_val_row([json.loads(line) for line in lines])
+
+
+def _last_val_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``val_*`` metrics and step of the last row that has them (``{}`` if none)."""
+    for row in reversed(rows):
         if "val_score" in row:
             return {k: v for k, v in row.items() if k.startswith("val_")} | {"steps": row["step"]}
     return {}
@@ -128,9 +132,9 @@ def _progress(storage: Storage, run: str) -> dict[str, Any]:
                                        storage.read_bytes(join(run, name, "state.json")))
         except FileNotFoundError:
             continue
-        for row in reversed(json.loads(payload["metrics"])):
-            if "val_score" in row:
-                return {k: v for k, v in row.items() if k.startswith("val_")} | {"steps": row["step"]}
+        val = _last_val_row(json.loads(payload["metrics"]))
+        if val:
+            return val
     return {}
 
 
@@ -190,10 +194,9 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from raydb.ray_utils import init_ray
     from raydb.registry import register_adapter
     from raydb.train.distributed import prepare_encoded, read_class_dataset
-
-    from raydb.ray_utils import init_ray
 
     if cfg.tune is None:
         raise ValueError("tune: the config has no tune section")

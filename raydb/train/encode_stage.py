@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,7 +186,3 @@ def run_encode_stage(
 def read_encoded(storage: Storage, uri: str) -> EncodedImages:
     table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
     return rows_to_encoded({c: table[c].to_pylist() for c in table.column_names})
-
-
-def manifest_of(storage: Storage, cache: EncodedCache) -> dict[str, Any]:
-    return json.loads(storage.read_bytes(join(cache.uri, "manifest.json")))

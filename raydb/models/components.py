@@ -34,7 +34,7 @@ class Components:
     tokenizer: Any
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
-    unet: torch.nn.Module
+    unet: torch.nn.Module | None  # None when loaded with ``with_unet=False`` (the encoders)
     noise_scheduler: Any  # DDPMScheduler: add_noise / get_velocity for training
     identity: str
     path: str
@@ -124,8 +124,13 @@ def load_components(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    with_unet: bool = True,
 ) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler, all frozen."""
+    """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler, all frozen.
+
+    ``with_unet=False`` skips the UNet (about 80 % of an SD checkpoint): the encode stage needs only
+    the VAE and the text encoder.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -134,7 +139,7 @@ def load_components(
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw) if with_unet else None
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     prediction_type = cfg.prediction_type or scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -143,7 +148,7 @@ def load_components(
             "raydb trains 'epsilon' or 'v_prediction' (set model.prediction_type)"
         )
     scheduler.register_to_config(prediction_type=prediction_type)
-    for module in (text_encoder, vae, unet):
+    for module in (m for m in (text_encoder, vae, unet) if m is not None):
         module.requires_grad_(False)
         module.to(device=device, dtype=dtype)
         module.eval()

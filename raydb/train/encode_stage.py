@@ -1,8 +1,9 @@
 """The encode stage on Ray Data: frozen VAE + text encoder turn images and prompts into the cache.
 
-Actors holding the frozen VAE map batches of images (PNG bytes) to latent distributions; the rows
-are written with pyarrow as ``<workspace>/encoded/<key>/{instance,class}.parquet`` next to
-``prompts.safetensors`` (prompt embeddings and token ids) and a ``manifest.json``. The key hashes
+Actors holding the frozen VAE and text encoder map batches of images (PNG bytes) to latent
+distributions and the two prompts to embeddings; the rows are written with pyarrow as
+``<workspace>/encoded/<key>/{instance,class}.parquet`` next to ``prompts.safetensors`` (prompt
+embeddings and token ids) and a ``manifest.json``. The key hashes
 every input (model identity, image bytes, resolution, crop/flip, prompts), so a rerun with unchanged
 inputs skips the stage, and any change re-encodes into a new folder.
 
@@ -60,8 +61,14 @@ class EncodedCache:
 
 
 class ImageEncoder:
-    """Ray Data actor: ``{"index", "kind", "png"}`` batches -> ``{"index", "kind", "mean", "std",
-    "shape"}`` (mean/std as fp32 bytes of shape ``[C, h, w]``)."""
+    """Ray Data actor holding the frozen VAE and text encoder (no UNet).
+
+    Input rows ``{"index", "kind", "png", "text"}``: images (``kind`` instance/class/holdout, PNG
+    bytes) or prompts (``kind == "prompt"``, ``text``). Output rows ``{"index", "kind", "mean",
+    "std", "shape"}``: for images the latent distribution, mean/std as fp32 bytes of shape
+    ``[C, h, w]``; for prompts ``mean`` is the fp32 embedding ``[L, D]`` and ``std`` the int64
+    token ids ``[L]``. One actor does both, so the stage starts one set of processes, not two.
+    """
 
     def __init__(self, cfg: dict[str, Any]):
         from raydb.models.components import load_components
@@ -69,17 +76,37 @@ class ImageEncoder:
         self.cfg = RaydbConfig.model_validate(cfg)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         comps = load_components(self.cfg.model, Storage(self.cfg.s3_endpoint_url), self.cfg.workspace,
-                                device=self.device)
-        self.vae = comps.vae
+                                device=self.device, with_unet=False)
+        self.vae, self.tokenizer, self.text_encoder = comps.vae, comps.tokenizer, comps.text_encoder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in batch["png"]]
-        enc = encode_images(self.vae, images_to_tensor(images))
+        from raydb.train.encode import encode_prompts, tokenize
+
+        kinds = [str(k) for k in batch["kind"]]
+        images = [i for i, k in enumerate(kinds) if k != "prompt"]
+        texts = [i for i, k in enumerate(kinds) if k == "prompt"]
+        mean: list[bytes] = [b""] * len(kinds)
+        std: list[bytes] = [b""] * len(kinds)
+        shape: list[list[int]] = [[]] * len(kinds)
+        if images:
+            pixels = images_to_tensor([Image.open(io.BytesIO(batch["png"][i])).convert("RGB")
+                                       for i in images])
+            enc = encode_images(self.vae, pixels)
+            for j, i in enumerate(images):
+                mean[i], std[i] = enc.mean[j].numpy().tobytes(), enc.std[j].numpy().tobytes()
+                shape[i] = list(enc.mean[j].shape)
+        if texts:
+            prompts = [str(batch["text"][i]) for i in texts]
+            embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts)
+            ids = tokenize(self.tokenizer, prompts).to(torch.int64)
+            for j, i in enumerate(texts):
+                mean[i], std[i] = embeds[j].numpy().tobytes(), ids[j].numpy().tobytes()
+                shape[i] = list(embeds[j].shape)
+        width = max(len(s) for s in shape)  # a ragged list column would not stack
         return {
             "index": batch["index"], "kind": batch["kind"],
-            "mean": np.array([m.numpy().tobytes() for m in enc.mean], dtype=object),
-            "std": np.array([s.numpy().tobytes() for s in enc.std], dtype=object),
-            "shape": np.array([list(m.shape) for m in enc.mean], dtype=np.int32),
+            "mean": np.array(mean, dtype=object), "std": np.array(std, dtype=object),
+            "shape": np.array([s + [0] * (width - len(s)) for s in shape], dtype=np.int32),
         }
 
 
@@ -109,17 +136,14 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _encode_prompts_task(cfg_dict: dict[str, Any]) -> bytes:
+def _prompts_file(rows: list[dict[str, Any]]) -> bytes:
+    """Prompt rows (instance, class) -> ``prompts.safetensors`` with ``embeds [2, L, D]``, ``ids [2, L]``."""
     from safetensors.torch import save
 
-    from raydb.models.components import load_components
-    from raydb.train.encode import encode_prompts, tokenize
-
-    cfg = RaydbConfig.model_validate(cfg_dict)
-    comps = load_components(cfg.model, Storage(cfg.s3_endpoint_url), cfg.workspace)
-    prompts = [cfg.subject.instance_prompt, cfg.subject.class_prompt]
-    return save({"embeds": encode_prompts(comps.tokenizer, comps.text_encoder, prompts).contiguous(),
-                 "ids": tokenize(comps.tokenizer, prompts).contiguous()})
+    embeds = [torch.from_numpy(np.frombuffer(r["mean"], dtype=np.float32).reshape(r["shape"]).copy())
+              for r in rows]
+    ids = [torch.from_numpy(np.frombuffer(r["std"], dtype=np.int64).copy()) for r in rows]
+    return save({"embeds": torch.stack(embeds).contiguous(), "ids": torch.stack(ids).contiguous()})
 
 
 def _write_parquet(storage: Storage, uri: str, rows: list[dict[str, Any]]) -> None:
@@ -153,12 +177,13 @@ def run_encode_stage(
     manifest = storage.read_json_or(join(cache.uri, "manifest.json"))
     if manifest and manifest.get("key") == key:
         return cache, False
-    rows = [{"index": i, "png": p, "kind": "instance"} for i, p in enumerate(inst_png)]
-    rows += [{"index": i, "png": p, "kind": "class"} for i, p in enumerate(class_png)]
-    rows += [{"index": i, "png": p, "kind": "holdout"} for i, p in enumerate(hold_png)]
+    prompts = [cfg.subject.instance_prompt, cfg.subject.class_prompt]
+    rows = [{"index": i, "png": b"", "text": t, "kind": "prompt"} for i, t in enumerate(prompts)]
+    rows += [{"index": i, "png": p, "text": "", "kind": "instance"} for i, p in enumerate(inst_png)]
+    rows += [{"index": i, "png": p, "text": "", "kind": "class"} for i, p in enumerate(class_png)]
+    rows += [{"index": i, "png": p, "text": "", "kind": "holdout"} for i, p in enumerate(hold_png)]
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    prompts_ref = ray.remote(num_cpus=1, num_gpus=0)(_encode_prompts_task).remote(cfg.to_dict())
-    out: dict[str, list[dict[str, Any]]] = {"instance": [], "class": [], "holdout": []}
+    out: dict[str, list[dict[str, Any]]] = {"instance": [], "class": [], "holdout": [], "prompt": []}
     ds = ray.data.from_items(rows).map_batches(
         ImageEncoder, fn_constructor_kwargs={"cfg": cfg.to_dict()}, batch_size=8,
         compute=ray.data.ActorPoolStrategy(size=max(1, min(concurrency, len(rows)))),
@@ -168,13 +193,14 @@ def run_encode_stage(
         for i in range(len(batch["index"])):
             out[str(batch["kind"][i])].append({
                 "index": int(batch["index"][i]), "mean": bytes(batch["mean"][i]),
-                "std": bytes(batch["std"][i]), "shape": [int(x) for x in batch["shape"][i]]})
+                "std": bytes(batch["std"][i]),
+                "shape": [int(x) for x in batch["shape"][i] if x]})  # drop the padding
     _write_parquet(storage, cache.instance_uri, sorted(out["instance"], key=lambda r: r["index"]))
     if out["class"]:
         _write_parquet(storage, cache.class_uri, sorted(out["class"], key=lambda r: r["index"]))
     if out["holdout"]:
         _write_parquet(storage, cache.holdout_uri, sorted(out["holdout"], key=lambda r: r["index"]))
-    storage.write_bytes(cache.prompts_uri, ray.get(prompts_ref))
+    storage.write_bytes(cache.prompts_uri, _prompts_file(sorted(out["prompt"], key=lambda r: r["index"])))
     storage.write_json(join(cache.uri, "manifest.json"), {
         "key": key, "model": model_identity, "num_instance": len(inst_png), "num_class": len(class_png),
         "num_holdout": len(hold_png),

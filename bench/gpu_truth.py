@@ -4,13 +4,16 @@ Builds Stable Diffusion 1.5's architecture from its published configs (UNet 320/
 768-wide cross-attention, the 4-level VAE, a 12-layer 768-wide CLIP text encoder) with seeded random
 weights — nothing is downloaded — and measures, at 512 px in bf16:
 
-* training images/s of our trainer core (``build_train_state`` + ``make_micro_batch`` +
+* training images/s of our trainer core (``build_train_state`` + ``step_micro_batches`` +
   ``optimizer_step``, unchanged) with cached latents vs. the diffusers-style loop that runs the VAE
   encoder every step (our own ``train.cache_latents=False`` path), for 1, 2 and 4 instance images
   per step (batches ``[instance | class]`` of 2, 4 and 8), with peak GPU memory and model FLOP
   utilisation (FLOPs of one step counted by ``torch.utils.flop_counter``);
-* the speed options: SDPA (default) vs. classic attention, channels_last, fused AdamW, gradient
-  checkpointing, torch.compile;
+* the speed options, each on a fresh UNet from the same init, set through the trainer's own
+  ``train.*`` fields: an eager NCHW/foreach baseline, classic attention instead of SDPA,
+  ``channels_last``, ``fused_adam``, ``gradient_checkpointing``, the defaults (channels_last +
+  fused AdamW on CUDA) and the defaults with ``compile=blocks`` and ``compile=full``; each row also
+  keeps its first step's loss and grad norm, which must agree across options (same math);
 * prior generation images/s (``StableDiffusionPipeline``, DDIM, 25 steps, CFG 7.5, batch 1/4/8).
 
 Micro-batches are built exactly as the trainer builds them: ``make_micro_batch`` on the CPU (seeded
@@ -49,7 +52,7 @@ import torch  # noqa: E402
 
 from raydb.config import RaydbConfig, load_config  # noqa: E402
 from raydb.models.tiny import TINY_SPEC, build_tiny_tokenizer  # noqa: E402
-from raydb.train.data import TrainingData, make_micro_batch  # noqa: E402
+from raydb.train.data import TrainingData, make_micro_batch, step_micro_batches  # noqa: E402
 from raydb.train.encode import EncodedImages  # noqa: E402
 from raydb.train.step import TrainState, build_train_state, optimizer_step  # noqa: E402
 
@@ -281,7 +284,8 @@ def training_data(b: Bench, text_encoder, tokenizer, *, cached: bool) -> Trainin
     )
 
 
-def train_config(b: Bench, batch_size: int, *, gradient_checkpointing: bool = False) -> RaydbConfig:
+def train_config(b: Bench, batch_size: int, **options: Any) -> RaydbConfig:
+    """The trainer's config at the bench's resolution; ``options`` are ``train.*`` overrides."""
     return load_config(
         data={
             "workspace": b.workspace,
@@ -290,7 +294,7 @@ def train_config(b: Bench, batch_size: int, *, gradient_checkpointing: bool = Fa
                 "batch_size": batch_size,
                 "max_steps": 100_000,
                 "mixed_precision": b.mixed_precision,
-                "gradient_checkpointing": gradient_checkpointing,
+                **options,
             },
         }
     )
@@ -300,49 +304,33 @@ def train_config(b: Bench, batch_size: int, *, gradient_checkpointing: bool = Fa
 
 
 class Trainer:
-    """One UNet with LoRA and its train state; ``step(data, batch_size)`` is one optimizer step."""
+    """One UNet with LoRA and its train state; ``step(data, batch_size)`` is one optimizer step.
 
-    def __init__(
-        self,
-        b: Bench,
-        vae,
-        *,
-        fused_adam: bool | None = None,
-        gradient_checkpointing: bool = False,
-        channels_last: bool = False,
-        classic_attention: bool = False,
-        compile: bool = False,
-    ):
+    ``train_options`` are the trainer's own ``train.*`` speed settings (channels_last, fused_adam,
+    compile, gradient_checkpointing), applied by ``build_train_state`` exactly as in a real run;
+    ``classic_attention`` (bench only) swaps SDPA for diffusers' unfused attention.
+    """
+
+    def __init__(self, b: Bench, vae, *, classic_attention: bool = False, **train_options: Any):
         from diffusers import DDPMScheduler
 
         self.b, self.vae = b, vae
-        self.cfg = train_config(b, 1, gradient_checkpointing=gradient_checkpointing)
+        self.cfg = train_config(b, 1, **train_options)
         self.unet = build_unet(b)
         if classic_attention:
             from diffusers.models.attention_processor import AttnProcessor
 
             self.unet.set_attn_processor(AttnProcessor())
-        if channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-        self.state: TrainState = build_train_state(self.cfg, self.unet, None, fused_adam=fused_adam)
-        self.model = torch.compile(self.unet) if compile else self.unet
+        self.state: TrainState = build_train_state(self.cfg, self.unet, None)
+        self.model = self.state.model
         self.scheduler = DDPMScheduler(**SD_SCHEDULE)
 
     def step(self, data: TrainingData, batch_size: int) -> dict[str, float]:
         cfg = self.cfg.model_copy(
             update={"train": self.cfg.train.model_copy(update={"batch_size": batch_size})}
         )
-        micro = [
-            make_micro_batch(
-                data,
-                step=self.state.step,
-                micro=0,
-                batch_size=batch_size,
-                accumulation=1,
-                seed=0,
-                num_train_timesteps=1000,
-            ).to(self.b.device)
-        ]
+        micro = step_micro_batches(data, cfg.train, step=self.state.step, num_train_timesteps=1000,
+                                   device=self.b.device)
         return optimizer_step(
             self.state,
             micro,
@@ -362,12 +350,13 @@ def measure_training(
     a = b.args
     b.reset_peak()
     t0 = time.perf_counter()
-    warm = []
+    warm, first = [], None
     for _ in range(a.warmup):
         s0 = time.perf_counter()
-        trainer.step(data, batch_size)
+        m = trainer.step(data, batch_size)
         b.sync()
         warm.append(time.perf_counter() - s0)
+        first = first or m
     times: list[float] = []
     images = 0
     while len(times) < a.min_steps or (sum(times) < a.min_seconds and len(times) < a.max_steps):
@@ -391,6 +380,9 @@ def measure_training(
         "peak_mem_gb": peak,
         "loss": round(m["loss"], 5),
     }
+    if first:  # same init, same batch: options that change layout, not math, must agree here
+        row["first_step_loss"] = round(first["loss"], 5)
+        row["first_step_grad_norm"] = round(first["grad_norm"], 5)
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -454,22 +446,18 @@ def run_options(b: Bench, vae, text_encoder, tokenizer) -> None:
     """Each speed option on a fresh UNet + LoRA, cached latents, ``options_batch`` instance images."""
     data = training_data(b, text_encoder, tokenizer, cached=True)
     bs = b.args.options_batch
-    variants: list[tuple[str, dict[str, bool], float]] = [
-        ("baseline (SDPA, foreach AdamW)", {}, b.args.reserve_s),
-        ("classic attention (no SDPA)", {"classic_attention": True}, b.args.reserve_s),
-        ("channels_last", {"channels_last": True}, b.args.reserve_s),
-        ("fused AdamW", {"fused_adam": True}, b.args.reserve_s),
-        ("gradient checkpointing", {"gradient_checkpointing": True}, b.args.reserve_s),
+    eager = {"channels_last": False, "fused_adam": False}
+    variants: list[tuple[str, dict[str, Any], float]] = [
+        ("baseline (eager, NCHW, foreach AdamW)", eager, b.args.reserve_s),
+        ("classic attention (no SDPA)", eager | {"classic_attention": True}, b.args.reserve_s),
+        ("channels_last", eager | {"channels_last": True}, b.args.reserve_s),
+        ("fused AdamW", eager | {"fused_adam": True}, b.args.reserve_s),
+        ("gradient checkpointing", eager | {"gradient_checkpointing": True}, b.args.reserve_s),
+        ("defaults (channels_last + fused AdamW on CUDA)", {}, b.args.reserve_s),
     ]
     if not b.args.no_compile:
-        variants.append(("torch.compile", {"compile": True}, b.args.compile_needs_s))
-        variants.append(
-            (
-                "torch.compile + channels_last + fused AdamW",
-                {"compile": True, "channels_last": True, "fused_adam": True},
-                b.args.compile_needs_s,
-            )
-        )
+        variants.append(("defaults + compile=blocks", {"compile": "blocks"}, b.args.compile_needs_s / 2))
+        variants.append(("defaults + compile=full", {"compile": "full"}, b.args.compile_needs_s))
     else:
         b.results["skipped"].append("torch.compile: --no-compile")
     b.results["options"] = []
@@ -487,6 +475,12 @@ def run_options(b: Bench, vae, text_encoder, tokenizer) -> None:
             base = next((r for r in b.results["options"] if r["option"].startswith("baseline")), None)
             if base:
                 row["speedup_vs_baseline"] = round(row["images_per_s"] / base["images_per_s"], 3)
+                if "first_step_grad_norm" in row and base.get("first_step_grad_norm"):
+                    # same init, same batch: a layout option must give the same gradient (bf16
+                    # rounding aside); a compile bug shows here (see bench/compile_parity.py)
+                    ratio = row["first_step_grad_norm"] / base["first_step_grad_norm"]
+                    row["grad_norm_vs_baseline"] = round(ratio, 4)
+                    row["same_math"] = abs(ratio - 1) < 0.02
                 if "flops_per_step" not in row and "flops_per_step" in base:  # compile: same math
                     row["tflops_per_s"] = round(
                         base["flops_per_step"] / (row["step_ms_median"] / 1000) / 1e12, 1
@@ -737,7 +731,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "weights_dtype": str(b.dtype),
             "lora": "rank 4, alpha 4, to_q/to_k/to_v/to_out.0",
             "prior_preservation": True,
-            "timed": "make_micro_batch(...).to(device) + optimizer_step, "
+            "timed": "step_micro_batches(...) (built on the CPU, moved to the device) + optimizer_step, "
             "wall clock, cuda-synchronized, median over steps after warm-up",
             "argv": sys.argv[1:] if argv is None else argv,
         },

@@ -1,6 +1,6 @@
 """Benchmark: cached-latent training vs. a diffusers-style loop that runs the VAE encoder every step.
 
-Both arms use the same model, LoRA, optimizer and micro-batches (``make_micro_batch`` with the same
+Both arms use the same model, LoRA, optimizer and micro-batches (``step_micro_batches`` with the same
 seed); the only difference is ``train.cache_latents``: the cached arm samples latents from the
 stored distribution, the uncached arm encodes the pixels with the VAE inside every step (exactly
 what diffusers' ``train_dreambooth_lora.py`` does). Measurements are interleaved A, B, A, B ... so
@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from raydb.config import RaydbConfig, load_config  # noqa: E402
 from raydb.models.components import load_components  # noqa: E402
 from raydb.storage import Storage  # noqa: E402
-from raydb.train.data import TrainingData, make_micro_batch  # noqa: E402
+from raydb.train.data import TrainingData, step_micro_batches  # noqa: E402
 from raydb.train.run import prepare_training_data  # noqa: E402
 from raydb.train.step import TrainState, build_train_state, optimizer_step  # noqa: E402
 
@@ -42,11 +42,8 @@ def _step(
     """One optimizer step; returns (images, seconds) including micro-batch assembly."""
     tc = cfg.train
     start = time.perf_counter()
-    micro = [make_micro_batch(data, step=state.step, micro=m, batch_size=tc.batch_size,
-                              accumulation=tc.gradient_accumulation_steps, seed=tc.seed,
-                              num_train_timesteps=components.noise_scheduler.config.num_train_timesteps
-                              ).to(device)
-             for m in range(tc.gradient_accumulation_steps)]
+    micro = step_micro_batches(data, tc, step=state.step, device=device,
+                               num_train_timesteps=components.noise_scheduler.config.num_train_timesteps)
     m = optimizer_step(state, micro, cfg=cfg, noise_scheduler=components.noise_scheduler,
                        prediction_type=components.prediction_type, with_prior=data.with_prior,
                        vae=components.vae)

@@ -131,7 +131,8 @@ class LoraConfig(_Strict):
 class TrainConfig(_Strict):
     resolution: int = Field(512, ge=8, description="Square training resolution in pixels (multiple of 8).")
     center_crop: bool = Field(True, description="Center-crop (else resize only) to the resolution.")
-    random_flip: bool = Field(False, description="Add horizontally flipped copies (cached as their own entries).")
+    random_flip: bool = Field(False, description="Add horizontally flipped copies (cached as their "
+                              "own entries).")
     batch_size: int = Field(1, ge=1, description="Instance images per micro-batch per worker "
                             "(the same number of class images is appended).")
     max_steps: int = Field(400, ge=1, description="Optimizer steps.")
@@ -156,6 +157,17 @@ class TrainConfig(_Strict):
                                 "encoder) instead of every step.")
     num_sample_images: int = Field(4, ge=0, description="Images in the final sample grid.")
     sample_steps: int = Field(25, ge=1, description="Denoising steps for the sample grid.")
+    channels_last: Literal["auto"] | bool = Field(
+        "auto", description="Run the UNet's convolutions in NHWC memory format (auto: on CUDA, "
+        "where it measured 1.24-1.36x on an H200; off on CPU).")
+    fused_adam: Literal["auto"] | bool = Field(
+        "auto", description="AdamW's fused kernel (auto: on CUDA; off on CPU).")
+    compile: Literal["off", "blocks", "full"] = Field(
+        "off", description="torch.compile the training UNet: 'full' compiles the whole forward and "
+        "backward (fastest steps, minutes of compile), 'blocks' its repeated transformer and resnet "
+        "blocks (shorter compile); validation and samples stay eager under 'full'.")
+    compile_backend: str = Field("inductor", min_length=1,
+                                 description="torch.compile backend (see torch._dynamo.list_backends()).")
 
     @field_validator("resolution")
     @classmethod
@@ -169,8 +181,10 @@ class ClusterConfig(_Strict):
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
     use_gpu: Literal["auto"] | bool = Field("auto", description="auto: use GPUs when the cluster has them.")
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved by each Train worker.")
-    max_failures: int = Field(3, ge=-1, description="Worker-group restarts before a run fails (-1: unlimited).")
-    address: str | None = Field(None, description="Ray address to join (default: auto-detect or start local).")
+    max_failures: int = Field(3, ge=-1, description="Worker-group restarts before a run fails "
+                              "(-1: unlimited).")
+    address: str | None = Field(None, description="Ray address to join (default: auto-detect or "
+                                "start local).")
 
 
 class SearchSpace(_Strict):
@@ -246,14 +260,16 @@ class ServeConfig(_Strict):
     )
     num_gpus_per_replica: float = Field(0.0, ge=0.0, description="GPUs reserved by each diffusion replica.")
     max_ongoing_requests: int = Field(
-        16, ge=1, description="Requests a diffusion replica accepts at once (they queue on its pipeline lock)."
+        16, ge=1,
+        description="Requests a diffusion replica accepts at once (they queue on its pipeline lock)."
     )
 
 
 class RaydbConfig(_Strict):
     workspace: str = Field("./workspace", validate_default=True,
                            description="Local path or s3://bucket/prefix for all artifacts.")
-    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default: $AWS_ENDPOINT_URL).")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint "
+                                        "(default: $AWS_ENDPOINT_URL).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     subject: SubjectConfig = Field(default_factory=SubjectConfig)
     prior: PriorConfig = Field(default_factory=PriorConfig)
@@ -362,7 +378,8 @@ def config_reference_markdown() -> str:
             default = info.get_default(call_default_factory=True)
             if isinstance(default, BaseModel):
                 default = default.model_dump(exclude_none=True)
-            desc = info.description or (sub.__doc__ or "").strip().splitlines()[0] if sub else info.description
+            doc = (sub.__doc__ or "").strip().splitlines()[0] if sub else ""
+            desc = info.description or doc if sub else info.description
             yield f"| `{prefix}{name}` | `{default!r}` | {desc or ''} |"
 
     return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows(RaydbConfig)])

@@ -22,7 +22,7 @@ def prior_preservation_finding(
     """
     from raydb.data.ingest import load_images
     from raydb.models.components import load_components
-    from raydb.train.data import make_micro_batch
+    from raydb.train.data import step_micro_batches
     from raydb.train.encode import encode_images, encode_prompts, images_to_tensor
     from raydb.train.evaluate import denoising_loss
     from raydb.train.run import load_class_images, prepare_training_data
@@ -63,10 +63,7 @@ def prior_preservation_finding(
         state = build_train_state(run_cfg, comps.unet, comps.text_encoder)
         n_t = comps.noise_scheduler.config.num_train_timesteps
         while state.step < tc.max_steps:
-            micro = [make_micro_batch(train_data, step=state.step, micro=m, batch_size=tc.batch_size,
-                                      accumulation=tc.gradient_accumulation_steps, seed=tc.seed,
-                                      num_train_timesteps=n_t)
-                     for m in range(tc.gradient_accumulation_steps)]
+            micro = step_micro_batches(train_data, tc, step=state.step, num_train_timesteps=n_t)
             optimizer_step(state, micro, cfg=run_cfg, noise_scheduler=comps.noise_scheduler,
                            prediction_type=comps.prediction_type, with_prior=train_data.with_prior,
                            vae=comps.vae)

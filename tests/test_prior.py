@@ -86,6 +86,24 @@ def test_key_follows_class_prompt_and_batch_size_not_workspace(make_cfg, tmp_pat
     assert dog.settings["class_prompt"] == "a photo of a dog"
 
 
+def test_key_follows_the_generation_device(make_cfg):
+    """CUDA generates in fp16 and the CPU in fp32: different pixels, so different keys."""
+    from raydb.prior.cache import prior_cache_for
+
+    cfg = make_cfg()
+    cpu = prior_cache_for(cfg, "model-x", "DDIMScheduler", "cpu")
+    cuda = prior_cache_for(cfg, "model-x", "DDIMScheduler", "cuda")
+    assert cpu.key != cuda.key
+    assert (cpu.settings["dtype"], cuda.settings["dtype"]) == ("float32", "float16")
+    # without Ray, the key follows this machine's device
+    import torch
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_prior_cache(cfg, Storage(), use_ray=False).settings["device"] == expected
+    with pytest.raises(ValueError, match="device"):
+        prior_cache_for(cfg, "model-x", "DDIMScheduler", "tpu")
+
+
 def test_done_blocks_sees_only_published_blocks(make_cfg):
     storage = Storage()
     cache = resolve_prior_cache(make_cfg(), storage)

@@ -1,9 +1,9 @@
 """The shared prior cache: ``<workspace>/priors/<key>/blocks/block-NNNNNN.parquet`` + manifest.json.
 
 The key hashes everything that changes the pixels — base-model identity, class prompt, negative
-prompt, resolution, steps, guidance, scheduler, seed, the generation batch size and the CPU
-intra-op thread count — so a second subject of the same class reuses the images, and a different
-class prompt never collides.
+prompt, resolution, steps, guidance, scheduler, seed, the generation batch size, the device and
+dtype (CUDA fp16 or CPU fp32) and the CPU intra-op thread count — so a second subject of the same
+class reuses the images, and a different class prompt never collides.
 
 Images are generated in fixed *blocks* of ``sample_batch_size`` consecutive indices (block k holds
 ``[k*S, (k+1)*S)``), each block from one pipeline call with one generator per image seeded by
@@ -112,10 +112,18 @@ class PriorCache:
         return manifest
 
 
-def prior_cache_for(cfg: RaydbConfig, model_identity: str, scheduler_name: str) -> PriorCache:
-    """The cache location of ``cfg``'s class images (content key over pixel-changing settings)."""
+def prior_cache_for(cfg: RaydbConfig, model_identity: str, scheduler_name: str,
+                    device: str = "cpu") -> PriorCache:
+    """The cache location of ``cfg``'s class images (content key over pixel-changing settings).
+
+    ``device`` is where the generators run: CUDA generates in fp16, the CPU in fp32, and the two
+    give different pixels, so each has its own key (and the generators use the device named here).
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"prior generation device must be 'cpu' or 'cuda', got {device!r}")
     p = cfg.prior
     settings = {
+        "device": device, "dtype": "float16" if device == "cuda" else "float32",
         "model": model_identity, "class_prompt": cfg.subject.class_prompt,
         "negative_prompt": p.negative_prompt, "resolution": cfg.train.resolution,
         "num_inference_steps": p.num_inference_steps, "guidance_scale": p.guidance_scale,

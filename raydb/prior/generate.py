@@ -98,7 +98,10 @@ class BlockGenerator:
         self.cfg = RaydbConfig.model_validate(cfg)
         self.cache = PriorCache(**cache)
         self.storage = Storage(endpoint_url or self.cfg.s3_endpoint_url)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # the device is part of the cache key (fp16 on CUDA, fp32 on CPU give different pixels)
+        self.device = self.cache.settings.get("device", "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("prior cache key names device 'cuda' but this generator has no GPU")
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.pipe = load_pipeline(self.cfg.model, self.storage, self.cfg.workspace,
                                   dtype=dtype, device=self.device)

@@ -25,7 +25,8 @@ from raydb.prior.cache import PriorCache, prior_cache_for
 from raydb.prior.generate import BlockGenerator, cpu_threads
 from raydb.storage import Storage
 
-__all__ = ["PriorRunStats", "ensure_prior_images", "prior_total_images", "resolve_prior_cache"]
+__all__ = ["PriorRunStats", "ensure_prior_images", "prior_total_images", "resolve_prior_cache",
+           "generation_device"]
 
 
 @dataclass
@@ -52,8 +53,21 @@ def prior_total_images(cfg: RaydbConfig) -> int:
     return cfg.prior.num_class_images + cfg.prior.num_holdout
 
 
-def resolve_prior_cache(cfg: RaydbConfig, storage: Storage) -> PriorCache:
-    """The cache for ``cfg`` (resolves the base model's identity and scheduler name)."""
+def generation_device(use_ray: bool | None = None) -> str:
+    """Where class images are generated: ``cuda`` when the Ray cluster (without Ray: this machine)
+    has a GPU, else ``cpu``. Part of the cache key, so reading and generating agree on it."""
+    use_ray = _ray_running() if use_ray is None else use_ray
+    if use_ray:
+        import ray
+
+        return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_prior_cache(cfg: RaydbConfig, storage: Storage, *, use_ray: bool | None = None) -> PriorCache:
+    """The cache for ``cfg`` (resolves the base model's identity, scheduler name and device)."""
     import json
     from pathlib import Path
 
@@ -64,7 +78,7 @@ def resolve_prior_cache(cfg: RaydbConfig, storage: Storage) -> PriorCache:
     sched_cfg = Path(path) / "scheduler" / "scheduler_config.json"
     if sched_cfg.is_file():
         scheduler_name = json.loads(sched_cfg.read_text()).get("_class_name", "unknown")
-    return prior_cache_for(cfg, identity, scheduler_name)
+    return prior_cache_for(cfg, identity, scheduler_name, generation_device(use_ray))
 
 
 def _ray_running() -> bool:
@@ -120,14 +134,14 @@ def ensure_prior_images(
     from tqdm.auto import tqdm
 
     storage = storage or Storage(cfg.s3_endpoint_url)
-    cache = resolve_prior_cache(cfg, storage)
+    use_ray = _ray_running() if use_ray is None else use_ray
+    cache = resolve_prior_cache(cfg, storage, use_ray=use_ray)
     count = count if count is not None else prior_total_images(cfg)
     stats = PriorRunStats(cache.uri, cache.key, count)
     missing = cache.missing_blocks(storage, count)
     if not missing:
         cache.write_manifest(storage)
         return stats
-    use_ray = _ray_running() if use_ray is None else use_ray
     generator_kwargs = {}
     if _fail_after is not None:
         generator_kwargs = {"fail_after": _fail_after[0], "fail_marker": _fail_after[1]}

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from raydb.config import TrainConfig
 from raydb.train.encode import EncodedImages
 
-__all__ = ["TrainingData", "MicroBatch", "make_micro_batch"]
+__all__ = ["TrainingData", "MicroBatch", "make_micro_batch", "step_micro_batches"]
 
 
 @dataclass
@@ -130,3 +131,22 @@ def make_micro_batch(
         vals = [part[key] for part in parts]
         merged[key] = None if vals[0] is None else torch.cat(vals)
     return MicroBatch(**merged)
+
+
+def step_micro_batches(
+    data: TrainingData,
+    tc: TrainConfig,
+    *,
+    step: int,
+    num_train_timesteps: int,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[MicroBatch]:
+    """The ``train.gradient_accumulation_steps`` micro-batches of optimizer step ``step`` for
+    worker ``rank``, on ``device`` — what ``optimizer_step`` consumes."""
+    return [make_micro_batch(data, step=step, micro=m, batch_size=tc.batch_size,
+                             accumulation=tc.gradient_accumulation_steps, seed=tc.seed,
+                             num_train_timesteps=num_train_timesteps, rank=rank,
+                             world_size=world_size).to(device)
+            for m in range(tc.gradient_accumulation_steps)]

@@ -61,9 +61,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from raydb.models.components import load_components
-    from raydb.train.data import TrainingData, make_micro_batch
+    from raydb.train.data import TrainingData, step_micro_batches
     from raydb.train.encode_stage import EncodedCache, load_prompts, read_encoded, rows_to_encoded
     from raydb.train.run import checkpoint_payload, finish_run, restore_payload
+    from raydb.train.speed import compile_for_training
     from raydb.train.step import autocast_dtype, build_train_state, optimizer_step
 
     cfg = RaydbConfig.model_validate(config["cfg"])
@@ -101,10 +102,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     state = build_train_state(cfg, comps.unet, comps.text_encoder)
-    model: torch.nn.Module = comps.unet
+    model: torch.nn.Module = state.model if state.model is not None else comps.unet
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(comps.unet, device_ids=ids)
+        model = compile_for_training(tc, DistributedDataParallel(comps.unet, device_ids=ids))
     metrics: list[dict[str, Any]] = []
     resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
@@ -123,10 +124,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if kill_at and rank == int(kill_at.split(":")[0]) and state.step == int(kill_at.split(":")[1]) \
                 and _first_kill(kill_at):
             os.kill(os.getpid(), 9)  # a preempted worker: no cleanup, no exception
-        micro = [make_micro_batch(data, step=state.step, micro=m, batch_size=tc.batch_size,
-                                  accumulation=tc.gradient_accumulation_steps, seed=tc.seed,
-                                  num_train_timesteps=n_timesteps, rank=rank, world_size=world).to(device)
-                 for m in range(tc.gradient_accumulation_steps)]
+        micro = step_micro_batches(data, tc, step=state.step, num_train_timesteps=n_timesteps,
+                                   device=device, rank=rank, world_size=world)
         m = optimizer_step(state, micro, cfg=cfg, noise_scheduler=comps.noise_scheduler,
                            prediction_type=comps.prediction_type, with_prior=data.with_prior,
                            vae=comps.vae, model=model)
@@ -304,14 +303,14 @@ def train_distributed(cfg: RaydbConfig, storage: Storage | None = None, *, regis
     """Priors -> encode -> TorchTrainer -> register. Returns the JSON summary of ``raydb train``."""
     from raydb.ray_utils import init_ray
     from raydb.registry import register_adapter
-    from raydb.train.run import _finished_result, run_uri
+    from raydb.train.run import finished_result, run_uri
 
     init_ray(cfg)
     storage = storage or Storage(cfg.s3_endpoint_url)
     run = run_uri(cfg)
     finished = storage.read_json_or(join(run, "adapter", "adapter.json"))
     if finished and finished.get("metrics", {}).get("steps", 0) >= cfg.train.max_steps:
-        return _finished_result(cfg, storage, run, finished, register=register, quiet=quiet)
+        return finished_result(cfg, storage, run, finished, register=register, quiet=quiet)
     cache, _ = prepare_encoded(cfg, storage)
     trainer, run = build_trainer(cfg, storage, cache)
     trainer.fit()

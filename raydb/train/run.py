@@ -4,7 +4,7 @@ Order of work (each a small function, reused by the Ray Train worker loop):
   1. ``load_class_images`` — from ``prior.class_data`` or the shared prior cache (generated if missing)
   2. ``prepare_training_data`` — ingest instance images, encode images + prompts once (cached path)
   3. ``build_train_state`` (step.py) — LoRA, AdamW, lr schedule
-  4. the loop — ``make_micro_batch`` x accumulation -> ``optimizer_step``; checkpoints every
+  4. the loop — ``step_micro_batches`` -> ``optimizer_step``; checkpoints every
      ``train.checkpoint_every`` steps into the run folder; a rerun resumes from the newest one
   5. outputs — adapter, adapter.json, metrics.jsonl, loss curve, sample grid; registry entry
 """
@@ -24,7 +24,7 @@ from raydb.data.ingest import load_images
 from raydb.models.components import Components, load_components
 from raydb.storage import Storage, join
 from raydb.train.checkpoint import state_from_bytes, state_to_bytes
-from raydb.train.data import TrainingData, make_micro_batch
+from raydb.train.data import TrainingData, step_micro_batches
 from raydb.train.encode import add_flips, encode_images, encode_prompts, images_to_tensor, tokenize
 from raydb.train.lora import load_lora_state, lora_state_dicts, save_lora
 from raydb.train.outputs import adapter_metadata, loss_curve_png, metrics_line, sample_grid_png, write_adapter
@@ -32,7 +32,7 @@ from raydb.train.step import TrainState, autocast_dtype, build_train_state, opti
 
 __all__ = [
     "run_id", "run_uri", "load_class_images", "prepare_training_data", "checkpoint_payload",
-    "restore_payload", "finish_run", "train_subject", "summarize_speed",
+    "restore_payload", "finish_run", "finished_result", "train_subject", "summarize_speed",
 ]
 
 
@@ -184,7 +184,7 @@ def train_subject(
     run = run_uri(cfg)
     finished = storage.read_json_or(join(run, "adapter", "adapter.json")) if resume else None
     if finished and finished.get("metrics", {}).get("steps", 0) >= tc.max_steps:
-        return _finished_result(cfg, storage, run, finished, register=register, quiet=quiet)
+        return finished_result(cfg, storage, run, finished, register=register, quiet=quiet)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = autocast_dtype(tc.mixed_precision) or torch.float32
     components = load_components(cfg.model, storage, cfg.workspace, device=device, dtype=dtype)
@@ -200,10 +200,8 @@ def train_subject(
     n_timesteps = components.noise_scheduler.config.num_train_timesteps
     bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {cfg.subject.id}", disable=quiet)
     while state.step < tc.max_steps:
-        micro = [make_micro_batch(data, step=state.step, micro=m, batch_size=tc.batch_size,
-                                  accumulation=tc.gradient_accumulation_steps, seed=tc.seed,
-                                  num_train_timesteps=n_timesteps).to(device)
-                 for m in range(tc.gradient_accumulation_steps)]
+        micro = step_micro_batches(data, tc, step=state.step, num_train_timesteps=n_timesteps,
+                                   device=device)
         m = optimizer_step(state, micro, cfg=cfg, noise_scheduler=components.noise_scheduler,
                            prediction_type=components.prediction_type, with_prior=data.with_prior,
                            vae=components.vae)
@@ -216,7 +214,7 @@ def train_subject(
     return finish_run(cfg, storage, state, components, metrics, register=register, samples=samples)
 
 
-def _finished_result(cfg: RaydbConfig, storage: Storage, run: str, meta: dict[str, Any], *,
+def finished_result(cfg: RaydbConfig, storage: Storage, run: str, meta: dict[str, Any], *,
                      register: bool, quiet: bool) -> dict[str, Any]:
     """A rerun of a finished run: nothing to train; make sure it is registered."""
     from raydb.registry import register_adapter

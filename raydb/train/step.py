@@ -39,6 +39,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     scaler: torch.amp.GradScaler | None
+    model: torch.nn.Module | None = None  # what the step calls: the UNet, or its compiled wrapper
     step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -47,11 +48,14 @@ def build_train_state(
     cfg: RaydbConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
     *, fused_adam: bool | None = None,
 ) -> TrainState:
-    """Add LoRA, build AdamW over the LoRA parameters and diffusers' lr schedule.
+    """Add LoRA, apply the speed options, build AdamW over the LoRA parameters and the lr schedule.
 
     LoRA init is seeded by ``train.seed`` so every worker (and every rerun) starts identical.
+    ``fused_adam`` overrides ``train.fused_adam`` (the GPU benchmark compares both).
     """
     from diffusers.optimization import get_scheduler
+
+    from raydb.train.speed import compile_for_training, prepare_unet, use_fused_adam
 
     torch.manual_seed(cfg.train.seed)
     params = add_lora(unet, cfg.lora, text_encoder)
@@ -62,9 +66,13 @@ def build_train_state(
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     tc = cfg.train
+    prepare_unet(tc, unet)
+    fused = use_fused_adam(tc, params) if fused_adam is None else fused_adam
     optimizer = torch.optim.AdamW(
         params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
-        weight_decay=tc.adam_weight_decay, eps=tc.adam_epsilon, fused=fused_adam,
+        weight_decay=tc.adam_weight_decay, eps=tc.adam_epsilon,
+        # foreach=None picks the multi-tensor path where the device has it
+        fused=fused or None, foreach=False if fused else None,
     )
     lr_scheduler = get_scheduler(
         tc.lr_scheduler, optimizer=optimizer, num_warmup_steps=tc.lr_warmup_steps,
@@ -73,7 +81,7 @@ def build_train_state(
     device_type = params[0].device.type
     scaler = torch.amp.GradScaler(device_type) if tc.mixed_precision == "fp16" else None
     return TrainState(unet, text_encoder if cfg.lora.train_text_encoder else None, params,
-                      optimizer, lr_scheduler, scaler)
+                      optimizer, lr_scheduler, scaler, model=compile_for_training(tc, unet))
 
 
 def _latents(batch: MicroBatch, vae, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
@@ -123,10 +131,12 @@ def forward_loss(
     return dreambooth_loss(pred, target, prior_loss_weight=prior_loss_weight, with_prior=with_prior)
 
 
-def _grad_norm(params: list[torch.nn.Parameter]) -> float:
-    """L2 norm over all gradients (what the optimizer actually applies, after clipping)."""
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """L2 norm over all gradients as a 0-d tensor (no host sync; one multi-tensor kernel)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads).float()
 
 
 def optimizer_step(
@@ -147,10 +157,12 @@ def optimizer_step(
     so k micro-batches of size b update exactly like one batch of size k*b. ``grad_norm`` is the
     norm before clipping, ``grad_norm_clipped`` the norm of the gradient actually applied.
     """
-    model = model if model is not None else state.unet
+    model = model if model is not None else (state.model if state.model is not None else state.unet)
     n = len(micro_batches)
     start = time.perf_counter()
-    totals = {"loss": 0.0, "loss_instance": 0.0, "loss_prior": 0.0}
+    # loss parts stay on the device until the end of the step: one host sync per step, not three
+    # per micro-batch (a sync stalls the host, which is what limits small steps on a large GPU)
+    sums: torch.Tensor | None = None
     images = 0
     for i, batch in enumerate(micro_batches):
         sync = not hasattr(model, "no_sync") or i == n - 1
@@ -162,14 +174,14 @@ def optimizer_step(
             )
             loss = parts.total / n
             (state.scaler.scale(loss) if state.scaler else loss).backward()
-        totals["loss"] += parts.total.item() / n
-        totals["loss_instance"] += parts.instance.item() / n
-        totals["loss_prior"] += (parts.prior.item() if parts.prior is not None else 0.0) / n
+        prior = parts.prior if parts.prior is not None else torch.zeros_like(parts.total)
+        step_parts = torch.stack([parts.total, parts.instance, prior]).detach().float() / n
+        sums = step_parts if sums is None else sums + step_parts
         images += batch.size
     if state.scaler:
         state.scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.train.max_grad_norm)
-    grad_norm_clipped = _grad_norm(state.params)
+    grad_norm_clipped = _grad_norm(state.params).to(grad_norm.device)
     lr = state.optimizer.param_groups[0]["lr"]
     if state.scaler:
         state.scaler.step(state.optimizer)
@@ -179,9 +191,12 @@ def optimizer_step(
     state.lr_scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    if state.params[0].device.type == "cuda":
-        torch.cuda.synchronize()
+    values = torch.cat([sums.to(grad_norm.device), grad_norm.float().reshape(1),
+                        grad_norm_clipped.reshape(1)]).tolist()  # the step's one sync
+    if grad_norm.device.type == "cuda":
+        torch.cuda.synchronize()  # the optimizer's kernels belong to this step's time
     seconds = time.perf_counter() - start
-    return {"step": state.step, **totals, "lr": lr, "grad_norm": float(grad_norm),
-            "grad_norm_clipped": grad_norm_clipped,
+    totals = dict(zip(("loss", "loss_instance", "loss_prior", "grad_norm", "grad_norm_clipped"),
+                      values, strict=True))
+    return {"step": state.step, **totals, "lr": lr,
             "images": images, "seconds": seconds, "images_per_s": images / seconds}

@@ -12,8 +12,8 @@ a stage is cheap as well.
 The run ends with a table (stage, skipped or ran, seconds, key outputs), ``summary.json`` beside the
 manifests, and the summary dict that the CLI prints as its final JSON line.
 
-Instance photos enter the encode hash by listing (file names, and sizes and mtimes for local
-folders); the base model by its config (``model.pretrained``, ``model.revision``), not its bytes.
+Instance photos and class images enter the hashes by content (sha256 locally, the ETag on S3);
+the base model by its config (``model.pretrained``, ``model.revision``), not its bytes.
 """
 
 from __future__ import annotations
@@ -86,16 +86,13 @@ def run_stage(
 
 
 def _data_fingerprint(storage: Storage, uri: str | None) -> Any:
-    """Cheap identity of a folder of images: names (+ size, mtime locally); builtin data by name."""
+    """Identity of a folder of images: file names with content ids (sha256 locally, ETags on
+    S3), so replacing a photo under the same name re-runs the stages that read it."""
     if not uri or uri.startswith("builtin:"):
         return uri
-    if is_s3(uri):
-        return sorted(storage.list(uri, recursive=True))
-    root = Path(uri)
-    if not root.is_dir():
+    if not is_s3(uri) and not Path(uri).is_dir():
         return uri
-    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in root.rglob("*") if p.is_file())
+    return storage.content_ids(uri)
 
 
 def stage_inputs(cfg: RaydbConfig, storage: Storage, stage: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ Credentials come from the standard AWS chain (env, profile, instance profile) an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -216,6 +217,28 @@ class Storage:
             out = [p.name + ("/" if p.is_dir() else "") for p in root.iterdir()]
         out = sorted(n for n in out if not Path(n).name.startswith(".") or n.endswith("/"))
         return out[:limit]
+
+    def content_ids(self, uri: str) -> list[tuple[str, str]]:
+        """``(name, content id)`` of every file under a prefix/folder, sorted by name.
+
+        The id changes when the bytes change: the object's ETag on S3 (an MD5 of the content, or of
+        its parts for multipart uploads — no download needed), the sha256 of the file locally.
+        Hidden files are left out, as in ``list``. Missing prefix -> [].
+        """
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            prefix = key.rstrip("/") + "/" if key else ""
+            out: list[tuple[str, str]] = []
+            try:
+                pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                for page in pages:
+                    out += [(o["Key"][len(prefix):], o["ETag"].strip('"')) for o in page.get("Contents", [])]
+            except Exception as exc:
+                raise StorageError(f"cannot list {uri}: {_short(exc)}") from None
+            return sorted((n, e) for n, e in out if n and not Path(n).name.startswith("."))
+        root = Path(uri)
+        return [(name, hashlib.sha256((root / name).read_bytes()).hexdigest())
+                for name in self.list(uri, recursive=True)]
 
     def delete(self, uri: str, *, recursive: bool = False) -> None:
         """Remove a file/object; with ``recursive`` also everything under it. Missing -> no-op."""

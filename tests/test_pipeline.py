@@ -95,14 +95,17 @@ def test_stage_inputs_follow_only_relevant_fields(make_cfg, tmp_path):
     # The number of generator actors changes no pixels.
     assert key(base, "prior") == key(concurrency, "prior")
     assert key(base, "prior") == key(photos, "prior") and key(base, "encode") != key(photos, "encode")
-    # A local photo folder is fingerprinted by its files.
+    # A local photo folder is fingerprinted by its files' contents.
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "a.png").write_bytes(b"1")
     local = make_cfg(subject={"instance_data": str(folder)})
     k1 = key(local, "encode")
     (folder / "b.png").write_bytes(b"2")
-    assert key(local, "encode") != k1
+    k2 = key(local, "encode")
+    assert k2 != k1
+    (folder / "b.png").write_bytes(b"3")  # replaced under the same name and size
+    assert key(local, "encode") != k2
     tuned = make_cfg(tune={"learning_rate": [1e-4, 1e-3]})
     assert key(tuned, "register") == key(tuned, "tune") != key(base, "train")
 

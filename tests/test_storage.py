@@ -57,6 +57,21 @@ def test_listing(store) -> None:
     assert storage.list(join(root, "missing")) == []
 
 
+def test_content_ids_change_with_the_bytes_not_the_time(store) -> None:
+    storage, root = store
+    storage.write_bytes(join(root, "a.png"), b"one")
+    storage.write_bytes(join(root, "sub/b.png"), b"two")
+    first = storage.content_ids(root)
+    assert [name for name, _ in first] == ["a.png", "sub/b.png"]
+    assert len({cid for _, cid in first}) == 2
+    storage.write_bytes(join(root, "a.png"), b"one")  # rewritten, same bytes
+    assert storage.content_ids(root) == first
+    storage.write_bytes(join(root, "a.png"), b"uno")  # same name and size, new bytes
+    changed = storage.content_ids(root)
+    assert changed[0] != first[0] and changed[1] == first[1]
+    assert storage.content_ids(join(root, "missing")) == []
+
+
 def test_exists_and_delete(store) -> None:
     storage, root = store
     uri = join(root, "dir/file.txt")

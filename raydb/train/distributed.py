@@ -144,7 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.step % tc.checkpoint_every == 0 or last or evaluate:
             report = {"step": state.step, "loss": m["loss"], "resumed_from": resumed_from}
             if validator is not None:  # rank 0 scores; Tune keeps rank 0's metrics
-                val = validator(state.unet)
+                val = validator(state.unet, state.text_encoder)
                 m.update(val)
                 report.update(val)
             if rank == 0:
@@ -179,7 +179,7 @@ class _Validator:
         self.cfg, self.comps = cfg, comps
         self.instance = read_encoded(storage, cache.instance_uri)
         self.holdout = read_encoded(storage, cache.holdout_uri) if cache.num_holdout else None
-        self.embeds = prompts["embeds"]
+        self.embeds, self.prompt_ids = prompts["embeds"], prompts["ids"]
         self.weight = cfg.tune.prior_weight_in_score if cfg.tune else 1.0
         self.clip = None
         if cfg.eval.clip_model:  # CLIP-I / CLIP-T on a few sampled images
@@ -190,15 +190,26 @@ class _Validator:
             self.instance_images = load_images(cfg.subject.instance_data, cfg.train.resolution,
                                                storage=storage, center_crop=cfg.train.center_crop)
 
-    def __call__(self, unet: torch.nn.Module) -> dict[str, float]:
+    def __call__(self, unet: torch.nn.Module,
+                 text_encoder: torch.nn.Module | None = None) -> dict[str, float]:
+        """Scores ``unet``; with ``text_encoder`` (its LoRA trains) the prompts are re-encoded by
+        it, so validation sees the conditioning the adapter will be served with."""
         from raydb.train.evaluate import denoising_loss
 
+        embeds = self.embeds
+        if text_encoder is not None:
+            was_training = text_encoder.training
+            text_encoder.eval()
+            with torch.no_grad():
+                device = next(text_encoder.parameters()).device
+                embeds = text_encoder(self.prompt_ids.to(device))[0].float().cpu()
+            text_encoder.train(was_training)
         kw = {"prediction_type": self.comps.prediction_type, "seed": self.cfg.train.seed + 7919}
         out = {"val_instance": denoising_loss(unet, self.comps.noise_scheduler, self.comps.vae,
-                                              self.instance, self.embeds[0:1], **kw)}
+                                              self.instance, embeds[0:1], **kw)}
         if self.holdout is not None:
             out["val_prior"] = denoising_loss(unet, self.comps.noise_scheduler, self.comps.vae,
-                                              self.holdout, self.embeds[1:2], **kw)
+                                              self.holdout, embeds[1:2], **kw)
         out["val_score"] = out["val_instance"] + self.weight * out.get("val_prior", 0.0)
         if self.clip is not None:
             from raydb.train.clip_eval import sample_clip_metrics

@@ -119,6 +119,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     eval_every = config.get("eval_every")
     validator = _Validator(cfg, comps, storage, cache, prompts) if eval_every and rank == 0 else None
     kill_at = config.get("test_kill_at")
+    written = False
+
+    def write_outputs() -> None:
+        """Rank 0: adapter, metrics, pictures and ``result.json`` (what the driver reads)."""
+        nonlocal written
+        result = finish_run(cfg, storage, state, comps, metrics, register=False,
+                            samples=bool(tc.num_sample_images),
+                            extra_metrics={"resumed_from": resumed_from, "num_workers": world})
+        storage.write_json(join(config["run"], "result.json"), result | {"resumed_from": resumed_from})
+        written = True
+
     n_timesteps = comps.noise_scheduler.config.num_train_timesteps
     while state.step < tc.max_steps:
         if kill_at and rank == int(kill_at.split(":")[0]) and state.step == int(kill_at.split(":")[1]) \
@@ -148,6 +159,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 m.update(val)
                 report.update(val)
             if rank == 0:
+                if last:  # outputs before the final report: a Tune scheduler (ASHA at max_t)
+                    write_outputs()  # may stop the trial as soon as it sees that report
                 with tempfile.TemporaryDirectory() as tmp:
                     tensors, skeleton = checkpoint_payload(state, metrics)
                     (Path(tmp) / "state.safetensors").write_bytes(tensors)
@@ -156,11 +169,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                      checkpoint_dir_name=f"checkpoint-step-{state.step:07d}")
             else:
                 ray.train.report(report)
-    if rank == 0:
-        result = finish_run(cfg, storage, state, comps, metrics, register=False,
-                            samples=bool(tc.num_sample_images),
-                            extra_metrics={"resumed_from": resumed_from, "num_workers": world})
-        storage.write_json(join(config["run"], "result.json"), result | {"resumed_from": resumed_from})
+    if rank == 0 and not written:  # resumed from the final checkpoint: nothing trained here
+        write_outputs()
 
 
 class _Validator:

@@ -46,12 +46,11 @@ class TrainState:
 
 def build_train_state(
     cfg: RaydbConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
-    *, fused_adam: bool | None = None,
 ) -> TrainState:
     """Add LoRA, apply the speed options, build AdamW over the LoRA parameters and the lr schedule.
 
     LoRA init is seeded by ``train.seed`` so every worker (and every rerun) starts identical.
-    ``fused_adam`` overrides ``train.fused_adam`` (the GPU benchmark compares both).
+    ``state.model`` is what the step calls: the UNet, or its compiled wrapper (``train.compile``).
     """
     from diffusers.optimization import get_scheduler
 
@@ -67,7 +66,7 @@ def build_train_state(
         unet.enable_gradient_checkpointing()
     tc = cfg.train
     prepare_unet(tc, unet)
-    fused = use_fused_adam(tc, params) if fused_adam is None else fused_adam
+    fused = use_fused_adam(tc, params)
     optimizer = torch.optim.AdamW(
         params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
         weight_decay=tc.adam_weight_decay, eps=tc.adam_epsilon,

@@ -64,24 +64,24 @@ def test_channels_last_and_fused_adam_train_the_same(make_cfg):
     _assert_same_training(base, fast)
 
 
-@pytest.mark.parametrize("mode", ["full", "blocks"])
-def test_compiled_step_trains_like_eager(make_cfg, mode):
+def test_compiled_step_trains_like_eager(make_cfg):
     import torch._dynamo
 
     torch._dynamo.reset()
     eager = _steps(make_cfg())
-    compiled = _steps(make_cfg(train={"compile": mode, "compile_backend": "aot_eager"}))
-    state = compiled[2]
-    if mode == "full":  # a separate wrapper; the eager UNet (same parameters) stays for sampling
-        assert isinstance(state.model, torch._dynamo.eval_frame.OptimizedModule)
-        assert state.model._orig_mod is state.unet
-    else:  # the UNet itself, its repeated blocks compiled in place
-        assert state.model is state.unet
-        blocks = [m for m in state.unet.modules() if type(m).__name__ == "ResnetBlock2D"]
-        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
-    _assert_same_training(eager, compiled)
-    # the checkpointed/saved LoRA names are the plain UNet's, not "_orig_mod." ones
-    assert all("_orig_mod" not in k for k in compiled[1])
+    for mode in ("full", "blocks"):
+        compiled = _steps(make_cfg(train={"compile": mode, "compile_backend": "aot_eager"}))
+        state = compiled[2]
+        if mode == "full":  # a separate wrapper; the eager UNet (same parameters) stays for sampling
+            assert isinstance(state.model, torch._dynamo.eval_frame.OptimizedModule)
+            assert state.model._orig_mod is state.unet
+        else:  # the UNet itself, its repeated blocks compiled in place
+            assert state.model is state.unet
+            blocks = [m for m in state.unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+            assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+        _assert_same_training(eager, compiled)
+        # the checkpointed/saved LoRA names are the plain UNet's, not "_orig_mod." ones
+        assert all("_orig_mod" not in k for k in compiled[1])
 
 
 def test_full_graph_inductor_is_refused_on_cpu(make_cfg):

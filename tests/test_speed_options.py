@@ -84,17 +84,24 @@ def test_compiled_step_trains_like_eager(make_cfg):
         assert all("_orig_mod" not in k for k in compiled[1])
 
 
+def _build_state(cfg):
+    """build_train_state on the tiny model (no data): where the speed options are applied."""
+    comps = load_components(cfg.model, Storage(), cfg.workspace)
+    return build_train_state(cfg, comps.unet, comps.text_encoder)
+
+
 def test_full_graph_inductor_is_refused_on_cpu(make_cfg):
     """torch 2.13's inductor CPU code for the whole UNet graph gives wrong LoRA gradients
     (bench/compile_parity.py): the trainer refuses that combination with a clear error."""
     with pytest.raises(ValueError, match="train.compile.*'full'.*inductor.*CPU"):
-        _steps(make_cfg(train={"compile": "full"}), steps=1)
+        _build_state(make_cfg(train={"compile": "full"}))
 
 
 def test_unknown_compile_backend_is_named(make_cfg):
-    cfg = make_cfg(train={"compile": "full", "compile_backend": "no-such-backend"})
-    with pytest.raises(ValueError, match="train.compile_backend.*no-such-backend"):
-        _steps(cfg, steps=1)
+    for mode in ("full", "blocks"):
+        cfg = make_cfg(train={"compile": mode, "compile_backend": "no-such-backend"})
+        with pytest.raises(ValueError, match="train.compile_backend.*no-such-backend"):
+            _build_state(cfg)
 
 
 def test_compile_mode_is_validated(make_cfg):

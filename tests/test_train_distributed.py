@@ -41,10 +41,11 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
     class_dir = _folder(tmp_path / "class", [same, same, same, same])
     common = {"prior": {"class_data": class_dir, "num_class_images": 4},
               "train": {"max_steps": 2, "checkpoint_every": 100, "learning_rate": 1e-2}}
-    one = train_distributed(make_cfg(workspace=str(tmp_path / "one"), cluster={"num_workers": 1},
+    # one workspace: the second run reuses the first one's encoded cache (the run ids differ)
+    one = train_distributed(make_cfg(workspace=str(tmp_path / "ws"), cluster={"num_workers": 1},
                                      **{**common, "train": {**common["train"], "batch_size": 2}}),
                             quiet=True, register=False)
-    two = train_distributed(make_cfg(workspace=str(tmp_path / "two"), cluster={"num_workers": 2},
+    two = train_distributed(make_cfg(workspace=str(tmp_path / "ws"), cluster={"num_workers": 2},
                                      **{**common, "train": {**common["train"], "batch_size": 1}}),
                             quiet=True, register=False)
     a, b = _adapter(one), _adapter(two)

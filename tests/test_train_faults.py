@@ -57,7 +57,7 @@ def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, clas
 
     cfg = make_cfg(cluster={"num_workers": 1},
                    prior={"class_data": class_images_dir, "num_class_images": 4},
-                   train={"max_steps": 60, "checkpoint_every": 3, "resolution": 64})
+                   train={"max_steps": 30, "checkpoint_every": 3, "resolution": 64})
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
     script = (
@@ -90,4 +90,4 @@ def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, clas
     time.sleep(2)  # let the cluster reap the dead job's actors
     result = train_distributed(cfg.model_copy(update={}), quiet=True)
     assert result["resumed_from"] >= 3
-    assert [m["step"] for m in _metrics(result)] == list(range(1, 61))
+    assert [m["step"] for m in _metrics(result)] == list(range(1, 31))

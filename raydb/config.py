@@ -145,6 +145,10 @@ class TrainConfig(_Strict):
     )
     lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast dtype.")
+    dtype: Literal["float32", "float64"] = Field(
+        "float32", description="Dtype of the frozen weights and the LoRA parameters when "
+        "mixed_precision is 'no'. float64 is for exactness checks on CPU (e.g. DDP equivalence), "
+        "where float32 kernels that differ only in reduction order would blur the comparison.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for UNet activation memory.")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
@@ -168,6 +172,12 @@ class TrainConfig(_Strict):
         "blocks (shorter compile); validation and samples stay eager under 'full'.")
     compile_backend: str = Field("inductor", min_length=1,
                                  description="torch.compile backend (see torch._dynamo.list_backends()).")
+
+    @model_validator(mode="after")
+    def _dtype_without_autocast(self) -> TrainConfig:
+        if self.dtype == "float64" and self.mixed_precision != "no":
+            raise ValueError(f"dtype: float64 needs mixed_precision 'no' (got {self.mixed_precision!r})")
+        return self
 
     @field_validator("resolution")
     @classmethod

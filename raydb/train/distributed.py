@@ -65,7 +65,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raydb.train.encode_stage import EncodedCache, load_prompts, read_encoded, rows_to_encoded
     from raydb.train.run import checkpoint_payload, finish_run, restore_payload
     from raydb.train.speed import compile_for_training
-    from raydb.train.step import autocast_dtype, build_train_state, optimizer_step
+    from raydb.train.step import build_train_state, optimizer_step, weights_dtype
 
     cfg = RaydbConfig.model_validate(config["cfg"])
     storage = Storage(cfg.s3_endpoint_url)
@@ -75,7 +75,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
     tc = cfg.train
     comps = load_components(cfg.model, storage, cfg.workspace, device=device,
-                            dtype=autocast_dtype(tc.mixed_precision) or torch.float32)
+                            dtype=weights_dtype(tc))
 
     cache = EncodedCache(**config["encoded"])
     prompts = load_prompts(storage, cache)

@@ -25,7 +25,12 @@ __all__ = ["add_lora", "trainable_parameters", "lora_state_dicts", "save_lora", 
 def add_lora(
     unet: torch.nn.Module, cfg: LoraConfig, text_encoder: torch.nn.Module | None = None
 ) -> list[torch.nn.Parameter]:
-    """Inject LoRA layers; return the trainable (fp32) parameters. Base weights stay frozen."""
+    """Inject LoRA layers; return the trainable parameters. Base weights stay frozen.
+
+    The LoRA parameters are fp32 master weights whatever the base dtype (fp16/bf16 under mixed
+    precision), except over a float64 base (``train.dtype``), where they are float64 too.
+    """
+    master = torch.float64 if next(unet.parameters()).dtype == torch.float64 else torch.float32
     unet.requires_grad_(False)
     unet.add_adapter(PeftLoraConfig(
         r=cfg.rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.dropout,
@@ -45,7 +50,7 @@ def add_lora(
     if not params:
         raise ValueError(f"lora.target_modules {cfg.target_modules} matched no module of the UNet")
     for p in params:
-        p.data = p.data.float()
+        p.data = p.data.to(master)
     return params
 
 

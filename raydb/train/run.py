@@ -28,7 +28,7 @@ from raydb.train.data import TrainingData, step_micro_batches
 from raydb.train.encode import add_flips, encode_images, encode_prompts, images_to_tensor, tokenize
 from raydb.train.lora import load_lora_state, lora_state_dicts, save_lora
 from raydb.train.outputs import adapter_metadata, loss_curve_png, metrics_line, sample_grid_png, write_adapter
-from raydb.train.step import TrainState, autocast_dtype, build_train_state, optimizer_step
+from raydb.train.step import TrainState, build_train_state, optimizer_step, weights_dtype
 
 __all__ = [
     "run_id", "run_uri", "load_class_images", "prepare_training_data", "checkpoint_payload",
@@ -186,7 +186,7 @@ def train_subject(
     if finished and finished.get("metrics", {}).get("steps", 0) >= tc.max_steps:
         return finished_result(cfg, storage, run, finished, register=register, quiet=quiet)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = autocast_dtype(tc.mixed_precision) or torch.float32
+    dtype = weights_dtype(tc)
     components = load_components(cfg.model, storage, cfg.workspace, device=device, dtype=dtype)
     data = prepare_training_data(cfg, components, storage)
     state = build_train_state(cfg, components.unet, components.text_encoder)

@@ -15,18 +15,25 @@ from typing import Any
 
 import torch
 
-from raydb.config import RaydbConfig
+from raydb.config import RaydbConfig, TrainConfig
 from raydb.train.data import MicroBatch
 from raydb.train.lora import add_lora
 from raydb.train.loss import LossParts, dreambooth_loss, training_target
 
-__all__ = ["TrainState", "build_train_state", "forward_loss", "optimizer_step", "autocast_dtype"]
+__all__ = ["TrainState", "build_train_state", "forward_loss", "optimizer_step", "autocast_dtype",
+           "weights_dtype"]
 
 _DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
     return _DTYPES[mixed_precision]
+
+
+def weights_dtype(tc: TrainConfig) -> torch.dtype:
+    """Dtype the frozen base weights are loaded in for training: the autocast dtype under mixed
+    precision, else ``train.dtype`` (float32, or float64 for exactness checks)."""
+    return autocast_dtype(tc.mixed_precision) or getattr(torch, tc.dtype)
 
 
 @dataclass

@@ -42,8 +42,9 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
     to ~1e-12 on any CPU. The saved adapters are float32, so they are compared to within two float32
     ulps (the one rounding of identical float64 weights can land either side).
 
-    Summed instead of averaged gradients fail here: the pre-clip gradient norm doubles (checked by
-    multiplying the worker loss by the world size).
+    Summed instead of averaged gradients fail here (checked on 2026-11-27 by multiplying each
+    worker's loss by the world size: the adapter comparison fails; the pre-clip gradient norm,
+    compared below, doubles as well).
     """
     from raydb.train.distributed import train_distributed
 

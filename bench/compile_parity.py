@@ -27,7 +27,7 @@ from raydb.models.components import load_components  # noqa: E402
 from raydb.storage import Storage  # noqa: E402
 from raydb.train import speed  # noqa: E402
 from raydb.train.data import step_micro_batches  # noqa: E402
-from raydb.train.run import prepare_training_data  # noqa: E402
+from raydb.train.local import prepare_training_data  # noqa: E402
 from raydb.train.step import build_train_state, forward_loss  # noqa: E402
 
 

@@ -51,9 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from raydb.config import RaydbConfig, load_config  # noqa: E402
+from raydb.encode.encoders import EncodedImages  # noqa: E402
 from raydb.models.tiny import TINY_SPEC, build_tiny_tokenizer  # noqa: E402
 from raydb.train.data import TrainingData, make_micro_batch, step_micro_batches  # noqa: E402
-from raydb.train.encode import EncodedImages  # noqa: E402
 from raydb.train.step import TrainState, build_train_state, optimizer_step  # noqa: E402
 
 # Dense bf16 tensor-core peak (datasheet, SXM parts). The H200 has the H100's compute.

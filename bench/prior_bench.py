@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from raydb.config import RaydbConfig, load_config  # noqa: E402
 from raydb.models.components import load_pipeline  # noqa: E402
 from raydb.prior.cache import CPU_THREADS, image_seed  # noqa: E402
-from raydb.prior.pipeline import ensure_prior_images, resolve_prior_cache  # noqa: E402
+from raydb.prior.stage import ensure_prior_images, resolve_prior_cache  # noqa: E402
 from raydb.storage import Storage  # noqa: E402
 
 

@@ -36,7 +36,7 @@ def _free_port() -> int:
 
 def train_subjects(workspace: str, n: int) -> list[str]:
     from raydb.config import load_config
-    from raydb.train.run import train_subject
+    from raydb.train.local import train_subject
 
     ids = [f"subject{i}" for i in range(n)]
     for i, sid in enumerate(ids):

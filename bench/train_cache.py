@@ -25,7 +25,7 @@ from raydb.config import RaydbConfig, load_config  # noqa: E402
 from raydb.models.components import load_components  # noqa: E402
 from raydb.storage import Storage  # noqa: E402
 from raydb.train.data import TrainingData, step_micro_batches  # noqa: E402
-from raydb.train.run import prepare_training_data  # noqa: E402
+from raydb.train.local import prepare_training_data  # noqa: E402
 from raydb.train.step import TrainState, build_train_state, optimizer_step  # noqa: E402
 
 

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> None:
     from raydb.config import load_config
     from raydb.ray_utils import init_ray
-    from raydb.train.distributed import train_distributed
+    from raydb.train.stage import train_distributed
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=40)

@@ -29,9 +29,9 @@ __all__ = [
 _HOME = {
     "ConfigError": "raydb.config", "RaydbConfig": "raydb.config", "load_config": "raydb.config",
     "Storage": "raydb.storage",
-    "ensure_prior_images": "raydb.prior.pipeline",
-    "train_subject": "raydb.train.run", "train_distributed": "raydb.train.distributed",
-    "run_tune": "raydb.tune",
+    "ensure_prior_images": "raydb.prior.stage",
+    "train_subject": "raydb.train.local", "train_distributed": "raydb.train.stage",
+    "run_tune": "raydb.tune.stage",
     "register_adapter": "raydb.registry", "latest_version": "raydb.registry",
     "run_pipeline": "raydb.pipeline",
     "build_application": "raydb.serving",

@@ -1,8 +1,14 @@
-"""``raydb`` command line: one subcommand per pipeline stage, each calling one raydb function.
+"""``raydb`` command line: one verb per pipeline stage, all through ``run_pipeline``.
 
-Every subcommand takes ``--config FILE`` and then ``key=value`` overrides, e.g.::
+Every verb takes ``--config FILE`` and then ``key=value`` overrides, e.g.::
 
     raydb train --config jobs/configs/demo.yaml train.max_steps=60
+
+The stage verbs (``prior``, ``encode``, ``train``, ``tune``, ``pipeline``) are rows of ``VERBS``:
+the stages they run and the flags they take. They all call :func:`raydb.pipeline.run_pipeline`, so
+a stage's manifest and skipping behave the same whichever verb ran it. Bad input (config, storage,
+adapter, a search with no finished trial) ends with one ``raydb <verb>: error: ...`` line, exit 1
+(2 for a config error), never a traceback.
 """
 
 from __future__ import annotations
@@ -12,10 +18,86 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from raydb.config import ConfigError, RaydbConfig, load_config
 
-__all__ = ["main"]
+__all__ = ["main", "VERBS", "Verb", "Flag"]
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line switch, passed to ``run_pipeline`` as the keyword ``dest``."""
+
+    name: str
+    help: str
+    dest: str
+
+
+@dataclass(frozen=True)
+class Verb:
+    """A stage verb: the stages it runs (None: the config decides, tune or train) and its flags."""
+
+    help: str
+    stages: tuple[str, ...] | None
+    flags: tuple[Flag, ...] = field(default_factory=tuple)
+
+
+_LOCAL = Flag("--local", "run in this process without Ray (one worker)", "local")
+_RESTART = Flag("--restart", "train the run again from scratch (ignore checkpoints and a finished "
+                "adapter)", "restart")
+_DEPLOY = Flag("--deploy", "deploy or update the Serve app at the end", "deploy")
+
+VERBS: dict[str, Verb] = {
+    "prior": Verb("generate the class-prior images into the shared cache (Ray Data)", ("prior",),
+                  (_LOCAL,)),
+    "encode": Verb("priors and the encoded latent cache (Ray Data)", ("prior", "encode")),
+    "train": Verb("train a subject's DreamBooth-LoRA adapter and register it",
+                  ("prior", "encode", "train", "register"), (_LOCAL, _RESTART)),
+    "tune": Verb("search prior_loss_weight x learning_rate with Ray Tune; register the best",
+                 ("prior", "encode", "tune", "register")),
+    "pipeline": Verb("priors -> encode -> train or tune -> register [-> serve], skipping stages "
+                     "whose inputs are unchanged", None, (_DEPLOY, _RESTART)),
+}
+
+
+def _run_verb(name: str, cfg: RaydbConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from raydb.pipeline import cluster_is_joined, run_pipeline
+
+    verb = VERBS[name]
+    options = {flag.dest: getattr(args, flag.dest) for flag in verb.flags}
+    stages = list(verb.stages) if verb.stages else None
+    if getattr(args, "stages", None):
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if stages and "serve" in stages:
+        options["deploy"] = True
+    joined = cluster_is_joined(cfg)  # asked before Ray starts: a local start sets RAY_ADDRESS
+    if not options.get("local"):
+        from raydb.ray_utils import init_ray
+
+        init_ray(cfg)
+    result = run_pipeline(cfg, stages=stages, **options)
+    if options.get("deploy") and not joined:  # our own local cluster ends with us: keep serving
+        print(json.dumps(result, default=str))
+        from raydb.serving import run_server
+
+        run_server(cfg, blocking=True)
+        return {}
+    return result
+
+
+def _cmd_serve(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
+    from raydb.serving import run_server
+
+    run_server(cfg, blocking=True)
+    return {}
+
+
+def _cmd_demo(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
+    from raydb.demo import run_demo
+
+    return run_demo(cfg, output=args.output)
 
 
 def _cmd_config(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
@@ -31,79 +113,13 @@ def _cmd_config(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
     return {}
 
 
-def _cmd_prior(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
-    from raydb.prior import ensure_prior_images
-
-    if not args.no_ray:
-        from raydb.ray_utils import init_ray
-
-        init_ray(cfg)
-    return ensure_prior_images(cfg, use_ray=not args.no_ray).to_dict() | {"stage": "prior"}
-
-
-def _cmd_train(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
-    if args.local:
-        from raydb.train.run import train_subject
-
-        return train_subject(cfg, resume=not args.restart)
-    from raydb.ray_utils import init_ray
-    from raydb.train.distributed import train_distributed
-
-    init_ray(cfg)
-    return train_distributed(cfg)
-
-
-def _cmd_serve(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
-    from raydb.serving import run_server
-
-    run_server(cfg, blocking=True)
-    return {}
-
-
-def _cmd_pipeline(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
-    from raydb.pipeline import cluster_is_joined, run_pipeline
-
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    deploy = args.deploy or bool(stages and "serve" in stages)
-    joined = cluster_is_joined(cfg)  # asked before Ray starts: a local start sets RAY_ADDRESS
-    result = run_pipeline(cfg, deploy=deploy, stages=stages)
-    if deploy and not joined:  # our own local cluster ends with us: keep serving
-        print(json.dumps(result, default=str))
-        from raydb.serving import run_server
-
-        run_server(cfg, blocking=True)
-        return {}
-    return result
-
-
-def _cmd_tune(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
-    from raydb.tune import run_tune
-
-    return run_tune(cfg)
-
-
-def _cmd_encode(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
-    from raydb.pipeline import run_pipeline
-
-    return run_pipeline(cfg, stages=["prior", "encode"])
-
-
-def _cmd_demo(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
-    from raydb.demo import run_demo
-
-    return run_demo(cfg, output=args.output)
-
-
-COMMANDS: dict[str, tuple[Callable, str]] = {
-    "prior": (_cmd_prior, "generate the class-prior images into the shared cache (Ray Data)"),
-    "train": (_cmd_train, "train a subject's DreamBooth-LoRA adapter and register it"),
-    "serve": (_cmd_serve, "run the Ray Serve app over the adapter registry"),
-    "pipeline": (_cmd_pipeline, "priors -> encode -> train or tune -> register [-> serve], "
-                 "skipping stages whose inputs are unchanged"),
-    "tune": (_cmd_tune, "search prior_loss_weight x learning_rate with Ray Tune; register the best"),
-    "encode": (_cmd_encode, "priors and the encoded latent cache (Ray Data)"),
-    "demo": (_cmd_demo, "the embedded end-to-end demo (tiny model, built-in subject)"),
-    "config": (_cmd_config, "validate a config and print it with defaults filled in"),
+# The other verbs: (function, help, extra flags as argparse arguments).
+OTHER: dict[str, tuple[Callable[[RaydbConfig, argparse.Namespace], dict], str, list[tuple]]] = {
+    "serve": (_cmd_serve, "run the Ray Serve app over the adapter registry", []),
+    "demo": (_cmd_demo, "the embedded end-to-end demo (tiny model, built-in subject)",
+             [(("--output",), {"default": "demo-output", "help": "where the demo's pictures go"})]),
+    "config": (_cmd_config, "validate a config and print it with defaults filled in",
+               [(("--reference",), {"action": "store_true", "help": "print the key reference (Markdown)"})]),
 }
 
 
@@ -113,27 +129,30 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Overrides: dotted key=value after the options, e.g. train.max_steps=60",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
+    specs: dict[str, tuple[str, list[tuple]]] = {}
+    for name, verb in VERBS.items():
+        flags = [((f.name,), {"action": "store_true", "help": f.help, "dest": f.dest}) for f in verb.flags]
+        if verb.stages is None:
+            flags.append((("--stages",), {"help": "comma-separated subset, e.g. prior,encode (default: "
+                                                   "all; tune instead of train when the config has tune:)"}))
+        specs[name] = (verb.help, flags)
+    specs |= {name: (help_text, flags) for name, (_, help_text, flags) in OTHER.items()}
+    for name, (help_text, flags) in specs.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", "-c", help="YAML config (default: built-in defaults)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-        if name == "prior":
-            p.add_argument("--no-ray", action="store_true", help="generate in this process")
-        if name == "train":
-            p.add_argument("--local", action="store_true",
-                           help="train in this process without Ray (one worker)")
-            p.add_argument("--restart", action="store_true",
-                           help="with --local: ignore existing checkpoints")
-        if name == "config":
-            p.add_argument("--reference", action="store_true", help="print the key reference (Markdown)")
-        if name == "pipeline":
-            p.add_argument("--deploy", action="store_true",
-                           help="deploy or update the Serve app at the end")
-            p.add_argument("--stages", help="comma-separated subset, e.g. prior,encode "
-                           "(default: all; tune instead of train when the config has tune:)")
-        if name == "demo":
-            p.add_argument("--output", default="demo-output", help="where the demo's pictures go")
+        for names, kwargs in flags:
+            p.add_argument(*names, **kwargs)
     return parser
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input or environment, reported as one line."""
+    from raydb.serving.adapters import AdapterError
+    from raydb.storage import StorageError
+    from raydb.tune.stage import TuneFailed
+
+    return (ValueError, FileNotFoundError, StorageError, AdapterError, TuneFailed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"raydb: {exc}", file=sys.stderr)
         return 2
+    run = (lambda: _run_verb(args.command, cfg, args)) if args.command in VERBS else (
+        lambda: OTHER[args.command][0](cfg, args))
     try:
-        result = COMMANDS[args.command][0](cfg, args)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: a clear message, not a traceback
+        result = run()
+    except _failures() as exc:  # bad input: a clear message, not a traceback
         print(f"raydb {args.command}: error: {exc}", file=sys.stderr)
         return 1
     if result:

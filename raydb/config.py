@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raydb.ids import check_safe_id
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -75,8 +77,6 @@ class SubjectConfig(_Strict):
     @field_validator("id", "tenant")
     @classmethod
     def _safe_id(cls, value: str) -> str:
-        from raydb.registry import check_safe_id
-
         return check_safe_id(value)
 
     @field_validator("instance_prompt", "class_prompt")
@@ -150,10 +150,10 @@ class TrainConfig(_Strict):
         "mixed_precision is 'no'. float64 is for exactness checks on CPU (e.g. DDP equivalence), "
         "where float32 kernels that differ only in reduction order would blur the comparison.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for UNet activation memory.")
-    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    adam_weight_decay: float = Field(1e-2, ge=0.0)
-    adam_epsilon: float = Field(1e-8, gt=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1 (first-moment decay).")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2 (second-moment decay).")
+    adam_weight_decay: float = Field(1e-2, ge=0.0, description="AdamW decoupled weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon (denominator floor).")
     seed: int = Field(0, ge=0, description="Seed of noise, timesteps, LoRA init and data order.")
     checkpoint_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
     checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept per run.")
@@ -200,9 +200,9 @@ class ClusterConfig(_Strict):
 class SearchSpace(_Strict):
     """A search dimension: an explicit list (grid) or ``{low, high}`` sampled log-uniformly."""
 
-    values: list[float] | None = None
-    low: float | None = None
-    high: float | None = None
+    values: list[float] | None = Field(None, description="Grid: try exactly these values.")
+    low: float | None = Field(None, description="Lower end of a log-uniform range.")
+    high: float | None = Field(None, description="Upper end of a log-uniform range.")
 
     @model_validator(mode="before")
     @classmethod
@@ -231,8 +231,10 @@ class SearchSpace(_Strict):
 
 
 class TuneConfig(_Strict):
-    prior_loss_weight: SearchSpace = Field(default_factory=lambda: SearchSpace(values=[0.0, 1.0]))
-    learning_rate: SearchSpace = Field(default_factory=lambda: SearchSpace(values=[1e-4]))
+    prior_loss_weight: SearchSpace = Field(default_factory=lambda: SearchSpace(values=[0.0, 1.0]),
+                                           description="Search space of train.prior_loss_weight.")
+    learning_rate: SearchSpace = Field(default_factory=lambda: SearchSpace(values=[1e-4]),
+                                       description="Search space of train.learning_rate.")
     num_samples: int = Field(1, ge=1, description="Samples per grid point (or draws for ranges).")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Default: what the cluster fits.")
     eval_every: int = Field(10, ge=1, description="Optimizer steps between validation metrics.")
@@ -245,7 +247,7 @@ class TuneConfig(_Strict):
 class EvalConfig(_Strict):
     clip_model: str | None = Field(None, description="CLIP model for CLIP-I/CLIP-T ('tiny' or a path).")
     num_images: int = Field(2, ge=1, description="Sampled images for CLIP metrics.")
-    num_inference_steps: int = Field(10, ge=1)
+    num_inference_steps: int = Field(10, ge=1, description="Denoising steps of the CLIP-metric samples.")
 
 
 class ServeConfig(_Strict):
@@ -254,16 +256,18 @@ class ServeConfig(_Strict):
         default_factory=dict, description="sha256 hex digest of an API key -> tenant."
     )
     api_keys_env: str = Field("RAYDB_API_KEYS", description="Env var with 'key:tenant,key:tenant'.")
-    max_num_models_per_replica: int = Field(8, ge=1)
-    num_replicas: int = Field(1, ge=1)
-    max_inference_steps: int = Field(50, ge=1)
-    default_inference_steps: int = Field(25, ge=1)
-    max_size: int = Field(768, ge=8)
-    max_images: int = Field(4, ge=1)
-    max_prompt_chars: int = Field(500, ge=1)
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    route_prefix: str = "/"
+    max_num_models_per_replica: int = Field(8, ge=1, description="Adapters resident per diffusion "
+                                            "replica (least recently used unloaded first).")
+    num_replicas: int = Field(1, ge=1, description="Diffusion replicas.")
+    max_inference_steps: int = Field(50, ge=1, description="Largest num_inference_steps a request may ask.")
+    default_inference_steps: int = Field(25, ge=1, description="num_inference_steps when a request "
+                                         "gives none.")
+    max_size: int = Field(768, ge=8, description="Largest width/height a request may ask (pixels).")
+    max_images: int = Field(4, ge=1, description="Largest num_images per request.")
+    max_prompt_chars: int = Field(500, ge=1, description="Longest prompt / negative prompt (characters).")
+    host: str = Field("127.0.0.1", description="HTTP host Serve's proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port Serve's proxy binds.")
+    route_prefix: str = Field("/", description="URL prefix of the app's routes.")
     app_name: str = Field("raydb", description="Ray Serve application name.")
     num_cpus_per_replica: float = Field(
         1.0, gt=0.0, description="CPUs reserved by each diffusion replica (also its torch threads)."
@@ -280,15 +284,17 @@ class RaydbConfig(_Strict):
                            description="Local path or s3://bucket/prefix for all artifacts.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint "
                                         "(default: $AWS_ENDPOINT_URL).")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    subject: SubjectConfig = Field(default_factory=SubjectConfig)
-    prior: PriorConfig = Field(default_factory=PriorConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    tune: TuneConfig | None = None
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    subject: SubjectConfig = Field(default_factory=SubjectConfig,
+                                   description="The subject: id, owner, photos and prompts.")
+    prior: PriorConfig = Field(default_factory=PriorConfig,
+                               description="Prior preservation and class-image generation.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="The LoRA adapter's shape.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray Train workers.")
+    tune: TuneConfig | None = Field(None, description="Ray Tune search (none: train one run).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Validation metrics.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="The Ray Serve app.")
 
     @field_validator("workspace")
     @classmethod

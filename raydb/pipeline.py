@@ -1,6 +1,9 @@
 """The whole pipeline as one job: priors -> encode -> train (or tune) -> register -> deploy.
 
-``run_pipeline`` calls each stage's own raydb function in order. Before a stage runs it hashes the
+``run_pipeline`` calls each stage's own raydb function in order; every CLI verb that runs a stage
+(``raydb prior``, ``encode``, ``train``, ``tune``, ``pipeline``) goes through it, so manifests and
+skipping behave the same whichever verb ran a stage. It needs a running Ray cluster unless
+``local`` (``raydb.ray_utils.init_ray``, called by the entry points). Before a stage runs it hashes the
 config fields the stage depends on (its *inputs*, which include its upstream stages' inputs, since
 their outputs are a function of them) and reads ``<workspace>/pipeline/<subject>/<stage>.json``.
 When that manifest records the same hash and the outputs it lists still exist, the stage is skipped
@@ -25,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from raydb.config import RaydbConfig
 from raydb.storage import Storage, is_s3, join
@@ -38,10 +41,11 @@ STAGES = ("prior", "encode", "train", "tune", "register", "serve")
 
 @dataclass
 class StageResult:
-    """One row of the summary. ``status``: ``ran``, ``skipped`` (manifest matched) or ``off``."""
+    """One row of the summary. ``status``: ``ran``, ``skipped`` (manifest matched) or ``off``
+    (not needed: prior preservation off or class images given; encode under ``local``)."""
 
     stage: str
-    status: str
+    status: Literal["ran", "skipped", "off"]
     seconds: float
     outputs: dict[str, Any] = field(default_factory=dict)
 
@@ -97,7 +101,7 @@ def _data_fingerprint(storage: Storage, uri: str | None) -> Any:
 
 def stage_inputs(cfg: RaydbConfig, storage: Storage, stage: str) -> dict[str, Any]:
     """The config fields ``stage`` depends on, cumulative over its upstream stages."""
-    from raydb.train.run import run_id
+    from raydb.train.rundir import run_id
 
     c = cfg.to_dict()
     model = {k: c["model"][k] for k in ("pretrained", "revision", "prediction_type")}
@@ -141,51 +145,47 @@ def _ray_address() -> str | None:
     return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
 
 
-def _ensure_ray(cfg: RaydbConfig) -> None:
-    from raydb.ray_utils import init_ray
-
-    init_ray(cfg)
-
-
 def _serve_config(cfg: RaydbConfig) -> RaydbConfig:
-    from raydb.serving import _with_env_keys  # env keys become digests: the hash never holds a key
+    from raydb.serving.auth import with_env_keys  # env keys become digests: the hash never holds a key
 
-    return _with_env_keys(cfg)
+    return with_env_keys(cfg)
 
 
 def _exists_all(storage: Storage, *uris: str) -> bool:
     return all(storage.exists(u) for u in uris)
 
 
-def _prior(cfg: RaydbConfig, storage: Storage) -> dict[str, Any]:
+def _prior(cfg: RaydbConfig, storage: Storage, local: bool) -> dict[str, Any]:
     from raydb.prior import ensure_prior_images
 
-    _ensure_ray(cfg)
-    stats = ensure_prior_images(cfg, storage, use_ray=True)
+    stats = ensure_prior_images(cfg, storage, use_ray=not local)
     return {"cache_uri": stats.cache_uri, "key": stats.key, "images": stats.requested,
             "images_generated": stats.images_generated}
 
 
-def _prior_exists(storage: Storage, cfg: RaydbConfig, out: dict[str, Any]) -> bool:
-    from raydb.prior.pipeline import resolve_prior_cache
+def _prior_exists(storage: Storage, cfg: RaydbConfig, out: dict[str, Any], local: bool) -> bool:
+    from raydb.prior.stage import resolve_prior_cache
 
-    cache = resolve_prior_cache(cfg, storage)
+    cache = resolve_prior_cache(cfg, storage, use_ray=not local)
     return cache.uri == out.get("cache_uri") and not cache.missing_blocks(storage, out["images"])
 
 
 def _encode(cfg: RaydbConfig, storage: Storage) -> dict[str, Any]:
-    from raydb.train.distributed import prepare_encoded
+    from raydb.encode.stage import prepare_encoded
 
-    _ensure_ray(cfg)
     cache, ran = prepare_encoded(cfg, storage)
     return dict(cache.__dict__) | {"reused": not ran}
 
 
-def _train(cfg: RaydbConfig, storage: Storage) -> dict[str, Any]:
-    from raydb.train.distributed import train_distributed
+def _train(cfg: RaydbConfig, storage: Storage, local: bool, restart: bool) -> dict[str, Any]:
+    if local:
+        from raydb.train.local import train_subject
 
-    _ensure_ray(cfg)
-    result = train_distributed(cfg, storage, register=False)
+        result = train_subject(cfg, storage, register=False, resume=not restart)
+    else:
+        from raydb.train.stage import train_distributed
+
+        result = train_distributed(cfg, storage, register=False, resume=not restart)
     return {k: result.get(k) for k in ("adapter_uri", "run_dir", "steps", "images_per_s", "loss")} | {
         "reused": bool(result.get("skipped"))}
 
@@ -193,7 +193,6 @@ def _train(cfg: RaydbConfig, storage: Storage) -> dict[str, Any]:
 def _tune(cfg: RaydbConfig, storage: Storage) -> dict[str, Any]:
     from raydb.tune import run_tune  # imported here: the search is optional and pulls in Ray Tune
 
-    _ensure_ray(cfg)
     result = run_tune(cfg, storage)
     best = result["best"]
     adapter = result.get("registered") or join(best["run_dir"], "adapter")
@@ -216,9 +215,9 @@ def _register(cfg: RaydbConfig, storage: Storage, adapter_uri: str) -> dict[str,
 
 
 def _register_current(storage: Storage, cfg: RaydbConfig, out: dict[str, Any]) -> bool:
-    from raydb.registry import subject_uri
+    from raydb.registry import latest_uri
 
-    latest = storage.read_json_or(join(subject_uri(cfg.workspace, cfg.subject.id), "latest.json"))
+    latest = storage.read_json_or(latest_uri(cfg.workspace, cfg.subject.id))
     return bool(latest) and latest.get("uri") == out.get("uri")
 
 
@@ -257,9 +256,15 @@ def _selected(cfg: RaydbConfig, deploy: bool, stages: list[str] | None) -> list[
 
 
 def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bool = False,
-                 stages: list[str] | None = None, quiet: bool = False) -> dict[str, Any]:
+                 stages: list[str] | None = None, quiet: bool = False, local: bool = False,
+                 restart: bool = False) -> dict[str, Any]:
     """Run (or skip) each stage in order; returns ``{subject, stages: [...], adapter_uri, registered,
-    url, summary_uri}``. ``stages`` picks a subset (each stage's function fetches what it needs)."""
+    url, summary_uri}`` (plus ``run_dir``, ``steps``, ``images_per_s`` when a train stage ran).
+
+    ``stages`` picks a subset (each stage's function fetches what it needs). ``local`` runs in this
+    process without Ray: priors in-process, no separate encode stage (the trainer encodes), the
+    single-process trainer. ``restart`` trains the run again from scratch.
+    """
     storage = storage or Storage(cfg.s3_endpoint_url)
     base = pipeline_uri(cfg)
     results: list[StageResult] = []
@@ -279,19 +284,25 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
             if prior_off:
                 results.append(StageResult("prior", "off", 0.0, {"class_data": cfg.prior.class_data}))
                 continue
-            stage("prior", lambda: _prior(cfg, storage), lambda o: _prior_exists(storage, cfg, o))
+            stage("prior", lambda: _prior(cfg, storage, local),
+                  lambda o: _prior_exists(storage, cfg, o, local))
         elif name == "encode":
+            if local:
+                results.append(StageResult("encode", "off", 0.0, {"local": True}))
+                continue
             stage("encode", lambda: _encode(cfg, storage),
                   lambda o: storage.exists(join(o["uri"], "manifest.json")))
         elif name in ("train", "tune"):
-            stage(name, (lambda: _train(cfg, storage)) if name == "train" else (lambda: _tune(cfg, storage)),
-                  lambda o: _adapter_exists(storage, o))
+            if name == "train":
+                stage(name, lambda: _train(cfg, storage, local, restart),  # a restart always trains
+                      lambda o: not restart and _adapter_exists(storage, o))
+            else:
+                stage(name, lambda: _tune(cfg, storage), lambda o: _adapter_exists(storage, o))
         elif name == "register":
             adapter = (outputs.get("tune") or outputs.get("train") or _recorded(storage, cfg))["adapter_uri"]
             stage("register", lambda a=adapter: _register(cfg, storage, a),
                   lambda o, a=adapter: o.get("adapter_uri") == a and _register_current(storage, cfg, o))
         elif name == "serve":
-            _ensure_ray(cfg)
             stage("serve", lambda: _serve(cfg), lambda o: _serve_running(cfg))
     summary = {
         "subject": cfg.subject.id,
@@ -301,6 +312,8 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
         "url": outputs.get("serve", {}).get("url"),
         "summary_uri": join(base, "summary.json"),
     }
+    trained = outputs.get("train") or {}
+    summary |= {k: trained[k] for k in ("run_dir", "steps", "images_per_s") if k in trained}
     storage.write_json(summary["summary_uri"], summary)
     if not quiet:
         print(format_summary(results), flush=True)
@@ -328,6 +341,8 @@ def _key_outputs(res: StageResult) -> str:
         "serve": lambda: f"{o.get('url')}",
     }
     if res.status == "off":
+        if res.stage == "encode":
+            return "encoded by the single-process trainer"
         return "prior preservation off" if not o.get("class_data") else f"class images from {o['class_data']}"
     text = picks[res.stage]()
     return text + (" (found finished)" if o.get("reused") and res.status == "ran" else "")

@@ -4,49 +4,49 @@ A finished training run (or the best trial of a search) copies its adapter files
 folder, then moves ``subjects/<id>/latest.json`` to it with one atomic write, so a server reading the
 registry sees either the old or the new version, never a half-registered one.
 
-Subject ids and tenants use a safe character set — ``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`` with no
-``..`` — so an id can never name a path outside the registry.
+Subject ids and tenants use the safe character set of :mod:`raydb.ids`, so an id can never name a
+path outside the registry. This module is the only one that builds registry paths, and it owns the
+names of an adapter's files (``ADAPTER_WEIGHTS``, ``ADAPTER_META``).
 """
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
+from raydb.ids import check_safe_id
 from raydb.storage import NotFound, Storage, join
 
 __all__ = [
-    "SAFE_ID_PATTERN",
-    "check_safe_id",
+    "ADAPTER_WEIGHTS",
+    "ADAPTER_META",
+    "ADAPTER_FILES",
     "register_adapter",
     "latest_version",
     "list_subjects",
     "subject_uri",
-    "ADAPTER_FILES",
+    "version_uri",
+    "latest_uri",
 ]
 
-SAFE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
-_SAFE_ID = re.compile(SAFE_ID_PATTERN)
-ADAPTER_FILES = ("pytorch_lora_weights.safetensors", "adapter.json")
-
-
-def check_safe_id(value: str) -> str:
-    """Return ``value`` if it is a safe registry id, else raise ValueError saying why."""
-    if not isinstance(value, str) or not value:
-        raise ValueError("must be a non-empty id")
-    if ".." in value:
-        raise ValueError(f"{value!r} contains '..'")
-    if not _SAFE_ID.fullmatch(value):  # not match+$: "$" also accepts a trailing newline
-        raise ValueError(
-            f"{value!r} is not a safe id: use 1-64 letters, digits, '_', '-', '.', "
-            "starting with a letter or digit (no '/' or spaces)"
-        )
-    return value
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
+ADAPTER_META = "adapter.json"
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_META)
 
 
 def subject_uri(workspace: str, subject_id: str) -> str:
+    """``<workspace>/subjects/<id>``: every version of one subject."""
     return join(workspace, "subjects", check_safe_id(subject_id))
+
+
+def version_uri(workspace: str, subject_id: str, version: str) -> str:
+    """``<workspace>/subjects/<id>/<version>``: one registered adapter."""
+    return join(subject_uri(workspace, subject_id), version)
+
+
+def latest_uri(workspace: str, subject_id: str) -> str:
+    """The subject's ``latest.json`` pointer."""
+    return join(subject_uri(workspace, subject_id), "latest.json")
 
 
 def register_adapter(
@@ -62,11 +62,11 @@ def register_adapter(
     Returns the registry record: ``{subject_id, version, uri, registered_at}``.
     """
     base = subject_uri(workspace, subject_id)
-    meta = storage.read_json(join(adapter_dir_uri, "adapter.json"))
+    meta = storage.read_json(join(adapter_dir_uri, ADAPTER_META))
     meta.update(extra_metadata or {})
-    current = storage.read_json_or(join(base, "latest.json"))
+    current = storage.read_json_or(latest_uri(workspace, subject_id))
     if current:  # idempotent: registering the same weights again keeps the current version
-        current_meta = storage.read_json_or(join(current["uri"], "adapter.json"), {})
+        current_meta = storage.read_json_or(join(current["uri"], ADAPTER_META), {})
         if current_meta.get("weights_sha256") == meta.get("weights_sha256") and all(
             current_meta.get(k) == v for k, v in (extra_metadata or {}).items()
         ):
@@ -80,28 +80,26 @@ def register_adapter(
         if storage.write_bytes(claim, b"", if_absent=True):
             break
         version_no += 1
-    version_uri = join(base, version)
+    target = version_uri(workspace, subject_id, version)
     meta["subject_id"] = subject_id
     meta["version"] = version
-    storage.write_bytes(
-        join(version_uri, ADAPTER_FILES[0]),
-        storage.read_bytes(join(adapter_dir_uri, ADAPTER_FILES[0])),
-    )
-    storage.write_json(join(version_uri, "adapter.json"), meta)
+    weights = storage.read_bytes(join(adapter_dir_uri, ADAPTER_WEIGHTS))
+    storage.write_bytes(join(target, ADAPTER_WEIGHTS), weights)
+    storage.write_json(join(target, ADAPTER_META), meta)
     record = {
         "subject_id": subject_id,
         "version": version,
-        "uri": version_uri,
+        "uri": target,
         "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    storage.write_json(join(base, "latest.json"), record)  # the atomic pointer move
+    storage.write_json(latest_uri(workspace, subject_id), record)  # the atomic pointer move
     return record
 
 
 def latest_version(storage: Storage, workspace: str, subject_id: str) -> dict[str, Any]:
     """The ``latest`` record of a subject; raises NotFound for an unknown subject."""
     try:
-        return storage.read_json(join(subject_uri(workspace, subject_id), "latest.json"))
+        return storage.read_json(latest_uri(workspace, subject_id))
     except NotFound:
         raise NotFound(f"subject {subject_id!r} has no registered adapter") from None
 
@@ -122,6 +120,6 @@ def list_subjects(storage: Storage, workspace: str) -> dict[str, dict[str, Any]]
         versions = sorted(
             n.rstrip("/") for n in storage.list(join(root, sid)) if n.startswith("v") and n.endswith("/")
         )
-        meta = storage.read_json_or(join(latest["uri"], "adapter.json"), {})
+        meta = storage.read_json_or(join(latest["uri"], ADAPTER_META), {})
         out[sid] = {"latest": latest, "versions": versions, "metadata": meta}
     return out

@@ -7,7 +7,7 @@ from raydb.models.components import load_components
 from raydb.storage import Storage
 from raydb.train.data import make_micro_batch
 from raydb.train.evaluate import denoising_loss
-from raydb.train.run import prepare_training_data
+from raydb.train.local import prepare_training_data
 from raydb.train.step import build_train_state, optimizer_step
 
 STEPS = 120

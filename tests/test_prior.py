@@ -9,6 +9,7 @@ and keep to 8-12 tiny 64px images.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -17,8 +18,9 @@ import threading
 import pytest
 from PIL import Image
 
+from raydb import faults
 from raydb.prior.cache import BLOCK_SCHEMA
-from raydb.prior.pipeline import ensure_prior_images, resolve_prior_cache
+from raydb.prior.stage import ensure_prior_images, resolve_prior_cache
 from raydb.storage import Storage, join
 
 BLOCK_FILE = re.compile(r"^block-\d{6}\.parquet$")
@@ -180,7 +182,8 @@ def test_rerun_is_free_and_top_up_generates_only_new_images(ray_cluster, make_cf
 
 
 @pytest.mark.ray
-def test_lost_actor_is_restarted_and_the_set_is_complete(ray_cluster, make_cfg, tmp_path, reference):
+def test_lost_actor_is_restarted_and_the_set_is_complete(ray_cluster, make_cfg, tmp_path, reference,
+                                                         monkeypatch):
     cfg = make_cfg(prior={"num_class_images": 8, "concurrency": 1})
     os.makedirs(_blocks_dir(cfg))
     stale = join(_blocks_dir(cfg), ".block-000000.parquet.dead.tmp")  # left by an earlier crash
@@ -188,7 +191,9 @@ def test_lost_actor_is_restarted_and_the_set_is_complete(ray_cluster, make_cfg, 
         fh.write(b"PAR1 half")
     marker = str(tmp_path / "failed-once")
 
-    stats = ensure_prior_images(cfg, use_ray=True, quiet=True, _fail_after=(1, marker))
+    # the generator dies (SIGKILL) after its first block, once (raydb.faults)
+    monkeypatch.setenv(faults.ENV, json.dumps({"prior_block": {"after": 1, "once": marker}}))
+    stats = ensure_prior_images(cfg, use_ray=True, quiet=True)
 
     assert os.path.exists(marker)  # the actor did die after its first block
     assert sorted(stats.blocks) == [0, 1, 2, 3]  # every block reported once

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from raydb.registry import check_safe_id, latest_version, list_subjects, register_adapter, subject_uri
+from raydb.ids import check_safe_id
+from raydb.registry import latest_version, list_subjects, register_adapter, subject_uri
 from raydb.storage import NotFound, Storage
 
 

@@ -104,7 +104,7 @@ def _free_port() -> int:
 
 
 def _train(workspace: str, sid: str, tenant: str, token: str, noun: str) -> None:
-    from raydb.train.run import train_subject
+    from raydb.train.local import train_subject
 
     cfg = load_config(data={
         "workspace": workspace, "model": {"pretrained": "tiny"}, "prior": {"enabled": False},

@@ -21,8 +21,8 @@ from raydb.config import ConfigError, load_config
 from raydb.models.components import load_components, load_pipeline
 from raydb.storage import Storage
 from raydb.train.data import make_micro_batch
+from raydb.train.local import prepare_training_data, train_subject
 from raydb.train.lora import save_lora
-from raydb.train.run import prepare_training_data, train_subject
 from raydb.train.step import build_train_state, optimizer_step
 
 

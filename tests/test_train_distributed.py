@@ -46,7 +46,7 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
     worker's loss by the world size: the adapter comparison fails; the pre-clip gradient norm,
     compared below, doubles as well).
     """
-    from raydb.train.distributed import train_distributed
+    from raydb.train.stage import train_distributed
 
     same = demo_images(1)[0]
     class_dir = _folder(tmp_path / "class", [same, same, same, same])
@@ -75,7 +75,7 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
 
 
 def test_three_instance_images_on_four_workers(ray_cluster, make_cfg, tmp_path, class_images_dir):
-    from raydb.train.distributed import train_distributed
+    from raydb.train.stage import train_distributed
 
     photos = _folder(tmp_path / "photos", demo_images(3))
     cfg = make_cfg(subject={"instance_data": photos}, cluster={"num_workers": 4},
@@ -88,7 +88,7 @@ def test_three_instance_images_on_four_workers(ray_cluster, make_cfg, tmp_path, 
 
 
 def test_too_few_class_images_for_workers_is_a_clear_error(ray_cluster, make_cfg):
-    from raydb.train.distributed import train_distributed
+    from raydb.train.stage import train_distributed
 
     cfg = make_cfg(cluster={"num_workers": 3}, prior={"num_class_images": 2})
     with pytest.raises(ValueError, match="prior.num_class_images"):

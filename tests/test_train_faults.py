@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from raydb import faults
 from raydb.registry import latest_version
 from raydb.storage import Storage
 
@@ -28,9 +29,10 @@ def test_two_workers_survive_a_killed_worker_and_register(ray_cluster, make_cfg,
                                                           monkeypatch, class_images_dir):
     """2 workers; worker 1 is SIGKILLed at step 5 (after checkpoints at 2 and 4): the group is
     replaced, resumes from a checkpoint, finishes exactly max_steps and registers the adapter."""
-    from raydb.train.distributed import train_distributed
+    from raydb.train.stage import train_distributed
 
-    monkeypatch.setenv("RAYDB_TEST_KILL_AT_STEP", f"1:5:{tmp_path / 'killed-once'}")
+    monkeypatch.setenv(faults.ENV, json.dumps(
+        {"train_step": {"rank": 1, "step": 5, "once": str(tmp_path / "killed-once")}}))
     cfg = make_cfg(cluster={"num_workers": 2, "max_failures": 2},
                    prior={"class_data": class_images_dir, "num_class_images": 4},
                    train={"max_steps": 8, "checkpoint_every": 2})
@@ -52,8 +54,8 @@ def test_two_workers_survive_a_killed_worker_and_register(ray_cluster, make_cfg,
 
 
 def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, class_images_dir):
-    from raydb.train.distributed import train_distributed
-    from raydb.train.run import run_uri
+    from raydb.train.rundir import run_uri
+    from raydb.train.stage import train_distributed
 
     cfg = make_cfg(cluster={"num_workers": 1},
                    prior={"class_data": class_images_dir, "num_class_images": 4},
@@ -64,7 +66,7 @@ def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, clas
         "import json, sys\n"
         "from raydb.config import load_config\n"
         "from raydb.ray_utils import init_ray\n"
-        "from raydb.train.distributed import train_distributed\n"
+        "from raydb.train.stage import train_distributed\n"
         f"cfg = load_config(data=json.load(open({str(cfg_file)!r})))\n"
         "init_ray(cfg)\n"
         "train_distributed(cfg, quiet=True)\n"

@@ -79,8 +79,11 @@ def test_killed_tune_driver_resumes(ray_cluster, make_cfg, tmp_path, class_image
     script = (
         "import json\n"
         "from raydb.config import load_config\n"
+        "from raydb.ray_utils import init_ray\n"
         "from raydb.tune import run_tune\n"
-        f"run_tune(load_config(data=json.load(open({str(cfg_file)!r}))), quiet=True)\n"
+        f"cfg = load_config(data=json.load(open({str(cfg_file)!r})))\n"
+        "init_ray(cfg)\n"
+        "run_tune(cfg, quiet=True)\n"
     )
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     driver = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,

@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import save
 
 from raydb.data.demo import demo_images
+from raydb.encode.cache import EncodedCache, write_encoded
+from raydb.encode.encoders import encode_images, encode_prompts, images_to_tensor, tokenize
 from raydb.models.components import load_components
 from raydb.storage import Storage, join
-from raydb.train.distributed import _Validator
-from raydb.train.encode import encode_images, encode_prompts, images_to_tensor, tokenize
-from raydb.train.encode_stage import EncodedCache, _write_parquet, load_prompts
+from raydb.train.evaluate import Validator
 from raydb.train.lora import add_lora
 
 
@@ -19,7 +19,7 @@ def _cache(cfg, comps, storage: Storage) -> EncodedCache:
     """Two instance images and the two prompts, written as the encode stage writes them."""
     enc = encode_images(comps.vae, images_to_tensor([im.resize((64, 64)) for im in demo_images(2)]))
     cache = EncodedCache(join(cfg.workspace, "encoded", "k"), "k", 2, 0)
-    _write_parquet(storage, cache.instance_uri, [
+    write_encoded(storage, cache.instance_uri, [
         {"index": i, "mean": enc.mean[i].numpy().tobytes(), "std": enc.std[i].numpy().tobytes(),
          "shape": list(enc.mean[i].shape)} for i in range(2)])
     prompts = [cfg.subject.instance_prompt, cfg.subject.class_prompt]
@@ -35,7 +35,7 @@ def test_validator_uses_the_trained_text_encoder(make_cfg):
     comps = load_components(cfg.model, storage, cfg.workspace)
     cache = _cache(cfg, comps, storage)
     add_lora(comps.unet, cfg.lora, comps.text_encoder)
-    validator = _Validator(cfg, comps, storage, cache, load_prompts(storage, cache))
+    validator = Validator.from_cache(cfg, comps, storage, cache)
     frozen_prompts = validator(comps.unet)["val_instance"]
     # with its LoRA at init (lora_B = 0) the text encoder reproduces the cached embeddings
     assert validator(comps.unet, comps.text_encoder)["val_instance"] == pytest.approx(frozen_prompts)

@@ -88,17 +88,10 @@ def resolve_model(cfg: ModelConfig, storage: Storage, workspace: str) -> tuple[s
                 shutil.rmtree(tmp, ignore_errors=True)
         return str(target), tiny_identity()
     if is_s3(spec):
-        client = storage._client()
-        from raydb.storage import split_s3
-
-        bucket, prefix = split_s3(spec)
-        prefix = prefix.rstrip("/") + "/"
-        listing = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            listing += [(o["Key"][len(prefix):], o["ETag"], o["Size"]) for o in page.get("Contents", [])]
+        listing = storage.content_ids(spec)  # (name, ETag): changes whenever an object's bytes do
         if not listing:
             raise FileNotFoundError(f"model.pretrained: nothing found under {spec}")
-        key = hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
         target = Path(cfg.cache_dir or _default_cache()) / "models" / f"s3-{key}"
         if not (target / ".complete").is_file():
             storage.download_dir(spec, target)

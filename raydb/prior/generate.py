@@ -14,7 +14,6 @@ N-core node run N threads in all. To use more cores, raise ``prior.concurrency``
 from __future__ import annotations
 
 import io
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from raydb.config import RaydbConfig
+from raydb.faults import maybe_die
 from raydb.models.components import load_pipeline
 from raydb.prior.cache import CPU_THREADS, PriorCache, image_seed
 from raydb.storage import Storage
@@ -85,16 +85,12 @@ class BlockGenerator:
     Returns ``{"block": int64[n], "written": bool[n], "seconds": float64[n]}``; ``written`` is
     False when the block was already published (by another job, or before a retry).
 
-    ``fail_after``/``fail_marker`` are for tests only: the process exits hard (``os._exit``, as a
-    preempted node would) before its ``fail_after``-th block, once — the first process to create
-    ``fail_marker`` fails, restarted actors run normally. They travel as constructor arguments
-    because environment variables set in the driver do not reach running Ray workers.
+    ``faults`` is a test's fault plan (:mod:`raydb.faults`, site ``prior_block``); ``None`` in
+    production.
     """
 
     def __init__(self, cfg: dict[str, Any], cache: dict[str, Any], endpoint_url: str | None = None,
-                 *, fail_after: int | None = None, fail_marker: str | None = None):
-        if (fail_after is None) != (fail_marker is None):
-            raise ValueError("fail_after and fail_marker go together (the marker makes it fail once)")
+                 *, faults: dict[str, Any] | None = None):
         self.cfg = RaydbConfig.model_validate(cfg)
         self.cache = PriorCache(**cache)
         self.storage = Storage(endpoint_url or self.cfg.s3_endpoint_url)
@@ -105,15 +101,13 @@ class BlockGenerator:
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.pipe = load_pipeline(self.cfg.model, self.storage, self.cfg.workspace,
                                   dtype=dtype, device=self.device)
-        self.fail_after, self.fail_marker = fail_after, fail_marker
+        self.faults = faults
         self.done = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out_blocks, written, seconds = [], [], []
         for block in batch["block"].tolist():
-            if self.fail_after is not None and self.done >= self.fail_after and _first_failure(
-                    self.fail_marker):
-                os._exit(1)  # simulate a lost actor (preemption): no cleanup, no exception
+            maybe_die(self.faults, "prior_block", done=self.done)
             start = time.perf_counter()
             if block in self.cache.done_blocks(self.storage):  # finished meanwhile by another job
                 wrote = False
@@ -127,12 +121,3 @@ class BlockGenerator:
         return {"block": np.array(out_blocks, dtype=np.int64), "written": np.array(written, dtype=bool),
                 "seconds": np.array(seconds, dtype=np.float64)}
 
-
-def _first_failure(marker: str) -> bool:
-    """True for the first process to claim ``marker`` (an O_EXCL file create)."""
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    os.close(fd)
-    return True

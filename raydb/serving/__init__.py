@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from typing import Any
@@ -26,27 +25,14 @@ def _warn_if_open(cfg: RaydbConfig) -> None:
               "subjects. Use it only on a trusted local machine.", file=sys.stderr)
 
 
-def _with_env_keys(cfg: RaydbConfig) -> RaydbConfig:
-    """Fold plain keys from ``$<serve.api_keys_env>`` (here, where the app is built) into digests, so
-    replicas on other nodes, whose environment lacks the variable, know them too. Only digests travel.
-    """
-    from raydb.serving.auth import parse_env_keys
-
-    text = os.environ.get(cfg.serve.api_keys_env, "")
-    if cfg.serve.auth != "api_key" or not text.strip():
-        return cfg
-    cfg = cfg.model_copy(deep=True)
-    cfg.serve.api_keys = {**cfg.serve.api_keys, **parse_env_keys(text, cfg.serve.api_keys_env)}
-    return cfg
-
-
 def build_application(cfg: RaydbConfig) -> Any:
     """The Serve application (``Application``): ingress -> diffusion replicas, sized from ``cfg.serve``."""
+    from raydb.serving.auth import with_env_keys
     from raydb.serving.deployments import DiffusionDeployment, IngressDeployment
 
     _warn_if_open(cfg)
     sc = cfg.serve
-    config = _with_env_keys(cfg).to_dict()
+    config = with_env_keys(cfg).to_dict()
     diffusion = DiffusionDeployment.options(
         num_replicas=sc.num_replicas, max_ongoing_requests=sc.max_ongoing_requests,
         ray_actor_options={"num_cpus": sc.num_cpus_per_replica, "num_gpus": sc.num_gpus_per_replica},

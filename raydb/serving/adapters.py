@@ -28,13 +28,11 @@ from typing import Any
 
 import torch
 
+from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS
 from raydb.storage import NotFound, Storage, join
 
 __all__ = ["AdapterError", "AdapterMismatch", "AdapterCorrupt", "AdapterGone", "LoadedAdapter",
            "AdapterPool"]
-
-WEIGHTS = "pytorch_lora_weights.safetensors"
-
 
 class AdapterError(RuntimeError):
     """An adapter that cannot serve this request; ``status`` is the HTTP status to answer with."""
@@ -120,8 +118,8 @@ class AdapterPool:
         from safetensors.torch import load as load_safetensors
 
         try:
-            meta = storage.read_json(join(version_uri, "adapter.json"))
-            data = storage.read_bytes(join(version_uri, meta.get("weights", WEIGHTS)))
+            meta = storage.read_json(join(version_uri, ADAPTER_META))
+            data = storage.read_bytes(join(version_uri, meta.get("weights", ADAPTER_WEIGHTS)))
         except NotFound as exc:
             raise AdapterGone(f"adapter files missing: {exc}") from None
         except ValueError as exc:  # adapter.json that is not JSON

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raydb.config import ServeConfig
-from raydb.serving_token import ensure_token
+from raydb.instance_token import ensure_token
 
 __all__ = [
     "GenerateRequest",

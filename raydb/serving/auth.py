@@ -16,9 +16,10 @@ import os
 import re
 from collections.abc import Mapping
 
-from raydb.config import ServeConfig
+from raydb.config import RaydbConfig, ServeConfig
+from raydb.ids import check_safe_id
 
-__all__ = ["hash_key", "parse_env_keys", "KeyRing", "key_from_headers"]
+__all__ = ["hash_key", "parse_env_keys", "KeyRing", "key_from_headers", "with_env_keys"]
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -30,8 +31,6 @@ def hash_key(key: str) -> str:
 
 def parse_env_keys(text: str, var: str = "RAYDB_API_KEYS") -> dict[str, str]:
     """``"key:tenant,key:tenant"`` -> ``{sha256(key): tenant}``; the message never echoes a key."""
-    from raydb.registry import check_safe_id
-
     out: dict[str, str] = {}
     for i, item in enumerate(p.strip() for p in text.split(",")):
         if not item:
@@ -92,3 +91,16 @@ def key_from_headers(headers: Mapping[str, str]) -> str | None:
         return value.strip()
     key = headers.get("x-api-key", "").strip()
     return key or None
+
+
+def with_env_keys(cfg: RaydbConfig, environ: Mapping[str, str] | None = None) -> RaydbConfig:
+    """Fold plain keys from ``$<serve.api_keys_env>`` (here, where the app is built) into digests, so
+    replicas on other nodes, whose environment lacks the variable, know them too. Only digests travel.
+    """
+    environ = os.environ if environ is None else environ
+    text = environ.get(cfg.serve.api_keys_env, "")
+    if cfg.serve.auth != "api_key" or not text.strip():
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.serve.api_keys = {**cfg.serve.api_keys, **parse_env_keys(text, cfg.serve.api_keys_env)}
+    return cfg

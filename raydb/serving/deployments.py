@@ -26,6 +26,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from raydb.config import RaydbConfig
+from raydb.registry import version_uri
 from raydb.serving.adapters import AdapterError, AdapterPool, LoadedAdapter
 from raydb.serving.api import GenerateRequest, RequestError, validate_generate, validation_detail
 from raydb.serving.auth import KeyRing, key_from_headers
@@ -36,7 +37,7 @@ from raydb.serving.subjects import (
     parse_model_id,
     tenant_subjects,
 )
-from raydb.storage import Storage, join
+from raydb.storage import Storage
 
 __all__ = ["DiffusionDeployment", "IngressDeployment", "http_app"]
 
@@ -64,7 +65,7 @@ class DiffusionDeployment:
 
         async def load_adapter(adapter_id: str) -> LoadedAdapter:
             subject_id, version = parse_model_id(adapter_id)
-            uri = join(self.cfg.workspace, "subjects", subject_id, version)
+            uri = version_uri(self.cfg.workspace, subject_id, version)
             return await asyncio.to_thread(self.pool.load, self.storage, uri, subject_id, version)
 
         # Built here, not as a class decorator, because the cache size comes from the config.

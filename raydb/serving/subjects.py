@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from raydb.registry import check_safe_id, latest_version, list_subjects
+from raydb.ids import check_safe_id
+from raydb.registry import ADAPTER_META, latest_version, list_subjects
 from raydb.storage import NotFound, Storage, join
 
 __all__ = ["SubjectNotFound", "SubjectVersion", "find_subject", "tenant_subjects", "model_id",
@@ -58,7 +59,7 @@ def find_subject(storage: Storage, workspace: str, subject_id: str, tenant: str 
     try:
         check_safe_id(subject_id)
         latest = latest_version(storage, workspace, subject_id)
-        meta = storage.read_json(join(latest["uri"], "adapter.json"))
+        meta = storage.read_json(join(latest["uri"], ADAPTER_META))
     except (ValueError, NotFound):
         raise SubjectNotFound(f"unknown subject {subject_id!r}") from None
     found = SubjectVersion(subject_id, latest["version"], latest["uri"], meta)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from raydb.config import TrainConfig
-from raydb.train.encode import EncodedImages
+from raydb.encode.encoders import EncodedImages
 
-__all__ = ["TrainingData", "MicroBatch", "make_micro_batch", "step_micro_batches"]
+__all__ = ["TrainingData", "MicroBatch", "training_data", "make_micro_batch", "step_micro_batches"]
 
 
 @dataclass
@@ -43,6 +43,31 @@ class TrainingData:
     @property
     def with_prior(self) -> bool:
         return self.class_ is not None
+
+
+def training_data(
+    instance: EncodedImages | torch.Tensor, class_: EncodedImages | torch.Tensor | None,
+    prompt_embeds: torch.Tensor | None, prompt_ids: torch.Tensor, *,
+    latent_shape: tuple[int, int, int] | None = None,
+) -> TrainingData:
+    """TrainingData from the encoded (or pixel) images and the two prompts.
+
+    ``prompt_embeds`` ``[2, L, D]`` / ``prompt_ids`` ``[2, L]`` hold (instance prompt, class prompt);
+    pass ``prompt_embeds=None`` when the text encoder trains (the step encodes the ids itself).
+    ``latent_shape`` ``(C, h, w)`` is read off cached latents; pixel sources must give it.
+    """
+    if latent_shape is None:
+        if not isinstance(instance, EncodedImages):
+            raise ValueError("latent_shape is required for pixel (uncached) training data")
+        latent_shape = tuple(instance.mean.shape[1:])
+    with_prior = class_ is not None
+    return TrainingData(
+        instance=instance, class_=class_,
+        instance_embeds=None if prompt_embeds is None else prompt_embeds[0:1],
+        class_embeds=None if prompt_embeds is None or not with_prior else prompt_embeds[1:2],
+        instance_ids=prompt_ids[0:1], class_ids=prompt_ids[1:2] if with_prior else None,
+        latent_shape=latent_shape,
+    )
 
 
 @dataclass

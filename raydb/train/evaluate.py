@@ -5,17 +5,25 @@ adapters (or an adapter against the base model) we instead score the *same* draw
 generator seeded by ``seed`` fixes the latent sample and the diffusion noise of every image, and
 the timesteps are spread evenly over the schedule. The number is then a deterministic function of
 the weights, which is what a learning test or a Tune trial's ``val_instance`` / ``val_prior`` needs.
+
+:class:`Validator` bundles the scores a trial reports (and ``experiments.py`` measures): the
+denoising losses of the instance images and of held-out class images, their weighted sum, and —
+with ``eval.clip_model`` — CLIP-I / CLIP-T on a few sampled images.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from raydb.train.encode import EncodedImages
+from raydb.config import RaydbConfig
+from raydb.encode.encoders import EncodedImages
 from raydb.train.loss import training_target
 
-__all__ = ["fixed_timesteps", "denoising_loss"]
+__all__ = ["fixed_timesteps", "denoising_loss", "Validator"]
 
 
 def fixed_timesteps(num_train_timesteps: int, num_timesteps: int) -> torch.Tensor:
@@ -88,3 +96,75 @@ def denoising_loss(
     finally:
         unet.train(was_training)
     return total / count
+
+
+class Validator:
+    """``val_instance`` / ``val_prior`` / ``val_score`` (+ ``val_clip_i`` / ``val_clip_t``).
+
+    val_instance: denoising MSE of the instance images with the instance prompt (subject fit);
+    val_prior: the same on held-out class images with the class prompt (prior kept). Both use the
+    same seed in every trial, so ``val_score = val_instance + w * val_prior`` (``w`` =
+    ``tune.prior_weight_in_score``) compares trials whatever their ``prior_loss_weight``.
+
+    Args:
+        instance / holdout: latent distributions of the instance and held-out class images.
+        prompts: ``{"embeds": [2, L, D], "ids": [2, L]}`` for (instance prompt, class prompt).
+        instance_images: the prepared instance photos; needed only for CLIP-I (``eval.clip_model``).
+    """
+
+    def __init__(self, cfg: RaydbConfig, comps: Any, instance: EncodedImages,
+                 holdout: EncodedImages | None, prompts: dict[str, torch.Tensor],
+                 instance_images: list[Image.Image] | None = None) -> None:
+        self.cfg, self.comps = cfg, comps
+        self.instance, self.holdout = instance, holdout
+        self.embeds, self.prompt_ids = prompts["embeds"], prompts["ids"]
+        self.weight = cfg.tune.prior_weight_in_score if cfg.tune else 1.0
+        self.clip = None
+        if cfg.eval.clip_model:
+            from raydb.train.clip_eval import load_clip
+
+            if instance_images is None:
+                raise ValueError("eval.clip_model: CLIP-I needs the instance images")
+            self.clip = load_clip(cfg.eval.clip_model)
+            self.instance_images = instance_images
+
+    @classmethod
+    def from_cache(cls, cfg: RaydbConfig, comps: Any, storage: Any, cache: Any) -> Validator:
+        """A validator over the encode stage's cache (an ``EncodedCache`` with held-out images)."""
+        from raydb.encode.cache import load_prompts, read_encoded
+
+        images = None
+        if cfg.eval.clip_model:
+            from raydb.data.ingest import load_images
+
+            images = load_images(cfg.subject.instance_data, cfg.train.resolution, storage=storage,
+                                 center_crop=cfg.train.center_crop)
+        holdout = read_encoded(storage, cache.holdout_uri) if cache.num_holdout else None
+        return cls(cfg, comps, read_encoded(storage, cache.instance_uri), holdout,
+                   load_prompts(storage, cache), images)
+
+    def __call__(self, unet: torch.nn.Module,
+                 text_encoder: torch.nn.Module | None = None) -> dict[str, float]:
+        """Scores ``unet``; with ``text_encoder`` (its LoRA trains) the prompts are re-encoded by
+        it, so validation sees the conditioning the adapter will be served with."""
+        embeds = self.embeds
+        if text_encoder is not None:
+            was_training = text_encoder.training
+            text_encoder.eval()
+            with torch.no_grad():
+                device = next(text_encoder.parameters()).device
+                embeds = text_encoder(self.prompt_ids.to(device))[0].float().cpu()
+            text_encoder.train(was_training)
+        kw = {"prediction_type": self.comps.prediction_type, "seed": self.cfg.train.seed + 7919}
+        out = {"val_instance": denoising_loss(unet, self.comps.noise_scheduler, self.comps.vae,
+                                              self.instance, embeds[0:1], **kw)}
+        if self.holdout is not None:
+            out["val_prior"] = denoising_loss(unet, self.comps.noise_scheduler, self.comps.vae,
+                                              self.holdout, embeds[1:2], **kw)
+        out["val_score"] = out["val_instance"] + self.weight * out.get("val_prior", 0.0)
+        if self.clip is not None:
+            from raydb.train.clip_eval import sample_clip_metrics
+
+            clip = sample_clip_metrics(self.cfg, self.comps, unet, self.instance_images, *self.clip)
+            out |= {"val_clip_i": clip["clip_i"], "val_clip_t": clip["clip_t"]}
+        return out

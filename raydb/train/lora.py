@@ -18,6 +18,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 
 from raydb.config import LoraConfig
+from raydb.registry import ADAPTER_WEIGHTS
 
 __all__ = ["add_lora", "trainable_parameters", "lora_state_dicts", "save_lora", "load_lora_state"]
 
@@ -102,11 +103,11 @@ def save_lora(
     with tempfile.TemporaryDirectory() as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
-            safe_serialization=True,
+            safe_serialization=True, weight_name=ADAPTER_WEIGHTS,
             unet_lora_adapter_metadata=_adapter_metadata(unet),
             text_encoder_lora_adapter_metadata=_adapter_metadata(text_encoder) if te_layers else None,
         )
-        return _canonical_header((Path(tmp) / "pytorch_lora_weights.safetensors").read_bytes())
+        return _canonical_header((Path(tmp) / ADAPTER_WEIGHTS).read_bytes())
 
 
 def _adapter_metadata(module: torch.nn.Module | None) -> dict | None:

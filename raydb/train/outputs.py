@@ -1,10 +1,15 @@
-"""What a run leaves behind: adapter + adapter.json, metrics.jsonl, loss curve and sample grid."""
+"""What a run leaves behind: adapter + adapter.json, metrics.jsonl, loss curve and sample grid.
+
+``finish_run`` writes them all (and registers the adapter); ``finished_result`` answers for a run
+that already finished. Both return the summary ``raydb train`` prints.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import statistics
 import time
 from typing import Any
 
@@ -12,9 +17,12 @@ import torch
 from PIL import Image
 
 from raydb.config import RaydbConfig
+from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS, register_adapter
 from raydb.storage import Storage, join
+from raydb.train.rundir import adapter_uri, run_uri
 
-__all__ = ["adapter_metadata", "write_adapter", "loss_curve_png", "sample_grid_png", "image_grid"]
+__all__ = ["adapter_metadata", "write_adapter", "loss_curve_png", "sample_grid_png", "image_grid",
+           "metrics_line", "summarize_speed", "finish_run", "finished_result"]
 
 
 def adapter_metadata(
@@ -22,11 +30,11 @@ def adapter_metadata(
     prediction_type: str,
 ) -> dict[str, Any]:
     """adapter.json: enough to serve, audit and reproduce the adapter."""
-    from raydb.serving_token import instance_token
+    from raydb.instance_token import instance_token
 
     return {
         "format": "diffusers-lora-v1",
-        "weights": "pytorch_lora_weights.safetensors",
+        "weights": ADAPTER_WEIGHTS,
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "base_model": {"pretrained": cfg.model.pretrained, "identity": model_identity,
                        "prediction_type": prediction_type},
@@ -44,8 +52,8 @@ def adapter_metadata(
 
 
 def write_adapter(storage: Storage, adapter_uri: str, weights: bytes, meta: dict[str, Any]) -> None:
-    storage.write_bytes(join(adapter_uri, "pytorch_lora_weights.safetensors"), weights)
-    storage.write_json(join(adapter_uri, "adapter.json"), meta)
+    storage.write_bytes(join(adapter_uri, ADAPTER_WEIGHTS), weights)
+    storage.write_json(join(adapter_uri, ADAPTER_META), meta)  # last: the adapter is complete
 
 
 def loss_curve_png(metrics: list[dict[str, Any]], title: str = "training loss") -> bytes:
@@ -109,8 +117,8 @@ def sample_grid_png(
 
     base = row()
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "pytorch_lora_weights.safetensors").write_bytes(adapter_weights)
-        pipe.load_lora_weights(tmp, weight_name="pytorch_lora_weights.safetensors")
+        (Path(tmp) / ADAPTER_WEIGHTS).write_bytes(adapter_weights)
+        pipe.load_lora_weights(tmp, weight_name=ADAPTER_WEIGHTS)
     tuned = row()
     buf = io.BytesIO()
     image_grid([base, tuned]).save(buf, format="PNG")
@@ -121,3 +129,54 @@ def metrics_line(metrics: dict[str, Any]) -> str:
     keys = ("step", "loss", "loss_instance", "loss_prior", "lr", "grad_norm", "images_per_s")
     return json.dumps({k: metrics[k] for k in keys if k in metrics} |
                       {k: v for k, v in metrics.items() if k.startswith("val_")})
+
+
+def summarize_speed(metrics: list[dict[str, Any]]) -> float:
+    """Median images/s over the steps after the first five (warm-up excluded)."""
+    vals = [m["images_per_s"] for m in metrics[5:]] or [m["images_per_s"] for m in metrics]
+    return float(statistics.median(vals)) if vals else 0.0
+
+
+def finish_run(
+    cfg: RaydbConfig, storage: Storage, state: Any, components: Any, metrics: list[dict[str, Any]],
+    *, register: bool = True, samples: bool = True, extra_metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the adapter, adapter.json, metrics.jsonl and pictures; register the adapter.
+
+    ``state`` is the ``TrainState`` (its ``unet``/``text_encoder`` hold the trained LoRA and
+    ``step`` the steps done); ``components`` supplies the base model's identity.
+    """
+    from raydb.train.lora import save_lora
+
+    run = run_uri(cfg)
+    weights = save_lora(state.unet, state.text_encoder)
+    final = {k: metrics[-1][k] for k in ("loss", "loss_instance", "loss_prior") if metrics}
+    final |= {"steps": state.step, "images_per_s": summarize_speed(metrics)} | (extra_metrics or {})
+    meta = adapter_metadata(cfg, model_identity=components.identity, weights=weights,
+                            metrics=final, prediction_type=components.prediction_type)
+    adapter = adapter_uri(cfg)
+    write_adapter(storage, adapter, weights, meta)
+    storage.write_bytes(join(run, "metrics.jsonl"), "".join(metrics_line(m) + "\n" for m in metrics).encode())
+    storage.write_bytes(join(run, "loss_curve.png"), loss_curve_png(metrics, f"{cfg.subject.id} loss"))
+    if samples and cfg.train.num_sample_images:
+        storage.write_bytes(join(run, "samples.png"), sample_grid_png(cfg, storage, weights))
+    result = {"adapter_uri": adapter, "run_dir": run, "steps": state.step,
+              "images_per_s": final["images_per_s"], "loss": final.get("loss")}
+    if register:
+        result["registered"] = register_adapter(storage, cfg.workspace, cfg.subject.id, adapter)["uri"]
+    return result
+
+
+def finished_result(cfg: RaydbConfig, storage: Storage, meta: dict[str, Any], *,
+                    register: bool, quiet: bool) -> dict[str, Any]:
+    """A rerun of a finished run (``meta``: its adapter.json): nothing to train; make sure it is
+    registered."""
+    adapter = adapter_uri(cfg)
+    result = {"adapter_uri": adapter, "run_dir": run_uri(cfg), "steps": meta["metrics"]["steps"],
+              "images_per_s": meta["metrics"].get("images_per_s"), "loss": meta["metrics"].get("loss"),
+              "skipped": True}
+    if register:
+        result["registered"] = register_adapter(storage, cfg.workspace, cfg.subject.id, adapter)["uri"]
+    if not quiet:
+        print(f"run {result['run_dir']} already finished ({result['steps']} steps); nothing to train")
+    return result

@@ -1,4 +1,6 @@
-"""``ensure_prior_images``: make sure the first ``num_class_images`` (+ holdout) class images exist.
+"""The prior stage: ``ensure_prior_images`` makes sure the first ``num_class_images`` (+ holdout)
+class images exist in the shared cache; ``class_images`` hands them (or ``prior.class_data``) to
+the stages that train on them.
 
 Only the missing blocks are generated. With Ray (the default when Ray is importable and running or
 ``use_ray=True``) the blocks are a Ray Data dataset mapped by a fixed-size actor pool of
@@ -19,14 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
+from raydb import faults
 from raydb.config import RaydbConfig
 from raydb.prior.cache import PriorCache, prior_cache_for
 from raydb.prior.generate import BlockGenerator, cpu_threads
 from raydb.storage import Storage
 
 __all__ = ["PriorRunStats", "ensure_prior_images", "prior_total_images", "resolve_prior_cache",
-           "generation_device"]
+           "generation_device", "class_images"]
 
 
 @dataclass
@@ -90,8 +94,7 @@ def _ray_running() -> bool:
 
 
 def _generate_with_ray(cfg: RaydbConfig, cache: PriorCache, blocks: list[int],
-                       progress: Callable[[int, bool], None], quiet: bool,
-                       generator_kwargs: dict) -> int:
+                       progress: Callable[[int, bool], None], quiet: bool) -> int:
     """Map ``blocks`` through an actor pool of ``BlockGenerator``; returns the pool size."""
     import ray
 
@@ -106,7 +109,7 @@ def _generate_with_ray(cfg: RaydbConfig, cache: PriorCache, blocks: list[int],
         BlockGenerator,
         fn_constructor_kwargs={"cfg": cfg.to_dict(), "cache": cache.__dict__,
                                "endpoint_url": Storage(cfg.s3_endpoint_url).endpoint_url,
-                               **generator_kwargs},
+                               "faults": faults.plan()},
         batch_size=1, batch_format="numpy",
         # Two blocks in flight per actor: the next block is already queued when one finishes (no
         # idle round trip through the executor); a lost actor costs at most those two blocks.
@@ -123,13 +126,12 @@ def _generate_with_ray(cfg: RaydbConfig, cache: PriorCache, blocks: list[int],
 
 def ensure_prior_images(
     cfg: RaydbConfig, storage: Storage | None = None, *, use_ray: bool | None = None,
-    count: int | None = None, quiet: bool = False, _fail_after: tuple[int, str] | None = None,
+    count: int | None = None, quiet: bool = False,
 ) -> PriorRunStats:
     """Generate whatever blocks of the class-prior cache are missing; return what was done.
 
     ``count`` defaults to ``num_class_images + num_holdout``; blocks already published (by an
-    earlier run or a concurrent job) are not regenerated. ``_fail_after=(n, marker_path)`` is for
-    tests: a generator process dies before its n-th block, once (see ``BlockGenerator``).
+    earlier run or a concurrent job) are not regenerated.
     """
     from tqdm.auto import tqdm
 
@@ -142,9 +144,6 @@ def ensure_prior_images(
     if not missing:
         cache.write_manifest(storage)
         return stats
-    generator_kwargs = {}
-    if _fail_after is not None:
-        generator_kwargs = {"fail_after": _fail_after[0], "fail_marker": _fail_after[1]}
     bar = tqdm(total=len(missing) * cache.block_size, unit="img", desc="prior images", disable=quiet)
     start = time.perf_counter()
 
@@ -156,9 +155,9 @@ def ensure_prior_images(
         bar.update(cache.block_size)
 
     if use_ray:
-        stats.actors = _generate_with_ray(cfg, cache, missing, progress, quiet, generator_kwargs)
+        stats.actors = _generate_with_ray(cfg, cache, missing, progress, quiet)
     else:
-        gen = BlockGenerator(cfg.to_dict(), cache.__dict__, storage.endpoint_url, **generator_kwargs)
+        gen = BlockGenerator(cfg.to_dict(), cache.__dict__, storage.endpoint_url, faults=faults.plan())
         stats.actors = 1
         for block in missing:
             result = gen({"block": np.array([block], dtype=np.int64)})
@@ -172,3 +171,21 @@ def ensure_prior_images(
         print(f"prior images: generated {stats.images_generated} in {stats.seconds:.1f}s "
               f"({stats.images_per_s:.2f} images/s, {stats.actors} actor(s)) -> {cache.uri}")
     return stats
+
+
+def class_images(cfg: RaydbConfig, storage: Storage, *, holdout: bool = False) -> list[Image.Image]:
+    """The training class images (with ``holdout``: the held-out ones), prepared at the training
+    resolution: from ``prior.class_data``, else the shared cache (generating what is missing)."""
+    if not cfg.prior.enabled:
+        return []
+    n = cfg.prior.num_class_images
+    if cfg.prior.class_data:
+        from raydb.data.ingest import load_images
+
+        images = load_images(cfg.prior.class_data, cfg.train.resolution, storage=storage,
+                             center_crop=cfg.train.center_crop, field="prior.class_data")
+    else:
+        total = prior_total_images(cfg)
+        ensure_prior_images(cfg, storage)
+        images = resolve_prior_cache(cfg, storage).read_images(storage, total)
+    return images[n:] if holdout else images[:n]

@@ -13,19 +13,19 @@ Outputs under ``<workspace>/tune/<subject>/<tune.name>/``: ``results.csv``, ``tr
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from typing import Any
 
 from raydb.config import RaydbConfig, SearchSpace
 from raydb.storage import Storage, is_s3, join
+from raydb.tune.results import last_validation, trial_config, trial_rows, trials_png, write_csv
 
-__all__ = ["run_tune", "tune_uri", "default_concurrency", "RESULT_COLUMNS"]
+__all__ = ["run_tune", "tune_uri", "default_concurrency", "TuneFailed"]
 
-RESULT_COLUMNS = ["trial", "prior_loss_weight", "learning_rate", "val_instance", "val_prior",
-                  "val_score", "steps", "status"]
+
+class TuneFailed(RuntimeError):
+    """No trial of the search completed; the message says where the results table is."""
 
 
 def tune_uri(cfg: RaydbConfig) -> str:
@@ -34,7 +34,7 @@ def tune_uri(cfg: RaydbConfig) -> str:
 
 def default_concurrency(cfg: RaydbConfig, resources: dict[str, float]) -> int:
     """Trials that fit at once: GPUs / workers per trial, or CPUs / (workers + the trial driver)."""
-    from raydb.train.distributed import resolve_use_gpu
+    from raydb.train.stage import resolve_use_gpu
 
     if resolve_use_gpu(cfg):
         return max(1, int(resources.get("GPU", 0) // cfg.cluster.num_workers))
@@ -59,148 +59,41 @@ def _trial(config: dict[str, Any], cfg_dict: dict[str, Any], encoded: dict[str, 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raydb.train.distributed import build_trainer
-    from raydb.train.encode_stage import EncodedCache
+    from raydb.encode.cache import EncodedCache
+    from raydb.train.rundir import RESULT
+    from raydb.train.stage import build_trainer
 
-    data = RaydbConfig.model_validate(cfg_dict).to_dict()
-    data["train"]["prior_loss_weight"] = float(config["prior_loss_weight"])
-    data["train"]["learning_rate"] = float(config["learning_rate"])
-    data["train"]["num_sample_images"] = 0  # pictures only for the winner
-    cfg = RaydbConfig.model_validate(data)
+    cfg = trial_config(RaydbConfig.model_validate(cfg_dict), config["prior_loss_weight"],
+                       config["learning_rate"])
     storage = Storage(cfg.s3_endpoint_url)
     trainer, run = build_trainer(cfg, storage, EncodedCache(**encoded),
                                  extra_config={"eval_every": cfg.tune.eval_every},
                                  callbacks=[TuneReportCallback()], class_dataset=class_dataset)
     trainer.fit()
-    result = storage.read_json(join(run, "result.json"))
+    result = storage.read_json(join(run, RESULT))
     final = {k: v for k, v in result.items() if isinstance(v, int | float | str)}
-    last = _last_val(storage, run)
+    last = last_validation(storage, run)
     # Tune keeps only metrics reported with a checkpoint in its Result: report the final one so.
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "result.json").write_text(json.dumps(result))
+        (Path(tmp) / RESULT).write_text(json.dumps(result))
         tune.report(final | last | {"run_dir": run, "done": True},
                     checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _last_val(storage: Storage, run: str) -> dict[str, float]:
-    """The last validation metrics a run logged (from its metrics.jsonl)."""
-    try:
-        lines = storage.read_bytes(join(run, "metrics.jsonl")).decode().splitlines()
-    except FileNotFoundError:
-        return {}
-    return _last_val_row([json.loads(line) for line in lines])
-
-
-def _last_val_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """``val_*`` metrics and step of the last row that has them (``{}`` if none)."""
-    for row in reversed(rows):
-        if "val_score" in row:
-            return {k: v for k, v in row.items() if k.startswith("val_")} | {"steps": row["step"]}
-    return {}
-
-
-def _trial_rows(results, cfg: RaydbConfig, storage: Storage) -> list[dict[str, Any]]:
-    from raydb.train.run import run_uri
-
-    rows = []
-    for i, res in enumerate(results):
-        conf = res.config or {}
-        lam, lr = conf.get("prior_loss_weight"), conf.get("learning_rate")
-        data = cfg.to_dict()
-        data["train"].update(prior_loss_weight=float(lam), learning_rate=float(lr), num_sample_images=0)
-        run = run_uri(RaydbConfig.model_validate(data))
-        val = _progress(storage, run)  # the trial's own log: complete even for stopped trials
-        steps = val.get("steps", 0)
-        status = "error" if res.error else ("completed" if steps >= cfg.train.max_steps else "stopped_early")
-        rows.append({"trial": i, "prior_loss_weight": lam, "learning_rate": lr,
-                     "val_instance": val.get("val_instance"), "val_prior": val.get("val_prior"),
-                     "val_score": val.get("val_score"), "steps": steps, "status": status, "run_dir": run})
-    return rows
-
-
-def _progress(storage: Storage, run: str) -> dict[str, Any]:
-    """Last validation metrics of a run: its final metrics.jsonl, else its newest checkpoint."""
-    val = _last_val(storage, run)
-    if val:
-        return val
-    names = sorted(n.rstrip("/") for n in storage.list(run) if n.startswith("checkpoint-step-"))
-    for name in reversed(names):
-        try:
-            from raydb.train.checkpoint import state_from_bytes
-
-            payload = state_from_bytes(storage.read_bytes(join(run, name, "state.safetensors")),
-                                       storage.read_bytes(join(run, name, "state.json")))
-        except FileNotFoundError:
-            continue
-        val = _last_val_row(json.loads(payload["metrics"]))
-        if val:
-            return val
-    return {}
-
-
-def _write_csv(storage: Storage, uri: str, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    storage.write_bytes(uri, buf.getvalue().encode())
-
-
-def trials_png(rows: list[dict[str, Any]], title: str) -> bytes:
-    """Left: trials in the (prior_loss_weight, learning_rate) plane coloured by val_score.
-    Right: the val_instance / val_prior trade-off."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [r for r in rows if r["val_score"] is not None]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
-    if done:
-        scores = [r["val_score"] for r in done]
-        sc = left.scatter([r["prior_loss_weight"] for r in done], [r["learning_rate"] for r in done],
-                          c=scores, cmap="viridis_r", s=120, edgecolors="black")
-        fig.colorbar(sc, ax=left, label="val_score (lower is better)")
-        best = min(done, key=lambda r: r["val_score"])
-        left.scatter([best["prior_loss_weight"]], [best["learning_rate"]], marker="*", s=400,
-                     c="red", label="best")
-        left.legend(loc="best")
-        for r in done:
-            right.scatter(r["val_instance"], r["val_prior"] if r["val_prior"] is not None else 0,
-                          s=80, label=f"λ={r['prior_loss_weight']:g}, lr={r['learning_rate']:.1e}"
-                          + (" (stopped)" if r["status"] == "stopped_early" else ""))
-        right.legend(fontsize=7, loc="best")
-    if all(r["learning_rate"] and r["learning_rate"] > 0 for r in done) and done:
-        left.set_yscale("log")
-    left.set_xlabel("prior_loss_weight (λ)")
-    left.set_ylabel("learning_rate")
-    left.set_title(title)
-    right.set_xlabel("val_instance (subject fit, lower = better)")
-    right.set_ylabel("val_prior (class prior kept, lower = better)")
-    right.set_title("trade-off")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool = True,
              quiet: bool = False) -> dict[str, Any]:
-    """Priors + encode once, then the search; returns a summary with the best trial."""
+    """Priors + encode once, then the search; returns a summary with the best trial.
+
+    Needs a running Ray cluster (``raydb.ray_utils.init_ray``, called by the entry points)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from raydb.ray_utils import init_ray
+    from raydb.encode.stage import prepare_encoded, read_class_dataset
     from raydb.registry import register_adapter
-    from raydb.train.distributed import prepare_encoded, read_class_dataset
 
     if cfg.tune is None:
         raise ValueError("tune: the config has no tune section")
-    init_ray(cfg)
     storage = storage or Storage(cfg.s3_endpoint_url)
     tc = cfg.tune
     cache, _ = prepare_encoded(cfg, storage, with_holdout=True)
@@ -244,12 +137,12 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool
                                       verbose=0 if quiet else 1),
         )
     grid = tuner.fit()
-    rows = _trial_rows(list(grid), cfg, storage)
-    _write_csv(storage, join(out, "results.csv"), rows)
+    rows = trial_rows(list(grid), cfg, storage)
+    write_csv(storage, join(out, "results.csv"), rows)
     storage.write_bytes(join(out, "trials.png"), trials_png(rows, f"{cfg.subject.id}: search"))
     finished = [r for r in rows if r["status"] == "completed" and r["val_score"] is not None]
     if not finished:
-        raise RuntimeError(f"no trial of the search in {out} completed; see {join(out, 'results.csv')}")
+        raise TuneFailed(f"no trial of the search in {out} completed; see {join(out, 'results.csv')}")
     best = min(finished, key=lambda r: r["val_score"])
     summary: dict[str, Any] = {"best": best, "results_csv": join(out, "results.csv"),
                                "plot": join(out, "trials.png"), "trials": len(rows),

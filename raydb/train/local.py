@@ -1,0 +1,112 @@
+"""Single-process DreamBooth-LoRA training: ``raydb train --local``, with no Ray at all.
+
+Order of work:
+  1. ``prepare_training_data`` — class images (``prior.stage.class_images``), the subject's photos,
+     both encoded once in this process (``train.cache_latents``; raw pixels otherwise)
+  2. ``build_train_state`` (step.py) — LoRA, AdamW, lr schedule
+  3. the loop — ``step_micro_batches`` -> ``optimizer_step``; a checkpoint every
+     ``train.checkpoint_every`` steps into the run folder (rundir.py); a rerun resumes from the newest
+  4. ``finish_run`` (outputs.py) — adapter, adapter.json, metrics.jsonl, loss curve, samples; registry
+
+The Ray Train worker loop (stage.py) runs the same step over the same batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from raydb.config import RaydbConfig
+from raydb.data.ingest import load_images
+from raydb.encode.encoders import add_flips, encode_images, encode_prompts, images_to_tensor, tokenize
+from raydb.models.components import Components, load_components
+from raydb.storage import Storage, join
+from raydb.train.data import TrainingData, step_micro_batches, training_data
+from raydb.train.outputs import finish_run, finished_result
+from raydb.train.rundir import (
+    CHECKPOINT_META,
+    CHECKPOINT_TENSORS,
+    finished_adapter,
+    latest_checkpoint,
+    restore_payload,
+    run_uri,
+    save_checkpoint,
+)
+from raydb.train.step import build_train_state, optimizer_step, weights_dtype
+
+__all__ = ["prepare_training_data", "train_subject"]
+
+
+def prepare_training_data(
+    cfg: RaydbConfig, components: Components, storage: Storage, *,
+    class_images: list[Image.Image] | None = None, instance_images: list[Image.Image] | None = None,
+) -> TrainingData:
+    """Ingest and (with ``train.cache_latents``) encode everything once. Tensors stay on CPU."""
+    from raydb.prior.stage import class_images as load_class_images
+
+    tc = cfg.train
+    if instance_images is None:
+        instance_images = load_images(cfg.subject.instance_data, tc.resolution, storage=storage,
+                                      center_crop=tc.center_crop)
+    if class_images is None:
+        class_images = load_class_images(cfg, storage)
+    if tc.random_flip:
+        instance_images, class_images = add_flips(instance_images), add_flips(class_images)
+    tok, te, vae = components.tokenizer, components.text_encoder, components.vae
+    prompts = [cfg.subject.instance_prompt, cfg.subject.class_prompt]
+    embeds = None if cfg.lora.train_text_encoder else encode_prompts(tok, te, prompts)
+
+    def source(images: list[Image.Image]):
+        pixels = images_to_tensor(images)
+        return encode_images(vae, pixels) if tc.cache_latents else pixels
+
+    h = tc.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    with_prior = cfg.prior.enabled and bool(class_images)
+    return training_data(source(instance_images), source(class_images) if with_prior else None,
+                         embeds, tokenize(tok, prompts), latent_shape=(vae.config.latent_channels, h, h))
+
+
+def train_subject(
+    cfg: RaydbConfig, storage: Storage | None = None, *, resume: bool = True, quiet: bool = False,
+    register: bool = True, samples: bool = True,
+) -> dict[str, Any]:
+    """Train one subject in this process; returns the summary printed by ``raydb train``.
+
+    ``resume=False`` ignores existing checkpoints and a finished adapter (a fresh run).
+    """
+    from tqdm.auto import tqdm
+
+    storage = storage or Storage(cfg.s3_endpoint_url)
+    tc = cfg.train
+    run = run_uri(cfg)
+    finished = finished_adapter(cfg, storage) if resume else None
+    if finished:
+        return finished_result(cfg, storage, finished, register=register, quiet=quiet)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    components = load_components(cfg.model, storage, cfg.workspace, device=device, dtype=weights_dtype(tc))
+    data = prepare_training_data(cfg, components, storage)
+    state = build_train_state(cfg, components.unet, components.text_encoder)
+    metrics: list[dict[str, Any]] = []
+    latest = latest_checkpoint(storage, run) if resume else None
+    if latest:
+        metrics = restore_payload(state, storage.read_bytes(join(latest, CHECKPOINT_TENSORS)),
+                                  storage.read_bytes(join(latest, CHECKPOINT_META)))
+        if not quiet:
+            print(f"resuming {run} from step {state.step}")
+    n_timesteps = components.noise_scheduler.config.num_train_timesteps
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {cfg.subject.id}", disable=quiet)
+    while state.step < tc.max_steps:
+        micro = step_micro_batches(data, tc, step=state.step, num_train_timesteps=n_timesteps,
+                                   device=device)
+        m = optimizer_step(state, micro, cfg=cfg, noise_scheduler=components.noise_scheduler,
+                           prediction_type=components.prediction_type, with_prior=data.with_prior,
+                           vae=components.vae)
+        metrics.append(m)
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", ips=f"{m['images_per_s']:.1f}")
+        if state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps:
+            save_checkpoint(storage, run, state, metrics, tc.checkpoints_to_keep)
+    bar.close()
+    return finish_run(cfg, storage, state, components, metrics, register=register, samples=samples)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
+import struct
 import sys
 import threading
 from typing import Any
@@ -32,7 +34,7 @@ from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS
 from raydb.storage import NotFound, Storage, join
 
 __all__ = ["AdapterError", "AdapterMismatch", "AdapterCorrupt", "AdapterGone", "LoadedAdapter",
-           "AdapterPool"]
+           "AdapterPool", "read_adapter"]
 
 class AdapterError(RuntimeError):
     """An adapter that cannot serve this request; ``status`` is the HTTP status to answer with."""
@@ -55,11 +57,17 @@ class AdapterGone(AdapterError):
 
 
 class LoadedAdapter:
-    """One adapter resident in the pool's pipeline. ``__del__`` (eviction) unloads it when unused."""
+    """One adapter resident in a pool. ``__del__`` (eviction) unloads it when unused.
 
-    def __init__(self, pool: AdapterPool, name: str, subject_id: str, version: str, meta: dict[str, Any]):
+    ``pool``: an :class:`AdapterPool` (peft adapter ``name`` in its pipeline) or a
+    :class:`raydb.serving.slots.SlotPool` (engine ``slot``); either has ``unload(adapter)``.
+    """
+
+    def __init__(self, pool: Any, name: str, subject_id: str, version: str, meta: dict[str, Any],
+                 slot: int | None = None):
         self.pool = pool
         self.name = name
+        self.slot = slot
         self.subject_id = subject_id
         self.version = version
         self.metadata = meta
@@ -98,6 +106,40 @@ class LoadedAdapter:
             self.pool.unload(self)
 
 
+def read_adapter(
+    storage: Storage, version_uri: str, identity: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """adapter.json, the verified weights, and the LoRA config stored in the weights' header.
+
+    The LoRA config is diffusers' ``lora_adapter_metadata`` (``{"unet.lora_alpha": 8, "unet.r": 4,
+    ...}``), ``{}`` when the file has none. ``identity`` is the serving base model's.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        meta = storage.read_json(join(version_uri, ADAPTER_META))
+        data = storage.read_bytes(join(version_uri, meta.get("weights", ADAPTER_WEIGHTS)))
+    except NotFound as exc:
+        raise AdapterGone(f"adapter files missing: {exc}") from None
+    except ValueError as exc:  # adapter.json that is not JSON
+        raise AdapterCorrupt(f"adapter.json is unreadable: {exc}") from None
+    base = meta.get("base_model", {}).get("identity")
+    if base != identity:
+        raise AdapterMismatch(f"adapter was trained on base model {base!r}, this server runs {identity!r}")
+    expected = meta.get("weights_sha256")
+    if not expected or hashlib.sha256(data).hexdigest() != expected:
+        raise AdapterCorrupt("adapter weights failed their integrity check (sha256 mismatch)")
+    try:
+        state = load_safetensors(data)
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + size]).get("__metadata__") or {}
+        lora_config = json.loads(header.get("lora_adapter_metadata", "{}"))
+    except (SafetensorError, ValueError, RuntimeError, struct.error) as exc:
+        raise AdapterCorrupt(f"adapter weights are not valid safetensors: {exc}") from None
+    return meta, state, lora_config
+
+
 class AdapterPool:
     """A base ``StableDiffusionPipeline`` (with ``.raydb_identity``) plus resident adapters."""
 
@@ -114,28 +156,7 @@ class AdapterPool:
         self, storage: Storage, version_uri: str
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """adapter.json and the verified weights of one registry version."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load as load_safetensors
-
-        try:
-            meta = storage.read_json(join(version_uri, ADAPTER_META))
-            data = storage.read_bytes(join(version_uri, meta.get("weights", ADAPTER_WEIGHTS)))
-        except NotFound as exc:
-            raise AdapterGone(f"adapter files missing: {exc}") from None
-        except ValueError as exc:  # adapter.json that is not JSON
-            raise AdapterCorrupt(f"adapter.json is unreadable: {exc}") from None
-        base = meta.get("base_model", {}).get("identity")
-        if base != self.identity:
-            raise AdapterMismatch(
-                f"adapter was trained on base model {base!r}, this server runs {self.identity!r}"
-            )
-        expected = meta.get("weights_sha256")
-        if not expected or hashlib.sha256(data).hexdigest() != expected:
-            raise AdapterCorrupt("adapter weights failed their integrity check (sha256 mismatch)")
-        try:
-            state = load_safetensors(data)
-        except (SafetensorError, ValueError, RuntimeError) as exc:
-            raise AdapterCorrupt(f"adapter weights are not valid safetensors: {exc}") from None
+        meta, state, _ = read_adapter(storage, version_uri, self.identity)
         return meta, state
 
     def load(self, storage: Storage, version_uri: str, subject_id: str, version: str) -> LoadedAdapter:

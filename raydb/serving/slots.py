@@ -1,0 +1,80 @@
+"""Which adapter lives in which engine slot: load = verify + copy into a free slot (no Ray).
+
+Ray Serve's multiplexer keeps ``serve.max_num_models_per_replica`` adapters and evicts the least
+recently used by calling :class:`~raydb.serving.adapters.LoadedAdapter`'s ``__del__``; a request
+that still holds the evicted adapter (queued for the next batch) keeps its slot until it releases
+it. So an engine has more slots than resident adapters — ``max_num_models_per_replica`` plus one
+batch of evicted-but-in-use adapters — and a load that still finds every slot taken waits for one
+(up to ``wait_s``) instead of failing or overwriting a slot a request uses.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from raydb.serving.adapters import AdapterGone, LoadedAdapter, read_adapter
+from raydb.serving.engine import DiffusionEngine
+from raydb.serving.multi_lora import parse_adapter
+from raydb.storage import Storage
+
+__all__ = ["SlotPool"]
+
+
+class SlotPool:
+    """Adapters resident in a :class:`DiffusionEngine`'s slots; the engine-backed ``AdapterPool``."""
+
+    def __init__(self, engine: DiffusionEngine, wait_s: float = 60.0) -> None:
+        self.engine = engine
+        self.identity = engine.identity
+        self.wait_s = wait_s
+        self._free = list(range(engine.num_slots))
+        self._used: dict[int, LoadedAdapter] = {}
+        self._changed = threading.Condition()
+        self.loads = 0
+        self.unloads = 0
+
+    def load(self, storage: Storage, version_uri: str, subject_id: str, version: str) -> LoadedAdapter:
+        """Read, verify and copy an adapter into a free slot (refused before any slot is touched)."""
+        meta, state, lora_config = read_adapter(storage, version_uri, self.identity)
+        parsed = parse_adapter(state, lora_config)
+        self.engine.check_adapter(parsed)
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._free, timeout=self.wait_s):
+                raise AdapterGone(f"no free adapter slot within {self.wait_s:.0f}s "
+                                  "(every slot is in use by queued requests); retry")
+            slot = self._free.pop(0)
+        try:
+            self.engine.write_slot(slot, parsed)
+        except Exception:
+            self._give_back(slot)
+            raise
+        adapter = LoadedAdapter(self, f"slot{slot}", subject_id, version, meta, slot=slot)
+        with self._changed:
+            self._used[slot] = adapter
+            self.loads += 1
+        return adapter
+
+    def unload(self, adapter: LoadedAdapter) -> None:
+        """Free the adapter's slot (its weights stay until overwritten: no request routes to it)."""
+        assert adapter.slot is not None
+        with self._changed:
+            if self._used.get(adapter.slot) is not adapter:
+                return
+            del self._used[adapter.slot]
+            self.unloads += 1
+        self._give_back(adapter.slot)
+
+    def _give_back(self, slot: int) -> None:
+        with self._changed:
+            self._free.append(slot)
+            self._changed.notify_all()
+
+    def resident(self) -> list[str]:
+        """``<subject>@<version>`` of the adapters in slots."""
+        with self._changed:
+            return sorted(f"{a.subject_id}@{a.version}" for a in self._used.values())
+
+    def stats(self) -> dict[str, Any]:
+        return {"resident": self.resident(), "loads": self.loads, "unloads": self.unloads,
+                "base_model": self.identity, "unet_forwards": self.engine.unet_forwards}

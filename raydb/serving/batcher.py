@@ -1,0 +1,114 @@
+"""An asyncio queue that groups same-shape requests into batches for the engine (no Ray).
+
+Ray Serve's ``@serve.batch`` keeps one queue per method, so a batch could mix shapes (sizes, step
+counts) that cannot share a denoising loop. Here each shape key has its own bucket:
+
+* a request joins its key's bucket; the bucket's first arrival starts its ``wait_s`` clock;
+* when the engine is free, the oldest bucket runs as soon as it holds ``max_batch_size`` requests
+  or its clock has run out (a bucket that filled while the engine was busy runs at once);
+* the engine call (``run``, in a worker thread) returns after the denoising loop with a future of
+  the decoded results, so the next batch's loop starts while this batch decodes.
+
+``wait_s`` trades latency for throughput: a lone request waits up to ``wait_s`` for batch-mates.
+With ``max_batch_size=1`` nothing waits and every request runs its own loop (batching off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from typing import Any
+
+__all__ = ["ShapeBatcher"]
+
+
+class ShapeBatcher:
+    """``await batcher.submit(item)`` -> that item's result from ``run(batch)``.
+
+    ``run(items) -> Future[list[result]]`` (blocking; called in a thread, one batch at a time);
+    ``key(item)``: the shape key — items with different keys are never in one batch.
+    """
+
+    def __init__(self, run: Callable[[list[Any]], Future], key: Callable[[Any], Hashable], *,
+                 max_batch_size: int, wait_s: float) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.run = run
+        self.key = key
+        self.max_batch_size = max_batch_size
+        self.wait_s = wait_s
+        self.batch_sizes: list[int] = []  # one entry per batch run (tests, benchmarks)
+        self._buckets: dict[Hashable, list[tuple[Any, asyncio.Future]]] = {}
+        self._born: dict[Hashable, float] = {}
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._wake = asyncio.Event()
+            self._worker = loop.create_task(self._work())
+        key = self.key(item)
+        result: asyncio.Future = loop.create_future()
+        if key not in self._buckets:
+            self._buckets[key], self._born[key] = [], time.monotonic()
+        self._buckets[key].append((item, result))
+        self._wake.set()
+        return await result
+
+    def _next_batch(self) -> tuple[list[tuple[Any, asyncio.Future]] | None, float]:
+        """The batch to run now, or (None, seconds until the oldest bucket is due)."""
+        if not self._buckets:
+            return None, float("inf")
+        key = min(self._born, key=self._born.__getitem__)
+        bucket = self._buckets[key]
+        due = self._born[key] + self.wait_s - time.monotonic()
+        if len(bucket) < self.max_batch_size and due > 0:
+            return None, due
+        batch, rest = bucket[:self.max_batch_size], bucket[self.max_batch_size:]
+        if rest:
+            self._buckets[key], self._born[key] = rest, time.monotonic()
+        else:
+            del self._buckets[key], self._born[key]
+        return batch, 0.0
+
+    async def _work(self) -> None:
+        assert self._wake is not None
+        while True:
+            batch, due = self._next_batch()
+            if batch is None:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), None if due == float("inf") else due)
+                except TimeoutError:
+                    pass
+                continue
+            batch = [(item, fut) for item, fut in batch if not fut.done()]  # drop cancelled callers
+            if not batch:
+                continue
+            self.batch_sizes.append(len(batch))
+            try:
+                decoded = await asyncio.to_thread(self.run, [item for item, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - the batch's callers get the error
+                _fail(batch, exc)
+                continue
+            asyncio.get_running_loop().create_task(_deliver(decoded, batch))
+
+
+async def _deliver(decoded: Future, batch: list[tuple[Any, asyncio.Future]]) -> None:
+    try:
+        results = await asyncio.wrap_future(decoded)
+    except Exception as exc:  # noqa: BLE001
+        _fail(batch, exc)
+        return
+    for (_, fut), result in zip(batch, results, strict=True):
+        if not fut.done():
+            fut.set_result(result)
+
+
+def _fail(batch: list[tuple[Any, asyncio.Future]], exc: BaseException) -> None:
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)

@@ -1,0 +1,255 @@
+"""The batching engine without Ray: multi-LoRA layers, the denoising loop, slots, the shape batcher.
+
+The engine tests run the tiny model in float64, where batched and one-by-one kernels differ only in
+the last bits (~1e-14 on the latents); they compare final latents with a tolerance of 1e-9, far
+below any visible change (the subjects' latents differ from the base by > 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from raydb.config import ModelConfig
+from raydb.serving.adapters import AdapterCorrupt, AdapterGone
+from raydb.serving.multi_lora import (
+    AdapterTooLarge,
+    AdapterUnsupported,
+    LoraFactors,
+    MultiLoraLinear,
+    SlotRouter,
+    parse_adapter,
+)
+
+TOL = 1e-9
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def _params(seed: int, **kw) -> dict:
+    return {"prompt": "a photo of sks dog", "negative_prompt": None, "num_inference_steps": 2,
+            "guidance_scale": 7.5, "seed": seed, "width": 64, "height": 64, "num_images": 1} | kw
+
+
+# -- pure layers ----------------------------------------------------------------------------------
+def test_multi_lora_linear_routes_each_sample_to_its_slot_and_zero_slot_is_the_base():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5).double()
+    router = SlotRouter(num_slots=2)
+    layer = MultiLoraLinear(base, router, max_rank=4)
+    low = LoraFactors(torch.randn(2, 6).double(), torch.randn(5, 2).double(), 0.5)  # rank 2, padded
+    full = LoraFactors(torch.randn(4, 6).double(), torch.randn(5, 4).double(), 2.0)
+    layer.write_slot(0, low)
+    layer.write_slot(1, full)
+    x = torch.randn(3, 7, 6).double()
+    with router.route(torch.tensor([1, router.zero_slot, 0])):
+        out = layer(x)
+    assert torch.allclose(out[0], base(x[0]) + 2.0 * x[0] @ full.down.T @ full.up.T, atol=1e-12)
+    assert torch.equal(out[1], base(x[1]))  # the zero slot adds exact zeros
+    assert torch.allclose(out[2], base(x[2]) + 0.5 * x[2] @ low.down.T @ low.up.T, atol=1e-12)
+    assert torch.equal(layer(x), base(x))  # no routing: the base layer
+    with pytest.raises(AdapterCorrupt, match="do not fit"):
+        layer.write_slot(0, LoraFactors(torch.randn(2, 7), torch.randn(5, 2), 1.0))
+    with router.route(torch.tensor([0])), pytest.raises(ValueError, match="3 samples routed with 1"):
+        layer(x)
+
+
+def test_parse_adapter_scales_and_refuses_what_it_cannot_serve():
+    down, up = torch.ones(4, 8), torch.ones(8, 4)
+    state = {"unet.a.to_q.lora.down.weight": down, "unet.a.to_q.lora.up.weight": up,
+             "text_encoder.l.q_proj.lora_linear_layer.down.weight": down[:2],
+             "text_encoder.l.q_proj.lora_linear_layer.up.weight": up[:, :2]}
+    parsed = parse_adapter(state, {"unet.lora_alpha": 8.0, "text_encoder.lora_alpha": 1.0})
+    assert parsed["unet"]["a.to_q"].scale == 2.0 and parsed["text_encoder"]["l.q_proj"].scale == 0.5
+    assert parse_adapter(state, {})["unet"]["a.to_q"].scale == 1.0  # no config: alpha = rank
+    with pytest.raises(AdapterCorrupt, match="unrecognised tensor 'unet.x.weight'"):
+        parse_adapter(state | {"unet.x.weight": down}, {})
+    with pytest.raises(AdapterCorrupt, match="unpaired"):
+        parse_adapter({"unet.a.to_q.lora.down.weight": down}, {})
+    with pytest.raises(AdapterUnsupported, match="DoRA"):
+        parse_adapter(state, {"unet.use_dora": True})
+
+
+# -- the engine over the tiny model ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """A workspace with one trained subject (alpha != rank) and random subjects of ranks 2, 8, 16."""
+    from raydb.config import load_config
+    from raydb.serving.synthetic import register_random_adapter
+    from raydb.storage import Storage
+    from raydb.train.run import train_subject
+
+    workspace = str(tmp_path_factory.mktemp("engine-ws"))
+    train_subject(load_config(data={
+        "workspace": workspace, "model": {"pretrained": "tiny"}, "prior": {"enabled": False},
+        "subject": {"id": "trained", "instance_prompt": "a photo of sks dog",
+                    "class_prompt": "a photo of a dog"},
+        "lora": {"rank": 4, "alpha": 8.0},
+        "train": {"resolution": 64, "max_steps": 2, "learning_rate": 1e-2, "checkpoint_every": 1000,
+                  "num_sample_images": 0}}), quiet=True, samples=False)
+    storage = Storage()
+    for i, rank in enumerate([2, 8, 16]):
+        register_random_adapter(storage, workspace, "trained", f"rank{rank}", rank=rank, seed=i,
+                                alpha=rank * 1.5)
+    return workspace
+
+
+def _uri(workspace: str, sid: str) -> str:
+    from raydb.registry import latest_version
+    from raydb.storage import Storage
+
+    return latest_version(Storage(), workspace, sid)["uri"]
+
+
+def _pipe(workspace: str):
+    from raydb.models.components import load_pipeline
+    from raydb.storage import Storage
+
+    return load_pipeline(ModelConfig(pretrained="tiny"), Storage(), workspace, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def engine(adapters):
+    from raydb.serving.engine import DiffusionEngine
+    from raydb.serving.slots import SlotPool
+    from raydb.storage import Storage
+
+    eng = DiffusionEngine(_pipe(adapters), num_slots=3, max_lora_rank=8, unet_targets=UNET_TARGETS,
+                          text_encoder_targets=TE_TARGETS)
+    pool = SlotPool(eng, wait_s=0.2)
+    loaded = {sid: pool.load(Storage(), _uri(adapters, sid), sid, "v0001")
+              for sid in ("trained", "rank2", "rank8")}
+    yield eng, pool, loaded
+    eng.close()
+
+
+def test_mixed_subject_batch_equals_one_by_one_and_diffusers_peft(engine, adapters):
+    from raydb.serving.engine import EngineRequest
+
+    eng, _, loaded = engine
+    subjects = ["trained", "rank2", None, "rank8"]  # None: the base model shares the batch
+    requests = [EngineRequest(_params(seed), loaded[sid].slot if sid else None)
+                for seed, sid in enumerate(subjects)]
+    before = eng.unet_forwards
+    batched = eng.denoise(requests)
+    loop = eng.unet_forwards - before  # PNDM: 3 UNet calls for 2 steps
+    alone = [eng.denoise([r]) for r in requests]
+    assert eng.unet_forwards - before == loop + 4 * loop  # 4 subjects in one loop vs 4 loops
+    for i, one in enumerate(alone):
+        assert (batched[i:i + 1] - one).abs().max() < TOL, subjects[i]
+    for i in (0, 1, 3):
+        assert (batched[i] - batched[2]).abs().max() > 1.0, f"{subjects[i]} looks like the base"
+    # The same adapters through diffusers + peft (from the file, so alpha != rank is honoured).
+    ref = _pipe(adapters)
+    for i, sid in enumerate(subjects):
+        if sid:
+            ref.load_lora_weights(_uri(adapters, sid), weight_name="pytorch_lora_weights.safetensors",
+                                  adapter_name=sid)
+            ref.set_adapters([sid])
+        else:
+            ref.disable_lora()
+        p = requests[i].params
+        expected = ref(p["prompt"], num_inference_steps=2, guidance_scale=7.5, width=64, height=64,
+                       generator=[torch.Generator().manual_seed(p["seed"])], output_type="latent").images
+        ref.enable_lora()
+        assert (batched[i:i + 1] - expected).abs().max() < TOL, sid
+
+
+def test_adapter_above_max_lora_rank_is_refused_before_taking_a_slot(engine, adapters):
+    from raydb.storage import Storage
+
+    eng, pool, loaded = engine
+    stats = pool.stats()
+    with pytest.raises(AdapterTooLarge, match=r"rank 16 .*serve.max_lora_rank=8") as err:
+        pool.load(Storage(), _uri(adapters, "rank16"), "rank16", "v0001")
+    assert err.value.status == 409
+    assert pool.stats() == stats and all(a.loaded for a in loaded.values())
+
+
+def test_full_slots_make_a_load_wait_for_an_unload(engine, adapters):
+    from raydb.storage import Storage
+
+    eng, pool, loaded = engine
+    with pytest.raises(AdapterGone, match="no free adapter slot"):  # every slot taken, none freed
+        pool.load(Storage(), _uri(adapters, "rank2"), "rank2", "v0002")
+    freed = loaded.pop("rank8")
+    timer = threading.Timer(0.05, pool.unload, [freed])
+    timer.start()
+    pool.wait_s = 30.0
+    loaded["rank8"] = pool.load(Storage(), _uri(adapters, "rank8"), "rank8", "v0001")
+    timer.join()
+    assert loaded["rank8"].slot == freed.slot and pool.stats()["unloads"] == 1
+
+
+def test_decode_overlaps_the_next_batch(engine):
+    from raydb.serving.engine import EngineRequest
+
+    eng, _, loaded = engine
+    release = threading.Event()
+    real_decode = eng.decode
+
+    def slow_decode(latents, requests):
+        release.wait(60)
+        return real_decode(latents, requests)
+
+    eng.decode = slow_decode
+    try:
+        first = eng.run_batch([EngineRequest(_params(1), loaded["trained"].slot)])
+        second = eng.run_batch([EngineRequest(_params(2))])  # its loop ran while the first decodes
+        assert not first.done() and not second.done()
+    finally:
+        release.set()
+        del eng.decode
+    results = [first.result(60), second.result(60)]
+    assert [len(r[0]["images"]) for r in results] == [1, 1] and results[0][0]["width"] == 64
+    assert results[0][0]["images"][0][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the shape batcher ----------------------------------------------------------------------------
+def test_shape_batcher_groups_by_shape_and_caps_the_batch():
+    from raydb.serving.batcher import ShapeBatcher
+
+    batches: list[list[tuple[str, int]]] = []
+
+    def run(items):
+        batches.append(items)
+        done: Future = Future()
+        done.set_result([f"{shape}-{i}" for shape, i in items])
+        return done
+
+    async def main():
+        batcher = ShapeBatcher(run, key=lambda item: item[0], max_batch_size=3, wait_s=0.2)
+        items = [("64px", i) for i in range(5)] + [("128px", i) for i in range(2)]
+        results = await asyncio.gather(*(batcher.submit(item) for item in items))
+        return results, batcher.batch_sizes
+
+    results, sizes = asyncio.run(main())
+    assert results == [f"64px-{i}" for i in range(5)] + [f"128px-{i}" for i in range(2)]
+    assert all(len({shape for shape, _ in batch}) == 1 for batch in batches)  # never mixed
+    assert sorted(sizes) == [2, 2, 3] and max(sizes) <= 3
+
+
+def test_shape_batcher_starts_the_next_batch_before_the_last_one_is_delivered():
+    from raydb.serving.batcher import ShapeBatcher
+
+    pending: list[Future] = []
+
+    def run(items):
+        pending.append(Future())
+        return pending[-1]
+
+    async def main():
+        batcher = ShapeBatcher(run, key=lambda item: 0, max_batch_size=1, wait_s=0.0)
+        tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]
+        while len(pending) < 2:  # the second batch runs although the first is undelivered
+            await asyncio.sleep(0.01)
+        pending[0].set_exception(RuntimeError("decode failed"))
+        pending[1].set_result(["second"])
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    first, second = asyncio.run(asyncio.wait_for(main(), 10))
+    assert isinstance(first, RuntimeError) and second == "second"

@@ -57,9 +57,7 @@ def build_engine(b: Bench, num_slots: int) -> DiffusionEngine:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.raydb_identity = "sd15-random"
-    return DiffusionEngine(pipe, num_slots=num_slots, max_lora_rank=RANK,
-                           unet_targets=["to_q", "to_k", "to_v", "to_out.0"],
-                           text_encoder_targets=["q_proj", "k_proj", "v_proj", "out_proj"])
+    return DiffusionEngine(pipe, num_slots=num_slots, max_lora_rank=RANK)
 
 
 def random_adapters(engine: DiffusionEngine, n: int) -> list[dict[str, dict[str, LoraFactors]]]:

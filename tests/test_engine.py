@@ -26,8 +26,6 @@ from raydb.serving.multi_lora import (
 )
 
 TOL = 1e-9
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def _params(seed: int, **kw) -> dict:
@@ -118,8 +116,7 @@ def engine(adapters):
     from raydb.serving.slots import SlotPool
     from raydb.storage import Storage
 
-    eng = DiffusionEngine(_pipe(adapters), num_slots=3, max_lora_rank=8, unet_targets=UNET_TARGETS,
-                          text_encoder_targets=TE_TARGETS)
+    eng = DiffusionEngine(_pipe(adapters), num_slots=3, max_lora_rank=8)
     pool = SlotPool(eng, wait_s=0.2)
     loaded = {sid: pool.load(Storage(), _uri(adapters, sid), sid, "v0001")
               for sid in ("trained", "rank2", "rank8")}

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from raydb.config import LoraConfig
 from raydb.serving.multi_lora import (
     AdapterTooLarge,
     AdapterUnsupported,
@@ -65,12 +66,15 @@ class DiffusionEngine:
     """A diffusers ``StableDiffusionPipeline`` (``.raydb_identity``) turned into a batching engine.
 
     ``num_slots`` adapters can be resident, each of rank ≤ ``max_lora_rank``; ``unet_targets`` /
-    ``text_encoder_targets`` name the LoRA-targeted linears (``lora.target_modules``). The pipeline's
-    modules are wrapped in place, once.
+    ``text_encoder_targets`` name the LoRA-targeted linears (default: ``lora.target_modules`` /
+    ``lora.text_encoder_target_modules``' defaults). The pipeline's modules are wrapped in place, once.
     """
 
-    def __init__(self, pipe: Any, *, num_slots: int, max_lora_rank: int, unet_targets: list[str],
-                 text_encoder_targets: list[str]) -> None:
+    def __init__(self, pipe: Any, *, num_slots: int, max_lora_rank: int,
+                 unet_targets: list[str] | None = None, text_encoder_targets: list[str] | None = None) -> None:
+        defaults = LoraConfig()
+        unet_targets = unet_targets or defaults.target_modules
+        text_encoder_targets = text_encoder_targets or defaults.text_encoder_target_modules
         self.pipe = pipe
         self.identity: str = pipe.raydb_identity
         self.max_lora_rank = max_lora_rank

@@ -71,7 +71,8 @@ class DiffusionEngine:
     """
 
     def __init__(self, pipe: Any, *, num_slots: int, max_lora_rank: int,
-                 unet_targets: list[str] | None = None, text_encoder_targets: list[str] | None = None) -> None:
+                 unet_targets: list[str] | None = None,
+                 text_encoder_targets: list[str] | None = None) -> None:
         defaults = LoraConfig()
         unet_targets = unet_targets or defaults.target_modules
         text_encoder_targets = text_encoder_targets or defaults.text_encoder_target_modules

@@ -130,7 +130,8 @@ def load_test(engine: DiffusionEngine, residency: Residency, subjects: int, *, c
     return {"requests": n, "images_per_s": round(n / elapsed, 3),
             "p50_s": round(latencies[n // 2], 4) if n else None,
             "p99_s": round(latencies[min(n - 1, int(n * 0.99))], 4) if n else None,
-            "mean_batch": round(statistics.mean(batcher.batch_sizes), 2) if batcher.batch_sizes else None,
+            "mean_batch": round(statistics.mean(size for _, size in batcher.batches), 2)
+            if batcher.batches else None,
             "unet_forwards": engine.unet_forwards - forwards}
 
 

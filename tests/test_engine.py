@@ -222,7 +222,7 @@ def test_shape_batcher_groups_by_shape_and_caps_the_batch():
         batcher = ShapeBatcher(run, key=lambda item: item[0], max_batch_size=3, wait_s=0.2)
         items = [("64px", i) for i in range(5)] + [("128px", i) for i in range(2)]
         results = await asyncio.gather(*(batcher.submit(item) for item in items))
-        return results, batcher.batch_sizes
+        return results, [size for _, size in batcher.batches]
 
     results, sizes = asyncio.run(main())
     assert results == [f"64px-{i}" for i in range(5)] + [f"128px-{i}" for i in range(2)]

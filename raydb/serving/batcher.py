@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Any
@@ -39,7 +40,8 @@ class ShapeBatcher:
         self.key = key
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
-        self.batch_sizes: list[int] = []  # one entry per batch run (tests, benchmarks)
+        # (shape key, size) of the last batches run, for stats, tests and benchmarks.
+        self.batches: deque[tuple[Hashable, int]] = deque(maxlen=1000)
         self._buckets: dict[Hashable, list[tuple[Any, asyncio.Future]]] = {}
         self._born: dict[Hashable, float] = {}
         self._wake: asyncio.Event | None = None
@@ -88,7 +90,7 @@ class ShapeBatcher:
             batch = [(item, fut) for item, fut in batch if not fut.done()]  # drop cancelled callers
             if not batch:
                 continue
-            self.batch_sizes.append(len(batch))
+            self.batches.append((self.key(batch[0][0]), len(batch)))
             try:
                 decoded = await asyncio.to_thread(self.run, [item for item, _ in batch])
             except Exception as exc:  # noqa: BLE001 - the batch's callers get the error

@@ -88,7 +88,7 @@ class DiffusionEngine:
         self.native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.scheduler_name = type(pipe.scheduler).__name__
         self.unet = pipe.unet  # what the loop calls; compile_unet() swaps in a compiled wrapper
-        self.lock = threading.Lock()  # one loop (or slot write) at a time on the device
+        self.lock = threading.Lock()  # one denoising loop at a time on the device
         self.unet_forwards = 0
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="raydb-decode")
 
@@ -115,20 +115,25 @@ class DiffusionEngine:
                     "lora.text_encoder_target_modules")
 
     def write_slot(self, slot: int, parsed: dict[str, dict[str, LoraFactors]] | None) -> None:
-        """Copy an adapter into ``slot`` (``None``: clear it). Waits for the running batch."""
+        """Copy an adapter into ``slot`` (``None``: clear it).
+
+        No lock: ``slot`` must be one no running batch routes to (``SlotPool`` hands out only free
+        slots), so the copy touches rows the running loop does not read, and a load never waits
+        for a batch to finish — Serve loads adapters one at a time, and a load that queued behind
+        every running loop would split the next batch.
+        """
         if parsed is not None:
             self.check_adapter(parsed)
-        with self.lock:
-            try:
-                for component, layers in self.layers.items():
-                    given = (parsed or {}).get(component, {})
-                    for path, layer in layers.items():
-                        layer.write_slot(slot, given.get(path))
-            except Exception:
-                for layers in self.layers.values():  # nothing half-written
-                    for layer in layers.values():
-                        layer.write_slot(slot, None)
-                raise
+        try:
+            for component, layers in self.layers.items():
+                given = (parsed or {}).get(component, {})
+                for path, layer in layers.items():
+                    layer.write_slot(slot, given.get(path))
+        except Exception:
+            for layers in self.layers.values():  # nothing half-written
+                for layer in layers.values():
+                    layer.write_slot(slot, None)
+            raise
 
     # -- sampling --------------------------------------------------------------------------------
     def compile_unet(self, **compile_kwargs: Any) -> None:

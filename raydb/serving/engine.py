@@ -9,7 +9,7 @@ slot (or the zero slot: the base model).
 
 Per batch (``N`` images, ``h x w`` latents, classifier-free guidance doubling the UNet batch)::
 
-    text:    each request's prompt and negative prompt encoded under its own slot -> [N, 77, D] x 2
+    text:    every image's prompt and negative prompt, each under its own slot      -> [N, 77, D] x 2
     noise:   each image drawn from its own generator (seed + i)                  -> [N, 4, h, w]
     loop:    UNet on [uncond | cond] = [2N, 4, h, w], slots [s | s]; CFG; scheduler.step
     decode:  VAE + PNG on a worker thread, overlapping the next batch's loop
@@ -146,6 +146,8 @@ class DiffusionEngine:
     @torch.no_grad()
     def denoise(self, requests: list[EngineRequest]) -> torch.Tensor:
         """The final latents ``[N, 4, h/8, w/8]`` of all requests' images, request order kept."""
+        from diffusers.utils.torch_utils import randn_tensor
+
         keys = {self.key(r.params) for r in requests}
         if len(keys) != 1:
             raise ValueError(f"one batch needs one shape (size, steps, guidance); got {sorted(keys)}")
@@ -153,26 +155,23 @@ class DiffusionEngine:
         pipe = self.pipe
         device, dtype = pipe.unet.device, pipe.unet.dtype
         cfg = guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+        prompts, negatives, slots, generators = [], [], [], []
+        for request in requests:  # one entry per image: image i of a request uses seed + i
+            p, n = request.params, request.params["num_images"]
+            prompts += [p["prompt"]] * n
+            negatives += [p.get("negative_prompt") or ""] * n  # None encodes as "" in diffusers too
+            slots += [self.router.zero_slot if request.slot is None else request.slot] * n
+            generators += [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
         with self.lock:
-            cond, uncond, slots, generators = [], [], [], []
-            for request in requests:
-                p, n = request.params, request.params["num_images"]
-                slot = self.router.zero_slot if request.slot is None else request.slot
-                with self.router.route(torch.tensor([slot], device=device)):
-                    c, u = pipe.encode_prompt(p["prompt"], device, n, cfg, p.get("negative_prompt"))
-                cond.append(c)
-                uncond.append(u)
-                slots += [slot] * n
-                generators += [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
-            from diffusers.utils.torch_utils import randn_tensor
-
+            with self.router.route(torch.tensor(slots, device=device)):  # each prompt under its adapter
+                cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, negatives if cfg else None)
             shape = (len(slots), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
                      width // pipe.vae_scale_factor)
             scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # fresh per-loop state
             scheduler.set_timesteps(steps, device=device)
             latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
             latents = latents * scheduler.init_noise_sigma
-            embeds = torch.cat(uncond + cond) if cfg else torch.cat(cond)
+            embeds = torch.cat([uncond, cond]) if cfg else cond
             index = torch.tensor(slots * 2 if cfg else slots, device=device)
             step_kw = self._step_kwargs(scheduler, generators)
             with self.router.route(index):

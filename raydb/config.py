@@ -275,7 +275,29 @@ class ServeConfig(_Strict):
     num_gpus_per_replica: float = Field(0.0, ge=0.0, description="GPUs reserved by each diffusion replica.")
     max_ongoing_requests: int = Field(
         16, ge=1,
-        description="Requests a diffusion replica accepts at once (they queue on its pipeline lock)."
+        description="Requests a diffusion replica accepts at once (running + queued for the next "
+                    "batch); keep it >= 2 x max_batch_size."
+    )
+    max_batch_size: int = Field(
+        8, ge=1,
+        description="Requests of one shape (size, steps, guidance) a diffusion replica runs in one "
+                    "denoising loop, whatever their subjects; 1 turns batching off. Throughput for "
+                    "latency: a batch finishes together."
+    )
+    batch_wait_ms: float = Field(
+        20.0, ge=0.0,
+        description="How long the first request of a batch waits for batch-mates on an idle replica "
+                    "(a lone request's extra latency); 0 batches only what is already queued."
+    )
+    max_lora_rank: int = Field(
+        32, ge=1,
+        description="Largest adapter rank a replica serves: adapter slots are preallocated at this "
+                    "rank (memory, and LoRA compute for every sample); higher ranks are refused (409)."
+    )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off",
+        description="torch.compile mode for the serving UNet (reduce-overhead: CUDA graphs); "
+                    "measure with bench/serve_engine_gpu.py before turning it on."
     )
 
 

@@ -79,7 +79,7 @@ def adapters(tmp_path_factory):
     from raydb.config import load_config
     from raydb.serving.synthetic import register_random_adapter
     from raydb.storage import Storage
-    from raydb.train.run import train_subject
+    from raydb.train.local import train_subject
 
     workspace = str(tmp_path_factory.mktemp("engine-ws"))
     train_subject(load_config(data={

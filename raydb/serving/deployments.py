@@ -27,9 +27,12 @@ from ray.serve.handle import DeploymentHandle
 
 from raydb.config import RaydbConfig
 from raydb.registry import version_uri
-from raydb.serving.adapters import AdapterError, AdapterPool, LoadedAdapter
+from raydb.serving.adapters import AdapterError, AdapterGone, LoadedAdapter
 from raydb.serving.api import GenerateRequest, RequestError, validate_generate, validation_detail
 from raydb.serving.auth import KeyRing, key_from_headers
+from raydb.serving.batcher import ShapeBatcher
+from raydb.serving.engine import DiffusionEngine, EngineRequest
+from raydb.serving.slots import SlotPool
 from raydb.serving.subjects import (
     SubjectNotFound,
     find_subject,
@@ -48,7 +51,12 @@ http_app = FastAPI(title="raydb", description="DreamBooth-LoRA subjects over HTT
 
 @serve.deployment(name="RaydbDiffusion")
 class DiffusionDeployment:
-    """Base pipeline once per replica; subject adapters multiplexed by ``<subject>@<version>``."""
+    """Base pipeline once per replica as a batching engine; adapters multiplexed by ``<subject>@<version>``.
+
+    Requests of one shape are batched (``serve.max_batch_size``, ``serve.batch_wait_ms``) into one
+    denoising loop whatever their subjects: each adapter sits in an engine slot (see
+    ``raydb/serving/engine.py``).
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
         import torch
@@ -56,12 +64,22 @@ class DiffusionDeployment:
         from raydb.models.components import load_pipeline
 
         self.cfg = RaydbConfig.model_validate(config)
-        torch.set_num_threads(max(1, int(self.cfg.serve.num_cpus_per_replica)))
+        sc = self.cfg.serve
+        torch.set_num_threads(max(1, int(sc.num_cpus_per_replica)))
         self.storage = Storage(self.cfg.s3_endpoint_url)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float16 if device == "cuda" else torch.float32
-        self.pool = AdapterPool(load_pipeline(self.cfg.model, self.storage, self.cfg.workspace,
-                                              dtype=dtype, device=device))
+        pipe = load_pipeline(self.cfg.model, self.storage, self.cfg.workspace, dtype=dtype, device=device)
+        # Evicted adapters that queued requests still hold keep their slots: one batch's worth extra.
+        self.engine = DiffusionEngine(
+            pipe, num_slots=sc.max_num_models_per_replica + sc.max_batch_size, max_lora_rank=sc.max_lora_rank,
+            unet_targets=self.cfg.lora.target_modules,
+            text_encoder_targets=self.cfg.lora.text_encoder_target_modules)
+        if sc.compile != "off":
+            self.engine.compile_unet(mode=sc.compile)
+        self.pool = SlotPool(self.engine)
+        self.batcher = ShapeBatcher(self.engine.run_batch, key=lambda r: self.engine.key(r.params),
+                                    max_batch_size=sc.max_batch_size, wait_s=sc.batch_wait_ms / 1000)
 
         async def load_adapter(adapter_id: str) -> LoadedAdapter:
             subject_id, version = parse_model_id(adapter_id)
@@ -69,8 +87,8 @@ class DiffusionDeployment:
             return await asyncio.to_thread(self.pool.load, self.storage, uri, subject_id, version)
 
         # Built here, not as a class decorator, because the cache size comes from the config.
-        self._get_adapter = serve.multiplexed(
-            max_num_models_per_replica=self.cfg.serve.max_num_models_per_replica)(load_adapter)
+        self._get_adapter = serve.multiplexed(max_num_models_per_replica=sc.max_num_models_per_replica)(
+            load_adapter)
 
     async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
         """``{"images": [png bytes], "width", "height", "base_model"}`` or ``{"error": {status, detail}}``.
@@ -85,7 +103,9 @@ class DiffusionDeployment:
                 adapter = await self._get_adapter(adapter_id)
                 adapter.acquire()  # before any await: eviction now waits for this request
             try:
-                result = await asyncio.to_thread(self.pool.generate, adapter, params)
+                if adapter is not None and not adapter.loaded:
+                    raise AdapterGone("adapter was unloaded; retry the request")
+                result = await self.batcher.submit(EngineRequest(params, adapter.slot if adapter else None))
             finally:
                 if adapter is not None and adapter.release():
                     await asyncio.to_thread(self.pool.unload, adapter)
@@ -97,9 +117,8 @@ class DiffusionDeployment:
         return result | {"base_model": self.pool.identity}
 
     def stats(self) -> dict[str, Any]:
-        """Resident adapters and load/unload counters of this replica (for tests and benchmarks)."""
-        return {"resident": self.pool.resident(), "loads": self.pool.loads, "unloads": self.pool.unloads,
-                "base_model": self.pool.identity}
+        """Resident adapters, load/unload and UNet-forward counters, batches run (tests, benchmarks)."""
+        return self.pool.stats() | {"batches": list(self.batcher.batches)}
 
 
 @serve.deployment(name="RaydbIngress")

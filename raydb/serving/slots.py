@@ -22,7 +22,7 @@ __all__ = ["SlotPool"]
 
 
 class SlotPool:
-    """Adapters resident in a :class:`DiffusionEngine`'s slots; the engine-backed ``AdapterPool``."""
+    """Adapters resident in a :class:`DiffusionEngine`'s slots; what Serve's multiplexer loads and evicts."""
 
     def __init__(self, engine: DiffusionEngine, wait_s: float = 60.0) -> None:
         self.engine = engine

@@ -75,7 +75,8 @@ def test_parse_adapter_scales_and_refuses_what_it_cannot_serve():
 # -- the engine over the tiny model ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    """A workspace with one trained subject (alpha != rank) and random subjects of ranks 2, 8, 16."""
+    """A workspace with one trained subject (alpha != rank, text encoder LoRA too) and random
+    subjects of ranks 2, 8, 16 (UNet only)."""
     from raydb.config import load_config
     from raydb.serving.synthetic import register_random_adapter
     from raydb.storage import Storage
@@ -86,7 +87,7 @@ def adapters(tmp_path_factory):
         "workspace": workspace, "model": {"pretrained": "tiny"}, "prior": {"enabled": False},
         "subject": {"id": "trained", "instance_prompt": "a photo of sks dog",
                     "class_prompt": "a photo of a dog"},
-        "lora": {"rank": 4, "alpha": 8.0},
+        "lora": {"rank": 4, "alpha": 8.0, "train_text_encoder": True},
         "train": {"resolution": 64, "max_steps": 2, "learning_rate": 1e-2, "checkpoint_every": 1000,
                   "num_sample_images": 0}}), quiet=True, samples=False)
     storage = Storage()

@@ -18,6 +18,13 @@ concurrency 1 ≤ 0.6 s. ``checks`` in the JSON states both.
 
     python bench/serve_engine_gpu.py --out bench/results/serve_engine_<chip>_<date>.json   # GPU
     python bench/serve_engine_gpu.py --tiny --seconds 2 --out /tmp/serve_engine_tiny.json   # CPU smoke
+
+On a lent device machine (no network): ``bash bench/device_wheels.sh`` here once, then
+``run(command="pip install -q --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:$PWD
+python3 bench/serve_engine_gpu.py --seconds 5 --out $OUT/serve_engine.json", carry=[".whl"],
+timeout_s=570)`` — 36 arms of 5 s plus model build and compile, about 5 minutes; the JSON is
+rewritten after every arm, so a run cut short keeps what it measured. Batch sizes other than 1 and
+8 (partial batches) may compile during an arm under ``reduce-overhead``; ``mean_batch`` shows them.
 """
 
 from __future__ import annotations

@@ -88,8 +88,14 @@ class MicroBatch:
     encoder_hidden_states: torch.Tensor | None
     input_ids: torch.Tensor
 
-    def to(self, device: torch.device | str) -> MicroBatch:
-        return MicroBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> MicroBatch:
+        return MicroBatch(**{k: (v.to(device, non_blocking=non_blocking)
+                                 if isinstance(v, torch.Tensor) else v)
+                             for k, v in self.__dict__.items()})
+
+    def pin_memory(self) -> MicroBatch:
+        """A copy in page-locked host memory, so a ``non_blocking`` copy to a GPU is truly async."""
+        return MicroBatch(**{k: (v.contiguous().pin_memory() if isinstance(v, torch.Tensor) else v)
                              for k, v in self.__dict__.items()})
 
     @property

@@ -25,7 +25,8 @@ import torch
 
 from raydb.config import TrainConfig
 
-__all__ = ["use_channels_last", "use_fused_adam", "prepare_unet", "compile_for_training"]
+__all__ = ["use_channels_last", "use_fused_adam", "prepare_unet", "compile_for_training",
+           "resolve_mixed_precision", "use_cuda_graphs"]
 
 _BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
@@ -42,6 +43,47 @@ def use_fused_adam(tc: TrainConfig, params: list[torch.nn.Parameter]) -> bool:
     if tc.fused_adam == "auto":
         return bool(params) and params[0].device.type == "cuda"
     return bool(tc.fused_adam)
+
+
+def resolve_mixed_precision(tc: TrainConfig, device: torch.device | str) -> str:
+    """``train.mixed_precision`` for training on ``device``: ``no``, ``fp16`` or ``bf16``.
+
+    ``auto``: bf16 on CUDA devices with bf16 tensor cores (compute capability 8.0+, Ampere and
+    later), fp16 on older GPUs, ``no`` on CPU (and always ``no`` with ``train.dtype=float64``,
+    the exactness mode). An explicit value is returned as is.
+    """
+    if tc.mixed_precision != "auto":
+        return tc.mixed_precision
+    device = torch.device(device)
+    if tc.dtype == "float64" or device.type != "cuda":
+        return "no"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16"
+
+
+def use_cuda_graphs(tc: TrainConfig, device: torch.device | str) -> bool:
+    """Whether the training step runs as captured CUDA graphs (``raydb.train.graphs``).
+
+    ``auto``: on CUDA, unless the resolved precision is fp16 (GradScaler decides on the host
+    whether to skip a step, which a graph cannot capture). ``on`` where that is impossible raises
+    an error naming the field. ``train.compile`` composes: compiled kernels are captured too.
+    """
+    device = torch.device(device)
+    mode = getattr(tc, "cuda_graphs", "off")
+    precision = resolve_mixed_precision(tc, device)
+    if mode == "auto":
+        return device.type == "cuda" and precision != "fp16"
+    if mode == "on":
+        if device.type != "cuda":
+            raise ValueError(f"train.cuda_graphs: 'on' needs a CUDA device; this run trains on "
+                             f"{device.type} (use 'auto' or 'off')")
+        if precision == "fp16":
+            raise ValueError("train.cuda_graphs: 'on' cannot run with fp16 (train.mixed_precision "
+                             "resolves to 'fp16'): GradScaler reads its inf check on the host to "
+                             "skip steps, which a CUDA graph cannot capture; use bf16 or "
+                             "cuda_graphs 'off'")
+        return True
+    return False
 
 
 def _check_backend(tc: TrainConfig) -> None:

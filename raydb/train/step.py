@@ -30,10 +30,13 @@ def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
     return _DTYPES[mixed_precision]
 
 
-def weights_dtype(tc: TrainConfig) -> torch.dtype:
-    """Dtype the frozen base weights are loaded in for training: the autocast dtype under mixed
-    precision, else ``train.dtype`` (float32, or float64 for exactness checks)."""
-    return autocast_dtype(tc.mixed_precision) or getattr(torch, tc.dtype)
+def weights_dtype(tc: TrainConfig, device: torch.device | str = "cpu") -> torch.dtype:
+    """Dtype the frozen base weights are loaded in for training on ``device``: the autocast dtype
+    under mixed precision (``auto`` resolved for that device), else ``train.dtype`` (float32, or
+    float64 for exactness checks)."""
+    from raydb.train.speed import resolve_mixed_precision
+
+    return autocast_dtype(resolve_mixed_precision(tc, device)) or getattr(torch, tc.dtype)
 
 
 @dataclass
@@ -61,7 +64,12 @@ def build_train_state(
     """
     from diffusers.optimization import get_scheduler
 
-    from raydb.train.speed import compile_for_training, prepare_unet, use_fused_adam
+    from raydb.train.speed import (
+        compile_for_training,
+        prepare_unet,
+        resolve_mixed_precision,
+        use_fused_adam,
+    )
 
     torch.manual_seed(cfg.train.seed)
     params = add_lora(unet, cfg.lora, text_encoder)
@@ -85,7 +93,8 @@ def build_train_state(
         num_training_steps=tc.max_steps,
     )
     device_type = params[0].device.type
-    scaler = torch.amp.GradScaler(device_type) if tc.mixed_precision == "fp16" else None
+    fp16 = resolve_mixed_precision(tc, params[0].device) == "fp16"
+    scaler = torch.amp.GradScaler(device_type) if fp16 else None
     return TrainState(unet, text_encoder if cfg.lora.train_text_encoder else None, params,
                       optimizer, lr_scheduler, scaler, model=compile_for_training(tc, unet))
 
@@ -116,16 +125,20 @@ def forward_loss(
     vae,
     text_encoder: torch.nn.Module | None = None,
     mixed_precision: str = "no",
+    autocast_cache: bool = True,
 ) -> LossParts:
     """One micro-batch: latents -> ``add_noise`` -> UNet -> target -> dual loss (fp32).
 
     ``vae`` supplies ``scaling_factor`` (and encodes ``batch.pixels`` on the uncached path).
+    ``mixed_precision`` is resolved (``no``/``fp16``/``bf16``); ``autocast_cache=False`` inside a
+    CUDA graph capture, where autocast's cache of cast weights must not outlive the capture.
     """
     latents = _latents(batch, vae, vae.config.scaling_factor, vae.config.get("shift_factor"))
     noisy = noise_scheduler.add_noise(latents, batch.noise, batch.timesteps)
     dtype = autocast_dtype(mixed_precision)
     device_type = latents.device.type
-    ctx = torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+    ctx = (torch.autocast(device_type, dtype=dtype, cache_enabled=autocast_cache) if dtype
+           else contextlib.nullcontext())
     with ctx:
         if batch.encoder_hidden_states is not None:
             cond = batch.encoder_hidden_states
@@ -163,7 +176,10 @@ def optimizer_step(
     so k micro-batches of size b update exactly like one batch of size k*b. ``grad_norm`` is the
     norm before clipping, ``grad_norm_clipped`` the norm of the gradient actually applied.
     """
+    from raydb.train.speed import resolve_mixed_precision
+
     model = model if model is not None else (state.model if state.model is not None else state.unet)
+    mixed_precision = resolve_mixed_precision(cfg.train, state.params[0].device)
     n = len(micro_batches)
     start = time.perf_counter()
     # loss parts stay on the device until the end of the step: one host sync per step, not three
@@ -176,7 +192,7 @@ def optimizer_step(
             parts = forward_loss(
                 model, noise_scheduler, batch, prediction_type=prediction_type,
                 prior_loss_weight=cfg.train.prior_loss_weight, with_prior=with_prior, vae=vae,
-                text_encoder=state.text_encoder, mixed_precision=cfg.train.mixed_precision,
+                text_encoder=state.text_encoder, mixed_precision=mixed_precision,
             )
             loss = parts.total / n
             (state.scaler.scale(loss) if state.scaler else loss).backward()

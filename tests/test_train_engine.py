@@ -1,0 +1,193 @@
+"""The GPU engine's CPU-testable half: the graph-ready step is today's step, the prefetcher delivers
+``make_micro_batch``'s batches, and precision / graph options resolve per device.
+
+Fast tier, no Ray. Step comparisons run in float64 (``train.dtype``): both paths run the same
+kernels in the same order, so they agree to float64 rounding on any CPU; in float32 AdamW's
+``m / sqrt(v)`` would amplify last-bit differences of near-zero gradients into visible ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raydb.models.components import load_components
+from raydb.storage import Storage
+from raydb.train.data import make_micro_batch, step_micro_batches
+from raydb.train.graphs import GraphStep, tensor_lr
+from raydb.train.prefetch import BatchPrefetcher
+from raydb.train.run import prepare_training_data
+from raydb.train.speed import resolve_mixed_precision, use_cuda_graphs
+from raydb.train.step import build_train_state, optimizer_step
+
+EXACT = {"rel": 1e-12, "abs": 1e-15}
+
+
+def _setup(cfg):
+    storage = Storage()
+    comps = load_components(cfg.model, storage, cfg.workspace, dtype=torch.float64)
+    data = prepare_training_data(cfg, comps, storage)
+    state = build_train_state(cfg, comps.unet, comps.text_encoder)
+    return comps, data, state
+
+
+def _run(cfg, steps: int, *, graph_ready: bool):
+    comps, data, state = _setup(cfg)
+    kw = dict(noise_scheduler=comps.noise_scheduler, prediction_type=comps.prediction_type,
+              with_prior=data.with_prior, vae=comps.vae)
+    step = GraphStep(state, cfg, capture=False, **kw) if graph_ready else None
+    metrics = []
+    n_timesteps = comps.noise_scheduler.config.num_train_timesteps
+    for _ in range(steps):
+        micro = step_micro_batches(data, cfg.train, step=state.step, num_train_timesteps=n_timesteps)
+        metrics.append(step(micro) if step else optimizer_step(state, micro, cfg=cfg, **kw))
+    lora = {k: p.detach().clone() for k, p in state.unet.named_parameters() if "lora_" in k}
+    if state.text_encoder is not None:
+        lora |= {f"te.{k}": p.detach().clone()
+                 for k, p in state.text_encoder.named_parameters() if "lora_" in k}
+    return metrics, lora, state
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_graph_ready_step_equals_todays_step(make_cfg, tmp_path, class_images_dir,
+                                             train_text_encoder):
+    """Accumulation 2, a warm-up + linear lr schedule (the lr tensor must follow it), clipping
+    active, and (second case) text-encoder LoRA fed through ``input_ids``."""
+    cfg = make_cfg(workspace=str(tmp_path / "ws"),
+                   lora={"train_text_encoder": train_text_encoder},
+                   prior={"class_data": class_images_dir},
+                   train={"dtype": "float64", "gradient_accumulation_steps": 2, "max_steps": 5,
+                          "lr_scheduler": "linear", "lr_warmup_steps": 2, "learning_rate": 1e-2,
+                          "max_grad_norm": 0.05})
+    today, lora_today, _ = _run(cfg, 4, graph_ready=False)
+    ready, lora_ready, state = _run(cfg, 4, graph_ready=True)
+    assert len({m["lr"] for m in today}) == 4  # the schedule really changes the lr every step
+    for a, b in zip(today, ready, strict=True):
+        assert a["step"] == b["step"] and a["images"] == b["images"]
+        for key in ("loss", "loss_instance", "loss_prior", "grad_norm", "grad_norm_clipped", "lr"):
+            assert b[key] == pytest.approx(a[key], **EXACT), key
+        assert a["grad_norm"] > cfg.train.max_grad_norm  # clipping was active
+    assert lora_today.keys() == lora_ready.keys() and lora_today
+    assert any(k.startswith("te.") for k in lora_today) == train_text_encoder
+    # Losses and norms agree exactly; a few LoRA weights differ by float64 ulps that AdamW's
+    # m / sqrt(v) amplifies where gradients are near zero (measured: <= 7e-15 absolute after 4
+    # steps). A real difference — a stale lr, a lost micro-batch — moves weights by ~lr = 1e-2.
+    for key in lora_today:
+        torch.testing.assert_close(lora_ready[key], lora_today[key], rtol=1e-9, atol=1e-12)
+    # the lr lives in a tensor the schedule fills in place (what a captured optimizer reads)
+    assert isinstance(state.optimizer.param_groups[0]["lr"], torch.Tensor)
+
+
+def test_graph_step_refuses_a_new_shape_and_capture_on_cpu(make_cfg):
+    cfg = make_cfg(train={"dtype": "float64"})
+    comps, data, state = _setup(cfg)
+    kw = dict(noise_scheduler=comps.noise_scheduler, prediction_type=comps.prediction_type,
+              with_prior=data.with_prior, vae=comps.vae)
+    with pytest.raises(ValueError, match="train.cuda_graphs.*CUDA"):
+        GraphStep(state, cfg, capture=True, **kw)
+    step = GraphStep(state, cfg, capture=False, **kw)
+    one = [make_micro_batch(data, step=0, micro=0, batch_size=1, accumulation=1, seed=0,
+                            num_train_timesteps=1000)]
+    step(one)
+    two = [make_micro_batch(data, step=1, micro=0, batch_size=2, accumulation=1, seed=0,
+                            num_train_timesteps=1000)]
+    with pytest.raises(ValueError, match="changed shape"):
+        step(two)
+
+
+def test_graph_step_refuses_fp16_grad_scaler(make_cfg):
+    cfg = make_cfg(train={"mixed_precision": "fp16"})
+    comps = load_components(cfg.model, Storage(), cfg.workspace)
+    state = build_train_state(cfg, comps.unet, comps.text_encoder)
+    assert state.scaler is not None
+    with pytest.raises(ValueError, match="train.mixed_precision.*GradScaler"):
+        GraphStep(state, cfg, noise_scheduler=comps.noise_scheduler, prediction_type="epsilon",
+                  with_prior=True, vae=comps.vae, capture=False)
+
+
+def test_tensor_lr_checkpoints_as_a_float():
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([param], lr=0.5, foreach=False)
+    tensor_lr(opt)
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["lr"] == 0.5 and isinstance(saved["param_groups"][0]["lr"], float)
+    opt.load_state_dict(saved)
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    lr = opt.param_groups[0]["lr"]
+    sched.step()
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == 0.25  # filled in place
+
+
+# ---------------------------------------------------------------- the prefetcher
+
+
+@pytest.mark.parametrize(("start", "rank", "world"), [(0, 0, 1), (3, 0, 1), (2, 1, 2)])
+def test_prefetcher_yields_make_micro_batch(make_cfg, start, rank, world):
+    """Same tensors, same order, from step 0 or a resume at ``start``, for any rank."""
+    cfg = make_cfg(train={"gradient_accumulation_steps": 2, "batch_size": 2})
+    storage = Storage()
+    comps = load_components(cfg.model, storage, cfg.workspace)
+    data = prepare_training_data(cfg, comps, storage)
+    tc = cfg.train
+    with BatchPrefetcher(data, tc, start_step=start, num_train_timesteps=1000, rank=rank,
+                         world_size=world, depth=2) as pre:
+        for step in range(start, start + 4):
+            got = pre.next()
+            assert len(got) == tc.gradient_accumulation_steps
+            for m, batch in enumerate(got):
+                want = make_micro_batch(data, step=step, micro=m, batch_size=tc.batch_size,
+                                        accumulation=tc.gradient_accumulation_steps, seed=tc.seed,
+                                        num_train_timesteps=1000, rank=rank, world_size=world)
+                for name, value in want.__dict__.items():
+                    if value is None:
+                        assert getattr(batch, name) is None, name
+                    else:
+                        assert torch.equal(getattr(batch, name), value), (step, m, name)
+
+
+def test_prefetcher_stops_and_reports_errors(make_cfg):
+    cfg = make_cfg()
+    storage = Storage()
+    comps = load_components(cfg.model, storage, cfg.workspace)
+    data = prepare_training_data(cfg, comps, storage)
+    with BatchPrefetcher(data, cfg.train, start_step=0, num_train_timesteps=1000, stop_step=2) as pre:
+        pre.next(), pre.next()
+        assert pre.step == 2
+    data.latent_shape = (-1, 1, 1)  # torch.randn refuses a negative size: raised by next()
+    with BatchPrefetcher(data, cfg.train, start_step=0, num_train_timesteps=1000) as pre:
+        with pytest.raises(RuntimeError):
+            pre.next()
+
+
+# ---------------------------------------------------------------- options per device
+
+
+def test_mixed_precision_auto_resolves_per_device(make_cfg, monkeypatch):
+    tc = make_cfg(train={"mixed_precision": "auto"}).train
+    assert resolve_mixed_precision(tc, "cpu") == "no"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_mixed_precision(tc, "cuda:0") == "bf16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert resolve_mixed_precision(tc, "cuda:0") == "fp16"
+    assert use_cuda_graphs(tc, "cuda:0") is False  # auto: fp16's GradScaler cannot be captured
+    f64 = make_cfg(train={"mixed_precision": "auto", "dtype": "float64"}).train
+    assert resolve_mixed_precision(f64, "cuda:0") == "no"
+    explicit = make_cfg(train={"mixed_precision": "bf16"}).train
+    assert resolve_mixed_precision(explicit, "cpu") == "bf16"
+
+
+def test_cuda_graphs_resolve_per_device(make_cfg, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    auto = make_cfg(train={"cuda_graphs": "auto", "mixed_precision": "auto"}).train
+    assert use_cuda_graphs(auto, "cpu") is False
+    assert use_cuda_graphs(auto, "cuda:0") is True
+    assert use_cuda_graphs(make_cfg(train={"cuda_graphs": "off"}).train, "cuda:0") is False
+    on = make_cfg(train={"cuda_graphs": "on"}).train
+    with pytest.raises(ValueError, match="train.cuda_graphs.*CUDA device.*cpu"):
+        use_cuda_graphs(on, "cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(ValueError, match="train.cuda_graphs.*fp16.*GradScaler"):
+        use_cuda_graphs(make_cfg(train={"cuda_graphs": "on", "mixed_precision": "auto"}).train,
+                        "cuda:0")

@@ -8,9 +8,12 @@ kernels in the same order, so they agree to float64 rounding on any CPU; in floa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from raydb.config import load_config
 from raydb.models.components import load_components
 from raydb.storage import Storage
 from raydb.train.data import make_micro_batch, step_micro_batches
@@ -56,12 +59,13 @@ def test_graph_ready_step_equals_todays_step(make_cfg, tmp_path, class_images_di
     cfg = make_cfg(workspace=str(tmp_path / "ws"),
                    lora={"train_text_encoder": train_text_encoder},
                    prior={"class_data": class_images_dir},
-                   train={"dtype": "float64", "gradient_accumulation_steps": 2, "max_steps": 5,
-                          "lr_scheduler": "linear", "lr_warmup_steps": 2, "learning_rate": 1e-2,
+                   train={"dtype": "float64", "gradient_accumulation_steps": 2, "max_steps": 4,
+                          "resolution": 32,
+                          "lr_scheduler": "linear", "lr_warmup_steps": 1, "learning_rate": 1e-2,
                           "max_grad_norm": 0.05})
-    today, lora_today, _ = _run(cfg, 4, graph_ready=False)
-    ready, lora_ready, state = _run(cfg, 4, graph_ready=True)
-    assert len({m["lr"] for m in today}) == 4  # the schedule really changes the lr every step
+    today, lora_today, _ = _run(cfg, 3, graph_ready=False)
+    ready, lora_ready, state = _run(cfg, 3, graph_ready=True)
+    assert len({m["lr"] for m in today}) == 3  # the schedule really changes the lr every step
     for a, b in zip(today, ready, strict=True):
         assert a["step"] == b["step"] and a["images"] == b["images"]
         for key in ("loss", "loss_instance", "loss_prior", "grad_norm", "grad_norm_clipped", "lr"):
@@ -79,7 +83,7 @@ def test_graph_ready_step_equals_todays_step(make_cfg, tmp_path, class_images_di
 
 
 def test_graph_step_refuses_a_new_shape_and_capture_on_cpu(make_cfg):
-    cfg = make_cfg(train={"dtype": "float64"})
+    cfg = make_cfg(train={"dtype": "float64", "resolution": 32})
     comps, data, state = _setup(cfg)
     kw = dict(noise_scheduler=comps.noise_scheduler, prediction_type=comps.prediction_type,
               with_prior=data.with_prior, vae=comps.vae)
@@ -123,40 +127,48 @@ def test_tensor_lr_checkpoints_as_a_float():
 # ---------------------------------------------------------------- the prefetcher
 
 
-@pytest.mark.parametrize(("start", "rank", "world"), [(0, 0, 1), (3, 0, 1), (2, 1, 2)])
-def test_prefetcher_yields_make_micro_batch(make_cfg, start, rank, world):
+@pytest.fixture(scope="module")
+def prefetch_data(tmp_path_factory, class_images_dir):
+    """Encoded tiny training data, prepared once for the prefetcher tests."""
+    root = tmp_path_factory.mktemp("prefetch")
+    cfg = load_config(data={
+        "workspace": str(root / "ws"), "model": {"pretrained": "tiny", "cache_dir": str(root / "c")},
+        "prior": {"class_data": class_images_dir, "num_class_images": 4},
+        "train": {"resolution": 64, "gradient_accumulation_steps": 2, "batch_size": 2}})
+    storage = Storage()
+    comps = load_components(cfg.model, storage, cfg.workspace)
+    return cfg.train, prepare_training_data(cfg, comps, storage)
+
+
+def test_prefetcher_yields_make_micro_batch(prefetch_data):
     """Same tensors, same order, from step 0 or a resume at ``start``, for any rank."""
-    cfg = make_cfg(train={"gradient_accumulation_steps": 2, "batch_size": 2})
-    storage = Storage()
-    comps = load_components(cfg.model, storage, cfg.workspace)
-    data = prepare_training_data(cfg, comps, storage)
-    tc = cfg.train
-    with BatchPrefetcher(data, tc, start_step=start, num_train_timesteps=1000, rank=rank,
-                         world_size=world, depth=2) as pre:
-        for step in range(start, start + 4):
-            got = pre.next()
-            assert len(got) == tc.gradient_accumulation_steps
-            for m, batch in enumerate(got):
-                want = make_micro_batch(data, step=step, micro=m, batch_size=tc.batch_size,
-                                        accumulation=tc.gradient_accumulation_steps, seed=tc.seed,
-                                        num_train_timesteps=1000, rank=rank, world_size=world)
-                for name, value in want.__dict__.items():
-                    if value is None:
-                        assert getattr(batch, name) is None, name
-                    else:
-                        assert torch.equal(getattr(batch, name), value), (step, m, name)
+    tc, data = prefetch_data
+    assert data.with_prior
+    for start, rank, world in ((0, 0, 1), (3, 0, 1), (2, 1, 2)):
+        with BatchPrefetcher(data, tc, start_step=start, num_train_timesteps=1000, rank=rank,
+                             world_size=world, depth=2) as pre:
+            for step in range(start, start + 3):
+                got = pre.next()
+                assert len(got) == tc.gradient_accumulation_steps
+                for m, batch in enumerate(got):
+                    want = make_micro_batch(data, step=step, micro=m, batch_size=tc.batch_size,
+                                            accumulation=tc.gradient_accumulation_steps,
+                                            seed=tc.seed, num_train_timesteps=1000, rank=rank,
+                                            world_size=world)
+                    for name, value in want.__dict__.items():
+                        if value is None:
+                            assert getattr(batch, name) is None, name
+                        else:
+                            assert torch.equal(getattr(batch, name), value), (step, m, name)
 
 
-def test_prefetcher_stops_and_reports_errors(make_cfg):
-    cfg = make_cfg()
-    storage = Storage()
-    comps = load_components(cfg.model, storage, cfg.workspace)
-    data = prepare_training_data(cfg, comps, storage)
-    with BatchPrefetcher(data, cfg.train, start_step=0, num_train_timesteps=1000, stop_step=2) as pre:
+def test_prefetcher_stops_and_reports_errors(prefetch_data):
+    tc, data = prefetch_data
+    with BatchPrefetcher(data, tc, start_step=0, num_train_timesteps=1000, stop_step=2) as pre:
         pre.next(), pre.next()
         assert pre.step == 2
-    data.latent_shape = (-1, 1, 1)  # torch.randn refuses a negative size: raised by next()
-    with BatchPrefetcher(data, cfg.train, start_step=0, num_train_timesteps=1000) as pre:
+    broken = dataclasses.replace(data, latent_shape=(-1, 1, 1))  # torch.randn refuses it
+    with BatchPrefetcher(broken, tc, start_step=0, num_train_timesteps=1000) as pre:
         with pytest.raises(RuntimeError):
             pre.next()
 

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench import gpu_engine, peer_dreambooth  # noqa: E402
 from raydb.config import RaydbConfig, load_config  # noqa: E402
 from raydb.encode.encoders import EncodedImages  # noqa: E402
 from raydb.models.tiny import TINY_SPEC, build_tiny_tokenizer  # noqa: E402
@@ -132,6 +133,7 @@ SD_SCHEDULE = {
     "num_train_timesteps": 1000,
 }
 NUM_INSTANCE_IMAGES, NUM_CLASS_IMAGES = 4, 8
+SECTIONS = ("train", "generation", "options", "engine", "compile", "peer")
 
 
 class Bench:
@@ -499,6 +501,192 @@ def run_options(b: Bench, vae, text_encoder, tokenizer) -> None:
             torch._dynamo.reset()
 
 
+# ---------------------------------------------------------------- the engine: eager vs graphs
+
+
+def _engine_trainer(b: Bench, vae, data: TrainingData, bs: int, engine: str, **options: Any):
+    from diffusers import DDPMScheduler
+
+    cfg = train_config(b, bs, **options)
+    return gpu_engine.EngineTrainer(cfg, build_unet(b), vae, data, engine=engine, device=b.device,
+                                    noise_scheduler=DDPMScheduler(**SD_SCHEDULE))
+
+
+def _measure(b: Bench, trainer) -> dict[str, Any]:
+    a = b.args
+    return gpu_engine.measure_engine(
+        trainer, warmup=a.engine_warmup, min_steps=a.min_steps, min_seconds=a.min_seconds,
+        max_steps=a.max_steps, profile_steps=a.profile_steps, cuda=b.cuda, sync=b.sync)
+
+
+def _same_math_tolerance(b: Bench) -> float:
+    # bf16 on the GPU: kernels of another launch order round differently (the options table uses
+    # the same 2 %); fp32 on the CPU runs the very same kernels, so only reduction order differs
+    return 0.02 if b.cuda else 1e-4
+
+
+def _add_flops_and_comparison(b: Bench, row: dict[str, Any]) -> None:
+    eager = next((r for r in b.results["engine"] if r["engine"] == "eager"
+                  and r["instance_per_step"] == row["instance_per_step"]), None)
+    if eager is None or eager is row:
+        return
+    row.update(gpu_engine.compare_steps(eager["first_steps"], row["first_steps"],
+                                        tolerance=_same_math_tolerance(b)))
+    row["speedup_vs_eager"] = round(row["it_per_s"] / eager["it_per_s"], 3)
+    if eager.get("flops_per_step"):
+        row["tflops_per_s"] = round(eager["flops_per_step"] * row["it_per_s"] / 1e12, 1)
+        peak = b.peak_tflops()
+        row["mfu"] = round(row["tflops_per_s"] / peak, 4) if peak else None
+
+
+def run_engine(b: Bench, vae, text_encoder, tokenizer) -> None:
+    """Eager, eager + prefetch and graphs at each ``--engine-batches``, fresh UNet per row."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    data = training_data(b, text_encoder, tokenizer, cached=True)
+    b.results["engine"] = []
+    for bs in b.args.engine_batches:
+        for engine in gpu_engine.ENGINES:
+
+            def one(bs=bs, engine=engine):
+                b.reset_peak()
+                trainer = _engine_trainer(b, vae, data, bs, engine)
+                try:
+                    row = _measure(b, trainer)
+                    if engine == "eager":  # FLOPs of one step (same math in every arm)
+                        with FlopCounterMode(display=False) as counter:
+                            trainer.step()
+                        row["flops_per_step"] = counter.get_total_flops()
+                        row["tflops_per_s"] = round(row["flops_per_step"] * row["it_per_s"] / 1e12, 1)
+                        peak = b.peak_tflops()
+                        row["mfu"] = round(row["tflops_per_s"] / peak, 4) if peak else None
+                finally:
+                    trainer.close()
+                    del trainer
+                b.results["engine"].append(row)
+                _add_flops_and_comparison(b, row)
+                print(f"    {engine:<18} {bs}+{bs}: {row['it_per_s']:.2f} it/s "
+                      f"{row['images_per_s']:.1f} img/s busy={row.get('gpu_busy')} "
+                      f"same_math={row.get('same_math', '-')}", flush=True)
+
+            b.guarded(f"engine {engine} {bs}+{bs}", one, needs_s=b.args.reserve_s)
+
+
+def compile_probe(b: Bench) -> dict[str, Any]:
+    """``--compile-probe``: the graph step over ``compile=full`` in this (fresh) process, with the
+    workspace compile cache loaded first and saved after the compile (when it was cold)."""
+    from raydb.storage import Storage
+    from raydb.train.compile_cache import CompileCache, compile_cache_key
+
+    a = b.args
+    vae, text_encoder, tokenizer = build_frozen(b)
+    data = training_data(b, text_encoder, tokenizer, cached=True)
+    bs, res = a.compile_batch, b.spec["resolution"]
+    options = {"compile": "full", "backend": a.compile_backend, "mixed_precision": b.mixed_precision,
+               "engine": "graphs", "lora_rank": 4, "channels_last": "auto"}
+    key, parts = compile_cache_key(
+        model_identity=f"{b.results.get('model')}-seed0", shapes={
+            "micro_batch": [2 * bs, 4, res // 8, res // 8], "accumulation": 1},
+        device_name=b.results["env"]["chip"], options=options)
+    cache = CompileCache(Storage(), a.compile_cache_ws, key, parts)
+    t0 = time.perf_counter()
+    loaded = cache.load()
+    load_s = time.perf_counter() - t0
+    trainer = _engine_trainer(b, vae, data, bs, "graphs", compile="full",
+                              compile_backend=a.compile_backend)
+    try:
+        t0 = time.perf_counter()
+        first = trainer.step()
+        b.sync()
+        first_s = time.perf_counter() - t0
+        row = _measure(b, trainer)
+        row["first_steps"].insert(0, {"loss": first["loss"], "grad_norm": first["grad_norm"]})
+    finally:
+        trainer.close()
+    saved = cache.save()
+    row.update(engine=f"graphs + compile ({a.compile_probe})", label=a.compile_probe,
+               first_step_s=round(first_s, 2), cache_loaded=loaded, cache_saved=saved,
+               cache_load_s=round(load_s, 2), cache_key=key)
+    return row
+
+
+def run_compile(b: Bench) -> None:
+    """Two fresh processes (empty local inductor caches): cold compiles and saves, warm loads."""
+    import subprocess
+
+    b.results["compile_cache"] = []
+    ws = tempfile.mkdtemp(prefix="raydb-compile-ws-")
+    for label in ("cold", "warm"):
+
+        def one(label=label):
+            out = Path(tempfile.mkdtemp()) / f"probe_{label}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--compile-probe", label,
+                   "--compile-batch", str(b.args.compile_batch), "--compile-cache-ws", ws,
+                   "--compile-backend", b.args.compile_backend, "--out", str(out),
+                   "--engine-warmup", str(b.args.engine_warmup),
+                   "--min-steps", str(b.args.min_steps), "--min-seconds", str(b.args.min_seconds),
+                   "--max-steps", str(b.args.max_steps), "--profile-steps", str(b.args.profile_steps)]
+            cmd += ["--tiny"] if b.tiny else []
+            cmd += ["--cpu"] if not b.cuda else []
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                  timeout=max(60.0, b.left()))
+            probe = json.loads(out.read_text()) if out.exists() else {}
+            row = probe.get("compile_probe")
+            if proc.returncode or row is None:
+                raise RuntimeError(f"compile probe {label}: exit {proc.returncode}; "
+                                   f"{probe.get('errors')} {(proc.stdout + proc.stderr)[-1500:]}")
+            b.results["compile_cache"].append({k: row.get(k) for k in (
+                "label", "first_step_s", "cache_loaded", "cache_saved", "cache_load_s", "cache_key")})
+            b.results["engine"] = b.results.get("engine", [])
+            b.results["engine"].append(row)
+            _add_flops_and_comparison(b, row)
+            print(f"    compile {label}: first step {row['first_step_s']} s, "
+                  f"{row['images_per_s']:.1f} img/s", flush=True)
+
+        b.guarded(f"graphs + compile ({label})", one,
+                  needs_s=b.args.compile_needs_s if label == "cold" else b.args.reserve_s * 3)
+
+
+# ---------------------------------------------------------------- the peer: diffusers' script
+
+
+def run_peer(b: Bench, vae, text_encoder, tokenizer) -> None:
+    """diffusers' train_dreambooth_lora.py (unmodified) on our components, same settings."""
+    import copy
+
+    a = b.args
+    root = Path(tempfile.mkdtemp(prefix="raydb-peer-"))
+    res = b.spec["resolution"]
+    model = peer_dreambooth.write_model_folder(
+        root / "model", unet=build_unet(b), vae=copy.deepcopy(vae), text_encoder=copy.deepcopy(text_encoder),
+        tokenizer=tokenizer, scheduler_config=SD_SCHEDULE)
+    n_class = max(a.peer_batches) * 2
+    instance = peer_dreambooth.write_images(root / "instance", NUM_INSTANCE_IMAGES, res, seed=1)
+    klass = peer_dreambooth.write_images(root / "class", n_class, res, seed=2)
+    b.results["peer"] = []
+    b.results["peer_model_dir"] = str(model)
+    for bs in a.peer_batches:
+        cmd = peer_dreambooth.peer_command(
+            Path(a.peer_script), model=model, instance_dir=instance, class_dir=klass,
+            output_dir=root / f"out-{bs}", resolution=res, batch_size=bs, rank=4,
+            mixed_precision=b.mixed_precision, steps=a.peer_steps, num_class_images=n_class)
+
+        def one(bs=bs, cmd=cmd):
+            row = {"instance_per_step": bs, "images_per_step": 2 * bs, "command": cmd}
+            if not a.peer_dry_run:
+                _free()
+                row |= peer_dreambooth.run_peer(cmd, timeout_s=a.peer_timeout_s)
+                if row["exit_code"] or "it_per_s" not in row:
+                    b.results["peer"].append(row)
+                    raise RuntimeError(f"peer script exit {row['exit_code']}: {row['log_tail']}")
+                row["images_per_s"] = round(2 * bs * row["it_per_s"], 3)
+                print(f"    diffusers peer {bs}+{bs}: {row['it_per_s']:.2f} it/s", flush=True)
+            b.results["peer"].append(row)
+
+        b.guarded(f"peer {bs}+{bs}", one, needs_s=b.args.reserve_s * 4)
+
+
 # ---------------------------------------------------------------- prior generation
 
 
@@ -673,6 +861,7 @@ def render(results: dict[str, Any]) -> str:
                 f"{r['peak_mem_gb']} |"
             )
         lines.append("")
+    lines += gpu_engine.render_engine(results)
     for name, err in results.get("errors", {}).items():
         lines.append(f"- error in {name}: `{err.splitlines()[0][:200]}`")
     for item in results.get("skipped", []):
@@ -704,10 +893,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-steps", type=int, default=10)
     p.add_argument("--min-seconds", type=float, default=2.0)
     p.add_argument("--max-steps", type=int, default=60)
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                   help="what to run (the device script runs: engine compile peer)")
+    p.add_argument("--engine-batches", type=int, nargs="+", default=[1, 4, 8],
+                   help="instance images per step for the engine arms (+ as many class images)")
+    p.add_argument("--engine-warmup", type=int, default=6,
+                   help="untimed steps per engine row (the graph step captures at its 4th)")
+    p.add_argument("--profile-steps", type=int, default=5, help="steps profiled for GPU busy")
+    p.add_argument("--compile-batch", type=int, default=8, help="instance images per step, compile arm")
+    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--compile-probe", choices=("cold", "warm"), help=argparse.SUPPRESS)
+    p.add_argument("--compile-cache-ws", help=argparse.SUPPRESS)
+    p.add_argument("--peer-script", help="diffusers' train_dreambooth_lora.py: run it as the peer arm")
+    p.add_argument("--peer-batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--peer-steps", type=int, default=40)
+    p.add_argument("--peer-timeout-s", type=float, default=150.0)
+    p.add_argument("--peer-dry-run", action="store_true",
+                   help="write the peer's model folder and commands, do not run it")
     args = p.parse_args(argv)
     if args.tiny:  # small enough for a < 30 s smoke test on two CPU cores
         args.batch_sizes, args.gen_batches, args.gen_steps, args.gen_calls = [1, 2], [1, 2], 2, 1
         args.warmup, args.min_steps, args.min_seconds, args.max_steps = 1, 2, 0.0, 2
+        args.engine_batches, args.engine_warmup, args.compile_batch = [1], 2, 1
+        args.profile_steps = 1
         args.no_compile = True
     return args
 
@@ -720,6 +928,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _quiet_diffusers()
     b = Bench(args)
     r = b.results
+    if args.compile_probe:  # a child of run_compile: one row, in a process of its own
+        r.update(model="tiny" if args.tiny else "sd15-architecture-random-weights", env=environment(b))
+        b.guarded("compile probe", lambda: r.__setitem__("compile_probe", compile_probe(b)))
+        return r
     r.update(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         model="tiny" if args.tiny else "sd15-architecture-random-weights",
@@ -750,9 +962,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "text_encoder": round(sum(p.numel() for p in text_encoder.parameters()) / 1e6, 1),
         }
     _free()
-    run_training(b, vae, text_encoder, tokenizer)
-    run_generation(b, vae, text_encoder, tokenizer)
-    run_options(b, vae, text_encoder, tokenizer)
+    sections = set(args.sections)
+    if "engine" in sections:
+        run_engine(b, vae, text_encoder, tokenizer)
+    if "peer" in sections and args.peer_script:
+        run_peer(b, vae, text_encoder, tokenizer)
+    if "compile" in sections and not args.no_compile:
+        run_compile(b)
+    if "train" in sections:
+        run_training(b, vae, text_encoder, tokenizer)
+    if "generation" in sections:
+        run_generation(b, vae, text_encoder, tokenizer)
+    if "options" in sections:
+        run_options(b, vae, text_encoder, tokenizer)
     r["complete"] = not r["errors"] and not r["skipped"]
     b.save()
     print(render(r), flush=True)

@@ -1,20 +1,34 @@
 #!/usr/bin/env bash
-# One device call (no Ray there): the compile parity check, then the GPU benchmark, results in $OUT.
-#   bash bench/device_wheels.sh                       # here, once: .whl/
-#   run(command="bash bench/device_run.sh", carry=[".whl"], timeout_s=540)
-# BUDGET_S bounds gpu_truth (it stops starting measurements after that; default leaves time for a
-# rerun within a 15-minute device budget). Extra arguments go to gpu_truth.py.
+# One device call (no Ray there), results in $OUT. Prepare once, here: bash bench/device_wheels.sh
+#   run(command="bash bench/device_run.sh", carry=[".whl", ".peer"], timeout_s=540)
+# Default (issue 13, <= 8 minutes): gpu_truth's engine arms (eager, eager + prefetch, graphs at 1, 4
+# and 8 instance + as many class images per step), diffusers' script on the same model folder at
+# 1 + 1 and 4 + 4, then graphs + compile at 8 + 8 in two fresh processes (cold, then warm from
+# the workspace compile cache). BUDGET_S bounds gpu_truth (it starts no measurement it cannot
+# finish). MODE=truth runs the earlier full benchmark (compile parity, training, options,
+# generation) instead. Extra arguments go to gpu_truth.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/raydb-device-out}
 mkdir -p "$OUT"
-pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 2; }
+tv=$(python3 -c "import torch; v = torch.__version__.split('+')[0].split('.'); print(f'0.{int(v[1]) + 15}.')")
+wheels=$(ls .whl/*.whl | grep -v '/torchvision-' ; ls .whl/torchvision-"$tv"*.whl 2>/dev/null)
+pip install -q --no-deps --target /tmp/site $wheels >/dev/null 2>&1 || { echo "wheel install failed"; exit 2; }
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-# does compile=full + inductor give eager's LoRA gradients on CUDA? (it does not on CPU)
-timeout 150 python3 bench/compile_parity.py --compile full --backend inductor \
-    > "$OUT/compile_parity_full.json" 2> "$OUT/compile_parity_full.log"
-echo "compile parity (full, inductor): exit $?"; tail -n 25 "$OUT/compile_parity_full.json"
-timeout $(( ${BUDGET_S:-330} + 60 )) python3 bench/gpu_truth.py --budget-s "${BUDGET_S:-330}" \
-    --options-batch 8 --out "$OUT/gpu_truth.json" "$@"
-echo "gpu_truth: exit $?"
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
+    || echo "no matching torchvision (torch minor -> 0.$tv): the peer arm will record an error"
+if [ "${MODE:-engine}" = truth ]; then
+    # does compile=full + inductor give eager's LoRA gradients on CUDA? (it does not on CPU)
+    timeout 150 python3 bench/compile_parity.py --compile full --backend inductor \
+        > "$OUT/compile_parity_full.json" 2> "$OUT/compile_parity_full.log"
+    echo "compile parity (full, inductor): exit $?"; tail -n 25 "$OUT/compile_parity_full.json"
+    timeout $(( ${BUDGET_S:-330} + 60 )) python3 bench/gpu_truth.py --budget-s "${BUDGET_S:-330}" \
+        --sections train generation options --options-batch 8 --out "$OUT/gpu_truth.json" "$@"
+else
+    timeout $(( ${BUDGET_S:-410} + 40 )) python3 bench/gpu_truth.py --budget-s "${BUDGET_S:-410}" \
+        --sections engine peer compile --peer-script .peer/train_dreambooth_lora.py \
+        --out "$OUT/gpu_truth.json" "$@" 2>&1 | tee "$OUT/gpu_truth.log" | grep -v Warning
+fi
+echo "gpu_truth: exit ${PIPESTATUS[0]}"
+python3 bench/gpu_truth.py --render "$OUT/gpu_truth.json" > "$OUT/gpu_truth.md" && cat "$OUT/gpu_truth.md"

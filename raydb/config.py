@@ -144,7 +144,9 @@ class TrainConfig(_Strict):
         "constant", description="Learning-rate schedule (diffusers' get_scheduler)."
     )
     lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast dtype.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="Autocast dtype. auto: bf16 on CUDA GPUs that have it (compute "
+        "capability 8.0+), fp16 on older GPUs, 'no' on CPU and with dtype float64.")
     dtype: Literal["float32", "float64"] = Field(
         "float32", description="Dtype of the frozen weights and the LoRA parameters when "
         "mixed_precision is 'no'. float64 is for exactness checks on CPU (e.g. DDP equivalence), "
@@ -172,11 +174,20 @@ class TrainConfig(_Strict):
         "blocks (shorter compile); validation and samples stay eager under 'full'.")
     compile_backend: str = Field("inductor", min_length=1,
                                  description="torch.compile backend (see torch._dynamo.list_backends()).")
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="Run each training step as captured CUDA graphs (forward, backward, "
+        "clipping, fused AdamW) after a few eager warm-up steps, removing per-kernel host "
+        "overhead. auto: on when training on CUDA, except with fp16 (GradScaler skips steps from "
+        "the host); 'on' without a GPU or with fp16 is an error. Validation stays eager.")
 
     @model_validator(mode="after")
     def _dtype_without_autocast(self) -> TrainConfig:
-        if self.dtype == "float64" and self.mixed_precision != "no":
+        if self.dtype == "float64" and self.mixed_precision not in ("no", "auto"):
             raise ValueError(f"dtype: float64 needs mixed_precision 'no' (got {self.mixed_precision!r})")
+        if self.cuda_graphs == "on" and self.mixed_precision == "fp16":
+            raise ValueError("cuda_graphs: 'on' cannot be combined with mixed_precision 'fp16': fp16 "
+                             "needs GradScaler, which reads its inf check on the host to skip a step, "
+                             "and a CUDA graph cannot capture that; use bf16 or cuda_graphs 'off'")
         return self
 
     @field_validator("resolution")

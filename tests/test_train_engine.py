@@ -12,14 +12,14 @@ import dataclasses
 
 import pytest
 import torch
+from raydb.train.local import prepare_training_data
 
-from raydb.config import load_config
+from raydb.config import ConfigError, load_config
 from raydb.models.components import load_components
 from raydb.storage import Storage
 from raydb.train.data import make_micro_batch, step_micro_batches
 from raydb.train.graphs import GraphStep, tensor_lr
 from raydb.train.prefetch import BatchPrefetcher
-from raydb.train.run import prepare_training_data
 from raydb.train.speed import resolve_mixed_precision, use_cuda_graphs
 from raydb.train.step import build_train_state, optimizer_step
 
@@ -203,3 +203,15 @@ def test_cuda_graphs_resolve_per_device(make_cfg, monkeypatch):
     with pytest.raises(ValueError, match="train.cuda_graphs.*fp16.*GradScaler"):
         use_cuda_graphs(make_cfg(train={"cuda_graphs": "on", "mixed_precision": "auto"}).train,
                         "cuda:0")
+
+
+def test_config_refuses_fp16_graphs_and_names_the_field(make_cfg):
+    assert make_cfg().train.mixed_precision == "auto" and make_cfg().train.cuda_graphs == "auto"
+    with pytest.raises(ConfigError, match=r"train.*cuda_graphs.*fp16.*GradScaler"):
+        make_cfg(train={"cuda_graphs": "on", "mixed_precision": "fp16"})
+    with pytest.raises(ConfigError, match=r"train\.cuda_graphs"):
+        make_cfg(train={"cuda_graphs": "yes"})
+    assert make_cfg(train={"cuda_graphs": "auto", "mixed_precision": "fp16"}).train  # auto: off
+    assert make_cfg(train={"dtype": "float64"}).train.mixed_precision == "auto"  # no on CPU
+    with pytest.raises(ConfigError, match=r"train.*float64.*bf16"):
+        make_cfg(train={"dtype": "float64", "mixed_precision": "bf16"})

@@ -23,7 +23,8 @@ from raydb.data.ingest import load_images
 from raydb.encode.encoders import add_flips, encode_images, encode_prompts, images_to_tensor, tokenize
 from raydb.models.components import Components, load_components
 from raydb.storage import Storage, join
-from raydb.train.data import TrainingData, step_micro_batches, training_data
+from raydb.train.data import TrainingData, training_data
+from raydb.train.engine import TrainEngine, engine_compile_cache
 from raydb.train.outputs import finish_run, finished_result
 from raydb.train.rundir import (
     CHECKPOINT_META,
@@ -34,7 +35,8 @@ from raydb.train.rundir import (
     run_uri,
     save_checkpoint,
 )
-from raydb.train.step import build_train_state, optimizer_step, weights_dtype
+from raydb.train.speed import use_cuda_graphs
+from raydb.train.step import build_train_state, weights_dtype
 
 __all__ = ["prepare_training_data", "train_subject"]
 
@@ -84,8 +86,9 @@ def train_subject(
     finished = finished_adapter(cfg, storage) if resume else None
     if finished:
         return finished_result(cfg, storage, finished, register=register, quiet=quiet)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    components = load_components(cfg.model, storage, cfg.workspace, device=device, dtype=weights_dtype(tc))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    components = load_components(cfg.model, storage, cfg.workspace, device=device,
+                                 dtype=weights_dtype(tc, device))
     data = prepare_training_data(cfg, components, storage)
     state = build_train_state(cfg, components.unet, components.text_encoder)
     metrics: list[dict[str, Any]] = []
@@ -95,18 +98,19 @@ def train_subject(
                                   storage.read_bytes(join(latest, CHECKPOINT_META)))
         if not quiet:
             print(f"resuming {run} from step {state.step}")
-    n_timesteps = components.noise_scheduler.config.num_train_timesteps
     bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {cfg.subject.id}", disable=quiet)
-    while state.step < tc.max_steps:
-        micro = step_micro_batches(data, tc, step=state.step, num_train_timesteps=n_timesteps,
-                                   device=device)
-        m = optimizer_step(state, micro, cfg=cfg, noise_scheduler=components.noise_scheduler,
-                           prediction_type=components.prediction_type, with_prior=data.with_prior,
-                           vae=components.vae)
-        metrics.append(m)
-        bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", ips=f"{m['images_per_s']:.1f}")
-        if state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps:
-            save_checkpoint(storage, run, state, metrics, tc.checkpoints_to_keep)
+    graphs = use_cuda_graphs(tc, device)
+    cache = engine_compile_cache(cfg, storage, model_identity=components.identity, device=device,
+                                 data=data, graphs=graphs)
+    with TrainEngine(cfg, state, data, noise_scheduler=components.noise_scheduler,
+                     prediction_type=components.prediction_type, vae=components.vae, device=device,
+                     compile_cache=cache) as engine:
+        while state.step < tc.max_steps:
+            m = engine.step()
+            metrics.append(m)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", ips=f"{m['images_per_s']:.1f}")
+            if state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps:
+                save_checkpoint(storage, run, state, metrics, tc.checkpoints_to_keep)
     bar.close()
     return finish_run(cfg, storage, state, components, metrics, register=register, samples=samples)

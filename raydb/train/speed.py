@@ -69,7 +69,7 @@ def use_cuda_graphs(tc: TrainConfig, device: torch.device | str) -> bool:
     an error naming the field. ``train.compile`` composes: compiled kernels are captured too.
     """
     device = torch.device(device)
-    mode = getattr(tc, "cuda_graphs", "off")
+    mode = tc.cuda_graphs
     precision = resolve_mixed_precision(tc, device)
     if mode == "auto":
         return device.type == "cuda" and precision != "fp16"

@@ -86,12 +86,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from raydb.encode.cache import load_prompts, read_encoded
     from raydb.models.components import load_components
-    from raydb.train.data import step_micro_batches, training_data
+    from raydb.train.data import training_data
+    from raydb.train.engine import TrainEngine, engine_compile_cache
     from raydb.train.evaluate import Validator
     from raydb.train.outputs import finish_run
     from raydb.train.rundir import RESULT, checkpoint_dir_name, restore_checkpoint_dir, write_checkpoint_dir
-    from raydb.train.speed import compile_for_training
-    from raydb.train.step import build_train_state, optimizer_step, weights_dtype
+    from raydb.train.speed import compile_for_training, use_cuda_graphs
+    from raydb.train.step import build_train_state, weights_dtype
 
     cfg = RaydbConfig.model_validate(config["cfg"])
     storage, tc = Storage(cfg.s3_endpoint_url), cfg.train
@@ -99,7 +100,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    comps = load_components(cfg.model, storage, cfg.workspace, device=device, dtype=weights_dtype(tc))
+    comps = load_components(cfg.model, storage, cfg.workspace, device=device,
+                            dtype=weights_dtype(tc, device))
     cache = EncodedCache(**config["encoded"])
     prompts = load_prompts(storage, cache)
     data = training_data(read_encoded(storage, cache.instance_uri),
@@ -107,7 +109,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          None if cfg.lora.train_text_encoder else prompts["embeds"], prompts["ids"])
     state = build_train_state(cfg, comps.unet, comps.text_encoder)
     model: torch.nn.Module = state.model if state.model is not None else comps.unet
-    if world > 1:
+    graphs = use_cuda_graphs(tc, device)
+    if world > 1 and not graphs:  # the graph step all-reduces its flat gradients itself
         ids = [device.index] if device.type == "cuda" else None
         model = compile_for_training(tc, DistributedDataParallel(comps.unet, device_ids=ids))
     metrics: list[dict[str, Any]] = []
@@ -126,14 +129,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             extra_metrics={"resumed_from": resumed_from, "num_workers": world})
         storage.write_json(join(config["run"], RESULT), result | {"resumed_from": resumed_from})
 
-    n_timesteps = comps.noise_scheduler.config.num_train_timesteps
+    engine = TrainEngine(
+        cfg, state, data, noise_scheduler=comps.noise_scheduler, prediction_type=comps.prediction_type,
+        vae=comps.vae, device=device, rank=rank, world_size=world, model=model,
+        compile_cache=engine_compile_cache(cfg, storage, model_identity=comps.identity, device=device,
+                                           data=data, graphs=graphs))
     while state.step < tc.max_steps:
         faults.maybe_die(config.get("faults"), "train_step", rank=rank, step=state.step)
-        micro = step_micro_batches(data, tc, step=state.step, num_train_timesteps=n_timesteps,
-                                   device=device, rank=rank, world_size=world)
-        m = optimizer_step(state, micro, cfg=cfg, noise_scheduler=comps.noise_scheduler,
-                           prediction_type=comps.prediction_type, with_prior=data.with_prior,
-                           vae=comps.vae, model=model)
+        m = engine.step()
         metrics.append(_group_metrics(m, world) if world > 1 else m)
         last = state.step >= tc.max_steps
         evaluate = bool(eval_every) and (state.step % eval_every == 0 or last)
@@ -153,6 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             write_checkpoint_dir(Path(tmp), state, metrics)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(state.step))
+    engine.close()
     if rank == 0 and resumed_from >= tc.max_steps:  # resumed from the final checkpoint
         write_outputs()
 

@@ -14,7 +14,13 @@ weights — nothing is downloaded — and measures, at 512 px in bf16:
   ``channels_last``, ``fused_adam``, ``gradient_checkpointing``, the defaults (channels_last +
   fused AdamW on CUDA) and the defaults with ``compile=blocks`` and ``compile=full``; each row also
   keeps its first step's loss and grad norm, which must agree across options (same math);
-* prior generation images/s (``StableDiffusionPipeline``, DDIM, 25 steps, CFG 7.5, batch 1/4/8).
+* prior generation images/s (``StableDiffusionPipeline``, DDIM, 25 steps, CFG 7.5, batch 1/4/8);
+* the training engine (``bench/gpu_engine.py``): eager vs eager + prefetch vs CUDA graphs at 1, 4
+  and 8 instance images per step, graphs + ``compile=full`` at 8 in two fresh processes (cold, then
+  warm from the workspace compile cache), GPU busy fraction from ``torch.profiler`` and an
+  eager-vs-graphs same-math flag; with ``--peer-script``, diffusers' ``train_dreambooth_lora.py``
+  run unmodified on a ``save_pretrained`` folder of the same components (``bench/peer_dreambooth.py``).
+  ``--sections`` picks what runs (``bench/device_run.sh`` runs ``engine peer compile``).
 
 Micro-batches are built exactly as the trainer builds them: ``make_micro_batch`` on the CPU (seeded
 per-sample noise) then ``.to(device)``; its CPU cost is part of every timed step and is also

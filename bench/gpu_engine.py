@@ -33,7 +33,7 @@ from raydb.train.speed import resolve_mixed_precision
 from raydb.train.step import build_train_state, optimizer_step
 
 __all__ = ["ENGINES", "EngineTrainer", "busy_fraction", "profile_busy", "measure_engine",
-           "compare_steps", "render_engine"]
+           "compare_steps", "acceptance", "render_engine"]
 
 ENGINES = ("eager", "eager + prefetch", "graphs")
 
@@ -162,6 +162,34 @@ def compare_steps(eager: list[dict[str, float]], other: list[dict[str, float]], 
             "same_math": worst is not None and worst <= tolerance, "tolerance": tolerance}
 
 
+def _row(results: dict[str, Any], engine: str, bs: int) -> dict[str, Any]:
+    return next((r for r in results.get("engine", []) if r["engine"] == engine
+                 and r["instance_per_step"] == bs), {})
+
+
+def acceptance(results: dict[str, Any]) -> list[tuple[str, Any, bool]]:
+    """Issue 13's "done when" on a GPU run: ``(criterion, measured, met)`` for each."""
+    g1, g4 = _row(results, "graphs", 1), _row(results, "graphs", 4)
+    cold = _row(results, "graphs + compile (cold)", 8)
+    peer1 = next((p for p in results.get("peer", []) if p["instance_per_step"] == 1
+                  and p.get("it_per_s")), {})
+    warm = next((c for c in results.get("compile_cache", []) if c.get("label") == "warm"), {})
+    ratio = g1["it_per_s"] / peer1["it_per_s"] if g1.get("it_per_s") and peer1 else None
+    return [
+        ("1+1 graphs >= 20 it/s", g1.get("it_per_s"), (g1.get("it_per_s") or 0) >= 20),
+        ("1+1 graphs >= 5.7x diffusers (same run)", ratio, (ratio or 0) >= 5.7),
+        ("1+1 graphs GPU busy >= 80 %", g1.get("gpu_busy"), (g1.get("gpu_busy") or 0) >= 0.8),
+        ("1+1 graphs captured, same math as eager", g1.get("max_rel_diff_vs_eager"),
+         bool(g1.get("captured") and g1.get("same_math"))),
+        ("4+4 graphs >= 80 images/s", g4.get("images_per_s"), (g4.get("images_per_s") or 0) >= 80),
+        ("8+8 graphs + compile >= 140 images/s (MFU stated)", (cold.get("images_per_s"), cold.get("mfu")),
+         (cold.get("images_per_s") or 0) >= 140 and cold.get("mfu") is not None),
+        ("warm compile <= 20 s, cache loaded (cold stated)",
+         (warm.get("first_step_s"), cold.get("first_step_s")),
+         bool(warm.get("cache_loaded")) and (warm.get("first_step_s") or 1e9) <= 20),
+    ]
+
+
 def render_engine(results: dict[str, Any]) -> list[str]:
     """Markdown rows of the engine section (``gpu_truth.render`` calls this)."""
     rows = results.get("engine", [])
@@ -188,5 +216,8 @@ def render_engine(results: dict[str, Any]) -> list[str]:
         use = "loaded" if c.get("cache_loaded") else "saved" if c.get("cache_saved") else "unused"
         lines.append(f"- compile ({c.get('label')}): first step (compile included) "
                      f"{c.get('first_step_s')} s, workspace cache {use}")
+    if results.get("env", {}).get("device_type") == "cuda":
+        lines += ["", "Issue 13 acceptance:", ""]
+        lines += [f"- [{'x' if ok else ' '}] {name}: {value}" for name, value, ok in acceptance(results)]
     lines.append("")
     return lines

@@ -33,7 +33,8 @@ PEER = Path("/work/shared/peers/diffusers/train_dreambooth_lora.py")
 def test_tiny_run_writes_every_figure(tmp_path):
     out = tmp_path / "gpu_truth.json"
     gpu_truth = _load()
-    gpu_truth.main(["--tiny", "--cpu", "--out", str(out), "--peer-script", str(PEER), "--peer-dry-run"])
+    gpu_truth.main(["--tiny", "--cpu", "--out", str(out), "--budget-s", "3600",
+                    "--peer-script", str(PEER), "--peer-dry-run"])
     result = json.loads(out.read_text())
 
     assert result["errors"] == {}

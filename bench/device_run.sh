@@ -11,13 +11,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/raydb-device-out}
 mkdir -p "$OUT"
+pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 2; }
+# the peer's extra packages apart (/tmp/peer-site, on the peer subprocess's path only), torchvision
+# matching the device's torch (0.(minor + 15))
 tv=$(python3 -c "import torch; v = torch.__version__.split('+')[0].split('.'); print(f'0.{int(v[1]) + 15}.')")
-wheels=$(ls .whl/*.whl | grep -v '/torchvision-' ; ls .whl/torchvision-"$tv"*.whl 2>/dev/null)
-pip install -q --no-deps --target /tmp/site $wheels >/dev/null 2>&1 || { echo "wheel install failed"; exit 2; }
+peer_wheels=$(ls .whl/peer/*.whl 2>/dev/null | grep -v '/torchvision-'; ls .whl/peer/torchvision-"$tv"*.whl 2>/dev/null)
+pip install -q --no-deps --target /tmp/peer-site $peer_wheels >/dev/null 2>&1 || echo "peer wheel install failed"
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
-    || echo "no matching torchvision (torch minor -> 0.$tv): the peer arm will record an error"
+PYTHONPATH=/tmp/peer-site:$PYTHONPATH python3 -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
+    || echo "no matching torchvision (torch minor -> $tv): the peer arm will record an error"
 if [ "${MODE:-engine}" = truth ]; then
     # does compile=full + inductor give eager's LoRA gradients on CUDA? (it does not on CPU)
     timeout 150 python3 bench/compile_parity.py --compile full --backend inductor \
@@ -27,7 +30,7 @@ if [ "${MODE:-engine}" = truth ]; then
         --sections train generation options --options-batch 8 --out "$OUT/gpu_truth.json" "$@"
 else
     timeout $(( ${BUDGET_S:-410} + 40 )) python3 bench/gpu_truth.py --budget-s "${BUDGET_S:-410}" \
-        --sections engine peer compile --peer-script .peer/train_dreambooth_lora.py \
+        --sections engine peer compile --peer-script .peer/train_dreambooth_lora.py --peer-site /tmp/peer-site \
         --out "$OUT/gpu_truth.json" "$@" 2>&1 | tee "$OUT/gpu_truth.log" | grep -v Warning
 fi
 echo "gpu_truth: exit ${PIPESTATUS[0]}"

@@ -682,7 +682,7 @@ def run_peer(b: Bench, vae, text_encoder, tokenizer) -> None:
             row = {"instance_per_step": bs, "images_per_step": 2 * bs, "command": cmd}
             if not a.peer_dry_run:
                 _free()
-                row |= peer_dreambooth.run_peer(cmd, timeout_s=a.peer_timeout_s)
+                row |= peer_dreambooth.run_peer(cmd, timeout_s=a.peer_timeout_s, site=a.peer_site)
                 if row["exit_code"] or "it_per_s" not in row:
                     b.results["peer"].append(row)
                     raise RuntimeError(f"peer script exit {row['exit_code']}: {row['log_tail']}")
@@ -911,6 +911,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-probe", choices=("cold", "warm"), help=argparse.SUPPRESS)
     p.add_argument("--compile-cache-ws", help=argparse.SUPPRESS)
     p.add_argument("--peer-script", help="diffusers' train_dreambooth_lora.py: run it as the peer arm")
+    p.add_argument("--peer-site", help="packages only the peer needs (accelerate, torchvision), "
+                   "put first on its PYTHONPATH")
     p.add_argument("--peer-batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--peer-steps", type=int, default=40)
     p.add_argument("--peer-timeout-s", type=float, default=150.0)

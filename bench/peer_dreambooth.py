@@ -10,6 +10,7 @@ Nothing from the script is imported or copied; it only runs.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -87,8 +88,12 @@ def parse_rate(log: str) -> dict[str, Any] | None:
     return found
 
 
-def run_peer(command: list[str], *, timeout_s: float, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run the peer; its rate, wall time, exit code and the tail of its log."""
+def run_peer(command: list[str], *, timeout_s: float, site: str | None = None) -> dict[str, Any]:
+    """Run the peer (``site``: a folder of packages only it needs, first on its path); its rate,
+    wall time, exit code and the tail of its log."""
+    env = dict(os.environ)
+    if site:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
     t0 = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
     wall = time.perf_counter() - t0

@@ -263,6 +263,27 @@ class Storage:
         out = sorted(n for n in out if not Path(n).name.startswith(".") or n.endswith("/"))
         return out[:limit]
 
+    def _s3_objects(self, uri: str) -> list[tuple[str, dict[str, Any]]]:
+        """``(name relative to uri, list_objects_v2 entry)`` of every object under an s3:// prefix,
+        hidden files left out, as in ``list``."""
+        bucket, key = split_s3(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        out: list[tuple[str, dict[str, Any]]] = []
+        try:
+            for page in self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                out += [(o["Key"][len(prefix):], o) for o in page.get("Contents", [])]
+        except Exception as exc:
+            raise StorageError(f"cannot list {uri}: {_short(exc)}") from None
+        return sorted(((n, o) for n, o in out if n and not Path(n).name.startswith(".")), key=lambda x: x[0])
+
+    def sizes(self, uri: str) -> list[tuple[str, int]]:
+        """``(name, size in bytes)`` of every file under a prefix/folder, sorted by name, from the
+        listing alone (nothing is read). Hidden files are left out, as in ``list``."""
+        if is_s3(uri):
+            return [(n, int(o["Size"])) for n, o in self._s3_objects(uri)]
+        root = Path(uri)
+        return [(name, (root / name).stat().st_size) for name in self.list(uri, recursive=True)]
+
     def content_ids(self, uri: str) -> list[tuple[str, str]]:
         """``(name, content id)`` of every file under a prefix/folder, sorted by name.
 
@@ -271,16 +292,7 @@ class Storage:
         Hidden files are left out, as in ``list``. Missing prefix -> [].
         """
         if is_s3(uri):
-            bucket, key = split_s3(uri)
-            prefix = key.rstrip("/") + "/" if key else ""
-            out: list[tuple[str, str]] = []
-            try:
-                pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-                for page in pages:
-                    out += [(o["Key"][len(prefix):], o["ETag"].strip('"')) for o in page.get("Contents", [])]
-            except Exception as exc:
-                raise StorageError(f"cannot list {uri}: {_short(exc)}") from None
-            return sorted((n, e) for n, e in out if n and not Path(n).name.startswith("."))
+            return [(n, o["ETag"].strip('"')) for n, o in self._s3_objects(uri)]
         root = Path(uri)
         return [(name, hashlib.sha256((root / name).read_bytes()).hexdigest())
                 for name in self.list(uri, recursive=True)]

@@ -128,7 +128,9 @@ class Storage:
         data = self.read_bytes(uri)
         return data, hashlib.sha256(data).hexdigest()
 
-    def write_bytes(self, uri: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> bool:
+    def write_bytes(
+        self, uri: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> bool:
         """Write atomically; readers see the old object or the whole new one, never a part.
 
         With ``if_absent`` the write happens only when nothing exists at ``uri`` yet; with
@@ -270,7 +272,8 @@ class Storage:
         prefix = key.rstrip("/") + "/" if key else ""
         out: list[tuple[str, dict[str, Any]]] = []
         try:
-            for page in self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for page in pages:
                 out += [(o["Key"][len(prefix):], o) for o in page.get("Contents", [])]
         except Exception as exc:
             raise StorageError(f"cannot list {uri}: {_short(exc)}") from None

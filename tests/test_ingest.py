@@ -192,7 +192,8 @@ def _huge_png(path: Path, width: int, height: int) -> None:
     packer, row = zlib.compressobj(9), b"\x00" * (width + 1)  # filter byte + one byte per pixel
     idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    path.write_bytes(png)
 
 
 def test_a_150_megapixel_image_is_refused_from_its_header(tmp_path: Path) -> None:

@@ -41,9 +41,10 @@ META = {"subject": {"instance_token": "sks", "class_prompt": "a photo of a dog"}
 
 # -- unit tier: no Ray -------------------------------------------------------------------------------
 def test_keyring_matches_hashed_and_env_keys_only():
-    cfg = ServeConfig(api_keys={hash_key("k1"): "t1"}, api_keys_env="TEST_KEYS")
-    ring = KeyRing.from_config(cfg, environ={"TEST_KEYS": "k2:t2, k:3:t3"})
-    assert [ring.tenant_for(k) for k in ("k1", "k2", "k:3", "nope", "", None)] == \
+    k1, k2, k3 = "k1-0123456789abcdef", "k2-0123456789abcdef", "k:3-0123456789abcdef"
+    cfg = ServeConfig(api_keys={hash_key(k1): "t1"}, api_keys_env="TEST_KEYS")
+    ring = KeyRing.from_config(cfg, environ={"TEST_KEYS": f"{k2}:t2, {k3}:t3"})
+    assert [ring.tenant_for(k) for k in (k1, k2, k3, "nope", "", None)] == \
         ["t1", "t2", "t3", None, None, None]
     with pytest.raises(ValueError, match="sha256 hex digest"):
         KeyRing({"k1": "t1"})  # a plain key where a digest belongs
@@ -78,6 +79,9 @@ def test_evicted_adapter_in_use_is_unloaded_by_its_last_user():
 
         def unload(self, adapter):
             self.unloaded.append(adapter.name)
+
+        def evicted(self, adapter):
+            pass
 
     pool = Pool()
     adapter = LoadedAdapter(pool, "adapter0", "alice", "v0001", {})

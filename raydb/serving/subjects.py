@@ -18,7 +18,7 @@ from raydb.storage import NotFound, Storage, join
 __all__ = ["SubjectNotFound", "SubjectVersion", "find_subject", "tenant_subjects", "model_id",
            "parse_model_id"]
 
-_VERSION = re.compile(r"^v\d{4,}$")
+_VERSION = re.compile(r"v[0-9]{4,}")  # fullmatch: "$" accepts a trailing newline, "\d" any script's digits
 
 
 class SubjectNotFound(LookupError):
@@ -49,7 +49,7 @@ def model_id(subject_id: str, version: str) -> str:
 def parse_model_id(value: str) -> tuple[str, str]:
     """``"alice@v0001"`` -> ``("alice", "v0001")``; ValueError for anything else (no path tricks)."""
     subject_id, sep, version = value.partition("@")
-    if not sep or not _VERSION.match(version):
+    if not sep or not _VERSION.fullmatch(version):
         raise ValueError(f"bad adapter id {value!r} (expected <subject>@vNNNN)")
     return check_safe_id(subject_id), version
 

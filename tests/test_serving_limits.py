@@ -1,0 +1,297 @@
+"""Tenant isolation on the serving side without Ray (issue 18): limits, keys, ids, adapter validation.
+
+Clocks are injected, so nothing here sleeps or depends on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from raydb.config import ServeConfig
+from raydb.serving.adapters import (
+    AdapterCorrupt,
+    AdapterMismatch,
+    FailureCache,
+    GenerationCancelled,
+    check_lora_fits,
+)
+from raydb.serving.api import MAX_TEXT_CHARS, GenerateRequest
+from raydb.serving.auth import KeyRing, hash_key, merge_digests, parse_env_keys
+from raydb.serving.limits import (
+    BodyTooLarge,
+    TenantLimiter,
+    TokenBucket,
+    TooManyRequests,
+    read_body_capped,
+    run_in_thread_cancellable,
+)
+from raydb.serving.subjects import parse_model_id
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- capacity ----------------------------------------------------------------------------------------
+def test_token_bucket_refills_at_its_rate_and_says_how_long_to_wait():
+    clock = Clock()
+    bucket = TokenBucket(rate_per_s=2.0, burst=3, clock=clock)
+    assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]  # the burst
+    assert bucket.take() == pytest.approx(0.5)  # one token every 1/2 s
+    clock.now += 0.5
+    assert bucket.take() == 0.0 and bucket.take() == pytest.approx(0.5)
+    clock.now += 100  # saved-up tokens are capped at the burst
+    assert [bucket.take() for _ in range(4)][-1] > 0
+    assert TokenBucket(0.0, 1, clock).take() == 0.0  # rate 0: no limit
+
+
+def test_tenant_limiter_isolates_tenants():
+    clock = Clock()
+    limiter = TenantLimiter(max_concurrent=2, rate_per_s=1.0, burst=5, clock=clock)
+    with limiter.admit("a"), limiter.admit("a"):
+        with pytest.raises(TooManyRequests) as err:  # a's third concurrent request
+            with limiter.admit("a"):
+                pass
+        assert err.value.retry_after == 1 and "in flight" in err.value.reason
+        with limiter.admit("b"):  # b is not affected by a's load
+            assert limiter.in_flight("b") == 1
+    assert limiter.in_flight("a") == 0
+    for _ in range(3):  # a's burst of 5 is now spent (2 + 3)
+        with limiter.admit("a"):
+            pass
+    with pytest.raises(TooManyRequests) as err:
+        with limiter.admit("a"):
+            pass
+    assert err.value.retry_after == 1 and "per second" in err.value.reason
+    with limiter.admit("b"):  # b still has tokens
+        pass
+    clock.now += 1.0
+    with limiter.admit("a"):
+        pass
+
+
+def test_read_body_capped_refuses_before_reading():
+    read = []
+
+    async def chunks(parts):
+        for part in parts:
+            read.append(part)
+            yield part
+
+    async def body(headers, parts, limit):
+        return await read_body_capped(headers, chunks(parts), limit)
+
+    with pytest.raises(BodyTooLarge, match="20000000 bytes"):
+        asyncio.run(body({"content-length": "20000000"}, [b"x" * 10], 1024))
+    assert read == []  # refused from the header alone
+    with pytest.raises(BodyTooLarge):  # chunked: stops once past the limit
+        asyncio.run(body({}, [b"x" * 600, b"x" * 600, b"x" * 600], 1024))
+    assert len(read) == 2
+    assert asyncio.run(body({"content-length": "3"}, [b"abc"], 3)) == b"abc"
+
+
+def test_cancelled_await_stops_the_thread_before_returning():
+    stop = threading.Event()
+    started, steps = threading.Event(), []
+
+    def loop():
+        started.set()
+        for step in range(10_000):
+            if stop.is_set():
+                raise GenerationCancelled(f"after {step}")
+            steps.append(step)
+            stop.wait(0.001)
+        return "finished"
+
+    async def main():
+        task = asyncio.ensure_future(run_in_thread_cancellable(loop, stop=stop))
+        await asyncio.to_thread(started.wait)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return len(steps)
+
+    seen = asyncio.run(main())
+    assert stop.is_set() and seen < 10_000 and len(steps) == seen  # the loop ended before we returned
+
+
+# -- keys and ids ------------------------------------------------------------------------------------
+def test_keys_short_conflicting_or_with_bad_tenants_are_refused_at_start():
+    long_a, long_b = "a" * 16, "b" * 20
+    assert parse_env_keys(f"{long_a}:t1,{long_b}:t2") == {hash_key(long_a): "t1", hash_key(long_b): "t2"}
+    with pytest.raises(ValueError, match="shorter than 16") as err:
+        parse_env_keys("x:t1")
+    assert "x:" not in str(err.value)
+    with pytest.raises(ValueError, match="two tenants"):
+        parse_env_keys(f"{long_a}:t1,{long_a}:t2")
+    with pytest.raises(ValueError, match="two tenants"):
+        merge_digests({hash_key(long_a): "t1"}, {hash_key(long_a).upper(): "t2"})
+    with pytest.raises(ValueError, match="two tenants"):  # config digest vs the same key in the env
+        KeyRing.from_config(ServeConfig(api_keys={hash_key(long_a): "t1"}), environ={"RAYDB_API_KEYS":
+                                                                                    f"{long_a}:t2"})
+    with pytest.raises(ValueError, match="tenant"):
+        KeyRing({hash_key(long_a): "../other"})
+    ring = KeyRing.from_config(ServeConfig(api_keys={hash_key(long_a): "t1"}), environ={})
+    assert ring.tenant_for(long_a) == "t1" and ring.digests() == {hash_key(long_a): "t1"}
+
+
+@pytest.mark.parametrize("bad", ["alice@v0001\n", "alice@v\u0661\u0662\u0663\u0664", "alice@v001",
+                                 "../x@v0001", "alice@v0001/../../x"])
+def test_adapter_ids_are_strict(bad):
+    with pytest.raises(ValueError):
+        parse_model_id(bad)
+    assert parse_model_id("alice@v0012") == ("alice", "v0012")
+
+
+def test_every_string_field_has_a_length_cap():
+    from pydantic import ValidationError
+
+    for field in ("prompt", "negative_prompt", "subject_id"):
+        body = {"subject_id": "a", "prompt": "p"} | {field: "x" * (MAX_TEXT_CHARS + 1)}
+        with pytest.raises(ValidationError) as err:
+            GenerateRequest(**body)
+        assert err.value.errors()[0]["loc"] == (field,) and "at most" in err.value.errors()[0]["msg"]
+
+
+# -- adapters ----------------------------------------------------------------------------------------
+def test_failure_cache_expires():
+    clock = Clock()
+    cache = FailureCache(ttl_s=5, clock=clock)
+    error = AdapterCorrupt("bad")
+    cache.put("a@v0001", error)
+    assert cache.get("a@v0001") is error and cache.get("b@v0001") is None
+    clock.now += 5
+    assert cache.get("a@v0001") is None
+    FailureCache(ttl_s=0).put("x@v0001", error)  # ttl 0: nothing cached
+
+
+def test_lora_tensors_must_fit_named_layers():
+    unet = torch.nn.Module()
+    unet.block = torch.nn.Module()
+    unet.block.proj = torch.nn.Linear(8, 6)
+    good = {"unet.block.proj.lora.down.weight": torch.zeros(4, 8),
+            "unet.block.proj.lora.up.weight": torch.zeros(6, 4)}
+    check_lora_fits(good, {"unet": unet}, rank=4)
+    for bad, why in [
+        ({"unet.block.proj.lora.down.weight": torch.zeros(4, 7)}, "does not fit"),
+        ({"unet.block.proj.lora.up.weight": torch.zeros(5, 4)}, "does not fit"),
+        ({"unet.block.nope.lora.down.weight": torch.zeros(4, 8)}, "names no layer"),
+        ({"vae.block.proj.lora.down.weight": torch.zeros(4, 8)}, "unexpected tensor"),
+        ({"unet.block.proj.weight": torch.zeros(6, 8)}, "unexpected tensor"),
+    ]:
+        with pytest.raises(AdapterCorrupt, match=why):
+            check_lora_fits(bad, {"unet": unet}, rank=4)
+    with pytest.raises(AdapterCorrupt, match="rank 2"):
+        check_lora_fits(good, {"unet": unet}, rank=2)
+
+
+def test_adapter_errors_have_generic_public_messages():
+    exc = AdapterMismatch("adapter was trained on base model 'x', this server runs 'local-abc'")
+    assert "local-abc" not in exc.public and "/" not in exc.public and exc.status == 409
+
+
+# -- the adapter pool on the tiny pipeline -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def pool_and_adapter(tmp_path_factory):
+    """An AdapterPool on the tiny pipeline and one valid registry-shaped adapter folder."""
+    import hashlib
+    import json
+
+    from raydb.config import LoraConfig, ModelConfig
+    from raydb.models.components import load_components, load_pipeline
+    from raydb.serving.adapters import AdapterPool
+    from raydb.storage import Storage
+    from raydb.train.lora import add_lora, save_lora
+
+    ws = str(tmp_path_factory.mktemp("pool-ws"))
+    model = ModelConfig(pretrained="tiny")
+    pool = AdapterPool(load_pipeline(model, Storage(), ws), failure_ttl_s=60)
+    unet = load_components(model, Storage(), ws).unet
+    add_lora(unet, LoraConfig(rank=4))
+    weights = save_lora(unet)
+    good = tmp_path_factory.mktemp("good")
+    (good / "pytorch_lora_weights.safetensors").write_bytes(weights)
+    (good / "adapter.json").write_text(json.dumps({
+        "format": "diffusers-lora-v1", "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "base_model": {"identity": pool.identity}, "lora": {"rank": 4}}))
+    return pool, good
+
+
+class CountingStorage:
+    """A local Storage that counts reads, to see what a cached failure saves."""
+
+    def __init__(self) -> None:
+        from raydb.storage import Storage
+
+        self.inner, self.reads = Storage(), 0
+
+    def read_json(self, uri):
+        self.reads += 1
+        return self.inner.read_json(uri)
+
+    def read_bytes(self, uri):
+        self.reads += 1
+        return self.inner.read_bytes(uri)
+
+
+def test_staging_refuses_bad_adapters_without_touching_the_pipeline(pool_and_adapter, tmp_path):
+    import json
+    import shutil
+
+    pool, good = pool_and_adapter
+    storage = CountingStorage()
+    pool.stage(storage, str(good), "good@v0001")  # validated, not yet in the pipeline
+    assert pool.resident() == [] and not pool.is_resident("good@v0001")
+    cases = {}
+    for name, edit in [("alien", lambda m: m["base_model"].update(identity="other-base")),
+                       ("rank", lambda m: m["lora"].update(rank=8)),
+                       ("escape", lambda m: m.update(weights="../../etc/passwd"))]:
+        bad = tmp_path / name
+        shutil.copytree(good, bad)
+        meta = json.loads((bad / "adapter.json").read_text())
+        edit(meta)
+        (bad / "adapter.json").write_text(json.dumps(meta))
+        cases[name] = bad
+    for name, bad in cases.items():
+        with pytest.raises((AdapterMismatch, AdapterCorrupt)) as err:
+            pool.stage(storage, str(bad), f"{name}@v0001")
+        assert str(tmp_path) not in err.value.public and pool.identity not in err.value.public
+    reads = storage.reads
+    with pytest.raises(AdapterMismatch):  # cached: no registry read this time
+        pool.stage(storage, str(cases["alien"]), "alien@v0001")
+    assert storage.reads == reads and pool.resident() == [] and pool.loads == 0
+    adapter = pool.load(storage, str(good), "good", "v0001")  # uses the staged copy
+    assert storage.reads == reads and pool.is_resident("good@v0001") and len(pool.resident()) == 1
+    adapter.__del__()  # evicted by the multiplexer, unused: unloaded and no longer resident
+    assert not pool.is_resident("good@v0001") and pool.resident() == []
+
+
+def test_should_stop_ends_the_denoising_loop(pool_and_adapter):
+    pool, _ = pool_and_adapter
+    calls = []
+    unet_forward = pool.pipe.unet.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(1)
+        return unet_forward(*args, **kwargs)
+
+    params = {"prompt": "a photo", "negative_prompt": None, "num_inference_steps": 20, "guidance_scale": 1.0,
+              "seed": 0, "width": 64, "height": 64, "num_images": 1}
+    polls = []
+    pool.pipe.unet.forward = counting_forward
+    try:
+        with pytest.raises(GenerationCancelled, match="after denoising step 3"):
+            pool.generate(None, params, should_stop=lambda: polls.append(1) or len(polls) >= 3)
+    finally:
+        del pool.pipe.unet.forward
+    assert len(calls) == 3  # 3 of the 20 steps ran
+    assert pool.lock.acquire(blocking=False)  # the pipeline is free again
+    pool.lock.release()

@@ -295,3 +295,41 @@ def test_should_stop_ends_the_denoising_loop(pool_and_adapter):
     assert len(calls) == 3  # 3 of the 20 steps ran
     assert pool.lock.acquire(blocking=False)  # the pipeline is free again
     pool.lock.release()
+
+
+# -- config ------------------------------------------------------------------------------------------
+def test_auth_none_only_on_loopback():
+    from pydantic import ValidationError
+
+    for host in ("127.0.0.1", "::1", "localhost"):
+        ServeConfig(auth="none", host=host)
+    with pytest.raises(ValidationError, match="loopback"):
+        ServeConfig(auth="none", host="0.0.0.0")
+    ServeConfig(auth="api_key", host="0.0.0.0")
+
+
+def test_serve_limits_have_descriptions():
+    for name in ("max_queued_requests", "request_timeout_s", "max_body_bytes", "tenant_max_concurrent",
+                 "tenant_rate_per_s", "tenant_burst", "adapter_failure_ttl_s", "docs", "api_keys_file"):
+        assert ServeConfig.model_fields[name].description, name
+
+
+def test_keys_are_read_once_where_the_app_is_built(tmp_path):
+    import json
+
+    from raydb.config import RaydbConfig, load_config
+    from raydb.serving.auth import with_env_keys
+
+    file_key, env_key = "file-key-0123456789", "env-key-0123456789"
+    (tmp_path / "keys").write_text(f"{file_key}:t1\n")
+    cfg = load_config(data={"serve": {"api_keys_file": str(tmp_path / "keys")}})
+    built = with_env_keys(cfg, environ={"RAYDB_API_KEYS": f"{env_key}:t2"})
+    assert built.serve.api_keys == {hash_key(file_key): "t1", hash_key(env_key): "t2"}
+    text = json.dumps(built.to_dict())  # what travels to the replicas
+    assert file_key not in text and env_key not in text and built.serve.api_keys_file is None
+    replica = KeyRing(RaydbConfig.model_validate(built.to_dict()).serve.api_keys)  # as the ingress does
+    assert replica.tenant_for(file_key) == "t1" and replica.tenant_for(env_key) == "t2"
+    with pytest.raises(ValueError, match="api_keys_file: cannot read"):
+        with_env_keys(load_config(data={"serve": {"api_keys_file": str(tmp_path / "nope")}}), environ={})
+    with pytest.raises(ValueError, match="shorter than 16"):
+        with_env_keys(cfg, environ={"RAYDB_API_KEYS": "x:t3"})

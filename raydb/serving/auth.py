@@ -19,6 +19,7 @@ import hmac
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 from raydb.config import RaydbConfig, ServeConfig
 from raydb.ids import check_safe_id
@@ -38,7 +39,7 @@ def hash_key(key: str) -> str:
 def parse_env_keys(text: str, var: str = "RAYDB_API_KEYS") -> dict[str, str]:
     """``"key:tenant,key:tenant"`` -> ``{sha256(key): tenant}``; the message never echoes a key."""
     out: dict[str, str] = {}
-    for i, item in enumerate(p.strip() for p in text.split(",")):
+    for i, item in enumerate(p.strip() for p in text.replace("\n", ",").split(",")):
         if not item:
             continue
         key, sep, tenant = item.rpartition(":")
@@ -87,15 +88,26 @@ class KeyRing:
 
     @classmethod
     def from_config(cls, serve_cfg: ServeConfig, environ: Mapping[str, str] | None = None) -> KeyRing:
-        """Digests from ``serve.api_keys`` plus the keys in ``$<serve.api_keys_env>`` (if set).
+        """Digests from ``serve.api_keys`` plus the keys in ``serve.api_keys_file`` and
+        ``$<serve.api_keys_env>`` (when set).
 
         Called where the app is built (``environ`` defaults to that process's environment); the
-        replicas get the resulting digests in their config and never read the environment.
+        replicas get the resulting digests in their config (:func:`with_env_keys`) and never read
+        the environment or the file.
         """
         environ = os.environ if environ is None else environ
+        tables = [serve_cfg.api_keys]
+        if serve_cfg.api_keys_file:
+            try:
+                text = Path(serve_cfg.api_keys_file).read_text()
+            except OSError as exc:
+                raise ValueError(f"serve.api_keys_file: cannot read {serve_cfg.api_keys_file}: "
+                                 f"{exc.strerror}") from None
+            tables.append(parse_env_keys(text, "serve.api_keys_file"))
         env_text = environ.get(serve_cfg.api_keys_env, "")
-        env_digests = parse_env_keys(env_text, serve_cfg.api_keys_env) if env_text.strip() else {}
-        return cls(merge_digests(serve_cfg.api_keys, env_digests))
+        if env_text.strip():
+            tables.append(parse_env_keys(env_text, serve_cfg.api_keys_env))
+        return cls(merge_digests(*tables))
 
     def digests(self) -> dict[str, str]:
         """The validated ``{digest: tenant}`` table (what travels to the replicas)."""
@@ -130,11 +142,12 @@ def with_env_keys(cfg: RaydbConfig, environ: Mapping[str, str] | None = None) ->
     """``cfg`` with every configured key folded into ``serve.api_keys`` as digests, validated.
 
     Runs where the app is built, so a bad key table fails at start-up, and replicas on other nodes
-    (whose environment lacks the keys) know them too. Only digests travel.
+    (whose environment and file system lack the keys) know them too. Only digests travel.
     """
     if cfg.serve.auth != "api_key":
         return cfg
     ring = KeyRing.from_config(cfg.serve, environ)
     cfg = cfg.model_copy(deep=True)
     cfg.serve.api_keys = ring.digests()
+    cfg.serve.api_keys_file = None
     return cfg

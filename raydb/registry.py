@@ -66,8 +66,8 @@ ADAPTER_META = "adapter.json"
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_META)
 
 
-class SubjectOwned(PermissionError):
-    """The subject id belongs to another tenant."""
+class SubjectOwned(ValueError):
+    """The subject id belongs to another tenant (bad input: ``subject.id``)."""
 
 
 def _now() -> str:

@@ -155,14 +155,20 @@ def test_loads_from_s3(s3_bucket, tmp_path: Path) -> None:
     assert "no files found" in str(_error(join(bucket, "empty"), storage=storage))
 
 
-def test_hidden_files_skipped_on_s3_like_on_disk(s3_bucket) -> None:
+def _one_png_on_s3(s3_bucket) -> tuple[Storage, str, int]:
+    """``(storage, subject uri, PNG size)``: one 64x64 PNG under ``<bucket>/subject``."""
     endpoint, bucket = s3_bucket
     storage = Storage(endpoint)
     buf = io.BytesIO()
     _solid((64, 64)).save(buf, "PNG")
     storage.write_bytes(join(bucket, "subject/img.png"), buf.getvalue())
-    storage.write_bytes(join(bucket, "subject/.DS_Store"), b"\x00junk")
-    assert len(load_images(join(bucket, "subject"), 64, storage=storage)) == 1
+    return storage, join(bucket, "subject"), len(buf.getvalue())
+
+
+def test_hidden_files_skipped_on_s3_like_on_disk(s3_bucket) -> None:
+    storage, subject, _ = _one_png_on_s3(s3_bucket)
+    storage.write_bytes(join(subject, ".DS_Store"), b"\x00junk")
+    assert len(load_images(subject, 64, storage=storage)) == 1
 
 
 def test_decompression_bomb_is_an_ingest_error(tmp_path: Path, monkeypatch) -> None:
@@ -229,11 +235,7 @@ def test_file_count_and_byte_caps_are_checked_before_reading(tmp_path: Path) -> 
 
 
 def test_byte_cap_on_s3_uses_the_listing(s3_bucket) -> None:
-    endpoint, bucket = s3_bucket
-    storage = Storage(endpoint)
-    buf = io.BytesIO()
-    _solid((64, 64)).save(buf, "PNG")
-    storage.write_bytes(join(bucket, "subject/img.png"), buf.getvalue())
-    assert storage.sizes(join(bucket, "subject")) == [("img.png", len(buf.getvalue()))]
+    storage, subject, size = _one_png_on_s3(s3_bucket)
+    assert storage.sizes(subject) == [("img.png", size)]
     with pytest.raises(IngestError, match="bytes in total"):
-        load_images(join(bucket, "subject"), 64, storage=storage, max_bytes=10)
+        load_images(subject, 64, storage=storage, max_bytes=10)

@@ -8,25 +8,19 @@ replica queue and starve the others. The ingress admits a request only when its 
 - has a token in its bucket (``rate_per_s`` tokens per second, at most ``burst`` saved up).
 
 Otherwise it answers 429 with ``Retry-After`` (:class:`TooManyRequests`). Both are checked before
-the body is read. The helpers for bounded requests live here too: :func:`read_body_capped` (413
-before reading a too-large body) and :func:`run_in_thread_cancellable` (a worker thread that is told
-to stop when the awaiting request is cancelled: client gone or deadline passed).
+the body is read. The helper for bounded bodies lives here too: :func:`read_body_capped` (413
+before reading a too-large body).
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypeVar
 
-__all__ = ["TokenBucket", "TenantLimiter", "TooManyRequests", "BodyTooLarge", "read_body_capped",
-           "run_in_thread_cancellable"]
-
-T = TypeVar("T")
+__all__ = ["TokenBucket", "TenantLimiter", "TooManyRequests", "BodyTooLarge", "read_body_capped"]
 
 
 class TooManyRequests(Exception):
@@ -127,23 +121,3 @@ async def read_body_capped(headers: Mapping[str, str], chunks: AsyncIterator[byt
             raise BodyTooLarge(f"request body over {limit} bytes")
         parts.append(chunk)
     return b"".join(parts)
-
-
-async def run_in_thread_cancellable(fn: Callable[..., T], *args: Any, stop: threading.Event) -> T:
-    """``await asyncio.to_thread(fn, *args)``, but a cancelled await sets ``stop`` and waits for the
-    thread to end before re-raising.
-
-    ``fn`` is expected to poll ``stop`` (the pipeline's step callback does), so a cancelled request
-    frees the replica at the next denoising step instead of running its loop to the end; waiting for
-    it keeps anything the caller releases afterwards (its adapter) out of the thread's hands.
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        stop.set()
-        try:
-            await task
-        except BaseException:  # noqa: BLE001 - the thread's own ending (usually GenerationCancelled)
-            pass
-        raise

@@ -155,7 +155,9 @@ def main() -> None:
         cfg = load_config(data={"workspace": workspace, "model": {"pretrained": "tiny"}, "serve": {
             "api_keys": {hash_key(KEY): "bench"}, "port": port, "max_num_models_per_replica": 8,
             "max_size": 64, "max_inference_steps": args.steps, "max_batch_size": batch,
-            "batch_wait_ms": args.batch_wait_ms, "max_ongoing_requests": 2 * max(args.concurrency)}})
+            "batch_wait_ms": args.batch_wait_ms, "max_ongoing_requests": 2 * max(args.concurrency),
+            # one tenant drives the whole load here: its limits would measure themselves, not serving
+            "tenant_max_concurrent": max(args.concurrency), "tenant_rate_per_s": 0}})
         deploy(cfg)  # redeploying replaces the app; the HTTP proxy keeps its port
         for label, run_ids in loads:
             with httpx.Client(base_url=base_url, headers={"X-API-Key": KEY}, timeout=120) as http:

@@ -262,11 +262,13 @@ class EvalConfig(_Strict):
 
 
 class ServeConfig(_Strict):
-    auth: Literal["api_key", "none"] = Field("api_key", description="none: no authentication (local only).")
+    auth: Literal["api_key", "none"] = Field("api_key", description="none: no authentication (only with a "
+                                             "loopback serve.host).")
     api_keys: dict[str, str] = Field(
         default_factory=dict, description="sha256 hex digest of an API key -> tenant."
     )
-    api_keys_env: str = Field("RAYDB_API_KEYS", description="Env var with 'key:tenant,key:tenant'.")
+    api_keys_env: str = Field("RAYDB_API_KEYS", description="Env var with 'key:tenant,key:tenant', read "
+                              "once where the app is built (replicas never read it).")
     max_num_models_per_replica: int = Field(8, ge=1, description="Adapters resident per diffusion "
                                             "replica (least recently used unloaded first).")
     num_replicas: int = Field(1, ge=1, description="Diffusion replicas.")
@@ -310,6 +312,45 @@ class ServeConfig(_Strict):
         description="torch.compile mode for the serving UNet (reduce-overhead: CUDA graphs); "
                     "measure with bench/serve_engine_gpu.py before turning it on."
     )
+    max_queued_requests: int = Field(
+        32, ge=1, description="Requests that may wait for a busy diffusion replica (beyond "
+        "max_ongoing_requests); more are refused with 503 + Retry-After, so queues stay bounded."
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0.0, description="Seconds a generation may take, queueing included; after that the "
+        "denoising loop is stopped and the client gets 504."
+    )
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="Largest accepted request body; a larger Content-Length gets 413 "
+        "before the body is read."
+    )
+    tenant_max_concurrent: int = Field(
+        4, ge=1, description="Requests one tenant may have in flight at once (more: 429 + Retry-After); "
+        "also the most of one tenant's requests that can wait ahead of another tenant's."
+    )
+    tenant_rate_per_s: float = Field(
+        2.0, ge=0.0, description="Sustained requests per second per tenant (token bucket; 0 = no rate "
+        "limit); beyond it: 429 + Retry-After."
+    )
+    tenant_burst: int = Field(10, ge=1, description="Requests a tenant may send at once after being idle "
+                              "(the token bucket's size).")
+    adapter_failure_ttl_s: float = Field(
+        10.0, ge=0.0, description="Seconds a failed adapter load is remembered (answered without reading "
+        "the registry again); 0 = not cached."
+    )
+    docs: bool = Field(False, description="Serve /docs and /openapi.json (behind the API key).")
+    api_keys_file: str | None = Field(
+        None, description="Mounted secret file with 'key:tenant' entries (comma- or newline-separated), "
+        "read once where the app is built; only digests reach the replicas."
+    )
+
+    @model_validator(mode="after")
+    def _open_only_on_loopback(self) -> ServeConfig:
+        """auth: none exposes every tenant's subjects, so it is only allowed on this machine."""
+        if self.auth == "none" and self.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(f"serve.auth 'none' is only allowed with a loopback serve.host "
+                             f"(127.0.0.1, ::1, localhost), not {self.host!r}")
+        return self
 
 
 class RaydbConfig(_Strict):

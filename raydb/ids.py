@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["SAFE_ID_PATTERN", "check_safe_id"]
+__all__ = ["SAFE_ID_PATTERN", "VERSION_PATTERN", "check_safe_id", "is_version", "check_version"]
 
 SAFE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 _SAFE_ID = re.compile(SAFE_ID_PATTERN)
+VERSION_PATTERN = r"v[0-9]{4,}"  # [0-9], not \d: \d also matches other scripts' digits ("v١٢٣٤")
+_VERSION = re.compile(VERSION_PATTERN)
 
 
 def check_safe_id(value: str) -> str:
@@ -27,4 +29,16 @@ def check_safe_id(value: str) -> str:
             f"{value!r} is not a safe id: use 1-64 letters, digits, '_', '-', '.', "
             "starting with a letter or digit (no '/' or spaces)"
         )
+    return value
+
+
+def is_version(value: object) -> bool:
+    """Whether ``value`` is a registry version name (``v0001``; fullmatch, so no trailing newline)."""
+    return isinstance(value, str) and _VERSION.fullmatch(value) is not None
+
+
+def check_version(value: str) -> str:
+    """Return ``value`` if it is a registry version name, else raise ValueError saying why."""
+    if not is_version(value):
+        raise ValueError(f"bad version {value!r} (expected v followed by at least 4 ASCII digits)")
     return value

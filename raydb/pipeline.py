@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from raydb.config import RaydbConfig
-from raydb.storage import Storage, is_s3, join
+from raydb.storage import NotFound, Storage, is_s3, join
 
 __all__ = ["STAGES", "StageResult", "run_pipeline", "inputs_key", "manifest_matches", "run_stage",
            "stage_inputs", "format_summary", "pipeline_uri", "cluster_is_joined"]
@@ -215,10 +215,12 @@ def _register(cfg: RaydbConfig, storage: Storage, adapter_uri: str) -> dict[str,
 
 
 def _register_current(storage: Storage, cfg: RaydbConfig, out: dict[str, Any]) -> bool:
-    from raydb.registry import latest_uri
+    from raydb.registry import latest_version
 
-    latest = storage.read_json_or(latest_uri(cfg.workspace, cfg.subject.id))
-    return bool(latest) and latest.get("uri") == out.get("uri")
+    try:
+        return latest_version(storage, cfg.workspace, cfg.subject.id)["version"] == out.get("version")
+    except NotFound:
+        return False
 
 
 def _serve(cfg: RaydbConfig) -> dict[str, Any]:

@@ -113,25 +113,72 @@ class Storage:
         except OSError as exc:
             raise StorageError(f"cannot read {uri}: {exc}") from None
 
-    def write_bytes(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool:
+    def read_tagged(self, uri: str) -> tuple[bytes, str]:
+        """``(bytes, tag)``: the tag identifies this content for :meth:`write_bytes`'s ``if_match``
+        (the object's ETag on S3, the sha256 of the file locally). NotFound when missing."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                obj = self._client().get_object(Bucket=bucket, Key=key)
+                return obj["Body"].read(), obj["ETag"].strip('"')
+            except Exception as exc:
+                if _is_not_found(exc):
+                    raise NotFound(f"no such object: {uri}") from None
+                raise StorageError(f"cannot read {uri}: {_short(exc)}") from None
+        data = self.read_bytes(uri)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def write_bytes(
+        self, uri: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> bool:
         """Write atomically; readers see the old object or the whole new one, never a part.
 
-        With ``if_absent`` the write happens only when nothing exists at ``uri`` yet; returns
-        whether this call wrote.
+        With ``if_absent`` the write happens only when nothing exists at ``uri`` yet; with
+        ``if_match`` only when the current content still has that tag (from :meth:`read_tagged`):
+        a compare-and-swap, via S3's ``If-Match`` or, locally, an exclusive ``flock`` on a hidden
+        lock file next to the target. Returns whether this call wrote.
         """
+        if if_absent and if_match is not None:
+            raise ValueError("write_bytes: if_absent and if_match exclude each other")
         if is_s3(uri):
             bucket, key = split_s3(uri)
             kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": data}
             if if_absent:
                 kwargs["IfNoneMatch"] = "*"
+            if if_match is not None:
+                kwargs["IfMatch"] = f'"{if_match}"'
             try:
                 self._client().put_object(**kwargs)
                 return True
             except Exception as exc:
-                if if_absent and _is_precondition_failed(exc):
+                conditional = if_absent or if_match is not None
+                if conditional and (_is_precondition_failed(exc) or _is_not_found(exc)):
                     return False
                 raise StorageError(f"cannot write {uri}: {_short(exc)}") from None
-        path = Path(uri)
+        if if_match is not None:
+            return self._local_swap(Path(uri), data, if_match)
+        return self._local_write(Path(uri), data, if_absent)
+
+    def _local_swap(self, path: Path, data: bytes, if_match: str) -> bool:
+        """Local compare-and-swap: under an exclusive lock, replace only if the tag still matches.
+
+        ``flock`` is released by the kernel when the process dies, so a crash never leaves the
+        target locked (unlike an ``O_EXCL`` lock file).
+        """
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                current = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                return False
+            if current != if_match:
+                return False
+            return self._local_write(path, data, False)
+
+    def _local_write(self, path: Path, data: bytes, if_absent: bool) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -162,9 +209,9 @@ class Storage:
         except json.JSONDecodeError as exc:
             raise StorageError(f"{uri} is not valid JSON: {exc}") from None
 
-    def write_json(self, uri: str, obj: Any, *, if_absent: bool = False) -> bool:
+    def write_json(self, uri: str, obj: Any, *, if_absent: bool = False, if_match: str | None = None) -> bool:
         return self.write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(),
-                                if_absent=if_absent)
+                                if_absent=if_absent, if_match=if_match)
 
     def read_json_or(self, uri: str, default: Any = None) -> Any:
         try:
@@ -218,6 +265,28 @@ class Storage:
         out = sorted(n for n in out if not Path(n).name.startswith(".") or n.endswith("/"))
         return out[:limit]
 
+    def _s3_objects(self, uri: str) -> list[tuple[str, dict[str, Any]]]:
+        """``(name relative to uri, list_objects_v2 entry)`` of every object under an s3:// prefix,
+        hidden files left out, as in ``list``."""
+        bucket, key = split_s3(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        out: list[tuple[str, dict[str, Any]]] = []
+        try:
+            pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for page in pages:
+                out += [(o["Key"][len(prefix):], o) for o in page.get("Contents", [])]
+        except Exception as exc:
+            raise StorageError(f"cannot list {uri}: {_short(exc)}") from None
+        return sorted(((n, o) for n, o in out if n and not Path(n).name.startswith(".")), key=lambda x: x[0])
+
+    def sizes(self, uri: str) -> list[tuple[str, int]]:
+        """``(name, size in bytes)`` of every file under a prefix/folder, sorted by name, from the
+        listing alone (nothing is read). Hidden files are left out, as in ``list``."""
+        if is_s3(uri):
+            return [(n, int(o["Size"])) for n, o in self._s3_objects(uri)]
+        root = Path(uri)
+        return [(name, (root / name).stat().st_size) for name in self.list(uri, recursive=True)]
+
     def content_ids(self, uri: str) -> list[tuple[str, str]]:
         """``(name, content id)`` of every file under a prefix/folder, sorted by name.
 
@@ -226,16 +295,7 @@ class Storage:
         Hidden files are left out, as in ``list``. Missing prefix -> [].
         """
         if is_s3(uri):
-            bucket, key = split_s3(uri)
-            prefix = key.rstrip("/") + "/" if key else ""
-            out: list[tuple[str, str]] = []
-            try:
-                pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-                for page in pages:
-                    out += [(o["Key"][len(prefix):], o["ETag"].strip('"')) for o in page.get("Contents", [])]
-            except Exception as exc:
-                raise StorageError(f"cannot list {uri}: {_short(exc)}") from None
-            return sorted((n, e) for n, e in out if n and not Path(n).name.startswith("."))
+            return [(n, o["ETag"].strip('"')) for n, o in self._s3_objects(uri)]
         root = Path(uri)
         return [(name, hashlib.sha256((root / name).read_bytes()).hexdigest())
                 for name in self.list(uri, recursive=True)]
@@ -264,11 +324,18 @@ class Storage:
 
     # -- folders ---------------------------------------------------------------------------
     def download_dir(self, uri: str, local: str | Path) -> Path:
-        """Copy every object under ``uri`` into a local folder (for s3:// model weights)."""
+        """Copy every object under ``uri`` into a local folder (for s3:// model weights).
+
+        Every key is checked before anything is written: one that would land outside ``local``
+        (``../``, an absolute path, an empty segment trick) raises StorageError naming it, and
+        nothing is copied.
+        """
         local = Path(local)
         names = self.list(uri, recursive=True)
         if not names:
             raise NotFound(f"nothing found under {uri}")
+        for name in names:
+            _check_inside(local, name, uri)
         for name in names:
             dest = local / name
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -280,6 +347,15 @@ class Storage:
         for path in sorted(local.rglob("*")):
             if path.is_file():
                 self.write_bytes(join(uri, str(path.relative_to(local))), path.read_bytes())
+
+
+def _check_inside(local: Path, name: str, uri: str) -> None:
+    """Refuse an object name that does not stay inside ``local`` once joined to it."""
+    parts = name.replace("\\", "/").split("/")
+    root = local.absolute()
+    dest = (root / name).absolute()
+    if name.startswith("/") or any(p in ("..", "") for p in parts) or not dest.is_relative_to(root):
+        raise StorageError(f"refusing to download {join(uri, name)!r}: its key leaves the target folder")
 
 
 def _read_umask() -> int:

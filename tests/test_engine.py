@@ -293,3 +293,76 @@ def test_loading_an_adapter_into_a_compiled_loop_does_not_recompile(engine, adap
     assert (eager[0] - eager[1]).abs().max() > 1.0  # the two adapters really differ
     for c, e in zip(compiled, eager, strict=True):
         assert (c - e).abs().max() < TOL
+
+
+# -- tenants can't hurt each other (issue 18) -----------------------------------------------------
+class _CountingStorage:
+    """A local Storage that counts reads, to see what a cached failure saves."""
+
+    def __init__(self) -> None:
+        from raydb.storage import Storage
+
+        self.inner, self.reads = Storage(), 0
+
+    def read_json(self, uri):
+        self.reads += 1
+        return self.inner.read_json(uri)
+
+    def read_bytes(self, uri):
+        self.reads += 1
+        return self.inner.read_bytes(uri)
+
+
+def test_staging_refuses_bad_adapters_before_the_multiplexer_and_caches_it(engine, adapters, tmp_path):
+    """What a replica does before Serve's multiplexer (which evicts first) sees a new adapter."""
+    import json
+    import shutil
+
+    from raydb.serving.adapters import AdapterMismatch
+
+    eng, pool, loaded = engine
+    stats, storage = pool.stats(), _CountingStorage()
+    cases = {}
+    for name, edit in [("alien", lambda m: m["base_model"].update(identity="other-base")),
+                       ("escape", lambda m: m.update(weights="../../etc/passwd"))]:
+        bad = tmp_path / name
+        shutil.copytree(_uri(adapters, "rank2"), bad)
+        meta = json.loads((bad / "adapter.json").read_text())
+        edit(meta)
+        (bad / "adapter.json").write_text(json.dumps(meta))
+        cases[name] = str(bad)
+    cases["wide"] = _uri(adapters, "rank16")
+    for name, uri in cases.items():
+        with pytest.raises((AdapterMismatch, AdapterCorrupt, AdapterTooLarge)) as err:
+            pool.stage(storage, uri, f"{name}@v0001")
+        assert str(tmp_path) not in err.value.public and pool.identity not in err.value.public
+    reads = storage.reads
+    with pytest.raises(AdapterMismatch):  # cached: no registry read this time
+        pool.stage(storage, cases["alien"], "alien@v0001")
+    assert storage.reads == reads
+    assert pool.stats() == stats and all(a.loaded for a in loaded.values())  # nothing moved
+    assert pool.is_resident("rank2@v0001") and not pool.is_resident("alien@v0001")
+
+
+def test_should_stop_ends_the_denoising_loop_when_every_request_asks(engine):
+    from raydb.serving.adapters import GenerationCancelled
+    from raydb.serving.engine import EngineRequest
+
+    eng, _, _ = engine
+    polls = []
+
+    def stop_after_two():
+        polls.append(1)
+        return len(polls) >= 2
+
+    start = eng.unet_forwards
+    with pytest.raises(GenerationCancelled):
+        eng.generate([EngineRequest(_params(0, num_inference_steps=8), None, should_stop=stop_after_two)])
+    assert eng.unet_forwards - start == 2  # 2 of the 8 steps ran
+    start = eng.unet_forwards
+    eng.generate([EngineRequest(_params(1, num_inference_steps=3), None)])
+    full = eng.unet_forwards - start  # one whole 3-step loop
+    start = eng.unet_forwards  # one request still wants its images: the batch runs to the end
+    out = eng.generate([EngineRequest(_params(0, num_inference_steps=3), None, should_stop=lambda: True),
+                        EngineRequest(_params(1, num_inference_steps=3), None)])
+    assert len(out) == 2 and eng.unet_forwards - start == full

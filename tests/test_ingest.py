@@ -155,14 +155,20 @@ def test_loads_from_s3(s3_bucket, tmp_path: Path) -> None:
     assert "no files found" in str(_error(join(bucket, "empty"), storage=storage))
 
 
-def test_hidden_files_skipped_on_s3_like_on_disk(s3_bucket) -> None:
+def _one_png_on_s3(s3_bucket) -> tuple[Storage, str, int]:
+    """``(storage, subject uri, PNG size)``: one 64x64 PNG under ``<bucket>/subject``."""
     endpoint, bucket = s3_bucket
     storage = Storage(endpoint)
     buf = io.BytesIO()
     _solid((64, 64)).save(buf, "PNG")
     storage.write_bytes(join(bucket, "subject/img.png"), buf.getvalue())
-    storage.write_bytes(join(bucket, "subject/.DS_Store"), b"\x00junk")
-    assert len(load_images(join(bucket, "subject"), 64, storage=storage)) == 1
+    return storage, join(bucket, "subject"), len(buf.getvalue())
+
+
+def test_hidden_files_skipped_on_s3_like_on_disk(s3_bucket) -> None:
+    storage, subject, _ = _one_png_on_s3(s3_bucket)
+    storage.write_bytes(join(subject, ".DS_Store"), b"\x00junk")
+    assert len(load_images(subject, 64, storage=storage)) == 1
 
 
 def test_decompression_bomb_is_an_ingest_error(tmp_path: Path, monkeypatch) -> None:
@@ -170,3 +176,66 @@ def test_decompression_bomb_is_an_ingest_error(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # 64x64 is now over 2x the limit
     err = _error(str(tmp_path))
     assert set(err.problems) == {"huge.png"}
+
+
+# -- untrusted input (issue 18) ----------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "GIF", "PPM", "ICO", "TGA", "PCX", "SGI"])
+def test_other_formats_named_png_are_refused_by_content(tmp_path: Path, fmt: str) -> None:
+    _solid((64, 64)).save(tmp_path / "sneaky.png", fmt)
+    _solid((64, 64)).save(tmp_path / "real.png", "PNG")
+    err = _error(str(tmp_path))
+    assert set(err.problems) == {"sneaky.png"} and "not a JPEG, PNG or WebP" in err.problems["sneaky.png"]
+
+
+def _huge_png(path: Path, width: int, height: int) -> None:
+    """A valid grayscale PNG of width x height zeros, streamed so it never exists in memory."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer, row = zlib.compressobj(9), b"\x00" * (width + 1)  # filter byte + one byte per pixel
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    path.write_bytes(png)
+
+
+def test_a_150_megapixel_image_is_refused_from_its_header(tmp_path: Path) -> None:
+    """Between 1x and 2x Pillow's bomb limit (~89-179 MP) Pillow only warns; ingestion refuses."""
+    _huge_png(tmp_path / "huge.png", 12_500, 12_000)  # 150 MP
+    assert Image.MAX_IMAGE_PIXELS < 12_500 * 12_000 < 2 * Image.MAX_IMAGE_PIXELS
+    err = _error(str(tmp_path))
+    assert set(err.problems) == {"huge.png"} and "too many pixels" in err.problems["huge.png"]
+
+
+def test_malformed_exif_is_named_per_file(tmp_path: Path) -> None:
+    import struct
+
+    # orientation 6 (so Pillow rewrites the EXIF) plus an XResolution stored as a NaN float
+    entries = [(0x0112, 3, 1, b"\x06\x00\x00\x00"), (0x011A, 11, 1, b"\xff\xff\xff\xff")]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHI", *e[:3]) + e[3] for e in entries)
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4
+    _solid((64, 64)).save(tmp_path / "bad_exif.jpg", "JPEG", exif=exif)
+    _rotated_jpeg(tmp_path / "good.jpg")
+    err = _error(str(tmp_path))
+    assert set(err.problems) == {"bad_exif.jpg"} and "malformed EXIF" in err.problems["bad_exif.jpg"]
+
+
+def test_file_count_and_byte_caps_are_checked_before_reading(tmp_path: Path) -> None:
+    for i in range(3):
+        _solid((64, 64)).save(tmp_path / f"img{i}.png")
+    assert len(load_images(str(tmp_path), 64, max_files=3)) == 3
+    with pytest.raises(IngestError, match="3 files, at most 2"):
+        load_images(str(tmp_path), 64, max_files=2)
+    total = sum(p.stat().st_size for p in tmp_path.iterdir())
+    with pytest.raises(IngestError, match=f"{total} bytes in total, at most {total - 1}"):
+        load_images(str(tmp_path), 64, max_bytes=total - 1)
+
+
+def test_byte_cap_on_s3_uses_the_listing(s3_bucket) -> None:
+    storage, subject, size = _one_png_on_s3(s3_bucket)
+    assert storage.sizes(subject) == [("img.png", size)]
+    with pytest.raises(IngestError, match="bytes in total"):
+        load_images(subject, 64, storage=storage, max_bytes=10)

@@ -5,6 +5,8 @@ t1, carol of t2), six random-adapter subjects of t1 (``s1``..``s6``) and ``wide`
 the app's ``max_lora_rank=8``), plus two bad registry entries — ``alien`` (adapter.json names
 another base model) and ``broken`` (weights file corrupted). ``max_num_models_per_replica=2`` and one
 diffusion replica, so cycling three subjects must evict and reload adapters; ``max_batch_size=8``.
+Each tenant may have ``TENANT_CAP`` (= one batch) requests in flight; the rate limit is off here (it
+is unit-tested with a fake clock), and tests that send more at once hold a client-side semaphore.
 
 Batched images are compared with their one-by-one results within a tolerance (:func:`_close`): the
 replica runs fp32, where a batched kernel may round the last bits differently (seen: at most 2 of
@@ -17,6 +19,7 @@ import base64
 import io
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,13 +40,15 @@ SUBJECTS = [("alice", "t1", "sks", "dog"), ("bob", "t1", "zwx", "cat"), ("carol"
 RANDOM = ["s1", "s2", "s3", "s4", "s5", "s6"]  # random adapters (alice's tenant and token)
 EIGHT = ["alice", "bob", *RANDOM]
 META = {"subject": {"instance_token": "sks", "class_prompt": "a photo of a dog"}}
+TENANT_CAP = 8  # = serve.max_batch_size: one tenant can never hold more than one batch
 
 
 # -- unit tier: no Ray -------------------------------------------------------------------------------
 def test_keyring_matches_hashed_and_env_keys_only():
-    cfg = ServeConfig(api_keys={hash_key("k1"): "t1"}, api_keys_env="TEST_KEYS")
-    ring = KeyRing.from_config(cfg, environ={"TEST_KEYS": "k2:t2, k:3:t3"})
-    assert [ring.tenant_for(k) for k in ("k1", "k2", "k:3", "nope", "", None)] == \
+    k1, k2, k3 = "k1-0123456789abcdef", "k2-0123456789abcdef", "k:3-0123456789abcdef"
+    cfg = ServeConfig(api_keys={hash_key(k1): "t1"}, api_keys_env="TEST_KEYS")
+    ring = KeyRing.from_config(cfg, environ={"TEST_KEYS": f"{k2}:t2, {k3}:t3"})
+    assert [ring.tenant_for(k) for k in (k1, k2, k3, "nope", "", None)] == \
         ["t1", "t2", "t3", None, None, None]
     with pytest.raises(ValueError, match="sha256 hex digest"):
         KeyRing({"k1": "t1"})  # a plain key where a digest belongs
@@ -78,6 +83,9 @@ def test_evicted_adapter_in_use_is_unloaded_by_its_last_user():
 
         def unload(self, adapter):
             self.unloaded.append(adapter.name)
+
+        def evicted(self, adapter):
+            pass
 
     pool = Pool()
     adapter = LoadedAdapter(pool, "adapter0", "alice", "v0001", {})
@@ -169,7 +177,8 @@ def server(ray_cluster, tmp_path_factory):
                   "api_keys_env": "RAYDB_TEST_SERVE_KEYS",
                   "max_num_models_per_replica": 2, "max_size": 128, "max_inference_steps": 8,
                   "default_inference_steps": 2, "max_images": 2, "num_cpus_per_replica": 1,
-                  "max_batch_size": 8, "batch_wait_ms": 100, "max_lora_rank": 8, "max_ongoing_requests": 32},
+                  "max_batch_size": 8, "batch_wait_ms": 100, "max_lora_rank": 8, "max_ongoing_requests": 32,
+                  "tenant_max_concurrent": TENANT_CAP, "tenant_rate_per_s": 0},
     })
     run_server(cfg, blocking=False)
     del os.environ["RAYDB_TEST_SERVE_KEYS"]
@@ -311,8 +320,14 @@ def test_eviction_under_concurrent_load_loses_no_request(server):
     sequential = {sid: _image(server, sid, keys[sid], seed=1) for sid in keys}
     before = _diffusion().stats.remote().result()
     jobs = list(keys) * 3  # 9 subjects over 2 resident adapters, 27 requests at once
+    slots = {key: threading.Semaphore(TENANT_CAP) for key in (KEY_A, KEY_B)}  # a client within its cap
+
+    def run(sid):
+        with slots[keys[sid]]:
+            return _generate(server, sid, keys[sid], seed=1)
+
     with ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(lambda sid: _generate(server, sid, keys[sid], seed=1), jobs))
+        results = list(pool.map(run, jobs))
     assert [r.status_code for r in results] == [200] * len(jobs)
     for sid, resp in zip(jobs, results, strict=True):
         assert _close(_pixels(resp.json()["images"][0]), sequential[sid]), sid
@@ -329,8 +344,8 @@ def test_error_statuses(server):
     assert server.get("/v1/subjects", headers={"X-API-Key": KEY_A}).status_code == 200
     assert server.get("/v1/subjects", headers=_auth(KEY_ENV)).status_code == 200
     assert _generate(server, "alice", key="wrong-key").status_code == 401
-    for sid in ("nobody", "../subjects"):
-        resp = _generate(server, sid)
+    for sid in ("nobody", "../subjects/alice", "../subjects/carol"):  # the latter two exist (see
+        resp = _generate(server, sid)  # test_registry's traversal test for the check's necessity)
         assert resp.status_code == 404 and "unknown subject" in resp.json()["detail"]
     for body, field in [({"width": 65}, "width"), ({"num_inference_steps": 9}, "num_inference_steps"),
                         ({"prompt": None}, "prompt"), ({"colour": "red"}, "colour"),
@@ -338,12 +353,15 @@ def test_error_statuses(server):
         resp = _generate(server, "alice", **body)
         assert resp.status_code == 422, (body, resp.text)
         assert resp.json()["detail"][0]["loc"] == ["body", field]
+    identity = _diffusion().stats.remote().result()["base_model"]
     resp = _generate(server, "alien")
     assert resp.status_code == 409 and "base model" in resp.json()["detail"]
+    assert identity not in resp.text and "some-other-base-model" not in resp.text  # no identities
     resp = _generate(server, "broken")
-    assert resp.status_code == 500 and "integrity" in resp.json()["detail"]
+    assert resp.status_code == 500 and "corrupt" in resp.json()["detail"]
+    assert "/" not in resp.json()["detail"]  # no paths
     resp = _generate(server, "wide")  # rank 16 > serve.max_lora_rank
-    assert resp.status_code == 409 and "serve.max_lora_rank=8" in resp.json()["detail"], resp.text
+    assert resp.status_code == 409 and "serve.max_lora_rank" in resp.json()["detail"], resp.text
     assert _generate(server, "alice").status_code == 200  # the replica still serves everyone else
     assert _generate(server, "carol", key=KEY_B).status_code == 200
 
@@ -361,3 +379,52 @@ def test_a_tenant_sees_and_uses_only_its_own_subjects(server):
     for sid, key in [("alice", KEY_B), ("carol", KEY_A)]:
         resp = _generate(server, sid, key)
         assert resp.status_code == 404 and resp.json()["detail"] == f"unknown subject {sid!r}"
+
+
+@pytest.mark.ray
+def test_docs_and_openapi_are_off_by_default(server):
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert server.get(path).status_code == 404, path
+        assert server.get(path, headers=_auth(KEY_A)).status_code == 404, path
+
+
+@pytest.mark.ray
+def test_a_failing_adapter_load_evicts_nothing(server):
+    assert _generate(server, "alice").status_code == 200
+    assert _generate(server, "bob").status_code == 200  # both slots now hold healthy adapters
+    before = _diffusion().stats.remote().result()
+    for _ in range(2):  # the second time from the failure cache
+        assert _generate(server, "broken").status_code == 500
+        assert _generate(server, "alien").status_code == 409
+    assert _generate(server, "alice").status_code == 200 and _generate(server, "bob").status_code == 200
+    after = _diffusion().stats.remote().result()
+    assert (after["loads"], after["unloads"], after["resident"]) == \
+        (before["loads"], before["unloads"], before["resident"])  # nothing was evicted or reloaded
+
+
+@pytest.mark.ray
+def test_one_tenants_flood_does_not_delay_another_beyond_one_batch(server):
+    """50 concurrent requests of t1 and one of t2: t1 gets 429s beyond its cap, so at most
+    TENANT_CAP of its requests are ever ahead of t2's in the replica (peak in flight <= cap + 1)."""
+    _diffusion().reset_peak.remote().result()
+    with ThreadPoolExecutor(51) as pool:
+        flood = [pool.submit(_generate, server, "alice", KEY_A, seed=i) for i in range(50)]
+        other = pool.submit(_generate, server, "carol", KEY_B)
+        responses = [f.result() for f in flood]
+        assert other.result().status_code == 200
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) >= TENANT_CAP
+    refused = next(r for r in responses if r.status_code == 429)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert _diffusion().stats.remote().result()["peak_in_flight"] <= TENANT_CAP + 1
+
+
+@pytest.mark.ray
+def test_a_20mb_body_is_refused_with_413_before_it_is_read(server):
+    """Only the headers and 64 KiB of a declared 20 MB body are sent: the 413 must come anyway."""
+    head = (f"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY_A}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 20000000\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.base_url.port), timeout=60) as conn:
+        conn.sendall(head + b'{"subject_id": "alice", "prompt": "' + b"x" * 65536)
+        status_line = conn.recv(4096).split(b"\r\n", 1)[0]
+    assert status_line.split()[1] == b"413", status_line

@@ -247,3 +247,35 @@ def test_recursive_delete_of_a_single_file(store) -> None:
     storage.write_bytes(uri, b"x")
     storage.delete(uri, recursive=True)
     assert not storage.exists(uri)
+
+
+def test_download_dir_refuses_keys_that_leave_the_folder(s3_bucket, tmp_path: Path) -> None:
+    """A ``../`` S3 key (legal in S3) must never write outside the target folder (issue 18)."""
+    import boto3
+
+    endpoint, bucket = s3_bucket
+    name, _ = split_s3(bucket)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.put_object(Bucket=name, Key="model/model_index.json", Body=b"{}")
+    client.put_object(Bucket=name, Key="model/sub/../../../escaped.txt", Body=b"pwned")
+    storage = Storage(endpoint)
+    assert "sub/../../../escaped.txt" in storage.list(join(bucket, "model"), recursive=True)
+    target = tmp_path / "deep" / "dst"
+    with pytest.raises(StorageError, match=r"escaped\.txt.*leaves the target folder"):
+        storage.download_dir(join(bucket, "model"), target)
+    assert not list(tmp_path.rglob("escaped.txt")) and not target.exists()  # nothing written at all
+
+
+def test_compare_and_swap(store) -> None:
+    storage, root = store
+    uri = join(root, "latest.json")
+    storage.write_bytes(uri, b"one")
+    data, tag = storage.read_tagged(uri)
+    assert data == b"one"
+    assert storage.write_bytes(uri, b"two", if_match=tag) is True
+    assert storage.write_bytes(uri, b"three", if_match=tag) is False  # someone moved it since
+    assert storage.read_bytes(uri) == b"two"
+    assert storage.write_bytes(join(root, "missing"), b"x", if_match=tag) is False
+    assert storage.list(root) == ["latest.json"]  # the local lock file is hidden
+    with pytest.raises(NotFound):
+        storage.read_tagged(join(root, "missing"))

@@ -4,11 +4,22 @@ Reads a local folder or an ``s3://`` prefix (or ``builtin:demo``), applies EXIF 
 converts to RGB, resizes the shorter side to ``resolution`` and center-crops. Every file is checked
 before anything is returned: corrupt files, non-images, an empty folder, or images whose shorter
 side is below the minimum all end in one :class:`IngestError` that lists every offending file.
+
+Photos are untrusted input (a tenant's upload), so the decoder's attack surface is kept small:
+
+- only JPEG, PNG and WebP are decoded, chosen by *content* (``Image.open(formats=...)``), so a BMP,
+  TIFF or EPS renamed ``.png`` is refused before any other Pillow plugin (or Ghostscript) sees it;
+- an image over ``Image.MAX_IMAGE_PIXELS`` (~89 MP) is refused from its header, before decoding —
+  Pillow itself only warns between 1x and 2x that limit;
+- the folder may hold at most ``max_files`` files and ``max_bytes`` bytes in total, checked from
+  the listing before any file is read;
+- malformed EXIF (which Pillow reports as ValueError, TypeError, struct.error, ...) is named per file.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +28,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from raydb.data.demo import DEMO_URI, demo_images
 from raydb.storage import Storage, is_s3, join
 
-__all__ = ["IngestError", "IMAGE_SUFFIXES", "min_image_side", "load_images", "prepare_image"]
+__all__ = ["IngestError", "IMAGE_SUFFIXES", "IMAGE_FORMATS", "MAX_FILES", "MAX_BYTES", "min_image_side",
+           "load_images", "prepare_image"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # the only Pillow plugins allowed to parse a file
+MAX_FILES = 1000  # DreamBooth needs 3-20 photos; a folder of thousands is a mistake or an attack
+MAX_BYTES = 512 * 1024 * 1024
 
 
 class IngestError(ValueError):
@@ -65,17 +80,59 @@ class _Source:
     data: bytes
 
 
-def _list_sources(storage: Storage, uri: str, field: str) -> list[_Source]:
+def _list_sources(storage: Storage, uri: str, field: str, max_files: int, max_bytes: int) -> list[_Source]:
+    """Every visible file under ``uri``, read only after the listing passed the count and byte caps."""
     if is_s3(uri):
         # hidden files (.DS_Store, ...) are skipped here exactly as on local disk below
-        names = [n for n in storage.list(uri, recursive=True)
-                 if not n.endswith("/") and not Path(n).name.startswith(".")]
-        return [_Source(n, storage.read_bytes(join(uri, n))) for n in names]
-    root = Path(uri).expanduser()
-    if not root.is_dir():
-        raise IngestError(field, uri, {str(root): "folder does not exist"})
-    return [_Source(str(p.relative_to(root)), p.read_bytes())
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+        sized = [(n, size) for n, size in storage.sizes(uri) if not Path(n).name.startswith(".")]
+        read = lambda name: storage.read_bytes(join(uri, name))  # noqa: E731
+    else:
+        root = Path(uri).expanduser()
+        if not root.is_dir():
+            raise IngestError(field, uri, {str(root): "folder does not exist"})
+        files = [p for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+        sized = [(str(p.relative_to(root)), p.stat().st_size) for p in files]
+        read = lambda name: (root / name).read_bytes()  # noqa: E731
+    if len(sized) > max_files:
+        raise IngestError(field, uri, {"<folder>": f"{len(sized)} files, at most {max_files} allowed"})
+    total = sum(size for _, size in sized)
+    if total > max_bytes:
+        raise IngestError(field, uri, {"<folder>": f"{total} bytes in total, at most {max_bytes} allowed"})
+    return [_Source(name, read(name)) for name, _ in sized]
+
+
+def _decode(data: bytes) -> Image.Image:
+    """Decode one file's bytes as JPEG/PNG/WebP; raises ``_Refused`` saying why not."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; here that is an error too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as probe:
+                probe.verify()  # catches truncated / corrupt data without decoding twice later
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            img.load()
+    except UnidentifiedImageError:
+        raise _Refused("content is not a JPEG, PNG or WebP image (whatever its name says)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _Refused(f"too many pixels: over the {limit} pixel limit (Image.MAX_IMAGE_PIXELS)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _Refused(f"corrupt or unreadable image ({type(exc).__name__})") from None
+    return img
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    """Width and height once EXIF orientation is applied; ``_Refused`` for malformed EXIF."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": the tag is skipped
+            return ImageOps.exif_transpose(img).size
+    except Exception as exc:  # Pillow's EXIF parser raises many types (ValueError, struct.error, ...)
+        raise _Refused(f"malformed EXIF data ({type(exc).__name__}: {str(exc)[:80]})") from None
+
+
+class _Refused(Exception):
+    """One file's problem, collected into the IngestError."""
 
 
 def load_images(
@@ -85,12 +142,14 @@ def load_images(
     storage: Storage | None = None,
     center_crop: bool = True,
     field: str = "subject.instance_data",
+    max_files: int = MAX_FILES,
+    max_bytes: int = MAX_BYTES,
 ) -> list[Image.Image]:
     """All images under ``uri`` as RGB ``resolution x resolution`` PIL images, sorted by name."""
     if uri == DEMO_URI:
         return [prepare_image(im, resolution, center_crop) for im in demo_images()]
     storage = storage or Storage()
-    sources = _list_sources(storage, uri, field)
+    sources = _list_sources(storage, uri, field, max_files, max_bytes)
     problems: dict[str, str] = {}
     images: list[Image.Image] = []
     minimum = min_image_side(resolution)
@@ -99,15 +158,11 @@ def load_images(
             problems[src.name] = f"not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})"
             continue
         try:
-            with Image.open(io.BytesIO(src.data)) as probe:
-                probe.verify()  # catches truncated / corrupt data without decoding twice later
-            img = Image.open(io.BytesIO(src.data))
-            img.load()
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
-                ValueError) as exc:
-            problems[src.name] = f"corrupt or unreadable image ({type(exc).__name__})"
+            img = _decode(src.data)
+            w, h = _oriented_size(img)
+        except _Refused as why:
+            problems[src.name] = str(why)
             continue
-        w, h = ImageOps.exif_transpose(img).size
         if min(w, h) < minimum:
             problems[src.name] = f"too small: {w}x{h}, shorter side must be >= {minimum} px"
             continue

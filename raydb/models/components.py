@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from raydb.config import ModelConfig
 from raydb.models.tiny import save_tiny_model, tiny_identity
 from raydb.storage import Storage, is_s3
 
-__all__ = ["Components", "resolve_model", "load_components", "load_pipeline", "model_identity"]
+__all__ = ["Components", "resolve_model", "load_components", "load_pipeline", "model_identity",
+           "hub_revision"]
 
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -46,18 +48,27 @@ def _default_cache() -> Path:
 
 
 def _hash_local_dir(path: Path) -> str:
-    """Content key of a local diffusers folder: JSON files in full, weights by size + first MiB."""
+    """Content key of a local diffusers folder: every file's name and full bytes (streamed).
+
+    Hashing only a prefix of each weight file (as before) let two checkpoints that differ past
+    their first MiB share an identity, so an adapter trained on one was accepted by the other.
+    """
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # Every stage resolves the model; re-hash only when a file's size or mtime changed.
+    signature = (str(path.absolute()), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if signature in _HASH_MEMO:
+        return _HASH_MEMO[signature]
     h = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = str(file.relative_to(path))
-        h.update(rel.encode())
-        if file.suffix in {".json", ".txt"}:
-            h.update(file.read_bytes())
-        else:
-            h.update(str(file.stat().st_size).encode())
-            with file.open("rb") as fh:
-                h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
+    for file in files:
+        h.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):  # noqa: B023 - fh is this iteration's
+                h.update(block)
+    _HASH_MEMO[signature] = h.hexdigest()[:16]
+    return _HASH_MEMO[signature]
+
+
+_HASH_MEMO: dict[tuple, str] = {}
 
 
 def model_identity(path: str) -> str:
@@ -107,7 +118,37 @@ def resolve_model(cfg: ModelConfig, storage: Storage, workspace: str) -> tuple[s
         return str(path.resolve()), model_identity(str(path))
     if spec.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model.pretrained: folder {spec} does not exist")
-    return spec, f"hub:{spec}@{cfg.revision or 'main'}"
+    return spec, f"hub:{spec}@{hub_revision(spec, cfg.revision)}"
+
+
+def hub_revision(repo_id: str, revision: str | None) -> str:
+    """The commit SHA a hub ref (branch, tag, or None = ``main``) points to now, when online.
+
+    Branches move, so ``main`` names different weights over time; the identity (and the load, see
+    :func:`_revision_kw`) pins the commit. Offline (``HF_HUB_OFFLINE=1``) or unreachable, the given
+    ref is recorded as such: ``"main (unresolved)"``.
+    """
+    ref = revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", ref):
+        return ref
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return f"{ref} (unresolved)"
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().model_info(repo_id, revision=ref).sha
+    except Exception:  # offline, private without a token, rate-limited: keep the ref, say so
+        return f"{ref} (unresolved)"
+    return sha or f"{ref} (unresolved)"
+
+
+def _revision_kw(cfg: ModelConfig, identity: str) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that load exactly the revision the identity names."""
+    if identity.startswith("hub:"):
+        pinned = identity.rpartition("@")[2]
+        if re.fullmatch(r"[0-9a-f]{40}", pinned):
+            return {"revision": pinned}
+    return {"revision": cfg.revision} if cfg.revision else {}
 
 
 def load_components(
@@ -128,7 +169,7 @@ def load_components(
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path, identity = resolve_model(cfg, storage, workspace)
-    kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
+    kw = _revision_kw(cfg, identity)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
@@ -160,7 +201,7 @@ def load_pipeline(
     from diffusers import StableDiffusionPipeline
 
     path, identity = resolve_model(cfg, storage, workspace)
-    kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
+    kw = _revision_kw(cfg, identity)
     pipe = StableDiffusionPipeline.from_pretrained(
         path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kw
     )

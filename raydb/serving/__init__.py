@@ -32,9 +32,10 @@ def build_application(cfg: RaydbConfig) -> Any:
 
     _warn_if_open(cfg)
     sc = cfg.serve
-    config = with_env_keys(cfg).to_dict()
+    config = with_env_keys(cfg).to_dict()  # keys are read here, once; replicas get digests only
     diffusion = DiffusionDeployment.options(
         num_replicas=sc.num_replicas, max_ongoing_requests=sc.max_ongoing_requests,
+        max_queued_requests=sc.max_queued_requests,
         ray_actor_options={"num_cpus": sc.num_cpus_per_replica, "num_gpus": sc.num_gpus_per_replica},
     ).bind(config)
     # The ingress only awaits the diffusion replicas, so it may hold many requests at once.

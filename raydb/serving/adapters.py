@@ -1,10 +1,16 @@
 """Reading registry adapters safely, and the resident-adapter handle Serve's multiplexer evicts.
 
-Loading is defensive (:func:`read_adapter`): the adapter's ``adapter.json`` must name the replica's
-base model (:class:`AdapterMismatch`, 409), the weights must hash to ``weights_sha256`` and parse as
-safetensors (:class:`AdapterCorrupt`, 500). Pickle-based formats are never read: the weights go
-through ``safetensors.torch.load``. Where the adapter lives once loaded is the engine's business
-(:class:`raydb.serving.slots.SlotPool`: a slot of the batching engine).
+Loading is defensive (:func:`read_adapter`): the adapter's ``adapter.json`` must be
+``diffusers-lora-v1`` and name the replica's base model (:class:`AdapterMismatch`, 409); the weights
+file name is fixed (``pytorch_lora_weights.safetensors``, never taken from the metadata), and the
+weights must hash to ``weights_sha256`` and parse as safetensors (:class:`AdapterCorrupt`, 500).
+Pickle-based formats are never read: the weights go through ``safetensors.torch.load``. Where the
+adapter lives once loaded is the engine's business
+(:class:`raydb.serving.slots.SlotPool`: a slot of the batching engine), which validates an adapter
+*before* it enters Serve's multiplexer (``SlotPool.stage``): the multiplexer evicts before it loads,
+so an adapter failing there would cost a healthy one its slot. Failures are remembered briefly
+(:class:`FailureCache`). Errors carry two messages: ``public`` (generic, for any client: no paths,
+no model identities) and ``str(exc)`` (details, for the log only).
 
 Eviction: Ray Serve's multiplexer drops the least recently used :class:`LoadedAdapter` and calls its
 ``__del__``. A request may still hold that adapter (it got it before the eviction and waits for its
@@ -19,6 +25,9 @@ import json
 import struct
 import sys
 import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,27 +35,69 @@ import torch
 from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS
 from raydb.storage import NotFound, Storage, join
 
-__all__ = ["AdapterError", "AdapterMismatch", "AdapterCorrupt", "AdapterGone", "LoadedAdapter",
-           "read_adapter"]
+__all__ = ["AdapterError", "AdapterMismatch", "AdapterCorrupt", "AdapterGone", "GenerationCancelled",
+           "FailureCache", "LoadedAdapter", "read_adapter"]
+
+FORMAT = "diffusers-lora-v1"
+
 
 class AdapterError(RuntimeError):
-    """An adapter that cannot serve this request; ``status`` is the HTTP status to answer with."""
+    """An adapter that cannot serve this request; ``status`` is the HTTP status to answer with,
+    ``public`` the message a client may see (``str(exc)`` has the details, for the log only)."""
 
     status = 500
+    public = "the subject's adapter cannot be served"
 
 
 class AdapterMismatch(AdapterError):
     status = 409
+    public = "the subject's adapter was trained on a different base model than this server runs"
 
 
 class AdapterCorrupt(AdapterError):
     status = 500
+    public = "the subject's adapter is corrupt (failed validation)"
 
 
 class AdapterGone(AdapterError):
     """The registry lost the version between lookup and load (or the adapter was unloaded)."""
 
     status = 503
+    public = "the subject's adapter is unavailable right now; retry"
+
+
+class GenerationCancelled(RuntimeError):
+    """The denoising loop was stopped: its clients went away or their deadlines passed."""
+
+
+class FailureCache:
+    """Adapter id -> the AdapterError its last load attempt raised, kept for ``ttl_s`` seconds."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic, size: int = 256) -> None:
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.size = size
+        self._errors: OrderedDict[str, tuple[float, AdapterError]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, adapter_id: str) -> AdapterError | None:
+        with self._lock:
+            hit = self._errors.get(adapter_id)
+            if hit is None:
+                return None
+            if self.clock() >= hit[0]:
+                del self._errors[adapter_id]
+                return None
+            return hit[1]
+
+    def put(self, adapter_id: str, error: AdapterError) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            self._errors[adapter_id] = (self.clock() + self.ttl_s, error)
+            self._errors.move_to_end(adapter_id)
+            while len(self._errors) > self.size:
+                self._errors.popitem(last=False)
 
 
 class LoadedAdapter:
@@ -61,6 +112,7 @@ class LoadedAdapter:
         self.slot = slot
         self.subject_id = subject_id
         self.version = version
+        self.adapter_id = f"{subject_id}@{version}"
         self.metadata = meta
         self.loaded = True
         self._users = 0
@@ -93,6 +145,8 @@ class LoadedAdapter:
         with self._state:
             self._evicted = True
             drop = self._take_unload()
+        if hasattr(self.pool, "evicted"):
+            self.pool.evicted(self)
         if drop:
             self.pool.unload(self)
 
@@ -110,12 +164,18 @@ def read_adapter(
 
     try:
         meta = storage.read_json(join(version_uri, ADAPTER_META))
-        data = storage.read_bytes(join(version_uri, meta.get("weights", ADAPTER_WEIGHTS)))
+        if not isinstance(meta, dict):
+            raise ValueError("adapter.json is not an object")
+        named = meta.get("weights", ADAPTER_WEIGHTS)
+        if meta.get("format", FORMAT) != FORMAT or named != ADAPTER_WEIGHTS:
+            raise AdapterCorrupt(f"adapter.json: unsupported format {meta.get('format')!r} or weights "
+                                 f"file {named!r} (expected {FORMAT}, {ADAPTER_WEIGHTS})")
+        data = storage.read_bytes(join(version_uri, ADAPTER_WEIGHTS))
     except NotFound as exc:
         raise AdapterGone(f"adapter files missing: {exc}") from None
     except ValueError as exc:  # adapter.json that is not JSON
         raise AdapterCorrupt(f"adapter.json is unreadable: {exc}") from None
-    base = meta.get("base_model", {}).get("identity")
+    base = (meta.get("base_model") or {}).get("identity")
     if base != identity:
         raise AdapterMismatch(f"adapter was trained on base model {base!r}, this server runs {identity!r}")
     expected = meta.get("weights_sha256")

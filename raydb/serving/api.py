@@ -22,6 +22,7 @@ from raydb.config import ServeConfig
 from raydb.instance_token import ensure_token
 
 __all__ = [
+    "MAX_TEXT_CHARS",
     "GenerateRequest",
     "GenerateParams",
     "RequestError",
@@ -32,14 +33,21 @@ __all__ = [
 ]
 
 
+MAX_TEXT_CHARS = 4096  # hard ceiling on any text field, whatever serve.max_prompt_chars says
+
+
 class GenerateRequest(BaseModel):
-    """Body of ``POST /v1/generate``; unknown keys are rejected."""
+    """Body of ``POST /v1/generate``; unknown keys are rejected.
+
+    Every string has a ``max_length``, so pydantic stops at the ceiling; the configured (smaller)
+    ``serve.max_prompt_chars`` is checked by :func:`validate_generate` with a friendlier message.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     subject_id: str = Field(min_length=1, max_length=64)
-    prompt: str = Field(min_length=1)
-    negative_prompt: str | None = None
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    negative_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float = Field(7.5, ge=0.0, le=50.0)
     seed: int | None = Field(None, ge=0, lt=2**63)

@@ -1,14 +1,24 @@
 """The two Ray Serve deployments: an HTTP ingress and the diffusion replicas behind it.
 
-``RaydbIngress`` (FastAPI) authenticates the caller, resolves the subject in the registry for the
-caller's tenant, validates the body against the configured limits and forwards to ``RaydbDiffusion``
-with ``multiplexed_model_id="<subject>@<version>"``, so Serve routes the request to a replica that
-already holds that adapter when one does. Each diffusion replica loads the base pipeline once and
-keeps up to ``serve.max_num_models_per_replica`` adapters resident (``@serve.multiplexed``, LRU).
+``RaydbIngress`` (FastAPI) authenticates the caller, admits the request against its tenant's limits
+(:mod:`raydb.serving.limits`: concurrency cap and token bucket, 429 + ``Retry-After``), reads the
+body up to ``serve.max_body_bytes`` (413 beyond), resolves the subject in the registry for the
+caller's tenant, validates the body against the configured limits and forwards to
+``RaydbDiffusion`` with ``multiplexed_model_id="<subject>@<version>"``, so Serve routes the request
+to a replica that already holds that adapter when one does. Each diffusion replica loads the base
+pipeline once and keeps up to ``serve.max_num_models_per_replica`` adapters resident
+(``@serve.multiplexed``, LRU); a new adapter is validated *before* it enters that cache, so a bad one
+never evicts a good one.
+
+Bounded requests: the replica queue is bounded (``serve.max_queued_requests``, 503 beyond); a
+request gets ``serve.request_timeout_s`` (504 after); when the client disconnects or the deadline
+passes the denoising loop stops at its next step (the pipeline's step callback), so an abandoned
+request does not hold the replica.
 
 Both deployments get the whole config as a plain dict and re-validate it; nothing reaches a replica
-through module globals. Replica-side failures come back as ``{"error": {"status", "detail"}}`` so
-one subject's broken adapter fails only that subject's requests.
+through module globals or its environment (API keys arrive as digests in the config, folded in
+where the app is built). Replica-side failures come back as ``{"error": {"status", "detail"}}`` with
+a generic ``detail``; the specifics (paths, model identities) go to the replica's log only.
 
 No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` annotation on
 the ingress methods, which Serve re-wraps.
@@ -18,20 +28,30 @@ import asyncio
 import base64
 import json
 import logging
+import threading
+import time
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from raydb.config import RaydbConfig
-from raydb.registry import version_uri
-from raydb.serving.adapters import AdapterError, AdapterGone, LoadedAdapter
+from raydb.registry import migrate_registry, version_uri
+from raydb.serving.adapters import AdapterError, AdapterGone, GenerationCancelled, LoadedAdapter
 from raydb.serving.api import GenerateRequest, RequestError, validate_generate, validation_detail
 from raydb.serving.auth import KeyRing, key_from_headers
 from raydb.serving.batcher import ShapeBatcher
 from raydb.serving.engine import DiffusionEngine, EngineRequest
+from raydb.serving.limits import (
+    BodyTooLarge,
+    TenantLimiter,
+    TooManyRequests,
+    read_body_capped,
+)
 from raydb.serving.slots import SlotPool
 from raydb.serving.subjects import (
     SubjectNotFound,
@@ -46,7 +66,10 @@ __all__ = ["DiffusionDeployment", "IngressDeployment", "http_app"]
 
 logger = logging.getLogger("ray.serve")
 
-http_app = FastAPI(title="raydb", description="DreamBooth-LoRA subjects over HTTP (see docs/serving.md).")
+# FastAPI's own /docs, /redoc and /openapi.json are off: the ingress serves them behind the API key
+# when serve.docs is true.
+http_app = FastAPI(title="raydb", description="DreamBooth-LoRA subjects over HTTP (see docs/serving.md).",
+                   docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @serve.deployment(name="RaydbDiffusion")
@@ -77,7 +100,8 @@ class DiffusionDeployment:
             text_encoder_targets=self.cfg.lora.text_encoder_target_modules)
         if sc.compile != "off":
             self.engine.compile_unet(mode=sc.compile)
-        self.pool = SlotPool(self.engine)
+        self.pool = SlotPool(self.engine, failure_ttl_s=sc.adapter_failure_ttl_s)
+        self.in_flight = self.peak_in_flight = self.cancelled = 0
         self.batcher = ShapeBatcher(self.engine.run_batch, key=lambda r: self.engine.key(r.params),
                                     max_batch_size=sc.max_batch_size, wait_s=sc.batch_wait_ms / 1000)
 
@@ -90,53 +114,92 @@ class DiffusionDeployment:
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=sc.max_num_models_per_replica)(
             load_adapter)
 
+    async def _adapter(self, adapter_id: str) -> LoadedAdapter:
+        """The resident adapter, validated (and staged) first when it is not resident yet: the
+        multiplexer evicts before it loads, so only a valid adapter may reach it."""
+        subject_id, version = parse_model_id(adapter_id)
+        if not self.pool.is_resident(adapter_id):
+            uri = version_uri(self.cfg.workspace, subject_id, version)
+            await asyncio.to_thread(self.pool.stage, self.storage, uri, adapter_id)
+        return await self._get_adapter(adapter_id)
+
     async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
         """``{"images": [png bytes], "width", "height", "base_model"}`` or ``{"error": {status, detail}}``.
 
         Without a multiplexed model id the base model samples (used by tests and benchmarks only;
-        the HTTP API always names a subject).
+        the HTTP API always names a subject). A request whose client went away (Serve cancels it) or
+        whose deadline passed asks its batch to stop; a batch stops when all its requests ask.
         """
         adapter_id = serve.get_multiplexed_model_id()
         adapter: LoadedAdapter | None = None
+        stop = threading.Event()
+        deadline = time.monotonic() + self.cfg.serve.request_timeout_s
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             if adapter_id:
-                adapter = await self._get_adapter(adapter_id)
+                adapter = await self._adapter(adapter_id)
                 adapter.acquire()  # before any await: eviction now waits for this request
             try:
                 if adapter is not None and not adapter.loaded:
                     raise AdapterGone("adapter was unloaded; retry the request")
-                result = await self.batcher.submit(EngineRequest(params, adapter.slot if adapter else None))
+                request = EngineRequest(params, adapter.slot if adapter else None,
+                                        should_stop=lambda: stop.is_set() or time.monotonic() > deadline)
+                result = await self.batcher.submit(request)
             finally:
                 if adapter is not None and adapter.release():
                     await asyncio.to_thread(self.pool.unload, adapter)
+        except GenerationCancelled as exc:
+            self.cancelled += 1
+            logger.info("request for %s stopped: %s", adapter_id or "base model", exc)
+            return {"error": {"status": 504, "detail": "the request ran past its time limit"}}
+        except asyncio.CancelledError:
+            stop.set()  # the client went away: its batch stops at the next step if it was the last
+            self.cancelled += 1
+            raise
         except AdapterError as exc:
             logger.warning("adapter %s failed: %s", adapter_id, exc)
-            return {"error": {"status": exc.status, "detail": str(exc)}}
+            return {"error": {"status": exc.status, "detail": exc.public}}
         except ValueError as exc:  # bad adapter id
-            return {"error": {"status": 400, "detail": str(exc)}}
+            logger.warning("bad adapter id %r: %s", adapter_id, exc)
+            return {"error": {"status": 400, "detail": "bad adapter id"}}
+        finally:
+            self.in_flight -= 1
         return result | {"base_model": self.pool.identity}
 
     def stats(self) -> dict[str, Any]:
-        """Resident adapters, load/unload and UNet-forward counters, batches run (tests, benchmarks)."""
-        return self.pool.stats() | {"batches": list(self.batcher.batches)}
+        """Resident adapters, load/unload and UNet-forward counters, batches run, request counters
+        (tests, benchmarks)."""
+        return self.pool.stats() | {"batches": list(self.batcher.batches), "cancelled": self.cancelled,
+                                    "peak_in_flight": self.peak_in_flight}
+
+    def reset_peak(self) -> None:
+        """Start a new ``peak_in_flight`` measurement."""
+        self.peak_in_flight = self.in_flight
 
 
 @serve.deployment(name="RaydbIngress")
 @serve.ingress(http_app)
 class IngressDeployment:
-    """``POST /v1/generate``, ``GET /v1/subjects``, ``GET /healthz``."""
+    """``POST /v1/generate``, ``GET /v1/subjects``, ``GET /healthz`` (and, with serve.docs, the docs)."""
 
     def __init__(self, config: dict[str, Any], diffusion: DeploymentHandle) -> None:
         self.cfg = RaydbConfig.model_validate(config)
+        sc = self.cfg.serve
         self.storage = Storage(self.cfg.s3_endpoint_url)
         self.diffusion = diffusion
-        self.keys = KeyRing.from_config(self.cfg.serve) if self.cfg.serve.auth == "api_key" else None
+        # digests only, folded in where the app was built: this replica never reads keys from its env
+        self.keys = KeyRing(sc.api_keys) if sc.auth == "api_key" else None
+        self.limiter = TenantLimiter(sc.tenant_max_concurrent, sc.tenant_rate_per_s, sc.tenant_burst)
         if self.keys is None:
             logger.warning("raydb serve: authentication is OFF (serve.auth=none); every caller sees "
                            "every tenant's subjects. Use only on a trusted local machine.")
         elif not len(self.keys):
-            logger.warning("raydb serve: no API keys configured (serve.api_keys or $%s); every request "
-                           "will get 401", self.cfg.serve.api_keys_env)
+            logger.warning("raydb serve: no API keys configured (serve.api_keys, serve.api_keys_file or "
+                           "$%s where the app is built); every request will get 401", sc.api_keys_env)
+        migrated = migrate_registry(self.storage, self.cfg.workspace)
+        if migrated:
+            logger.info("raydb serve: gave %d pre-ownership subjects their owner records", migrated)
 
     def _tenant(self, request: Request) -> str | None:
         """The caller's tenant (None: auth is off); 401 for a missing or unknown key."""
@@ -152,6 +215,20 @@ class IngressDeployment:
     def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
+    @http_app.get("/openapi.json", include_in_schema=False)
+    def openapi(self, request: Request) -> dict[str, Any]:
+        if not self.cfg.serve.docs:
+            raise HTTPException(404, "Not Found")
+        self._tenant(request)
+        return http_app.openapi()
+
+    @http_app.get("/docs", include_in_schema=False)
+    def docs(self, request: Request) -> Response:
+        if not self.cfg.serve.docs:
+            raise HTTPException(404, "Not Found")
+        self._tenant(request)
+        return get_swagger_ui_html(openapi_url="openapi.json", title="raydb")
+
     @http_app.get("/v1/subjects")
     async def subjects(self, request: Request) -> dict[str, Any]:
         tenant = self._tenant(request)
@@ -160,9 +237,22 @@ class IngressDeployment:
 
     @http_app.post("/v1/generate")
     async def generate(self, request: Request) -> Response:
-        tenant = self._tenant(request)  # before parsing: unauthenticated callers learn nothing
+        tenant = self._tenant(request)  # before reading the body: unauthenticated callers learn nothing
         try:
-            req = GenerateRequest.model_validate_json(await request.body())
+            with self.limiter.admit(tenant or ""):
+                return await self._generate(request, tenant)
+        except TooManyRequests as exc:
+            raise HTTPException(429, f"too many requests: {exc.reason}",
+                                headers={"Retry-After": str(exc.retry_after)}) from None
+
+    async def _generate(self, request: Request, tenant: str | None) -> Response:
+        sc = self.cfg.serve
+        try:
+            body = await read_body_capped(request.headers, request.stream(), sc.max_body_bytes)
+        except BodyTooLarge as exc:
+            raise HTTPException(413, str(exc)) from None
+        try:
+            req = GenerateRequest.model_validate_json(body)
         except ValidationError as exc:
             raise HTTPException(422, validation_detail(exc)) from None
         try:
@@ -171,16 +261,14 @@ class IngressDeployment:
         except SubjectNotFound as exc:
             raise HTTPException(404, str(exc)) from None
         try:
-            params = validate_generate(req, self.cfg.serve, subject.metadata)
+            params = validate_generate(req, sc, subject.metadata)
         except RequestError as exc:
             raise HTTPException(422, exc.detail()) from None
         want_png = "image/png" in request.headers.get("accept", "")
         if want_png and params.num_images != 1:
             raise HTTPException(422, RequestError("num_images", "Accept: image/png returns one image; "
                                                   "use application/json for more").detail())
-        result = await self.diffusion.options(
-            multiplexed_model_id=model_id(subject.subject_id, subject.version)
-        ).generate.remote(params.model_dump())
+        result = await self._call_replica(subject.subject_id, subject.version, params.model_dump())
         if "error" in result:
             raise HTTPException(result["error"]["status"],
                                 f"subject {subject.subject_id!r}: {result['error']['detail']}")
@@ -193,3 +281,24 @@ class IngressDeployment:
                 "X-Raydb-Seed": str(params.seed), "X-Raydb-Adapter-Version": subject.version})
         body = used | {"images": [base64.b64encode(png).decode("ascii") for png in result["images"]]}
         return Response(json.dumps(body), media_type="application/json")
+
+    async def _call_replica(self, subject_id: str, version: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The replica's answer within ``serve.request_timeout_s``; the replica request is cancelled
+        (its denoising loop stops) on timeout and when this request is cancelled (client gone)."""
+        response = self.diffusion.options(multiplexed_model_id=model_id(subject_id, version)).generate.remote(
+            params)
+
+        async def answer() -> dict[str, Any]:
+            return await response
+
+        try:
+            return await asyncio.wait_for(answer(), timeout=self.cfg.serve.request_timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise HTTPException(504, "the request ran past its time limit") from None
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except BackPressureError:
+            raise HTTPException(503, "the server is at capacity; retry",
+                                headers={"Retry-After": "1"}) from None

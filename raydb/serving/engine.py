@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from raydb.config import LoraConfig
+from raydb.serving.adapters import GenerationCancelled
 from raydb.serving.multi_lora import (
     AdapterTooLarge,
     AdapterUnsupported,
@@ -54,6 +56,7 @@ class EngineRequest:
 
     params: dict[str, Any]
     slot: int | None = None
+    should_stop: Callable[[], bool] | None = None  # client gone / deadline passed (polled per step)
 
 
 def shape_key(params: dict[str, Any], scheduler: str, native_size: int) -> tuple:
@@ -184,6 +187,9 @@ class DiffusionEngine:
                         noise_uncond, noise_cond = noise.chunk(2)
                         noise = noise_uncond + guidance * (noise_cond - noise_uncond)
                     latents = scheduler.step(noise, t, latents, **step_kw, return_dict=False)[0]
+                    if all(r.should_stop is not None and r.should_stop() for r in requests):
+                        raise GenerationCancelled(f"all {len(requests)} requests of the batch stopped "
+                                                  "(clients gone or deadlines passed)")
         return latents
 
     @staticmethod

@@ -11,9 +11,11 @@ batch of evicted-but-in-use adapters — and a load that still finds every slot 
 from __future__ import annotations
 
 import threading
+import weakref
+from collections import OrderedDict
 from typing import Any
 
-from raydb.serving.adapters import AdapterGone, LoadedAdapter, read_adapter
+from raydb.serving.adapters import AdapterError, AdapterGone, FailureCache, LoadedAdapter, read_adapter
 from raydb.serving.engine import DiffusionEngine
 from raydb.serving.multi_lora import parse_adapter
 from raydb.storage import Storage
@@ -24,21 +26,58 @@ __all__ = ["SlotPool"]
 class SlotPool:
     """Adapters resident in a :class:`DiffusionEngine`'s slots; what Serve's multiplexer loads and evicts."""
 
-    def __init__(self, engine: DiffusionEngine, wait_s: float = 60.0) -> None:
+    def __init__(self, engine: DiffusionEngine, wait_s: float = 60.0, failure_ttl_s: float = 10.0) -> None:
         self.engine = engine
         self.identity = engine.identity
         self.wait_s = wait_s
+        self.failures = FailureCache(failure_ttl_s)
+        self._staged: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self._live: weakref.WeakValueDictionary[str, LoadedAdapter] = weakref.WeakValueDictionary()
         self._free = list(range(engine.num_slots))
         self._used: dict[int, LoadedAdapter] = {}
         self._changed = threading.Condition()
         self.loads = 0
         self.unloads = 0
 
-    def load(self, storage: Storage, version_uri: str, subject_id: str, version: str) -> LoadedAdapter:
-        """Read, verify and copy an adapter into a free slot (refused before any slot is touched)."""
+    def _verified(self, storage: Storage, version_uri: str) -> tuple[Any, Any]:
+        """``(adapter.json, parsed LoRA)`` of an adapter the engine can hold; AdapterError if not."""
         meta, state, lora_config = read_adapter(storage, version_uri, self.identity)
         parsed = parse_adapter(state, lora_config)
         self.engine.check_adapter(parsed)
+        return meta, parsed
+
+    def is_resident(self, adapter_id: str) -> bool:
+        """Whether the multiplexer holds ``adapter_id`` (loaded and not evicted)."""
+        with self._changed:
+            return adapter_id in self._live
+
+    def stage(self, storage: Storage, version_uri: str, adapter_id: str) -> None:
+        """Validate an adapter *before* it enters the multiplexer (which evicts before it loads);
+        :meth:`load` then uses it. Raises the (possibly cached) AdapterError, evicting nothing."""
+        cached = self.failures.get(adapter_id)
+        if cached is not None:
+            raise cached
+        try:
+            staged = self._verified(storage, version_uri)
+        except AdapterError as exc:
+            self.failures.put(adapter_id, exc)
+            raise
+        with self._changed:
+            self._staged[adapter_id] = staged
+            while len(self._staged) > 4:  # requests racing for new adapters: keep a few, not all
+                self._staged.popitem(last=False)
+
+    def evicted(self, adapter: LoadedAdapter) -> None:
+        """The multiplexer let ``adapter`` go: the next request for its id is staged again."""
+        with self._changed:
+            if self._live.get(adapter.adapter_id) is adapter:
+                del self._live[adapter.adapter_id]
+
+    def load(self, storage: Storage, version_uri: str, subject_id: str, version: str) -> LoadedAdapter:
+        """Copy a verified adapter (staged, else read and verified here) into a free slot."""
+        with self._changed:
+            staged = self._staged.pop(f"{subject_id}@{version}", None)
+        meta, parsed = staged or self._verified(storage, version_uri)
         with self._changed:
             if not self._changed.wait_for(lambda: self._free, timeout=self.wait_s):
                 raise AdapterGone(f"no free adapter slot within {self.wait_s:.0f}s "
@@ -52,6 +91,7 @@ class SlotPool:
         adapter = LoadedAdapter(self, f"slot{slot}", subject_id, version, meta, slot=slot)
         with self._changed:
             self._used[slot] = adapter
+            self._live[adapter.adapter_id] = adapter
             self.loads += 1
         return adapter
 

@@ -1,24 +1,27 @@
 """Which subjects a tenant may see, read from the registry on every request.
 
-Every adapter records its owner in ``adapter.json`` (``subject.tenant``). A subject owned by another
-tenant is reported exactly like a missing one (:class:`SubjectNotFound`, served as 404), so subject ids
-of other tenants do not leak. ``tenant=None`` means authentication is off: every subject is visible.
+A subject id belongs to the tenant that first registered it (the registry's owner record, see
+:mod:`raydb.registry`) — not to whoever registered its latest version. A subject owned by another
+tenant is reported exactly like a missing one (:class:`SubjectNotFound`, served as 404), so subject
+ids of other tenants do not leak. ``tenant=None`` means authentication is off: every subject is
+visible. A tenant's listing reads only that tenant's subjects (the registry's per-tenant index).
 """
 
 from __future__ import annotations
 
-import re
+import logging
 from dataclasses import dataclass
 from typing import Any
 
-from raydb.ids import check_safe_id
-from raydb.registry import ADAPTER_META, latest_version, list_subjects
-from raydb.storage import NotFound, Storage, join
+from raydb.ids import check_safe_id, is_version
+from raydb.registry import ADAPTER_META, latest_version, list_subjects, subject_owner
+from raydb.storage import NotFound, Storage, StorageError, join
 
 __all__ = ["SubjectNotFound", "SubjectVersion", "find_subject", "tenant_subjects", "model_id",
            "parse_model_id"]
 
-_VERSION = re.compile(r"^v\d{4,}$")
+logger = logging.getLogger(__name__)
+
 
 
 class SubjectNotFound(LookupError):
@@ -49,36 +52,41 @@ def model_id(subject_id: str, version: str) -> str:
 def parse_model_id(value: str) -> tuple[str, str]:
     """``"alice@v0001"`` -> ``("alice", "v0001")``; ValueError for anything else (no path tricks)."""
     subject_id, sep, version = value.partition("@")
-    if not sep or not _VERSION.match(version):
+    if not sep or not is_version(version):
         raise ValueError(f"bad adapter id {value!r} (expected <subject>@vNNNN)")
     return check_safe_id(subject_id), version
 
 
 def find_subject(storage: Storage, workspace: str, subject_id: str, tenant: str | None) -> SubjectVersion:
-    """The latest version of ``subject_id`` if ``tenant`` owns it (any tenant when None)."""
+    """The latest version of ``subject_id`` if ``tenant`` owns it (any tenant when None).
+
+    Ownership is checked before the subject's versions are read. Unreadable registry entries are
+    logged and reported as not found (never a 500, never details to the client).
+    """
     try:
         check_safe_id(subject_id)
+        owner = subject_owner(storage, workspace, subject_id)
+        if owner is None or (tenant is not None and owner != tenant):
+            raise SubjectNotFound(f"unknown subject {subject_id!r}")
         latest = latest_version(storage, workspace, subject_id)
         meta = storage.read_json(join(latest["uri"], ADAPTER_META))
     except (ValueError, NotFound):
         raise SubjectNotFound(f"unknown subject {subject_id!r}") from None
-    found = SubjectVersion(subject_id, latest["version"], latest["uri"], meta)
-    if tenant is not None and found.tenant != tenant:
-        raise SubjectNotFound(f"unknown subject {subject_id!r}")
-    return found
+    except StorageError as exc:
+        logger.warning("registry entry of subject %r is unreadable: %s", subject_id, exc)
+        raise SubjectNotFound(f"unknown subject {subject_id!r}") from None
+    return SubjectVersion(subject_id, latest["version"], latest["uri"], meta)
 
 
 def tenant_subjects(storage: Storage, workspace: str, tenant: str | None) -> list[dict[str, Any]]:
     """``GET /v1/subjects`` rows for ``tenant``: id, versions and the adapter's public metadata."""
     rows = []
-    for sid, entry in sorted(list_subjects(storage, workspace).items()):
+    for sid, entry in sorted(list_subjects(storage, workspace, tenant).items()):
         meta = entry["metadata"]
         subject = meta.get("subject", {})
-        if tenant is not None and subject.get("tenant") != tenant:
-            continue
         rows.append({
             "subject_id": sid,
-            "tenant": subject.get("tenant"),
+            "tenant": tenant or subject.get("tenant"),
             "latest_version": entry["latest"]["version"],
             "versions": entry["versions"],
             "registered_at": entry["latest"].get("registered_at"),

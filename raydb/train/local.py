@@ -22,6 +22,7 @@ from raydb.config import RaydbConfig
 from raydb.data.ingest import load_images
 from raydb.encode.encoders import add_flips, encode_images, encode_prompts, images_to_tensor, tokenize
 from raydb.models.components import Components, load_components
+from raydb.registry import claim_subject
 from raydb.storage import Storage, join
 from raydb.train.data import TrainingData, training_data
 from raydb.train.engine import TrainEngine, engine_compile_cache
@@ -81,6 +82,8 @@ def train_subject(
     from tqdm.auto import tqdm
 
     storage = storage or Storage(cfg.s3_endpoint_url)
+    if register:  # a subject id owned by another tenant fails now, not after training
+        claim_subject(storage, cfg.workspace, cfg.subject.id, cfg.subject.tenant)
     tc = cfg.train
     run = run_uri(cfg)
     finished = finished_adapter(cfg, storage) if resume else None

@@ -24,6 +24,7 @@ import torch
 from raydb import faults
 from raydb.config import RaydbConfig
 from raydb.encode.cache import EncodedCache
+from raydb.registry import claim_subject
 from raydb.storage import Storage, is_s3, join
 
 __all__ = ["train_distributed", "build_trainer", "train_loop_per_worker", "resolve_use_gpu"]
@@ -212,6 +213,8 @@ def train_distributed(cfg: RaydbConfig, storage: Storage | None = None, *, regis
     from raydb.train.rundir import RESULT, finished_adapter, run_uri
 
     storage = storage or Storage(cfg.s3_endpoint_url)
+    if register:  # a subject id owned by another tenant fails now, not after training
+        claim_subject(storage, cfg.workspace, cfg.subject.id, cfg.subject.tenant)
     if not resume:
         storage.delete(run_uri(cfg), recursive=True)
     finished = finished_adapter(cfg, storage)

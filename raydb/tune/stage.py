@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 from raydb.config import RaydbConfig, SearchSpace
+from raydb.registry import claim_subject
 from raydb.storage import Storage, is_s3, join
 from raydb.tune.results import last_validation, trial_config, trial_rows, trials_png, write_csv
 
@@ -95,6 +96,8 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool
     if cfg.tune is None:
         raise ValueError("tune: the config has no tune section")
     storage = storage or Storage(cfg.s3_endpoint_url)
+    if register:  # a subject id owned by another tenant fails now, not after training
+        claim_subject(storage, cfg.workspace, cfg.subject.id, cfg.subject.tenant)
     tc = cfg.tune
     cache, _ = prepare_encoded(cfg, storage, with_holdout=True)
     out = tune_uri(cfg)

@@ -1,0 +1,62 @@
+"""Model identity (issue 18): full-content hashes for local folders, hub refs pinned to commits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from raydb.config import ModelConfig
+from raydb.models.components import hub_revision, model_identity, resolve_model
+from raydb.storage import Storage
+
+
+def _model(root: Path, weights: bytes) -> Path:
+    (root / "unet").mkdir(parents=True)
+    (root / "model_index.json").write_text("{}")
+    (root / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(weights)
+    return root
+
+
+def test_identity_covers_every_byte_of_the_weights(tmp_path):
+    weights = bytes(range(256)) * (3 * 4096)  # 3 MiB
+    changed = bytearray(weights)
+    changed[-1] ^= 1  # same size, same first MiB, different weights
+    a, b = _model(tmp_path / "a", weights), _model(tmp_path / "b", bytes(changed))
+    assert model_identity(str(a)) != model_identity(str(b))
+    assert model_identity(str(a)) == model_identity(str(_model(tmp_path / "c", weights)))
+
+
+def test_hub_refs_resolve_to_commits_online_and_say_so_offline(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    asked = []
+
+    def model_info(self, repo_id, revision=None, **kw):
+        asked.append((repo_id, revision))
+        return SimpleNamespace(sha=sha)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert hub_revision("org/model", None) == sha and asked == [("org/model", "main")]
+    _, identity = resolve_model(ModelConfig(pretrained="org/model"), Storage(), str(tmp_path))
+    assert identity == f"hub:org/model@{sha}"
+    assert hub_revision("org/model", sha) == sha and len(asked) == 2  # a commit needs no lookup
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_revision("org/model", "v1.0") == "v1.0 (unresolved)" and len(asked) == 2
+    _, identity = resolve_model(ModelConfig(pretrained="org/model"), Storage(), str(tmp_path))
+    assert identity == "hub:org/model@main (unresolved)"
+
+
+@pytest.mark.parametrize("error", [OSError("offline"), RuntimeError("401")])
+def test_unreachable_hub_keeps_the_ref(monkeypatch, error):
+    import huggingface_hub
+
+    def model_info(self, repo_id, revision=None, **kw):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert hub_revision("org/model", "main") == "main (unresolved)"

@@ -174,6 +174,11 @@ class TrainConfig(_Strict):
         "blocks (shorter compile); validation and samples stay eager under 'full'.")
     compile_backend: str = Field("inductor", min_length=1,
                                  description="torch.compile backend (see torch._dynamo.list_backends()).")
+    compile_cache: bool = Field(
+        False, description="Keep torch.compile's artifacts in <workspace>/compile-cache so the next "
+        "subject on the same base model, GPU and shapes starts warm. Off by default: torch "
+        "deserializes these artifacts with pickle, so turn it on only for a workspace that only "
+        "trusted jobs can write (raydb otherwise never unpickles anything from storage).")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="Run each training step as captured CUDA graphs (forward, backward, "
         "clipping, fused AdamW) after a few eager warm-up steps, removing per-kernel host "

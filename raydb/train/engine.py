@@ -9,8 +9,9 @@ Both loops (``train/local.py`` in one process, ``train/stage.py`` in each Ray Tr
 * the update is ``GraphStep`` (captured CUDA graphs) when ``train.cuda_graphs`` resolves on — the
   graph path replaces DDP's hooks by one explicit all-reduce of the flat gradient buffer — and
   today's ``optimizer_step`` (through the DDP wrapper when there is one) otherwise;
-* with ``train.compile`` set, the workspace compile cache (``compile_cache.py``) is loaded before
-  the first step and saved after the first ``SAVE_AFTER`` steps of a cold run.
+* with ``train.compile`` and ``train.compile_cache`` set, the workspace compile cache
+  (``compile_cache.py``) is loaded before the first step and saved after the first ``SAVE_AFTER``
+  steps of a cold run. It is opt-in because torch deserializes its artifacts with pickle.
 
 Validation and sampling stay eager: they call ``state.unet`` outside any graph.
 """
@@ -70,7 +71,9 @@ class TrainEngine:
             rank=rank, world_size=world_size)
         self.graph_step = GraphStep(state, cfg, capture=True, world_size=world_size,
                                     **self.kw) if self.graphs else None
-        self.compile_cache = compile_cache if cfg.train.compile != "off" else None
+        # opt-in (train.compile_cache): torch unpickles its artifacts
+        use_cache = cfg.train.compile != "off" and cfg.train.compile_cache
+        self.compile_cache = compile_cache if use_cache else None
         if self.compile_cache is not None:
             self.compile_cache.load()
         self._steps = 0

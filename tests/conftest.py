@@ -67,6 +67,13 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> str:
+    from raydb.models.tiny_sdxl import save_tiny_sdxl_model
+
+    return str(save_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl") / "model"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -78,13 +78,16 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges
 
 
-def build_tiny_tokenizer(model_max_length: int = 77):
-    """A CLIPTokenizer whose byte-level BPE vocabulary is built in code (no download)."""
+def build_tiny_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A CLIPTokenizer whose byte-level BPE vocabulary is built in code (no download).
+
+    ``pad_token="!"`` gives SDXL's second tokenizer (open_clip pads with token 0, "!").
+    """
     from transformers import CLIPTokenizer
 
     vocab, merges = _vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges,
-                         model_max_length=model_max_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length,
+                         pad_token=pad_token)
 
 
 def save_tiny_model(path: str | Path) -> Path:

@@ -20,16 +20,20 @@ from peft import inject_adapter_in_model
 from raydb.config import LoraConfig
 from raydb.registry import ADAPTER_WEIGHTS
 
-__all__ = ["add_lora", "trainable_parameters", "lora_state_dicts", "save_lora", "load_lora_state"]
+__all__ = ["add_lora", "trainable_parameters", "lora_state_dicts", "save_lora", "load_lora_state",
+           "canonical_header", "read_safetensors_header"]
 
 
 def add_lora(
-    unet: torch.nn.Module, cfg: LoraConfig, text_encoder: torch.nn.Module | None = None
+    unet: torch.nn.Module, cfg: LoraConfig, text_encoder: torch.nn.Module | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> list[torch.nn.Parameter]:
     """Inject LoRA layers; return the trainable parameters. Base weights stay frozen.
 
-    The LoRA parameters are fp32 master weights whatever the base dtype (fp16/bf16 under mixed
-    precision), except over a float64 base (``train.dtype``), where they are float64 too.
+    With ``lora.train_text_encoder`` every given text encoder gets LoRA layers too (SDXL passes
+    its second encoder as ``text_encoder_2``). The LoRA parameters are fp32 master weights
+    whatever the base dtype (fp16/bf16 under mixed precision), except over a float64 base
+    (``train.dtype``), where they are float64 too.
     """
     master = torch.float64 if next(unet.parameters()).dtype == torch.float64 else torch.float32
     unet.requires_grad_(False)
@@ -37,17 +41,19 @@ def add_lora(
         r=cfg.rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.dropout,
         init_lora_weights="gaussian", target_modules=list(cfg.target_modules),
     ))
+    encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
     if cfg.train_text_encoder:
-        if text_encoder is None:
+        if not encoders:
             raise ValueError("lora.train_text_encoder needs the text encoder")
-        text_encoder.requires_grad_(False)
-        # peft's own injection (what diffusers' add_adapter does for the UNet): transformers'
-        # add_adapter refuses peft versions older than the one it was released against.
-        inject_adapter_in_model(PeftLoraConfig(
-            r=cfg.rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.dropout,
-            init_lora_weights="gaussian", target_modules=list(cfg.text_encoder_target_modules),
-        ), text_encoder)
-    params = trainable_parameters(unet, text_encoder if cfg.train_text_encoder else None)
+        for encoder in encoders:
+            encoder.requires_grad_(False)
+            # peft's own injection (what diffusers' add_adapter does for the UNet): transformers'
+            # add_adapter refuses peft versions older than the one it was released against.
+            inject_adapter_in_model(PeftLoraConfig(
+                r=cfg.rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.dropout,
+                init_lora_weights="gaussian", target_modules=list(cfg.text_encoder_target_modules),
+            ), encoder)
+    params = trainable_parameters(unet, *(encoders if cfg.train_text_encoder else []))
     if not params:
         raise ValueError(f"lora.target_modules {cfg.target_modules} matched no module of the UNet")
     for p in params:
@@ -59,55 +65,68 @@ def trainable_parameters(*modules: torch.nn.Module | None) -> list[torch.nn.Para
     return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
 
 
+_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+
+
 def lora_state_dicts(
-    unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None
+    unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """peft-format LoRA state dicts ``{"unet": ..., "text_encoder": ...}`` (fp32, on CPU)."""
+    """peft-format LoRA state dicts ``{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}``
+    (fp32, on CPU; an encoder appears only when it carries LoRA layers)."""
     from peft.utils import get_peft_model_state_dict
 
-    out = {"unet": {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(unet).items()}}
-    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
-        out["text_encoder"] = {
-            k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(text_encoder).items()
-        }
+    def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module).items()}
+
+    out = {"unet": state(unet)}
+    for name, encoder in zip(_ENCODER_NAMES, (text_encoder, text_encoder_2), strict=True):
+        if encoder is not None and getattr(encoder, "peft_config", None):
+            out[name] = state(encoder)
     return out
 
 
 def load_lora_state(
     unet: torch.nn.Module, states: dict[str, dict[str, torch.Tensor]],
-    text_encoder: torch.nn.Module | None = None,
+    text_encoder: torch.nn.Module | None = None, text_encoder_2: torch.nn.Module | None = None,
 ) -> None:
     """Restore LoRA weights saved by :func:`lora_state_dicts` (checkpoint resume)."""
     from peft.utils import set_peft_model_state_dict
 
     set_peft_model_state_dict(unet, states["unet"])
-    if text_encoder is not None and "text_encoder" in states:
-        set_peft_model_state_dict(text_encoder, states["text_encoder"])
+    for name, encoder in zip(_ENCODER_NAMES, (text_encoder, text_encoder_2), strict=True):
+        if encoder is not None and name in states:
+            set_peft_model_state_dict(encoder, states[name])
 
 
 def save_lora(
-    unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None
+    unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> bytes:
     """The adapter as ``pytorch_lora_weights.safetensors`` bytes, in diffusers' LoRA format.
 
-    Loadable by ``StableDiffusionPipeline.load_lora_weights``.
+    Keys are ``unet.…``, ``text_encoder.…`` and (SDXL) ``text_encoder_2.…``; loadable by
+    ``StableDiffusionPipeline.load_lora_weights`` / ``StableDiffusionXLPipeline.load_lora_weights``.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    states = lora_state_dicts(unet, text_encoder)
-    unet_layers = convert_state_dict_to_diffusers(states["unet"])
-    te_layers = convert_state_dict_to_diffusers(states["text_encoder"]) if "text_encoder" in states else None
+    states = lora_state_dicts(unet, text_encoder, text_encoder_2)
+    layers = {name: convert_state_dict_to_diffusers(state) for name, state in states.items()}
+    modules = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     # Without the adapter config in the file header the loader assumes lora_alpha == rank, so an
     # adapter trained with lora.alpha != lora.rank would be served at the wrong scale.
+    kwargs = {f"{name}_lora_layers": layers.get(name) for name in modules} | {
+        f"{name}_lora_adapter_metadata": _adapter_metadata(module) if name in layers else None
+        for name, module in modules.items()
+    }
+    # Both classes write the same format; only SDXL's knows a second text encoder.
+    saver = StableDiffusionXLPipeline if "text_encoder_2" in layers else StableDiffusionPipeline
+    if saver is StableDiffusionPipeline:
+        kwargs = {k: v for k, v in kwargs.items() if "text_encoder_2" not in k}
     with tempfile.TemporaryDirectory() as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
-            safe_serialization=True, weight_name=ADAPTER_WEIGHTS,
-            unet_lora_adapter_metadata=_adapter_metadata(unet),
-            text_encoder_lora_adapter_metadata=_adapter_metadata(text_encoder) if te_layers else None,
-        )
-        return _canonical_header((Path(tmp) / ADAPTER_WEIGHTS).read_bytes())
+        saver.save_lora_weights(tmp, safe_serialization=True, weight_name=ADAPTER_WEIGHTS, **kwargs)
+        return canonical_header((Path(tmp) / ADAPTER_WEIGHTS).read_bytes())
 
 
 def _adapter_metadata(module: torch.nn.Module | None) -> dict | None:
@@ -119,14 +138,23 @@ def _adapter_metadata(module: torch.nn.Module | None) -> dict | None:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
 
 
-def _canonical_header(data: bytes) -> bytes:
-    """Rewrite a safetensors header with sorted keys; tensor bytes are left untouched.
+def read_safetensors_header(data: bytes) -> tuple[dict, int]:
+    """``(header, data_offset)`` of safetensors bytes: the JSON header (tensor entries and
+    ``__metadata__``) and where the tensor bytes start."""
+    (size,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + size]), 8 + size
+
+
+def canonical_header(data: bytes, metadata_update: dict[str, str] | None = None) -> bytes:
+    """Rewrite a safetensors header with sorted keys (and ``metadata_update`` merged into its
+    ``__metadata__``); tensor bytes are left untouched.
 
     safetensors writes ``__metadata__`` from a Rust HashMap, whose order changes per process, so
     the same adapter would otherwise get a different sha256 in every worker and rerun.
     """
-    (size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + size])
+    header, offset = read_safetensors_header(data)
+    if metadata_update:
+        header["__metadata__"] = {**header.get("__metadata__", {}), **metadata_update}
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8-byte alignment
-    return struct.pack("<Q", len(text)) + text + data[8 + size:]
+    return struct.pack("<Q", len(text)) + text + data[offset:]

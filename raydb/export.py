@@ -1,0 +1,199 @@
+"""Export an adapter to the single-file "kohya" LoRA layout that ComfyUI, AUTOMATIC1111 and
+kohya's sd-scripts load.
+
+Our adapters are diffusers-format (``pytorch_lora_weights.safetensors``): keys
+``unet.<module>.lora.{down,up}.weight`` / ``text_encoder[_2].<module>.lora_linear_layer.{down,up}.weight``
+with one ``lora_alpha`` per component in the ``lora_adapter_metadata`` header. The kohya layout
+names each adapted module once, with ``.`` replaced by ``_`` and a prefix per component, and stores
+three tensors per module::
+
+    lora_unet_<module>.lora_down.weight   (rank, in_features)   = diffusers "down" / peft lora_A
+    lora_unet_<module>.lora_up.weight     (out_features, rank)  = diffusers "up"   / peft lora_B
+    lora_unet_<module>.alpha              ()                    the module's alpha
+
+The update applied to a layer is ``up @ down * alpha / rank`` in both formats, so tensors are copied
+unchanged and only names and alphas move. Prefixes: ``lora_unet_``; ``lora_te_`` for SD 1.x/2.x's
+text encoder; ``lora_te1_`` / ``lora_te2_`` for SDXL's two. Text-encoder modules are named from the
+CLIP text transformer (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``). UNet module names
+are diffusers' own for SD 1.x/2.x (sd-scripts trains those on a diffusers-style UNet:
+``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``) and Stability's SGM
+names for SDXL (sd-scripts trains SDXL on the SGM UNet:
+``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), which depends on the UNet's
+``layers_per_block``. The header carries the ``ss_*`` training metadata those tools display and use
+to tell SD 1/2/XL apart (``ss_base_model_version``, ``ss_v2``), ``sshs_model_hash`` (sha256 of the
+tensor bytes) and the Stability ``modelspec.*`` fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import torch
+
+from raydb.models.family import SDXL, family_of_unet_config, sd_version
+from raydb.train.lora import canonical_header, read_safetensors_header
+
+__all__ = ["KOHYA_FORMAT", "KOHYA_WEIGHTS", "to_kohya", "kohya_metadata", "kohya_module_name"]
+
+KOHYA_FORMAT = "kohya"
+KOHYA_WEIGHTS = "lora_kohya.safetensors"
+
+# diffusers-format suffix -> kohya suffix (peft's own spelling accepted too)
+_SUFFIXES = {
+    ".lora.down.weight": "lora_down.weight", ".lora.up.weight": "lora_up.weight",
+    ".lora_linear_layer.down.weight": "lora_down.weight",
+    ".lora_linear_layer.up.weight": "lora_up.weight",
+    ".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight",
+}
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _sgm_unet_module(module: str, layers_per_block: int) -> str:
+    """diffusers UNet module path -> Stability SGM path (SDXL), for modules inside attention blocks.
+
+    SGM numbers the down path as one flat list: ``input_blocks.0`` is conv_in, then per level
+    ``layers_per_block`` (resnet, attention) pairs and a downsampler; the up path has
+    ``layers_per_block + 1`` pairs per level. Inside a pair, ``.0`` is the resnet and ``.1`` the
+    attention (transformer) block, whose inner names match diffusers'.
+    """
+    down = re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", module)
+    if down:
+        level, layer, rest = int(down[1]), int(down[2]), down[3]
+        return f"input_blocks.{1 + level * (layers_per_block + 1) + layer}.1.{rest}"
+    mid = re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module)
+    if mid:
+        return f"middle_block.1.{mid[1]}"
+    up = re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", module)
+    if up:
+        level, layer, rest = int(up[1]), int(up[2]), up[3]
+        return f"output_blocks.{level * (layers_per_block + 1) + layer}.1.{rest}"
+    raise ValueError(
+        f"kohya export: SDXL adapters are exported for LoRA layers inside attention blocks "
+        f"(lora.target_modules such as to_q/to_k/to_v/to_out.0); unet module {module!r} is not one"
+    )
+
+
+def kohya_module_name(component: str, module: str, unet_config: dict[str, Any]) -> str:
+    """The kohya name of one adapted module, e.g. ``("unet", "mid_block.attentions.0…to_q")`` ->
+    ``lora_unet_mid_block_attentions_0_…_to_q`` (SD) or ``lora_unet_middle_block_1_…_to_q`` (SDXL)."""
+    sdxl = family_of_unet_config(unet_config) == SDXL
+    if component == "unet":
+        path = _sgm_unet_module(module, int(unet_config["layers_per_block"])) if sdxl else module
+        prefix = "lora_unet"
+    elif component in ("text_encoder", "text_encoder_2"):
+        if component == "text_encoder_2" and not sdxl:
+            raise ValueError("kohya export: a text_encoder_2 adapter needs an SDXL base model")
+        # kohya names follow transformers' CLIPTextModel(WithProjection).text_model.* paths
+        path = module if module.startswith("text_model.") else f"text_model.{module}"
+        prefix = {"text_encoder": "lora_te1" if sdxl else "lora_te", "text_encoder_2": "lora_te2"}[component]
+    else:
+        raise ValueError(f"kohya export: unknown adapter component {component!r}")
+    return f"{prefix}_{path.replace('.', '_')}"
+
+
+def _alphas(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per-component peft config (``r``, ``lora_alpha``) from diffusers' ``lora_adapter_metadata``."""
+    import json
+
+    raw = metadata.get("lora_adapter_metadata")
+    flat = json.loads(raw) if raw else {}
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        component, _, field = key.rpartition(".")
+        out.setdefault(component, {})[field] = value
+    for component, config in out.items():
+        for field in ("rank_pattern", "alpha_pattern"):
+            if config.get(field):
+                raise ValueError(f"kohya export: per-module {field} ({component}) is not supported")
+        if config.get("use_rslora") or config.get("use_dora"):
+            raise ValueError(
+                f"kohya export: {component} uses rsLoRA/DoRA, which the kohya LoRA layout cannot express"
+            )
+    return out
+
+
+def to_kohya(weights: bytes, unet_config: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
+    """Convert diffusers-format adapter bytes into kohya-layout safetensors bytes.
+
+    ``unet_config`` is the base model's ``unet/config.json`` (family and, for SDXL,
+    ``layers_per_block``); ``metadata`` (strings) is merged into the header (see
+    :func:`kohya_metadata`). Tensors keep their dtype and values. A file without
+    ``lora_adapter_metadata`` gets ``alpha = rank``, which is what diffusers' loader assumes for
+    it. Raises ``ValueError`` naming the offending key for anything that is not a LoRA tensor.
+    """
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    header, _ = read_safetensors_header(weights)
+    configs = _alphas(header.get("__metadata__") or {})
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in st_load(weights).items():
+        component, _, rest = key.partition(".")
+        suffix = next((s for s in _SUFFIXES if rest.endswith(s)), None)
+        if component not in _COMPONENTS or suffix is None:
+            raise ValueError(
+                f"kohya export: {key!r} is not a LoRA weight of unet/text_encoder/text_encoder_2"
+            )
+        name = kohya_module_name(component, rest[: -len(suffix)], unet_config)
+        tensors[f"{name}.{_SUFFIXES[suffix]}"] = tensor.contiguous()
+        if _SUFFIXES[suffix] == "lora_down.weight":
+            rank = tensor.shape[0]
+            alpha = configs.get(component, {}).get("lora_alpha", rank)
+            tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    missing = [k for k in tensors if k.endswith(".alpha") and k[:-6] + ".lora_up.weight" not in tensors]
+    if missing:
+        raise ValueError(f"kohya export: no up weight for {missing[0][:-6]}")
+    data = st_save(tensors)
+    _, offset = read_safetensors_header(data)
+    # kohya's model hash ("sshs_model_hash") is the sha256 of the tensor bytes, which a header
+    # rewrite leaves untouched, so it can be computed before the metadata goes in.
+    update = dict(metadata or {}) | {"sshs_model_hash": hashlib.sha256(data[offset:]).hexdigest()}
+    return canonical_header(data, update)
+
+
+def kohya_metadata(adapter_meta: dict[str, Any], unet_config: dict[str, Any]) -> dict[str, str]:
+    """The ``ss_*`` / ``modelspec.*`` header fields for an adapter, from its ``adapter.json``.
+
+    These are what AUTOMATIC1111 shows and uses to match the adapter to SD 1/2/XL, what kohya's
+    tools read (network module, dim, alpha) and the Stability model-spec fields ComfyUI and
+    others display. Every value is a string (safetensors metadata is str -> str).
+    """
+    version = sd_version(unet_config)
+    sdxl = version.startswith("sdxl")
+    lora = adapter_meta.get("lora", {})
+    base = adapter_meta.get("base_model", {})
+    training = adapter_meta.get("training", {})
+    subject = adapter_meta.get("subject", {})
+    resolution = int(training.get("resolution", 1024 if sdxl else 512))
+    v_pred = base.get("prediction_type") == "v_prediction"
+    fields: dict[str, Any] = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": lora.get("rank"),
+        "ss_network_alpha": lora.get("alpha"),
+        "ss_base_model_version": version,
+        "ss_v2": version == "sd_v2",
+        "ss_v_parameterization": v_pred,
+        "ss_sd_model_name": base.get("pretrained"),
+        "ss_output_name": subject.get("id"),
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_max_train_steps": training.get("max_steps"),
+        "ss_learning_rate": training.get("learning_rate"),
+        "ss_prior_loss_weight": training.get("prior_loss_weight"),
+        "ss_seed": training.get("seed"),
+        "ss_training_comment": f"raydb DreamBooth-LoRA; instance prompt: {subject.get('instance_prompt')}",
+        "ss_training_finished_at": adapter_meta.get("created_at"),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ("stable-diffusion-xl-v1-base/lora" if sdxl else
+                                   "stable-diffusion-v2/lora" if version == "sd_v2" else
+                                   "stable-diffusion-v1/lora"),
+        "modelspec.implementation": (
+            "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers"
+        ),
+        "modelspec.title": subject.get("id"),
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.date": adapter_meta.get("created_at"),
+    }
+    return {k: str(v) for k, v in fields.items() if v is not None}

@@ -28,8 +28,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from raydb.data.demo import DEMO_URI, demo_images
 from raydb.storage import Storage, is_s3, join
 
-__all__ = ["IngestError", "IMAGE_SUFFIXES", "IMAGE_FORMATS", "MAX_FILES", "MAX_BYTES", "min_image_side",
-           "load_images", "prepare_image"]
+__all__ = ["IngestError", "IMAGE_SUFFIXES", "IMAGE_FORMATS", "MAX_FILES", "MAX_BYTES", "ImageGeometry",
+           "min_image_side", "load_images", "load_images_with_geometry", "prepare_image",
+           "prepare_image_with_geometry"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # the only Pillow plugins allowed to parse a file
@@ -55,23 +56,56 @@ def min_image_side(resolution: int) -> int:
     return max(32, resolution // 2)
 
 
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where a prepared image came from, in (height, width) / (top, left) pixels.
+
+    SDXL is conditioned on it (``add_time_ids``): ``original_size`` is the photo's size before
+    resizing, ``crop_top_left`` the corner of the crop in the resized photo (``resized_size``),
+    ``target_size`` the size of the prepared image. Recorded here, where the crop happens, so the
+    conditioning describes each image's real crop instead of assuming a centred one.
+    """
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+    def mirrored(self) -> ImageGeometry:
+        """The geometry of the horizontally flipped image: the same crop seen from the right."""
+        top, left = self.crop_top_left
+        return ImageGeometry(self.original_size, self.resized_size,
+                             (top, self.resized_size[1] - self.target_size[1] - left), self.target_size)
+
+
 def prepare_image(img: Image.Image, resolution: int, center_crop: bool = True) -> Image.Image:
     """EXIF-orient, RGB, resize shorter side to ``resolution``, then center-crop (or squash)."""
+    return prepare_image_with_geometry(img, resolution, center_crop)[0]
+
+
+def prepare_image_with_geometry(
+    img: Image.Image, resolution: int, center_crop: bool = True,
+) -> tuple[Image.Image, ImageGeometry]:
+    """:func:`prepare_image` plus the :class:`ImageGeometry` of what it did."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")  # transparent areas become white, not black
         img = Image.new("RGB", rgba.size, (255, 255, 255))
         img.paste(rgba, mask=rgba.getchannel("A"))
     img = img.convert("RGB")
-    if not center_crop:
-        return img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    original = (img.height, img.width)
+    target = (resolution, resolution)
+    if not center_crop:  # squashed: the whole photo, resized to the target, nothing cropped
+        return (img.resize((resolution, resolution), Image.Resampling.BICUBIC),
+                ImageGeometry(original, target, (0, 0), target))
     w, h = img.size
     scale = resolution / min(w, h)
     img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
                      Image.Resampling.BICUBIC)
     w, h = img.size
     left, top = (w - resolution) // 2, (h - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
+    return (img.crop((left, top, left + resolution, top + resolution)),
+            ImageGeometry(original, (h, w), (top, left), target))
 
 
 @dataclass
@@ -146,12 +180,28 @@ def load_images(
     max_bytes: int = MAX_BYTES,
 ) -> list[Image.Image]:
     """All images under ``uri`` as RGB ``resolution x resolution`` PIL images, sorted by name."""
+    return [im for im, _ in load_images_with_geometry(
+        uri, resolution, storage=storage, center_crop=center_crop, field=field, max_files=max_files,
+        max_bytes=max_bytes)]
+
+
+def load_images_with_geometry(
+    uri: str,
+    resolution: int,
+    *,
+    storage: Storage | None = None,
+    center_crop: bool = True,
+    field: str = "subject.instance_data",
+    max_files: int = MAX_FILES,
+    max_bytes: int = MAX_BYTES,
+) -> list[tuple[Image.Image, ImageGeometry]]:
+    """:func:`load_images` with each image's :class:`ImageGeometry` (SDXL's size conditioning)."""
     if uri == DEMO_URI:
-        return [prepare_image(im, resolution, center_crop) for im in demo_images()]
+        return [prepare_image_with_geometry(im, resolution, center_crop) for im in demo_images()]
     storage = storage or Storage()
     sources = _list_sources(storage, uri, field, max_files, max_bytes)
     problems: dict[str, str] = {}
-    images: list[Image.Image] = []
+    images: list[tuple[Image.Image, ImageGeometry]] = []
     minimum = min_image_side(resolution)
     for src in sources:
         if Path(src.name).suffix.lower() not in IMAGE_SUFFIXES:
@@ -166,7 +216,7 @@ def load_images(
         if min(w, h) < minimum:
             problems[src.name] = f"too small: {w}x{h}, shorter side must be >= {minimum} px"
             continue
-        images.append(prepare_image(img, resolution, center_crop))
+        images.append(prepare_image_with_geometry(img, resolution, center_crop))
     if not sources:
         problems["<folder>"] = "no files found (empty folder or prefix)"
     if problems:

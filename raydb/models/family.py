@@ -9,14 +9,60 @@ the UNet's config says how it is conditioned (SDXL: ``addition_embed_type="text_
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SD", "SDXL", "FAMILIES", "detect_family", "family_of_unet_config", "sd_version"]
+import torch
+
+__all__ = ["SD", "SDXL", "FAMILIES", "FamilySpec", "family_spec", "detect_family",
+           "family_of_unet_config", "sd_version", "vae_encode_dtype", "check_finite_latents"]
 
 SD = "sd"
 SDXL = "sdxl"
 FAMILIES = (SD, SDXL)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """The facts that differ between families; everything else (loss, step, DDP, checkpoints,
+    Tune, registry, pipeline) is shared."""
+
+    name: str
+    pipeline_class: str  # the diffusers pipeline that samples from this family
+    default_resolution: int  # the resolution the family's base models were trained at
+    tokenizers: tuple[str, ...]  # subfolders, in encoder order
+    text_encoders: tuple[str, ...]
+    pooled_text: bool  # UNet also takes a pooled text embedding + size/crop time ids (SDXL)
+
+
+_SPECS = {
+    SD: FamilySpec(SD, "StableDiffusionPipeline", 512, ("tokenizer",), ("text_encoder",), False),
+    SDXL: FamilySpec(SDXL, "StableDiffusionXLPipeline", 1024, ("tokenizer", "tokenizer_2"),
+                     ("text_encoder", "text_encoder_2"), True),
+}
+
+
+def family_spec(family: str) -> FamilySpec:
+    if family not in _SPECS:
+        raise ValueError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
+    return _SPECS[family]
+
+
+def vae_encode_dtype(vae_config: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """The dtype to run the VAE encoder in when the model runs in ``dtype``.
+
+    SDXL's VAE overflows in fp16 (activations above 65504 become inf, then NaN latents); its
+    config says so with ``force_upcast``, and it is then run in fp32. bf16 has fp32's range.
+    """
+    return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast") else dtype
+
+
+def check_finite_latents(mean: torch.Tensor, std: torch.Tensor, what: str) -> None:
+    """Refuse non-finite latents before they reach a cache (a NaN would poison every step)."""
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise ValueError(f"{what}: the VAE produced non-finite latents (inf/NaN); encode in fp32 "
+                         "(train.mixed_precision=no) or use a VAE that is fp16-safe")
 
 
 def family_of_unet_config(unet_config: dict[str, Any]) -> str:

@@ -23,7 +23,8 @@ import torch
 
 from raydb.data.ingest import ImageGeometry
 
-__all__ = ["add_time_ids", "time_ids_for", "encode_prompts_sdxl", "unet_added_conditions"]
+__all__ = ["add_time_ids", "time_ids_for", "tokenize_sdxl", "sdxl_text_conditioning",
+           "encode_prompts_sdxl", "unet_added_conditions"]
 
 
 def add_time_ids(
@@ -40,29 +41,42 @@ def time_ids_for(geometries: Sequence[ImageGeometry]) -> torch.Tensor:
     return torch.stack([add_time_ids(g.original_size, g.crop_top_left, g.target_size) for g in geometries])
 
 
-@torch.no_grad()
-def encode_prompts_sdxl(
-    tokenizers: Sequence, text_encoders: Sequence[torch.nn.Module], prompts: list[str],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> ``(hidden [P, L, D1 + D2], pooled [P, D2p])``, fp32 on CPU.
+def tokenize_sdxl(tokenizers: Sequence, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> one ``[P, L]`` id tensor per tokenizer (SDXL's second one pads with "!")."""
+    if len(tokenizers) != 2:
+        raise ValueError("SDXL needs two tokenizers")
+    first, second = (tok(prompts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                         return_tensors="pt").input_ids for tok in tokenizers)
+    return first, second
 
-    Each encoder gets its own tokenizer's ids (SDXL's second tokenizer pads with "!"); the hidden
-    states are the penultimate layer's (SDXL never uses the last), and the pooled embedding is the
-    second encoder's projected one (``text_embeds``).
+
+def sdxl_text_conditioning(
+    text_encoders: Sequence[torch.nn.Module], input_ids: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids -> ``(hidden [P, L, D1 + D2], pooled [P, D2p])``, differentiable (text-encoder LoRA).
+
+    The hidden states are each encoder's penultimate layer's (SDXL never uses the last); the
+    pooled embedding is the second encoder's projected one (``text_embeds``).
     """
-    if len(tokenizers) != 2 or len(text_encoders) != 2:
-        raise ValueError("SDXL needs two tokenizers and two text encoders")
+    if len(text_encoders) != 2 or len(input_ids) != 2:
+        raise ValueError("SDXL needs two text encoders and their two id tensors")
     hidden, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
-        param = next(encoder.parameters())
-        ids = tokenizer(prompts, padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        out = encoder(ids.to(param.device), output_hidden_states=True)
+    for encoder, ids in zip(text_encoders, input_ids, strict=True):
+        out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # the last encoder's text_embeds (CLIPTextModelWithProjection)
     if pooled is None or pooled.ndim != 2:
         raise ValueError("SDXL's second text encoder must be a CLIPTextModelWithProjection")
-    return torch.cat(hidden, dim=-1).float().cpu(), pooled.float().cpu()
+    return torch.cat(hidden, dim=-1), pooled
+
+
+@torch.no_grad()
+def encode_prompts_sdxl(
+    tokenizers: Sequence, text_encoders: Sequence[torch.nn.Module], prompts: list[str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> ``(hidden [P, L, D1 + D2], pooled [P, D2p])``, fp32 on CPU (the encode cache)."""
+    hidden, pooled = sdxl_text_conditioning(text_encoders, tokenize_sdxl(tokenizers, prompts))
+    return hidden.float().cpu(), pooled.float().cpu()
 
 
 def unet_added_conditions(pooled: torch.Tensor, time_ids: torch.Tensor) -> dict[str, torch.Tensor]:

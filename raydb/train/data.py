@@ -30,6 +30,11 @@ class TrainingData:
     instance/class_: EncodedImages (cached) or ``[N, 3, H, W]`` pixel tensors (uncached).
     instance_embeds/class_embeds: ``[1, L, D]`` prompt embeddings (None when the text encoder trains).
     instance_ids/class_ids: ``[1, L]`` token ids.
+
+    SDXL only (None for SD 1.x/2.x): instance_pooled/class_pooled ``[1, D2p]`` pooled prompt
+    embeddings (None when the text encoders train); instance_time_ids/class_time_ids ``[N, 6]``
+    per image, its size/crop conditioning (row i belongs to image i); instance_ids_2/class_ids_2
+    ``[1, L]`` the second tokenizer's ids.
     """
 
     instance: EncodedImages | torch.Tensor
@@ -39,6 +44,12 @@ class TrainingData:
     instance_ids: torch.Tensor
     class_ids: torch.Tensor | None
     latent_shape: tuple[int, int, int]  # (C, h, w)
+    instance_pooled: torch.Tensor | None = None
+    class_pooled: torch.Tensor | None = None
+    instance_time_ids: torch.Tensor | None = None
+    class_time_ids: torch.Tensor | None = None
+    instance_ids_2: torch.Tensor | None = None
+    class_ids_2: torch.Tensor | None = None
 
     @property
     def with_prior(self) -> bool:
@@ -76,7 +87,9 @@ class MicroBatch:
 
     Either ``latent_mean``/``latent_std`` ``[N, C, h, w]`` (cached) or ``pixels`` ``[N, 3, H, W]``;
     ``latent_eps``/``noise`` ``[N, C, h, w]``; ``timesteps`` ``[N]``; ``encoder_hidden_states``
-    ``[N, L, D]`` or ``input_ids`` ``[N, L]`` when the text encoder trains.
+    ``[N, L, D]`` or ``input_ids`` ``[N, L]`` when the text encoder trains. SDXL adds
+    ``time_ids`` ``[N, 6]`` and ``pooled`` ``[N, D2p]`` (or ``input_ids_2`` ``[N, L]`` when the
+    text encoders train); they stay None for SD 1.x/2.x.
     """
 
     latent_mean: torch.Tensor | None
@@ -87,6 +100,9 @@ class MicroBatch:
     timesteps: torch.Tensor
     encoder_hidden_states: torch.Tensor | None
     input_ids: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+    input_ids_2: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> MicroBatch:
         return MicroBatch(**{k: (v.to(device, non_blocking=non_blocking)
@@ -114,7 +130,14 @@ def _image_index(seed: int, stream: str, position: int, count: int) -> int:
     return int(torch.randperm(count, generator=g)[offset])
 
 
-def _half(source, embeds, ids, positions, *, seed, stream, latent_shape, num_train_timesteps):
+def _expand(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """One prompt's ``[1, ...]`` tensor repeated for ``n`` samples (a view)."""
+    return None if t is None else t.expand(n, *t.shape[1:])
+
+
+def _half(source, prompt, positions, *, seed, stream, latent_shape, num_train_timesteps):
+    """One half (instance or class) of a micro-batch; ``prompt`` holds the half's prompt tensors
+    (embeds, ids, pooled, ids_2) and per-image ``time_ids``."""
     count = len(source) if isinstance(source, EncodedImages) else source.shape[0]
     idx = [_image_index(seed, stream, p, count) for p in positions]
     eps, noise, steps = [], [], []
@@ -127,14 +150,22 @@ def _half(source, embeds, ids, positions, *, seed, stream, latent_shape, num_tra
         "latent_eps": torch.stack(eps),
         "noise": torch.stack(noise),
         "timesteps": torch.tensor(steps, dtype=torch.long),
-        "input_ids": ids.expand(len(positions), -1),
-        "encoder_hidden_states": None if embeds is None else embeds.expand(len(positions), -1, -1),
+        "input_ids": _expand(prompt["ids"], len(positions)),
+        "encoder_hidden_states": _expand(prompt["embeds"], len(positions)),
+        "pooled": _expand(prompt["pooled"], len(positions)),
+        "input_ids_2": _expand(prompt["ids_2"], len(positions)),
+        "time_ids": None if prompt["time_ids"] is None else prompt["time_ids"][idx],
     }
     if isinstance(source, EncodedImages):
         out.update(latent_mean=source.mean[idx], latent_std=source.std[idx], pixels=None)
     else:
         out.update(latent_mean=None, latent_std=None, pixels=source[idx])
     return out
+
+
+def _prompt(data: TrainingData, half: str) -> dict[str, torch.Tensor | None]:
+    return {name: getattr(data, f"{half}_{name}")
+            for name in ("embeds", "ids", "pooled", "ids_2", "time_ids")}
 
 
 def make_micro_batch(
@@ -153,10 +184,9 @@ def make_micro_batch(
     first = ((step * accumulation + micro) * world_size + rank) * batch_size
     positions = range(first, first + batch_size)
     kw = {"seed": seed, "latent_shape": data.latent_shape, "num_train_timesteps": num_train_timesteps}
-    parts = [_half(data.instance, data.instance_embeds, data.instance_ids, positions,
-                   stream="instance", **kw)]
+    parts = [_half(data.instance, _prompt(data, "instance"), positions, stream="instance", **kw)]
     if data.with_prior:
-        parts.append(_half(data.class_, data.class_embeds, data.class_ids, positions, stream="class", **kw))
+        parts.append(_half(data.class_, _prompt(data, "class"), positions, stream="class", **kw))
     merged = {}
     for key in parts[0]:
         vals = [part[key] for part in parts]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from raydb.config import RaydbConfig, TrainConfig
+from raydb.models.sdxl import sdxl_text_conditioning, unet_added_conditions
 from raydb.train.data import MicroBatch
 from raydb.train.lora import add_lora
 from raydb.train.loss import LossParts, dreambooth_loss, training_target
@@ -52,10 +53,12 @@ class TrainState:
     model: torch.nn.Module | None = None  # what the step calls: the UNet, or its compiled wrapper
     step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second encoder, set when its LoRA trains
 
 
 def build_train_state(
     cfg: RaydbConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> TrainState:
     """Add LoRA, apply the speed options, build AdamW over the LoRA parameters and the lr schedule.
 
@@ -72,11 +75,13 @@ def build_train_state(
     )
 
     torch.manual_seed(cfg.train.seed)
-    params = add_lora(unet, cfg.lora, text_encoder)
+    params = add_lora(unet, cfg.lora, text_encoder, text_encoder_2)
     # load_components leaves everything in eval mode; LoRA dropout only acts in train mode.
     unet.train()
-    if cfg.lora.train_text_encoder and text_encoder is not None:
-        text_encoder.train()
+    encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
+    if cfg.lora.train_text_encoder:
+        for encoder in encoders:
+            encoder.train()
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     tc = cfg.train
@@ -95,8 +100,10 @@ def build_train_state(
     device_type = params[0].device.type
     fp16 = resolve_mixed_precision(tc, params[0].device) == "fp16"
     scaler = torch.amp.GradScaler(device_type) if fp16 else None
-    return TrainState(unet, text_encoder if cfg.lora.train_text_encoder else None, params,
-                      optimizer, lr_scheduler, scaler, model=compile_for_training(tc, unet))
+    trains_te = cfg.lora.train_text_encoder
+    return TrainState(unet, text_encoder if trains_te else None, params,
+                      optimizer, lr_scheduler, scaler, model=compile_for_training(tc, unet),
+                      text_encoder_2=text_encoder_2 if trains_te else None)
 
 
 def _latents(batch: MicroBatch, vae, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
@@ -126,12 +133,15 @@ def forward_loss(
     text_encoder: torch.nn.Module | None = None,
     mixed_precision: str = "no",
     autocast_cache: bool = True,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> LossParts:
     """One micro-batch: latents -> ``add_noise`` -> UNet -> target -> dual loss (fp32).
 
     ``vae`` supplies ``scaling_factor`` (and encodes ``batch.pixels`` on the uncached path).
     ``mixed_precision`` is resolved (``no``/``fp16``/``bf16``); ``autocast_cache=False`` inside a
-    CUDA graph capture, where autocast's cache of cast weights must not outlive the capture.
+    CUDA graph capture, where autocast's cache of cast weights must not outlive the capture. An
+    SDXL batch (``batch.time_ids`` set) also conditions the UNet on the pooled text embedding and
+    the size/crop time ids; its text conditioning comes from both encoders when they train.
     """
     latents = _latents(batch, vae, vae.config.scaling_factor, vae.config.get("shift_factor"))
     noisy = noise_scheduler.add_noise(latents, batch.noise, batch.timesteps)
@@ -140,12 +150,20 @@ def forward_loss(
     ctx = (torch.autocast(device_type, dtype=dtype, cache_enabled=autocast_cache) if dtype
            else contextlib.nullcontext())
     with ctx:
+        pooled = batch.pooled
         if batch.encoder_hidden_states is not None:
             cond = batch.encoder_hidden_states
+        elif batch.time_ids is not None:
+            cond, pooled = sdxl_text_conditioning((text_encoder, text_encoder_2),
+                                                  (batch.input_ids, batch.input_ids_2))
         else:
             cond = text_encoder(batch.input_ids)[0]
         unet_dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
-        pred = unet(noisy.to(unet_dtype), batch.timesteps, cond.to(unet_dtype)).sample
+        added = None
+        if batch.time_ids is not None:
+            added = unet_added_conditions(pooled.to(unet_dtype), batch.time_ids.to(unet_dtype))
+        pred = unet(noisy.to(unet_dtype), batch.timesteps, cond.to(unet_dtype),
+                    added_cond_kwargs=added).sample
     target = training_target(noise_scheduler, latents, batch.noise, batch.timesteps, prediction_type)
     return dreambooth_loss(pred, target, prior_loss_weight=prior_loss_weight, with_prior=with_prior)
 
@@ -193,6 +211,7 @@ def optimizer_step(
                 model, noise_scheduler, batch, prediction_type=prediction_type,
                 prior_loss_weight=cfg.train.prior_loss_weight, with_prior=with_prior, vae=vae,
                 text_encoder=state.text_encoder, mixed_precision=mixed_precision,
+                text_encoder_2=state.text_encoder_2,
             )
             loss = parts.total / n
             (state.scaler.scale(loss) if state.scaler else loss).backward()

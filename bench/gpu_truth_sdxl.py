@@ -47,11 +47,11 @@ from gpu_truth import (  # noqa: E402
     measure_training,
 )
 
+from raydb.encode.encoders import EncodedImages  # noqa: E402
 from raydb.models.sdxl import encode_prompts_sdxl, tokenize_sdxl  # noqa: E402
 from raydb.models.tiny import build_tiny_tokenizer  # noqa: E402
 from raydb.models.tiny_sdxl import TINY_SDXL_SPEC  # noqa: E402
 from raydb.train.data import TrainingData  # noqa: E402
-from raydb.train.encode import EncodedImages  # noqa: E402
 
 _VAE_BLOCKS = {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
 

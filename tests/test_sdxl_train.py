@@ -12,9 +12,9 @@ from safetensors.torch import load as st_load
 
 from raydb.config import load_config
 from raydb.data.ingest import ImageGeometry
+from raydb.encode.encoders import EncodedImages, encode_images
 from raydb.models.sdxl import encode_prompts_sdxl, time_ids_for, tokenize_sdxl
 from raydb.train.data import TrainingData, make_micro_batch
-from raydb.train.encode import EncodedImages, encode_images
 from raydb.train.lora import save_lora
 from raydb.train.step import build_train_state, forward_loss, optimizer_step
 

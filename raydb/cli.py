@@ -100,6 +100,16 @@ def _cmd_demo(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
     return run_demo(cfg, output=args.output)
 
 
+def _cmd_export(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
+    """Export a registered adapter (latest or ``--version``) to another format, beside the
+    diffusers file in the registry (``--output``: a copy there too)."""
+    from raydb.export import export_version
+    from raydb.storage import Storage
+
+    return export_version(Storage(cfg.s3_endpoint_url), cfg, args.subject, args.version, fmt=args.format,
+                          output=args.output)
+
+
 def _cmd_config(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
     """Print the validated config with every default filled in."""
     import yaml
@@ -118,6 +128,10 @@ OTHER: dict[str, tuple[Callable[[RaydbConfig, argparse.Namespace], dict], str, l
     "serve": (_cmd_serve, "run the Ray Serve app over the adapter registry", []),
     "demo": (_cmd_demo, "the embedded end-to-end demo (tiny model, built-in subject)",
              [(("--output",), {"default": "demo-output", "help": "where the demo's pictures go"})]),
+    "export": (_cmd_export, "export a registered adapter for ComfyUI / AUTOMATIC1111 / kohya (kohya format)",
+               [(("--version",), {"help": "registry version, e.g. v0003 (default: latest)"}),
+                (("--format",), {"default": "kohya", "choices": ["kohya"], "help": "export format"}),
+                (("--output",), {"help": "also write the file here (local path or s3:// URI)"})]),
     "config": (_cmd_config, "validate a config and print it with defaults filled in",
                [(("--reference",), {"action": "store_true", "help": "print the key reference (Markdown)"})]),
 }
@@ -140,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, flags) in specs.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", "-c", help="YAML config (default: built-in defaults)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides"
+                       + (" (export: the subject id first)" if name == "export" else ""))
         for names, kwargs in flags:
             p.add_argument(*names, **kwargs)
     return parser
@@ -156,8 +171,19 @@ def _failures() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if any(e.startswith("-") for e in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides += extra  # positionals after an option (`raydb export SUBJECT --config x k=v`)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "export":  # `raydb export SUBJECT [options] [key=value ...]`
+        names = [o for o in args.overrides if "=" not in o]
+        if len(names) != 1:
+            print("raydb export: error: name exactly one SUBJECT (then key=value overrides)", file=sys.stderr)
+            return 2
+        args.subject = names[0]
+        args.overrides = [o for o in args.overrides if "=" in o]
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

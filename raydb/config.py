@@ -49,8 +49,9 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     pretrained: str = Field(
         "tiny",
-        description="Base model: 'tiny' (built in), a local diffusers directory, an s3:// prefix, "
-        "or a Hugging Face hub id (needs network).",
+        description="Base model: 'tiny' / 'tiny-sdxl' (built in: SD / SDXL at toy widths), a local "
+        "diffusers directory, an s3:// prefix, or a Hugging Face hub id (needs network). SD 1.x/2.x "
+        "and SDXL are told apart from the folder itself.",
     )
     revision: str | None = Field(None, description="Hub revision, for hub ids only.")
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
@@ -374,6 +375,10 @@ class RaydbConfig(_Strict):
     tune: TuneConfig | None = Field(None, description="Ray Tune search (none: train one run).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Validation metrics.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The Ray Serve app.")
+    export_formats: list[Literal["kohya"]] = Field(
+        default_factory=list, description="Extra adapter formats written at registration beside the "
+        "diffusers file and listed in adapter.json (kohya: the single-file LoRA that ComfyUI, "
+        "AUTOMATIC1111 and kohya's tools load).")
 
     @field_validator("workspace")
     @classmethod

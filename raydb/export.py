@@ -35,10 +35,12 @@ import torch
 from raydb.models.family import SDXL, family_of_unet_config, sd_version
 from raydb.train.lora import canonical_header, read_safetensors_header
 
-__all__ = ["KOHYA_FORMAT", "KOHYA_WEIGHTS", "to_kohya", "kohya_metadata", "kohya_module_name"]
+__all__ = ["KOHYA_FORMAT", "KOHYA_WEIGHTS", "EXPORT_FORMATS", "to_kohya", "kohya_metadata",
+           "kohya_module_name", "export_version"]
 
 KOHYA_FORMAT = "kohya"
 KOHYA_WEIGHTS = "lora_kohya.safetensors"
+EXPORT_FORMATS = {KOHYA_FORMAT: KOHYA_WEIGHTS}  # format -> file name beside the diffusers weights
 
 # diffusers-format suffix -> kohya suffix (peft's own spelling accepted too)
 _SUFFIXES = {
@@ -197,3 +199,63 @@ def kohya_metadata(adapter_meta: dict[str, Any], unet_config: dict[str, Any]) ->
         "modelspec.date": adapter_meta.get("created_at"),
     }
     return {k: str(v) for k, v in fields.items() if v is not None}
+
+
+def _unet_config(path: str, **kw: Any) -> dict[str, Any]:
+    import json
+    from pathlib import Path
+
+    local = Path(path) / "unet" / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from diffusers import UNet2DConditionModel
+
+    return dict(UNet2DConditionModel.load_config(path, subfolder="unet", **kw))
+
+
+def export_version(
+    storage: Any, cfg: Any, subject_id: str, version: str | None = None, *,
+    fmt: str = KOHYA_FORMAT, output: str | None = None,
+) -> dict[str, Any]:
+    """Export one registered adapter (``version``, default the latest) to ``fmt``.
+
+    The file is stored beside the diffusers weights in the registry version
+    (``subjects/<id>/<version>/lora_kohya.safetensors``) and listed in its adapter.json under
+    ``exports``; ``output`` (a local path or s3:// URI) also gets a copy. ``cfg.model`` must resolve
+    to the adapter's base model (its UNet layout names the keys). Returns ``{"format", "uri",
+    "sha256", "subject_id", "version"}`` (and ``"output"``).
+    """
+    from raydb.models.components import model_family, resolve_model
+    from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS, latest_version, version_uri
+    from raydb.storage import join
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format {fmt!r} is not supported (supported: {', '.join(EXPORT_FORMATS)})")
+    version = version or latest_version(storage, cfg.workspace, subject_id)["version"]
+    target = version_uri(cfg.workspace, subject_id, version)
+    meta = storage.read_json(join(target, ADAPTER_META))
+    base = meta.get("base_model", {})
+    path, identity = resolve_model(cfg.model, storage, cfg.workspace)
+    if base.get("identity") != identity:
+        raise ValueError(
+            f"export: {subject_id} {version} was trained on base model {base.get('identity')!r} "
+            f"({base.get('pretrained')}); model.pretrained resolves to {identity!r} — set "
+            "model.pretrained to the adapter's base"
+        )
+    kw = {"revision": cfg.model.revision} if cfg.model.revision else {}
+    unet_config = _unet_config(path, **kw)
+    if base.get("family", family_of_unet_config(unet_config)) != model_family(path, **kw):
+        raise ValueError(f"export: adapter family {base.get('family')!r} does not match the base model")
+    data = to_kohya(storage.read_bytes(join(target, meta.get("weights", ADAPTER_WEIGHTS))), unet_config,
+                    kohya_metadata(meta, unet_config))
+    name = EXPORT_FORMATS[fmt]
+    digest = hashlib.sha256(data).hexdigest()
+    storage.write_bytes(join(target, name), data)
+    meta.setdefault("exports", {})[fmt] = {"weights": name, "sha256": digest}
+    storage.write_json(join(target, ADAPTER_META), meta)  # last: lists only a complete file
+    result = {"format": fmt, "uri": join(target, name), "sha256": digest, "subject_id": subject_id,
+              "version": version}
+    if output:
+        storage.write_bytes(output, data)
+        result["output"] = output
+    return result

@@ -125,7 +125,7 @@ def stage_inputs(cfg: RaydbConfig, storage: Storage, stage: str) -> dict[str, An
     if stage == "tune":
         return tune
     if stage == "register":
-        return tune if cfg.tune is not None else train
+        return (tune if cfg.tune is not None else train) | {"export_formats": c["export_formats"]}
     if stage == "serve":
         return {"serve": _serve_config(cfg).to_dict()["serve"], "model": model, "workspace": cfg.workspace,
                 "address": _ray_address()}
@@ -211,7 +211,13 @@ def _register(cfg: RaydbConfig, storage: Storage, adapter_uri: str) -> dict[str,
 
     # Idempotent: the same weights as the current latest (e.g. the search registered them) keep it.
     record = register_adapter(storage, cfg.workspace, cfg.subject.id, adapter_uri)
-    return {"uri": record["uri"], "version": record["version"], "adapter_uri": adapter_uri}
+    out = {"uri": record["uri"], "version": record["version"], "adapter_uri": adapter_uri}
+    if cfg.export_formats:
+        from raydb.export import export_version
+
+        out["exports"] = {fmt: export_version(storage, cfg, cfg.subject.id, record["version"], fmt=fmt)["uri"]
+                          for fmt in cfg.export_formats}
+    return out
 
 
 def _register_current(storage: Storage, cfg: RaydbConfig, out: dict[str, Any]) -> bool:

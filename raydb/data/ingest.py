@@ -71,6 +71,12 @@ class ImageGeometry:
     crop_top_left: tuple[int, int]
     target_size: tuple[int, int]
 
+    @classmethod
+    def whole(cls, image: Image.Image) -> ImageGeometry:
+        """An image taken as it is (a generated prior image): no resize, no crop."""
+        size = (image.height, image.width)
+        return cls(size, size, (0, 0), size)
+
     def mirrored(self) -> ImageGeometry:
         """The geometry of the horizontally flipped image: the same crop seen from the right."""
         top, left = self.crop_top_left

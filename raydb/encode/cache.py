@@ -7,7 +7,8 @@ resolution, crop/flip, prompts — so a rerun with unchanged inputs finds the ca
 encodes into a new folder.
 
 Row schema of the Parquet files: ``index: int64, mean: binary (fp32 [C, h, w]), std: binary,
-shape: list<int32>``.
+shape: list<int32>, time_ids: binary`` (SDXL: the image's fp32 [6] size/crop conditioning; empty
+for SD 1.x/2.x).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ __all__ = ["ENCODED_SCHEMA", "EncodedCache", "encoded_cache_for", "rows_to_encod
            "write_encoded", "load_prompts", "prompts_file"]
 
 ENCODED_SCHEMA = pa.schema([("index", pa.int64()), ("mean", pa.binary()), ("std", pa.binary()),
-                            ("shape", pa.list_(pa.int32()))])
+                            ("shape", pa.list_(pa.int32())), ("time_ids", pa.binary())])
 
 
 @dataclass(frozen=True)
@@ -70,15 +71,17 @@ class EncodedCache:
 
 
 def encoded_cache_for(cfg: RaydbConfig, model_identity: str, instance_png: list[bytes],
-                      class_png: list[bytes], holdout_png: list[bytes] = ()) -> EncodedCache:
+                      class_png: list[bytes], holdout_png: list[bytes] = (), *, family: str = "sd",
+                      conditioning: bytes = b"") -> EncodedCache:
     """The cache location of these inputs (pure: no I/O). Images enter by their PNG bytes, after
-    ingestion's resize/crop and any flips, so the key changes exactly when the pixels do."""
+    ingestion's resize/crop and any flips, so the key changes exactly when the pixels do;
+    ``conditioning`` is any per-image conditioning cached with them (SDXL's time ids)."""
     tc = cfg.train
     h = hashlib.sha256()
-    for part in (model_identity, cfg.subject.instance_prompt, cfg.subject.class_prompt,
+    for part in (model_identity, family, cfg.subject.instance_prompt, cfg.subject.class_prompt,
                  str(tc.resolution), str(tc.center_crop), str(tc.random_flip), str(len(class_png))):
         h.update(part.encode() + b"\0")
-    for png in [*instance_png, b"--", *class_png, b"--", *holdout_png]:
+    for png in [*instance_png, b"--", *class_png, b"--", *holdout_png, b"--", conditioning]:
         h.update(hashlib.sha256(png).digest())
     key = h.hexdigest()[:20]
     return EncodedCache(join(cfg.workspace, "encoded", key), key, len(instance_png), len(class_png),
@@ -95,7 +98,11 @@ def rows_to_encoded(rows: dict[str, Any]) -> EncodedImages:
             torch.from_numpy(np.frombuffer(rows[col][i], dtype=np.float32).reshape(shape).copy())
             for i in order])
 
-    return EncodedImages(stack("mean"), stack("std"))
+    time_ids = None
+    if rows.get("time_ids") is not None and all(rows["time_ids"][i] for i in order):
+        time_ids = torch.stack([torch.from_numpy(np.frombuffer(rows["time_ids"][i], dtype=np.float32).copy())
+                                for i in order])
+    return EncodedImages(stack("mean"), stack("std"), time_ids)
 
 
 def read_encoded(storage: Storage, uri: str) -> EncodedImages:
@@ -112,14 +119,16 @@ def write_encoded(storage: Storage, uri: str, rows: list[dict[str, Any]]) -> Non
 
 
 def load_prompts(storage: Storage, cache: EncodedCache) -> dict[str, torch.Tensor]:
-    """``{"embeds": [2, L, D], "ids": [2, L]}`` for (instance prompt, class prompt)."""
+    """``{"embeds": [2, L, D], "ids": [2, L]}`` for (instance prompt, class prompt); SDXL adds
+    ``"pooled": [2, D2p]`` and ``"ids_2": [2, L]``."""
     from safetensors.torch import load
 
     return load(storage.read_bytes(cache.prompts_uri))
 
 
-def prompts_file(embeds: torch.Tensor, ids: torch.Tensor) -> bytes:
-    """``prompts.safetensors`` bytes from ``embeds [2, L, D]`` fp32 and ``ids [2, L]`` int64."""
+def prompts_file(embeds: torch.Tensor, ids: torch.Tensor, **sdxl: torch.Tensor) -> bytes:
+    """``prompts.safetensors`` bytes from ``embeds [2, L, D]`` fp32 and ``ids [2, L]`` int64 (and
+    SDXL's ``pooled [2, D2p]`` / ``ids_2 [2, L]``)."""
     from safetensors.torch import save
 
-    return save({"embeds": embeds.contiguous(), "ids": ids.contiguous()})
+    return save({k: v.contiguous() for k, v in {"embeds": embeds, "ids": ids, **sdxl}.items()})

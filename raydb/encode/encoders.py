@@ -14,15 +14,24 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["EncodedImages", "images_to_tensor", "encode_images", "encode_prompts", "tokenize", "add_flips"]
+from raydb.data.ingest import ImageGeometry
+from raydb.models.family import SDXL, check_finite_latents
+from raydb.models.sdxl import encode_prompts_sdxl, tokenize_sdxl
+
+__all__ = ["EncodedImages", "images_to_tensor", "encode_images", "encode_prompts", "tokenize", "add_flips",
+           "encode_prompt_set", "flip_geometries"]
 
 
 @dataclass
 class EncodedImages:
-    """Latent distributions of N images: ``mean``/``std`` are ``[N, C, h, w]`` fp32 (h = H/8)."""
+    """Latent distributions of N images: ``mean``/``std`` are ``[N, C, h, w]`` fp32 (h = H/8).
+
+    ``time_ids`` ``[N, 6]`` (SDXL only): each image's size/crop conditioning, from ingestion.
+    """
 
     mean: torch.Tensor
     std: torch.Tensor
+    time_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -39,16 +48,27 @@ def add_flips(images: list[Image.Image]) -> list[Image.Image]:
     return images + [ImageOps.mirror(im) for im in images]
 
 
+def flip_geometries(geometries: list[ImageGeometry]) -> list[ImageGeometry]:
+    """The geometries of :func:`add_flips`' output: the flipped copies see their crop mirrored."""
+    return geometries + [g.mirrored() for g in geometries]
+
+
 @torch.no_grad()
 def encode_images(vae, pixels: torch.Tensor, *, batch_size: int = 8) -> EncodedImages:
-    """``[N, 3, H, W]`` pixels -> latent distribution parameters, computed in ``batch_size`` chunks."""
+    """``[N, 3, H, W]`` pixels -> latent distribution parameters, computed in ``batch_size`` chunks.
+
+    Non-finite latents (a VAE overflowing in fp16) raise instead of reaching a cache; components
+    load SDXL's VAE in fp32 under fp16 for that reason (``vae_encode_dtype``).
+    """
     param = next(vae.parameters())
     means, stds = [], []
     for chunk in pixels.split(batch_size):
         dist = vae.encode(chunk.to(param.device, param.dtype)).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
-    return EncodedImages(torch.cat(means), torch.cat(stds))
+    encoded = EncodedImages(torch.cat(means), torch.cat(stds))
+    check_finite_latents(encoded.mean, encoded.std, f"encode ({param.dtype} VAE)")
+    return encoded
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -65,3 +85,19 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     param = next(text_encoder.parameters())
     ids = tokenize(tokenizer, prompts).to(param.device)
     return text_encoder(ids)[0].float().cpu()
+
+
+def encode_prompt_set(comps, prompts: list[str], *, with_embeds: bool = True) -> dict[str, torch.Tensor]:
+    """The prompt tensors the trainer needs, for ``comps.family``: ``ids [P, L]`` and (unless
+    ``with_embeds=False``: the text encoders train) ``embeds [P, L, D]``; SDXL adds ``ids_2``
+    ``[P, L]`` and ``pooled [P, D2p]`` (``embeds`` is then both encoders' states, concatenated)."""
+    if comps.family == SDXL:
+        ids, ids_2 = tokenize_sdxl(comps.tokenizers, prompts)
+        out = {"ids": ids, "ids_2": ids_2}
+        if with_embeds:
+            out["embeds"], out["pooled"] = encode_prompts_sdxl(comps.tokenizers, comps.text_encoders, prompts)
+        return out
+    out = {"ids": tokenize(comps.tokenizer, prompts)}
+    if with_embeds:
+        out["embeds"] = encode_prompts(comps.tokenizer, comps.text_encoder, prompts)
+    return out

@@ -19,8 +19,17 @@ import torch
 from PIL import Image
 
 from raydb.config import RaydbConfig
+from raydb.data.ingest import ImageGeometry
 from raydb.encode.cache import EncodedCache, encoded_cache_for, prompts_file, write_encoded
-from raydb.encode.encoders import add_flips, encode_images, encode_prompts, images_to_tensor, tokenize
+from raydb.encode.encoders import (
+    add_flips,
+    encode_images,
+    encode_prompt_set,
+    flip_geometries,
+    images_to_tensor,
+)
+from raydb.models.family import SDXL
+from raydb.models.sdxl import time_ids_for
 from raydb.storage import Storage
 
 __all__ = ["ImageEncoder", "run_encode_stage", "prepare_encoded", "read_class_dataset"]
@@ -33,7 +42,8 @@ class ImageEncoder:
     bytes) or prompts (``kind == "prompt"``, ``text``). Output rows ``{"index", "kind", "mean",
     "std", "shape"}``: for images the latent distribution, mean/std as fp32 bytes of shape
     ``[C, h, w]``; for prompts ``mean`` is the fp32 embedding ``[L, D]`` and ``std`` the int64
-    token ids ``[L]``. One actor does both, so the stage starts one set of processes, not two.
+    token ids ``[L]`` (SDXL: ``pooled`` fp32 ``[D2p]`` and ``ids_2`` int64 ``[L]`` too; empty
+    otherwise). One actor does both, so the stage starts one set of processes, not two.
     """
 
     def __init__(self, cfg: dict[str, Any]):
@@ -43,7 +53,7 @@ class ImageEncoder:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         comps = load_components(self.cfg.model, Storage(self.cfg.s3_endpoint_url), self.cfg.workspace,
                                 device=self.device, with_unet=False)
-        self.vae, self.tokenizer, self.text_encoder = comps.vae, comps.tokenizer, comps.text_encoder
+        self.comps, self.vae = comps, comps.vae
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         kinds = [str(k) for k in batch["kind"]]
@@ -51,6 +61,8 @@ class ImageEncoder:
         texts = [i for i, k in enumerate(kinds) if k == "prompt"]
         mean: list[bytes] = [b""] * len(kinds)
         std: list[bytes] = [b""] * len(kinds)
+        pooled: list[bytes] = [b""] * len(kinds)
+        ids_2: list[bytes] = [b""] * len(kinds)
         shape: list[list[int]] = [[]] * len(kinds)
         if images:
             pixels = images_to_tensor([Image.open(io.BytesIO(batch["png"][i])).convert("RGB")
@@ -60,16 +72,19 @@ class ImageEncoder:
                 mean[i], std[i] = enc.mean[j].numpy().tobytes(), enc.std[j].numpy().tobytes()
                 shape[i] = list(enc.mean[j].shape)
         if texts:
-            prompts = [str(batch["text"][i]) for i in texts]
-            embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts)
-            ids = tokenize(self.tokenizer, prompts).to(torch.int64)
+            encoded = encode_prompt_set(self.comps, [str(batch["text"][i]) for i in texts])
+            embeds, ids = encoded["embeds"], encoded["ids"].to(torch.int64)
             for j, i in enumerate(texts):
                 mean[i], std[i] = embeds[j].numpy().tobytes(), ids[j].numpy().tobytes()
                 shape[i] = list(embeds[j].shape)
+                if "pooled" in encoded:
+                    pooled[i] = encoded["pooled"][j].numpy().tobytes()
+                    ids_2[i] = encoded["ids_2"][j].to(torch.int64).numpy().tobytes()
         width = max(len(s) for s in shape)  # a ragged list column would not stack
         return {
             "index": batch["index"], "kind": batch["kind"],
             "mean": np.array(mean, dtype=object), "std": np.array(std, dtype=object),
+            "pooled": np.array(pooled, dtype=object), "ids_2": np.array(ids_2, dtype=object),
             "shape": np.array([s + [0] * (width - len(s)) for s in shape], dtype=np.int32),
         }
 
@@ -80,27 +95,46 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _prompt_tensors(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt rows (instance, class) -> ``embeds [2, L, D]`` fp32, ``ids [2, L]`` int64."""
-    embeds = [torch.from_numpy(np.frombuffer(r["mean"], dtype=np.float32).reshape(r["shape"]).copy())
-              for r in rows]
-    ids = [torch.from_numpy(np.frombuffer(r["std"], dtype=np.int64).copy()) for r in rows]
-    return torch.stack(embeds), torch.stack(ids)
+def _prompt_tensors(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Prompt rows (instance, class) -> ``embeds [2, L, D]`` fp32, ``ids [2, L]`` int64 (and
+    SDXL's ``pooled [2, D2p]`` fp32, ``ids_2 [2, L]`` int64)."""
+    def column(key: str, dtype, shape: bool = False) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(np.frombuffer(r[key], dtype=dtype).copy()).reshape(
+            r["shape"] if shape else (-1,)) for r in rows])
+
+    out = {"embeds": column("mean", np.float32, shape=True), "ids": column("std", np.int64)}
+    if all(r["pooled"] for r in rows):
+        out |= {"pooled": column("pooled", np.float32), "ids_2": column("ids_2", np.int64)}
+    return out
+
 
 
 def run_encode_stage(
     cfg: RaydbConfig, storage: Storage, instance_images: list[Image.Image],
     class_images: list[Image.Image], *, model_identity: str, concurrency: int = 1,
-    holdout_images: list[Image.Image] | None = None,
+    holdout_images: list[Image.Image] | None = None, family: str = "sd",
+    geometry: dict[str, list[ImageGeometry]] | None = None,
 ) -> tuple[EncodedCache, bool]:
-    """Encode on Ray Data unless an identical encoding exists. Returns ``(cache, ran)``."""
+    """Encode on Ray Data unless an identical encoding exists. Returns ``(cache, ran)``.
+
+    SDXL (``family``) also caches each image's time ids, from ``geometry`` (``{"instance": [...],
+    "class": [...], "holdout": [...]}``, one per image, before flips; images without an entry
+    count as whole, uncropped pictures).
+    """
     import ray
 
+    holdout_images = holdout_images or []
+    given = geometry or {}
+    geometry = {kind: given.get(kind) or [ImageGeometry.whole(i) for i in images] for kind, images in
+                (("instance", instance_images), ("class", class_images), ("holdout", holdout_images))}
     if cfg.train.random_flip:
         instance_images, class_images = add_flips(instance_images), add_flips(class_images)
+        geometry |= {k: flip_geometries(geometry[k]) for k in ("instance", "class")}
     inst_png, class_png = [_png(i) for i in instance_images], [_png(i) for i in class_images]
-    hold_png = [_png(i) for i in holdout_images or []]
-    cache = encoded_cache_for(cfg, model_identity, inst_png, class_png, hold_png)
+    hold_png = [_png(i) for i in holdout_images]
+    time_ids = {k: time_ids_for(g) for k, g in geometry.items()} if family == SDXL else {}
+    cache = encoded_cache_for(cfg, model_identity, inst_png, class_png, hold_png, family=family,
+                              conditioning=b"".join(t.numpy().tobytes() for t in time_ids.values()))
     if cache.is_complete(storage):
         return cache, False
     prompts = [cfg.subject.instance_prompt, cfg.subject.class_prompt]
@@ -118,16 +152,20 @@ def run_encode_stage(
         for i in range(len(batch["index"])):
             out[str(batch["kind"][i])].append({
                 "index": int(batch["index"][i]), "mean": bytes(batch["mean"][i]),
-                "std": bytes(batch["std"][i]),
+                "std": bytes(batch["std"][i]), "pooled": bytes(batch["pooled"][i]),
+                "ids_2": bytes(batch["ids_2"][i]),
                 "shape": [int(x) for x in batch["shape"][i] if x]})  # drop the padding
     for kind, uri in (("instance", cache.instance_uri), ("class", cache.class_uri),
                       ("holdout", cache.holdout_uri)):
         if out[kind] or kind == "instance":
-            write_encoded(storage, uri, sorted(out[kind], key=lambda r: r["index"]))
+            rows = [{k: r[k] for k in ("index", "mean", "std", "shape")}
+                    | {"time_ids": time_ids[kind][r["index"]].numpy().tobytes() if time_ids else b""}
+                    for r in sorted(out[kind], key=lambda r: r["index"])]
+            write_encoded(storage, uri, rows)
     storage.write_bytes(cache.prompts_uri,
-                        prompts_file(*_prompt_tensors(sorted(out["prompt"], key=lambda r: r["index"]))))
+                        prompts_file(**_prompt_tensors(sorted(out["prompt"], key=lambda r: r["index"]))))
     storage.write_json(cache.manifest_uri, {  # last: marks the cache complete
-        "key": cache.key, "model": model_identity, "num_instance": cache.num_instance,
+        "key": cache.key, "model": model_identity, "family": family, "num_instance": cache.num_instance,
         "num_class": cache.num_class, "num_holdout": cache.num_holdout,
         "resolution": cfg.train.resolution, "random_flip": cfg.train.random_flip,
     })
@@ -140,21 +178,25 @@ def prepare_encoded(cfg: RaydbConfig, storage: Storage, *,
 
     ``with_holdout`` also encodes the held-out class images that validation (Tune) scores.
     """
-    from raydb.data.ingest import load_images
-    from raydb.models.components import resolve_model
-    from raydb.prior.stage import class_images
+    from raydb.data.ingest import load_images_with_geometry
+    from raydb.models.components import model_family, resolve_model
+    from raydb.prior.stage import class_images_with_geometry
 
     tc = cfg.train
     if cfg.prior.enabled and cfg.prior.num_class_images < cfg.cluster.num_workers:
         raise ValueError(f"prior.num_class_images ({cfg.prior.num_class_images}) must be at least "
                          f"cluster.num_workers ({cfg.cluster.num_workers}): class images are split "
                          "across workers")
-    _, identity = resolve_model(cfg.model, storage, cfg.workspace)
-    instance = load_images(cfg.subject.instance_data, tc.resolution, storage=storage,
-                           center_crop=tc.center_crop)
-    holdout = class_images(cfg, storage, holdout=True) if with_holdout else None
-    return run_encode_stage(cfg, storage, instance, class_images(cfg, storage), model_identity=identity,
-                            holdout_images=holdout)
+    path, identity = resolve_model(cfg.model, storage, cfg.workspace)
+    instance = load_images_with_geometry(cfg.subject.instance_data, tc.resolution, storage=storage,
+                                         center_crop=tc.center_crop)
+    classes = class_images_with_geometry(cfg, storage)
+    holdout = class_images_with_geometry(cfg, storage, holdout=True) if with_holdout else []
+    geometry = {kind: [g for _, g in pairs] for kind, pairs in
+                (("instance", instance), ("class", classes), ("holdout", holdout))}
+    return run_encode_stage(cfg, storage, [i for i, _ in instance], [i for i, _ in classes],
+                            model_identity=identity, holdout_images=[i for i, _ in holdout],
+                            family=model_family(path), geometry=geometry)
 
 
 def read_class_dataset(storage: Storage, cache: EncodedCache):

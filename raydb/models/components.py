@@ -1,10 +1,11 @@
 """Resolve ``model.pretrained`` to a diffusers folder and load its components.
 
-``tiny`` is materialised once (``save_pretrained``) and then loaded through the same
+``tiny`` (and ``tiny-sdxl``) is materialised once (``save_pretrained``) and then loaded through the same
 ``from_pretrained`` path as a real checkpoint; ``s3://`` prefixes are downloaded once into a local
 cache keyed by the objects' ETags; local folders are used in place; anything else is a hub id.
 Every model gets an *identity* string that keys caches (prior images, encodings) and is recorded in
-adapters, so a server can refuse an adapter trained on another base.
+adapters, so a server can refuse an adapter trained on another base. The model *family* (SD 1.x/2.x
+or SDXL, :mod:`raydb.models.family`) is read from the folder and travels with the components.
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ from typing import Any
 import torch
 
 from raydb.config import ModelConfig
+from raydb.models.family import SDXL, detect_family, family_of_unet_config, family_spec, vae_encode_dtype
 from raydb.models.tiny import save_tiny_model, tiny_identity
+from raydb.models.tiny_sdxl import save_tiny_sdxl_model, tiny_sdxl_identity
 from raydb.storage import Storage, is_s3
 
-__all__ = ["Components", "resolve_model", "load_components", "load_pipeline", "model_identity",
-           "hub_revision"]
+__all__ = ["Components", "resolve_model", "model_family", "load_components", "load_pipeline",
+           "model_identity", "hub_revision", "BUILTIN_MODELS"]
+
+# model.pretrained values built in code: (writer, identity)
+BUILTIN_MODELS = {"tiny": (save_tiny_model, tiny_identity),
+                  "tiny-sdxl": (save_tiny_sdxl_model, tiny_sdxl_identity)}
 
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -41,6 +48,17 @@ class Components:
     identity: str
     path: str
     prediction_type: str
+    family: str = "sd"  # raydb.models.family: "sd" or "sdxl"
+    tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder (with projection)
+    text_encoder_2: torch.nn.Module | None = None
+
+    @property
+    def tokenizers(self) -> tuple:
+        return tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
+
+    @property
+    def text_encoders(self) -> tuple[torch.nn.Module, ...]:
+        return tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
 
 
 def _default_cache() -> Path:
@@ -85,19 +103,20 @@ def model_identity(path: str) -> str:
 def resolve_model(cfg: ModelConfig, storage: Storage, workspace: str) -> tuple[str, str]:
     """``(local folder or hub id, identity)`` for ``cfg.pretrained``; materialises tiny / s3 once."""
     spec = cfg.pretrained
-    if spec == "tiny":
+    if spec in BUILTIN_MODELS:
+        save, identity = BUILTIN_MODELS[spec]
         root = Path(workspace) if not is_s3(workspace) else Path(cfg.cache_dir or _default_cache())
-        target = root / "models" / tiny_identity()
+        target = root / "models" / identity()
         if not (target / "raydb_identity.json").is_file():
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-            save_tiny_model(tmp)
+            save(tmp)
             try:
                 os.replace(tmp, target)
             except OSError:  # another process won the race; theirs is identical
                 import shutil
 
                 shutil.rmtree(tmp, ignore_errors=True)
-        return str(target), tiny_identity()
+        return str(target), identity()
     if is_s3(spec):
         listing = storage.content_ids(spec)  # (name, ETag): changes whenever an object's bytes do
         if not listing:
@@ -151,6 +170,15 @@ def _revision_kw(cfg: ModelConfig, identity: str) -> dict[str, Any]:
     return {"revision": cfg.revision} if cfg.revision else {}
 
 
+def model_family(path: str, **kw: Any) -> str:
+    """The family of a resolved model: read from the folder, or from a hub id's UNet config."""
+    if Path(path).is_dir():
+        return detect_family(path)
+    from diffusers import UNet2DConditionModel
+
+    return family_of_unet_config(dict(UNet2DConditionModel.load_config(path, subfolder="unet", **kw)))
+
+
 def load_components(
     cfg: ModelConfig,
     storage: Storage,
@@ -160,18 +188,24 @@ def load_components(
     device: torch.device | str = "cpu",
     with_unet: bool = True,
 ) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler, all frozen.
+    """Load tokenizer(s), text encoder(s), VAE, UNet and a DDPM training scheduler, all frozen.
 
     ``with_unet=False`` skips the UNet (about 80 % of an SD checkpoint): the encode stage needs only
-    the VAE and the text encoder.
+    the VAE and the text encoder(s). SDXL also gets ``tokenizer_2`` / ``text_encoder_2``; a VAE
+    that overflows in fp16 (``force_upcast``, SDXL's) stays in fp32 when ``dtype`` is fp16.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path, identity = resolve_model(cfg, storage, workspace)
     kw = _revision_kw(cfg, identity)
+    family = model_family(path, **kw)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+    tokenizer_2 = text_encoder_2 = None
+    if family == SDXL:
+        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw) if with_unet else None
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
@@ -182,11 +216,12 @@ def load_components(
             "raydb trains 'epsilon' or 'v_prediction' (set model.prediction_type)"
         )
     scheduler.register_to_config(prediction_type=prediction_type)
-    for module in (m for m in (text_encoder, vae, unet) if m is not None):
+    for module in (m for m in (text_encoder, text_encoder_2, vae, unet) if m is not None):
         module.requires_grad_(False)
-        module.to(device=device, dtype=dtype)
+        module.to(device=device, dtype=vae_encode_dtype(vae.config, dtype) if module is vae else dtype)
         module.eval()
-    return Components(tokenizer, text_encoder, vae, unet, scheduler, identity, path, prediction_type)
+    return Components(tokenizer, text_encoder, vae, unet, scheduler, identity, path, prediction_type,
+                      family=family, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2)
 
 
 def load_pipeline(
@@ -197,16 +232,21 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ):
-    """A ``StableDiffusionPipeline`` for sampling (safety checker off; progress bar off)."""
-    from diffusers import StableDiffusionPipeline
+    """The family's pipeline (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``) for
+    sampling (safety checker off; progress bar off); ``pipe.raydb_identity`` / ``raydb_family``
+    say what it is."""
+    import diffusers
 
     path, identity = resolve_model(cfg, storage, workspace)
     kw = _revision_kw(cfg, identity)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kw
-    )
+    family = model_family(path, **kw)
+    pipeline_class = getattr(diffusers, family_spec(family).pipeline_class)
+    if family != SDXL:  # SDXL pipelines have no safety checker
+        kw.update(safety_checker=None, requires_safety_checker=False)
+    pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, **kw)
     if cfg.prediction_type:
         pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
     pipe.set_progress_bar_config(disable=True)
     pipe.raydb_identity = identity
+    pipe.raydb_family = family
     return pipe.to(device)

@@ -113,8 +113,10 @@ class PriorCache:
 
 
 def prior_cache_for(cfg: RaydbConfig, model_identity: str, scheduler_name: str,
-                    device: str = "cpu") -> PriorCache:
+                    device: str = "cpu", family: str = "sd") -> PriorCache:
     """The cache location of ``cfg``'s class images (content key over pixel-changing settings).
+
+    ``family`` (SD or SDXL: which pipeline draws them) is part of the key too.
 
     ``device`` is where the generators run: CUDA generates in fp16, the CPU in fp32, and the two
     give different pixels, so each has its own key (and the generators use the device named here).
@@ -124,7 +126,7 @@ def prior_cache_for(cfg: RaydbConfig, model_identity: str, scheduler_name: str,
     p = cfg.prior
     settings = {
         "device": device, "dtype": "float16" if device == "cuda" else "float32",
-        "model": model_identity, "class_prompt": cfg.subject.class_prompt,
+        "model": model_identity, "family": family, "class_prompt": cfg.subject.class_prompt,
         "negative_prompt": p.negative_prompt, "resolution": cfg.train.resolution,
         "num_inference_steps": p.num_inference_steps, "guidance_scale": p.guidance_scale,
         "scheduler": scheduler_name, "seed": p.seed, "sample_batch_size": p.sample_batch_size,

@@ -25,12 +25,13 @@ from PIL import Image
 
 from raydb import faults
 from raydb.config import RaydbConfig
+from raydb.data.ingest import ImageGeometry
 from raydb.prior.cache import PriorCache, prior_cache_for
 from raydb.prior.generate import BlockGenerator, cpu_threads
 from raydb.storage import Storage
 
 __all__ = ["PriorRunStats", "ensure_prior_images", "prior_total_images", "resolve_prior_cache",
-           "generation_device", "class_images"]
+           "generation_device", "class_images", "class_images_with_geometry"]
 
 
 @dataclass
@@ -75,14 +76,14 @@ def resolve_prior_cache(cfg: RaydbConfig, storage: Storage, *, use_ray: bool | N
     import json
     from pathlib import Path
 
-    from raydb.models.components import resolve_model
+    from raydb.models.components import model_family, resolve_model
 
     path, identity = resolve_model(cfg.model, storage, cfg.workspace)
     scheduler_name = "unknown"
     sched_cfg = Path(path) / "scheduler" / "scheduler_config.json"
     if sched_cfg.is_file():
         scheduler_name = json.loads(sched_cfg.read_text()).get("_class_name", "unknown")
-    return prior_cache_for(cfg, identity, scheduler_name, generation_device(use_ray))
+    return prior_cache_for(cfg, identity, scheduler_name, generation_device(use_ray), model_family(path))
 
 
 def _ray_running() -> bool:
@@ -176,16 +177,25 @@ def ensure_prior_images(
 def class_images(cfg: RaydbConfig, storage: Storage, *, holdout: bool = False) -> list[Image.Image]:
     """The training class images (with ``holdout``: the held-out ones), prepared at the training
     resolution: from ``prior.class_data``, else the shared cache (generating what is missing)."""
+    return [image for image, _ in class_images_with_geometry(cfg, storage, holdout=holdout)]
+
+
+def class_images_with_geometry(
+    cfg: RaydbConfig, storage: Storage, *, holdout: bool = False,
+) -> list[tuple[Image.Image, ImageGeometry]]:
+    """:func:`class_images` with each image's size/crop (SDXL's conditioning): ingestion's for
+    ``prior.class_data``; generated images are whole, uncropped pictures at their own size."""
     if not cfg.prior.enabled:
         return []
     n = cfg.prior.num_class_images
     if cfg.prior.class_data:
-        from raydb.data.ingest import load_images
+        from raydb.data.ingest import load_images_with_geometry
 
-        images = load_images(cfg.prior.class_data, cfg.train.resolution, storage=storage,
-                             center_crop=cfg.train.center_crop, field="prior.class_data")
+        images = load_images_with_geometry(cfg.prior.class_data, cfg.train.resolution, storage=storage,
+                                           center_crop=cfg.train.center_crop, field="prior.class_data")
     else:
         total = prior_total_images(cfg)
         ensure_prior_images(cfg, storage)
-        images = resolve_prior_cache(cfg, storage).read_images(storage, total)
+        images = [(im, ImageGeometry.whole(im))
+                  for im in resolve_prior_cache(cfg, storage).read_images(storage, total)]
     return images[n:] if holdout else images[:n]

@@ -1,7 +1,8 @@
 """Reading registry adapters safely, and the resident-adapter handle Serve's multiplexer evicts.
 
 Loading is defensive (:func:`read_adapter`): the adapter's ``adapter.json`` must be
-``diffusers-lora-v1`` and name the replica's base model (:class:`AdapterMismatch`, 409); the weights
+``diffusers-lora-v1`` and name the replica's model family (SD vs. SDXL) and base model
+(:class:`AdapterMismatch`, 409); the weights
 file name is fixed (``pytorch_lora_weights.safetensors``, never taken from the metadata), and the
 weights must hash to ``weights_sha256`` and parse as safetensors (:class:`AdapterCorrupt`, 500).
 Pickle-based formats are never read: the weights go through ``safetensors.torch.load``. Where the
@@ -152,12 +153,12 @@ class LoadedAdapter:
 
 
 def read_adapter(
-    storage: Storage, version_uri: str, identity: str
+    storage: Storage, version_uri: str, identity: str, family: str = "sd",
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """adapter.json, the verified weights, and the LoRA config stored in the weights' header.
 
     The LoRA config is diffusers' ``lora_adapter_metadata`` (``{"unet.lora_alpha": 8, "unet.r": 4,
-    ...}``), ``{}`` when the file has none. ``identity`` is the serving base model's.
+    ...}``), ``{}`` when the file has none. ``identity`` and ``family`` are the serving base model's.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
@@ -176,6 +177,10 @@ def read_adapter(
     except ValueError as exc:  # adapter.json that is not JSON
         raise AdapterCorrupt(f"adapter.json is unreadable: {exc}") from None
     base = (meta.get("base_model") or {}).get("identity")
+    adapter_family = (meta.get("base_model") or {}).get("family", "sd")  # adapters predating SDXL: SD
+    if adapter_family != family:
+        raise AdapterMismatch(f"adapter is for the {adapter_family} model family (base {base!r}); "
+                              f"this server runs an {family} model ({identity!r})")
     if base != identity:
         raise AdapterMismatch(f"adapter was trained on base model {base!r}, this server runs {identity!r}")
     expected = meta.get("weights_sha256")

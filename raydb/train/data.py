@@ -20,7 +20,8 @@ import torch
 from raydb.config import TrainConfig
 from raydb.encode.encoders import EncodedImages
 
-__all__ = ["TrainingData", "MicroBatch", "training_data", "make_micro_batch", "step_micro_batches"]
+__all__ = ["TrainingData", "MicroBatch", "training_data", "prompt_inputs", "make_micro_batch",
+           "step_micro_batches"]
 
 
 @dataclass
@@ -60,25 +61,50 @@ def training_data(
     instance: EncodedImages | torch.Tensor, class_: EncodedImages | torch.Tensor | None,
     prompt_embeds: torch.Tensor | None, prompt_ids: torch.Tensor, *,
     latent_shape: tuple[int, int, int] | None = None,
+    prompt_pooled: torch.Tensor | None = None, prompt_ids_2: torch.Tensor | None = None,
+    time_ids: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> TrainingData:
     """TrainingData from the encoded (or pixel) images and the two prompts.
 
     ``prompt_embeds`` ``[2, L, D]`` / ``prompt_ids`` ``[2, L]`` hold (instance prompt, class prompt);
     pass ``prompt_embeds=None`` when the text encoder trains (the step encodes the ids itself).
-    ``latent_shape`` ``(C, h, w)`` is read off cached latents; pixel sources must give it.
+    ``latent_shape`` ``(C, h, w)`` is read off cached latents; pixel sources must give it. SDXL:
+    ``prompt_pooled`` ``[2, D2p]``, ``prompt_ids_2`` ``[2, L]``, and per-image time ids
+    ``(instance [N, 6], class [M, 6])`` — taken from the EncodedImages when not given.
     """
     if latent_shape is None:
         if not isinstance(instance, EncodedImages):
             raise ValueError("latent_shape is required for pixel (uncached) training data")
         latent_shape = tuple(instance.mean.shape[1:])
     with_prior = class_ is not None
+    if time_ids is None:
+        time_ids = tuple(getattr(src, "time_ids", None) for src in (instance, class_))
+
+    def halves(t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if t is None:
+            return None, None
+        return t[0:1], t[1:2] if with_prior else None
+
+    (i_embeds, c_embeds), (i_ids, c_ids) = halves(prompt_embeds), halves(prompt_ids)
+    (i_pooled, c_pooled), (i_ids_2, c_ids_2) = halves(prompt_pooled), halves(prompt_ids_2)
     return TrainingData(
-        instance=instance, class_=class_,
-        instance_embeds=None if prompt_embeds is None else prompt_embeds[0:1],
-        class_embeds=None if prompt_embeds is None or not with_prior else prompt_embeds[1:2],
-        instance_ids=prompt_ids[0:1], class_ids=prompt_ids[1:2] if with_prior else None,
-        latent_shape=latent_shape,
+        instance=instance, class_=class_, instance_embeds=i_embeds, class_embeds=c_embeds,
+        instance_ids=i_ids, class_ids=c_ids, latent_shape=latent_shape,
+        instance_pooled=i_pooled, class_pooled=c_pooled, instance_ids_2=i_ids_2, class_ids_2=c_ids_2,
+        instance_time_ids=time_ids[0], class_time_ids=time_ids[1] if with_prior else None,
     )
+
+
+def prompt_inputs(
+    prompts: dict[str, torch.Tensor], train_text_encoder: bool,
+) -> dict[str, torch.Tensor | None]:
+    """:func:`training_data`'s prompt arguments from the encode cache's ``prompts.safetensors``
+    (``embeds``/``ids``, SDXL's ``pooled``/``ids_2``): embeddings are dropped when the text
+    encoders train (the step encodes the ids itself)."""
+    return {"prompt_embeds": None if train_text_encoder else prompts["embeds"],
+            "prompt_ids": prompts["ids"],
+            "prompt_pooled": None if train_text_encoder else prompts.get("pooled"),
+            "prompt_ids_2": prompts.get("ids_2")}
 
 
 @dataclass

@@ -21,6 +21,7 @@ from PIL import Image
 
 from raydb.config import RaydbConfig
 from raydb.encode.encoders import EncodedImages
+from raydb.models.sdxl import sdxl_text_conditioning, unet_added_conditions
 from raydb.train.loss import training_target
 
 __all__ = ["fixed_timesteps", "denoising_loss", "Validator"]
@@ -45,6 +46,7 @@ def denoising_loss(
     seed: int,
     num_timesteps: int = 8,
     batch_size: int = 16,
+    pooled: torch.Tensor | None = None,
 ) -> float:
     """Mean fp32 MSE between the UNet's prediction and its target over fixed (image, t) pairs.
 
@@ -59,6 +61,8 @@ def denoising_loss(
         vae: supplies ``config.scaling_factor`` (and ``shift_factor`` if any); never run.
         prompt_embeds: ``[1, L, D]`` (one prompt for all images) or ``[N, L, D]``.
         prediction_type: "epsilon" or "v_prediction".
+        pooled: SDXL only, ``[1, D2p]`` pooled prompt embedding; each image's time ids come from
+            ``encoded.time_ids``.
     """
     n = len(encoded)
     if prompt_embeds.shape[0] not in (1, n):
@@ -76,6 +80,12 @@ def denoising_loss(
     all_noise = noise.flatten(0, 1)
     all_steps = steps.repeat_interleave(n)
     all_embeds = prompt_embeds.expand(n, -1, -1).repeat(num_timesteps, 1, 1)
+    sdxl = encoded.time_ids is not None
+    if sdxl:
+        if pooled is None:
+            raise ValueError("SDXL validation needs the pooled prompt embedding")
+        all_pooled = pooled.expand(n, -1).repeat(num_timesteps, 1)
+        all_time_ids = encoded.time_ids.repeat(num_timesteps, 1)
 
     frozen = next(p for p in unet.parameters() if not p.requires_grad)
     was_training = unet.training
@@ -89,7 +99,9 @@ def denoising_loss(
             t = all_steps[sl].to(frozen.device)
             noisy = noise_scheduler.add_noise(x0, eps, t)
             cond = all_embeds[sl].to(frozen.device, frozen.dtype)
-            pred = unet(noisy.to(frozen.dtype), t, cond).sample.float()
+            added = unet_added_conditions(all_pooled[sl].to(frozen.device, frozen.dtype),
+                                          all_time_ids[sl].to(frozen.device)) if sdxl else None
+            pred = unet(noisy.to(frozen.dtype), t, cond, added_cond_kwargs=added).sample.float()
             target = training_target(noise_scheduler, x0, eps, t, prediction_type).float()
             total += F.mse_loss(pred, target, reduction="sum").item()
             count += target.numel()
@@ -108,7 +120,8 @@ class Validator:
 
     Args:
         instance / holdout: latent distributions of the instance and held-out class images.
-        prompts: ``{"embeds": [2, L, D], "ids": [2, L]}`` for (instance prompt, class prompt).
+        prompts: ``{"embeds": [2, L, D], "ids": [2, L]}`` for (instance prompt, class prompt)
+            (SDXL: also ``"pooled": [2, D2p]`` and ``"ids_2": [2, L]``).
         instance_images: the prepared instance photos; needed only for CLIP-I (``eval.clip_model``).
     """
 
@@ -118,6 +131,7 @@ class Validator:
         self.cfg, self.comps = cfg, comps
         self.instance, self.holdout = instance, holdout
         self.embeds, self.prompt_ids = prompts["embeds"], prompts["ids"]
+        self.pooled, self.prompt_ids_2 = prompts.get("pooled"), prompts.get("ids_2")
         self.weight = cfg.tune.prior_weight_in_score if cfg.tune else 1.0
         self.clip = None
         if cfg.eval.clip_model:
@@ -143,24 +157,36 @@ class Validator:
         return cls(cfg, comps, read_encoded(storage, cache.instance_uri), holdout,
                    load_prompts(storage, cache), images)
 
-    def __call__(self, unet: torch.nn.Module,
-                 text_encoder: torch.nn.Module | None = None) -> dict[str, float]:
-        """Scores ``unet``; with ``text_encoder`` (its LoRA trains) the prompts are re-encoded by
-        it, so validation sees the conditioning the adapter will be served with."""
-        embeds = self.embeds
-        if text_encoder is not None:
-            was_training = text_encoder.training
-            text_encoder.eval()
+    def __call__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None,
+                 text_encoder_2: torch.nn.Module | None = None) -> dict[str, float]:
+        """Scores ``unet``; with ``text_encoder`` (its LoRA trains; SDXL: and ``text_encoder_2``)
+        the prompts are re-encoded by it, so validation sees the conditioning the adapter will be
+        served with."""
+        embeds, pooled = self.embeds, self.pooled
+        encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
+        if encoders:
+            modes = [e.training for e in encoders]
+            for e in encoders:
+                e.eval()
             with torch.no_grad():
                 device = next(text_encoder.parameters()).device
-                embeds = text_encoder(self.prompt_ids.to(device))[0].float().cpu()
-            text_encoder.train(was_training)
-        kw = {"prediction_type": self.comps.prediction_type, "seed": self.cfg.train.seed + 7919}
-        out = {"val_instance": denoising_loss(unet, self.comps.noise_scheduler, self.comps.vae,
-                                              self.instance, embeds[0:1], **kw)}
+                if text_encoder_2 is not None:
+                    embeds, pooled = (t.float().cpu() for t in sdxl_text_conditioning(
+                        encoders, (self.prompt_ids, self.prompt_ids_2)))
+                else:
+                    embeds = text_encoder(self.prompt_ids.to(device))[0].float().cpu()
+            for e, mode in zip(encoders, modes, strict=True):
+                e.train(mode)
+
+        def loss(encoded: EncodedImages, half: int) -> float:
+            return denoising_loss(
+                unet, self.comps.noise_scheduler, self.comps.vae, encoded, embeds[half:half + 1],
+                prediction_type=self.comps.prediction_type, seed=self.cfg.train.seed + 7919,
+                pooled=None if pooled is None else pooled[half:half + 1])
+
+        out = {"val_instance": loss(self.instance, 0)}
         if self.holdout is not None:
-            out["val_prior"] = denoising_loss(unet, self.comps.noise_scheduler, self.comps.vae,
-                                              self.holdout, embeds[1:2], **kw)
+            out["val_prior"] = loss(self.holdout, 1)
         out["val_score"] = out["val_instance"] + self.weight * out.get("val_prior", 0.0)
         if self.clip is not None:
             from raydb.train.clip_eval import sample_clip_metrics

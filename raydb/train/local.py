@@ -19,12 +19,20 @@ import torch
 from PIL import Image
 
 from raydb.config import RaydbConfig
-from raydb.data.ingest import load_images
-from raydb.encode.encoders import add_flips, encode_images, encode_prompts, images_to_tensor, tokenize
+from raydb.data.ingest import ImageGeometry, load_images_with_geometry
+from raydb.encode.encoders import (
+    add_flips,
+    encode_images,
+    encode_prompt_set,
+    flip_geometries,
+    images_to_tensor,
+)
 from raydb.models.components import Components, load_components
+from raydb.models.family import SDXL
+from raydb.models.sdxl import time_ids_for
 from raydb.registry import claim_subject
 from raydb.storage import Storage, join
-from raydb.train.data import TrainingData, training_data
+from raydb.train.data import TrainingData, prompt_inputs, training_data
 from raydb.train.engine import TrainEngine, engine_compile_cache
 from raydb.train.outputs import finish_run, finished_result
 from raydb.train.rundir import (
@@ -46,20 +54,28 @@ def prepare_training_data(
     cfg: RaydbConfig, components: Components, storage: Storage, *,
     class_images: list[Image.Image] | None = None, instance_images: list[Image.Image] | None = None,
 ) -> TrainingData:
-    """Ingest and (with ``train.cache_latents``) encode everything once. Tensors stay on CPU."""
-    from raydb.prior.stage import class_images as load_class_images
+    """Ingest and (with ``train.cache_latents``) encode everything once. Tensors stay on CPU.
+
+    SDXL also gets each image's time ids: from ingestion's resize/crop for images loaded here;
+    images passed in count as whole, uncropped pictures.
+    """
+    from raydb.prior.stage import class_images_with_geometry
 
     tc = cfg.train
-    if instance_images is None:
-        instance_images = load_images(cfg.subject.instance_data, tc.resolution, storage=storage,
-                                      center_crop=tc.center_crop)
-    if class_images is None:
-        class_images = load_class_images(cfg, storage)
+
+    def whole(images: list[Image.Image]) -> list[tuple[Image.Image, ImageGeometry]]:
+        return [(im, ImageGeometry.whole(im)) for im in images]
+
+    instance = (whole(instance_images) if instance_images is not None else load_images_with_geometry(
+        cfg.subject.instance_data, tc.resolution, storage=storage, center_crop=tc.center_crop))
+    classes = whole(class_images) if class_images is not None else class_images_with_geometry(cfg, storage)
+    instance_images, class_images = [i for i, _ in instance], [i for i, _ in classes]
+    geometry = [[g for _, g in instance], [g for _, g in classes]]
     if tc.random_flip:
         instance_images, class_images = add_flips(instance_images), add_flips(class_images)
-    tok, te, vae = components.tokenizer, components.text_encoder, components.vae
-    prompts = [cfg.subject.instance_prompt, cfg.subject.class_prompt]
-    embeds = None if cfg.lora.train_text_encoder else encode_prompts(tok, te, prompts)
+        geometry = [flip_geometries(g) for g in geometry]
+    vae = components.vae
+    prompts = encode_prompt_set(components, [cfg.subject.instance_prompt, cfg.subject.class_prompt])
 
     def source(images: list[Image.Image]):
         pixels = images_to_tensor(images)
@@ -67,8 +83,10 @@ def prepare_training_data(
 
     h = tc.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     with_prior = cfg.prior.enabled and bool(class_images)
+    time_ids = tuple(time_ids_for(g) for g in geometry) if components.family == SDXL else (None, None)
     return training_data(source(instance_images), source(class_images) if with_prior else None,
-                         embeds, tokenize(tok, prompts), latent_shape=(vae.config.latent_channels, h, h))
+                         **prompt_inputs(prompts, cfg.lora.train_text_encoder),
+                         latent_shape=(vae.config.latent_channels, h, h), time_ids=time_ids)
 
 
 def train_subject(
@@ -93,7 +111,7 @@ def train_subject(
     components = load_components(cfg.model, storage, cfg.workspace, device=device,
                                  dtype=weights_dtype(tc, device))
     data = prepare_training_data(cfg, components, storage)
-    state = build_train_state(cfg, components.unet, components.text_encoder)
+    state = build_train_state(cfg, components.unet, components.text_encoder, components.text_encoder_2)
     metrics: list[dict[str, Any]] = []
     latest = latest_checkpoint(storage, run) if resume else None
     if latest:

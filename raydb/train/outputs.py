@@ -27,9 +27,10 @@ __all__ = ["adapter_metadata", "write_adapter", "loss_curve_png", "sample_grid_p
 
 def adapter_metadata(
     cfg: RaydbConfig, *, model_identity: str, weights: bytes, metrics: dict[str, Any],
-    prediction_type: str,
+    prediction_type: str, family: str = "sd",
 ) -> dict[str, Any]:
-    """adapter.json: enough to serve, audit and reproduce the adapter."""
+    """adapter.json: enough to serve, audit and reproduce the adapter (``base_model.family``: the
+    model family it was trained on, which a deployment of the other family refuses)."""
     from raydb.instance_token import instance_token
 
     return {
@@ -37,7 +38,7 @@ def adapter_metadata(
         "weights": ADAPTER_WEIGHTS,
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "base_model": {"pretrained": cfg.model.pretrained, "identity": model_identity,
-                       "prediction_type": prediction_type},
+                       "family": family, "prediction_type": prediction_type},
         "lora": cfg.lora.model_dump(mode="json") | {"alpha": cfg.lora.effective_alpha},
         "subject": {"id": cfg.subject.id, "tenant": cfg.subject.tenant,
                     "instance_prompt": cfg.subject.instance_prompt,
@@ -149,11 +150,12 @@ def finish_run(
     from raydb.train.lora import save_lora
 
     run = run_uri(cfg)
-    weights = save_lora(state.unet, state.text_encoder)
+    weights = save_lora(state.unet, state.text_encoder, state.text_encoder_2)
     final = {k: metrics[-1][k] for k in ("loss", "loss_instance", "loss_prior") if metrics}
     final |= {"steps": state.step, "images_per_s": summarize_speed(metrics)} | (extra_metrics or {})
     meta = adapter_metadata(cfg, model_identity=components.identity, weights=weights,
-                            metrics=final, prediction_type=components.prediction_type)
+                            metrics=final, prediction_type=components.prediction_type,
+                            family=components.family)
     adapter = adapter_uri(cfg)
     write_adapter(storage, adapter, weights, meta)
     storage.write_bytes(join(run, "metrics.jsonl"), "".join(metrics_line(m) + "\n" for m in metrics).encode())

@@ -62,7 +62,7 @@ def checkpoint_dir_name(step: int) -> str:
 def checkpoint_payload(state: TrainState, metrics: list[dict[str, Any]]) -> tuple[bytes, bytes]:
     """Checkpoint as (safetensors, JSON): LoRA, optimizer, lr schedule, scaler, step, RNG, metrics."""
     return state_to_bytes({
-        "lora": lora_state_dicts(state.unet, state.text_encoder),
+        "lora": lora_state_dicts(state.unet, state.text_encoder, state.text_encoder_2),
         "optimizer": state.optimizer.state_dict(),
         "lr_scheduler": state.lr_scheduler.state_dict(),
         "scaler": state.scaler.state_dict() if state.scaler else None,
@@ -75,7 +75,7 @@ def checkpoint_payload(state: TrainState, metrics: list[dict[str, Any]]) -> tupl
 def restore_payload(state: TrainState, tensor_bytes: bytes, json_bytes: bytes) -> list[dict[str, Any]]:
     """Load a checkpoint into ``state``; returns the metrics history up to its step."""
     payload = state_from_bytes(tensor_bytes, json_bytes)
-    load_lora_state(state.unet, payload["lora"], state.text_encoder)
+    load_lora_state(state.unet, payload["lora"], state.text_encoder, state.text_encoder_2)
     state.optimizer.load_state_dict(payload["optimizer"])
     state.lr_scheduler.load_state_dict(payload["lr_scheduler"])
     if state.scaler and payload["scaler"]:

@@ -54,7 +54,7 @@ def _class_shard(rank: int):
 
     from raydb.encode.cache import rows_to_encoded
 
-    rows: dict[str, list] = {"index": [], "mean": [], "std": [], "shape": []}
+    rows: dict[str, list] = {"index": [], "mean": [], "std": [], "shape": [], "time_ids": []}
     for batch in ray.train.get_dataset_shard("class").iter_batches(batch_size=None, batch_format="numpy"):
         for col in rows:
             rows[col].extend(list(batch[col]))
@@ -87,7 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from raydb.encode.cache import load_prompts, read_encoded
     from raydb.models.components import load_components
-    from raydb.train.data import training_data
+    from raydb.train.data import prompt_inputs, training_data
     from raydb.train.engine import TrainEngine, engine_compile_cache
     from raydb.train.evaluate import Validator
     from raydb.train.outputs import finish_run
@@ -107,8 +107,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     prompts = load_prompts(storage, cache)
     data = training_data(read_encoded(storage, cache.instance_uri),
                          _class_shard(rank) if cache.num_class else None,
-                         None if cfg.lora.train_text_encoder else prompts["embeds"], prompts["ids"])
-    state = build_train_state(cfg, comps.unet, comps.text_encoder)
+                         **prompt_inputs(prompts, cfg.lora.train_text_encoder))
+    state = build_train_state(cfg, comps.unet, comps.text_encoder, comps.text_encoder_2)
     model: torch.nn.Module = state.model if state.model is not None else comps.unet
     graphs = use_cuda_graphs(tc, device)
     if world > 1 and not graphs:  # the graph step all-reduces its flat gradients itself
@@ -145,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
         report = {"step": state.step, "loss": m["loss"], "resumed_from": resumed_from}
         if validator is not None:  # rank 0 scores; Tune keeps rank 0's metrics
-            val = validator(state.unet, state.text_encoder)
+            val = validator(state.unet, state.text_encoder, state.text_encoder_2)
             m.update(val)
             report.update(val)
         if rank != 0:

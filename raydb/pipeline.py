@@ -125,7 +125,9 @@ def stage_inputs(cfg: RaydbConfig, storage: Storage, stage: str) -> dict[str, An
     if stage == "tune":
         return tune
     if stage == "register":
-        return (tune if cfg.tune is not None else train) | {"export_formats": c["export_formats"]}
+        keyed = tune if cfg.tune is not None else train
+        # exports are registration outputs too; absent when none, so older manifests still match
+        return keyed | ({"export_formats": c["export_formats"]} if cfg.export_formats else {})
     if stage == "serve":
         return {"serve": _serve_config(cfg).to_dict()["serve"], "model": model, "workspace": cfg.workspace,
                 "address": _ray_address()}

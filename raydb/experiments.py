@@ -20,9 +20,11 @@ def prior_preservation_finding(
     Returns ``{"base": {...}, "lambda_<w>": {...}, "settings": {...}}`` with ``val_instance`` and
     ``val_prior`` per entry; ``base`` is the untrained model.
     """
-    from raydb.data.ingest import load_images
-    from raydb.encode.encoders import encode_images, encode_prompts, images_to_tensor, tokenize
+    from raydb.data.ingest import ImageGeometry, load_images_with_geometry
+    from raydb.encode.encoders import encode_images, encode_prompt_set, images_to_tensor
     from raydb.models.components import load_components
+    from raydb.models.family import SDXL
+    from raydb.models.sdxl import time_ids_for
     from raydb.prior.stage import class_images
     from raydb.train.data import step_micro_batches
     from raydb.train.evaluate import Validator
@@ -31,8 +33,9 @@ def prior_preservation_finding(
 
     storage = storage or Storage(cfg.s3_endpoint_url)
     tc = cfg.train
-    instance = load_images(cfg.subject.instance_data, tc.resolution, storage=storage,
-                           center_crop=tc.center_crop)
+    ingested = load_images_with_geometry(cfg.subject.instance_data, tc.resolution, storage=storage,
+                                         center_crop=tc.center_crop)
+    instance = [image for image, _ in ingested]
     classes = class_images(cfg, storage)
     holdout = class_images(cfg, storage, holdout=True)
     if not holdout:
@@ -49,13 +52,14 @@ def prior_preservation_finding(
         comps = load_components(run_cfg.model, storage, run_cfg.workspace)
         train_data = prepare_training_data(run_cfg, comps, storage, class_images=classes,
                                            instance_images=instance)
-        validator = Validator(run_cfg, comps, encode_images(comps.vae, images_to_tensor(instance)),
-                              encode_images(comps.vae, images_to_tensor(holdout)),
-                              {"embeds": encode_prompts(comps.tokenizer, comps.text_encoder, prompts),
-                               "ids": tokenize(comps.tokenizer, prompts)}, instance)
+        encoded = [encode_images(comps.vae, images_to_tensor(images)) for images in (instance, holdout)]
+        if comps.family == SDXL:  # each image's size/crop conditioning (holdout: generated, whole)
+            encoded[0].time_ids = time_ids_for([g for _, g in ingested])
+            encoded[1].time_ids = time_ids_for([ImageGeometry.whole(i) for i in holdout])
+        validator = Validator(run_cfg, comps, *encoded, encode_prompt_set(comps, prompts), instance)
         if "base" not in out:
             out["base"] = _losses(validator(comps.unet))
-        state = build_train_state(run_cfg, comps.unet, comps.text_encoder)
+        state = build_train_state(run_cfg, comps.unet, comps.text_encoder, comps.text_encoder_2)
         n_t = comps.noise_scheduler.config.num_train_timesteps
         while state.step < tc.max_steps:
             micro = step_micro_batches(train_data, tc, step=state.step, num_train_timesteps=n_t)

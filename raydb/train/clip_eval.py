@@ -75,12 +75,17 @@ def clip_scores(clip, tokenizer, generated: list[Image.Image], references: list[
 def sample_clip_metrics(cfg, comps, unet, instance_images: list[Image.Image], clip, clip_tokenizer,
                         ) -> dict[str, float]:
     """Sample ``eval.num_images`` images with the current (LoRA) UNet, fixed seeds, and score them."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet,
-        scheduler=DDIMScheduler.from_config(comps.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+    scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
+    if getattr(comps, "family", "sd") == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
+            tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     res = cfg.train.resolution
     device = next(unet.parameters()).device

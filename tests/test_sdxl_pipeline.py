@@ -13,7 +13,6 @@ import json
 import socket
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from PIL import Image
 
 from raydb.config import load_config
 from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS
-from raydb.serving.adapters import AdapterMismatch, AdapterPool
+from raydb.serving.adapters import AdapterMismatch, read_adapter
 from raydb.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,11 +101,9 @@ def _registered(tmp_path: Path, name: str, family: str, identity: str) -> str:
 def test_a_deployment_refuses_adapters_of_the_other_family(tmp_path):
     sd = _registered(tmp_path, "sd", "sd", "tiny-v1-x")
     sdxl = _registered(tmp_path, "sdxl", "sdxl", "tiny-sdxl-v1-y")
-    sdxl_pool = AdapterPool(SimpleNamespace(raydb_identity="tiny-sdxl-v1-y", raydb_family="sdxl"))
-    sd_pool = AdapterPool(SimpleNamespace(raydb_identity="tiny-v1-x", raydb_family="sd"))
-    with pytest.raises(AdapterMismatch, match="sd model family") as refused:
-        sdxl_pool.read_adapter(Storage(), sd)
+    with pytest.raises(AdapterMismatch, match="sd model family") as refused:  # SD adapter, SDXL server
+        read_adapter(Storage(), sd, "tiny-sdxl-v1-y", "sdxl")
     assert refused.value.status == 409
-    with pytest.raises(AdapterMismatch, match="sdxl model family") as refused:
-        sd_pool.read_adapter(Storage(), sdxl)
+    with pytest.raises(AdapterMismatch, match="sdxl model family") as refused:  # and vice versa
+        read_adapter(Storage(), sdxl, "tiny-v1-x", "sd")
     assert refused.value.status == 409

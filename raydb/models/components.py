@@ -249,4 +249,7 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     pipe.raydb_identity = identity
     pipe.raydb_family = family
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if family == SDXL:  # its VAE overflows in fp16 (``force_upcast``): decode in fp32
+        pipe.vae.to(vae_encode_dtype(pipe.vae.config, dtype))
+    return pipe

@@ -10,6 +10,7 @@ slot (or the zero slot: the base model).
 Per batch (``N`` images, ``h x w`` latents, classifier-free guidance doubling the UNet batch)::
 
     text:    every image's prompt and negative prompt, each under its own slot      -> [N, 77, D] x 2
+             (SDXL: both encoders, plus pooled embeddings and size/crop time ids)
     noise:   each image drawn from its own generator (seed + i)                  -> [N, 4, h, w]
     loop:    UNet on [uncond | cond] = [2N, 4, h, w], slots [s | s]; CFG; scheduler.step
     decode:  VAE + PNG on a worker thread, overlapping the next batch's loop
@@ -66,7 +67,8 @@ def shape_key(params: dict[str, Any], scheduler: str, native_size: int) -> tuple
 
 
 class DiffusionEngine:
-    """A diffusers ``StableDiffusionPipeline`` (``.raydb_identity``) turned into a batching engine.
+    """A diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (``.raydb_identity``,
+    ``.raydb_family``) turned into a batching engine.
 
     ``num_slots`` adapters can be resident, each of rank ≤ ``max_lora_rank``; ``unet_targets`` /
     ``text_encoder_targets`` name the LoRA-targeted linears (default: ``lora.target_modules`` /
@@ -81,6 +83,7 @@ class DiffusionEngine:
         text_encoder_targets = text_encoder_targets or defaults.text_encoder_target_modules
         self.pipe = pipe
         self.identity: str = pipe.raydb_identity
+        self.family: str = getattr(pipe, "raydb_family", "sd")
         self.max_lora_rank = max_lora_rank
         self.router = SlotRouter(num_slots)
         self.layers: dict[str, dict[str, MultiLoraLinear]] = {
@@ -88,6 +91,9 @@ class DiffusionEngine:
             "text_encoder": wrap_linears(pipe.text_encoder, text_encoder_targets, self.router,
                                          max_lora_rank),
         }
+        if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL's second encoder has slots too
+            self.layers["text_encoder_2"] = wrap_linears(pipe.text_encoder_2, text_encoder_targets,
+                                                         self.router, max_lora_rank)
         self.native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.scheduler_name = type(pipe.scheduler).__name__
         self.unet = pipe.unet  # what the loop calls; compile_unet() swaps in a compiled wrapper
@@ -167,7 +173,7 @@ class DiffusionEngine:
             generators += [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
         with self.lock:
             with self.router.route(torch.tensor(slots, device=device)):  # each prompt under its adapter
-                cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, negatives if cfg else None)
+                cond, uncond, added = self._encode(prompts, negatives if cfg else None, cfg, height, width)
             shape = (len(slots), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
                      width // pipe.vae_scale_factor)
             scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # fresh per-loop state
@@ -181,7 +187,8 @@ class DiffusionEngine:
                 for t in scheduler.timesteps:
                     model_in = torch.cat([latents] * 2) if cfg else latents
                     model_in = scheduler.scale_model_input(model_in, t)
-                    noise = self.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+                    noise = self.unet(model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added,
+                                      return_dict=False)[0]
                     self.unet_forwards += 1
                     if cfg:
                         noise_uncond, noise_cond = noise.chunk(2)
@@ -191,6 +198,27 @@ class DiffusionEngine:
                         raise GenerationCancelled(f"all {len(requests)} requests of the batch stopped "
                                                   "(clients gone or deadlines passed)")
         return latents
+
+    def _encode(self, prompts: list[str], negatives: list[str] | None, cfg: bool, height: int,
+                width: int) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        """``(cond, uncond, added_cond_kwargs)``: the family's prompt encoding. SDXL adds the pooled
+        embeddings and each image's time ids (whole picture at the requested size: crop (0, 0)),
+        ``[uncond | cond]``-ordered like the UNet batch."""
+        pipe = self.pipe
+        device = pipe.unet.device
+        if self.family != "sdxl":
+            cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, negatives)
+            return cond, uncond, None
+        if negatives is not None and not any(negatives):
+            negatives = None  # as the SDXL pipeline does: no negative prompt -> zero embeddings
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+            negative_prompt=negatives)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond.dtype,
+                                device=device).expand(len(prompts), 6)
+        if cfg:
+            pooled, time_ids = torch.cat([uncond_pooled, pooled]), torch.cat([time_ids, time_ids])
+        return cond, uncond, {"text_embeds": pooled, "time_ids": time_ids}
 
     @staticmethod
     def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
@@ -206,6 +234,7 @@ class DiffusionEngine:
     def decode(self, latents: torch.Tensor, requests: list[EngineRequest]) -> list[dict[str, Any]]:
         """Per request ``{"images": [PNG bytes], "width", "height"}`` from :meth:`denoise`'s latents."""
         vae = self.pipe.vae
+        latents = latents.to(next(vae.parameters()).dtype)  # SDXL's VAE stays fp32 under fp16
         pixels = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
         images = self.pipe.image_processor.postprocess(pixels, output_type="pil")
         out, start = [], 0

@@ -41,7 +41,7 @@ class SlotPool:
 
     def _verified(self, storage: Storage, version_uri: str) -> tuple[Any, Any]:
         """``(adapter.json, parsed LoRA)`` of an adapter the engine can hold; AdapterError if not."""
-        meta, state, lora_config = read_adapter(storage, version_uri, self.identity)
+        meta, state, lora_config = read_adapter(storage, version_uri, self.identity, self.engine.family)
         parsed = parse_adapter(state, lora_config)
         self.engine.check_adapter(parsed)
         return meta, parsed

@@ -110,6 +110,31 @@ def _cmd_export(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
                           output=args.output)
 
 
+def _cmd_batch(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
+    """Train every subject of a manifest (raydb.service.batch); exit 1 when any subject failed."""
+    from raydb.config import ConfigError
+    from raydb.service.batch import load_manifest, run_batch
+
+    try:
+        subjects = load_manifest(args.manifest, cfg)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    if not args.local:
+        from raydb.ray_utils import init_ray
+
+        init_ray(cfg)
+    result = run_batch(subjects, local=args.local, max_concurrent=args.max_concurrent)
+    if result["failed"]:
+        print(json.dumps(result, default=str))
+        failed = [r["subject_id"] for r in result["subjects"] if r["status"] == "failed"]
+        raise BatchFailed(f"{len(failed)} of {len(subjects)} subject(s) failed: {', '.join(failed)}")
+    return result
+
+
+class BatchFailed(RuntimeError):
+    """Some subjects of a batch failed (each one's error is in the summary above)."""
+
+
 def _cmd_config(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
     """Print the validated config with every default filled in."""
     import yaml
@@ -132,6 +157,13 @@ OTHER: dict[str, tuple[Callable[[RaydbConfig, argparse.Namespace], dict], str, l
                [(("--version",), {"help": "registry version, e.g. v0003 (default: latest)"}),
                 (("--format",), {"default": "kohya", "choices": ["kohya"], "help": "export format"}),
                 (("--output",), {"help": "also write the file here (local path or s3:// URI)"})]),
+    "batch": (_cmd_batch, "train every subject of a manifest (shared priors, concurrent trainings)",
+              [(("--manifest",), {"required": True, "help": "YAML list of subjects (docs/service.md)"}),
+               (("--local",), {"action": "store_true", "help": "one subject after another in this process, "
+                                                            "without Ray"}),
+               (("--max-concurrent",), {"type": int, "default": None,
+                                        "help": "subjects training at once (default: all; Ray queues "
+                                                "what the cluster cannot fit)"})]),
     "config": (_cmd_config, "validate a config and print it with defaults filled in",
                [(("--reference",), {"action": "store_true", "help": "print the key reference (Markdown)"})]),
 }
@@ -167,7 +199,7 @@ def _failures() -> tuple[type[BaseException], ...]:
     from raydb.storage import StorageError
     from raydb.tune.stage import TuneFailed
 
-    return (ValueError, FileNotFoundError, StorageError, AdapterError, TuneFailed)
+    return (ValueError, FileNotFoundError, StorageError, AdapterError, TuneFailed, BatchFailed)
 
 
 def main(argv: list[str] | None = None) -> int:

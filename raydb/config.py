@@ -1,6 +1,6 @@
 """One typed config tree for every stage, loaded from YAML then dotted ``key=value`` overrides.
 
-Each concern (model, subject, prior, lora, train, cluster, tune, eval, serve) is its own pydantic
+Each concern (model, subject, prior, lora, train, cluster, tune, eval, serve, service) is its own pydantic
 model. Every model forbids unknown keys, so a typo is an error that names the field path instead of
 a silently ignored setting. Configs travel to Ray tasks and workers as plain dicts and are
 re-validated there (``RaydbConfig.model_validate``), never through module globals.
@@ -29,6 +29,7 @@ __all__ = [
     "TuneConfig",
     "EvalConfig",
     "ServeConfig",
+    "ServiceConfig",
     "RaydbConfig",
     "load_config",
     "apply_overrides",
@@ -359,6 +360,39 @@ class ServeConfig(_Strict):
         return self
 
 
+class ServiceConfig(_Strict):
+    """Training as a service: ``/v1/trainings`` on the ingress (docs/service.md)."""
+
+    max_concurrent_trainings: int = Field(2, ge=1, description="Training jobs running on the cluster "
+                                          "at once; later ones wait in the queue.")
+    max_trainings_per_tenant: int = Field(1, ge=1, description="Training jobs one tenant may have "
+                                          "running at once; its others wait in the queue.")
+    max_queued_trainings: int = Field(20, ge=0, description="Trainings waiting for a slot; past this "
+                                      "a new one gets 429 with Retry-After.")
+    retry_after_s: int = Field(60, ge=1, description="Retry-After (seconds) of a 429 for a full queue "
+                               "or a tenant at its limit.")
+    allowed_overrides: list[str] = Field(
+        default_factory=lambda: ["train.max_steps", "train.learning_rate", "train.prior_loss_weight",
+                                 "lora.rank", "train.resolution", "tune"],
+        description="Config keys a tenant may override per training (dotted; 'tune' switches the "
+        "operator's tune: section on).")
+    max_train_steps: int = Field(2000, ge=1, description="Largest train.max_steps a training may ask.")
+    max_photos: int = Field(20, ge=1, description="Most photos in one training upload.")
+    max_photo_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest photo file (bytes).")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest whole upload (bytes, "
+                                  "from Content-Length, before the body is read).")
+    max_photo_pixels: int = Field(25_000_000, ge=1, description="Most pixels (width x height) of one "
+                                  "photo, read from its header before it is decoded.")
+    jobs_address: str | None = Field(None, description="Ray Jobs API (dashboard) address, e.g. "
+                                     "http://127.0.0.1:8265 (default: the cluster the ingress runs on).")
+    job_python: str | None = Field(None, description="Python that runs a training job's entrypoint "
+                                   "(default: the ingress's own interpreter).")
+    poll_interval_s: float = Field(5.0, gt=0.0, description="Seconds between the ingress's queue "
+                                   "passes (start queued jobs, notice jobs that died).")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="The search a training with "
+                             "'tune: true' runs.")
+
+
 class RaydbConfig(_Strict):
     workspace: str = Field("./workspace", validate_default=True,
                            description="Local path or s3://bucket/prefix for all artifacts.")
@@ -379,6 +413,8 @@ class RaydbConfig(_Strict):
         default_factory=list, description="Extra adapter formats written at registration beside the "
         "diffusers file and listed in adapter.json (kohya: the single-file LoRA that ComfyUI, "
         "AUTOMATIC1111 and kohya's tools load).")
+    service: ServiceConfig = Field(default_factory=ServiceConfig,
+                                   description="Trainings submitted over HTTP (/v1/trainings).")
 
     @field_validator("workspace")
     @classmethod

@@ -267,13 +267,14 @@ def _selected(cfg: RaydbConfig, deploy: bool, stages: list[str] | None) -> list[
 
 def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bool = False,
                  stages: list[str] | None = None, quiet: bool = False, local: bool = False,
-                 restart: bool = False) -> dict[str, Any]:
+                 restart: bool = False, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or skip) each stage in order; returns ``{subject, stages: [...], adapter_uri, registered,
     url, summary_uri}`` (plus ``run_dir``, ``steps``, ``images_per_s`` when a train stage ran).
 
     ``stages`` picks a subset (each stage's function fetches what it needs). ``local`` runs in this
     process without Ray: priors in-process, no separate encode stage (the trainer encodes), the
-    single-process trainer. ``restart`` trains the run again from scratch.
+    single-process trainer. ``restart`` trains the run again from scratch. ``on_stage(name)`` is
+    called as each stage starts (the training service records the current stage with it).
     """
     storage = storage or Storage(cfg.s3_endpoint_url)
     base = pipeline_uri(cfg)
@@ -284,6 +285,8 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
     def stage(name: str, run: Callable[[], dict[str, Any]], exists: Callable[[dict], bool]) -> None:
         if not quiet:
             print(f"== pipeline stage {name}", flush=True)
+        if on_stage is not None:
+            on_stage(name)
         res = run_stage(storage, join(base, f"{name}.json"), name, stage_inputs(cfg, storage, name),
                         run, exists)
         outputs[name] = res.outputs

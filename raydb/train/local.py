@@ -35,6 +35,7 @@ from raydb.storage import Storage, join
 from raydb.train.data import TrainingData, prompt_inputs, training_data
 from raydb.train.engine import TrainEngine, engine_compile_cache
 from raydb.train.outputs import finish_run, finished_result
+from raydb.train.progress import ProgressWriter
 from raydb.train.rundir import (
     CHECKPOINT_META,
     CHECKPOINT_TENSORS,
@@ -119,6 +120,7 @@ def train_subject(
                                   storage.read_bytes(join(latest, CHECKPOINT_META)))
         if not quiet:
             print(f"resuming {run} from step {state.step}")
+    progress = ProgressWriter(storage, run, tc.max_steps)
     bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {cfg.subject.id}", disable=quiet)
     graphs = use_cuda_graphs(tc, device)
     cache = engine_compile_cache(cfg, storage, model_identity=components.identity, device=device,
@@ -129,6 +131,7 @@ def train_subject(
         while state.step < tc.max_steps:
             m = engine.step()
             metrics.append(m)
+            progress.update(m)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", ips=f"{m['images_per_s']:.1f}")
             if state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps:

@@ -91,6 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raydb.train.engine import TrainEngine, engine_compile_cache
     from raydb.train.evaluate import Validator
     from raydb.train.outputs import finish_run
+    from raydb.train.progress import ProgressWriter
     from raydb.train.rundir import RESULT, checkpoint_dir_name, restore_checkpoint_dir, write_checkpoint_dir
     from raydb.train.speed import compile_for_training, use_cuda_graphs
     from raydb.train.step import build_train_state, weights_dtype
@@ -135,10 +136,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         vae=comps.vae, device=device, rank=rank, world_size=world, model=model,
         compile_cache=engine_compile_cache(cfg, storage, model_identity=comps.identity, device=device,
                                            data=data, graphs=graphs))
+    progress = ProgressWriter(storage, config["run"], tc.max_steps) if rank == 0 else None
     while state.step < tc.max_steps:
         faults.maybe_die(config.get("faults"), "train_step", rank=rank, step=state.step)
         m = engine.step()
         metrics.append(_group_metrics(m, world) if world > 1 else m)
+        if progress is not None:
+            progress.update(metrics[-1])
         last = state.step >= tc.max_steps
         evaluate = bool(eval_every) and (state.step % eval_every == 0 or last)
         if not (state.step % tc.checkpoint_every == 0 or last or evaluate):

@@ -60,6 +60,8 @@ from raydb.serving.subjects import (
     parse_model_id,
     tenant_subjects,
 )
+from raydb.serving.trainings import TrainingsEndpoint
+from raydb.serving.trainings import router as trainings_router
 from raydb.storage import Storage
 
 __all__ = ["DiffusionDeployment", "IngressDeployment", "http_app"]
@@ -70,6 +72,7 @@ logger = logging.getLogger("ray.serve")
 # when serve.docs is true.
 http_app = FastAPI(title="raydb", description="DreamBooth-LoRA subjects over HTTP (see docs/serving.md).",
                    docs_url=None, redoc_url=None, openapi_url=None)
+http_app.include_router(trainings_router)  # /v1/trainings (docs/service.md)
 
 
 @serve.deployment(name="RaydbDiffusion")
@@ -181,7 +184,7 @@ class DiffusionDeployment:
 @serve.deployment(name="RaydbIngress")
 @serve.ingress(http_app)
 class IngressDeployment:
-    """``POST /v1/generate``, ``GET /v1/subjects``, ``GET /healthz`` (and, with serve.docs, the docs)."""
+    """``POST /v1/generate``, ``GET /v1/subjects``, ``GET /healthz``, ``/v1/trainings`` (docs: serve.docs)."""
 
     def __init__(self, config: dict[str, Any], diffusion: DeploymentHandle) -> None:
         self.cfg = RaydbConfig.model_validate(config)
@@ -191,6 +194,7 @@ class IngressDeployment:
         # digests only, folded in where the app was built: this replica never reads keys from its env
         self.keys = KeyRing(sc.api_keys) if sc.auth == "api_key" else None
         self.limiter = TenantLimiter(sc.tenant_max_concurrent, sc.tenant_rate_per_s, sc.tenant_burst)
+        self.trainings = TrainingsEndpoint(self.cfg, self.storage, self._tenant)  # /v1/trainings
         if self.keys is None:
             logger.warning("raydb serve: authentication is OFF (serve.auth=none); every caller sees "
                            "every tenant's subjects. Use only on a trusted local machine.")

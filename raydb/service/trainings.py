@@ -1,0 +1,165 @@
+"""The training service's operations, as the HTTP layer calls them (no HTTP, no Ray here).
+
+:class:`TrainingService` submits (checks, limits, idempotency, records), answers status and lists,
+cancels, and runs queue passes; the ingress's routes (:mod:`raydb.serving.trainings`) only parse the
+request and turn :class:`Refused` into a status code. Tenants only ever reach their own folder, so
+another tenant's training id is simply not found (404), like a missing one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from raydb.config import RaydbConfig
+from raydb.service.queue import Jobs, queue_counts, reconcile
+from raydb.service.store import TERMINAL, TrainingStore, new_training_id
+from raydb.service.submission import validate_submission
+from raydb.storage import Storage
+
+__all__ = ["Refused", "TrainingService", "training_view"]
+
+
+class Refused(Exception):
+    """A request the service will not carry out: HTTP ``status`` with ``detail`` (and Retry-After)."""
+
+    def __init__(self, status: int, detail: Any, retry_after: int | None = None) -> None:
+        super().__init__(str(detail))
+        self.status, self.detail, self.retry_after = status, detail, retry_after
+
+
+def training_view(store: TrainingStore, tenant: str, training_id: str) -> dict[str, Any] | None:
+    """``GET /v1/trainings/{id}``'s body, or None when the tenant has no such training."""
+    from raydb.train.progress import read_progress
+
+    request = store.request(tenant, training_id)
+    if request is None:
+        return None
+    state = store.state(tenant, training_id)
+    status = store.status(tenant, training_id)
+    job = store.job(tenant, training_id) or {}
+    progress = read_progress(store.storage, status["run_uri"]) if status.get("run_uri") else None
+    progress = progress or {}
+    return {
+        "id": training_id, "subject_id": request["subject_id"], "status": state,
+        "stage": status.get("stage") if state != "queued" else "waiting for a slot",
+        "step": progress.get("step"), "max_steps": progress.get("max_steps",
+                                                                request["config"]["train"]["max_steps"]),
+        "loss": progress.get("loss"), "images_per_s": progress.get("images_per_s"),
+        "eta_s": progress.get("eta_s") if state == "running" else None,
+        "error": status.get("error") if state == "failed" else None,
+        "subject": status.get("subject") if state == "succeeded" else None,
+        "overrides": request.get("overrides", {}), "job_id": job.get("submission_id"),
+        "created_at": request.get("created_at"), "updated_at": status.get("updated_at"),
+    }
+
+
+class TrainingService:
+    """Everything ``/v1/trainings`` does, over the workspace (``store``) and Ray's Jobs API (``jobs``)."""
+
+    def __init__(self, cfg: RaydbConfig, storage: Storage, jobs: Jobs) -> None:
+        self.cfg, self.jobs = cfg, jobs
+        self.store = TrainingStore(storage, cfg.workspace)
+        self._lock = threading.Lock()  # one queue pass at a time in this process
+
+    # -- submit ------------------------------------------------------------------------------------
+    def submit(self, tenant: str, fields: dict[str, str], uploads: list[tuple[str, bytes]],
+               idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
+        """Check and record a training; returns ``(view, created)`` (``created`` False: the
+        Idempotency-Key named an earlier training, which is returned instead)."""
+        if idempotency_key is not None:
+            if not 1 <= len(idempotency_key) <= 255:
+                raise Refused(422, "Idempotency-Key: 1 to 255 characters")
+            earlier = self.store.idempotent_id(tenant, idempotency_key)
+            if earlier is not None:
+                return training_view(self.store, tenant, earlier), False
+        training_id = new_training_id()
+        sub = validate_submission(fields, uploads, self.cfg, tenant=tenant, training_id=training_id,
+                                  photos_uri=self.store.photos_uri(tenant, training_id))
+        self._check_owner(tenant, sub.subject_id)
+        self._check_capacity(tenant)
+        request = {"subject_id": sub.subject_id, "overrides": sub.overrides, "config": sub.config,
+                   "photos": [name for name, _ in sub.photos]}
+        self.store.create(tenant, training_id, request, sub.photos)
+        if idempotency_key is not None:
+            winner = self.store.claim_idempotency(tenant, idempotency_key, training_id)
+            if winner != training_id:  # a concurrent request with the same key got there first
+                self.store.discard(tenant, training_id)
+                return training_view(self.store, tenant, winner), False
+        self.store.enqueue(tenant, training_id)
+        self.pass_queue()
+        return training_view(self.store, tenant, training_id), True
+
+    def _check_owner(self, tenant: str, subject_id: str) -> None:
+        from raydb.serving.subjects import SubjectNotFound, find_subject
+
+        try:
+            owner = find_subject(self.store.storage, self.cfg.workspace, subject_id, None).tenant
+        except SubjectNotFound:
+            return
+        if owner != tenant:
+            raise Refused(409, [{"type": "value_error", "loc": ["body", "subject_id"],
+                                 "msg": f"subject id {subject_id!r} is taken; choose another"}])
+
+    def _check_capacity(self, tenant: str) -> None:
+        sc = self.cfg.service
+        counts = queue_counts(self.store)
+        starts_now = (counts["queued"] == 0 and counts["running"] < sc.max_concurrent_trainings
+                      and counts["running_by_tenant"][tenant] < sc.max_trainings_per_tenant)
+        if not starts_now and counts["queued"] >= sc.max_queued_trainings:
+            raise Refused(429, f"the training queue is full ({counts['queued']} waiting); retry later",
+                          retry_after=sc.retry_after_s)
+
+    # -- read --------------------------------------------------------------------------------------
+    def get(self, tenant: str, training_id: str) -> dict[str, Any]:
+        view = training_view(self.store, tenant, training_id)
+        if view is None:
+            raise Refused(404, f"unknown training {training_id!r}")
+        return view
+
+    def list(self, tenant: str) -> list[dict[str, Any]]:
+        return [v for i in self.store.list_ids(tenant) if (v := training_view(self.store, tenant, i))]
+
+    # -- cancel ------------------------------------------------------------------------------------
+    def cancel(self, tenant: str, training_id: str) -> dict[str, Any]:
+        """Stop the training: ``cancelled`` unless it already ended or is registering (409)."""
+        view = self.get(tenant, training_id)
+        if view["status"] in TERMINAL:
+            raise Refused(409, f"training {training_id!r} already {view['status']}")
+        if not self.store.claim_outcome(tenant, training_id, "cancel"):
+            raise Refused(409, f"training {training_id!r} is registering its result; it cannot be "
+                               "cancelled any more")
+        job = self.store.job(tenant, training_id)
+        if job is not None:
+            self.jobs.stop(job["submission_id"])
+        self.pass_queue()
+        return self.get(tenant, training_id)
+
+    # -- the queue ---------------------------------------------------------------------------------
+    def pass_queue(self) -> list[str]:
+        """One :func:`raydb.service.queue.reconcile` pass (skipped while another runs here)."""
+        if not self._lock.acquire(blocking=False):
+            return []
+        try:
+            return reconcile(self.store, self.jobs, self.cfg)
+        finally:
+            self._lock.release()
+
+    def start_background(self) -> threading.Thread:
+        """A daemon thread passing over the queue every ``service.poll_interval_s`` (so queued
+        trainings start and dead jobs are noticed even when nobody calls the API)."""
+
+        def loop() -> None:
+            while True:
+                time.sleep(self.cfg.service.poll_interval_s)
+                try:
+                    self.pass_queue()
+                except Exception as exc:  # storage or the Jobs API away for a moment: try again
+                    import logging
+
+                    logging.getLogger(__name__).warning("training queue pass failed: %s", exc)
+
+        thread = threading.Thread(target=loop, name="raydb-training-queue", daemon=True)
+        thread.start()
+        return thread

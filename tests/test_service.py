@@ -1,0 +1,210 @@
+"""Training as a service, fast tier: the ``/v1/trainings`` routes on a plain FastAPI app (no Ray),
+Ray's Jobs API replaced by a fake, and the job's entrypoint (``run_training``) called in-process
+without Ray, as the job would run it. tests/test_service_ray.py runs the real thing once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from raydb.data.demo import demo_images
+from raydb.service.runner import run_training
+from raydb.service.store import TrainingStore
+from raydb.serving.trainings import TrainingsEndpoint, router
+from raydb.storage import Storage
+
+KEYS = {"key-one": "t1", "key-two": "t2"}
+FIELDS = {"subject_id": "rex", "instance_prompt": "a photo of sks toy", "class_prompt": "a photo of a toy"}
+
+
+class FakeJobs:
+    """Ray's Jobs API as the queue sees it: submissions recorded, statuses set by the test."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+        self.stopped: list[str] = []
+        self.statuses: dict[str, str] = {}
+
+    def submit(self, submission_id: str, entrypoint: str) -> None:
+        assert "-m raydb.service.runner" in entrypoint
+        self.submitted.append(submission_id)
+        self.statuses[submission_id] = "RUNNING"
+
+    def status(self, submission_id: str) -> tuple[str, str]:
+        return self.statuses[submission_id], "driver killed"
+
+    def stop(self, submission_id: str) -> None:
+        self.stopped.append(submission_id)
+        self.statuses[submission_id] = "STOPPED"
+
+
+def _tenant(request: Request) -> str:
+    tenant = KEYS.get(request.headers.get("x-api-key", ""))
+    if tenant is None:
+        raise HTTPException(401, "missing or invalid API key")
+    return tenant
+
+
+@pytest.fixture
+def service(make_cfg, tmp_path):
+    cfg = make_cfg(workspace=str(tmp_path / "ws"), prior={"enabled": False},
+                   train={"max_steps": 2, "resolution": 64},
+                   service={"max_concurrent_trainings": 1, "max_trainings_per_tenant": 1,
+                            "max_queued_trainings": 1, "max_photos": 3, "max_photo_bytes": 60_000,
+                            "max_photo_pixels": 200 * 200, "retry_after_s": 7})
+    jobs = FakeJobs()
+
+    def client() -> TestClient:  # a new app over the same workspace: an "ingress restart"
+        app = FastAPI()
+        app.include_router(router)
+        app.state.raydb_trainings = TrainingsEndpoint(cfg, Storage(), _tenant, jobs=jobs, background=False)
+        return TestClient(app)
+
+    return cfg, jobs, client
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _photos() -> list[tuple[str, bytes]]:
+    return [(f"star{i}.png", _png(img)) for i, img in enumerate(demo_images(3, 96))]
+
+
+def _post(client: TestClient, key: str = "key-one", photos=None, idem: str | None = None, **fields):
+    """A real multipart body: text fields as parts without a file name, photos as file parts."""
+    parts = [(k, (None, v)) for k, v in (FIELDS | fields).items() if v is not None]
+    photos = _photos() if photos is None else photos
+    parts += [("photos", (name, data, "image/png")) for name, data in photos]
+    headers = {"X-API-Key": key} | ({"Idempotency-Key": idem} if idem else {})
+    return client.post("/v1/trainings", files=parts, headers=headers)
+
+
+def _stored(cfg) -> list[str]:
+    root = Path(cfg.workspace)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_bad_uploads_are_refused_naming_the_problem_and_store_nothing(service):
+    cfg, jobs, client = service
+    c = client()
+    noise = np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8)
+    bomb = io.BytesIO()
+    Image.new("1", (6000, 6000)).save(bomb, format="PNG")  # 36 MP in a few kB
+    good = _photos()[0]
+    cases = [
+        ([("notes.png", b"this is text, not a picture")], 422, "notes.png"),
+        ([good, ("empty.jpg", b"")], 422, "empty.jpg: empty file"),
+        ([], 422, "at least one photo"),
+        (_photos() + [good], 422, "at most 3 photos"),
+        ([("big.png", _png(Image.fromarray(noise)))], 413, "big.png"),
+        ([("wide.png", _png(Image.new("RGB", (400, 120))))], 422, "wide.png: 400x120 is 48000 pixels"),
+        ([("bomb.png", bomb.getvalue())], 422, "bomb.png: 6000x6000"),
+        ([("tiny.png", _png(Image.new("RGB", (20, 20))))], 422, "too small"),
+    ]
+    for photos, status, text in cases:
+        resp = _post(c, photos=photos)
+        assert resp.status_code == status, (text, resp.text)
+        detail = resp.json()["detail"][0]
+        assert detail["loc"] == ["body", "photos"] and text in detail["msg"], (text, detail)
+    for fields, text in [({"subject_id": "../x"}, "subject_id"), ({"class_prompt": " "}, "class_prompt"),
+                         ({"colour": "red"}, "colour")]:
+        resp = _post(c, **fields)
+        assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", text], resp.text
+    resp = c.post("/v1/trainings", headers={"X-API-Key": "key-one", "Content-Length": str(10**9)},
+                  content=b"")
+    assert resp.status_code == 413
+    assert _post(c, key="nope").status_code == 401
+    assert _stored(cfg) == [] and jobs.submitted == []
+
+
+def test_overrides_outside_the_allowed_list_are_422(service):
+    cfg, jobs, client = service
+    c = client()
+    for overrides, text in [({"train.colour": 1}, "unknown key 'train.colour'"),
+                            ({"train.seed": 3}, "'train.seed' may not be overridden"),
+                            ({"serve.api_keys": {}}, "may not be overridden"),
+                            ({"train.max_steps": 10**6}, "at most 2000"),
+                            ({"train.learning_rate": -1}, "train.learning_rate"),
+                            ({"tune": "yes"}, "'tune' must be true or false"),
+                            ([1, 2], "JSON object")]:
+        resp = _post(c, overrides=json.dumps(overrides))
+        assert resp.status_code == 422, resp.text
+        detail = resp.json()["detail"][0]
+        assert detail["loc"] == ["body", "overrides"] and text in detail["msg"], detail
+    assert _stored(cfg) == []
+    resp = _post(c, overrides=json.dumps({"train.max_steps": 3, "lora.rank": 2}))
+    assert resp.status_code == 202, resp.text
+    request = json.loads(next(Path(cfg.workspace).rglob("request.json")).read_text())
+    assert request["config"]["train"]["max_steps"] == 3 and request["config"]["lora"]["rank"] == 2
+
+
+def test_idempotency_queue_limits_and_tenant_isolation(service):
+    cfg, jobs, client = service
+    c = client()
+    first = _post(c, idem="order-1")
+    again = _post(c, idem="order-1")
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert first.json()["id"] == again.json()["id"] and first.json()["status"] == "running"
+    assert len(c.get("/v1/trainings", headers={"X-API-Key": "key-one"}).json()["trainings"]) == 1
+    assert len(jobs.submitted) == 1
+    tid = first.json()["id"]
+    # another tenant: the id does not exist for it
+    for method in ("get", "delete"):
+        resp = getattr(c, method)(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-two"})
+        assert resp.status_code == 404 and resp.json()["detail"] == f"unknown training {tid!r}"
+    assert c.get("/v1/trainings", headers={"X-API-Key": "key-two"}).json() == {"trainings": []}
+    # one slot, one queued at most: the second waits, the third is refused
+    second = _post(c, key="key-one", subject_id="fido")
+    assert second.status_code == 202 and second.json()["status"] == "queued"
+    third = _post(c, key="key-two", subject_id="kit")
+    assert third.status_code == 429 and third.headers["Retry-After"] == "7"
+    # the first job dies without a result: it fails, and the queued one starts
+    jobs.statuses[jobs.submitted[0]] = "FAILED"
+    view = c.get(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-one"}).json()
+    assert view["status"] == "failed" and "driver killed" in view["error"]
+    assert c.get(f"/v1/trainings/{second.json()['id']}", headers={"X-API-Key": "key-one"}).json()["status"] \
+        == "running"
+    assert len(jobs.submitted) == 2
+
+
+def test_jobs_succeed_fail_and_cancel_and_a_new_ingress_still_answers(service):
+    cfg, jobs, client = service
+    cfg.service.max_concurrent_trainings = cfg.service.max_trainings_per_tenant = 3
+    cfg.service.max_queued_trainings = 3
+    c = client()
+    ids = [_post(c, subject_id=sid).json()["id"] for sid in ("rex", "fido", "kit")]
+    assert len(jobs.submitted) == 3
+    store = TrainingStore(Storage(), cfg.workspace)
+    # fido's job finds its base model gone (as if the operator's model path were corrupt)
+    uri = Path(store.training_uri("t1", ids[1])) / "request.json"
+    request = json.loads(uri.read_text())
+    request["config"]["model"]["pretrained"] = "/nonexistent/model"
+    uri.write_text(json.dumps(request))
+    # kit is cancelled while its job runs: the job stops, and finds the outcome claimed
+    cancelled = c.delete(f"/v1/trainings/{ids[2]}", headers={"X-API-Key": "key-one"})
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert jobs.stopped == [jobs.submitted[2]]
+    assert [run_training(store, "t1", i, local=True) for i in ids] == ["succeeded", "failed", "cancelled"]
+    c = client()  # a restarted ingress answers from the workspace alone
+    views = {v["subject_id"]: v for v in c.get("/v1/trainings", headers={"X-API-Key": "key-one"}).json()[
+        "trainings"]}
+    assert views["rex"]["status"] == "succeeded" and views["rex"]["subject"] == {"subject_id": "rex",
+                                                                                 "version": "v0001"}
+    assert (views["rex"]["step"], views["rex"]["max_steps"]) == (2, 2) and views["rex"]["loss"] > 0
+    assert views["fido"]["status"] == "failed" and "/nonexistent/model" in views["fido"]["error"]
+    assert views["kit"]["status"] == "cancelled" and views["kit"]["error"] is None
+    registered = sorted(p.name for p in (Path(cfg.workspace) / "subjects").iterdir())
+    assert registered == ["rex"]  # neither the failed nor the cancelled training registered anything
+    assert c.delete(f"/v1/trainings/{ids[0]}", headers={"X-API-Key": "key-one"}).status_code == 409
+    assert _post(c, key="key-two", subject_id="rex").status_code == 409  # t1 owns rex

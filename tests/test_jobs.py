@@ -1,57 +1,21 @@
-"""``ray job submit`` of the whole pipeline against a real ``ray start --head`` cluster with token auth.
-
-The cluster is this test's own: a short temp dir, free ports for every listener, and it is stopped
-by signalling the ``ray start --block`` process (which takes its children down) and then killing
-whatever still names the temp dir — never ``ray stop``, which would stop every cluster on the
-machine (including the in-process one of tests/conftest.py).
-"""
+"""``ray job submit`` of the whole pipeline against a real ``ray start --head`` cluster with token auth
+(the test's own: tests/head_cluster.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from raydb.registry import latest_version
 from raydb.storage import Storage
+from tests.head_cluster import BIN, REPO, head_cluster, job_info
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 EXCLUDES = [".venv", ".git", "workspace", "demo-output", "**/__pycache__", "*.egg-info",
             ".pytest_cache", ".ruff_cache"]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _cluster_env(token: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.pop("RAY_AUTH_TOKEN_PATH", None)
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_V2_ENABLED="1")
-    return env
 
 
 def _ray(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -59,44 +23,8 @@ def _ray(args: list[str], env: dict[str, str], timeout: float = 120) -> subproce
                           timeout=timeout)
 
 
-def _http_status(url: str, token: str | None) -> int:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
-
-
-def _stop_cluster(proc: subprocess.Popen, temp_dir: str) -> None:
-    """SIGTERM ``ray start --block`` (it stops its processes), then kill leftovers of *this* cluster."""
-    import psutil
-
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if p.pid != os.getpid() and temp_dir in " ".join(p.info["cmdline"] or []):
-                p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-
-
 def _job_status(dash: str, sub_id: str, token: str) -> str:
-    """The job's status from the Jobs REST API (what ``ray job status`` asks, without a process)."""
-    req = urllib.request.Request(f"{dash}/api/jobs/{sub_id}", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())["status"]
-    except OSError:
-        return ""
+    return job_info(dash, sub_id, token).get("status", "")
 
 
 def _submit_and_wait(dash: str, env: dict[str, str], sub_id: str, entry: list[str],
@@ -131,30 +59,10 @@ def _summary_rows(logs: str) -> dict[str, str]:
 
 @pytest.mark.ray
 def test_pipeline_job_submit_registers_then_skips_everything():
-    token = secrets.token_hex(32)
-    env = _cluster_env(token)
-    temp_dir = tempfile.mkdtemp(prefix="rjt-", dir="/tmp")  # short: Ray's socket paths have a limit
-    workspace = Path(temp_dir) / "ws"
-    gcs, dash, client, node, objm, agent_http, agent_grpc, rt_env, metrics = _free_ports(9)
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(gcs), "--num-cpus", "8", "--num-gpus", "0", "--temp-dir", temp_dir,
-         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--ray-client-server-port", str(client), "--node-manager-port", str(node),
-         "--object-manager-port", str(objm), "--dashboard-agent-listen-port", str(agent_http),
-         "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(rt_env),
-         "--metrics-export-port", str(metrics), "--disable-usage-stats"],
-        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    dash_url = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 480  # generous: the 2 shared cores are often overloaded
-    try:
-        while _http_status(f"{dash_url}/api/version", token) != 200:
-            assert proc.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline - 400, "the dashboard did not come up"
-            time.sleep(2)
-        assert _http_status(f"{dash_url}/api/jobs/", None) == 401  # token auth is on
-
+    with head_cluster(prefix="rjt-") as cluster:
+        env, dash_url, workspace = cluster.env, cluster.dashboard, Path(cluster.temp_dir) / "ws"
+        temp_dir = cluster.temp_dir
         entry = ["python", "jobs/pipeline.py", "--config", "jobs/configs/pipeline-test.yaml",
                  f"workspace={workspace}", f"model.cache_dir={Path(temp_dir) / 'models'}",
                  "prior.num_class_images=2", "train.max_steps=2"]
@@ -173,6 +81,3 @@ def test_pipeline_job_submit_registers_then_skips_everything():
         assert latest_version(Storage(), str(workspace), "jobs-demo") == latest
         on_disk = json.loads((workspace / "pipeline" / "jobs-demo" / "summary.json").read_text())
         assert [s["status"] for s in on_disk["stages"]] == ["skipped"] * 4
-    finally:
-        _stop_cluster(proc, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)

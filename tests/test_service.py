@@ -32,9 +32,12 @@ class FakeJobs:
         self.submitted: list[str] = []
         self.stopped: list[str] = []
         self.statuses: dict[str, str] = {}
+        self.refuse = False  # as when the job agent is not up yet
 
     def submit(self, submission_id: str, entrypoint: str) -> None:
         assert "-m raydb.service.runner" in entrypoint
+        if self.refuse:
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job")
         self.submitted.append(submission_id)
         self.statuses[submission_id] = "RUNNING"
 
@@ -208,3 +211,14 @@ def test_jobs_succeed_fail_and_cancel_and_a_new_ingress_still_answers(service):
     assert registered == ["rex"]  # neither the failed nor the cancelled training registered anything
     assert c.delete(f"/v1/trainings/{ids[0]}", headers={"X-API-Key": "key-one"}).status_code == 409
     assert _post(c, key="key-two", subject_id="rex").status_code == 409  # t1 owns rex
+
+
+def test_a_refused_submission_stays_queued_until_the_jobs_api_takes_it(service):
+    cfg, jobs, client = service
+    c = client()
+    jobs.refuse = True
+    resp = _post(c)
+    assert resp.status_code == 202 and resp.json()["status"] == "queued" and jobs.submitted == []
+    jobs.refuse = False
+    view = c.get(f"/v1/trainings/{resp.json()['id']}", headers={"X-API-Key": "key-one"}).json()
+    assert view["status"] == "running" and view["job_id"] == jobs.submitted[0]

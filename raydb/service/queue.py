@@ -9,7 +9,8 @@ the queue at once cannot start a training twice.
 queue; a job that ended without its training saying so (killed, out of memory, node lost) marks the
 training ``failed`` with the job's message; then queued trainings are started while fewer than
 ``service.max_concurrent_trainings`` run on the cluster and fewer than
-``service.max_trainings_per_tenant`` for their tenant. The ingress runs it every
+``service.max_trainings_per_tenant`` for their tenant (a submission the Jobs API refuses for now
+leaves the training queued for the next pass). The ingress runs it every
 ``service.poll_interval_s`` and on each trainings request. Pure logic over a :class:`Jobs`
 protocol: tests drive it with a fake.
 """
@@ -49,8 +50,13 @@ class RayJobs:
     token auth on, the client adds the cluster's token itself)."""
 
     def __init__(self, address: str | None = None) -> None:
+        import ray
         from ray.job_submission import JobSubmissionClient
 
+        if address is None and ray.is_initialized():
+            # The cluster we run on, by its GCS address (the client looks the dashboard up there);
+            # auto-detection could pick another cluster on a shared machine.
+            address = ray.get_runtime_context().gcs_address
         self.client = JobSubmissionClient(address)
 
     def submit(self, submission_id: str, entrypoint: str) -> None:
@@ -135,7 +141,12 @@ def reconcile(store: TrainingStore, jobs: Jobs, cfg: RaydbConfig) -> list[str]:
         if running[entry.tenant] >= sc.max_trainings_per_tenant:
             continue
         sub_id = submission_id(entry.tenant, entry.training_id)
-        jobs.submit(sub_id, entrypoint(cfg, entry.tenant, entry.training_id))
+        try:
+            jobs.submit(sub_id, entrypoint(cfg, entry.tenant, entry.training_id))
+        except Exception as exc:  # e.g. "No available agent to submit job": it stays queued
+            logger.warning("training %s: job submission failed, retrying on the next pass: %s",
+                           entry.training_id, exc)
+            break
         store.record_job(entry.tenant, entry.training_id, sub_id)
         running[entry.tenant] += 1
         started.append(entry.training_id)

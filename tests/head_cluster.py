@@ -1,0 +1,132 @@
+"""A private ``ray start --head`` cluster with token auth, for tests that need the Jobs API.
+
+The cluster is the test's own: a short temp dir, free ports for every listener (including the
+dashboard agent's, whose default 52365 another cluster on a shared machine may hold — then the Jobs
+API answers "No available agent"), and it is stopped by signalling the ``ray start --block`` process
+(which takes its children down) and then killing whatever still names the temp dir — never
+``ray stop``, which would stop every cluster on the machine (including the in-process one of
+tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class HeadCluster:
+    env: dict[str, str]  # the cluster's environment (token included): give it to every subprocess
+    token: str
+    dashboard: str  # http://127.0.0.1:<port>: the Jobs API
+    gcs: str  # 127.0.0.1:<port>: ray.init / RAY_ADDRESS
+    temp_dir: str
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def cluster_env(token: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_V2_ENABLED="1")
+    return env
+
+
+def http_status(url: str, token: str | None) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def job_info(dashboard: str, sub_id: str, token: str) -> dict:
+    """The job's record from the Jobs REST API (what ``ray job status`` asks), {} when unknown."""
+    req = urllib.request.Request(f"{dashboard}/api/jobs/{sub_id}",
+                                 headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+    except OSError:
+        return {}
+
+
+def _stop(proc: subprocess.Popen, temp_dir: str) -> None:
+    import psutil
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid != os.getpid() and temp_dir in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+@contextlib.contextmanager
+def head_cluster(num_cpus: int = 8, prefix: str = "rjt-", boot_s: float = 80) -> Iterator[HeadCluster]:
+    """Start the cluster, wait for its dashboard (token auth checked), yield it, stop it."""
+    token = secrets.token_hex(32)
+    env = cluster_env(token)
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths have a limit
+    gcs, dash, client, node, objm, agent_http, agent_grpc, rt_env, metrics = free_ports(9)
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(gcs), "--num-cpus", str(num_cpus), "--num-gpus", "0", "--temp-dir", temp_dir,
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+         "--ray-client-server-port", str(client), "--node-manager-port", str(node),
+         "--object-manager-port", str(objm), "--dashboard-agent-listen-port", str(agent_http),
+         "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(rt_env),
+         "--metrics-export-port", str(metrics), "--disable-usage-stats"],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    cluster = HeadCluster(env, token, f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", temp_dir)
+    deadline = time.monotonic() + boot_s  # generous: the 2 shared cores are often overloaded
+    try:
+        while http_status(f"{cluster.dashboard}/api/version", token) != 200:
+            assert proc.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the dashboard did not come up"
+            time.sleep(2)
+        assert http_status(f"{cluster.dashboard}/api/jobs/", None) == 401  # token auth is on
+        yield cluster
+    finally:
+        _stop(proc, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)

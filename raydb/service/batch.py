@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from raydb.config import ConfigError, RaydbConfig, load_config
+from raydb.service import error_line
 from raydb.storage import Storage, is_s3
 
 __all__ = ["BatchSubject", "SubjectOutcome", "load_manifest", "run_batch", "format_batch_summary"]
@@ -126,12 +127,6 @@ def load_manifest(path: str | Path, base: RaydbConfig) -> list[BatchSubject]:
     return out
 
 
-def _error(exc: BaseException) -> str:
-    """One line: the error's type and its message (an IngestError's per-file lines joined)."""
-    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return f"{type(exc).__name__}: {text}"
-
-
 def _check_photos(cfg: RaydbConfig, storage: Storage) -> None:
     """Decode the subject's photos by the ingestion rules (raises IngestError naming each file)."""
     from raydb.data.ingest import load_images
@@ -168,7 +163,7 @@ def _run_subject(cfg_dict: dict[str, Any], local: bool) -> dict[str, Any]:
     try:
         summary = run_pipeline(cfg, local=local, quiet=True)
     except Exception as exc:  # isolated: one subject's failure is its row, not the batch's
-        return {"error": _error(exc), "seconds": time.perf_counter() - start}
+        return {"error": error_line(exc), "seconds": time.perf_counter() - start}
     return {"summary": summary, "seconds": time.perf_counter() - start}
 
 
@@ -193,7 +188,7 @@ def _run_trainings(todo: list[BatchSubject], local: bool, max_concurrent: int | 
         try:
             done(s, ray.get(ready[0]))
         except Exception as exc:  # the task's process died (OOM, node lost)
-            done(s, {"error": _error(exc), "seconds": 0.0})
+            done(s, {"error": error_line(exc), "seconds": 0.0})
 
 
 def run_batch(subjects: list[BatchSubject], storage: Storage | None = None, *, local: bool = False,
@@ -217,7 +212,7 @@ def run_batch(subjects: list[BatchSubject], storage: Storage | None = None, *, l
         try:
             _check_photos(s.cfg, storage)
         except Exception as exc:
-            fail(s, _error(exc))
+            fail(s, error_line(exc))
     priors = []
     for key, group in _prior_groups(subjects, storage).items():  # 2. one prior fill per class
         class_prompt = group[0].cfg.subject.class_prompt
@@ -230,7 +225,7 @@ def run_batch(subjects: list[BatchSubject], storage: Storage | None = None, *, l
             generated = row["outputs"].get("images_generated", 0) if row["status"] == "ran" else 0
         except Exception as exc:
             for s in group:
-                fail(s, f"prior images for {class_prompt!r}: {_error(exc)}")
+                fail(s, f"prior images for {class_prompt!r}: {error_line(exc)}")
             generated = 0
         priors.append({"key": key, "class_prompt": class_prompt, "subjects": [s.subject_id for s in group],
                        "images_generated": generated})

@@ -16,15 +16,11 @@ import sys
 from typing import Any
 
 from raydb.config import RaydbConfig
+from raydb.service import error_line
 from raydb.service.store import TrainingStore
 from raydb.storage import Storage
 
 __all__ = ["run_training", "main"]
-
-
-def _error(exc: BaseException) -> str:
-    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return f"{type(exc).__name__}: {text}"[:2000]
 
 
 def run_training(store: TrainingStore, tenant: str, training_id: str, *, local: bool = False) -> str:
@@ -57,8 +53,9 @@ def run_training(store: TrainingStore, tenant: str, training_id: str, *, local: 
             return "cancelled"  # DELETE came first: nothing is registered
         summary = run_pipeline(cfg, stages=["register"], local=local, on_stage=on_stage)
     except Exception as exc:
-        store.write_status(tenant, training_id, **status | {"state": "failed", "error": _error(exc)})
-        print(f"training {training_id} failed: {_error(exc)}", file=sys.stderr, flush=True)
+        error = error_line(exc)[:2000]
+        store.write_status(tenant, training_id, **status | {"state": "failed", "error": error})
+        print(f"training {training_id} failed: {error}", file=sys.stderr, flush=True)
         return "failed"
     register = next(s for s in summary["stages"] if s["stage"] == "register")["outputs"]
     store.write_status(tenant, training_id, **status | {

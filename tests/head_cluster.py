@@ -121,12 +121,46 @@ def head_cluster(num_cpus: int = 8, prefix: str = "rjt-", boot_s: float = 80) ->
     cluster = HeadCluster(env, token, f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", temp_dir)
     deadline = time.monotonic() + boot_s  # generous: the 2 shared cores are often overloaded
     try:
-        while http_status(f"{cluster.dashboard}/api/version", token) != 200:
-            assert proc.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, "the dashboard did not come up"
-            time.sleep(2)
+        # the dashboard, then its agent on this node (which runs jobs: until it answers, the Jobs API
+        # says "No available agent to submit job")
+        for url in (f"{cluster.dashboard}/api/version", f"http://127.0.0.1:{agent_http}/"):
+            while http_status(url, token) == 0:
+                assert proc.poll() is None, "ray start --head exited"
+                assert time.monotonic() < deadline, f"{url} did not come up"
+                time.sleep(2)
         assert http_status(f"{cluster.dashboard}/api/jobs/", None) == 401  # token auth is on
         yield cluster
     finally:
         _stop(proc, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def run_job(cluster: HeadCluster, argv: list[str], sub_id: str, deadline: float) -> dict:
+    """Run ``argv`` as a Ray job through the Jobs REST API and wait for it; its record on success.
+
+    A job's driver runs inside the cluster (the supervisor gives it the address), which is sturdier
+    on a loaded machine than a driver connecting from outside.
+    """
+    import shlex
+
+    body = json.dumps({"entrypoint": shlex.join(argv), "submission_id": sub_id}).encode()
+    req = urllib.request.Request(f"{cluster.dashboard}/api/jobs/", data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {cluster.token}",
+                                          "Content-Type": "application/json"})
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=30):
+                break
+        except OSError as exc:  # e.g. "No available agent" while the agent registers, or a busy dashboard
+            assert time.monotonic() < deadline, f"job {sub_id} not accepted: {exc}"
+            time.sleep(2)
+    while (info := job_info(cluster.dashboard, sub_id, cluster.token)).get("status") not in (
+            "SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, f"job {sub_id} still {info.get('status')}"
+        time.sleep(1)
+    if info["status"] != "SUCCEEDED":
+        logs = urllib.request.Request(f"{cluster.dashboard}/api/jobs/{sub_id}/logs",
+                                      headers={"Authorization": f"Bearer {cluster.token}"})
+        with urllib.request.urlopen(logs, timeout=30) as resp:
+            raise AssertionError(f"job {sub_id}: {info['status']}\n{json.loads(resp.read())['logs'][-4000:]}")
+    return info

@@ -32,8 +32,12 @@ def _submit_and_wait(dash: str, env: dict[str, str], sub_id: str, entry: list[st
     # No env_vars here: the cluster's environment already has them, and raydb's init_ray passes its
     # own, which Ray refuses to merge with the job's when keys overlap.
     runtime_env = {"excludes": EXCLUDES}
-    out = _ray(["job", "submit", "--address", dash, "--submission-id", sub_id, "--working-dir", ".",
-                "--runtime-env-json", json.dumps(runtime_env), "--no-wait", "--", *entry], env)
+    while True:
+        out = _ray(["job", "submit", "--address", dash, "--submission-id", sub_id, "--working-dir", ".",
+                    "--runtime-env-json", json.dumps(runtime_env), "--no-wait", "--", *entry], env)
+        if "No available agent" not in out.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)  # the node's agent registers a little after the dashboard answers
     assert out.returncode == 0, out.stdout + out.stderr
     status = ""
     while time.monotonic() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):

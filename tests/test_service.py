@@ -174,6 +174,7 @@ def test_idempotency_queue_limits_and_tenant_isolation(service):
     assert third.status_code == 429 and third.headers["Retry-After"] == "7"
     # the first job dies without a result: it fails, and the queued one starts
     jobs.statuses[jobs.submitted[0]] = "FAILED"
+    c.app.state.raydb_trainings.service.pass_queue()  # the next queue pass (background thread or a GET)
     view = c.get(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-one"}).json()
     assert view["status"] == "failed" and "driver killed" in view["error"]
     assert c.get(f"/v1/trainings/{second.json()['id']}", headers={"X-API-Key": "key-one"}).json()["status"] \
@@ -220,5 +221,6 @@ def test_a_refused_submission_stays_queued_until_the_jobs_api_takes_it(service):
     resp = _post(c)
     assert resp.status_code == 202 and resp.json()["status"] == "queued" and jobs.submitted == []
     jobs.refuse = False
+    c.app.state.raydb_trainings.service.pass_queue()
     view = c.get(f"/v1/trainings/{resp.json()['id']}", headers={"X-API-Key": "key-one"}).json()
     assert view["status"] == "running" and view["job_id"] == jobs.submitted[0]

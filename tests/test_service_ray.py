@@ -9,7 +9,6 @@ returns a PNG of the new subject from the same, never redeployed, app.
 from __future__ import annotations
 
 import io
-import subprocess
 import sys
 import time
 
@@ -19,7 +18,7 @@ from PIL import Image
 
 from raydb.data.demo import demo_images
 from raydb.serving.auth import hash_key
-from tests.head_cluster import REPO, free_ports, head_cluster, job_info
+from tests.head_cluster import free_ports, head_cluster, job_info, run_job
 
 KEY = "service-test-key-one"
 DEPLOY = "import sys; from raydb.config import load_config; from raydb.serving import deploy; " \
@@ -29,12 +28,6 @@ KILL_INGRESS = (
     "names = [a for a in ray.util.list_named_actors(all_namespaces=True) if 'RaydbIngress' in a['name']]; "
     "assert len(names) == 1, names; "
     "ray.kill(ray.get_actor(names[0]['name'], namespace=names[0]['namespace']), no_restart=False)")
-
-
-def _python(code: str, *args: str, env: dict[str, str]) -> None:
-    out = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
 def _get(client, url: str, deadline: float):
@@ -71,8 +64,8 @@ def test_upload_train_as_a_ray_job_then_generate_without_redeploy(tmp_path):
                       "max_inference_steps": 4, "default_inference_steps": 2, "num_cpus_per_replica": 1},
             "service": {"poll_interval_s": 1.0},
         }))
-        env = cluster.env | {"RAY_ADDRESS": cluster.gcs}
-        _python(DEPLOY, str(config), env=env)  # Serve's apps outlive the driver that deployed them
+        # Serve's apps outlive the job that deployed them
+        run_job(cluster, [sys.executable, "-c", DEPLOY, str(config)], "deploy-serve", deadline)
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
         files = []
         for i, img in enumerate(demo_images(4, 128)):
@@ -86,7 +79,8 @@ def test_upload_train_as_a_ray_job_then_generate_without_redeploy(tmp_path):
         tid = resp.json()["id"]
         assert resp.json()["status"] in ("queued", "running")  # queued while the job agent starts
 
-        _python(KILL_INGRESS, env=env)  # Serve replaces the replica; the new one reads the workspace
+        # Serve replaces the replica; the new one answers from the workspace
+        run_job(cluster, [sys.executable, "-c", KILL_INGRESS], "kill-ingress", deadline)
         while True:
             view = _get(client, f"/v1/trainings/{tid}", deadline).json()
             if view["status"] in ("succeeded", "failed", "cancelled"):

@@ -62,6 +62,7 @@ class TrainingService:
         self.cfg, self.jobs = cfg, jobs
         self.store = TrainingStore(storage, cfg.workspace)
         self._lock = threading.Lock()  # one queue pass at a time in this process
+        self._last_pass = float("-inf")
 
     # -- submit ------------------------------------------------------------------------------------
     def submit(self, tenant: str, fields: dict[str, str], uploads: list[tuple[str, bytes]],
@@ -137,13 +138,15 @@ class TrainingService:
         return self.get(tenant, training_id)
 
     # -- the queue ---------------------------------------------------------------------------------
-    def pass_queue(self) -> list[str]:
-        """One :func:`raydb.service.queue.reconcile` pass (skipped while another runs here)."""
-        if not self._lock.acquire(blocking=False):
+    def pass_queue(self, *, if_older_than_s: float = 0.0) -> list[str]:
+        """One :func:`raydb.service.queue.reconcile` pass (skipped while another runs here, or when
+        the last one ended less than ``if_older_than_s`` ago: polling clients share passes)."""
+        if time.monotonic() - self._last_pass < if_older_than_s or not self._lock.acquire(blocking=False):
             return []
         try:
             return reconcile(self.store, self.jobs, self.cfg)
         finally:
+            self._last_pass = time.monotonic()
             self._lock.release()
 
     def start_background(self) -> threading.Thread:

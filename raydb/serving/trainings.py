@@ -146,7 +146,7 @@ async def list_trainings(request: Request) -> dict[str, Any]:
 @router.get("/v1/trainings/{training_id}")
 async def get_training(training_id: str, request: Request) -> dict[str, Any]:
     endpoint, tenant = _endpoint(request)
-    await asyncio.to_thread(endpoint.service.pass_queue)
+    await asyncio.to_thread(endpoint.service.pass_queue, if_older_than_s=1.0)
     return await _call(endpoint.service.get, tenant, training_id)
 
 

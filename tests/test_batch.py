@@ -15,7 +15,9 @@ import yaml
 
 from raydb.cli import main
 from raydb.data.demo import demo_images
+from raydb.registry import latest_version
 from raydb.service.batch import load_manifest, run_batch
+from raydb.storage import Storage
 
 SUBJECTS = [("rex", "sks", "toy"), ("fido", "zwx", "toy"), ("kit", "qpv", "cat"), ("bad", "vfx", "toy")]
 
@@ -63,7 +65,7 @@ def test_batch_shares_priors_isolates_failures_and_reruns_nothing(make_cfg, mani
     assert prior_manifests["fido"]["outputs"]["images_generated"] == 0  # found rex's fill in the cache
     assert len(list((ws / "priors").iterdir())) == 2  # two classes, two caches
     for sid in ("rex", "fido", "kit"):
-        latest = json.loads((ws / "subjects" / sid / "latest.json").read_text())
+        latest = latest_version(Storage(), cfg.workspace, sid)
         assert latest["version"] == rows[sid]["version"] == "v0001"
         meta = json.loads((Path(latest["uri"]) / "adapter.json").read_text())
         assert meta["subject"]["tenant"] == "shop" and meta["metrics"]["steps"] == 2

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from raydb.data.demo import demo_images
+from raydb.registry import list_subjects
 from raydb.service.runner import run_training
 from raydb.service.store import TrainingStore
 from raydb.serving.trainings import TrainingsEndpoint, router
@@ -208,7 +209,7 @@ def test_jobs_succeed_fail_and_cancel_and_a_new_ingress_still_answers(service):
     assert (views["rex"]["step"], views["rex"]["max_steps"]) == (2, 2) and views["rex"]["loss"] > 0
     assert views["fido"]["status"] == "failed" and "/nonexistent/model" in views["fido"]["error"]
     assert views["kit"]["status"] == "cancelled" and views["kit"]["error"] is None
-    registered = sorted(p.name for p in (Path(cfg.workspace) / "subjects").iterdir())
+    registered = sorted(list_subjects(Storage(), cfg.workspace))
     assert registered == ["rex"]  # neither the failed nor the cancelled training registered anything
     assert c.delete(f"/v1/trainings/{ids[0]}", headers={"X-API-Key": "key-one"}).status_code == 409
     assert _post(c, key="key-two", subject_id="rex").status_code == 409  # t1 owns rex

@@ -3,14 +3,14 @@
 Nothing lives in a replica's memory, so a restarted ingress (or a second one) answers for every
 training. One folder per training, under its tenant::
 
-    <workspace>/tenants/<tenant>/trainings/<id>/
+    <workspace>/service/tenants/<tenant>/trainings/<id>/
         photos/<name>      the upload (written first)
         request.json       fields, overrides and the validated config (written last: the training exists)
         job.json           the Ray job it runs as (written once, by the queue, when it starts)
         status.json        state, stage, error, run folder, registered version (written by the job)
         outcome.json       "register" or "cancel", created only if absent: the job and DELETE race
                            for it, so a training is either registered or cancelled, never both
-    <workspace>/tenants/<tenant>/idempotency/<sha256 of the key>.json   -> the training id
+    <workspace>/service/tenants/<tenant>/idempotency/<sha256 of the key>.json   -> the training id
     <workspace>/service/queue/<created ns>--<tenant>--<id>.json         one per unfinished training
 
 Every file has one writer at a time (or is created only if absent), so no read-modify-write races.
@@ -60,7 +60,7 @@ class TrainingStore:
 
     # -- paths -------------------------------------------------------------------------------------
     def tenant_uri(self, tenant: str) -> str:
-        return join(self.workspace, "tenants", check_safe_id(tenant))
+        return join(self.workspace, "service", "tenants", check_safe_id(tenant))
 
     def training_uri(self, tenant: str, training_id: str) -> str:
         return join(self.tenant_uri(tenant), "trainings", check_safe_id(training_id))

@@ -78,8 +78,8 @@ class TrainingService:
         training_id = new_training_id()
         sub = validate_submission(fields, uploads, self.cfg, tenant=tenant, training_id=training_id,
                                   photos_uri=self.store.photos_uri(tenant, training_id))
-        self._check_owner(tenant, sub.subject_id)
         self._check_capacity(tenant)
+        self._claim_subject(tenant, sub.subject_id)
         request = {"subject_id": sub.subject_id, "overrides": sub.overrides, "config": sub.config,
                    "photos": [name for name, _ in sub.photos]}
         self.store.create(tenant, training_id, request, sub.photos)
@@ -92,16 +92,16 @@ class TrainingService:
         self.pass_queue()
         return training_view(self.store, tenant, training_id), True
 
-    def _check_owner(self, tenant: str, subject_id: str) -> None:
-        from raydb.serving.subjects import SubjectNotFound, find_subject
+    def _claim_subject(self, tenant: str, subject_id: str) -> None:
+        """The subject id becomes the tenant's (the registry's create-if-absent owner record), or 409
+        when another tenant owns it — before the upload is stored, not after training."""
+        from raydb.registry import SubjectOwned, claim_subject
 
         try:
-            owner = find_subject(self.store.storage, self.cfg.workspace, subject_id, None).tenant
-        except SubjectNotFound:
-            return
-        if owner != tenant:
+            claim_subject(self.store.storage, self.cfg.workspace, subject_id, tenant)
+        except SubjectOwned:
             raise Refused(409, [{"type": "value_error", "loc": ["body", "subject_id"],
-                                 "msg": f"subject id {subject_id!r} is taken; choose another"}])
+                                 "msg": f"subject id {subject_id!r} is taken; choose another"}]) from None
 
     def _check_capacity(self, tenant: str) -> None:
         sc = self.cfg.service

@@ -259,3 +259,35 @@ def test_lr_schedule_values_over_steps(f64_setup, kind):
     assert logged == pytest.approx(expected, rel=1e-12, abs=1e-18)
     if kind != "constant":
         assert len(set(expected)) > 2  # the schedule has something to show
+
+
+# -- augmentation -----------------------------------------------------------------------------------
+def test_flipped_copies_are_the_encodings_of_mirrored_images(make_cfg, shared_workspace):
+    """With ``train.random_flip`` the second half of the cached instance and class latents equals the
+    VAE encoding of the horizontally mirrored images — and differs from the unmirrored encoding.
+    The float64 VAE makes both encodings exact up to the final float32 cast (1 ulp ~ 1e-7).
+
+    Deliberate break caught: ``add_flips`` returning plain copies (``images + list(images)``): twice
+    the entries, none of them mirrored, so the existing "doubles the entries" test stays green.
+    """
+    from PIL import ImageOps
+
+    from raydb.data.demo import demo_images
+    from raydb.data.ingest import prepare_image
+    from raydb.train.encode import encode_images, images_to_tensor
+    from raydb.train.run import prepare_training_data
+
+    cfg = make_cfg(workspace=shared_workspace, train={"dtype": "float64", "random_flip": True})
+    comps = load_components(cfg.model, Storage(), cfg.workspace, dtype=torch.float64)
+    pictures = [prepare_image(im, 64) for im in demo_images(5, size=64)]
+    instance, klass = pictures[:2], pictures[2:]
+    data = prepare_training_data(cfg, comps, Storage(), instance_images=instance, class_images=klass)
+    for encoded, originals in ((data.instance, instance), (data.class_, klass)):
+        n = len(originals)
+        assert len(encoded) == 2 * n
+        mirrored = encode_images(comps.vae, images_to_tensor([ImageOps.mirror(im) for im in originals]))
+        plain = encode_images(comps.vae, images_to_tensor(originals))
+        assert torch.allclose(encoded.mean[n:], mirrored.mean, rtol=0, atol=1e-6)
+        assert torch.allclose(encoded.std[n:], mirrored.std, rtol=0, atol=1e-6)
+        assert torch.allclose(encoded.mean[:n], plain.mean, rtol=0, atol=1e-6)
+        assert (encoded.mean[n:] - plain.mean).abs().max() > 1e-2  # mirroring changed the latents

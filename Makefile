@@ -40,7 +40,7 @@ test-fast: $(STAMP)
 # one module at a time (MUTATE_MODULES=raydb.train.loss picks one); results accumulate in mutants/,
 # `mutmut results` lists the survivors, `mutmut show NAME` shows one.
 MUTATE_MODULES ?= raydb.train.loss raydb.train.data raydb.train.step raydb.train.lora \
-	raydb.train.evaluate raydb.registry raydb.storage raydb.data.ingest raydb.serving.auth \
+	raydb.train.evaluate raydb.ids raydb.registry raydb.storage raydb.data.ingest raydb.serving.auth \
 	raydb.serving.api raydb.serving.subjects raydb.serving.adapters raydb.serving.retry
 MUTATE_CHILDREN ?= 1
 

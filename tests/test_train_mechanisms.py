@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 
+from raydb.encode.encoders import EncodedImages
 from raydb.models.components import load_components
 from raydb.storage import Storage
 from raydb.train.data import TrainingData, make_micro_batch
-from raydb.train.encode import EncodedImages
 from raydb.train.step import build_train_state, optimizer_step
 
 LATENT = (4, 8, 8)  # the tiny VAE's latent shape at 64 px
@@ -274,8 +274,8 @@ def test_flipped_copies_are_the_encodings_of_mirrored_images(make_cfg, shared_wo
 
     from raydb.data.demo import demo_images
     from raydb.data.ingest import prepare_image
-    from raydb.train.encode import encode_images, images_to_tensor
-    from raydb.train.run import prepare_training_data
+    from raydb.encode.encoders import encode_images, images_to_tensor
+    from raydb.train.local import prepare_training_data
 
     cfg = make_cfg(workspace=shared_workspace, train={"dtype": "float64", "random_flip": True})
     comps = load_components(cfg.model, Storage(), cfg.workspace, dtype=torch.float64)

@@ -60,16 +60,20 @@ def trainable_parameters(*modules: torch.nn.Module | None) -> list[torch.nn.Para
 
 
 def lora_state_dicts(
-    unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None
+    unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None, *,
+    dtype: torch.dtype | None = torch.float32,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """peft-format LoRA state dicts ``{"unet": ..., "text_encoder": ...}`` (fp32, on CPU)."""
+    """peft-format LoRA state dicts ``{"unet": ..., "text_encoder": ...}`` on CPU, in ``dtype``
+    (fp32 for adapter files); ``dtype=None`` keeps the master weights' dtype, which checkpoints need:
+    a float64 run resumed from fp32-rounded weights would no longer match an uninterrupted one."""
     from peft.utils import get_peft_model_state_dict
 
-    out = {"unet": {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(unet).items()}}
+    def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", dtype or v.dtype) for k, v in state.items()}
+
+    out = {"unet": convert(get_peft_model_state_dict(unet))}
     if text_encoder is not None and getattr(text_encoder, "peft_config", None):
-        out["text_encoder"] = {
-            k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(text_encoder).items()
-        }
+        out["text_encoder"] = convert(get_peft_model_state_dict(text_encoder))
     return out
 
 

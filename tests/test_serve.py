@@ -505,7 +505,7 @@ def test_a_killed_diffusion_replica_costs_no_client_errors(server, served_worksp
             "workspace": served_workspace, "model": {"pretrained": "tiny"},
             "serve": {"api_keys": {hash_key(KEY_A): "t1"}, "num_replicas": replicas,
                       "max_num_models_per_replica": 2, "max_inference_steps": 8,
-                      "num_cpus_per_replica": 1},
+                      "num_cpus_per_replica": 1, "tenant_rate_per_s": 0, "tenant_max_concurrent": 8},
         })
         serve.run(build_application(cfg), name=FAULT_APP, route_prefix=FAULT_PREFIX, blocking=False)
         deadline = time.time() + 120

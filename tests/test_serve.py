@@ -488,7 +488,8 @@ def _load(client, combos, seconds: float, clients: int, kill_after: float, app: 
 @pytest.mark.ray
 def test_a_killed_diffusion_replica_costs_no_client_errors(server, served_workspace):
     """4 clients for 20 s against 2 diffusion replicas; one replica process is SIGKILLed mid-load.
-    Every request gets 200 and the image a sequential request with the same seed gets: the ingress
+    Every request gets 200 and the image a sequential request with the same seed gets (up to the
+    batching engine's last bits, ``_close``): the ingress
     retried the lost requests on the other replica (raydb/serving/retry.py). Then, scaled to 1
     replica, the same kill: waiting requests are served by the restarted replica, none fails.
 
@@ -531,7 +532,8 @@ def test_a_killed_diffusion_replica_costs_no_client_errors(server, served_worksp
             failed = [(combo, status, body[:200]) for combo, status, body in results if status != 200]
             assert not failed, f"{replicas} replica(s): {len(failed)} of {len(results)} failed: {failed[:3]}"
             for combo, _, body in results:
-                assert np.array_equal(_pixels(body), expected[combo]), combo
+                # the batching engine: equal up to batched kernels' last bits (see _close)
+                assert _close(_pixels(body), expected[combo]), combo
     finally:
         client.close()
         serve.delete(FAULT_APP)

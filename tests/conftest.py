@@ -131,3 +131,27 @@ def ray_cluster():
         os.environ.pop("RAY_ADDRESS", None)
     else:
         os.environ["RAY_ADDRESS"] = saved
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the Ray cluster (directly or through a fixture such as a Serve app) is in
+    the ``ray`` tier, whether or not its file says so: ``make test-fast`` (``-m "not ray"``) must
+    never start Ray."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_ray(request):
+    """A test outside the ``ray`` tier that starts Ray fails: it belongs in the Ray tier."""
+    import sys
+
+    def running() -> bool:
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized()
+
+    before = running()
+    yield
+    if request.node.get_closest_marker("ray") is None and not before and running():
+        pytest.fail("this test started Ray: mark it @pytest.mark.ray (or use the ray_cluster fixture)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
@@ -239,3 +240,39 @@ def test_byte_cap_on_s3_uses_the_listing(s3_bucket) -> None:
     assert storage.sizes(subject) == [("img.png", size)]
     with pytest.raises(IngestError, match="bytes in total"):
         load_images(subject, 64, storage=storage, max_bytes=10)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_areas_become_white(tmp_path: Path, mode: str) -> None:
+    """Transparency is composited on white: fully transparent pixels come out (255, 255, 255), opaque
+    ones keep their colour, half-transparent ones are blended half way to white — for RGBA, LA and
+    palette images with a transparent index, read from disk like any instance photo.
+
+    Deliberate break caught: the compositing branch removed from ``prepare_image`` (``convert("RGB")``
+    then drops alpha and the hidden colour — here red, or black — shows through).
+    """
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # left: transparent, hidden colour red
+    rgba.paste(Image.new("RGBA", (32, 64), (0, 0, 200, 255)), (32, 0))  # right: opaque blue
+    rgba.paste(Image.new("RGBA", (32, 16), (0, 0, 200, 128)), (32, 48))  # bottom right: half alpha
+    if mode == "LA":
+        img = Image.new("LA", (64, 64), (0, 0))  # transparent black
+        img.paste(Image.new("LA", (32, 64), (80, 255)), (32, 0))
+    elif mode == "P":
+        img = rgba.convert("RGB").quantize(colors=4)
+        red = img.getpixel((0, 0))  # the palette index of the (hidden) red left half
+        img.info["transparency"] = red
+    else:
+        img = rgba
+    img.save(tmp_path / "x.png", **({"transparency": img.info["transparency"]} if mode == "P" else {}))
+    [out] = load_images(str(tmp_path), 64, field="subject.instance_data")
+    px = np.asarray(out, dtype=np.int16)
+    assert (px[:, :28] == 255).all()  # the transparent left half: white, not red or black
+    if mode == "LA":
+        assert (px[:, 36:] == 80).all()
+    else:
+        assert (np.abs(px[4:40, 36:] - [0, 0, 200]) <= 1).all()  # opaque: unchanged
+    if mode == "RGBA":
+        # alpha 128/255 over white: 200*a + 255*(1-a) for blue, 255*(1-a) for red and green
+        a = 128 / 255
+        expected = np.array([255 * (1 - a), 255 * (1 - a), 200 * a + 255 * (1 - a)])
+        assert (np.abs(px[52:60, 36:60] - expected) <= 1.5).all()

@@ -192,3 +192,41 @@ def test_traversal_ids_are_stopped_by_check_safe_id(tmp_path, monkeypatch):
     for module in (registry, subjects):  # the modules' own references to raydb.ids.check_safe_id
         monkeypatch.setattr(module, "check_safe_id", lambda value: value)
     assert subjects.find_subject(storage, ws, "../subjects/alice", "t1").version == "v0001"
+
+
+def test_registered_weights_are_the_source_bytes(tmp_path):
+    """The version folder holds exactly the source weights, and its adapter.json records their sha256,
+    the subject id and the version.
+
+    Deliberate break caught: the weights written from the wrong bytes (e.g. ``adapter.json``'s
+    instead of the safetensors file) — the job test only checked ``st_size > 0``.
+    """
+    import hashlib
+
+    storage, ws = Storage(), str(tmp_path / "ws")
+    weights = bytes(range(256)) * 9
+    source = _adapter(tmp_path, "src", weights)
+    record = register_adapter(storage, ws, "rex", source)
+    stored = storage.read_bytes(record["uri"] + "/pytorch_lora_weights.safetensors")
+    assert stored == weights
+    meta = json.loads((tmp_path / "ws" / "subjects" / "rex" / "v0001" / "adapter.json").read_text())
+    assert meta["weights_sha256"] == hashlib.sha256(stored).hexdigest()
+    assert (meta["subject_id"], meta["version"]) == ("rex", "v0001")
+
+
+def test_same_weights_with_new_metadata_make_a_new_version(tmp_path):
+    """Registering the same weights is idempotent only while ``extra_metadata`` matches too: new
+    metadata (another trial's settings, say) is a new version that carries it.
+
+    Deliberate break caught: the idempotence check comparing only ``weights_sha256`` (the new
+    metadata would then be silently dropped).
+    """
+    storage, ws = Storage(), str(tmp_path / "ws")
+    source = _adapter(tmp_path, "src", b"same weights")
+    first = register_adapter(storage, ws, "rex", source, extra_metadata={"trial": "a"})
+    again = register_adapter(storage, ws, "rex", source, extra_metadata={"trial": "a"})
+    assert again == first and first["version"] == "v0001"
+    renewed = register_adapter(storage, ws, "rex", source, extra_metadata={"trial": "b"})
+    assert renewed["version"] == "v0002"
+    assert list_subjects(storage, ws)["rex"]["metadata"]["trial"] == "b"
+    assert register_adapter(storage, ws, "rex", source)["version"] == "v0002"  # nothing new: kept

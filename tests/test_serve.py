@@ -158,17 +158,24 @@ def _random_subjects(workspace: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tmp_path_factory):
-    import httpx
-    from ray import serve
-
-    from raydb.serving import run_server
-
+def served_workspace(tmp_path_factory) -> str:
+    """The registry every Serve test reads: the three subjects plus the two bad copies."""
     workspace = str(tmp_path_factory.mktemp("serve-ws"))
     for subject in SUBJECTS:
         _train(workspace, *subject)
     _bad_copies(workspace)
     _random_subjects(workspace)
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, served_workspace):
+    import httpx
+    from ray import serve
+
+    from raydb.serving import run_server
+
+    workspace = served_workspace
     port = _free_port()
     os.environ["RAYDB_TEST_SERVE_KEYS"] = f"{KEY_ENV}:t1"
     cfg = load_config(data={
@@ -428,3 +435,105 @@ def test_a_20mb_body_is_refused_with_413_before_it_is_read(server):
         conn.sendall(head + b'{"subject_id": "alice", "prompt": "' + b"x" * 65536)
         status_line = conn.recv(4096).split(b"\r\n", 1)[0]
     assert status_line.split()[1] == b"413", status_line
+
+
+# -- faults: a diffusion replica SIGKILLed under load ------------------------------------------------
+FAULT_APP, FAULT_PREFIX = "raydb-faults", "/faults"
+
+
+def _replica_pids(app: str) -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    return [a.pid for a in actors if a.class_name == f"ServeReplica:{app}:RaydbDiffusion"]
+
+
+def _load(client, combos, seconds: float, clients: int, kill_after: float, app: str) -> list[tuple]:
+    """``clients`` threads send generate requests (cycling ``combos``) for ``seconds``; one diffusion
+    replica process of ``app`` is SIGKILLed ``kill_after`` seconds in. Returns (combo, status, body)."""
+    import signal
+    import threading
+
+    stop = time.time() + seconds
+    results: list[tuple] = []
+    lock = threading.Lock()
+
+    def worker(offset: int) -> None:
+        i = offset
+        while time.time() < stop:
+            sid, seed = combos[i % len(combos)]
+            resp = client.post(f"{FAULT_PREFIX}/v1/generate", headers=_auth(KEY_A), json={
+                "subject_id": sid, "prompt": "a photo", "seed": seed, "num_inference_steps": 2,
+                "width": 64, "height": 64})
+            with lock:
+                results.append(((sid, seed), resp.status_code, resp.text if resp.status_code != 200
+                                else resp.json()["images"][0]))
+            i += 1
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(kill_after)
+    with lock:
+        before = len(results)
+    pids = _replica_pids(app)
+    assert pids, "no diffusion replica found to kill"
+    os.kill(pids[0], signal.SIGKILL)
+    for t in threads:
+        t.join()
+    assert len(results) > before, "no request finished after the kill"
+    return results
+
+
+@pytest.mark.ray
+def test_a_killed_diffusion_replica_costs_no_client_errors(server, served_workspace):
+    """4 clients for 20 s against 2 diffusion replicas; one replica process is SIGKILLed mid-load.
+    Every request gets 200 and the image a sequential request with the same seed gets (up to the
+    batching engine's last bits, ``_close``): the ingress
+    retried the lost requests on the other replica (raydb/serving/retry.py). Then, scaled to 1
+    replica, the same kill: waiting requests are served by the restarted replica, none fails.
+
+    Deliberate break caught: the ingress without the retry (``attempts=1``): the requests in flight
+    on the killed replica answer 500.
+    """
+    import httpx
+    from ray import serve
+
+    from raydb.serving import build_application
+
+    def deploy(replicas: int) -> None:
+        cfg = load_config(data={
+            "workspace": served_workspace, "model": {"pretrained": "tiny"},
+            "serve": {"api_keys": {hash_key(KEY_A): "t1"}, "num_replicas": replicas,
+                      "max_num_models_per_replica": 2, "max_inference_steps": 8,
+                      "num_cpus_per_replica": 1, "tenant_rate_per_s": 0, "tenant_max_concurrent": 8},
+        })
+        serve.run(build_application(cfg), name=FAULT_APP, route_prefix=FAULT_PREFIX, blocking=False)
+        deadline = time.time() + 120
+        while len(_replica_pids(FAULT_APP)) != replicas:
+            assert time.time() < deadline, f"{replicas} replicas did not come up"
+            time.sleep(0.5)
+
+    combos = [("alice", 0), ("bob", 1), ("alice", 2), ("bob", 3)]
+    client = httpx.Client(base_url=str(server.base_url), timeout=120)
+    try:
+        deploy(2)
+        expected = {}
+        for sid, seed in combos:
+            resp = client.post(f"{FAULT_PREFIX}/v1/generate", headers=_auth(KEY_A), json={
+                "subject_id": sid, "prompt": "a photo", "seed": seed, "num_inference_steps": 2,
+                "width": 64, "height": 64})
+            assert resp.status_code == 200, resp.text
+            expected[(sid, seed)] = _pixels(resp.json()["images"][0])
+        for replicas, seconds in ((2, 20), (1, 15)):
+            if replicas == 1:
+                deploy(1)
+            results = _load(client, combos, seconds, clients=4, kill_after=4, app=FAULT_APP)
+            failed = [(combo, status, body[:200]) for combo, status, body in results if status != 200]
+            assert not failed, f"{replicas} replica(s): {len(failed)} of {len(results)} failed: {failed[:3]}"
+            for combo, _, body in results:
+                # the batching engine: equal up to batched kernels' last bits (see _close)
+                assert _close(_pixels(body), expected[combo]), combo
+    finally:
+        client.close()
+        serve.delete(FAULT_APP)

@@ -88,9 +88,40 @@ def test_resolve_tiny_materialises_once(tmp_path: Path) -> None:
     assert sorted(p.name for p in (Path(workspace) / "models").iterdir()) == [tiny_identity()]
 
 
+def test_identity_follows_the_spec(monkeypatch) -> None:
+    """``tiny_identity()`` is ``tiny-v<version>-<8 hex>`` and changes with every part of TINY_SPEC
+    that shapes the weights or the vocabulary (so caches keyed by it never mix two models), but not
+    with the order of the spec's keys.
+
+    Deliberate break caught: an identity that ignores the spec (e.g. hashing only the version).
+    """
+    import copy
+    import re
+
+    import raydb.models.tiny as tiny
+
+    base = tiny_identity()
+    assert re.fullmatch(rf"tiny-v{tiny.TINY_SPEC['version']}-[0-9a-f]{{8}}", base)
+    changes = [("seed", 4321), ("unet.block_out_channels", [32, 96]), ("vae.latent_channels", 8),
+               ("text.num_hidden_layers", 3), ("words", [*tiny.TINY_SPEC["words"], "zebra"])]
+    seen = {base}
+    for dotted, value in changes:
+        spec = copy.deepcopy(tiny.TINY_SPEC)
+        *parents, leaf = dotted.split(".")
+        node = spec
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+        monkeypatch.setattr(tiny, "TINY_SPEC", spec)
+        seen.add(tiny_identity())
+    assert len(seen) == 1 + len(changes)
+    monkeypatch.undo()
+    reordered = dict(reversed(list(tiny.TINY_SPEC.items())))
+    monkeypatch.setattr(tiny, "TINY_SPEC", reordered)
+    assert tiny_identity() == base
+
+
 def test_identity_is_stable(tiny_model_dir: str, tmp_path: Path) -> None:
-    assert tiny_identity() == tiny_identity()
-    assert tiny_identity().startswith("tiny-v")
     assert model_identity(tiny_model_dir) == tiny_identity()
     _, from_tiny = resolve_model(ModelConfig(pretrained="tiny"), Storage(), str(tmp_path / "ws"))
     _, from_dir = resolve_model(ModelConfig(pretrained=tiny_model_dir), Storage(), str(tmp_path))

@@ -145,8 +145,15 @@ def test_seeded_run_is_reproducible(make_cfg, tmp_path):
     assert weights_a == weights_b
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(make_cfg, tmp_path, capsys):
-    cfg = make_cfg(workspace=str(tmp_path / "a"), train={"checkpoint_every": 2, "max_steps": 6})
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_resume_from_checkpoint_matches_uninterrupted_run(make_cfg, tmp_path, capsys, dtype):
+    """Resumed == uninterrupted, bit for bit, in float32 and float64 (``train.dtype``).
+
+    Deliberate break caught (float64): checkpoints storing the LoRA weights rounded to fp32
+    (``lora_state_dicts`` without ``dtype=None``): every loss still matches, the adapter does not.
+    """
+    cfg = make_cfg(workspace=str(tmp_path / "a"),
+                   train={"checkpoint_every": 2, "max_steps": 6, "dtype": dtype})
     first = train_subject(cfg, quiet=True)
     run = Path(first["run_dir"])
     metrics_full, weights_full = _run_files(first)
@@ -166,7 +173,8 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(make_cfg, tmp_path, ca
 
     # ... and equal to a run that never stopped, in another workspace.
     other = train_subject(make_cfg(workspace=str(tmp_path / "b"),
-                                   train={"checkpoint_every": 1000, "max_steps": 6}), quiet=True)
+                                   train={"checkpoint_every": 1000, "max_steps": 6, "dtype": dtype}),
+                          quiet=True)
     assert _run_files(other)[1] == weights_full
 
 

@@ -1,6 +1,14 @@
 """Ray Train fault tolerance: a SIGKILLed worker and a killed driver cost only the steps since the
 last checkpoint (local CPU cluster, tiny model). Split from test_train_distributed.py so the two
-heavy files run in parallel under ``make test``'s two pytest processes."""
+heavy files run in parallel under ``make test``'s two pytest processes.
+
+A resumed run is judged against an uninterrupted run of the same config in another workspace: the
+same per-step losses and the same adapter, bit for bit. That is exact, not approximate, because
+(1) every sample is a function of its global position (train/data.py), (2) a checkpoint holds the
+LoRA and optimizer state, lr schedule and RNG state, and (3) the runs are float64
+(``train.dtype``), with class images that are copies of one image, so however Ray Data splits the
+class rows over the (restarted) workers, every worker's class half is the same data.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from raydb import faults
 from raydb.registry import latest_version
@@ -25,17 +35,50 @@ def _metrics(result: dict) -> list[dict]:
     return [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def same_class_images(tmp_path_factory) -> str:
+    """Four copies of one image: any split of the class rows gives every worker the same data."""
+    from raydb.data.demo import demo_images
+
+    root = tmp_path_factory.mktemp("same-class")
+    image = demo_images(1, size=64)[0]
+    for i in range(4):
+        image.save(root / f"class{i}.png")
+    return str(root)
+
+
+def _assert_same_run(resumed: dict, uninterrupted: dict) -> None:
+    """Per-step losses and gradient norms, and the saved adapter, equal those of the uninterrupted run."""
+    got, want = _metrics(resumed), _metrics(uninterrupted)
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for key in ("loss", "loss_instance", "loss_prior", "grad_norm"):
+        assert [m[key] for m in got] == [m[key] for m in want], key
+    a = load_file(Path(resumed["adapter_uri"]) / "pytorch_lora_weights.safetensors")
+    b = load_file(Path(uninterrupted["adapter_uri"]) / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _uninterrupted(train_distributed, cfg, workspace: Path) -> dict:
+    return train_distributed(cfg.model_copy(update={"workspace": str(workspace)}), quiet=True, register=False)
+
+
 def test_two_workers_survive_a_killed_worker_and_register(ray_cluster, make_cfg, tmp_path,
-                                                          monkeypatch, class_images_dir):
+                                                          monkeypatch, same_class_images):
     """2 workers; worker 1 is SIGKILLed at step 5 (after checkpoints at 2 and 4): the group is
-    replaced, resumes from a checkpoint, finishes exactly max_steps and registers the adapter."""
+    replaced, resumes from a checkpoint, finishes exactly max_steps, registers the adapter — and
+    trained exactly what an uninterrupted run trains.
+
+    Deliberate break caught: the checkpoint's optimizer state not restored (``restore_payload``
+    skipping ``optimizer.load_state_dict``): the step numbers still run 1..8, the losses after the
+    resume do not match.
+    """
     from raydb.train.stage import train_distributed
 
     monkeypatch.setenv(faults.ENV, json.dumps(
         {"train_step": {"rank": 1, "step": 5, "once": str(tmp_path / "killed-once")}}))
     cfg = make_cfg(cluster={"num_workers": 2, "max_failures": 2},
-                   prior={"class_data": class_images_dir, "num_class_images": 4},
-                   train={"max_steps": 8, "checkpoint_every": 2})
+                   prior={"class_data": same_class_images, "num_class_images": 4},
+                   train={"max_steps": 8, "checkpoint_every": 2, "dtype": "float64"})
     result = train_distributed(cfg, quiet=True)
     assert (tmp_path / "killed-once").exists(), "the fault was not injected"
     # Resumed from a checkpoint taken before the kill at step 5 (step 4, or step 2 when the
@@ -48,18 +91,22 @@ def test_two_workers_survive_a_killed_worker_and_register(ray_cluster, make_cfg,
     assert record["uri"] == result["registered"]
     meta = json.loads((Path(record["uri"]) / "adapter.json").read_text())
     assert meta["metrics"]["num_workers"] == 2 and meta["metrics"]["steps"] == 8
+    monkeypatch.delenv(faults.ENV)
+    _assert_same_run(result, _uninterrupted(train_distributed, cfg, tmp_path / "uninterrupted"))
     # a rerun of the finished run trains nothing and keeps the registered version
     again = train_distributed(cfg, quiet=True)
     assert again["skipped"] and again["registered"] == record["uri"]
 
 
-def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, class_images_dir):
+def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, same_class_images):
+    """The driver is SIGKILLed after the first registered checkpoint; the rerun resumes from it and
+    ends with the losses and adapter of an uninterrupted run."""
     from raydb.train.rundir import run_uri
     from raydb.train.stage import train_distributed
 
     cfg = make_cfg(cluster={"num_workers": 1},
-                   prior={"class_data": class_images_dir, "num_class_images": 4},
-                   train={"max_steps": 30, "checkpoint_every": 3, "resolution": 64})
+                   prior={"class_data": same_class_images, "num_class_images": 4},
+                   train={"max_steps": 30, "checkpoint_every": 3, "resolution": 64, "dtype": "float64"})
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
     script = (
@@ -93,3 +140,4 @@ def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, clas
     result = train_distributed(cfg.model_copy(update={}), quiet=True)
     assert result["resumed_from"] >= 3
     assert [m["step"] for m in _metrics(result)] == list(range(1, 31))
+    _assert_same_run(result, _uninterrupted(train_distributed, cfg, tmp_path / "uninterrupted"))

@@ -52,6 +52,7 @@ from raydb.serving.limits import (
     TooManyRequests,
     read_body_capped,
 )
+from raydb.serving.retry import DEFAULT_ATTEMPTS, call_with_retry, safe_to_repeat
 from raydb.serving.slots import SlotPool
 from raydb.serving.subjects import (
     SubjectNotFound,
@@ -289,19 +290,25 @@ class IngressDeployment:
     async def _call_replica(self, subject_id: str, version: str, params: dict[str, Any]) -> dict[str, Any]:
         """The replica's answer within ``serve.request_timeout_s``; the replica request is cancelled
         (its denoising loop stops) on timeout and when this request is cancelled (client gone)."""
-        response = self.diffusion.options(multiplexed_model_id=model_id(subject_id, version)).generate.remote(
-            params)
+        handle = self.diffusion.options(multiplexed_model_id=model_id(subject_id, version))
+        sent = []  # a replica that dies is retried with the same (seeded) params: retry.py
+
+        def send():
+            sent.append(handle.generate.remote(params))
+            return sent[-1]
 
         async def answer() -> dict[str, Any]:
-            return await response
+            return await call_with_retry(send, what="generate",
+                                         attempts=DEFAULT_ATTEMPTS if safe_to_repeat(params) else 1)
 
         try:
             return await asyncio.wait_for(answer(), timeout=self.cfg.serve.request_timeout_s)
         except TimeoutError:
-            response.cancel()
+            sent[-1].cancel()
             raise HTTPException(504, "the request ran past its time limit") from None
         except asyncio.CancelledError:
-            response.cancel()
+            if sent:
+                sent[-1].cancel()
             raise
         except BackPressureError:
             raise HTTPException(503, "the server is at capacity; retry",

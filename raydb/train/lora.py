@@ -70,14 +70,17 @@ _ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
 def lora_state_dicts(
     unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None,
-    text_encoder_2: torch.nn.Module | None = None,
+    text_encoder_2: torch.nn.Module | None = None, *, dtype: torch.dtype | None = torch.float32,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """peft-format LoRA state dicts ``{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}``
-    (fp32, on CPU; an encoder appears only when it carries LoRA layers)."""
+    on CPU (an encoder appears only when it carries LoRA layers), in ``dtype`` (fp32 for adapter
+    files); ``dtype=None`` keeps the master weights' dtype, which checkpoints need: a float64 run
+    resumed from fp32-rounded weights would no longer match an uninterrupted one."""
     from peft.utils import get_peft_model_state_dict
 
     def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(module).items()}
+        weights = get_peft_model_state_dict(module)
+        return {k: v.detach().to("cpu", dtype or v.dtype) for k, v in weights.items()}
 
     out = {"unet": state(unet)}
     for name, encoder in zip(_ENCODER_NAMES, (text_encoder, text_encoder_2), strict=True):

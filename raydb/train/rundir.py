@@ -62,7 +62,8 @@ def checkpoint_dir_name(step: int) -> str:
 def checkpoint_payload(state: TrainState, metrics: list[dict[str, Any]]) -> tuple[bytes, bytes]:
     """Checkpoint as (safetensors, JSON): LoRA, optimizer, lr schedule, scaler, step, RNG, metrics."""
     return state_to_bytes({
-        "lora": lora_state_dicts(state.unet, state.text_encoder, state.text_encoder_2),
+        "lora": lora_state_dicts(state.unet, state.text_encoder, state.text_encoder_2,
+                                 dtype=None),  # the master weights' dtype
         "optimizer": state.optimizer.state_dict(),
         "lr_scheduler": state.lr_scheduler.state_dict(),
         "scaler": state.scaler.state_dict() if state.scaler else None,

@@ -1,0 +1,77 @@
+"""Tenant isolation in the registry view of the server, without Ray: ``tenant_subjects`` (the
+``GET /v1/subjects`` rows) and ``find_subject`` (the lookup behind ``POST /v1/generate``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from raydb.registry import register_adapter
+from raydb.serving.subjects import SubjectNotFound, find_subject, model_id, parse_model_id, tenant_subjects
+from raydb.storage import Storage
+
+OWNERS = {"alice": "t1", "bob": "t1", "carol": "t2"}
+
+
+@pytest.fixture
+def workspace(tmp_path) -> str:
+    ws = str(tmp_path / "ws")
+    for sid, tenant in OWNERS.items():
+        src = tmp_path / f"src-{sid}"
+        src.mkdir()
+        weights = sid.encode()
+        (src / "pytorch_lora_weights.safetensors").write_bytes(weights)
+        (src / "adapter.json").write_text(json.dumps({
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
+            "subject": {"tenant": tenant, "instance_token": "sks", "instance_prompt": f"a photo of sks {sid}",
+                        "class_prompt": "a photo of a dog"},
+            "base_model": {"pretrained": "tiny"}}))
+        register_adapter(Storage(), ws, sid, str(src))
+    return ws
+
+
+def test_each_tenant_lists_only_its_own_subjects(workspace):
+    """Deliberate break caught: the tenant filter dropped from ``tenant_subjects`` (every tenant
+    would list every subject)."""
+    storage = Storage()
+    assert [r["subject_id"] for r in tenant_subjects(storage, workspace, "t1")] == ["alice", "bob"]
+    assert [r["subject_id"] for r in tenant_subjects(storage, workspace, "t2")] == ["carol"]
+    assert tenant_subjects(storage, workspace, "t3") == []
+    everyone = tenant_subjects(storage, workspace, None)  # auth off: all subjects
+    assert [(r["subject_id"], r["tenant"]) for r in everyone] == sorted(OWNERS.items())
+    [row] = tenant_subjects(storage, workspace, "t2")
+    assert row | {"registered_at": None} == {
+        "subject_id": "carol", "tenant": "t2", "latest_version": "v0001", "versions": ["v0001"],
+        "registered_at": None, "instance_token": "sks", "instance_prompt": "a photo of sks carol",
+        "class_prompt": "a photo of a dog", "base_model": "tiny"}
+
+
+def test_find_subject_hides_other_tenants_subjects_like_missing_ones(workspace):
+    """Another tenant's subject raises the same SubjectNotFound, with the same message, as an
+    unknown one; the owner (or anyone, with auth off) gets the latest version.
+
+    Deliberate break caught: the ownership check removed from ``find_subject``.
+    """
+    storage = Storage()
+    found = find_subject(storage, workspace, "carol", "t2")
+    assert (found.subject_id, found.version, found.tenant) == ("carol", "v0001", "t2")
+    assert found.uri.endswith("subjects/carol/v0001")
+    assert find_subject(storage, workspace, "carol", None).version == "v0001"
+    with pytest.raises(SubjectNotFound) as other:
+        find_subject(storage, workspace, "carol", "t1")
+    with pytest.raises(SubjectNotFound) as missing:
+        find_subject(storage, workspace, "nobody", "t1")
+    assert str(other.value) == str(missing.value).replace("nobody", "carol")
+    for bad in ("../carol", "a/b", ""):
+        with pytest.raises(SubjectNotFound):
+            find_subject(storage, workspace, bad, None)
+
+
+def test_model_ids_round_trip_and_reject_path_tricks():
+    """Deliberate break caught: ``parse_model_id`` accepting a version that is not ``vNNNN``."""
+    assert parse_model_id(model_id("alice", "v0012")) == ("alice", "v0012")
+    for bad in ("alice", "alice@", "alice@v1", "alice@../v0001", "../x@v0001", "alice@v0001x"):
+        with pytest.raises(ValueError):
+            parse_model_id(bad)

@@ -55,6 +55,7 @@ def _lora_named(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in module.named_parameters() if "lora_" in k}
 
 
+@pytest.mark.heavy
 def test_base_frozen_lora_moves_and_gradients_are_clipped(make_cfg):
     cfg = make_cfg(train={"max_grad_norm": 1e-3})
     components, data, state = _setup(cfg)
@@ -78,6 +79,7 @@ def test_base_frozen_lora_moves_and_gradients_are_clipped(make_cfg):
         assert m["loss"] == pytest.approx(m["loss_instance"] + cfg.train.prior_loss_weight * m["loss_prior"])
 
 
+@pytest.mark.heavy
 def test_accumulation_matches_one_larger_batch(make_cfg, tmp_path):
     ws = str(tmp_path / "shared")
     params = {}
@@ -98,6 +100,7 @@ def test_accumulation_matches_one_larger_batch(make_cfg, tmp_path):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.heavy
 def test_saved_adapter_loads_into_pipeline(make_cfg):
     # alpha != rank: the loader must read the scale from the file, not assume alpha == rank.
     cfg = make_cfg(lora={"rank": 4, "alpha": 8}, train={"learning_rate": 1e-2})
@@ -135,6 +138,7 @@ def _run_files(result: dict) -> tuple[list[dict], bytes]:
     return metrics, (run / "adapter" / "pytorch_lora_weights.safetensors").read_bytes()
 
 
+@pytest.mark.heavy
 def test_seeded_run_is_reproducible(make_cfg, tmp_path):
     results = [train_subject(make_cfg(workspace=str(tmp_path / ws), train={"max_steps": 4}), quiet=True)
                for ws in ("a", "b")]
@@ -145,6 +149,7 @@ def test_seeded_run_is_reproducible(make_cfg, tmp_path):
     assert weights_a == weights_b
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_resume_from_checkpoint_matches_uninterrupted_run(make_cfg, tmp_path, capsys, dtype):
     """Resumed == uninterrupted, bit for bit, in float32 and float64 (``train.dtype``).
@@ -198,6 +203,7 @@ def test_bad_settings_fail_at_load_naming_the_field(section, field, value, monke
         load_config(data={section: {field: value}})
 
 
+@pytest.mark.heavy
 def test_bf16_step_keeps_lora_in_fp32(make_cfg):
     cfg = make_cfg(train={"mixed_precision": "bf16"})
     components, data, state = _setup(cfg, dtype=torch.bfloat16)
@@ -224,6 +230,7 @@ def test_random_flip_doubles_cached_entries(make_cfg, tmp_path):
     assert torch.equal(flipped.instance.mean[: len(plain.instance)], plain.instance.mean)
 
 
+@pytest.mark.heavy
 def test_uncached_path_gives_the_cached_losses(make_cfg, tmp_path):
     ws = str(tmp_path / "shared")
     runs = {}
@@ -258,6 +265,7 @@ def _is_png(data: bytes) -> bool:
     return True
 
 
+@pytest.mark.heavy
 def test_run_outputs(make_cfg):
     cfg = make_cfg(train={"max_steps": 3, "num_sample_images": 2})
     result = train_subject(cfg, quiet=True)

@@ -164,7 +164,9 @@ def read_adapter(
     from safetensors.torch import load as load_safetensors
 
     try:
-        meta = storage.read_json(join(version_uri, ADAPTER_META))
+        # parsed here, not by Storage.read_json: JSON that does not parse is a corrupt adapter, while a
+        # storage failure (S3 unreachable) is not
+        meta = json.loads(storage.read_bytes(join(version_uri, ADAPTER_META)))
         if not isinstance(meta, dict):
             raise ValueError("adapter.json is not an object")
         named = meta.get("weights", ADAPTER_WEIGHTS)

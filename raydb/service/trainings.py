@@ -77,11 +77,12 @@ class TrainingService:
                 return training_view(self.store, tenant, earlier), False
         training_id = new_training_id()
         sub = validate_submission(fields, uploads, self.cfg, tenant=tenant, training_id=training_id,
-                                  photos_uri=self.store.photos_uri(tenant, training_id))
+                                  photos_uri=self.store.photos_uri(tenant, training_id),
+                                  storage=self.store.storage)
         self._check_capacity(tenant)
         self._claim_subject(tenant, sub.subject_id)
         request = {"subject_id": sub.subject_id, "overrides": sub.overrides, "config": sub.config,
-                   "photos": [name for name, _ in sub.photos]}
+                   "photos": [name for name, _ in sub.photos], "photo_uris": sub.photo_uris}
         self.store.create(tenant, training_id, request, sub.photos)
         if idempotency_key is not None:
             winner = self.store.claim_idempotency(tenant, idempotency_key, training_id)

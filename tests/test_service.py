@@ -324,3 +324,42 @@ def test_read_bounded_stops_at_its_limit(s3_bucket, tmp_path):
         storage.write_bytes(uri, bytes(range(100)))
         assert storage.read_bounded(uri, 10) == bytes(range(10))
         assert storage.read_bounded(uri, 1000) == bytes(range(100))
+
+
+def test_a_tune_training_reports_its_trials_progress(service):
+    """``tune: true`` takes the operator's service.tune search, under a name of its own; GET sums the
+    trials' progress (tests/test_tune.py runs such a training for real)."""
+    import time
+
+    from raydb.config import RaydbConfig
+    from raydb.tune import tune_uri
+    from raydb.tune.results import record_trial
+
+    cfg, jobs, client = service
+    c = client()
+    resp = _post(c, overrides=json.dumps({"tune": True}))
+    assert resp.status_code == 202, resp.text
+    tid = resp.json()["id"]
+    store = TrainingStore(Storage(), cfg.workspace)
+    trained = RaydbConfig.model_validate(store.request("t1", tid)["config"])
+    assert trained.tune.model_dump() == cfg.service.tune.model_dump() | {"name": tid}
+    assert (resp.json()["step"], resp.json()["max_steps"]) == (None, 4)  # 2 planned trials x 2 steps
+    assert resp.json()["trials"] == {"planned": 2, "started": 0}
+    # the job's tune stage began 10 s ago; one trial has done 1 of its 2 steps
+    began = int(time.time()) - 10
+    store.write_status("t1", tid, state="running", stage="tune", run_uri=None)
+    status_file = Path(store.training_uri("t1", tid)) / "status.json"
+    status = json.loads(status_file.read_text())
+    status_file.write_text(json.dumps(status | {"updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                            time.gmtime(began))}))
+    run = str(Path(cfg.workspace) / "runs" / "rex" / "rex-trial")
+    record_trial(store.storage, tune_uri(trained), run)
+    store.storage.write_json(f"{run}/progress.json", {"step": 1, "max_steps": 2, "loss": 0.25,
+                                                      "images_per_s": 3.0, "updated_at": "x"})
+    before = time.time()
+    view = c.get(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-one"}).json()
+    after = time.time()
+    assert (view["step"], view["max_steps"], view["loss"]) == (1, 4, 0.25)
+    assert view["trials"] == {"planned": 2, "started": 1}
+    # ETA: the time so far x the 3 steps left / the 1 step done
+    assert 3 * (before - began) - 0.1 <= view["eta_s"] <= 3 * (after - began) + 0.1, view

@@ -8,7 +8,8 @@ answers 422, 413 for :class:`TooLarge`, 403 for :class:`Forbidden`). In order:
    ``photo_uris``; ids by the safe-id rule, prompts non-empty and within ``serve.max_prompt_chars``;
 2. overrides: a JSON object of dotted config keys, each in ``service.allowed_overrides``
    (unknown keys and keys outside the list are both refused), ``train.max_steps`` at most
-   ``service.max_train_steps``, ``tune: true`` switches on the operator's ``service.tune`` search;
+   ``service.max_train_steps``, ``tune: true`` switches on the operator's ``service.tune`` search
+   (named after the training, so each training searches afresh);
 3. photos: 1..``service.max_photos`` files, uploaded and named by ``s3://`` URI together (the
    URIs' policy, listing and reads: :mod:`raydb.service.photo_uris`), each at most
    ``service.max_photo_bytes`` and ``service.max_photo_pixels`` (read from the header, before
@@ -171,7 +172,10 @@ def validate_submission(
     tree = cfg.to_dict()
     tree["subject"] = {"id": subject_id, "tenant": tenant, "instance_data": photos_uri,
                        "instance_prompt": instance_prompt, "class_prompt": class_prompt}
-    tree["tune"] = cfg.service.tune.model_dump(mode="json") if overrides.get("tune") else None
+    # a search of its own per training (tune/<subject>/<training id>/): under the operator's name a
+    # second training of the subject would restore the first one's finished search
+    tree["tune"] = cfg.service.tune.model_dump(mode="json") | {"name": training_id} if overrides.get("tune") \
+        else None
     try:
         trained = load_config(data=apply_overrides(
             tree, [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "tune"]))

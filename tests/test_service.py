@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from raydb.data.demo import demo_images
+from raydb.data.ingest import load_images
 from raydb.registry import list_subjects
 from raydb.service.runner import run_training
 from raydb.service.store import TrainingStore
@@ -253,11 +254,14 @@ def test_photos_named_by_s3_uri_are_copied_under_the_tenant(service, s3_bucket):
         "photo-00-star0.png": photos[0][1], "photo-01-a.png": photos[1][1], "photo-02-b.png": photos[2][1]}
     request = store.request("t1", resp.json()["id"])
     assert request["photo_uris"] == uris and request["config"]["subject"]["instance_data"] == str(folder)
-    # one object by its own URI, no upload; then the sources go away: the training has its copy
+    # one object by its own URI, no upload; then the sources go away: the training reads its copy
     resp = _post(c, photos=[], subject_id="fido", photo_uris=f"{bucket}/t1/rex/a.png")
     assert resp.status_code == 202, resp.text
     s3.delete(f"{bucket}/t1", recursive=True)
-    assert run_training(store, "t1", resp.json()["id"], local=True) == "succeeded"
+    assert s3.list(f"{bucket}/t1", recursive=True) == []
+    trained = store.request("t1", resp.json()["id"])["config"]
+    images = load_images(trained["subject"]["instance_data"], trained["train"]["resolution"])
+    assert len(images) == 1 and images[0].size == (64, 64)
 
 
 def test_photo_uris_outside_the_tenants_prefixes_or_unreadable_are_refused(service, s3_bucket):

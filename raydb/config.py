@@ -383,6 +383,11 @@ class ServiceConfig(_Strict):
                                   "from Content-Length, before the body is read).")
     max_photo_pixels: int = Field(25_000_000, ge=1, description="Most pixels (width x height) of one "
                                   "photo, read from its header before it is decoded.")
+    photo_uri_prefixes: list[str] = Field(
+        default_factory=list, description="s3:// folders a training may name in 'photo_uris' instead "
+        "of uploading photos, '{tenant}' standing for the caller's tenant (e.g. s3://uploads/{tenant}/). "
+        "Read with the service's own credentials, so a prefix without '{tenant}' is readable by every "
+        "tenant. Empty: photos by URI are refused (403).")
     jobs_address: str | None = Field(None, description="Ray Jobs API (dashboard) address, e.g. "
                                      "http://127.0.0.1:8265 (default: the cluster the ingress runs on).")
     job_python: str | None = Field(None, description="Python that runs a training job's entrypoint "
@@ -391,6 +396,22 @@ class ServiceConfig(_Strict):
                                    "passes (start queued jobs, notice jobs that died).")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="The search a training with "
                              "'tune: true' runs.")
+
+    @field_validator("photo_uri_prefixes")
+    @classmethod
+    def _photo_uri_prefixes(cls, value: list[str]) -> list[str]:
+        """Each a plain s3:// folder once '{tenant}' is filled in (the rule photo URIs are held to)."""
+        for prefix in value:
+            from raydb.service.photo_uris import split_uri
+
+            probe = prefix.replace("{tenant}", "t")
+            if "{" in probe or "}" in probe:
+                raise ValueError(f"{prefix!r}: '{{tenant}}' is the only placeholder")
+            try:
+                split_uri(probe)
+            except ValueError as exc:
+                raise ValueError(f"{prefix!r}: {exc}") from None
+        return value
 
 
 class RaydbConfig(_Strict):

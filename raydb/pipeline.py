@@ -175,7 +175,9 @@ def _prior_exists(storage: Storage, cfg: RaydbConfig, out: dict[str, Any], local
 def _encode(cfg: RaydbConfig, storage: Storage) -> dict[str, Any]:
     from raydb.encode.stage import prepare_encoded
 
-    cache, ran = prepare_encoded(cfg, storage)
+    # a search's validation also scores the held-out class images: encoded here, the tune stage
+    # finds this cache instead of encoding everything again with them
+    cache, ran = prepare_encoded(cfg, storage, with_holdout=cfg.tune is not None)
     return dict(cache.__dict__) | {"reused": not ran}
 
 

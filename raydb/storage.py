@@ -113,6 +113,28 @@ class Storage:
         except OSError as exc:
             raise StorageError(f"cannot read {uri}: {exc}") from None
 
+    def read_bounded(self, uri: str, limit: int) -> bytes:
+        """At most the first ``limit`` bytes (``limit`` >= 1; a ranged GET on S3), so an object that
+        grew since it was listed never costs more than the caller was ready to take."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                obj = self._client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{limit - 1}")
+                return obj["Body"].read(limit)
+            except Exception as exc:
+                if _error_code(exc) == "InvalidRange":  # an empty object has no byte 0
+                    return b""
+                if _is_not_found(exc):
+                    raise NotFound(f"no such object: {uri}") from None
+                raise StorageError(f"cannot read {uri}: {_short(exc)}") from None
+        try:
+            with open(uri, "rb") as fh:
+                return fh.read(limit)
+        except FileNotFoundError:
+            raise NotFound(f"no such file: {uri}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc}") from None
+
     def read_tagged(self, uri: str) -> tuple[bytes, str]:
         """``(bytes, tag)``: the tag identifies this content for :meth:`write_bytes`'s ``if_match``
         (the object's ETag on S3, the sha256 of the file locally). NotFound when missing."""

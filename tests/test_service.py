@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from raydb.data.demo import demo_images
+from raydb.data.ingest import load_images
 from raydb.registry import list_subjects
 from raydb.service.runner import run_training
 from raydb.service.store import TrainingStore
@@ -69,7 +70,8 @@ def service(make_cfg, tmp_path):
     def client() -> TestClient:  # a new app over the same workspace: an "ingress restart"
         app = FastAPI()
         app.include_router(router)
-        app.state.raydb_trainings = TrainingsEndpoint(cfg, Storage(), _tenant, jobs=jobs, background=False)
+        app.state.raydb_trainings = TrainingsEndpoint(cfg, Storage(cfg.s3_endpoint_url), _tenant, jobs=jobs,
+                                                      background=False)
         return TestClient(app)
 
     return cfg, jobs, client
@@ -225,3 +227,143 @@ def test_a_refused_submission_stays_queued_until_the_jobs_api_takes_it(service):
     c.app.state.raydb_trainings.service.pass_queue()
     view = c.get(f"/v1/trainings/{resp.json()['id']}", headers={"X-API-Key": "key-one"}).json()
     assert view["status"] == "running" and view["job_id"] == jobs.submitted[0]
+
+
+# -- photos named by s3:// URI (moto's S3 server; the ingress's own Storage reads them) -------------
+
+def _uri_service(service, s3_bucket, prefixes):
+    cfg, jobs, client = service
+    endpoint, bucket = s3_bucket
+    cfg.s3_endpoint_url = endpoint
+    cfg.service.photo_uri_prefixes = [p.replace("BUCKET", bucket) for p in prefixes]
+    return cfg, jobs, client(), Storage(endpoint), bucket
+
+
+def test_photos_named_by_s3_uri_are_copied_under_the_tenant(service, s3_bucket):
+    cfg, jobs, c, s3, bucket = _uri_service(service, s3_bucket, ["BUCKET/{tenant}/"])
+    photos = _photos()
+    s3.write_bytes(f"{bucket}/t1/rex/a.png", photos[1][1])
+    s3.write_bytes(f"{bucket}/t1/rex/more/b.png", photos[2][1])
+    s3.write_bytes(f"{bucket}/t1/rex/.DS_Store", b"finder junk")  # hidden: skipped, as by ingestion
+    uris = [f"{bucket}/t1/rex/"]
+    resp = _post(c, photos=photos[:1], photo_uris=json.dumps(uris))
+    assert resp.status_code == 202, resp.text
+    store = TrainingStore(Storage(), cfg.workspace)
+    folder = Path(store.photos_uri("t1", resp.json()["id"]))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {
+        "photo-00-star0.png": photos[0][1], "photo-01-a.png": photos[1][1], "photo-02-b.png": photos[2][1]}
+    request = store.request("t1", resp.json()["id"])
+    assert request["photo_uris"] == uris and request["config"]["subject"]["instance_data"] == str(folder)
+    # one object by its own URI, no upload; then the sources go away: the training reads its copy
+    resp = _post(c, photos=[], subject_id="fido", photo_uris=f"{bucket}/t1/rex/a.png")
+    assert resp.status_code == 202, resp.text
+    s3.delete(f"{bucket}/t1", recursive=True)
+    assert s3.list(f"{bucket}/t1", recursive=True) == []
+    trained = store.request("t1", resp.json()["id"])["config"]
+    images = load_images(trained["subject"]["instance_data"], trained["train"]["resolution"])
+    assert len(images) == 1 and images[0].size == (64, 64)
+
+
+def test_photo_uris_outside_the_tenants_prefixes_or_unreadable_are_refused(service, s3_bucket):
+    cfg, jobs, c, s3, bucket = _uri_service(service, s3_bucket,
+                                            ["BUCKET/{tenant}/", "s3://raydb-no-such-bucket/{tenant}/"])
+    photos = _photos()
+    for key in ("t1/ok.png", "t2/theirs.png", "t1-other/x.png", "elsewhere/x.png", "t1/four/1.png",
+                "t1/four/2.png", "t1/four/3.png", "t1/four/4.png"):
+        s3.write_bytes(f"{bucket}/{key}", photos[0][1])
+    noise = np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8)
+    s3.write_bytes(f"{bucket}/t1/big.png", _png(Image.fromarray(noise)))
+    s3.write_bytes(f"{bucket}/t1/bigdir/big.png", _png(Image.fromarray(noise)))
+    s3.write_bytes(f"{bucket}/t1/wide.png", _png(Image.new("RGB", (400, 120))))
+    s3.write_bytes(f"{bucket}/t1/notes.png", b"this is text, not a picture")
+    s3.write_bytes(f"{bucket}/t1/empty.png", b"")
+    cases = [
+        (f"{bucket}/t2/theirs.png", 403, "outside the folders"),             # another tenant's photos
+        (f"{bucket}/t1-other/x.png", 403, "outside the folders"),            # prefix, not key boundary
+        (f"{bucket}/elsewhere/x.png", 403, "outside the folders"),
+        ("s3://another-bucket/t1/ok.png", 403, "outside the folders"),
+        (f"{bucket}/t1/../t2/theirs.png", 422, "'..' path segments"),        # no escape by '..'
+        (f"{bucket}/t1//ok.png", 422, "path segments"),
+        ("https://example.com/t1/ok.png", 422, "not an s3:// URI"),
+        (f"{bucket}/t1/missing.png", 422, "no such object or folder"),
+        (f"{bucket}/t1/none/", 422, "no such object or folder"),
+        ("s3://raydb-no-such-bucket/t1/a.png", 422, "NoSuchBucket"),        # a 4xx, not a 500
+        (f"{bucket}/t1/four/", 422, "at most 3 photos, got 5 (1 uploaded, 4 named by URI)"),
+        (f"{bucket}/t1/bigdir/", 413, "bytes, at most 60000"),               # from the listing
+        (f"{bucket}/t1/big.png", 413, "big.png: over 60000 bytes"),          # a ranged GET stops there
+        (f"{bucket}/t1/wide.png", 422, "wide.png: 400x120 is 48000 pixels"),
+        (f"{bucket}/t1/notes.png", 422, "notes.png"),
+        (f"{bucket}/t1/empty.png", 422, "empty.png: empty file"),
+        ('["s3://x/1.png", 2]', 422, "JSON list of s3:// URIs"),
+    ]
+    for uri, status, text in cases:
+        resp = _post(c, photos=photos[:1], photo_uris=uri)
+        assert resp.status_code == status, (uri, resp.text)
+        detail = resp.json()["detail"][0]
+        assert detail["loc"] == ["body", "photo_uris"] and text in detail["msg"], (uri, detail)
+        if not uri.startswith("["):
+            assert uri.split("/")[-1] in detail["msg"] or uri.endswith("/"), (uri, detail)
+        assert "testing" not in resp.text  # moto's credentials never reach the client
+    assert _stored(cfg) == [] and jobs.submitted == []
+    # the feature off: refused, naming the setting; nothing stored
+    cfg.service.photo_uri_prefixes = []
+    resp = _post(c, photo_uris=f"{bucket}/t1/ok.png")
+    assert resp.status_code == 403 and "service.photo_uri_prefixes" in resp.json()["detail"][0]["msg"]
+    assert _stored(cfg) == [] and jobs.submitted == []
+
+
+def test_photo_uri_prefixes_are_checked_when_the_config_loads(make_cfg):
+    from raydb.config import ConfigError
+
+    assert make_cfg(service={"photo_uri_prefixes": ["s3://uploads/{tenant}/"]})
+    for prefix in ("https://uploads/x/", "s3://uploads/a/../b/", "s3://uploads/{user}/", "s3://Up_Loads/"):
+        with pytest.raises(ConfigError, match=r"service\.photo_uri_prefixes"):
+            make_cfg(service={"photo_uri_prefixes": [prefix]})
+
+
+def test_read_bounded_stops_at_its_limit(s3_bucket, tmp_path):
+    endpoint, bucket = s3_bucket
+    storage = Storage(endpoint)
+    for uri in (f"{bucket}/blob", str(tmp_path / "blob")):
+        storage.write_bytes(uri, bytes(range(100)))
+        assert storage.read_bounded(uri, 10) == bytes(range(10))
+        assert storage.read_bounded(uri, 1000) == bytes(range(100))
+
+
+def test_a_tune_training_reports_its_trials_progress(service):
+    """``tune: true`` takes the operator's service.tune search, under a name of its own; GET sums the
+    trials' progress (tests/test_tune.py runs such a training for real)."""
+    import time
+
+    from raydb.config import RaydbConfig
+    from raydb.tune import tune_uri
+    from raydb.tune.results import record_trial
+
+    cfg, jobs, client = service
+    c = client()
+    resp = _post(c, overrides=json.dumps({"tune": True}))
+    assert resp.status_code == 202, resp.text
+    tid = resp.json()["id"]
+    store = TrainingStore(Storage(), cfg.workspace)
+    trained = RaydbConfig.model_validate(store.request("t1", tid)["config"])
+    assert trained.tune.model_dump() == cfg.service.tune.model_dump() | {"name": tid}
+    assert (resp.json()["step"], resp.json()["max_steps"]) == (None, 4)  # 2 planned trials x 2 steps
+    assert resp.json()["trials"] == {"planned": 2, "started": 0}
+    # the job's tune stage began 10 s ago; one trial has done 1 of its 2 steps
+    began = int(time.time()) - 10
+    store.write_status("t1", tid, state="running", stage="tune", run_uri=None)
+    status_file = Path(store.training_uri("t1", tid)) / "status.json"
+    status = json.loads(status_file.read_text())
+    status_file.write_text(json.dumps(status | {"updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                            time.gmtime(began))}))
+    run = str(Path(cfg.workspace) / "runs" / "rex" / "rex-trial")
+    record_trial(store.storage, tune_uri(trained), run)
+    store.storage.write_json(f"{run}/progress.json", {"step": 1, "max_steps": 2, "loss": 0.25,
+                                                      "images_per_s": 3.0, "updated_at": "x"})
+    before = time.time()
+    view = c.get(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-one"}).json()
+    after = time.time()
+    assert (view["step"], view["max_steps"], view["loss"]) == (1, 4, 0.25)
+    assert view["trials"] == {"planned": 2, "started": 1}
+    # ETA: the time so far x the 3 steps left / the 1 step done
+    assert 3 * (before - began) - 0.1 <= view["eta_s"] <= 3 * (after - began) + 0.1, view

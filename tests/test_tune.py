@@ -1,4 +1,5 @@
-"""Ray Tune search over prior_loss_weight x learning_rate, on a local cluster with the tiny model."""
+"""Ray Tune search over prior_loss_weight x learning_rate, on a local cluster with the tiny model
+(the first test runs it as a ``tune: true`` training of the service)."""
 
 from __future__ import annotations
 
@@ -27,17 +28,51 @@ def _rows(path: str) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+class _Jobs:
+    """Ray's Jobs API as the service's queue sees it; the test runs the job's entrypoint itself."""
+
+    def submit(self, submission_id: str, entrypoint: str) -> None:
+        pass
+
+    def status(self, submission_id: str) -> tuple[str, str]:
+        return "RUNNING", ""
+
+    def stop(self, submission_id: str) -> None:
+        raise AssertionError("nothing is cancelled here")
+
+
 def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_images_dir):
-    """2x2 grid, two trials at a time: the lr=1e-3 trials of the second pair reach the first rung
+    """A ``tune: true`` training of the service (photos submitted as over HTTP, then the job's
+    entrypoint) runs the operator's ``service.tune`` search and registers its best trial.
+
+    2x2 grid, two trials at a time: the lr=1e-3 trials of the second pair reach the first rung
     after both first-pair trials recorded theirs, score worse than the cut-off (the lr=1e-2 trial
     is ahead) and are stopped there."""
-    from raydb.tune import run_tune
+    import io
+
+    from raydb.config import RaydbConfig
+    from raydb.data.demo import demo_images
+    from raydb.service.runner import run_training
+    from raydb.service.trainings import TrainingService
+    from raydb.storage import join
+    from raydb.tune import tune_uri
 
     # 4 class images to train on, the other 4 of the folder held out for val_prior
     cfg = make_cfg(train={"max_steps": 8}, prior={"class_data": class_images_dir, "num_class_images": 4},
-                   tune=GRID | {"max_concurrent_trials": 2},
+                   service={"tune": GRID | {"max_concurrent_trials": 2}},
                    eval={"clip_model": "tiny", "num_images": 1, "num_inference_steps": 2})
-    summary = run_tune(cfg, quiet=True)
+    service = TrainingService(cfg, Storage(), _Jobs())
+    photos = []
+    for i, img in enumerate(demo_images()):  # builtin:demo's photos, as files
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        photos.append((f"demo{i}.png", buf.getvalue()))
+    fields = {"subject_id": cfg.subject.id, "instance_prompt": cfg.subject.instance_prompt,
+              "class_prompt": cfg.subject.class_prompt, "overrides": json.dumps({"tune": True})}
+    view, _ = service.submit("t1", fields, photos, None)
+    assert run_training(service.store, "t1", view["id"]) == "succeeded"
+    trained = RaydbConfig.model_validate(service.store.request("t1", view["id"])["config"])
+    summary = Storage().read_json(join(tune_uri(trained), "summary.json"))
     rows = _rows(summary["results_csv"])
     assert len(rows) == 4
     assert {(float(r["prior_loss_weight"]), float(r["learning_rate"])) for r in rows} == {
@@ -58,6 +93,10 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
     logged = [json.loads(x) for x in log.splitlines()]
     assert any("val_clip_i" in m and "val_clip_t" in m for m in logged)
     record = latest_version(Storage(), cfg.workspace, cfg.subject.id)
+    view = service.get("t1", view["id"])
+    assert view["subject"] == {"subject_id": cfg.subject.id, "version": record["version"]}
+    assert view["trials"] == {"planned": 4, "started": 4} and view["max_steps"] == 4 * 8
+    assert 8 * len(completed) < view["step"] <= 4 * 8  # the stopped trials ran some steps too
     meta = json.loads((Path(record["uri"]) / "adapter.json").read_text())
     assert meta["tune"]["hyperparameters"] == {"prior_loss_weight": float(best["prior_loss_weight"]),
                                                "learning_rate": float(best["learning_rate"])}

@@ -1,7 +1,8 @@
 """Training as a service: many subjects per job (``batch``) and trainings submitted over HTTP.
 
 ``batch`` (``raydb batch``), ``store`` (training records in the workspace), ``submission`` (checks of
-an upload), ``queue`` (Ray jobs through the Jobs API), ``runner`` (a training job's entrypoint) and
+an upload), ``photo_uris`` (photos named by ``s3://`` URI), ``errors`` (refusals with their own
+status), ``queue`` (Ray jobs through the Jobs API), ``runner`` (a training job's entrypoint) and
 ``trainings`` (the operations the ingress's ``/v1/trainings`` routes call). See docs/service.md.
 """
 

@@ -2,18 +2,20 @@
 
 ``validate_submission`` takes the form's text fields and its photos and returns the training's
 validated config, or raises :class:`raydb.serving.api.RequestError` naming the field (the HTTP layer
-answers 422, or 413 for :class:`TooLarge`). In order:
+answers 422, 413 for :class:`TooLarge`, 403 for :class:`Forbidden`). In order:
 
-1. fields: only ``subject_id``, ``instance_prompt``, ``class_prompt``, ``overrides``; ids by the
-   safe-id rule, prompts non-empty and within ``serve.max_prompt_chars``;
+1. fields: only ``subject_id``, ``instance_prompt``, ``class_prompt``, ``overrides``,
+   ``photo_uris``; ids by the safe-id rule, prompts non-empty and within ``serve.max_prompt_chars``;
 2. overrides: a JSON object of dotted config keys, each in ``service.allowed_overrides``
    (unknown keys and keys outside the list are both refused), ``train.max_steps`` at most
-   ``service.max_train_steps``, ``tune: true`` switches on the operator's ``service.tune`` search;
-3. photos: 1..``service.max_photos`` files, each at most ``service.max_photo_bytes`` and
-   ``service.max_photo_pixels`` (read from the header, before decoding: a decompression bomb is
-   refused without being decompressed), then decoded by the ingestion rules themselves
-   (:func:`raydb.data.ingest.load_images` on a private temporary folder), so an upload is accepted
-   exactly when ``raydb train`` would accept the same files;
+   ``service.max_train_steps``, ``tune: true`` switches on the operator's ``service.tune`` search
+   (named after the training, so each training searches afresh);
+3. photos: 1..``service.max_photos`` files, uploaded and named by ``s3://`` URI together (the
+   URIs' policy, listing and reads: :mod:`raydb.service.photo_uris`), each at most
+   ``service.max_photo_bytes`` and ``service.max_photo_pixels`` (read from the header, before
+   decoding: a decompression bomb is refused without being decompressed), then decoded by the
+   ingestion rules themselves (:func:`raydb.data.ingest.load_images` on a private temporary
+   folder), so a photo is accepted exactly when ``raydb train`` would accept the same file;
 4. the whole training config (the ingress's config with this subject and the overrides), validated
    like any config file.
 """
@@ -30,26 +32,27 @@ from typing import Any
 
 from raydb.config import ConfigError, RaydbConfig, apply_overrides, load_config
 from raydb.ids import check_safe_id
+from raydb.service.errors import Forbidden, TooLarge
+from raydb.service.photo_uris import parse_photo_uris, read_photo_uris
 from raydb.serving.api import RequestError
+from raydb.storage import Storage
 
-__all__ = ["FIELDS", "TooLarge", "Submission", "validate_submission", "photo_names"]
+__all__ = ["FIELDS", "TooLarge", "Forbidden", "Submission", "validate_submission", "photo_names"]
 
-FIELDS = ("subject_id", "instance_prompt", "class_prompt", "overrides")
-
-
-class TooLarge(RequestError):
-    """An upload over a byte limit (HTTP 413)."""
+FIELDS = ("subject_id", "instance_prompt", "class_prompt", "overrides", "photo_uris")
 
 
 @dataclass
 class Submission:
-    """A checked training: its config (as a dict) and the photos under their stored names."""
+    """A checked training: its config (as a dict), the photos under their stored names (uploads
+    first, then those read from ``photo_uris``, the field's URIs as given)."""
 
     training_id: str
     subject_id: str
     config: dict[str, Any]
     photos: list[tuple[str, bytes]]
     overrides: dict[str, Any]
+    photo_uris: list[str]
 
 
 def photo_names(filenames: list[str]) -> list[str]:
@@ -107,50 +110,53 @@ def _config_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
     return keys
 
 
-def _check_photo_limits(photos: list[tuple[str, bytes]], cfg: RaydbConfig) -> None:
+def _check_photo_limits(photos: list[tuple[str, bytes]], cfg: RaydbConfig, field: str) -> None:
+    """Bytes and pixels of each ``(name for messages, bytes)``."""
     from PIL import Image, UnidentifiedImageError
 
     sc = cfg.service
-    if not photos:
-        raise RequestError("photos", "upload at least one photo (multipart field 'photos')")
-    if len(photos) > sc.max_photos:
-        raise RequestError("photos", f"at most {sc.max_photos} photos, got {len(photos)}")
     for name, data in photos:
         if not data:
-            raise RequestError("photos", f"{name}: empty file")
+            raise RequestError(field, f"{name}: empty file")
         if len(data) > sc.max_photo_bytes:
-            raise TooLarge("photos", f"{name}: {len(data)} bytes, at most {sc.max_photo_bytes}")
+            raise TooLarge(field, f"{name}: {len(data)} bytes, at most {sc.max_photo_bytes}")
         try:  # the header only: width and height are known before a single pixel is decoded
             with Image.open(io.BytesIO(data), formats=("JPEG", "PNG", "WEBP")) as probe:
                 width, height = probe.size
         except Image.DecompressionBombError:
-            raise RequestError("photos", f"{name}: too many pixels (a decompression bomb?)") from None
+            raise RequestError(field, f"{name}: too many pixels (a decompression bomb?)") from None
         except (UnidentifiedImageError, OSError, ValueError):
             continue  # not an image we decode: the ingestion rules below name the problem
         if width * height > sc.max_photo_pixels:
-            raise RequestError("photos", f"{name}: {width}x{height} is {width * height} pixels, "
-                                         f"at most {sc.max_photo_pixels}")
+            raise RequestError(field, f"{name}: {width}x{height} is {width * height} pixels, "
+                                      f"at most {sc.max_photo_pixels}")
 
 
-def _check_photos_decode(photos: list[tuple[str, bytes]], cfg: RaydbConfig) -> None:
-    """The ingestion rules on a private temporary folder (deleted; nothing reaches the workspace)."""
+def _check_photos_decode(photos: list[tuple[str, str, bytes]], cfg: RaydbConfig, field: str) -> None:
+    """The ingestion rules over ``(stored name, name for messages, bytes)`` on a private temporary
+    folder (deleted; nothing reaches the workspace)."""
     from raydb.data.ingest import IngestError, load_images
 
+    if not photos:
+        return
+    label = {stored: shown for stored, shown, _ in photos}
     with tempfile.TemporaryDirectory(prefix="raydb-upload-") as tmp:
-        for name, data in photos:
+        for name, _, data in photos:
             (Path(tmp) / name).write_bytes(data)
         try:
-            load_images(tmp, cfg.train.resolution, center_crop=cfg.train.center_crop, field="photos")
+            load_images(tmp, cfg.train.resolution, center_crop=cfg.train.center_crop, field=field)
         except IngestError as exc:
-            problems = "; ".join(f"{name}: {why}" for name, why in sorted(exc.problems.items()))
-            raise RequestError("photos", problems) from None
+            problems = "; ".join(f"{label.get(name, name)}: {why}"
+                                 for name, why in sorted(exc.problems.items()))
+            raise RequestError(field, problems) from None
 
 
 def validate_submission(
     fields: dict[str, str], uploads: list[tuple[str, bytes]], cfg: RaydbConfig, *, tenant: str,
-    training_id: str, photos_uri: str,
+    training_id: str, photos_uri: str, storage: Storage,
 ) -> Submission:
-    """The checks of the module docstring; ``uploads`` are (client file name, bytes) pairs."""
+    """The checks of the module docstring; ``uploads`` are (client file name, bytes) pairs;
+    ``storage`` reads ``photo_uris`` (the service's own)."""
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise RequestError(unknown[0], "unknown field (expected: photos, " + ", ".join(FIELDS) + ")")
@@ -163,16 +169,33 @@ def validate_submission(
     instance_prompt = _text(fields, "instance_prompt", limit)
     class_prompt = _text(fields, "class_prompt", limit)
     overrides = _overrides(fields.get("overrides"), cfg)
-    photos = list(zip(photo_names([name for name, _ in uploads]), [data for _, data in uploads], strict=True))
-    _check_photo_limits(photos, cfg)
-    data = cfg.to_dict()
-    data["subject"] = {"id": subject_id, "tenant": tenant, "instance_data": photos_uri,
+    tree = cfg.to_dict()
+    tree["subject"] = {"id": subject_id, "tenant": tenant, "instance_data": photos_uri,
                        "instance_prompt": instance_prompt, "class_prompt": class_prompt}
-    data["tune"] = cfg.service.tune.model_dump(mode="json") if overrides.get("tune") else None
+    # a search of its own per training (tune/<subject>/<training id>/): under the operator's name a
+    # second training of the subject would restore the first one's finished search
+    tree["tune"] = cfg.service.tune.model_dump(mode="json") | {"name": training_id} if overrides.get("tune") \
+        else None
     try:
         trained = load_config(data=apply_overrides(
-            data, [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "tune"]))
+            tree, [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "tune"]))
     except ConfigError as exc:
         raise RequestError("overrides", str(exc).replace("\n", " ")) from None
-    _check_photos_decode(photos, trained)
-    return Submission(training_id, subject_id, trained.to_dict(), photos, overrides)
+    # photos last: the cheap checks above refuse a bad request before any S3 read
+    uris = parse_photo_uris(fields.get("photo_uris"))
+    sc = cfg.service
+    if not uploads and not uris:
+        raise RequestError("photos", "upload at least one photo (multipart field 'photos') or name them "
+                                     "in 'photo_uris'")
+    if len(uploads) > sc.max_photos:
+        raise RequestError("photos", f"at most {sc.max_photos} photos, got {len(uploads)}")
+    uploaded = list(zip(photo_names([name for name, _ in uploads]), [b for _, b in uploads], strict=True))
+    _check_photo_limits(uploaded, cfg, "photos")
+    fetched = read_photo_uris(uris, storage, sc, tenant, uploaded=len(uploads))
+    _check_photo_limits(fetched, cfg, "photo_uris")
+    stored = photo_names([name for name, _ in uploads] + [uri for uri, _ in fetched])[len(uploads):]
+    _check_photos_decode([(name, name, b) for name, b in uploaded], trained, "photos")
+    _check_photos_decode([(name, uri, b) for name, (uri, b) in zip(stored, fetched, strict=True)], trained,
+                         "photo_uris")
+    photos = uploaded + [(name, b) for name, (_, b) in zip(stored, fetched, strict=True)]
+    return Submission(training_id, subject_id, trained.to_dict(), photos, overrides, uris)

@@ -29,25 +29,58 @@ class Refused(Exception):
         self.status, self.detail, self.retry_after = status, detail, retry_after
 
 
-def training_view(store: TrainingStore, tenant: str, training_id: str) -> dict[str, Any] | None:
-    """``GET /v1/trainings/{id}``'s body, or None when the tenant has no such training."""
+def _progress(storage: Storage, config: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    """The run's ``progress.json``; for a search, its trials' summed (:func:`_search_progress`)."""
     from raydb.train.progress import read_progress
 
+    if config.get("tune") is not None:
+        return _search_progress(storage, RaydbConfig.model_validate(config), status)
+    found = read_progress(storage, status["run_uri"]) if status.get("run_uri") else None
+    return found or {"max_steps": config["train"]["max_steps"]}
+
+
+def _search_progress(storage: Storage, cfg: RaydbConfig, status: dict[str, Any]) -> dict[str, Any]:
+    """A ``tune: true`` training's progress: ``step`` summed over the trials that started,
+    ``max_steps`` = planned trials x ``train.max_steps``, loss and images/s of the trial that reported
+    last, ``trials`` = planned and started, and an ETA extrapolated from the steps done since the
+    tune stage began (an upper bound: trials ASHA stops early never run their remaining steps)."""
+    import calendar
+
+    from raydb.train.progress import read_progress
+    from raydb.tune import tune_uri
+    from raydb.tune.results import planned_trials, trial_runs
+
+    runs = trial_runs(storage, tune_uri(cfg))
+    records = [p for run in runs if (p := read_progress(storage, run))]
+    planned = planned_trials(cfg)
+    step = sum(int(p["step"]) for p in records)
+    max_steps = planned * cfg.train.max_steps
+    latest = max(records, key=lambda p: p.get("updated_at", ""), default={})
+    out: dict[str, Any] = {"step": step if runs else None, "max_steps": max_steps, "loss": latest.get("loss"),
+                           "images_per_s": latest.get("images_per_s"),
+                           "trials": {"planned": planned, "started": len(runs)}}
+    if status.get("stage") == "tune" and status.get("updated_at") and step:
+        began = calendar.timegm(time.strptime(status["updated_at"], "%Y-%m-%dT%H:%M:%SZ"))
+        out["eta_s"] = round(max(0.0, time.time() - began) * max(0, max_steps - step) / step, 1)
+    return out
+
+
+def training_view(store: TrainingStore, tenant: str, training_id: str) -> dict[str, Any] | None:
+    """``GET /v1/trainings/{id}``'s body, or None when the tenant has no such training."""
     request = store.request(tenant, training_id)
     if request is None:
         return None
     state = store.state(tenant, training_id)
     status = store.status(tenant, training_id)
     job = store.job(tenant, training_id) or {}
-    progress = read_progress(store.storage, status["run_uri"]) if status.get("run_uri") else None
-    progress = progress or {}
+    progress = _progress(store.storage, request["config"], status)
     return {
         "id": training_id, "subject_id": request["subject_id"], "status": state,
         "stage": status.get("stage") if state != "queued" else "waiting for a slot",
-        "step": progress.get("step"), "max_steps": progress.get("max_steps",
-                                                                request["config"]["train"]["max_steps"]),
+        "step": progress.get("step"), "max_steps": progress.get("max_steps"),
         "loss": progress.get("loss"), "images_per_s": progress.get("images_per_s"),
         "eta_s": progress.get("eta_s") if state == "running" else None,
+        "trials": progress.get("trials"),
         "error": status.get("error") if state == "failed" else None,
         "subject": status.get("subject") if state == "succeeded" else None,
         "overrides": request.get("overrides", {}), "job_id": job.get("submission_id"),
@@ -77,11 +110,12 @@ class TrainingService:
                 return training_view(self.store, tenant, earlier), False
         training_id = new_training_id()
         sub = validate_submission(fields, uploads, self.cfg, tenant=tenant, training_id=training_id,
-                                  photos_uri=self.store.photos_uri(tenant, training_id))
+                                  photos_uri=self.store.photos_uri(tenant, training_id),
+                                  storage=self.store.storage)
         self._check_capacity(tenant)
         self._claim_subject(tenant, sub.subject_id)
         request = {"subject_id": sub.subject_id, "overrides": sub.overrides, "config": sub.config,
-                   "photos": [name for name, _ in sub.photos]}
+                   "photos": [name for name, _ in sub.photos], "photo_uris": sub.photo_uris}
         self.store.create(tenant, training_id, request, sub.photos)
         if idempotency_key is not None:
             winner = self.store.claim_idempotency(tenant, idempotency_key, training_id)

@@ -5,9 +5,9 @@
 where the routes find it through Serve's replica context (``servable_object``). The routes parse
 the request — the multipart body is read only after the key was checked and ``Content-Length`` is
 within ``service.max_upload_bytes`` — and map the service's refusals to status codes: 401 (key),
-404 (unknown or another tenant's training), 409 (subject id taken, cancel too late), 413 (too
-large), 422 (field named), 429 (+ Retry-After). Blocking work (storage, decoding, the Jobs API)
-runs in a worker thread.
+403 (a photo URI the tenant may not name), 404 (unknown or another tenant's training), 409
+(subject id taken, cancel too late), 413 (too large), 422 (field named), 429 (+ Retry-After).
+Blocking work (storage, S3 photo reads, decoding, the Jobs API) runs in a worker thread.
 """
 
 import asyncio
@@ -19,8 +19,8 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from starlette.datastructures import UploadFile
 
 from raydb.config import RaydbConfig
+from raydb.service.errors import Forbidden, TooLarge
 from raydb.service.queue import Jobs
-from raydb.service.submission import TooLarge
 from raydb.service.trainings import Refused, TrainingService
 from raydb.serving.api import RequestError
 from raydb.storage import Storage
@@ -88,6 +88,8 @@ async def _call(fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
     except TooLarge as exc:
         raise HTTPException(413, exc.detail()) from None
+    except Forbidden as exc:
+        raise HTTPException(403, exc.detail()) from None
     except RequestError as exc:
         raise HTTPException(422, exc.detail()) from None
     except Refused as exc:

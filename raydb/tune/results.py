@@ -1,8 +1,13 @@
-"""A search's results, without Ray: each trial's config, its row in ``results.csv``, the plot.
+"""A search's results, without Ray: each trial's config, its row in ``results.csv``, the plot,
+and the index of its trials' run folders.
 
 ``trial_config`` is the one place a trial's config is derived from the search's config and the
 trial's hyperparameters — the Tune driver function trains with it and ``trial_rows`` finds the
 trial's run folder with it, so the table always points at the runs that exist.
+
+Each trial, as it starts, records its run folder under ``<search>/trials/`` (:func:`record_trial`),
+so a search's progress can be read while it runs (the training service sums its trials'
+``progress.json``) — with log-uniform ranges the trials' configs are not known in advance.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from typing import Any
 from raydb.config import RaydbConfig
 from raydb.storage import Storage, join
 
-__all__ = ["RESULT_COLUMNS", "trial_config", "trial_rows", "last_validation", "write_csv", "trials_png"]
+__all__ = ["RESULT_COLUMNS", "trial_config", "trial_rows", "last_validation", "write_csv", "trials_png",
+           "planned_trials", "record_trial", "trial_runs"]
 
 RESULT_COLUMNS = ["trial", "prior_loss_weight", "learning_rate", "val_instance", "val_prior",
                   "val_score", "steps", "status"]
@@ -27,6 +33,30 @@ def trial_config(cfg: RaydbConfig, prior_loss_weight: float, learning_rate: floa
     data["train"].update(prior_loss_weight=float(prior_loss_weight), learning_rate=float(learning_rate),
                          num_sample_images=0)
     return RaydbConfig.model_validate(data)
+
+
+def planned_trials(cfg: RaydbConfig) -> int:
+    """Trials the search runs: ``num_samples`` x the grid's points (a range is one point per sample)."""
+    tc = cfg.tune
+    if tc is None:
+        return 0
+    points = 1
+    for space in (tc.prior_loss_weight, tc.learning_rate):
+        points *= len(space.values) if space.values is not None else 1
+    return tc.num_samples * points
+
+
+def record_trial(storage: Storage, search_uri: str, run: str) -> None:
+    """Note a trial's run folder in the search's index (idempotent: a resumed trial rewrites it)."""
+    storage.write_json(join(search_uri, "trials", run.rstrip("/").rsplit("/", 1)[-1] + ".json"),
+                       {"run_dir": run})
+
+
+def trial_runs(storage: Storage, search_uri: str) -> list[str]:
+    """Run folders of the trials that have started, in name order."""
+    index = join(search_uri, "trials")
+    return [storage.read_json(join(index, name))["run_dir"]
+            for name in storage.list(index) if name.endswith(".json")]
 
 
 def last_validation(storage: Storage, run: str) -> dict[str, float]:

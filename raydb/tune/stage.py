@@ -20,7 +20,7 @@ from typing import Any
 from raydb.config import RaydbConfig, SearchSpace
 from raydb.registry import claim_subject
 from raydb.storage import Storage, is_s3, join
-from raydb.tune.results import last_validation, trial_config, trial_rows, trials_png, write_csv
+from raydb.tune.results import last_validation, record_trial, trial_config, trial_rows, trials_png, write_csv
 
 __all__ = ["run_tune", "tune_uri", "default_concurrency", "TuneFailed"]
 
@@ -70,6 +70,7 @@ def _trial(config: dict[str, Any], cfg_dict: dict[str, Any], encoded: dict[str, 
     trainer, run = build_trainer(cfg, storage, EncodedCache(**encoded),
                                  extra_config={"eval_every": cfg.tune.eval_every},
                                  callbacks=[TuneReportCallback()], class_dataset=class_dataset)
+    record_trial(storage, tune_uri(cfg), run)
     trainer.fit()
     result = storage.read_json(join(run, RESULT))
     final = {k: v for k, v in result.items() if isinstance(v, int | float | str)}

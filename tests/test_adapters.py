@@ -105,8 +105,9 @@ def test_another_base_model_or_family_is_a_mismatch(tmp_path):
                                               f"this server runs '{IDENTITY}'$"):
         read_adapter(Storage(), _write(tmp_path, other, data), IDENTITY)
     sdxl = _meta(data, base_model={"identity": IDENTITY, "family": "sdxl"})
-    with pytest.raises(AdapterMismatch, match=f"^adapter is for the sdxl model family \\(base '{IDENTITY}'\\); "
-                                              f"this server runs an sd model \\('{IDENTITY}'\\)$"):
+    with pytest.raises(AdapterMismatch, match=f"^adapter is for the sdxl model family "
+                                              f"\\(base '{IDENTITY}'\\); this server runs "
+                                              f"an sd model \\('{IDENTITY}'\\)$"):
         read_adapter(Storage(), _write(tmp_path, sdxl, data, "v2"), IDENTITY)
     no_base = {k: v for k, v in _meta(data).items() if k != "base_model"}
     with pytest.raises(AdapterMismatch, match="base model None"):

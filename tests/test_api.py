@@ -35,8 +35,9 @@ def _error(**body) -> tuple[str, str]:
 
 
 def test_every_limit_holds_at_its_boundary():
-    params = validate_generate(_req(prompt="a dog " + "x" * 14, negative_prompt="y" * 20, num_inference_steps=10,
-                                    width=128, height=8, num_images=2, guidance_scale=3.0), CFG, META)
+    params = validate_generate(_req(prompt="a dog " + "x" * 14, negative_prompt="y" * 20,
+                                    num_inference_steps=10, width=128, height=8, num_images=2,
+                                    guidance_scale=3.0), CFG, META)
     assert params.model_dump() == {
         "prompt": "a sks dog " + "x" * 14, "negative_prompt": "y" * 20, "num_inference_steps": 10,
         "guidance_scale": 3.0, "seed": 3, "width": 128, "height": 8, "num_images": 2}

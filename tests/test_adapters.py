@@ -165,3 +165,68 @@ def test_failure_cache_with_zero_ttl_remembers_nothing():
     cache.put("a", AdapterCorrupt("x"))
     assert cache.get("a") is None
     assert FailureCache(ttl_s=1.0).size == 256
+
+
+def test_failure_cache_ttl_below_one_second_still_remembers():
+    now = [0.0]
+    cache = FailureCache(ttl_s=0.5, clock=lambda: now[0])
+    err = AdapterCorrupt("x")
+    cache.put("a", err)
+    assert cache.get("a") is err
+
+
+class _Pool:
+    def __init__(self) -> None:
+        self.unloaded: list[str] = []
+        self.evictions: list[object] = []
+
+    def unload(self, adapter) -> None:
+        self.unloaded.append(adapter.name)
+
+    def evicted(self, adapter) -> None:
+        self.evictions.append(adapter)
+
+
+def test_loaded_adapter_records_what_it_is():
+    from raydb.serving.adapters import LoadedAdapter
+
+    meta = {"subject": {"tenant": "t1"}}
+    adapter = LoadedAdapter(_Pool(), "adapter3", "alice", "v0002", meta, slot=3)
+    assert (adapter.name, adapter.subject_id, adapter.version, adapter.adapter_id, adapter.slot) == (
+        "adapter3", "alice", "v0002", "alice@v0002", 3)
+    assert adapter.metadata is meta and adapter.loaded is True
+    assert LoadedAdapter(_Pool(), "a", "bob", "v0001", {}).slot is None
+
+
+def test_two_users_keep_an_evicted_adapter_until_both_release():
+    """Deliberate break caught: ``acquire`` setting the count to 1 instead of adding one (the first
+    release would unload an adapter another request is still denoising with)."""
+    from raydb.serving.adapters import LoadedAdapter
+
+    pool = _Pool()
+    adapter = LoadedAdapter(pool, "adapter0", "alice", "v0001", {})
+    adapter.acquire()
+    adapter.acquire()
+    adapter.__del__()  # evicted by Serve's LRU while both hold it
+    assert pool.evictions == [adapter]  # the pool hears of the eviction at once, with the adapter
+    assert adapter.release() is False and adapter.loaded is True
+    assert adapter.release() is True and adapter.loaded is False
+    assert adapter.release() is False  # never twice
+
+
+def test_an_unused_adapter_is_not_unloaded_before_eviction_and_pools_need_no_eviction_hook():
+    from raydb.serving.adapters import LoadedAdapter
+
+    class BarePool:  # no ``evicted``: only ``unload``
+        def __init__(self) -> None:
+            self.unloaded: list[str] = []
+
+        def unload(self, adapter) -> None:
+            self.unloaded.append(adapter.name)
+
+    pool = BarePool()
+    adapter = LoadedAdapter(pool, "adapter0", "alice", "v0001", {})
+    adapter.acquire()
+    assert adapter.release() is False and adapter.loaded is True  # in use, then idle: not evicted
+    adapter.__del__()
+    assert pool.unloaded == ["adapter0"] and adapter.loaded is False

@@ -63,6 +63,15 @@ def test_defaults_fill_in():
     assert validate_generate(_req(), low_max, META).num_inference_steps == 3  # default capped by the max
 
 
+def test_unseeded_requests_draw_a_31_bit_seed(monkeypatch):
+    import random
+
+    bounds = []
+    monkeypatch.setattr(random, "randrange", lambda stop: bounds.append(stop) or 12345)
+    assert validate_generate(GenerateRequest(subject_id="a", prompt="p"), CFG, META).seed == 12345
+    assert bounds == [2**31]
+
+
 def test_unseeded_requests_get_different_seeds():
     seeds = {validate_generate(GenerateRequest(subject_id="a", prompt="p"), CFG, META).seed for _ in range(8)}
     assert len(seeds) > 1
@@ -85,6 +94,7 @@ def test_class_noun_is_the_last_word_without_punctuation():
     assert class_noun("a photo of a dog") == "dog"
     assert class_noun("a photo of a dog.") == "dog"
     assert class_noun("  cat!? ") == "cat"
+    assert class_noun("a photo of an XBOX") == "XBOX"  # only punctuation is stripped
     assert class_noun("") is None and class_noun("   ") is None
 
 
@@ -95,3 +105,4 @@ def test_final_prompt_inserts_the_token_before_the_class_noun_or_first():
     assert final_prompt("a dog", {"subject": {"class_prompt": "a photo of a dog"}}) == "a dog"  # no token
     assert final_prompt("a dog", {}) == "a dog"
     assert final_prompt("a dog", {"subject": {"instance_token": "sks"}}) == "sks a dog"  # no class prompt
+    assert final_prompt("a XXXX", {"subject": {"instance_token": "sks"}}) == "sks a XXXX"

@@ -79,3 +79,50 @@ def test_only_seeded_requests_are_safe_to_repeat():
     assert safe_to_repeat({"seed": 0, "prompt": "p"})
     assert not safe_to_repeat({"seed": None, "prompt": "p"})
     assert not safe_to_repeat({"prompt": "p"})
+
+
+def test_one_attempt_means_no_retry():
+    send, calls = _flaky(0)
+    assert _run(call_with_retry(send, attempts=1, retry_on=(ReplicaDied,)))["attempt"] == 1
+    send, calls = _flaky(1)
+    with pytest.raises(ReplicaDied):
+        _run(call_with_retry(send, attempts=1, retry_on=(ReplicaDied,)))
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="^attempts must be at least 1, got -1$"):
+        _run(call_with_retry(send, attempts=-1))
+
+
+def test_by_default_rays_lost_replica_errors_are_retried():
+    from ray.exceptions import ActorUnavailableError
+
+    send, calls = _flaky(1, exc=lambda message: ActorUnavailableError(message, None))
+    assert _run(call_with_retry(send, backoff_s=0))["attempt"] == 2
+    send, calls = _flaky(1, exc=KeyError)  # anything else is not
+    with pytest.raises(KeyError):
+        _run(call_with_retry(send, backoff_s=0))
+    assert len(calls) == 1
+
+
+def test_backoff_doubles_from_backoff_s_and_each_retry_is_logged(monkeypatch, caplog):
+    """Sleeps are ``backoff_s * 2**k`` (0.05 s, then 0.1 s by default); each retry logs what, the
+    error's type and the attempt about to be made."""
+    sleeps: list[float] = []
+
+    async def fake_sleep(seconds):
+        sleeps.append(seconds)
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    send, calls = _flaky(2)
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        _run(call_with_retry(send, retry_on=(ReplicaDied,)))
+    assert sleeps == [0.05, 0.1]
+    assert [r.getMessage() for r in caplog.records] == [
+        "request: replica lost (ReplicaDied); retrying (2 of 3)",
+        "request: replica lost (ReplicaDied); retrying (3 of 3)"]
+    sleeps.clear()
+    caplog.clear()
+    send, calls = _flaky(3)
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        _run(call_with_retry(send, attempts=4, retry_on=(ReplicaDied,), backoff_s=1.0, what="generate alice"))
+    assert sleeps == [1.0, 2.0, 4.0]
+    assert caplog.records[-1].getMessage() == "generate alice: replica lost (ReplicaDied); retrying (4 of 4)"

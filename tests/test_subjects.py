@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 
@@ -75,3 +76,53 @@ def test_model_ids_round_trip_and_reject_path_tricks():
     for bad in ("alice", "alice@", "alice@v1", "alice@../v0001", "../x@v0001", "alice@v0001x"):
         with pytest.raises(ValueError):
             parse_model_id(bad)
+
+
+def test_messages_name_the_subject_and_unreadable_entries_are_logged(workspace, tmp_path, caplog):
+    """The 404's message names the subject the caller asked for (and nothing else); an unreadable
+    registry entry is logged with the subject and the storage error, and answered like a missing one."""
+    storage = Storage()
+    with pytest.raises(SubjectNotFound) as missing:
+        find_subject(storage, workspace, "nobody", "t1")
+    assert str(missing.value) == "unknown subject 'nobody'"
+    with pytest.raises(SubjectNotFound) as other:
+        find_subject(storage, workspace, "carol", "t1")
+    assert str(other.value) == "unknown subject 'carol'"
+    with pytest.raises(SubjectNotFound) as bad:
+        find_subject(storage, workspace, "../x", None)
+    assert str(bad.value) == "unknown subject '../x'"
+    (tmp_path / "ws" / "subjects" / "bob" / "v0001" / "adapter.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="raydb.serving.subjects"):
+        with pytest.raises(SubjectNotFound) as broken:
+            find_subject(storage, workspace, "bob", "t1")
+    assert str(broken.value) == "unknown subject 'bob'"
+    [record] = caplog.records
+    message = record.getMessage()
+    assert message.startswith("registry entry of subject 'bob' is unreadable: ")
+    assert "adapter.json is not valid JSON" in message
+
+
+def test_rows_of_adapters_without_subject_or_base_model_metadata(tmp_path):
+    """An adapter.json with neither ``subject`` nor ``base_model`` (registered by hand) still lists,
+    under the default tenant, with empty fields; ``registered_at`` is the registration time."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pytorch_lora_weights.safetensors").write_bytes(b"w")
+    (src / "adapter.json").write_text(json.dumps({"weights_sha256": hashlib.sha256(b"w").hexdigest()}))
+    ws = str(tmp_path / "ws")
+    register_adapter(Storage(), ws, "plain", str(src))
+    [row] = tenant_subjects(Storage(), ws, "default")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row.pop("registered_at"))
+    assert row == {"subject_id": "plain", "tenant": "default", "latest_version": "v0001",
+                   "versions": ["v0001"], "instance_token": None, "instance_prompt": None,
+                   "class_prompt": None, "base_model": None}
+    [row] = tenant_subjects(Storage(), ws, None)
+    assert row["tenant"] is None  # auth off: the adapter's own tenant field, which it lacks
+
+
+def test_parse_model_id_messages():
+    with pytest.raises(ValueError) as err:
+        parse_model_id("a@b@v0001")  # the first '@' splits: the version part is not vNNNN
+    assert str(err.value) == "bad adapter id 'a@b@v0001' (expected <subject>@vNNNN)"
+    with pytest.raises(ValueError, match="not a safe id"):
+        parse_model_id("a b@v0001")

@@ -59,13 +59,14 @@ async def call_with_retry(
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, got {attempts}")
     errors = replica_lost_errors() if retry_on is None else retry_on
-    for attempt in range(attempts):
+    attempt = 0
+    while True:
         try:
             return await send()
         except errors as exc:
-            if attempt == attempts - 1:
+            attempt += 1
+            if attempt >= attempts:
                 raise
             logger.warning("%s: replica lost (%s); retrying (%d of %d)", what, type(exc).__name__,
-                           attempt + 2, attempts)
-            await asyncio.sleep(backoff_s * 2**attempt)
-    raise AssertionError("unreachable")  # the loop returns or raises
+                           attempt + 1, attempts)
+            await asyncio.sleep(backoff_s * 2 ** (attempt - 1))

@@ -9,7 +9,7 @@ must agree):
   CPU the same step runs eagerly, which is what the ``--tiny`` smoke test checks);
 * ``graphs + compile``: the graph step over ``train.compile=full``, measured in a fresh process
   (``--compile-probe``) so its compile time is honest, once cold and once warm from the workspace
-  compile cache (``raydb.train.compile_cache``).
+  compile cache (``raydb.compile_cache``).
 
 Per row: images/s and step time (median, synchronized), the GPU busy fraction of a few profiled
 steps (``torch.profiler``: union of kernel intervals / wall span of those steps), peak memory, and

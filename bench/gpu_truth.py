@@ -581,8 +581,8 @@ def run_engine(b: Bench, vae, text_encoder, tokenizer) -> None:
 def compile_probe(b: Bench) -> dict[str, Any]:
     """``--compile-probe``: the graph step over ``compile=full`` in this (fresh) process, with the
     workspace compile cache loaded first and saved after the compile (when it was cold)."""
+    from raydb.compile_cache import CompileCache, compile_cache_key
     from raydb.storage import Storage
-    from raydb.train.compile_cache import CompileCache, compile_cache_key
 
     a = b.args
     vae, text_encoder, tokenizer = build_frozen(b)

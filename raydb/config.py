@@ -314,10 +314,21 @@ class ServeConfig(_Strict):
         description="Largest adapter rank a replica serves: adapter slots are preallocated at this "
                     "rank (memory, and LoRA compute for every sample); higher ranks are refused (409)."
     )
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+    compile: Literal["off", "cudagraphs", "default", "reduce-overhead", "max-autotune"] = Field(
         "off",
-        description="torch.compile mode for the serving UNet (reduce-overhead: CUDA graphs); "
-                    "measure with bench/serve_engine_gpu.py before turning it on."
+        description="torch.compile the serving UNet: 'cudagraphs' captures the eager kernels as CUDA "
+                    "graphs (dynamo's cudagraphs backend, no inductor), the others are inductor modes "
+                    "(reduce-overhead: inductor kernels under CUDA graphs). A replica compiles at "
+                    "start-up (warm-up loops at batch 1 and max_batch_size, native size), not on a "
+                    "request; measure with bench/serve_engine_gpu.py before turning it on."
+    )
+    compile_cache: bool = Field(
+        False,
+        description="With serve.compile, keep torch.compile's artifacts in <workspace>/compile-cache "
+                    "(keyed by base model, torch, GPU, shapes, dtype, slots, mode) so the next replica "
+                    "of the same base model starts warm. Off by default for the same reason as "
+                    "train.compile_cache: torch deserializes these artifacts with pickle, so turn it on "
+                    "only for a workspace that only trusted jobs can write."
     )
     max_queued_requests: int = Field(
         32, ge=1, description="Requests that may wait for a busy diffusion replica (beyond "

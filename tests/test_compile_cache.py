@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raydb.compile_cache import CompileCache, CompileCacheDamaged, compile_cache_key
 from raydb.storage import Storage
-from raydb.train.compile_cache import CompileCache, compile_cache_key
 
 BASE = {"model_identity": "tiny@abc", "device_name": "NVIDIA H200",
         "shapes": {"micro_batch": [2, 4, 64, 64], "accumulation": 1},
@@ -46,8 +46,15 @@ def test_entry_round_trips_and_refuses_damage(tmp_path):
     assert reader.load() is True and loaded == [b"artifacts" * 10]
     assert reader.save() is False  # a warm run does not rewrite its entry
     storage.write_bytes(writer.bin_uri, b"artifacts" * 9 + b"xrtifacts")
-    with pytest.raises(ValueError, match="compile cache.*SHA-256"):
+    with pytest.raises(CompileCacheDamaged, match="compile cache.*SHA-256"):
         CompileCache(storage, ws, key, parts, load_fn=loaded.append).load()
+    storage.delete(writer.bin_uri)
+    with pytest.raises(CompileCacheDamaged, match=r"names no .*\.bin"):
+        CompileCache(storage, ws, key, parts, load_fn=loaded.append).load()
+    storage.write_bytes(writer.meta_uri, b'{"bytes": 90, "sha2')  # a manifest cut short
+    with pytest.raises(CompileCacheDamaged, match="not valid JSON"):
+        CompileCache(storage, ws, key, parts, load_fn=loaded.append).load()
+    assert loaded == [b"artifacts" * 10]  # no damaged entry ever reached torch
     empty = CompileCache(storage, ws, "k" * 20, parts, save_fn=lambda: None)
     assert empty.save() is False and not storage.exists(empty.meta_uri)
 

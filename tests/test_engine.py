@@ -366,3 +366,100 @@ def test_should_stop_ends_the_denoising_loop_when_every_request_asks(engine):
     out = eng.generate([EngineRequest(_params(0, num_inference_steps=3), None, should_stop=lambda: True),
                         EngineRequest(_params(1, num_inference_steps=3), None)])
     assert len(out) == 2 and eng.unet_forwards - start == full
+
+
+# -- the compiled UNet and its workspace compile cache (serve.compile, serve.compile_cache) ---------
+def _engine_like(*, identity="sd15@abc", device="cpu", dtype=torch.float16, native_size=512,
+                 max_lora_rank=32, num_slots=16):
+    """What ``serving_compile_cache`` reads from an engine, without building one per variation."""
+    from types import SimpleNamespace
+
+    unet = SimpleNamespace(device=torch.device(device), dtype=dtype, config=SimpleNamespace(in_channels=4))
+    return SimpleNamespace(pipe=SimpleNamespace(unet=unet, vae_scale_factor=8), identity=identity,
+                           family="sd", native_size=native_size, max_lora_rank=max_lora_rank,
+                           num_slots=num_slots, layers={"unet": {"down.0.to_q": None, "down.0.to_k": None}})
+
+
+def test_serving_compile_cache_key_changes_with_each_part(monkeypatch, tmp_path):
+    from raydb.serving.engine import compile_options, serving_compile_cache
+    from raydb.storage import Storage
+
+    gpu = ["NVIDIA H200"]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu[0])
+
+    def key(engine_kw=None, *, mode="reduce-overhead", max_batch_size=8):
+        return serving_compile_cache(_engine_like(**(engine_kw or {})), Storage(), str(tmp_path), mode=mode,
+                                     max_batch_size=max_batch_size).key
+
+    base = key()
+    assert base == key() and len(base) == 20
+    variations = [key({"identity": "sd15@def"}), key({"device": "cuda"}), key({"dtype": torch.bfloat16}),
+                  key({"native_size": 768}), key({"max_lora_rank": 64}), key({"num_slots": 12}),
+                  key(mode="max-autotune"), key(mode="cudagraphs"), key(max_batch_size=4)]
+    gpu[0] = "NVIDIA H100 80GB HBM3"  # another GPU of the same device type
+    variations.append(key({"device": "cuda"}))
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    variations.append(key())
+    assert base not in variations and len(set(variations)) == len(variations)
+    assert compile_options("cudagraphs") == {"backend": "cudagraphs"}
+    assert compile_options("reduce-overhead") == {"mode": "reduce-overhead"}
+
+
+def test_compiled_engine_loads_its_cache_first_saves_once_and_skips_a_damaged_entry(engine, tmp_path,
+                                                                                      caplog):
+    """Injected save/load functions stand in for torch's (whose round trip ``test_compile_cache.py``
+    checks with a real inductor compile); the backend runs dynamo's graph as traced."""
+    import logging
+
+    from raydb.compile_cache import CompileCache
+    from raydb.serving.engine import EngineRequest, serving_compile_cache
+    from raydb.storage import Storage
+
+    eng, _, _ = engine
+    events: list = []
+    ws = str(tmp_path / "ws")
+    entry = serving_compile_cache(eng, Storage(), ws, mode="reduce-overhead", max_batch_size=2)
+
+    class Recorded(CompileCache):
+        def load(self) -> bool:
+            events.append("lookup")
+            return super().load()
+
+    def cache() -> Recorded:
+        return Recorded(Storage(), ws, entry.key, entry.parts,
+                        save_fn=lambda: events.append("save") or (b"torch-artifacts", None),
+                        load_fn=lambda data: events.append(("load", data)))
+
+    def backend(gm, example_inputs):
+        events.append("compile")
+        return gm.forward
+
+    try:
+        before = eng.unet_forwards
+        cold = eng.compile_unet(cache=cache(), warm_up=[1, 2], backend=backend)
+        assert cold["cache"] == "cold" and cold["saved"] is True and eng.compile_info is cold
+        assert events[:2] == ["lookup", "compile"] and events[-1] == "save" and events.count("save") == 1
+        assert eng.unet_forwards - before == 6  # two 2-step PNDM loops (3 UNet calls each)
+        eng.denoise([EngineRequest(_params(0))])
+        assert events.count("save") == 1  # after the warm-up, never again
+
+        events.clear()  # the next replica of this base model: the entry is loaded before compiling
+        eng.unet = eng.pipe.unet
+        torch.compiler.reset()
+        warm = eng.compile_unet(cache=cache(), warm_up=[1, 2], backend=backend)
+        assert warm["cache"] == "warm" and warm["saved"] is False
+        assert events[:3] == ["lookup", ("load", b"torch-artifacts"), "compile"] and "save" not in events
+
+        events.clear()  # a damaged entry: never handed to torch, compiled cold, rewritten
+        Storage().write_bytes(entry.bin_uri, b"torch-artifactz")
+        eng.unet = eng.pipe.unet
+        torch.compiler.reset()
+        with caplog.at_level(logging.WARNING, logger="raydb.serving.engine"):
+            damaged = eng.compile_unet(cache=cache(), warm_up=[1], backend=backend)
+        assert damaged["cache"] == "damaged" and damaged["saved"] is True
+        assert not [e for e in events if isinstance(e, tuple)]  # load_fn never called
+        assert "ignoring the compile cache entry" in caplog.text and "SHA-256" in caplog.text
+        assert cache().load() is True and events[-1] == ("load", b"torch-artifacts")  # healed
+    finally:
+        eng.unet = eng.pipe.unet
+        torch.compiler.reset()

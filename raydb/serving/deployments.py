@@ -45,7 +45,13 @@ from raydb.serving.adapters import AdapterError, AdapterGone, GenerationCancelle
 from raydb.serving.api import GenerateRequest, RequestError, validate_generate, validation_detail
 from raydb.serving.auth import KeyRing, key_from_headers
 from raydb.serving.batcher import ShapeBatcher
-from raydb.serving.engine import DiffusionEngine, EngineRequest
+from raydb.serving.engine import (
+    DiffusionEngine,
+    EngineRequest,
+    compile_options,
+    serving_compile_cache,
+    warm_up_batches,
+)
 from raydb.serving.limits import (
     BodyTooLarge,
     TenantLimiter,
@@ -102,8 +108,12 @@ class DiffusionDeployment:
             pipe, num_slots=sc.max_num_models_per_replica + sc.max_batch_size, max_lora_rank=sc.max_lora_rank,
             unet_targets=self.cfg.lora.target_modules,
             text_encoder_targets=self.cfg.lora.text_encoder_target_modules)
-        if sc.compile != "off":
-            self.engine.compile_unet(mode=sc.compile)
+        if sc.compile != "off":  # compiled (and warmed up) before the replica takes requests
+            cache = serving_compile_cache(self.engine, self.storage, self.cfg.workspace, mode=sc.compile,
+                                          max_batch_size=sc.max_batch_size) if sc.compile_cache else None
+            info = self.engine.compile_unet(cache=cache, warm_up=warm_up_batches(sc.max_batch_size),
+                                            **compile_options(sc.compile))
+            logger.info("serving UNet compiled (%s): %s", sc.compile, info)
         self.pool = SlotPool(self.engine, failure_ttl_s=sc.adapter_failure_ttl_s)
         self.in_flight = self.peak_in_flight = self.cancelled = 0
         self.batcher = ShapeBatcher(self.engine.run_batch, key=lambda r: self.engine.key(r.params),
@@ -175,7 +185,8 @@ class DiffusionDeployment:
         """Resident adapters, load/unload and UNet-forward counters, batches run, request counters
         (tests, benchmarks)."""
         return self.pool.stats() | {"batches": list(self.batcher.batches), "cancelled": self.cancelled,
-                                    "peak_in_flight": self.peak_in_flight}
+                                    "peak_in_flight": self.peak_in_flight,
+                                    "compile": self.engine.compile_info}
 
     def reset_peak(self) -> None:
         """Start a new ``peak_in_flight`` measurement."""

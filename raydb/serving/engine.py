@@ -21,19 +21,30 @@ per-image generator list, as in diffusers' pipeline). Batched and one-by-one res
 differ only by the last bits that batched kernels may round differently.
 
 ``unet_forwards`` counts UNet calls, which is what batching saves.
+
+Compiled UNet (``serve.compile``): :meth:`DiffusionEngine.compile_unet` wraps the UNet in
+``torch.compile`` and runs warm-up loops at the native size for the batch sizes a replica will see
+(1 and ``serve.max_batch_size``), so no request pays the compile. With ``serve.compile_cache`` the
+workspace compile cache (``raydb/compile_cache.py``, shared with training) is loaded before the
+first compiled forward and saved once after the warm-up: the next replica of the same base model,
+GPU, shapes and options starts warm. A damaged entry is skipped with a warning (the replica compiles
+cold and rewrites it); it is never handed to torch.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from raydb.compile_cache import CompileCache, CompileCacheDamaged, compile_cache_key
 from raydb.config import LoraConfig
 from raydb.serving.adapters import GenerationCancelled
 from raydb.serving.multi_lora import (
@@ -45,8 +56,30 @@ from raydb.serving.multi_lora import (
     max_rank,
     wrap_linears,
 )
+from raydb.storage import Storage
 
-__all__ = ["EngineRequest", "DiffusionEngine", "shape_key"]
+__all__ = ["EngineRequest", "DiffusionEngine", "shape_key", "compile_options", "warm_up_batches",
+           "serving_compile_cache"]
+
+logger = logging.getLogger(__name__)
+
+# The warm-up loops' shape: the UNet graph depends on the batch (CFG doubles it) and the latent
+# size, not on the step count, so two steps compile what a 25-step request runs.
+WARM_UP_STEPS = 2
+WARM_UP_GUIDANCE = 7.5  # the API's default: classifier-free guidance on
+
+
+def compile_options(mode: str) -> dict[str, Any]:
+    """``torch.compile`` keyword arguments of a ``serve.compile`` mode: ``cudagraphs`` is dynamo's
+    CUDA-graph backend (the eager kernels, captured; no inductor), the others are inductor modes
+    (``reduce-overhead``: inductor's kernels under CUDA graphs)."""
+    return {"backend": "cudagraphs"} if mode == "cudagraphs" else {"mode": mode}
+
+
+def warm_up_batches(max_batch_size: int) -> list[int]:
+    """Images per warm-up loop: a lone request and a full batch (dynamo compiles the first batch
+    size statically and, at the second, a graph dynamic in the batch that serves the sizes between)."""
+    return sorted({1, max_batch_size})
 
 
 @dataclass
@@ -99,6 +132,7 @@ class DiffusionEngine:
         self.unet = pipe.unet  # what the loop calls; compile_unet() swaps in a compiled wrapper
         self.lock = threading.Lock()  # one denoising loop at a time on the device
         self.unet_forwards = 0
+        self.compile_info: dict[str, Any] = {"cache": "off", "saved": False, "warm_up_s": 0.0}
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="raydb-decode")
 
     @property
@@ -145,12 +179,42 @@ class DiffusionEngine:
             raise
 
     # -- sampling --------------------------------------------------------------------------------
-    def compile_unet(self, **compile_kwargs: Any) -> None:
+    def compile_unet(self, *, cache: CompileCache | None = None, warm_up: Sequence[int] = (),
+                     **compile_kwargs: Any) -> dict[str, Any]:
         """Run the loop's UNet through ``torch.compile`` (e.g. ``mode="reduce-overhead"``: CUDA graphs).
 
-        Slot writes are in-place copies into fixed buffers, so loading adapters never recompiles.
+        ``cache`` (:func:`serving_compile_cache`): loaded before the first compiled forward, saved
+        once after the ``warm_up`` loops (one denoising loop of ``n`` base-model images at the
+        native size per entry). Returns (and keeps in ``compile_info``) ``{"cache": "off" | "cold"
+        | "warm" | "damaged", "saved", "warm_up_s"}``. Slot writes are in-place copies into fixed
+        buffers, so loading adapters never recompiles.
         """
+        info: dict[str, Any] = {"cache": "off", "saved": False, "warm_up_s": 0.0}
+        if cache is not None:
+            info["key"] = cache.key
+            try:
+                info["cache"] = "warm" if cache.load() else "cold"
+            except CompileCacheDamaged as exc:
+                logger.warning("ignoring the compile cache entry (compiling cold, then rewriting it): %s",
+                               exc)
+                info["cache"] = "damaged"
         self.unet = torch.compile(self.pipe.unet, **compile_kwargs)
+        start = time.perf_counter()
+        for n in warm_up:
+            self.denoise([EngineRequest(self._warm_up_params(n))])
+        info["warm_up_s"] = round(time.perf_counter() - start, 3)
+        if cache is not None and warm_up:
+            try:
+                info["saved"] = cache.save()
+            except Exception as exc:  # noqa: BLE001 - a cache that cannot be written costs speed only
+                logger.warning("could not save the compile cache entry %s: %s", cache.key, exc)
+        self.compile_info = info
+        return info
+
+    def _warm_up_params(self, num_images: int) -> dict[str, Any]:
+        return {"prompt": "", "negative_prompt": None, "num_inference_steps": WARM_UP_STEPS,
+                "guidance_scale": WARM_UP_GUIDANCE, "seed": 0, "width": self.native_size,
+                "height": self.native_size, "num_images": num_images}
 
     @torch.no_grad()
     def denoise(self, requests: list[EngineRequest]) -> torch.Tensor:
@@ -264,3 +328,26 @@ class DiffusionEngine:
 
     def close(self) -> None:
         self._decoder.shutdown(wait=True)
+
+
+def serving_compile_cache(engine: DiffusionEngine, storage: Storage, workspace: str, *, mode: str,
+                          max_batch_size: int) -> CompileCache:
+    """The workspace compile-cache entry of ``engine``'s compiled UNet (``raydb/compile_cache.py``).
+
+    The key holds what the compiled code depends on: the base model's identity, torch version and
+    device name (``compile_cache_key``), the warm-up shapes (latent ``[C, h, w]`` at the native
+    size, batch sizes 1 and ``max_batch_size``, CFG-doubled), the UNet dtype, the slot buffers
+    (``num_slots`` x ``max_lora_rank`` on the wrapped modules) and the compile mode.
+    """
+    unet = engine.pipe.unet
+    device = unet.device
+    latent = engine.native_size // engine.pipe.vae_scale_factor
+    key, parts = compile_cache_key(
+        model_identity=engine.identity,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        shapes={"latent": [unet.config.in_channels, latent, latent], "max_batch_size": max_batch_size,
+                "warm_up_batches": warm_up_batches(max_batch_size), "cfg": WARM_UP_GUIDANCE > 1.0},
+        options={"compile": compile_options(mode), "dtype": str(unet.dtype),
+                 "family": engine.family, "max_lora_rank": engine.max_lora_rank,
+                 "num_slots": engine.num_slots, "unet_lora_modules": sorted(engine.layers["unet"])})
+    return CompileCache(storage, workspace, key, parts)

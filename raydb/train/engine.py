@@ -10,7 +10,7 @@ Both loops (``train/local.py`` in one process, ``train/stage.py`` in each Ray Tr
   graph path replaces DDP's hooks by one explicit all-reduce of the flat gradient buffer — and
   today's ``optimizer_step`` (through the DDP wrapper when there is one) otherwise;
 * with ``train.compile`` and ``train.compile_cache`` set, the workspace compile cache
-  (``compile_cache.py``) is loaded before the first step and saved after the first ``SAVE_AFTER``
+  (``raydb/compile_cache.py``) is loaded before the first step and saved after the first ``SAVE_AFTER``
   steps of a cold run. It is opt-in because torch deserializes its artifacts with pickle.
 
 Validation and sampling stay eager: they call ``state.unet`` outside any graph.
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from raydb.compile_cache import CompileCache, compile_cache_key
 from raydb.config import RaydbConfig
 from raydb.storage import Storage
-from raydb.train.compile_cache import CompileCache, compile_cache_key
 from raydb.train.data import TrainingData
 from raydb.train.graphs import GraphStep
 from raydb.train.prefetch import BatchPrefetcher
@@ -38,7 +38,7 @@ SAVE_AFTER = 5  # steps: the graph step's warm-up (3) + capture + one replay hav
 
 def engine_compile_cache(cfg: RaydbConfig, storage: Storage, *, model_identity: str,
                          device: torch.device, data: TrainingData, graphs: bool) -> CompileCache:
-    """The workspace compile-cache entry of this run's compiled step (see ``compile_cache.py``)."""
+    """The workspace compile-cache entry of this run's compiled step (see ``raydb/compile_cache.py``)."""
     tc = cfg.train
     n = tc.batch_size * (2 if data.with_prior else 1)
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")

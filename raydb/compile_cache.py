@@ -1,10 +1,12 @@
-"""``torch.compile`` artifacts kept in the workspace: the second subject on a base model starts warm.
+"""``torch.compile`` artifacts kept in the workspace: the second run on a base model starts warm.
 
 Compiling SD 1.5's UNet (forward + backward) takes minutes on an H100/H200; every subject trained on
-the same base model, GPU type, shapes and options compiles exactly the same graphs. After the first
-compiled steps, ``torch.compiler.save_cache_artifacts()`` serializes what inductor and AOTAutograd
-produced; a later run loads it with ``torch.compiler.load_cache_artifacts`` before its first step,
-and its compile becomes cache hits.
+the same base model, GPU type, shapes and options compiles exactly the same graphs, and so does every
+serving replica of one base model (forward only). After the first compiled steps (training,
+``raydb/train/engine.py``) or denoising loops (serving, ``raydb/serving/engine.py``),
+``torch.compiler.save_cache_artifacts()`` serializes what inductor and AOTAutograd produced; a later
+run loads it with ``torch.compiler.load_cache_artifacts`` before its first compiled call, and its
+compile becomes cache hits.
 
 Layout: ``{workspace}/compile-cache/{key}.bin`` (torch's bytes) and ``{key}.json`` (what the key
 was made of, the byte count and SHA-256; written last, so it marks a complete entry). The key is a
@@ -27,9 +29,13 @@ from typing import Any
 
 import torch
 
-from raydb.storage import Storage, join
+from raydb.storage import NotFound, Storage, StorageError, join
 
-__all__ = ["compile_cache_key", "CompileCache"]
+__all__ = ["compile_cache_key", "CompileCache", "CompileCacheDamaged"]
+
+
+class CompileCacheDamaged(ValueError):
+    """An entry whose bytes do not match its manifest (size or SHA-256): never handed to torch."""
 
 
 def compile_cache_key(*, model_identity: str, device_name: str, shapes: Any, options: dict[str, Any],
@@ -72,14 +78,27 @@ class CompileCache:
         return join(self.root, f"{self.key}.json")
 
     def load(self) -> bool:
-        """Populate torch's compile caches from this entry; False when there is none (cold)."""
-        meta = self.storage.read_json_or(self.meta_uri)
+        """Populate torch's compile caches from this entry; False when there is none (cold).
+
+        Raises :class:`CompileCacheDamaged` (before torch sees a byte) when the manifest cannot be
+        read as JSON, its ``.bin`` is missing, or size/SHA-256 differ from the manifest.
+        """
+        try:
+            meta = self.storage.read_json_or(self.meta_uri)
+        except StorageError as exc:  # not valid JSON (half-written or edited), or unreadable
+            raise CompileCacheDamaged(f"compile cache {self.meta_uri}: {exc}; delete it and "
+                                      f"{self.bin_uri} to recompile") from exc
         if not meta:
             return False
-        data = self.storage.read_bytes(self.bin_uri)
-        if len(data) != meta.get("bytes") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-            raise ValueError(f"compile cache {self.bin_uri}: contents do not match {self.meta_uri} "
-                             "(size or SHA-256); delete both files to recompile")
+        try:
+            data = self.storage.read_bytes(self.bin_uri)
+        except NotFound as exc:
+            raise CompileCacheDamaged(f"compile cache {self.meta_uri} names no {self.bin_uri}; delete "
+                                      "it to recompile") from exc
+        if (not isinstance(meta, dict) or len(data) != meta.get("bytes")
+                or hashlib.sha256(data).hexdigest() != meta.get("sha256")):
+            raise CompileCacheDamaged(f"compile cache {self.bin_uri}: contents do not match "
+                                      f"{self.meta_uri} (size or SHA-256); delete both files to recompile")
         self._load_fn(data)
         self.loaded = True
         return True

@@ -2,29 +2,43 @@
 
 Builds SD 1.5's architecture with seeded random weights (``gpu_truth.SD15``; nothing downloaded),
 wraps it in :class:`raydb.serving.engine.DiffusionEngine` (fp16 on CUDA, as the replica runs it)
-with random rank-8 adapters written into its slots, and drives it the way a replica does —
-:class:`raydb.serving.batcher.ShapeBatcher` in front, closed-loop clients — for:
+with random rank-8 adapters written into its slots. Two sections, results in one JSON:
 
-* concurrency 1, 8, 32;
-* loads: (a) one subject, (b) 8 subjects uniformly mixed, (c) 16 subjects over 8 resident slots
-  (a miss evicts the least recently used subject and copies the new one into its slot);
-* batching on (``max_batch_size=8``) and off (1);
-* the UNet eager and under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) — the faster one
-  is what a replica should run.
+1. ``variants`` — the denoising loop at a fixed shape (512 px, 25 steps, CFG; one loop of 1 and of 8
+   images for 8 different subjects) under each UNet mode of ``--modes``: ``eager``, ``cudagraphs``
+   (dynamo's CUDA-graph backend: the eager kernels captured, no inductor), ``reduce-overhead``
+   (inductor's kernels under CUDA graphs) and, if asked, ``default`` / ``max-autotune``. Each
+   compiled mode is compiled the way a replica does it (``compile_unet`` with warm-up loops at batch 1
+   and 8) twice: *cold* (empty local inductor/triton caches, no workspace entry; the entry is saved
+   after the warm-up) and *warm* (``torch.compiler.reset()``, new empty local caches, the workspace
+   entry loaded first) — ``compile_cold_s`` / ``compile_warm_s`` and inductor's FX-graph cache hits
+   and misses. Both runs are in this process (a new replica would also pay imports and inductor's
+   worker start-up). ``fastest`` names the mode with the shortest loop at batch 8 and at batch 1.
+2. ``rows`` — the replica's load test for ``--load-modes`` (``fastest`` = the fastest compiled mode
+   at batch 8, then eager): :class:`raydb.serving.batcher.ShapeBatcher` in front, closed-loop
+   clients, concurrency 1, 8, 32; loads (a) one subject, (b) 8 subjects uniformly mixed, (c) 16
+   subjects over 8 resident slots (a miss evicts the least recently used subject and copies the new
+   one into its slot); batching on (``max_batch_size=8``) and off (1).
 
 What it must show (issue 16) on an H100/H200, 512 px, 25 steps, CFG 7.5: at concurrency 8 with
 mixed subjects, batched images/s ≥ 4× the concurrency-1 unbatched images/s; p50 latency at
-concurrency 1 ≤ 0.6 s. ``checks`` in the JSON states both.
+concurrency 1 ≤ 0.6 s (``checks``, per load mode); which of CUDA graphs and torch.compile runs the
+loop faster (``fastest``: set ``serve.compile`` to it if it beats eager); and that the workspace
+compile cache makes the second compile a warm one (``compile_warm_s`` well below ``compile_cold_s``,
+``fxgraph_cache_miss`` 0 in the warm run of the inductor modes).
 
     python bench/serve_engine_gpu.py --out bench/results/serve_engine_<chip>_<date>.json   # GPU
-    python bench/serve_engine_gpu.py --tiny --seconds 2 --out /tmp/serve_engine_tiny.json   # CPU smoke
+    python bench/serve_engine_gpu.py --tiny --seconds 1 --concurrency 1 8 --out /tmp/tiny.json  # CPU smoke
 
-On a lent device machine (no network): ``bash bench/device_wheels.sh`` here once, then
-``run(command="pip install -q --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:$PWD
-python3 bench/serve_engine_gpu.py --seconds 5 --out $OUT/serve_engine.json", carry=[".whl"],
-timeout_s=570)`` — 36 arms of 5 s plus model build and compile, about 5 minutes; the JSON is
-rewritten after every arm, so a run cut short keeps what it measured. Batch sizes other than 1 and
-8 (partial batches) may compile during an arm under ``reduce-overhead``; ``mean_batch`` shows them.
+On the CPU smoke (``--tiny``) the default modes are eager and cudagraphs (which runs the eager
+kernels off CUDA); add ``--modes eager default`` to exercise inductor and the compile cache (minutes
+on a small CPU). On a lent device machine (no network): ``bash bench/device_wheels.sh`` here once,
+then ``run(command="pip install -q --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:$PWD
+python3 bench/serve_engine_gpu.py --seconds 4 --out $OUT/serve_engine.json", carry=[".whl"],
+timeout_s=580)``. ``--budget-s`` (default 540) skips what would not finish in time and says so in
+``skipped``; the JSON is rewritten after every measurement, so a run cut short keeps what it measured.
+Batch sizes other than 1 and 8 (partial batches) may record new CUDA graphs during an arm;
+``mean_batch`` shows them.
 """
 
 from __future__ import annotations
@@ -33,9 +47,11 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -48,10 +64,18 @@ import torch  # noqa: E402
 from gpu_truth import SD_SCHEDULE, Bench, build_frozen, build_unet  # noqa: E402
 
 from raydb.serving.batcher import ShapeBatcher  # noqa: E402
-from raydb.serving.engine import DiffusionEngine, EngineRequest  # noqa: E402
+from raydb.serving.engine import (  # noqa: E402
+    DiffusionEngine,
+    EngineRequest,
+    compile_options,
+    serving_compile_cache,
+    warm_up_batches,
+)
 from raydb.serving.multi_lora import LoraFactors  # noqa: E402
+from raydb.storage import Storage  # noqa: E402
 
 RANK = 8
+MAX_BATCH = 8
 
 
 def build_engine(b: Bench, num_slots: int) -> DiffusionEngine:
@@ -142,51 +166,170 @@ def load_test(engine: DiffusionEngine, residency: Residency, subjects: int, *, c
             "unet_forwards": engine.unet_forwards - forwards}
 
 
+def sync(b: Bench) -> None:
+    if b.cuda:
+        torch.cuda.synchronize()
+
+
+def fresh_local_caches() -> None:
+    """Empty local inductor and triton caches: what a new machine starts with."""
+    root = tempfile.mkdtemp(prefix="raydb-serve-compile-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(root, "triton")
+
+
+def use_mode(b: Bench, engine: DiffusionEngine, mode: str, workspace: str) -> dict[str, Any]:
+    """Put ``mode``'s UNet in the engine as a replica does (compile + warm-up, cache loaded/saved);
+    returns ``compile_unet``'s info plus the wall time and inductor's FX-graph cache counters."""
+    from torch._dynamo.utils import counters
+
+    torch.compiler.reset()
+    engine.unet = engine.pipe.unet
+    start = time.perf_counter()
+    if mode == "eager":  # the warm-up loops alone: the baseline a compile's cost is read against
+        for n in warm_up_batches(MAX_BATCH):
+            engine.denoise([EngineRequest(engine.warm_up_params(n))])
+        sync(b)
+        return {"wall_s": round(time.perf_counter() - start, 2)}
+    counters.clear()
+    cache = serving_compile_cache(engine, Storage(), workspace, mode=mode, max_batch_size=MAX_BATCH)
+    info = engine.compile_unet(cache=cache, warm_up=warm_up_batches(MAX_BATCH), **compile_options(mode))
+    sync(b)
+    return info | {"wall_s": round(time.perf_counter() - start, 2),
+                   "fxgraph_cache_hit": counters["inductor"].get("fxgraph_cache_hit", 0),
+                   "fxgraph_cache_miss": counters["inductor"].get("fxgraph_cache_miss", 0),
+                   "entry_bytes": (Storage().read_json_or(cache.meta_uri) or {}).get("bytes")}
+
+
+def time_loops(b: Bench, engine: DiffusionEngine, residency: Residency, *, size: int, steps: int,
+               repeats: int) -> dict[str, Any]:
+    """Median seconds of one denoising loop of 1 and of ``MAX_BATCH`` images (one subject each)."""
+    out: dict[str, Any] = {}
+    for n in (1, MAX_BATCH):
+        requests = [EngineRequest({"prompt": "a photo of a dog", "negative_prompt": None,
+                                   "num_inference_steps": steps, "guidance_scale": 7.5, "seed": i,
+                                   "width": size, "height": size, "num_images": 1}, residency.slot(i))
+                    for i in range(n)]
+        times = []
+        for _ in range(repeats + 1):  # the first loop at a new step count is not timed
+            sync(b)
+            t0 = time.perf_counter()
+            engine.denoise(requests)
+            sync(b)
+            times.append(time.perf_counter() - t0)
+        loop_s = statistics.median(times[1:])
+        out[f"batch_{n}"] = {"loop_s": round(loop_s, 4), "images_per_s": round(n / loop_s, 3)}
+    return out
+
+
+def variants(b: Bench, engine: DiffusionEngine, adapters: list[dict], results: dict[str, Any],
+             args: argparse.Namespace, size: int) -> None:
+    """Section 1: each UNet mode at a fixed shape, with its cold and warm compile."""
+    for mode in args.modes:
+        if b.left() < (30 if mode == "eager" else 240):
+            results["skipped"].append(f"variant {mode}: {b.left():.0f} s of budget left")
+            continue
+        workspace = tempfile.mkdtemp(prefix="raydb-serve-ws-")  # this mode's compile-cache entry
+        row: dict[str, Any] = {"unet": mode}
+        try:
+            fresh_local_caches()
+            row["cold"] = use_mode(b, engine, mode, workspace)
+            if mode != "eager":
+                fresh_local_caches()  # a new replica: nothing local, only the workspace entry
+                row["warm"] = use_mode(b, engine, mode, workspace)
+                row["compile_cold_s"], row["compile_warm_s"] = row["cold"]["wall_s"], row["warm"]["wall_s"]
+            row |= time_loops(b, engine, Residency(engine, adapters, 8), size=size, steps=args.steps,
+                              repeats=args.repeats)
+        except Exception as exc:  # noqa: BLE001 - record and measure the other modes
+            results["errors"][f"variant {mode}"] = f"{type(exc).__name__}: {exc}"[:2000]
+            continue
+        finally:
+            engine.unet = engine.pipe.unet
+        results["variants"].append(row)
+        print(json.dumps(row), flush=True)
+        b.save()
+    timed = [v for v in results["variants"] if "batch_1" in v]
+    if timed:
+        results["fastest"] = {f"batch_{n}": min(timed, key=lambda v, n=n: v[f"batch_{n}"]["loop_s"])["unet"]
+                              for n in (1, MAX_BATCH)}
+        eager = next((v for v in timed if v["unet"] == "eager"), None)
+        if eager:
+            results["fastest"]["over_eager"] = {
+                v["unet"]: {f"batch_{n}": round(eager[f"batch_{n}"]["loop_s"] / v[f"batch_{n}"]["loop_s"], 3)
+                            for n in (1, MAX_BATCH)} for v in timed}
+        b.save()
+
+
+def load_modes(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
+    """``--load-modes`` with ``fastest`` resolved to the fastest compiled mode at batch ``MAX_BATCH``."""
+    compiled = [v for v in results["variants"] if v["unet"] != "eager" and "batch_1" in v]
+    best = min(compiled, key=lambda v: v[f"batch_{MAX_BATCH}"]["loop_s"])["unet"] if compiled else None
+    modes = [best if m == "fastest" else m for m in args.load_modes]
+    return list(dict.fromkeys(m for m in modes if m))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (smoke run)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="per arm")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per load-test arm")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=3, help="timed loops per variant and batch size")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--compile", nargs="+", default=["eager", "reduce-overhead"],
-                        help="UNet modes to measure: eager and/or torch.compile modes")
+    parser.add_argument("--modes", nargs="+", default=None,
+                        help="UNet modes of the fixed-shape section: eager, cudagraphs, default, "
+                             "reduce-overhead, max-autotune (default: eager cudagraphs reduce-overhead; "
+                             "--tiny: eager cudagraphs)")
+    parser.add_argument("--load-modes", nargs="+", default=["fastest", "eager"],
+                        help="UNet modes of the load test ('fastest': the fastest compiled variant)")
+    parser.add_argument("--budget-s", type=float, default=540.0,
+                        help="wall-clock budget: measurements that would not finish are skipped")
     args = parser.parse_args()
-    b = Bench(argparse.Namespace(tiny=args.tiny, resolution=None, cpu=False, budget_s=1e9, out=args.out))
+    args.modes = args.modes or (["eager", "cudagraphs"] if args.tiny else ["eager", "cudagraphs",
+                                                                           "reduce-overhead"])
+    b = Bench(argparse.Namespace(tiny=args.tiny, resolution=None, cpu=False, budget_s=args.budget_s,
+                                 out=args.out))
     size = b.spec["resolution"]
     if b.cuda:  # the replica's serving dtype
         b.dtype = torch.float16
+    else:  # as a CPU replica runs (serve.num_cpus_per_replica = 1); OpenMP teams thrash a busy CPU
+        torch.set_num_threads(1)
     engine = build_engine(b, num_slots=8)
     adapters = random_adapters(engine, 16)
-    results: dict[str, Any] = {
-        "schema": 1, "date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name()
+    results = b.results
+    results.update({
+        "schema": 2, "date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name()
         if b.cuda else platform.processor() or "cpu", "torch": torch.__version__, "resolution": size,
-        "steps": args.steps, "dtype": str(b.dtype), "rank": RANK, "rows": [], "errors": {}}
+        "steps": args.steps, "dtype": str(b.dtype), "rank": RANK, "variants": [], "rows": []})
+    variants(b, engine, adapters, results, args, size)
     loads = [("one subject", 1), ("8 subjects mixed", 8), ("16 subjects / 8 slots", 16)]
-    for mode in args.compile:
+    arm_s = args.seconds + (3 if b.cuda else 5)  # the arm, then its last batches drain
+    for mode in load_modes(args, results):
+        workspace = tempfile.mkdtemp(prefix="raydb-serve-ws-")
         try:
-            engine.unet = engine.pipe.unet if mode == "eager" else torch.compile(engine.pipe.unet, mode=mode)
-            warm = Residency(engine, adapters, 8)
-            for batch in (1, 8):  # compile / capture each batch size before timing
-                load_test(engine, warm, 8, concurrency=batch, batch=batch, seconds=0.1, size=size,
-                          steps=args.steps)
-        except Exception as exc:  # noqa: BLE001 - record and measure the other modes
-            results["errors"][mode] = f"{type(exc).__name__}: {exc}"[:2000]
+            results.setdefault("load_compile", {})[mode] = use_mode(b, engine, mode, workspace)
+        except Exception as exc:  # noqa: BLE001
+            results["errors"][f"load {mode}"] = f"{type(exc).__name__}: {exc}"[:2000]
             continue
         for label, subjects in loads:
             for concurrency in args.concurrency:
-                for batch in (1, 8):
-                    residency = Residency(engine, adapters, 8)
+                for batch in (1, MAX_BATCH):
                     row = {"unet": mode, "load": label, "concurrency": concurrency, "max_batch_size": batch}
+                    if b.left() < arm_s:
+                        results["skipped"].append(f"{row}: {b.left():.0f} s of budget left")
+                        continue
+                    residency = Residency(engine, adapters, 8)
                     row |= load_test(engine, residency, subjects, concurrency=concurrency, batch=batch,
                                      seconds=args.seconds, size=size, steps=args.steps)
                     row["adapter_loads"] = residency.loads
                     results["rows"].append(row)
                     print(json.dumps(row), flush=True)
-                    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+                    b.save()
+        engine.unet = engine.pipe.unet
     results["checks"] = checks(results["rows"])
-    print(json.dumps(results["checks"], indent=2))
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    results["complete"] = True
+    print(json.dumps({k: results.get(k) for k in ("fastest", "checks", "skipped", "errors")}, indent=2))
+    b.save()
     engine.close()
 
 

@@ -201,7 +201,7 @@ class DiffusionEngine:
         self.unet = torch.compile(self.pipe.unet, **compile_kwargs)
         start = time.perf_counter()
         for n in warm_up:
-            self.denoise([EngineRequest(self._warm_up_params(n))])
+            self.denoise([EngineRequest(self.warm_up_params(n))])
         info["warm_up_s"] = round(time.perf_counter() - start, 3)
         if cache is not None and warm_up:
             try:
@@ -211,7 +211,8 @@ class DiffusionEngine:
         self.compile_info = info
         return info
 
-    def _warm_up_params(self, num_images: int) -> dict[str, Any]:
+    def warm_up_params(self, num_images: int) -> dict[str, Any]:
+        """A warm-up request: ``num_images`` base-model images at the native size, CFG on."""
         return {"prompt": "", "negative_prompt": None, "num_inference_steps": WARM_UP_STEPS,
                 "guidance_scale": WARM_UP_GUIDANCE, "seed": 0, "width": self.native_size,
                 "height": self.native_size, "num_images": num_images}

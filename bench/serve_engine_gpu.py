@@ -223,13 +223,14 @@ def time_loops(b: Bench, engine: DiffusionEngine, residency: Residency, *, size:
 
 
 def variants(b: Bench, engine: DiffusionEngine, adapters: list[dict], results: dict[str, Any],
-             args: argparse.Namespace, size: int) -> None:
-    """Section 1: each UNet mode at a fixed shape, with its cold and warm compile."""
+             args: argparse.Namespace, size: int, workspaces: dict[str, str]) -> None:
+    """Section 1: each UNet mode at a fixed shape, with its cold and warm compile (each mode's
+    compile-cache entry in its own workspace, kept in ``workspaces`` for the load test)."""
     for mode in args.modes:
         if b.left() < (30 if mode == "eager" else 240):
             results["skipped"].append(f"variant {mode}: {b.left():.0f} s of budget left")
             continue
-        workspace = tempfile.mkdtemp(prefix="raydb-serve-ws-")  # this mode's compile-cache entry
+        workspace = workspaces.setdefault(mode, tempfile.mkdtemp(prefix="raydb-serve-ws-"))
         row: dict[str, Any] = {"unet": mode}
         try:
             fresh_local_caches()
@@ -301,12 +302,13 @@ def main() -> None:
         "schema": 2, "date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name()
         if b.cuda else platform.processor() or "cpu", "torch": torch.__version__, "resolution": size,
         "steps": args.steps, "dtype": str(b.dtype), "rank": RANK, "variants": [], "rows": []})
-    variants(b, engine, adapters, results, args, size)
+    workspaces: dict[str, str] = {}
+    variants(b, engine, adapters, results, args, size, workspaces)
     loads = [("one subject", 1), ("8 subjects mixed", 8), ("16 subjects / 8 slots", 16)]
     arm_s = args.seconds + (3 if b.cuda else 5)  # the arm, then its last batches drain
     for mode in load_modes(args, results):
-        workspace = tempfile.mkdtemp(prefix="raydb-serve-ws-")
-        try:
+        workspace = workspaces.setdefault(mode, tempfile.mkdtemp(prefix="raydb-serve-ws-"))
+        try:  # warm from the variant's entry (a replica started after the first one)
             results.setdefault("load_compile", {})[mode] = use_mode(b, engine, mode, workspace)
         except Exception as exc:  # noqa: BLE001
             results["errors"][f"load {mode}"] = f"{type(exc).__name__}: {exc}"[:2000]

@@ -463,3 +463,35 @@ def test_compiled_engine_loads_its_cache_first_saves_once_and_skips_a_damaged_en
     finally:
         eng.unet = eng.pipe.unet
         torch.compiler.reset()
+
+
+def test_a_replica_with_serve_compile_warms_up_and_the_next_one_starts_warm(make_cfg, monkeypatch):
+    """The deployment's start-up wiring, without Ray: ``torch.compile`` and torch's artifact
+    functions are recording stand-ins (the real ones are covered above and in test_compile_cache)."""
+    from raydb.compile_cache import CompileCache
+    from raydb.serving.deployments import DiffusionDeployment
+    from raydb.storage import Storage
+
+    compiled: list[dict] = []
+    loaded: list[bytes] = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or model)
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artifacts", None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
+    cfg = make_cfg(serve={"compile": "reduce-overhead", "compile_cache": True, "max_batch_size": 3})
+    threads = torch.get_num_threads()
+    replicas = []
+    try:
+        for _ in range(2):
+            replicas.append(DiffusionDeployment.func_or_class(cfg.model_dump(mode="json")))
+    finally:
+        torch.set_num_threads(threads)  # a replica sets its own thread count
+        for replica in replicas:
+            replica.engine.close()
+    first, second = (r.stats()["compile"] for r in replicas)
+    assert compiled == [{"mode": "reduce-overhead"}] * 2
+    assert first["cache"] == "cold" and first["saved"] is True and replicas[0].engine.unet_forwards == 6
+    assert second["cache"] == "warm" and second["saved"] is False and loaded == [b"artifacts"]
+    entry = CompileCache(Storage(), cfg.workspace, first["key"], {})
+    manifest = Storage().read_json(entry.meta_uri)
+    assert manifest["shapes"]["warm_up_batches"] == [1, 3] and manifest["options"]["compile"] == {
+        "mode": "reduce-overhead"} and manifest["model"] == replicas[0].engine.identity

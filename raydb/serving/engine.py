@@ -132,7 +132,8 @@ class DiffusionEngine:
         self.unet = pipe.unet  # what the loop calls; compile_unet() swaps in a compiled wrapper
         self.lock = threading.Lock()  # one denoising loop at a time on the device
         self.unet_forwards = 0
-        self.compile_info: dict[str, Any] = {"cache": "off", "saved": False, "warm_up_s": 0.0}
+        self.compile_info: dict[str, Any] = {"compiled": False, "cache": "off", "saved": False,
+                                             "warm_up_s": 0.0}
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="raydb-decode")
 
     @property
@@ -185,11 +186,11 @@ class DiffusionEngine:
 
         ``cache`` (:func:`serving_compile_cache`): loaded before the first compiled forward, saved
         once after the ``warm_up`` loops (one denoising loop of ``n`` base-model images at the
-        native size per entry). Returns (and keeps in ``compile_info``) ``{"cache": "off" | "cold"
-        | "warm" | "damaged", "saved", "warm_up_s"}``. Slot writes are in-place copies into fixed
-        buffers, so loading adapters never recompiles.
+        native size per entry). Returns (and keeps in ``compile_info``) ``{"compiled": True, "cache":
+        "off" | "cold" | "warm" | "damaged", "saved", "warm_up_s", "key"}``. Slot writes are
+        in-place copies into fixed buffers, so loading adapters never recompiles.
         """
-        info: dict[str, Any] = {"cache": "off", "saved": False, "warm_up_s": 0.0}
+        info: dict[str, Any] = {"compiled": True, "cache": "off", "saved": False, "warm_up_s": 0.0}
         if cache is not None:
             info["key"] = cache.key
             try:

@@ -61,8 +61,9 @@ class BatchSubject:
 
 @dataclass
 class SubjectOutcome:
-    """One row of the batch summary. ``status``: ``trained`` (a stage ran), ``skipped`` (all stages
-    found finished) or ``failed``."""
+    """One row of the batch summary. ``status``: ``trained`` (its train or tune stage ran),
+    ``skipped`` (training found finished; ``stages`` says whether a cheaper stage still ran, e.g. the
+    encode stage of a subject first trained with ``--local``) or ``failed``."""
 
     subject_id: str
     status: str
@@ -148,7 +149,7 @@ def _prior_groups(subjects: list[BatchSubject], storage: Storage) -> dict[str, l
 
 def _outcome(subject_id: str, summary: dict[str, Any], seconds: float) -> SubjectOutcome:
     stages = {s["stage"]: s["status"] for s in summary["stages"]}
-    trained = any(status == "ran" for status in stages.values())
+    trained = "ran" in (stages.get("train"), stages.get("tune"))
     version = next((s["outputs"].get("version") for s in summary["stages"] if s["stage"] == "register"), None)
     return SubjectOutcome(subject_id, "trained" if trained else "skipped", seconds, version,
                           summary.get("registered"), stages=stages)

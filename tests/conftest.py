@@ -169,3 +169,12 @@ def _fast_tier_starts_no_ray(request):
     yield
     if request.node.get_closest_marker("ray") is None and not before and running():
         pytest.fail("this test started Ray: mark it @pytest.mark.ray (or use the ray_cluster fixture)")
+
+
+@pytest.fixture(autouse=True)
+def _mutants_write_into_a_fresh_folder(request, monkeypatch):
+    """Under ``make mutate`` every test runs in its own empty working folder: a mutant that drops a
+    path's root (``join(None, ...)``) writes relative files, which must not land in ``mutants/``
+    where the next mutant's tests would find them (a mutant surviving on another's leftovers)."""
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        monkeypatch.chdir(request.getfixturevalue("tmp_path_factory").mktemp("cwd"))

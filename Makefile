@@ -45,7 +45,7 @@ MUTATE_MODULES ?= raydb.train.loss raydb.train.data raydb.train.step raydb.train
 MUTATE_CHILDREN ?= 1
 
 mutate: $(STAMP)
-	for m in $(MUTATE_MODULES); do $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) "$$m.*" || exit 1; done
+	for m in $(MUTATE_MODULES); do OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) "$$m.*" || exit 1; done
 	$(VENV)/bin/mutmut results
 
 lint: $(STAMP)

@@ -10,7 +10,15 @@ import pytest
 from PIL import Image, ImageOps
 
 from raydb.data.demo import DEMO_URI, demo_images
-from raydb.data.ingest import IngestError, load_images, min_image_side, prepare_image
+from raydb.data.ingest import (
+    ImageGeometry,
+    IngestError,
+    load_images,
+    load_images_with_geometry,
+    min_image_side,
+    prepare_image,
+    prepare_image_with_geometry,
+)
 from raydb.storage import Storage, join
 
 
@@ -276,3 +284,253 @@ def test_transparent_areas_become_white(tmp_path: Path, mode: str) -> None:
         a = 128 / 255
         expected = np.array([255 * (1 - a), 255 * (1 - a), 200 * a + 255 * (1 - a)])
         assert (np.abs(px[52:60, 36:60] - expected) <= 1.5).all()
+
+
+# -- exact messages, boundaries and geometry (issue 19: pinned so that a changed limit or message fails) ----
+def _save(img: Image.Image, path: Path, fmt: str | None = None, **kwargs) -> Path:
+    img.save(path, fmt, **kwargs)
+    return path
+
+
+def test_ingest_error_message_lists_problems_sorted_one_per_line() -> None:
+    err = IngestError("prior.class_data", "s3://b/p", {"z.png": "why z", "a.png": "why a"})
+    assert err.problems == {"z.png": "why z", "a.png": "why a"}
+    assert str(err) == ("prior.class_data: 2 problem(s) with images under s3://b/p:\n"
+                        "  a.png: why a\n  z.png: why z")
+
+
+@pytest.mark.parametrize("loader", [load_images, load_images_with_geometry])
+def test_every_refusal_is_reported_with_its_exact_reason(tmp_path: Path, loader) -> None:
+    """Each kind of bad file, sorted so that every kind is followed by another bad file: the scan goes
+    on after each refusal, and the image exactly at the minimum side is accepted (not listed). The
+    field defaults to ``subject.instance_data``."""
+    _save(_solid((200, 31)), tmp_path / "a_tiny.png")  # 64 -> minimum 32 px
+    (tmp_path / "b_notes.txt").write_text("not a photo")
+    (tmp_path / "c_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    _save(_solid((64, 64)), tmp_path / "d_sneaky.png", "BMP")
+    _save(_solid((200, 32)), tmp_path / "e_edge.png")  # exactly the minimum: fine
+    _save(_solid((31, 90)), tmp_path / "f_narrow.webp")
+    with pytest.raises(IngestError) as info:
+        loader(str(tmp_path), 64)
+    problems = {
+        "a_tiny.png": "too small: 200x31, shorter side must be >= 32 px",
+        "b_notes.txt": "not an image file (expected one of .jpg, .jpeg, .png, .webp)",
+        "c_broken.jpg": "corrupt or unreadable image (OSError)",
+        "d_sneaky.png": "content is not a JPEG, PNG or WebP image (whatever its name says)",
+        "f_narrow.webp": "too small: 31x90, shorter side must be >= 32 px",
+    }
+    assert info.value.problems == problems
+    assert str(info.value) == "\n".join(
+        [f"subject.instance_data: 5 problem(s) with images under {tmp_path}:"]
+        + [f"  {name}: {why}" for name, why in problems.items()])
+
+
+def test_minimum_side_is_half_the_resolution_rounded_down_and_at_least_32(tmp_path: Path) -> None:
+    assert [min_image_side(r) for r in (16, 64, 65, 66, 101, 512)] == [32, 32, 32, 33, 50, 256]
+    assert all(type(min_image_side(r)) is int for r in (65, 101))
+    _save(_solid((50, 120)), tmp_path / "edge.png")
+    assert len(load_images(str(tmp_path), 101)) == 1  # 50 == min_image_side(101)
+    _save(_solid((120, 49)), tmp_path / "small.png")
+    assert _error(str(tmp_path), 101).problems == {
+        "small.png": "too small: 120x49, shorter side must be >= 50 px"}
+
+
+def test_file_and_byte_caps_are_inclusive_and_reported_exactly(tmp_path: Path) -> None:
+    for i in range(3):
+        _save(_solid((64, 64)), tmp_path / f"img{i}.png")
+    total = sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert len(load_images(str(tmp_path), 64, max_files=3, max_bytes=total)) == 3
+    err = _error(str(tmp_path), max_files=2, field="prior.class_data")
+    assert err.problems == {"<folder>": "3 files, at most 2 allowed"}
+    assert str(err) == (f"prior.class_data: 1 problem(s) with images under {tmp_path}:\n"
+                        "  <folder>: 3 files, at most 2 allowed")
+    with pytest.raises(IngestError) as info:
+        load_images_with_geometry(str(tmp_path), 64, max_bytes=total - 1, field="prior.class_data")
+    assert str(info.value) == (f"prior.class_data: 1 problem(s) with images under {tmp_path}:\n"
+                               f"  <folder>: {total} bytes in total, at most {total - 1} allowed")
+
+
+def test_missing_and_empty_folders_are_reported_exactly(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    err = _error(str(missing), field="prior.class_data")
+    assert str(err) == (f"prior.class_data: 1 problem(s) with images under {missing}:\n"
+                        f"  {missing}: folder does not exist")
+    assert err.problems == {str(missing): "folder does not exist"}
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".hidden").write_bytes(b"x")  # hidden files do not count
+    with pytest.raises(IngestError) as info:
+        load_images_with_geometry(str(tmp_path / "empty"), 64, field="prior.class_data")
+    assert str(info.value) == (f"prior.class_data: 1 problem(s) with images under {tmp_path / 'empty'}:\n"
+                               "  <folder>: no files found (empty folder or prefix)")
+
+
+# 64 x 64 over 2x the limit (Pillow's error), then between 1x and 2x (only Pillow's warning)
+@pytest.mark.parametrize("limit", [64 * 64 // 2 - 1, 64 * 64 - 1])
+def test_pixel_limit_refusal_names_the_limit(tmp_path: Path, monkeypatch, limit: int) -> None:
+    _save(_solid((64, 64)), tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    assert _error(str(tmp_path)).problems == {
+        "huge.png": f"too many pixels: over the {limit} pixel limit (Image.MAX_IMAGE_PIXELS)"}
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)  # exactly at the limit: fine
+    assert len(load_images(str(tmp_path), 64)) == 1
+
+
+def _exif_jpeg(path: Path, entries: list[tuple[int, int, int, bytes]], size=(64, 48)) -> None:
+    """A JPEG whose EXIF IFD holds ``entries`` (tag, type, count, 4-byte value or offset)."""
+    import struct
+
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHI", *e[:3]) + e[3] for e in entries)
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4
+    _solid(size).save(path, "JPEG", exif=exif)
+
+
+def test_skippable_exif_damage_warns_but_the_photo_is_accepted_and_oriented(tmp_path: Path) -> None:
+    """A tag pointing past the end of the file: Pillow warns (UserWarning) and skips the tag, both when
+    decoding and when orienting; that is not a reason to refuse the photo (only the pixel-limit warning
+    is), and the orientation tag (6: rotate) is still applied."""
+    import struct
+
+    _exif_jpeg(tmp_path / "skippable.jpg", [(0x0112, 3, 1, b"\x06\x00\x00\x00"),
+                                            (0x010E, 2, 100, struct.pack("<I", 5000))])
+    with pytest.warns(UserWarning, match="Skipping tag 270"):
+        [(img, geometry)] = load_images_with_geometry(str(tmp_path), 32)
+    assert img.size == (32, 32)
+    assert geometry.original_size == (64, 48)  # (height, width) once rotated: portrait
+
+
+def test_malformed_exif_reason_names_the_error_cut_to_80_characters(tmp_path: Path, monkeypatch) -> None:
+    """Pillow's EXIF parser can raise anything with any message; the per-file reason keeps the type and at
+    most 80 characters of the message (fault injected, as the parser's messages are short)."""
+    _save(_solid((64, 64)), tmp_path / "a.png")
+
+    def broken(image, **kwargs):
+        raise struct_error("0123456789" * 10)
+
+    struct_error = type("error", (Exception,), {})
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken)
+    assert _error(str(tmp_path)).problems == {"a.png": f"malformed EXIF data (error: {'0123456789' * 8})"}
+
+
+def test_only_jpeg_png_webp_plugins_ever_parse_a_file(tmp_path: Path, monkeypatch) -> None:
+    """Every ``Image.open`` that ingestion makes is restricted to the three formats, so a BMP named
+    ``.png`` is refused before the BMP plugin parses a byte of it."""
+    from PIL import BmpImagePlugin
+
+    _save(_solid((64, 64)), tmp_path / "a_real.png")
+    _save(_solid((64, 64)), tmp_path / "b_sneaky.png", "BMP")
+    opened, bmp_parsed, real_open = [], [], Image.open
+
+    def spy_open(fp, mode="r", formats=None):
+        opened.append(formats)
+        return real_open(fp, mode, formats)
+
+    real_bmp_open = BmpImagePlugin.BmpImageFile._open
+
+    def spy_bmp(self):
+        bmp_parsed.append(True)
+        return real_bmp_open(self)
+
+    monkeypatch.setattr(Image, "open", spy_open)
+    monkeypatch.setattr(BmpImagePlugin.BmpImageFile, "_open", spy_bmp)
+    assert set(_error(str(tmp_path)).problems) == {"b_sneaky.png"}
+    assert opened and all(tuple(f) == ("JPEG", "PNG", "WEBP") for f in opened), opened
+    assert bmp_parsed == []
+
+
+def _two_tone(size: tuple[int, int]) -> Image.Image:
+    """A horizontal gradient (red) over a vertical one (green): every column and row differs."""
+    w, h = size
+    px = np.zeros((h, w, 3), dtype=np.uint8)
+    px[..., 0] = (np.arange(w) * 255 // (w - 1))[None, :]
+    px[..., 1] = (np.arange(h) * 255 // (h - 1))[:, None]
+    return Image.fromarray(px)
+
+
+@pytest.mark.parametrize(("size", "resized", "corner"), [
+    ((64, 48), (32, 43), (0, 5)),  # landscape: 64 * 32 / 48 = 42.7 -> 43 wide, (43 - 32) // 2 = 5 cut left
+    ((48, 64), (43, 32), (5, 0)),  # portrait: the same, top and bottom
+    ((40, 40), (32, 32), (0, 0)),
+])
+def test_center_crop_geometry_and_pixels(size, resized, corner) -> None:
+    """Shorter side resized to the resolution (bicubic), then the centred square cut out; the geometry
+    (all (height, width) / (top, left)) says exactly where the crop came from, and the default is to crop."""
+    img = _two_tone(size)
+    out, geometry = prepare_image_with_geometry(img, 32)
+    assert geometry == ImageGeometry((size[1], size[0]), resized, corner, (32, 32))
+    top, left = corner
+    expected = img.resize(resized[::-1], Image.Resampling.BICUBIC).crop((left, top, left + 32, top + 32))
+    assert out.size == (32, 32) and out.tobytes() == expected.tobytes()
+    assert prepare_image(img, 32).tobytes() == expected.tobytes()
+
+
+def test_squash_geometry_and_pixels() -> None:
+    img = _two_tone((64, 48))
+    out, geometry = prepare_image_with_geometry(img, 32, center_crop=False)
+    assert geometry == ImageGeometry((48, 64), (32, 32), (0, 0), (32, 32))
+    assert out.tobytes() == img.resize((32, 32), Image.Resampling.BICUBIC).tobytes()
+
+
+def test_loaders_crop_by_default_and_squash_on_request(tmp_path: Path) -> None:
+    img = _two_tone((64, 48))
+    _save(img, tmp_path / "photo.png")
+    cropped = prepare_image(img, 32).tobytes()
+    squashed = prepare_image(img, 32, center_crop=False).tobytes()
+    assert cropped != squashed
+    [(default, geometry)] = load_images_with_geometry(str(tmp_path), 32)
+    assert default.tobytes() == cropped and geometry.crop_top_left == (0, 5)
+    [(flat, geometry)] = load_images_with_geometry(str(tmp_path), 32, center_crop=False)
+    assert flat.tobytes() == squashed and geometry.resized_size == (32, 32)
+    assert [im.tobytes() for im in load_images(str(tmp_path), 32)] == [cropped]
+    assert [im.tobytes() for im in load_images(str(tmp_path), 32, center_crop=True)] == [cropped]
+    assert [im.tobytes() for im in load_images(str(tmp_path), 32, center_crop=False)] == [squashed]
+
+
+def test_geometry_of_a_whole_image_and_of_a_mirrored_crop() -> None:
+    whole = ImageGeometry.whole(Image.new("RGB", (40, 30)))
+    assert whole == ImageGeometry((30, 40), (30, 40), (0, 0), (30, 40))
+    # flipped left-right, the 32 px crop starting 5 px from the left of a 43 px row starts 43 - 32 - 5 = 6
+    # px from the left of the flipped row
+    geometry = ImageGeometry((48, 64), (32, 43), (0, 5), (32, 32))
+    assert geometry.mirrored() == ImageGeometry((48, 64), (32, 43), (0, 6), (32, 32))
+    assert ImageGeometry((64, 48), (43, 32), (5, 0), (32, 32)).mirrored().crop_top_left == (5, 0)
+    resized = _two_tone((43, 32))
+    crop = resized.crop((5, 0, 37, 32)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert flipped.crop((6, 0, 38, 32)).tobytes() == crop.tobytes()
+
+
+def test_gray_and_cmyk_photos_come_out_rgb(tmp_path: Path) -> None:
+    _save(Image.new("L", (40, 40), 90), tmp_path / "a_gray.png")
+    _save(Image.new("CMYK", (40, 40), (0, 0, 0, 0)), tmp_path / "b_cmyk.jpg")
+    gray, cmyk = load_images(str(tmp_path), 32)
+    assert gray.mode == cmyk.mode == "RGB"
+    assert gray.getpixel((16, 16)) == (90, 90, 90)
+    assert all(c >= 250 for c in cmyk.getpixel((16, 16)))  # no ink: white
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_colour_key_transparency_becomes_white(tmp_path: Path, mode: str) -> None:
+    """A gray or RGB PNG may mark one colour transparent (a tRNS chunk): those pixels come out white too.
+
+    Bug found by mutation testing (issue 19): only alpha modes and palette images were composited, so a
+    colour-keyed PNG showed its hidden key colour.
+    """
+    key, shown = (7, 200) if mode == "L" else ((10, 20, 30), (0, 0, 200))
+    img = Image.new(mode, (64, 64), key)
+    img.paste(Image.new(mode, (32, 64), shown), (32, 0))
+    _save(img, tmp_path / "keyed.png", transparency=key)
+    [out] = load_images(str(tmp_path), 64)
+    px = np.asarray(out)
+    assert (px[:, :30] == 255).all()
+    expected = [shown] * 3 if mode == "L" else list(shown)
+    assert (px[:, 34:] == expected).all()
+
+
+def test_palette_with_alpha_is_composited_on_white() -> None:
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+    rgba.paste(Image.new("RGBA", (20, 40), (0, 0, 200, 255)), (20, 0))
+    pa = rgba.convert("PA")
+    assert pa.mode == "PA"
+    px = np.asarray(prepare_image(pa, 40, center_crop=False))
+    assert (px[:, :18] == 255).all()
+    assert (px[:, 22:] == [0, 0, 200]).all()

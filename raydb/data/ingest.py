@@ -94,7 +94,8 @@ def prepare_image_with_geometry(
 ) -> tuple[Image.Image, ImageGeometry]:
     """:func:`prepare_image` plus the :class:`ImageGeometry` of what it did."""
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    # alpha channels, and a PNG tRNS entry (a transparent palette index, or colour key of an L / RGB PNG)
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")  # transparent areas become white, not black
         img = Image.new("RGB", rgba.size, (255, 255, 255))
         img.paste(rgba, mask=rgba.getchannel("A"))

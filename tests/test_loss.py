@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -132,3 +134,25 @@ def test_unknown_prediction_type_raises(scheduler):
     x = torch.zeros(1, 4, 2, 2)
     with pytest.raises(ValueError, match="sample"):
         training_target(scheduler, x, x, torch.tensor([1]), "sample")
+
+
+def test_error_messages_name_the_shapes_exactly():
+    with pytest.raises(ValueError, match=r"^prediction \(2, 4, 8, 8\) and target \(2, 4, 8, 4\) differ$"):
+        dreambooth_loss(torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 4), prior_loss_weight=1.0,
+                        with_prior=True)
+    with pytest.raises(ValueError, match=r"^a prior-preservation batch needs an even size, got 3$"):
+        dreambooth_loss(torch.zeros(3, 1), torch.zeros(3, 1), prior_loss_weight=1.0, with_prior=True)
+    with pytest.raises(ValueError, match=re.escape(
+            "unknown prediction type 'sample'; expected one of ('epsilon', 'v_prediction')")):
+        training_target(None, torch.zeros(1), torch.zeros(1), torch.tensor([1]), "sample")
+
+
+def test_halves_of_three_and_exact_float64_values():
+    """``[i0, i1, i2 | c0, c1, c2]``: the batch splits in two halves of three (not three pairs), and
+    float64 inputs give the fp32 rounding of the exact means."""
+    pred = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 4.0], dtype=torch.float64).view(6, 1, 1, 1)
+    parts = dreambooth_loss(pred, torch.zeros_like(pred), prior_loss_weight=0.25, with_prior=True)
+    assert parts.instance.item() == torch.tensor(14 / 3, dtype=torch.float32).item()
+    assert parts.prior.item() == torch.tensor(16 / 3, dtype=torch.float32).item()
+    assert parts.total.item() == (parts.instance + 0.25 * parts.prior).item()
+    assert parts.total.dtype == torch.float32

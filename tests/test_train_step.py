@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -215,8 +216,22 @@ def test_forward_loss_runs_the_unet_under_autocast(scheduler, mixed_precision, c
     assert call["autocast"] and call["autocast_dtype"] == autocast_dtype(mixed_precision)
     assert call["cache"] is cache
     assert call["x"].dtype == call["cond"].dtype == torch.float32  # the frozen weights' dtype
+    default = _adapted(torch.float32)  # autocast's weight cache is on unless a graph capture says no
+    _loss(default, scheduler, _batch(5), mixed_precision=mixed_precision)
+    assert default.calls[0]["cache"] is True and default.calls[0]["autocast"]
     assert autocast_dtype("no") is None
     assert autocast_dtype("bf16") == torch.bfloat16 and autocast_dtype("fp16") == torch.float16
+
+
+def test_forward_loss_feeds_the_unet_in_its_frozen_weights_dtype(scheduler):
+    """Under mixed precision the frozen base is bf16 while the LoRA master weights are fp32: the UNet's
+    inputs (latents, text and SDXL conditioning) are cast to the base's dtype, not the LoRA's."""
+    net = _adapted(torch.bfloat16)
+    assert {p.dtype for p in net.parameters() if p.requires_grad} == {torch.float32}
+    _loss(net, scheduler, _batch(7, sdxl=True), mixed_precision="bf16")
+    call = net.calls[0]
+    assert call["x"].dtype == call["cond"].dtype == torch.bfloat16
+    assert call["added"]["text_embeds"].dtype == call["added"]["time_ids"].dtype == torch.bfloat16
 
 
 # -- build_train_state ------------------------------------------------------------------------------
@@ -237,6 +252,25 @@ def test_build_train_state_optimizer_schedule_and_modes():
     assert group["weight_decay"] == 0.125 and group["eps"] == 1e-6
     assert group["fused"] is None and group["foreach"] is None  # CPU: no fused kernel, default path
     assert not _Net().checkpointing and not build_train_state(_cfg(), _Net(), None).unet.checkpointing
+
+
+def test_fused_adamw_when_speed_says_so(monkeypatch):
+    """Where ``use_fused_adam`` says yes (CUDA, or ``train.fused_adam: true``) AdamW gets ``fused=True``
+    and ``foreach=False``; the question is asked about the LoRA parameters being trained."""
+    import raydb.train.speed as speed
+
+    asked = []
+
+    def fused_yes(tc, params):
+        asked.append(params)
+        return True
+
+    monkeypatch.setattr(speed, "use_fused_adam", fused_yes)
+    state = build_train_state(_cfg(), _Net(), None)
+    [params] = asked
+    assert [id(p) for p in params] == [id(p) for p in state.params] and params
+    [group] = state.optimizer.param_groups
+    assert group["fused"] is True and group["foreach"] is False
 
 
 def test_lora_init_is_seeded_by_train_seed():
@@ -286,6 +320,7 @@ def test_fp16_gets_a_grad_scaler_and_unscaled_gradients(scheduler):
         assert torch.allclose(got, w, rtol=1e-2, atol=1e-4)
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(w) for w in want])).item()
     assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-2)
+    assert state.unet.calls[-1]["autocast"] and state.unet.calls[-1]["autocast_dtype"] == torch.float16
 
 
 # -- optimizer_step ---------------------------------------------------------------------------------
@@ -325,7 +360,9 @@ def test_accumulated_step_averages_micro_batches_clips_and_updates(scheduler):
     before = [p.detach().clone() for p in state.params]
     seen = _observe(state)
 
+    start = time.perf_counter()
     metrics = _step(state, cfg, scheduler, batches)
+    elapsed = time.perf_counter() - start
 
     assert raw_norm > 10 * max_norm  # clipping has work to do
     scale = max_norm / (raw_norm + 1e-6)
@@ -338,7 +375,8 @@ def test_accumulated_step_averages_micro_batches_clips_and_updates(scheduler):
     assert metrics["lr"] == seen[0]["lr"] == 1e-2
     assert metrics["step"] == state.step == 1
     assert metrics["images"] == 2 + 4 + 6
-    assert metrics["seconds"] > 0 and metrics["images_per_s"] == pytest.approx(12 / metrics["seconds"])
+    assert 0 < metrics["seconds"] <= elapsed
+    assert metrics["images_per_s"] == pytest.approx(12 / metrics["seconds"])
     assert all(p.grad is None for p in state.params)  # zero_grad(set_to_none=True)
     assert all(not torch.equal(a, p) for a, p in zip(before, state.params, strict=True))
     assert set(metrics) == {"step", "loss", "loss_instance", "loss_prior", "grad_norm", "grad_norm_clipped",
@@ -432,3 +470,35 @@ def test_lr_schedule(scheduler, kind):
     expected = [_expected_lr(kind, s, base, warmup, total) for s in range(total)]
     assert [s["lr"] for s in seen] == pytest.approx(expected, rel=1e-12, abs=1e-18)
     assert logged == pytest.approx(expected, rel=1e-12, abs=1e-18)
+
+
+def test_a_step_where_no_lora_weight_got_a_gradient(scheduler):
+    """A model that does not use the LoRA weights being trained leaves every ``.grad`` None: the
+    step still runs and logs both gradient norms as 0."""
+    cfg = _cfg()
+    state = _state(cfg)
+    before = [p.detach().clone() for p in state.params]
+    metrics = _step(state, cfg, scheduler, [_batch(60)], model=_adapted())  # another net's LoRA
+    assert metrics["grad_norm"] == 0.0 and metrics["grad_norm_clipped"] == 0.0
+    assert all(torch.equal(a, p) for a, p in zip(before, state.params, strict=True))
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_step_trains_the_text_encoders_it_holds(scheduler, sdxl):
+    """With text-encoder LoRA the step encodes the ids with the state's encoder(s) (SDXL: both), so
+    their LoRA weights receive gradients."""
+    enc = _Encoder(2 if sdxl else D, 1.0)
+    enc2 = _Encoder(2, 3.0, projection=True) if sdxl else None
+    lora = LoraConfig(rank=2, target_modules=["to_q"], train_text_encoder=True,
+                      text_encoder_target_modules=["q_proj"])
+    cfg = _cfg(max_grad_norm=1e9).model_copy(update={"lora": lora})
+    state = build_train_state(cfg, _Net(), enc, enc2)
+    with torch.no_grad():
+        for p in state.params:
+            p.add_(0.5)  # B away from zero: A gets a gradient too
+    seen = _observe(state)
+    _step(state, cfg, scheduler, [_batch(61, sdxl=sdxl, embeds=False)])
+    encoders = [enc, enc2] if sdxl else [enc]
+    ids = {id(p) for m in encoders for n, p in m.named_parameters() if "lora_" in n}
+    grads = [g for p, g in zip(state.params, seen[0]["grads"], strict=True) if id(p) in ids]
+    assert len(grads) == 2 * len(encoders) and all(g.abs().sum() > 0 for g in grads)

@@ -35,6 +35,12 @@ class _Net(torch.nn.Module, PeftAdapterMixin):
         self.proj = torch.nn.Linear(4, 4, dtype=dtype)
 
 
+class _Wrapped(torch.nn.Module, PeftAdapterMixin):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Net()
+
+
 class _Encoder(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -107,8 +113,25 @@ def test_text_encoders_untouched_without_train_text_encoder():
 
 
 def test_train_text_encoder_without_one_is_refused():
-    with pytest.raises(ValueError, match=re.escape("lora.train_text_encoder needs the text encoder")):
+    with pytest.raises(ValueError, match=r"^lora\.train_text_encoder needs the text encoder$"):
         add_lora(_Net(), LoraConfig(target_modules=["to_q"], train_text_encoder=True), None, None)
+
+
+def test_targets_matching_nothing_are_refused_naming_the_field_and_nothing_is_injected():
+    net, enc = _Net(), _Encoder()
+    with pytest.raises(ValueError, match=re.escape(
+            "lora.target_modules ['attn', 'q'] matched no module of the UNet")):
+        add_lora(net, LoraConfig(target_modules=["attn", "q"]))  # "q" is not a suffix of "to_q"
+    bad_te = LoraConfig(target_modules=["to_q"], train_text_encoder=True,
+                        text_encoder_target_modules=["to_q"])
+    with pytest.raises(ValueError, match=re.escape(
+            "lora.text_encoder_target_modules ['to_q'] matched no module of the text encoder")):
+        add_lora(net, bad_te, enc)
+    assert not hasattr(net, "peft_config") and not hasattr(enc, "peft_config")
+    assert all(p.requires_grad for p in [*net.parameters(), *enc.parameters()])
+    wrapped = _Wrapped()  # a target matches as the last part of a dotted name
+    assert len(add_lora(wrapped, LoraConfig(rank=2, target_modules=["to_k"]))) == 2
+    assert _names(wrapped) == {"block.to_k.lora_A.default.weight", "block.to_k.lora_B.default.weight"}
 
 
 def test_trainable_parameters_skips_none_and_frozen():
@@ -204,5 +227,7 @@ def test_canonical_header_sorts_pads_merges_and_keeps_tensor_bytes():
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
     plain = canonical_header(st_save(tensors))  # no metadata, none added
     assert "__metadata__" not in read_safetensors_header(plain)[0]
+    added = canonical_header(st_save(tensors), {"k": "v"})  # no metadata yet: the update is all of it
+    assert read_safetensors_header(added)[0]["__metadata__"] == {"k": "v"}
     assert canonical_header(data, {}) == canonical_header(data)
     assert read_safetensors_header(canonical_header(data))[0]["__metadata__"] == {"zeta": "1", "alpha": "2"}

@@ -35,16 +35,21 @@ def add_lora(
     whatever the base dtype (fp16/bf16 under mixed precision), except over a float64 base
     (``train.dtype``), where they are float64 too.
     """
+    encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
+    if cfg.train_text_encoder and not encoders:
+        raise ValueError("lora.train_text_encoder needs the text encoder")
+    # checked before anything is injected, so a bad config leaves every module untouched
+    _check_targets(unet, cfg.target_modules, "lora.target_modules", "the UNet")
+    for encoder in encoders if cfg.train_text_encoder else []:
+        _check_targets(encoder, cfg.text_encoder_target_modules, "lora.text_encoder_target_modules",
+                       "the text encoder")
     master = torch.float64 if next(unet.parameters()).dtype == torch.float64 else torch.float32
     unet.requires_grad_(False)
     unet.add_adapter(PeftLoraConfig(
         r=cfg.rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.dropout,
         init_lora_weights="gaussian", target_modules=list(cfg.target_modules),
     ))
-    encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
     if cfg.train_text_encoder:
-        if not encoders:
-            raise ValueError("lora.train_text_encoder needs the text encoder")
         for encoder in encoders:
             encoder.requires_grad_(False)
             # peft's own injection (what diffusers' add_adapter does for the UNet): transformers'
@@ -54,11 +59,17 @@ def add_lora(
                 init_lora_weights="gaussian", target_modules=list(cfg.text_encoder_target_modules),
             ), encoder)
     params = trainable_parameters(unet, *(encoders if cfg.train_text_encoder else []))
-    if not params:
-        raise ValueError(f"lora.target_modules {cfg.target_modules} matched no module of the UNet")
     for p in params:
         p.data = p.data.to(master)
     return params
+
+
+def _check_targets(module: torch.nn.Module, targets: list[str], field: str, what: str) -> None:
+    """peft's rule for a list of targets: a module whose name equals a target or ends with
+    ``"." + target``. peft's own error for no match does not name our config field."""
+    names = [name for name, _ in module.named_modules()]
+    if not any(name == t or name.endswith("." + t) for name in names for t in targets):
+        raise ValueError(f"{field} {list(targets)} matched no module of {what}")
 
 
 def trainable_parameters(*modules: torch.nn.Module | None) -> list[torch.nn.Parameter]:

@@ -119,13 +119,13 @@ def test_train_text_encoder_without_one_is_refused():
 
 def test_targets_matching_nothing_are_refused_naming_the_field_and_nothing_is_injected():
     net, enc = _Net(), _Encoder()
-    with pytest.raises(ValueError, match=re.escape(
-            "lora.target_modules ['attn', 'q'] matched no module of the UNet")):
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "lora.target_modules ['attn', 'q'] matched no module of the UNet") + "$"):
         add_lora(net, LoraConfig(target_modules=["attn", "q"]))  # "q" is not a suffix of "to_q"
     bad_te = LoraConfig(target_modules=["to_q"], train_text_encoder=True,
                         text_encoder_target_modules=["to_q"])
-    with pytest.raises(ValueError, match=re.escape(
-            "lora.text_encoder_target_modules ['to_q'] matched no module of the text encoder")):
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "lora.text_encoder_target_modules ['to_q'] matched no module of the text encoder") + "$"):
         add_lora(net, bad_te, enc)
     assert not hasattr(net, "peft_config") and not hasattr(enc, "peft_config")
     assert all(p.requires_grad for p in [*net.parameters(), *enc.parameters()])

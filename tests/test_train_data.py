@@ -118,8 +118,8 @@ def test_training_data_without_prior_has_no_class_side():
 def test_training_data_embeds_none_when_text_encoder_trains_and_pixels_need_a_shape():
     pixels = torch.zeros(5, 3, 16, 16)
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    with pytest.raises(ValueError, match=re.escape(
-            "latent_shape is required for pixel (uncached) training data")):
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "latent_shape is required for pixel (uncached) training data") + "$"):
         training_data(pixels, pixels, None, ids)
     data = training_data(pixels, pixels, None, ids, latent_shape=LATENT)
     assert data.instance_embeds is None and data.class_embeds is None

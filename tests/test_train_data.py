@@ -209,6 +209,8 @@ def test_step_micro_batches_defaults_are_rank_0_of_1_on_cpu():
                                 num_train_timesteps=1000, rank=0, world_size=1)
         assert batch.noise.device.type == "cpu"
         assert torch.equal(batch.noise, want.noise) and torch.equal(batch.timesteps, want.timesteps)
+    moved = step_micro_batches(data, tc, step=1, num_train_timesteps=1000, device="meta")
+    assert all(t.device.type == "meta" for b in moved for t in (b.noise, b.latent_mean, b.input_ids))
 
 
 def test_pin_memory_pins_every_tensor_and_keeps_none(monkeypatch):

@@ -123,3 +123,10 @@ def test_with_env_keys_folds_every_key_into_digests_only(tmp_path):
     assert cfg.serve.api_keys == {hash_key(K1): "t1"} and cfg.serve.api_keys_file == str(keys_file)  # a copy
     off = RaydbConfig.model_validate({"serve": {"auth": "none", "api_keys_file": str(keys_file)}})
     assert with_env_keys(off, environ={"TEST_KEYS": "garbage"}) is off  # auth off: untouched, not parsed
+
+
+def test_newlines_alone_separate_entries_and_errors_name_the_configured_variable():
+    assert parse_env_keys(f"{K1}:t1\n{K2}:t2") == {hash_key(K1): "t1", hash_key(K2): "t2"}
+    with pytest.raises(ValueError) as err:
+        KeyRing.from_config(ServeConfig(api_keys_env="TEAM_KEYS"), environ={"TEAM_KEYS": "not-a-pair"})
+    assert str(err.value) == "$TEAM_KEYS: entry 1 is not 'key:tenant'"

@@ -18,7 +18,7 @@ from raydb.registry import (
     subject_owner,
     subject_uri,
 )
-from raydb.storage import NotFound, Storage
+from raydb.storage import NotFound, Storage, StorageError
 
 
 @pytest.fixture(autouse=True)
@@ -271,12 +271,13 @@ def test_records_are_exact_with_a_utc_timestamp(tmp_path, monkeypatch):
     storage, ws = Storage(), str(tmp_path / "ws")
     record = register_adapter(storage, ws, "rex", _adapter(tmp_path, "a", b"one"))
     uri = str(tmp_path / "ws" / "subjects" / "rex" / "v0001")
-    assert record == {"subject_id": "rex", "version": "v0001", "uri": uri, "registered_at": "2026-01-02T03:04:05Z"}
+    stamp = "2026-01-02T03:04:05Z"
+    assert record == {"subject_id": "rex", "version": "v0001", "uri": uri, "registered_at": stamp}
     base = tmp_path / "ws" / "subjects" / "rex"
-    entry = {"version": "v0001", "weights_sha256": _sha(b"one"), "registered_at": "2026-01-02T03:04:05Z"}
+    entry = {"version": "v0001", "weights_sha256": _sha(b"one"), "registered_at": stamp}
     assert json.loads((base / "latest.json").read_text()) == {
-        "subject_id": "rex", "version": "v0001", "registered_at": "2026-01-02T03:04:05Z", "versions": [entry]}
-    assert json.loads((base / "owner.json").read_text()) == {"tenant": "t1", "claimed_at": "2026-01-02T03:04:05Z"}
+        "subject_id": "rex", "version": "v0001", "registered_at": stamp, "versions": [entry]}
+    assert json.loads((base / "owner.json").read_text()) == {"tenant": "t1", "claimed_at": stamp}
     assert json.loads((tmp_path / "ws" / "tenants" / "t1" / "rex.json").read_text()) == {"subject_id": "rex"}
     assert latest_version(storage, ws, "rex") == record | {"versions": ["v0001"]}
 
@@ -311,8 +312,11 @@ def test_registering_onto_a_legacy_latest_keeps_its_versions(tmp_path):
     assert register_adapter(storage, ws, "rex", _adapter(tmp_path, "b", b"two"))["version"] == "v0002"
     latest = json.loads((tmp_path / "ws" / "subjects" / "rex" / "latest.json").read_text())
     assert [{k: v for k, v in e.items() if k != "registered_at"} for e in latest["versions"]] == [
-        {"version": "v0001", "weights_sha256": _sha(b"one")}, {"version": "v0002", "weights_sha256": _sha(b"two")}]
-    assert latest["version"] == "v0002" and latest_version(storage, ws, "rex")["versions"] == ["v0001", "v0002"]
+        {"version": "v0001", "weights_sha256": _sha(b"one")},
+        {"version": "v0002", "weights_sha256": _sha(b"two")},
+    ]
+    assert latest["version"] == "v0002"
+    assert latest_version(storage, ws, "rex")["versions"] == ["v0001", "v0002"]
 
 
 def test_versions_order_numerically_past_v9999(tmp_path):
@@ -403,5 +407,108 @@ def test_migration_counts_each_subject_and_logs_a_bad_one(tmp_path, caplog):
         assert migrate_registry(storage, ws) == 4
     assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
         ("raydb.registry", "WARNING", "registry migration: skipping subject 'e': '../evil' contains '..'")]
-    assert [subject_owner(storage, ws, s) for s in ("a", "b", "c", "dX", "f")] == ["t1", "t1", "t2", "t2", "t1"]
+    owners = [subject_owner(storage, ws, s) for s in ("a", "b", "c", "dX", "f")]
+    assert owners == ["t1", "t1", "t2", "t2", "t1"]
     assert sorted(p.name for p in (tmp_path / "ws" / "tenants" / "t2").iterdir()) == ["c.json", "dX.json"]
+
+
+def test_owner_race_the_later_claim_loses(tmp_path, monkeypatch):
+    """Both tenants find no owner.json; the one whose create-if-absent write comes second loses."""
+    storage, ws = Storage(), str(tmp_path / "ws")
+    real_write = Storage.write_bytes
+    raced = []
+
+    def racing_write(self, uri, data, **kw):
+        if uri.endswith("owner.json") and not raced:  # t2 claims first, in full
+            raced.append(None)
+            claim_subject(storage, ws, "alice", "t2")
+        return real_write(self, uri, data, **kw)
+
+    monkeypatch.setattr(Storage, "write_bytes", racing_write)
+    with pytest.raises(SubjectOwned):
+        claim_subject(storage, ws, "alice", "t1")
+    assert subject_owner(storage, ws, "alice") == "t2"
+    assert sorted(p.name for p in (tmp_path / "ws" / "tenants").iterdir()) == ["t2"]
+
+
+def test_version_claim_race_takes_the_next_free_number(tmp_path, monkeypatch):
+    """Another registrar claims the number first: take the next one; never write into its folder or
+    into a legacy folder (which has no CLAIM marker)."""
+    storage, ws = Storage(), str(tmp_path / "ws")
+    _legacy_version(ws, "rex", "v0001", "t1", b"legacy")
+    (tmp_path / "ws" / "subjects" / "rex" / "latest.json").write_text(json.dumps({"version": "v0001"}))
+    real_write = Storage.write_bytes
+    raced = []
+
+    def racing_write(self, uri, data, **kw):
+        if uri.endswith("/CLAIM") and not raced:
+            raced.append(None)
+            raced[0] = register_adapter(storage, ws, "rex", _adapter(tmp_path, "b", b"theirs"))
+        return real_write(self, uri, data, **kw)
+
+    monkeypatch.setattr(Storage, "write_bytes", racing_write)
+    mine = register_adapter(storage, ws, "rex", _adapter(tmp_path, "a", b"mine"))
+    assert (raced[0]["version"], mine["version"]) == ("v0002", "v0003")
+    base = tmp_path / "ws" / "subjects" / "rex"
+    weights = "pytorch_lora_weights.safetensors"
+    stored = [(base / v / weights).read_bytes() for v in ("v0001", "v0002", "v0003")]
+    assert stored == [b"legacy", b"theirs", b"mine"]
+    assert latest_version(storage, ws, "rex")["versions"] == ["v0001", "v0002", "v0003"]
+
+
+def test_version_folder_layout_is_exact(tmp_path):
+    """The documented layout: weights, adapter.json and an empty CLAIM marker; nothing else."""
+    storage, ws = Storage(), str(tmp_path / "ws")
+    register_adapter(storage, ws, "rex", _adapter(tmp_path, "a", b"one"))
+    folder = tmp_path / "ws" / "subjects" / "rex" / "v0001"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["CLAIM", "adapter.json", "pytorch_lora_weights.safetensors"]
+    assert (folder / "CLAIM").read_bytes() == b""
+
+
+def test_an_adapter_without_a_tenant_belongs_to_default(tmp_path):
+    storage, ws = Storage(), str(tmp_path / "ws")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pytorch_lora_weights.safetensors").write_bytes(b"w")
+    (src / "adapter.json").write_text(json.dumps({"weights_sha256": _sha(b"w")}))
+    register_adapter(storage, ws, "rex", str(src))
+    assert subject_owner(storage, ws, "rex") == "default"
+    assert list(list_subjects(storage, ws, "default")) == ["rex"]
+
+
+def test_a_version_without_its_adapter_json_is_not_reused(tmp_path):
+    """Same weights and extra metadata, but the old version's adapter.json is gone: its metadata
+    cannot be confirmed, so a new version is registered (no crash)."""
+    storage, ws = Storage(), str(tmp_path / "ws")
+    source = _adapter(tmp_path, "src", b"same")
+    assert register_adapter(storage, ws, "rex", source, extra_metadata={"trial": "a"})["version"] == "v0001"
+    (tmp_path / "ws" / "subjects" / "rex" / "v0001" / "adapter.json").unlink()
+    assert register_adapter(storage, ws, "rex", source, extra_metadata={"trial": "a"})["version"] == "v0002"
+
+
+def test_malformed_registry_files_raise_exact_messages(tmp_path):
+    storage, ws = Storage(), str(tmp_path / "ws")
+    base = tmp_path / "ws" / "subjects" / "alice"
+    base.mkdir(parents=True)
+    (base / "owner.json").write_text(json.dumps({"tenant": 5}))
+    with pytest.raises(StorageError) as info:
+        subject_owner(storage, ws, "alice")
+    assert str(info.value) == f"{base}/owner.json is malformed"
+    (base / "latest.json").write_text("{not json")
+    try:
+        json.loads("{not json")
+    except json.JSONDecodeError as exc:
+        detail = str(exc)
+    with pytest.raises(StorageError) as info:
+        latest_version(storage, ws, "alice")
+    assert str(info.value) == f"latest.json of subject 'alice' is not valid JSON: {detail}"
+
+
+def test_a_legacy_version_naming_no_tenant_leaves_the_id_unowned(tmp_path):
+    storage, ws = Storage(), str(tmp_path / "ws")
+    folder = tmp_path / "ws" / "subjects" / "rex" / "v0001"
+    folder.mkdir(parents=True)
+    (folder / "adapter.json").write_text(json.dumps({"weights_sha256": "x"}))
+    assert subject_owner(storage, ws, "rex") is None
+    assert migrate_registry(storage, ws) == 0

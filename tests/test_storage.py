@@ -565,3 +565,26 @@ def test_download_dir_refuses_each_escaping_key_by_name(stubbed, tmp_path: Path,
     name = join("s3://b/m", key)
     assert str(info.value) == f"refusing to download {name!r}: its key leaves the target folder"
     assert not (tmp_path / "dst").exists()
+
+
+def test_s3_object_listings_span_pages_and_the_bucket_root(stubbed) -> None:
+    storage, stub = stubbed
+    stub.add_response("list_objects_v2", {"Contents": [{"Key": "b.bin", "Size": 2}], "IsTruncated": True,
+                                          "NextContinuationToken": "t"}, {"Bucket": "b", "Prefix": ""})
+    stub.add_response("list_objects_v2", {"Contents": [{"Key": "a.bin", "Size": 1}], "IsTruncated": False},
+                      {"Bucket": "b", "Prefix": "", "ContinuationToken": "t"})
+    assert storage.sizes("s3://b") == [("a.bin", 1), ("b.bin", 2)]
+    stub.add_response("list_objects_v2", {"Contents": [{"Key": "p/dX/a", "ETag": '"e"'}]},
+                      {"Bucket": "b", "Prefix": "p/dX/"})
+    assert storage.content_ids("s3://b/p/dX") == [("a", "e")]
+
+
+def test_s3_exists_stops_listing_at_the_first_entry(stubbed) -> None:
+    """A folder with many pages of keys costs one request (no second page is queued here)."""
+    storage, stub = stubbed
+    first = {"Contents": [{"Key": "p/a"}], "IsTruncated": True, "NextContinuationToken": "t"}
+    stub.add_response("list_objects_v2", first, {"Bucket": "b", "Prefix": "p/", "Delimiter": "/"})
+    assert storage.exists("s3://b/p/") is True
+    _error(stub, "head_object", "404", status=404)
+    stub.add_response("list_objects_v2", first, {"Bucket": "b", "Prefix": "p/", "Delimiter": "/"})
+    assert storage.exists("s3://b/p") is True

@@ -588,3 +588,26 @@ def test_s3_exists_stops_listing_at_the_first_entry(stubbed) -> None:
     _error(stub, "head_object", "404", status=404)
     stub.add_response("list_objects_v2", first, {"Bucket": "b", "Prefix": "p/", "Delimiter": "/"})
     assert storage.exists("s3://b/p") is True
+
+
+def test_s3_failures_without_an_error_answer_are_storage_errors(
+    stubbed, _offline_s3_client, monkeypatch
+) -> None:
+    """A dropped connection carries no S3 error code: still a StorageError naming the URI (never an
+    AttributeError from reading the missing code), and a conditional write does not report a lost race."""
+    from botocore.exceptions import EndpointConnectionError
+
+    storage, _ = stubbed
+
+    def unreachable(**kwargs):
+        raise EndpointConnectionError(endpoint_url="http://s3.invalid")
+
+    for method in ("get_object", "put_object"):
+        monkeypatch.setattr(_offline_s3_client, method, unreachable)
+    why = 'Could not connect to the endpoint URL: "http://s3.invalid"'
+    with pytest.raises(StorageError) as info:
+        storage.read_bytes("s3://b/k")
+    assert not isinstance(info.value, NotFound) and str(info.value) == f"cannot read s3://b/k: {why}"
+    with pytest.raises(StorageError) as info:
+        storage.write_bytes("s3://b/k", b"x", if_match="t")
+    assert str(info.value) == f"cannot write s3://b/k: {why}"

@@ -21,14 +21,6 @@ from raydb.registry import (
 from raydb.storage import NotFound, Storage, StorageError
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cwd(tmp_path, monkeypatch):
-    """Run each test from an empty folder: a path wrongly built from ``None`` or "" is then relative,
-    finds nothing and fails the test, instead of reading what another run left in the cwd."""
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
-
-
 def _adapter(tmp_path, name: str, weights: bytes) -> str:
     import hashlib
 

@@ -11,13 +11,6 @@ import pytest
 from raydb.storage import NotFound, Storage, StorageError, is_s3, join, split_s3
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cwd(tmp_path, monkeypatch):
-    """Run each test from an empty folder, so a path wrongly built relative finds nothing."""
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
-
-
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path) -> tuple[Storage, str]:
     """``(storage, root URI)`` on local disk or in a fresh moto bucket."""

@@ -272,11 +272,12 @@ class Storage:
                 for page in self._client().get_paginator("list_objects_v2").paginate(**kwargs):
                     names.update(o["Key"][len(prefix):] for o in page.get("Contents", []))
                     names.update(p["Prefix"][len(prefix):] for p in page.get("CommonPrefixes", []))
+                    names.discard("")  # the folder's own marker object: not an entry, not toward limit
                     if limit and len(names) >= limit:
                         break
             except Exception as exc:
                 raise StorageError(f"cannot list {uri}: {_short(exc)}") from None
-            return sorted(n for n in names if n)[:limit]
+            return sorted(names)[:limit]
         root = Path(uri)
         if not root.is_dir():
             return []

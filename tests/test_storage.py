@@ -279,3 +279,328 @@ def test_compare_and_swap(store) -> None:
     assert storage.list(root) == ["latest.json"]  # the local lock file is hidden
     with pytest.raises(NotFound):
         storage.read_tagged(join(root, "missing"))
+
+
+# -- exact behaviour the mutants showed untested (issue 19) ----------------------------------------
+def test_read_umask_reads_without_changing_it() -> None:
+    """The module reads the umask once at import (os.umask is process-wide), so only a direct call
+    can check the reader itself."""
+    import raydb.storage as storage_module
+
+    before = os.umask(0o027)
+    try:
+        assert storage_module._read_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # left as it was
+    finally:
+        os.umask(before)
+
+
+def test_local_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    import raydb.storage as storage_module
+
+    storage = Storage()
+    for name, kw in (("plain", {}), ("absent", {"if_absent": True})):
+        storage.write_bytes(str(tmp_path / name), b"x", **kw)
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~storage_module._UMASK
+
+
+def test_local_swap_on_a_missing_deep_path_is_false(tmp_path: Path) -> None:
+    assert Storage().write_bytes(str(tmp_path / "no" / "such" / "latest.json"), b"x", if_match="tag") is False
+
+
+def test_if_absent_and_if_match_exclude_each_other(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="^write_bytes: if_absent and if_match exclude each other$"):
+        Storage().write_bytes(str(tmp_path / "f"), b"x", if_absent=True, if_match="t")
+    assert not (tmp_path / "f").exists()
+
+
+def test_local_sizes_and_hidden_files(tmp_path: Path) -> None:
+    storage = Storage()
+    storage.write_bytes(str(tmp_path / "r" / "a.bin"), b"abc")
+    storage.write_bytes(str(tmp_path / "r" / "sub" / "b.bin"), b"hello")
+    storage.write_bytes(str(tmp_path / "r" / ".hidden"), b"secret")
+    assert storage.sizes(str(tmp_path / "r")) == [("a.bin", 3), ("sub/b.bin", 5)]
+
+
+def test_download_dir_into_a_missing_folder_with_shared_subfolders(tmp_path: Path) -> None:
+    storage = Storage()
+    src = tmp_path / "src"
+    files = {"a/b/one.bin": b"1", "a/b/two.bin": b"22", "a/three.bin": b"333", "top.bin": b"4"}
+    for name, data in files.items():
+        storage.write_bytes(str(src / name), data)
+    out = storage.download_dir(str(src), tmp_path / "x" / "y")
+    assert out == tmp_path / "x" / "y"
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_a_non_recursive_delete_never_removes_a_folders_files(tmp_path: Path) -> None:
+    storage = Storage()
+    storage.write_bytes(str(tmp_path / "d" / "f.bin"), b"x")
+    with pytest.raises(OSError):
+        storage.delete(str(tmp_path / "d"))
+    assert (tmp_path / "d" / "f.bin").read_bytes() == b"x"
+
+
+def test_recursive_delete_of_a_folder_uri_with_a_trailing_slash(store) -> None:
+    storage, root = store
+    for name in ("dirX/a.bin", "dirX/sub/b.bin", "keep.bin"):
+        storage.write_bytes(join(root, name), b"x")
+    storage.delete(join(root, "dirX") + "/", recursive=True)
+    assert storage.list(root, recursive=True) == ["keep.bin"]
+
+
+def test_arrow_fs_region_endpoint_and_path(monkeypatch) -> None:
+    def fs_args(storage: Storage, uri: str = "s3://bucket/key"):
+        fs, path = storage.arrow_fs(uri)
+        return fs.__reduce__()[1][0], path
+
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    assert fs_args(Storage("http://127.0.0.1:9000"))[0]["region"] == "us-east-1"
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")
+    assert fs_args(Storage("http://127.0.0.1:9000"))[0]["region"] == "ap-south-1"
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    args, path = fs_args(Storage("http://127.0.0.1:9000"))
+    assert (args["region"], args["scheme"]) == ("eu-west-3", "http")
+    assert args["endpoint_override"] == "127.0.0.1:9000"
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    assert fs_args(Storage("http://127.0.0.1:9000"))[0]["region"] == "eu-west-3"
+    args, _ = fs_args(Storage("minio.example.com"))  # no scheme given: https
+    assert (args["scheme"], args["endpoint_override"]) == ("https", "minio.example.com")
+    storage = Storage("http://127.0.0.1:9000")
+    assert [fs_args(storage, uri)[1] for uri in ("s3://bucket/key", "s3://bucket", "s3://bucket/dirX/")] == [
+        "bucket/key", "bucket", "bucket/dirX"]
+
+
+# -- S3 paths answered by botocore's Stubber: no server, exact requests and error texts --------------
+@pytest.fixture(scope="module")
+def _offline_s3_client():
+    import boto3
+
+    return boto3.session.Session().client("s3", region_name="us-east-1", aws_access_key_id="testing",
+                                          aws_secret_access_key="testing")
+
+
+@pytest.fixture
+def stubbed(_offline_s3_client, monkeypatch):
+    """``(storage, stubber)``: every S3 call of ``storage`` must match a queued, validated request."""
+    import boto3
+    from botocore.stub import Stubber
+
+    monkeypatch.setattr(boto3.session.Session, "client", lambda self, *a, **kw: _offline_s3_client)
+    with Stubber(_offline_s3_client) as stub:
+        yield Storage("http://stubbed.invalid"), stub
+        stub.assert_no_pending_responses()
+
+
+def _body(data: bytes):
+    import io
+
+    from botocore.response import StreamingBody
+
+    return StreamingBody(io.BytesIO(data), len(data))
+
+
+def _error(stub, method: str, code: str, message: str = "msg", status: int = 400) -> None:
+    stub.add_client_error(method, service_error_code=code, service_message=message, http_status_code=status)
+
+
+def test_s3_error_messages_name_the_uri_and_the_error(stubbed) -> None:
+    storage, stub = stubbed
+    uri = "s3://b/k"
+
+    def text(op: str) -> str:
+        return f"An error occurred (AccessDenied) when calling the {op} operation: Access Denied"
+
+    calls = [
+        ("get_object", lambda: storage.read_bytes(uri), f"cannot read {uri}: {text('GetObject')}"),
+        ("get_object", lambda: storage.read_tagged(uri), f"cannot read {uri}: {text('GetObject')}"),
+        ("get_object", lambda: storage.read_bounded(uri, 5), f"cannot read {uri}: {text('GetObject')}"),
+        ("put_object", lambda: storage.write_bytes(uri, b"x"), f"cannot write {uri}: {text('PutObject')}"),
+        ("put_object", lambda: storage.write_bytes(uri, b"x", if_match="t"),
+         f"cannot write {uri}: {text('PutObject')}"),
+        ("head_object", lambda: storage.exists(uri), f"cannot stat {uri}: {text('HeadObject')}"),
+        ("delete_object", lambda: storage.delete(uri), f"cannot delete {uri}: {text('DeleteObject')}"),
+        ("list_objects_v2", lambda: storage.list(uri), f"cannot list {uri}: {text('ListObjectsV2')}"),
+        ("list_objects_v2", lambda: storage.sizes(uri), f"cannot list {uri}: {text('ListObjectsV2')}"),
+    ]
+    for method, call, expected in calls:
+        _error(stub, method, "AccessDenied", "Access Denied", 403)
+        with pytest.raises(StorageError) as info:
+            call()
+        assert not isinstance(info.value, NotFound)
+        assert str(info.value) == expected
+
+
+def test_s3_error_text_is_one_line_of_at_most_300_characters(stubbed) -> None:
+    storage, stub = stubbed
+    _error(stub, "get_object", "SlowDown", "x" * 400 + "\nRequestId: 123")
+    with pytest.raises(StorageError) as info:
+        storage.read_bytes("s3://b/k")
+    head = "An error occurred (SlowDown) when calling the GetObject operation: "
+    assert str(info.value) == "cannot read s3://b/k: " + (head + "x" * 400)[:300]
+
+
+@pytest.mark.parametrize("code", ["NoSuchKey", "404", "NotFound", "NoSuchBucket"])
+def test_s3_missing_objects_are_not_found(stubbed, code) -> None:
+    storage, stub = stubbed
+    for call in (lambda: storage.read_bytes("s3://b/k"), lambda: storage.read_tagged("s3://b/k"),
+                 lambda: storage.read_bounded("s3://b/k", 3)):
+        _error(stub, "get_object", code, status=404)
+        with pytest.raises(NotFound) as info:
+            call()
+        assert str(info.value) == "no such object: s3://b/k"
+
+
+def test_s3_reads_send_exact_requests(stubbed) -> None:
+    storage, stub = stubbed
+    stub.add_response("get_object", {"Body": _body(b"hello")}, {"Bucket": "b", "Key": "a/k"})
+    assert storage.read_bytes("s3://b/a/k") == b"hello"
+    stub.add_response("get_object", {"Body": _body(b"hello"), "ETag": '"5d41"'},
+                      {"Bucket": "b", "Key": "a/k"})
+    assert storage.read_tagged("s3://b/a/k") == (b"hello", "5d41")
+    stub.add_response("get_object", {"Body": _body(b"0123456789abc")},
+                      {"Bucket": "b", "Key": "a/k", "Range": "bytes=0-9"})
+    assert storage.read_bounded("s3://b/a/k", 10) == b"0123456789"
+    _error(stub, "get_object", "InvalidRange", status=416)  # an empty object has no byte 0
+    assert storage.read_bounded("s3://b/a/k", 10) == b""
+
+
+def test_s3_writes_send_exact_conditions(stubbed) -> None:
+    storage, stub = stubbed
+    base = {"Bucket": "b", "Key": "k", "Body": b"x"}
+    stub.add_response("put_object", {}, base)
+    assert storage.write_bytes("s3://b/k", b"x") is True
+    stub.add_response("put_object", {}, base | {"IfNoneMatch": "*"})
+    assert storage.write_bytes("s3://b/k", b"x", if_absent=True) is True
+    stub.add_response("put_object", {}, base | {"IfMatch": '"abc"'})
+    assert storage.write_bytes("s3://b/k", b"x", if_match="abc") is True
+    stub.add_response("put_object", {}, base | {"Body": b'{\n  "a": 1\n}\n', "IfNoneMatch": "*"})
+    assert storage.write_json("s3://b/k", {"a": 1}, if_absent=True) is True
+
+
+@pytest.mark.parametrize("code", ["PreconditionFailed", "412", "ConditionalRequestConflict", "NoSuchKey"])
+def test_s3_conditional_write_conflicts_return_false(stubbed, code) -> None:
+    """A lost condition is False, not an error; without a condition the same answer is an error."""
+    storage, stub = stubbed
+    _error(stub, "put_object", code, status=412)
+    assert storage.write_bytes("s3://b/k", b"x", if_match="abc") is False
+    _error(stub, "put_object", code, status=412)
+    assert storage.write_bytes("s3://b/k", b"x", if_absent=True) is False
+    _error(stub, "put_object", code, status=412)
+    with pytest.raises(StorageError, match=r"^cannot write s3://b/k: An error occurred \(" + code):
+        storage.write_bytes("s3://b/k", b"x")
+
+
+def test_s3_exists_heads_objects_and_lists_folders(stubbed) -> None:
+    storage, stub = stubbed
+    stub.add_response("head_object", {}, {"Bucket": "b", "Key": "p/k"})
+    assert storage.exists("s3://b/p/k") is True
+    _error(stub, "head_object", "404", status=404)  # no object: maybe a folder
+    stub.add_response("list_objects_v2", {"CommonPrefixes": [{"Prefix": "p/k/sub/"}]},
+                      {"Bucket": "b", "Prefix": "p/k/", "Delimiter": "/"})
+    assert storage.exists("s3://b/p/k") is True
+    _error(stub, "head_object", "NoSuchKey", status=404)
+    stub.add_response("list_objects_v2", {}, {"Bucket": "b", "Prefix": "p/k/", "Delimiter": "/"})
+    assert storage.exists("s3://b/p/k") is False
+    stub.add_response("list_objects_v2", {"Contents": [{"Key": "p/a"}]},
+                      {"Bucket": "b", "Prefix": "p/", "Delimiter": "/"})
+    assert storage.exists("s3://b/p/") is True  # a folder: listed, never HEADed
+    stub.add_response("list_objects_v2", {}, {"Bucket": "b", "Prefix": "", "Delimiter": "/"})
+    assert storage.exists("s3://b") is False
+
+
+def test_s3_listing_pages_and_limit(stubbed) -> None:
+    storage, stub = stubbed
+    first = {"Contents": [{"Key": "p/b"}, {"Key": "p/"}], "CommonPrefixes": [{"Prefix": "p/d/"}],
+             "IsTruncated": True, "NextContinuationToken": "t"}
+    second = {"Contents": [{"Key": "p/a"}, {"Key": "p/c"}], "IsTruncated": False}
+    params = {"Bucket": "b", "Prefix": "p/", "Delimiter": "/"}
+    stub.add_response("list_objects_v2", first, params)
+    stub.add_response("list_objects_v2", second, params | {"ContinuationToken": "t"})
+    assert storage.list("s3://b/p") == ["a", "b", "c", "d/"]  # the folder marker "p/" itself is left out
+    stub.add_response("list_objects_v2", first, params)  # enough names on the first page: no second request
+    assert storage.list("s3://b/p/", limit=2) == ["b", "d/"]
+    # the folder marker "p/" is no entry, so it must not count toward the limit either (it did: a
+    # first page of [marker, b] stopped the listing at ["b"])
+    stub.add_response("list_objects_v2", first | {"CommonPrefixes": []}, params)
+    stub.add_response("list_objects_v2", second, params | {"ContinuationToken": "t"})
+    assert storage.list("s3://b/p", limit=2) == ["a", "b"]
+    stub.add_response("list_objects_v2", second, {"Bucket": "b", "Prefix": "p/"})
+    assert storage.list("s3://b/p", recursive=True) == ["a", "c"]
+
+
+def test_s3_sizes_content_ids_and_recursive_delete(stubbed) -> None:
+    storage, stub = stubbed
+    page = {"Contents": [{"Key": "p/z.bin", "Size": 7, "ETag": '"e1"'},
+                         {"Key": "p/.hidden", "Size": 1, "ETag": '"e2"'},
+                         {"Key": "p/a/b.bin", "Size": 3, "ETag": '"e3-2"'}]}
+    stub.add_response("list_objects_v2", page, {"Bucket": "b", "Prefix": "p/"})
+    assert storage.sizes("s3://b/p") == [("a/b.bin", 3), ("z.bin", 7)]
+    stub.add_response("list_objects_v2", page, {"Bucket": "b", "Prefix": "p/"})
+    assert storage.content_ids("s3://b/p/") == [("a/b.bin", "e3-2"), ("z.bin", "e1")]
+    stub.add_response("list_objects_v2", {"Contents": [{"Key": "p/dX/a"}, {"Key": "p/dX/s/b"}]},
+                      {"Bucket": "b", "Prefix": "p/dX/"})
+    for key in ("p/dX/", "p/dX/a", "p/dX/s/b"):
+        stub.add_response("delete_object", {}, {"Bucket": "b", "Key": key})
+    storage.delete("s3://b/p/dX/", recursive=True)
+    stub.add_response("delete_object", {}, {"Bucket": "b", "Key": "p/dX"})
+    storage.delete("s3://b/p/dX")  # not recursive: the one key only
+
+
+@pytest.mark.parametrize("key", ["sub/../../escaped.txt", "a//b.txt", "a\\..\\..\\x.txt", "/abs.txt"])
+def test_download_dir_refuses_each_escaping_key_by_name(stubbed, tmp_path: Path, key) -> None:
+    storage, stub = stubbed
+    page = {"Contents": [{"Key": "m/ok.txt"}, {"Key": "m/" + key}]}
+    stub.add_response("list_objects_v2", page, {"Bucket": "b", "Prefix": "m/"})
+    with pytest.raises(StorageError) as info:
+        storage.download_dir("s3://b/m", tmp_path / "dst")
+    name = join("s3://b/m", key)
+    assert str(info.value) == f"refusing to download {name!r}: its key leaves the target folder"
+    assert not (tmp_path / "dst").exists()
+
+
+def test_s3_object_listings_span_pages_and_the_bucket_root(stubbed) -> None:
+    storage, stub = stubbed
+    stub.add_response("list_objects_v2", {"Contents": [{"Key": "b.bin", "Size": 2}], "IsTruncated": True,
+                                          "NextContinuationToken": "t"}, {"Bucket": "b", "Prefix": ""})
+    stub.add_response("list_objects_v2", {"Contents": [{"Key": "a.bin", "Size": 1}], "IsTruncated": False},
+                      {"Bucket": "b", "Prefix": "", "ContinuationToken": "t"})
+    assert storage.sizes("s3://b") == [("a.bin", 1), ("b.bin", 2)]
+    stub.add_response("list_objects_v2", {"Contents": [{"Key": "p/dX/a", "ETag": '"e"'}]},
+                      {"Bucket": "b", "Prefix": "p/dX/"})
+    assert storage.content_ids("s3://b/p/dX") == [("a", "e")]
+
+
+def test_s3_exists_stops_listing_at_the_first_entry(stubbed) -> None:
+    """A folder with many pages of keys costs one request (no second page is queued here)."""
+    storage, stub = stubbed
+    first = {"Contents": [{"Key": "p/a"}], "IsTruncated": True, "NextContinuationToken": "t"}
+    stub.add_response("list_objects_v2", first, {"Bucket": "b", "Prefix": "p/", "Delimiter": "/"})
+    assert storage.exists("s3://b/p/") is True
+    _error(stub, "head_object", "404", status=404)
+    stub.add_response("list_objects_v2", first, {"Bucket": "b", "Prefix": "p/", "Delimiter": "/"})
+    assert storage.exists("s3://b/p") is True
+
+
+def test_s3_failures_without_an_error_answer_are_storage_errors(
+    stubbed, _offline_s3_client, monkeypatch
+) -> None:
+    """A dropped connection carries no S3 error code: still a StorageError naming the URI (never an
+    AttributeError from reading the missing code), and a conditional write does not report a lost race."""
+    from botocore.exceptions import EndpointConnectionError
+
+    storage, _ = stubbed
+
+    def unreachable(**kwargs):
+        raise EndpointConnectionError(endpoint_url="http://s3.invalid")
+
+    for method in ("get_object", "put_object"):
+        monkeypatch.setattr(_offline_s3_client, method, unreachable)
+    why = 'Could not connect to the endpoint URL: "http://s3.invalid"'
+    with pytest.raises(StorageError) as info:
+        storage.read_bytes("s3://b/k")
+    assert not isinstance(info.value, NotFound) and str(info.value) == f"cannot read s3://b/k: {why}"
+    with pytest.raises(StorageError) as info:
+        storage.write_bytes("s3://b/k", b"x", if_match="t")
+    assert str(info.value) == f"cannot write s3://b/k: {why}"

@@ -604,3 +604,53 @@ def test_s3_failures_without_an_error_answer_are_storage_errors(
     with pytest.raises(StorageError) as info:
         storage.write_bytes("s3://b/k", b"x", if_match="t")
     assert str(info.value) == f"cannot write s3://b/k: {why}"
+
+
+def test_local_read_bounded_reads_at_most_limit_bytes_and_names_the_file(tmp_path):
+    path = tmp_path / "photo.bin"
+    path.write_bytes(b"0123456789")
+    storage = Storage()
+    assert storage.read_bounded(str(path), 4) == b"0123"
+    assert storage.read_bounded(str(path), 99) == b"0123456789"
+    with pytest.raises(NotFound) as missing:
+        storage.read_bounded(str(tmp_path / "absent.bin"), 4)
+    assert str(missing.value) == f"no such file: {tmp_path / 'absent.bin'}"
+    with pytest.raises(StorageError) as folder:
+        storage.read_bounded(str(tmp_path), 4)
+    assert str(folder.value).startswith(f"cannot read {tmp_path}: ") and "Is a directory" in str(folder.value)
+
+
+def test_local_writes_go_through_a_hidden_temp_file_beside_the_target(tmp_path, monkeypatch):
+    """The temp file is ``.<name>.<random>.tmp`` in the target's own folder: hidden from listings and
+    on the same file system, so the final rename is atomic."""
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        seen.append((Path(src), Path(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    target = tmp_path / "d" / "state.json"
+    Storage().write_bytes(str(target), b"x")
+    [(tmp, dst)] = seen
+    assert dst == target and tmp.parent == target.parent
+    assert tmp.name.startswith(".state.json.") and tmp.name.endswith(".tmp")
+    assert target.read_bytes() == b"x" and sorted(p.name for p in target.parent.iterdir()) == ["state.json"]
+
+
+def test_a_failed_local_write_leaves_no_temp_file_and_raises_its_error(tmp_path, monkeypatch):
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    target = tmp_path / "state.json"
+    with pytest.raises(OSError, match="No space left"):
+        Storage().write_bytes(str(target), b"x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_json_is_written_with_sorted_keys_and_a_final_newline(tmp_path):
+    target = tmp_path / "r.json"
+    Storage().write_json(str(target), {"b": 1, "a": {"d": 2, "c": 3}})
+    assert target.read_text() == '{\n  "a": {\n    "c": 3,\n    "d": 2\n  },\n  "b": 1\n}\n'

@@ -654,3 +654,28 @@ def test_json_is_written_with_sorted_keys_and_a_final_newline(tmp_path):
     target = tmp_path / "r.json"
     Storage().write_json(str(target), {"b": 1, "a": {"d": 2, "c": 3}})
     assert target.read_text() == '{\n  "a": {\n    "c": 3,\n    "d": 2\n  },\n  "b": 1\n}\n'
+
+
+def test_split_s3_keeps_the_key_whole_and_refuses_other_uris():
+    assert split_s3("s3://bucket/XL/photo.png") == ("bucket", "XL/photo.png")
+    assert split_s3("s3://bucket") == ("bucket", "")
+    for bad in ("gs://bucket/key", "s3:///key", "/local/path"):
+        with pytest.raises(StorageError) as err:
+            split_s3(bad)
+        assert str(err.value) == f"not an s3:// URI: {bad!r}"
+
+
+def test_a_local_listing_hides_dot_files_but_not_dot_folders(tmp_path):
+    """Non-recursive listings skip hidden files (``.DS_Store``, temp files) but list hidden folders
+    with their trailing '/' (a folder is the caller's to skip or enter)."""
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".DS_Store").write_bytes(b"")
+    (tmp_path / "a.png").write_bytes(b"")
+    assert Storage().list(str(tmp_path)) == [".hidden/", "a.png", "sub/"]
+
+
+def test_a_local_read_error_names_the_file(tmp_path):
+    with pytest.raises(StorageError) as err:
+        Storage().read_bytes(str(tmp_path))
+    assert str(err.value).startswith(f"cannot read {tmp_path}: ") and "Is a directory" in str(err.value)

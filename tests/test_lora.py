@@ -112,6 +112,14 @@ def test_text_encoders_untouched_without_train_text_encoder():
     assert all(p.requires_grad for p in enc.parameters())  # not ours to freeze
 
 
+def test_encoder_targets_are_not_checked_when_the_encoder_does_not_train():
+    """Text-encoder targets that match nothing are no error while ``train_text_encoder`` is off: the
+    encoder passed along is not adapted, so its targets are not looked at."""
+    net, enc = _Net(), _Encoder()
+    cfg = LoraConfig(target_modules=["to_q"], text_encoder_target_modules=["to_q"])  # nothing in _Encoder
+    assert len(add_lora(net, cfg, enc)) == 2 and not hasattr(enc, "peft_config")
+
+
 def test_train_text_encoder_without_one_is_refused():
     with pytest.raises(ValueError, match=r"^lora\.train_text_encoder needs the text encoder$"):
         add_lora(_Net(), LoraConfig(target_modules=["to_q"], train_text_encoder=True), None, None)

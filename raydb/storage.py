@@ -106,8 +106,14 @@ class Storage:
                 if _is_not_found(exc):
                     raise NotFound(f"no such object: {uri}") from None
                 raise StorageError(f"cannot read {uri}: {_short(exc)}") from None
+        return self._read_local(uri)
+
+    @staticmethod
+    def _read_local(uri: str, limit: int = -1) -> bytes:
+        """A local file's bytes (at most ``limit``; -1: all), with the errors both readers raise."""
         try:
-            return Path(uri).read_bytes()
+            with open(uri, "rb") as fh:
+                return fh.read(limit)
         except FileNotFoundError:
             raise NotFound(f"no such file: {uri}") from None
         except OSError as exc:
@@ -127,13 +133,7 @@ class Storage:
                 if _is_not_found(exc):
                     raise NotFound(f"no such object: {uri}") from None
                 raise StorageError(f"cannot read {uri}: {_short(exc)}") from None
-        try:
-            with open(uri, "rb") as fh:
-                return fh.read(limit)
-        except FileNotFoundError:
-            raise NotFound(f"no such file: {uri}") from None
-        except OSError as exc:
-            raise StorageError(f"cannot read {uri}: {exc}") from None
+        return self._read_local(uri, limit)
 
     def read_tagged(self, uri: str) -> tuple[bytes, str]:
         """``(bytes, tag)``: the tag identifies this content for :meth:`write_bytes`'s ``if_match``

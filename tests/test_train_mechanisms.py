@@ -9,10 +9,9 @@ with a margin far above float64 rounding, on any CPU.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from lr_oracle import expected_lr
 
 from raydb.encode.encoders import EncodedImages
 from raydb.models.components import load_components
@@ -226,20 +225,6 @@ def test_zero_prior_weight_class_half_cannot_change_the_gradient(f64_setup):
     assert not all(torch.equal(a, b) for a, b in zip(weighted, weighted_changed, strict=True))
 
 
-def _expected_lr(kind: str, step: int, base: float, warmup: int, total: int) -> float:
-    """The lr at 0-based step ``step``, from the schedules' definitions (not from diffusers)."""
-    if kind == "constant":
-        return base
-    if step < warmup:
-        return base * step / warmup
-    if kind == "constant_with_warmup":
-        return base
-    progress = (step - warmup) / (total - warmup)
-    if kind == "linear":
-        return base * max(0.0, 1.0 - progress)
-    return base * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine, half a period
-
-
 @pytest.mark.parametrize("kind", ["constant", "constant_with_warmup", "linear", "cosine"])
 def test_lr_schedule_values_over_steps(f64_setup, kind):
     """The lr the optimizer uses at each step (read inside ``optimizer.step``) and the logged lr
@@ -254,7 +239,7 @@ def test_lr_schedule_values_over_steps(f64_setup, kind):
     seen = _applied_gradients(state)
     data = _data(n_class=None, dtype=torch.float64)
     logged = [_step(state, cfg, comps, [_batch(data, s)], with_prior=False)["lr"] for s in range(total)]
-    expected = [_expected_lr(kind, s, base, warmup, total) for s in range(total)]
+    expected = [expected_lr(kind, s, base, warmup, total) for s in range(total)]
     assert [s["lr"] for s in seen] == pytest.approx(expected, rel=1e-12, abs=1e-18)
     assert logged == pytest.approx(expected, rel=1e-12, abs=1e-18)
     if kind != "constant":

@@ -19,6 +19,7 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.configuration_utils import FrozenDict
 from diffusers.loaders.peft import PeftAdapterMixin
+from lr_oracle import expected_lr
 
 from raydb.config import LoraConfig, RaydbConfig, TrainConfig
 from raydb.train.data import MicroBatch
@@ -448,19 +449,6 @@ def test_only_the_last_micro_batch_synchronises_and_the_given_model_runs(schedul
     assert len(state.unet.calls) == 5 and state.step == 3
 
 
-def _expected_lr(kind: str, step: int, base: float, warmup: int, total: int) -> float:
-    if kind == "constant":
-        return base
-    if step < warmup:
-        return base * step / warmup
-    if kind == "constant_with_warmup":
-        return base
-    progress = (step - warmup) / (total - warmup)
-    if kind == "linear":
-        return base * max(0.0, 1.0 - progress)
-    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 @pytest.mark.parametrize("kind", ["constant", "constant_with_warmup", "linear", "cosine"])
 def test_lr_schedule(scheduler, kind):
     """The lr used and logged at each step follows the schedule: warmup 2 of 5 steps, base 1e-3."""
@@ -469,7 +457,7 @@ def test_lr_schedule(scheduler, kind):
     state = _state(cfg)
     seen = _observe(state)
     logged = [_step(state, cfg, scheduler, [_batch(50, n=2)])["lr"] for _ in range(total)]
-    expected = [_expected_lr(kind, s, base, warmup, total) for s in range(total)]
+    expected = [expected_lr(kind, s, base, warmup, total) for s in range(total)]
     assert [s["lr"] for s in seen] == pytest.approx(expected, rel=1e-12, abs=1e-18)
     assert logged == pytest.approx(expected, rel=1e-12, abs=1e-18)
 

@@ -22,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "SubjectConfig",
     "PriorConfig",
+    "PriorMode",
     "LoraConfig",
     "TrainConfig",
     "ClusterConfig",
@@ -89,10 +90,19 @@ class SubjectConfig(_Strict):
         return value
 
 
+PriorMode = Literal["images", "model"]
+
+
 class PriorConfig(_Strict):
     enabled: bool = Field(True, description="Train with prior preservation ([instance | class] batches).")
+    mode: PriorMode = Field(
+        "images", description="Target of the prior half. images: generated (or given) class images, "
+        "whose noise is the target (DreamBooth). model: no class images; the instance latents (or "
+        "class_data's, if given) under the class prompt, with the frozen base model's own prediction "
+        "(every LoRA layer off, no gradient) as the target.")
     class_data: str | None = Field(None, description="Existing class images (folder or s3://); "
-                                   "when unset they are generated into the shared prior cache.")
+                                   "when unset they are generated into the shared prior cache. With "
+                                   "mode model: an optional pool of images the prior half is drawn from.")
     num_class_images: int = Field(100, ge=1, description="Class images used for prior preservation.")
     sample_batch_size: int = Field(4, ge=1, description="Images generated per pipeline call.")
     num_inference_steps: int = Field(25, ge=1, description="Denoising steps per class image.")
@@ -101,7 +111,17 @@ class PriorConfig(_Strict):
     seed: int = Field(0, ge=0, description="Base seed; image i uses a seed derived from (seed, i).")
     concurrency: int | None = Field(None, ge=1, description="Generator actors (default: GPUs, or 1 on CPU).")
     num_holdout: int = Field(4, ge=0, description="Extra class images generated but never trained on "
-                             "(used by validation metrics).")
+                             "(used by validation metrics; with mode model generated only for a search).")
+
+    @property
+    def uses_class_images(self) -> bool:
+        """The prior half is drawn from class images: image mode, or model mode with a pool."""
+        return self.enabled and (self.mode == "images" or self.class_data is not None)
+
+    @property
+    def from_instance(self) -> bool:
+        """Model mode without a pool: the prior half repeats the instance half's draws."""
+        return self.enabled and self.mode == "model" and self.class_data is None
 
 
 class LoraConfig(_Strict):
@@ -253,6 +273,8 @@ class TuneConfig(_Strict):
                                            description="Search space of train.prior_loss_weight.")
     learning_rate: SearchSpace = Field(default_factory=lambda: SearchSpace(values=[1e-4]),
                                        description="Search space of train.learning_rate.")
+    prior_mode: list[PriorMode] | None = Field(
+        None, description="Grid over prior.mode, e.g. [images, model] (none: the config's prior.mode).")
     num_samples: int = Field(1, ge=1, description="Samples per grid point (or draws for ranges).")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Default: what the cluster fits.")
     eval_every: int = Field(10, ge=1, description="Optimizer steps between validation metrics.")
@@ -260,6 +282,13 @@ class TuneConfig(_Strict):
     reduction_factor: float = Field(2.0, gt=1.0, description="ASHA reduction factor.")
     prior_weight_in_score: float = Field(1.0, ge=0.0, description="val_score = val_instance + w * val_prior.")
     name: str = Field("tune", description="Experiment name under the subject's tune folder.")
+
+    @field_validator("prior_mode")
+    @classmethod
+    def _distinct_modes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError("give each prior mode once, at least one")
+        return value
 
 
 class EvalConfig(_Strict):
@@ -384,7 +413,7 @@ class ServiceConfig(_Strict):
                                "or a tenant at its limit.")
     allowed_overrides: list[str] = Field(
         default_factory=lambda: ["train.max_steps", "train.learning_rate", "train.prior_loss_weight",
-                                 "lora.rank", "train.resolution", "tune"],
+                                 "prior.mode", "lora.rank", "train.resolution", "tune"],
         description="Config keys a tenant may override per training (dotted; 'tune' switches the "
         "operator's tune: section on).")
     max_train_steps: int = Field(2000, ge=1, description="Largest train.max_steps a training may ask.")
@@ -459,6 +488,12 @@ class RaydbConfig(_Strict):
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, the form in which a config travels to Ray tasks and workers."""
         return self.model_dump(mode="json")
+
+    def prior_modes(self) -> list[str]:
+        """The prior modes this config trains with: a search's ``tune.prior_mode``, else ``prior.mode``."""
+        if self.tune is not None and self.tune.prior_mode:
+            return list(self.tune.prior_mode)
+        return [self.prior.mode]
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

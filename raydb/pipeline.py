@@ -101,13 +101,16 @@ def _data_fingerprint(storage: Storage, uri: str | None) -> Any:
 
 def stage_inputs(cfg: RaydbConfig, storage: Storage, stage: str) -> dict[str, Any]:
     """The config fields ``stage`` depends on, cumulative over its upstream stages."""
+    from raydb.prior.stage import prior_total_images
     from raydb.train.rundir import run_id
 
     c = cfg.to_dict()
     model = {k: c["model"][k] for k in ("pretrained", "revision", "prediction_type")}
     prior = {"model": model, "class_prompt": cfg.subject.class_prompt, "resolution": cfg.train.resolution,
-             "prior": {k: v for k, v in c["prior"].items() if k != "concurrency"},
+             "prior": {k: v for k, v in c["prior"].items() if k not in ("concurrency", "mode")},
              "class_data": _data_fingerprint(storage, cfg.prior.class_data)}
+    if cfg.prior_modes() != ["images"]:  # absent in image mode, so older manifests still match
+        prior |= {"modes": cfg.prior_modes(), "images": prior_total_images(cfg)}
     if stage == "prior":
         return prior
     encode = prior | {
@@ -121,7 +124,9 @@ def stage_inputs(cfg: RaydbConfig, storage: Storage, stage: str) -> dict[str, An
     train = encode | {"run_id": run_id(cfg)}
     if stage == "train":
         return train
-    tune = train | {"tune": c["tune"], "eval": c["eval"]}
+    tune_section = c["tune"] and {k: v for k, v in c["tune"].items()  # a new key, absent when unset
+                                  if k != "prior_mode" or v is not None}
+    tune = train | {"tune": tune_section, "eval": c["eval"]}
     if stage == "tune":
         return tune
     if stage == "register":
@@ -282,7 +287,9 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
     base = pipeline_uri(cfg)
     results: list[StageResult] = []
     outputs: dict[str, dict[str, Any]] = {}
-    prior_off = not cfg.prior.enabled or bool(cfg.prior.class_data)
+    from raydb.prior.stage import prior_total_images
+
+    prior_off = not prior_total_images(cfg)  # off, class images given, or model mode needing none
 
     def stage(name: str, run: Callable[[], dict[str, Any]], exists: Callable[[dict], bool]) -> None:
         if not quiet:
@@ -297,7 +304,8 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
     for name in _selected(cfg, deploy, stages):
         if name == "prior":
             if prior_off:
-                results.append(StageResult("prior", "off", 0.0, {"class_data": cfg.prior.class_data}))
+                results.append(StageResult("prior", "off", 0.0, {"class_data": cfg.prior.class_data,
+                                                                 "mode": cfg.prior.mode}))
                 continue
             stage("prior", lambda: _prior(cfg, storage, local),
                   lambda o: _prior_exists(storage, cfg, o, local))
@@ -358,7 +366,10 @@ def _key_outputs(res: StageResult) -> str:
     if res.status == "off":
         if res.stage == "encode":
             return "encoded by the single-process trainer"
-        return "prior preservation off" if not o.get("class_data") else f"class images from {o['class_data']}"
+        if o.get("class_data"):
+            return f"class images from {o['class_data']}"
+        return "prior from the base model (no class images)" if o.get("mode") == "model" else \
+            "prior preservation off"
     text = picks[res.stage]()
     return text + (" (found finished)" if o.get("reused") and res.status == "ran" else "")
 

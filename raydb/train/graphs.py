@@ -191,7 +191,7 @@ class GraphStep:
                 self.model, self.noise_scheduler, batch, prediction_type=self.prediction_type,
                 prior_loss_weight=tc.prior_loss_weight, with_prior=self.with_prior, vae=self.vae,
                 text_encoder=self.state.text_encoder, mixed_precision=self.mixed_precision,
-                autocast_cache=not self.capture,
+                autocast_cache=not self.capture, prior_mode=self.cfg.prior.mode,
             )
             (parts.total / n).backward()
             prior = parts.prior if parts.prior is not None else torch.zeros_like(parts.total)

@@ -58,7 +58,8 @@ def prepare_training_data(
     """Ingest and (with ``train.cache_latents``) encode everything once. Tensors stay on CPU.
 
     SDXL also gets each image's time ids: from ingestion's resize/crop for images loaded here;
-    images passed in count as whole, uncropped pictures.
+    images passed in count as whole, uncropped pictures. In model mode without a pool the class
+    half repeats the instance half (``class_images`` is then ignored: nothing is generated).
     """
     from raydb.prior.stage import class_images_with_geometry
 
@@ -69,6 +70,8 @@ def prepare_training_data(
 
     instance = (whole(instance_images) if instance_images is not None else load_images_with_geometry(
         cfg.subject.instance_data, tc.resolution, storage=storage, center_crop=tc.center_crop))
+    if not cfg.prior.uses_class_images:
+        class_images = []
     classes = whole(class_images) if class_images is not None else class_images_with_geometry(cfg, storage)
     instance_images, class_images = [i for i, _ in instance], [i for i, _ in classes]
     geometry = [[g for _, g in instance], [g for _, g in classes]]
@@ -83,11 +86,12 @@ def prepare_training_data(
         return encode_images(vae, pixels) if tc.cache_latents else pixels
 
     h = tc.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-    with_prior = cfg.prior.enabled and bool(class_images)
+    with_class = cfg.prior.uses_class_images and bool(class_images)
     time_ids = tuple(time_ids_for(g) for g in geometry) if components.family == SDXL else (None, None)
-    return training_data(source(instance_images), source(class_images) if with_prior else None,
+    return training_data(source(instance_images), source(class_images) if with_class else None,
                          **prompt_inputs(prompts, cfg.lora.train_text_encoder),
-                         latent_shape=(vae.config.latent_channels, h, h), time_ids=time_ids)
+                         latent_shape=(vae.config.latent_channels, h, h), time_ids=time_ids,
+                         prior_from_instance=cfg.prior.from_instance)
 
 
 def train_subject(

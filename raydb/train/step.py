@@ -20,6 +20,7 @@ from raydb.models.sdxl import sdxl_text_conditioning, unet_added_conditions
 from raydb.train.data import MicroBatch
 from raydb.train.lora import add_lora
 from raydb.train.loss import LossParts, dreambooth_loss, training_target
+from raydb.train.prior_target import prior_half_target, without_ddp
 
 __all__ = ["TrainState", "build_train_state", "forward_loss", "optimizer_step", "autocast_dtype",
            "weights_dtype"]
@@ -121,6 +122,30 @@ def _latents(batch: MicroBatch, vae, scaling_factor: float, shift_factor: float 
     return latents * scaling_factor
 
 
+def _rows(t: torch.Tensor | None, rows: slice | None) -> torch.Tensor | None:
+    return t if t is None or rows is None else t[rows]
+
+
+def _predict(unet: torch.nn.Module, noisy: torch.Tensor, batch: MicroBatch, unet_dtype: torch.dtype,
+             text_encoders: tuple[torch.nn.Module | None, torch.nn.Module | None],
+             rows: slice | None = None) -> torch.Tensor:
+    """The UNet's prediction for the batch rows ``rows`` (all when None), with their conditioning:
+    cached prompt embeddings, or the trained text encoder(s) run on the token ids."""
+    pooled = _rows(batch.pooled, rows)
+    if batch.encoder_hidden_states is not None:
+        cond = _rows(batch.encoder_hidden_states, rows)
+    elif batch.time_ids is not None:
+        cond, pooled = sdxl_text_conditioning(
+            text_encoders, (_rows(batch.input_ids, rows), _rows(batch.input_ids_2, rows)))
+    else:
+        cond = text_encoders[0](_rows(batch.input_ids, rows))[0]
+    added = None
+    if batch.time_ids is not None:
+        added = unet_added_conditions(pooled.to(unet_dtype), _rows(batch.time_ids, rows).to(unet_dtype))
+    return unet(_rows(noisy, rows).to(unet_dtype), _rows(batch.timesteps, rows), cond.to(unet_dtype),
+                added_cond_kwargs=added).sample
+
+
 def forward_loss(
     unet: torch.nn.Module,
     noise_scheduler,
@@ -134,6 +159,7 @@ def forward_loss(
     mixed_precision: str = "no",
     autocast_cache: bool = True,
     text_encoder_2: torch.nn.Module | None = None,
+    prior_mode: str = "images",
 ) -> LossParts:
     """One micro-batch: latents -> ``add_noise`` -> UNet -> target -> dual loss (fp32).
 
@@ -142,29 +168,26 @@ def forward_loss(
     CUDA graph capture, where autocast's cache of cast weights must not outlive the capture. An
     SDXL batch (``batch.time_ids`` set) also conditions the UNet on the pooled text embedding and
     the size/crop time ids; its text conditioning comes from both encoders when they train.
+    ``prior_mode`` (``prior.mode``) sets the prior half's target (``prior_target.py``): in model
+    mode a gradient-free forward of the prior rows with every LoRA layer off runs first.
     """
     latents = _latents(batch, vae, vae.config.scaling_factor, vae.config.get("shift_factor"))
     noisy = noise_scheduler.add_noise(latents, batch.noise, batch.timesteps)
+    target = training_target(noise_scheduler, latents, batch.noise, batch.timesteps, prediction_type)
     dtype = autocast_dtype(mixed_precision)
     device_type = latents.device.type
     ctx = (torch.autocast(device_type, dtype=dtype, cache_enabled=autocast_cache) if dtype
            else contextlib.nullcontext())
+    encoders = (text_encoder, text_encoder_2)
+    # read before any LoRA layer is switched off (which also clears its weights' requires_grad)
+    unet_dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
     with ctx:
-        pooled = batch.pooled
-        if batch.encoder_hidden_states is not None:
-            cond = batch.encoder_hidden_states
-        elif batch.time_ids is not None:
-            cond, pooled = sdxl_text_conditioning((text_encoder, text_encoder_2),
-                                                  (batch.input_ids, batch.input_ids_2))
-        else:
-            cond = text_encoder(batch.input_ids)[0]
-        unet_dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
-        added = None
-        if batch.time_ids is not None:
-            added = unet_added_conditions(pooled.to(unet_dtype), batch.time_ids.to(unet_dtype))
-        pred = unet(noisy.to(unet_dtype), batch.timesteps, cond.to(unet_dtype),
-                    added_cond_kwargs=added).sample
-    target = training_target(noise_scheduler, latents, batch.noise, batch.timesteps, prediction_type)
+        if with_prior:
+            base = without_ddp(unet)
+            target = prior_half_target(
+                prior_mode, target, lambda rows: _predict(base, noisy, batch, unet_dtype, encoders, rows),
+                (base, *encoders))
+        pred = _predict(unet, noisy, batch, unet_dtype, encoders)
     return dreambooth_loss(pred, target, prior_loss_weight=prior_loss_weight, with_prior=with_prior)
 
 
@@ -211,7 +234,7 @@ def optimizer_step(
                 model, noise_scheduler, batch, prediction_type=prediction_type,
                 prior_loss_weight=cfg.train.prior_loss_weight, with_prior=with_prior, vae=vae,
                 text_encoder=state.text_encoder, mixed_precision=mixed_precision,
-                text_encoder_2=state.text_encoder_2,
+                text_encoder_2=state.text_encoder_2, prior_mode=cfg.prior.mode,
             )
             loss = parts.total / n
             (state.scaler.scale(loss) if state.scaler else loss).backward()

@@ -1,4 +1,4 @@
-"""``raydb tune``: search ``prior_loss_weight`` and the learning rate with Ray Tune.
+"""``raydb tune``: search ``prior_loss_weight`` and the learning rate (and ``prior.mode``) with Ray Tune.
 
 Ray 2.60's pattern: Tune runs a *driver function* per trial that builds and fits a ``TorchTrainer``
 (``Tuner(TorchTrainer(...))`` no longer works with Train V2); Train's reports reach Tune through
@@ -6,6 +6,9 @@ Ray 2.60's pattern: Tune runs a *driver function* per trial that builds and fits
 fixed-noise validation — not the training loss, which scales with ``prior_loss_weight``. ASHA stops
 weak trials early (time unit: evaluations). Priors and the encode stage run once, before the
 trials, and every trial reads the same cache. An interrupted search resumes with ``Tuner.restore``.
+A search over ``tune.prior_mode`` scores every trial, whatever its mode, on the same held-out
+images of the base model (``val_prior``): model-mode trials train on no class images, but are
+held to the same measure of the class prior as image-mode ones.
 
 Outputs under ``<workspace>/tune/<subject>/<tune.name>/``: ``results.csv``, ``trials.png`` and
 ``summary.json``; the best trial's adapter is registered as the subject's latest.
@@ -65,7 +68,7 @@ def _trial(config: dict[str, Any], cfg_dict: dict[str, Any], encoded: dict[str, 
     from raydb.train.stage import build_trainer
 
     cfg = trial_config(RaydbConfig.model_validate(cfg_dict), config["prior_loss_weight"],
-                       config["learning_rate"])
+                       config["learning_rate"], config.get("prior_mode"))
     storage = Storage(cfg.s3_endpoint_url)
     trainer, run = build_trainer(cfg, storage, EncodedCache(**encoded),
                                  extra_config={"eval_every": cfg.tune.eval_every},
@@ -129,7 +132,8 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool
         tuner = tune.Tuner(
             trainable,
             param_space={"prior_loss_weight": _space(tc.prior_loss_weight),
-                         "learning_rate": _space(tc.learning_rate)},
+                         "learning_rate": _space(tc.learning_rate)}
+            | ({"prior_mode": tune.grid_search(list(tc.prior_mode))} if tc.prior_mode else {}),
             tune_config=tune.TuneConfig(
                 metric="val_score", mode="min", num_samples=tc.num_samples,
                 max_concurrent_trials=concurrency,
@@ -153,7 +157,8 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool
                                "stopped_early": sum(r["status"] == "stopped_early" for r in rows),
                                "restored": restored}
     if register:
-        hyper = {"prior_loss_weight": best["prior_loss_weight"], "learning_rate": best["learning_rate"]}
+        hyper = {"prior_mode": best["prior_mode"], "prior_loss_weight": best["prior_loss_weight"],
+                 "learning_rate": best["learning_rate"]}
         val = {k: best[k] for k in ("val_instance", "val_prior", "val_score")}
         record = register_adapter(storage, cfg.workspace, cfg.subject.id, join(best["run_dir"], "adapter"),
                                   extra_metadata={"tune": {"hyperparameters": hyper, "validation": val,

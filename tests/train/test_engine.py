@@ -51,14 +51,17 @@ def _run(cfg, steps: int, *, graph_ready: bool):
     return metrics, lora, state
 
 
-@pytest.mark.parametrize("train_text_encoder", [False, True])
+@pytest.mark.parametrize(("train_text_encoder", "prior_mode"),
+                         [(False, "images"), (True, "images"), (False, "model"), (True, "model")])
 def test_graph_ready_step_equals_todays_step(make_cfg, tmp_path, class_images_dir,
-                                             train_text_encoder):
+                                             train_text_encoder, prior_mode):
     """Accumulation 2, a warm-up + linear lr schedule (the lr tensor must follow it), clipping
-    active, and (second case) text-encoder LoRA fed through ``input_ids``."""
+    active, text-encoder LoRA fed through ``input_ids``, and ``prior.mode: model`` (the frozen
+    base pass with every LoRA layer off inside the step)."""
+    prior = {"class_data": class_images_dir} if prior_mode == "images" else {"mode": "model"}
     cfg = make_cfg(workspace=str(tmp_path / "ws"),
                    lora={"train_text_encoder": train_text_encoder},
-                   prior={"class_data": class_images_dir},
+                   prior=prior,
                    train={"dtype": "float64", "gradient_accumulation_steps": 2, "max_steps": 4,
                           "resolution": 32,
                           "lr_scheduler": "linear", "lr_warmup_steps": 1, "learning_rate": 1e-2,
@@ -71,6 +74,7 @@ def test_graph_ready_step_equals_todays_step(make_cfg, tmp_path, class_images_di
         for key in ("loss", "loss_instance", "loss_prior", "grad_norm", "grad_norm_clipped", "lr"):
             assert b[key] == pytest.approx(a[key], **EXACT), key
         assert a["grad_norm"] > cfg.train.max_grad_norm  # clipping was active
+    assert today[-1]["loss_prior"] > 1e-8  # (model mode: the adapter has left the base model)
     assert lora_today.keys() == lora_ready.keys() and lora_today
     assert any(k.startswith("te.") for k in lora_today) == train_text_encoder
     # Losses and norms agree exactly; a few LoRA weights differ by float64 ulps that AdamW's

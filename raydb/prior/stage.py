@@ -216,8 +216,8 @@ def class_images_with_geometry(
                                            center_crop=cfg.train.center_crop, field="prior.class_data")
     else:
         n, total = generated_training_images(cfg), prior_total_images(cfg)
-        if not total:
-            return []
+        if not (total - n if holdout else n):
+            return []  # nothing of this kind is needed: generate nothing
         ensure_prior_images(cfg, storage)
         images = [(im, ImageGeometry.whole(im))
                   for im in resolve_prior_cache(cfg, storage).read_images(storage, total)]

@@ -340,3 +340,21 @@ def test_model_mode_accumulation_matches_one_larger_batch(make_cfg, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=2.5e-7, atol=1e-12)
     assert rows_a[1]["loss_prior"] > 1e-8
+
+
+@pytest.mark.heavy
+def test_a_model_mode_search_generates_only_the_held_out_images(make_cfg):
+    """Model mode trains on no class image; a search still scores ``val_prior`` on held-out base
+    samples, so those alone are generated (in-process here), and they come first in the cache."""
+    from raydb.prior.stage import class_images_with_geometry, resolve_prior_cache
+
+    cfg = make_cfg(prior={"mode": "model", "num_holdout": 2}, tune={"prior_mode": ["model"]})
+    storage = Storage()
+    assert class_images_with_geometry(cfg, storage) == []
+    assert not (Path(cfg.workspace) / "priors").exists()  # asking for training images generated nothing
+    holdout = class_images_with_geometry(cfg, storage, holdout=True)
+    assert len(holdout) == 2
+    cache = resolve_prior_cache(cfg, storage, use_ray=False)
+    assert cache.done_blocks(storage) == {0}  # one block of prior.sample_batch_size (2) images
+    first = cache.read_images(storage, 2)
+    assert [im.tobytes() for im, _ in holdout] == [im.tobytes() for im in first]

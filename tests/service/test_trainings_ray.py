@@ -103,8 +103,9 @@ def test_upload_train_as_a_ray_job_then_generate_without_redeploy(tmp_path):
         meta = json.loads((ws / "subjects" / "star" / "v0001" / "adapter.json").read_text())
         assert meta["training"]["prior_mode"] == "model" and meta["training"]["prior_enabled"]
         assert not (ws / "priors").exists()  # no class image was generated
-        stages = json.loads((ws / "pipeline" / "star" / "summary.json").read_text())["stages"]
-        assert {s["stage"]: s["status"] for s in stages}["prior"] == "off"
+        manifests = ws / "pipeline" / "star"
+        assert not (manifests / "prior.json").exists()  # the stage was off: no manifest
+        assert json.loads((manifests / "encode.json").read_text())["outputs"]["num_class"] == 0
 
         # the Jobs API knows the job (its driver may take a moment to exit after the result is written)
         while (job := job_info(cluster.dashboard, view["job_id"], cluster.token)).get("status") == "RUNNING":

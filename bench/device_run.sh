@@ -14,16 +14,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/raydb-device-out}
 MODE=${MODE:-engine}
+SITE=${SITE:-/tmp/site} PEER_SITE=${PEER_SITE:-/tmp/peer-site}  # where the carried wheels install
 mkdir -p "$OUT"
-pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 2; }
-# the peer's extra packages apart (/tmp/peer-site, on the peer subprocess's path only), torchvision
+pip install -q --no-deps --target "$SITE" .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 2; }
+# the peer's extra packages apart ($PEER_SITE, on the peer subprocess's path only), torchvision
 # matching the device's torch (0.(minor + 15))
 tv=$(python3 -c "import torch; v = torch.__version__.split('+')[0].split('.'); print(f'0.{int(v[1]) + 15}.')")
 peer_wheels=$(ls .whl/peer/*.whl 2>/dev/null | grep -v '/torchvision-'; ls .whl/peer/torchvision-"$tv"*.whl 2>/dev/null)
-pip install -q --no-deps --target /tmp/peer-site $peer_wheels >/dev/null 2>&1 || echo "peer wheel install failed"
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+pip install -q --no-deps --target "$PEER_SITE" $peer_wheels >/dev/null 2>&1 || echo "peer wheel install failed"
+export PYTHONPATH=$SITE:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-PYTHONPATH=/tmp/peer-site:$PYTHONPATH python3 -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
+PYTHONPATH=$PEER_SITE:$PYTHONPATH python3 -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
     || echo "no matching torchvision (torch minor -> $tv): the peer arm will record an error"
 case "$MODE" in
 truth)
@@ -42,7 +43,7 @@ serve)
     ;;
 sdxl)
     timeout $(( ${BUDGET_S:-480} + 40 )) python3 -m bench.gpu_truth_sdxl --budget-s "${BUDGET_S:-480}" \
-        --peer --peer-script .peer/train_dreambooth_lora_sdxl.py --peer-site /tmp/peer-site \
+        --peer --peer-script .peer/train_dreambooth_lora_sdxl.py --peer-site "$PEER_SITE" \
         --out "$OUT/gpu_truth_sdxl.json" "$@" 2>&1 | tee "$OUT/gpu_truth_sdxl.log" | grep -v Warning
     echo "gpu_truth_sdxl: exit ${PIPESTATUS[0]}"
     python3 -m bench.gpu_truth_sdxl --render "$OUT/gpu_truth_sdxl.json" > "$OUT/gpu_truth_sdxl.md"
@@ -50,7 +51,7 @@ sdxl)
     ;;
 *)
     timeout $(( ${BUDGET_S:-410} + 40 )) python3 -m bench.gpu_truth --budget-s "${BUDGET_S:-410}" \
-        --sections engine peer compile --peer-script .peer/train_dreambooth_lora.py --peer-site /tmp/peer-site \
+        --sections engine peer compile --peer-script .peer/train_dreambooth_lora.py --peer-site "$PEER_SITE" \
         --out "$OUT/gpu_truth.json" "$@" 2>&1 | tee "$OUT/gpu_truth.log" | grep -v Warning
     ;;
 esac

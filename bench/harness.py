@@ -18,11 +18,19 @@ Adding a GPU row (say a Flux or model-prior training row), in your script ``benc
 2. Measure inside ``run.measure`` (a failure records ``errors[name]`` and the run goes on; a row
    that needs more than the budget left is listed in ``skipped``; the JSON is saved after each)::
 
+       parts = training.frozen(run)                       # VAE + text encoder(s), random weights
+       data = training.training_data(run, parts, cached=True)
+
        def one():
-           engine = training.make_engine(run, cfg, unet, frozen.vae, data)   # the shipped loop
-           with engine:
+           cfg = training.train_config(run, 1, cuda_graphs="off")       # any train.* option
+           with training.make_engine(run, cfg, training.unet(run), parts.vae, data) as engine:
                run.results.setdefault("x", []).append({"arm": "...", **training.measure(run, engine)})
+
        run.measure("x 1+1", one, needs_s=run.args.reserve_s)
+
+   A model with its own components (another family, a flow-matching scheduler) passes its own
+   UNet/transformer, ``vae``, ``TrainingData`` and ``noise_scheduler=`` / ``prediction_type=`` to
+   ``make_engine``; if ``TrainEngine`` cannot run it, that is a gap in the engine, not in the bench.
 
    ``training.measure`` (warm-up, timed steps, first-step loss/grad norm, peak memory, optional
    FLOPs/MFU and GPU-busy profile) is built on ``time_steps`` and ``timing`` below; use those

@@ -124,18 +124,21 @@ def train_config(run: Run, batch_size: int, *, workspace: str | None = None, **o
                   "mixed_precision": run.mixed_precision, **options}})
 
 
-def make_engine(run: Run, cfg: RaydbConfig, unet_module: torch.nn.Module, vae, data: TrainingData, *,
-                state=None, **engine_options: Any) -> TrainEngine:
+def make_engine(run: Run, cfg: RaydbConfig, unet_module: torch.nn.Module | None, vae, data: TrainingData,
+                *, state=None, noise_scheduler=None, prediction_type: str = "epsilon",
+                **engine_options: Any) -> TrainEngine:
     """``build_train_state`` (LoRA, speed options, AdamW, schedule) + ``TrainEngine`` over ``data``.
 
-    ``state``: reuse a built state (rows that only change the batch or the data); ``engine_options``:
-    ``prefetch``, ``graph_step``, ``compile_cache`` (``TrainEngine``'s keywords).
+    ``state``: reuse a built state (rows that only change the batch or the data); ``noise_scheduler``:
+    default SD's DDPM training schedule; ``engine_options``: ``prefetch``, ``graph_step``,
+    ``compile_cache`` (``TrainEngine``'s keywords).
     """
     from diffusers import DDPMScheduler
 
     state = state or build_train_state(cfg, unet_module, None)
-    return TrainEngine(cfg, state, data, noise_scheduler=DDPMScheduler(**SD_NOISE_SCHEDULE),
-                       prediction_type="epsilon", vae=vae, device=run.device, **engine_options)
+    noise_scheduler = noise_scheduler or DDPMScheduler(**SD_NOISE_SCHEDULE)
+    return TrainEngine(cfg, state, data, noise_scheduler=noise_scheduler, prediction_type=prediction_type,
+                       vae=vae, device=run.device, **engine_options)
 
 
 def measure(run: Run, engine: TrainEngine, *, warmup: int | None = None, profile_steps: int = 0,

@@ -131,8 +131,10 @@ def _compare_with_baseline(run: Run, row: dict[str, Any]) -> None:
 
 
 def render_training(results: dict[str, Any]) -> list[str]:
-    """The train, options and generation-free tables of ``gpu_truth`` (what docs/performance.md quotes)."""
+    """The train and options tables of ``gpu_truth`` (what docs/performance.md quotes)."""
     s = results.get("settings", {})
+    if not results.get("train") and not results.get("options"):
+        return []
     lines = [f"Training (LoRA r=4 on to_q/k/v/out, [instance | class] batches, {s.get('mixed_precision')}, "
              f"{s.get('resolution')} px):", ""]
     lines += markdown_table(

@@ -88,8 +88,9 @@ def run_options(run: Run, parts: training.Frozen) -> None:
         ("defaults (channels_last + fused AdamW on CUDA)", {}, a.reserve_s),
     ]
     if not a.no_compile:
-        variants.append(("defaults + compile=blocks", {"compile": "blocks"}, a.compile_needs_s / 2))
-        variants.append(("defaults + compile=full", {"compile": "full"}, a.compile_needs_s))
+        for mode, needs in (("blocks", a.compile_needs_s / 2), ("full", a.compile_needs_s)):
+            options = {"compile": mode, "compile_backend": a.compile_backend}
+            variants.append((f"defaults + compile={mode}", options, needs))
     else:
         run.results["skipped"].append("torch.compile: --no-compile")
     run.results["options"] = []

@@ -58,7 +58,7 @@ def lora_grads(cfg: RaydbConfig, device: str) -> tuple[dict[str, float], dict[st
     return metrics, grads, seconds
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--compile", choices=["full", "blocks"], default="full")
     p.add_argument("--backend", default="inductor")
@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rtol", type=float, default=1e-3, help="allowed max |diff| / max |grad| per tensor")
     p.add_argument("--allow-cpu-full", action="store_true",
                    help="lift the trainer's refusal of compile=full + inductor on CPU (to reproduce it)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     workspace = tempfile.mkdtemp(prefix="raydb-parity-")
     train = {"resolution": args.resolution, "num_sample_images": 0, "compile_backend": args.backend,

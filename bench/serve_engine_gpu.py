@@ -268,7 +268,7 @@ def load_modes(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(m for m in modes if m))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (smoke run)")
@@ -289,6 +289,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.resolution = None
     args.modes = args.modes or (["eager", "cudagraphs"] if args.tiny else ["eager", "cudagraphs",
                                                                            "reduce-overhead"])
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     b = Run(args, tiny_architecture() if args.tiny else sd15())
     size = b.resolution
     if b.cuda:  # the replica's serving dtype

@@ -37,11 +37,16 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 from bench import training  # noqa: E402
 from bench.generation import pipeline, render_generation, run_generation  # noqa: E402
 from bench.harness import Run, add_common_args, markdown_table  # noqa: E402
+from raydb.config import RaydbConfig  # noqa: E402
 from raydb.models.architectures import sd15  # noqa: E402
 from raydb.models.tiny import tiny_architecture  # noqa: E402
+from raydb.storage import Storage  # noqa: E402
 from raydb.train.data import TrainingData  # noqa: E402
 
 MODES = ("images", "model")
@@ -92,6 +97,80 @@ def run_training(run: Run, parts: training.Frozen) -> None:
                   f"{row['step_ms_median']:.1f} ms/step", flush=True)
 
         run.measure(f"training {mode} {batch}+{batch} cuda_graphs={graphs}", one, needs_s=a.reserve_s)
+
+
+def interleaved_costs(cfg: RaydbConfig, storage: Storage | None = None, *, rounds: int = 20,
+                      blocks: int = 2) -> dict[str, Any]:
+    """The same costs for one real config in this process (the CPU rows of ``bench/fidelity.py``):
+    an image-mode step, a model-mode step (both the shipped ``TrainEngine`` on ``cfg``'s model, data
+    and batch) and a prior-stage block (the shipped ``BlockGenerator``: one CPU actor, one thread,
+    as the prior stage runs by default), interleaved round by round so a change in the machine's
+    load hits all three alike; medians. Image mode's class images must exist (the prior cache of
+    ``cfg``); the timed blocks go to a scratch workspace, never to ``cfg``'s cache.
+    """
+    import statistics
+    import tempfile
+    import time
+
+    from raydb.models.components import load_components
+    from raydb.prior.generate import BlockGenerator
+    from raydb.prior.stage import resolve_prior_cache
+    from raydb.train.engine import TrainEngine
+    from raydb.train.local import prepare_training_data
+    from raydb.train.step import build_train_state, weights_dtype
+
+    storage = storage or Storage(cfg.s3_endpoint_url)
+    engines = {}
+    for mode in MODES:
+        mode_cfg = cfg.model_copy(deep=True)
+        mode_cfg.prior.mode = mode
+        comps = load_components(mode_cfg.model, storage, mode_cfg.workspace,
+                                dtype=weights_dtype(mode_cfg.train))
+        data = prepare_training_data(mode_cfg, comps, storage)
+        state = build_train_state(mode_cfg, comps.unet, comps.text_encoder, comps.text_encoder_2)
+        engines[mode] = TrainEngine(mode_cfg, state, data, noise_scheduler=comps.noise_scheduler,
+                                    prediction_type=comps.prediction_type, vae=comps.vae, device="cpu")
+    times: dict[str, list[float]] = {"images": [], "model": [], "block": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        gen_cfg = cfg.model_copy(deep=True)
+        gen_cfg.workspace = scratch
+        cache = resolve_prior_cache(gen_cfg, storage, use_ray=False)
+        generator = BlockGenerator(gen_cfg.to_dict(), cache.__dict__, storage.endpoint_url)
+        generator({"block": np.array([0])})  # warm-up: kernels, allocator, the PNG path
+        for engine in engines.values():
+            engine.step()
+        every = max(1, rounds // max(blocks, 1))
+        for r in range(rounds):
+            for mode, engine in engines.items():
+                start = time.perf_counter()
+                engine.step()
+                times[mode].append(time.perf_counter() - start)
+            if blocks and r % every == 0 and len(times["block"]) < blocks:
+                out = generator({"block": np.array([1 + len(times["block"])])})
+                times["block"].append(float(out["seconds"][0]))
+    for engine in engines.values():
+        engine.close()
+    images, model = statistics.median(times["images"]), statistics.median(times["model"])
+    out = {"rounds": rounds, "step_s_images": round(images, 4), "step_s_model": round(model, 4),
+           "model_over_images_step": round(model / images, 3),
+           "images_per_step": 2 * cfg.train.batch_size * cfg.train.gradient_accumulation_steps,
+           "torch_threads": torch.get_num_threads()}
+    if times["block"]:
+        per_image = statistics.median(times["block"]) / cache.block_size
+        out |= {"blocks": len(times["block"]), "block_size": cache.block_size,
+                "seconds_per_class_image": round(per_image, 4),
+                "generator_threads": cache.settings["cpu_threads"]}
+    return out
+
+
+def totals(costs: dict[str, Any], *, class_images: int, steps: int) -> dict[str, Any]:
+    """End-to-end seconds from :func:`interleaved_costs`: image mode = prior stage + training,
+    model mode = training."""
+    prior = class_images * costs["seconds_per_class_image"]
+    seconds_images, seconds_model = prior + steps * costs["step_s_images"], steps * costs["step_s_model"]
+    return {"prior_stage_seconds": round(prior, 1),
+            "train_seconds_images": round(steps * costs["step_s_images"], 1), "seconds_images": round(seconds_images, 1), "seconds_model": round(seconds_model, 1),
+            "images_over_model": round(seconds_images / seconds_model, 3)}
 
 
 def end_to_end(results: dict[str, Any], class_images: list[int], steps: list[int]) -> list[dict[str, Any]]:

@@ -8,7 +8,8 @@ the weights, which is what a learning test or a Tune trial's ``val_instance`` / 
 
 :class:`Validator` bundles the scores a trial reports (and ``experiments.py`` measures): the
 denoising losses of the instance images and of held-out class images, their weighted sum, and —
-with ``eval.clip_model`` — CLIP-I / CLIP-T on a few sampled images.
+with ``eval.clip_model`` — CLIP-I / CLIP-T on a few sampled images, with ``eval.fidelity`` the
+judged fidelity figures of sampled images (:mod:`raydb.fidelity.validation`).
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def denoising_loss(
 
 
 class Validator:
-    """``val_instance`` / ``val_prior`` / ``val_score`` (+ ``val_clip_i`` / ``val_clip_t``).
+    """``val_instance`` / ``val_prior`` / ``val_score`` (+ ``val_clip_i`` / ``val_clip_t``, + ``val_fidelity``
+    and its parts).
 
     val_instance: denoising MSE of the instance images with the instance prompt (subject fit);
     val_prior: the same on held-out class images with the class prompt (prior kept). Both use the
@@ -122,7 +124,8 @@ class Validator:
         instance / holdout: latent distributions of the instance and held-out class images.
         prompts: ``{"embeds": [2, L, D], "ids": [2, L]}`` for (instance prompt, class prompt)
             (SDXL: also ``"pooled": [2, D2p]`` and ``"ids_2": [2, L]``).
-        instance_images: the prepared instance photos; needed only for CLIP-I (``eval.clip_model``).
+        instance_images: the prepared instance photos; needed only for CLIP-I (``eval.clip_model``)
+            and the fidelity metrics (``eval.fidelity``).
     """
 
     def __init__(self, cfg: RaydbConfig, comps: Any, instance: EncodedImages,
@@ -133,7 +136,13 @@ class Validator:
         self.embeds, self.prompt_ids = prompts["embeds"], prompts["ids"]
         self.pooled, self.prompt_ids_2 = prompts.get("pooled"), prompts.get("ids_2")
         self.weight = cfg.tune.prior_weight_in_score if cfg.tune else 1.0
-        self.clip = None
+        self.clip = self.fidelity = None
+        if cfg.eval.fidelity == "digits":
+            from raydb.fidelity.validation import DigitsFidelity
+
+            if instance_images is None:
+                raise ValueError("eval.fidelity: the fidelity metrics need the instance images")
+            self.fidelity = DigitsFidelity(cfg, instance_images)
         if cfg.eval.clip_model:
             from raydb.train.clip_eval import load_clip
 
@@ -148,7 +157,7 @@ class Validator:
         from raydb.encode.cache import load_prompts, read_encoded
 
         images = None
-        if cfg.eval.clip_model:
+        if cfg.eval.clip_model or cfg.eval.fidelity:
             from raydb.data.ingest import load_images
 
             images = load_images(cfg.subject.instance_data, cfg.train.resolution, storage=storage,
@@ -193,4 +202,6 @@ class Validator:
 
             clip = sample_clip_metrics(self.cfg, self.comps, unet, self.instance_images, *self.clip)
             out |= {"val_clip_i": clip["clip_i"], "val_clip_t": clip["clip_t"]}
+        if self.fidelity is not None:
+            out |= self.fidelity(self.comps, unet)
         return out

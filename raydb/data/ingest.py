@@ -3,7 +3,8 @@
 Reads a local folder or an ``s3://`` prefix (or a built-in subject, ``builtin:demo`` /
 ``builtin:red-three``), applies EXIF orientation, converts to RGB, resizes the shorter side to
 ``resolution`` and center-crops. Every file is checked before anything is returned: corrupt
-files, non-images, an empty folder, or images whose shorter side is below the minimum all end in one :class:`IngestError` that lists every offending file.
+files, non-images, an empty folder, or images whose shorter side is below the minimum all end
+in one :class:`IngestError` that lists every offending file.
 
 Photos are untrusted input (a tenant's upload), so the decoder's attack surface is kept small:
 

@@ -49,7 +49,7 @@ from raydb.data.digits import (
 )
 from raydb.models.digits import DIGITS_SPEC, DigitsParts, build_untrained, save_digits_model
 
-__all__ = ["RecipeSettings", "train_digits_model", "sample_digits", "verify_provenance", "main"]
+__all__ = ["RecipeSettings", "train_digits_model", "measure", "verify_provenance", "main"]
 
 PROVENANCE = "provenance.json"
 
@@ -174,29 +174,15 @@ def train_unet(parts: DigitsParts, mean: torch.Tensor, std: torch.Tensor, labels
     return ema.eval(), history
 
 
-@torch.no_grad()
-def sample_digits(pipe: Any, prompt: str, seeds: list[int], *, steps: int = 25,
-                  guidance_scale: float = 1.0, batch: int = 50) -> torch.Tensor:
-    """Images ``[N, 3, S, S]`` in [0, 1] for ``prompt``, image i from ``Generator().manual_seed(seeds[i])``
-    (so a sample does not depend on what it was batched with)."""
-    out = []
-    for start in range(0, len(seeds), batch):
-        chunk = seeds[start:start + batch]
-        gens = [torch.Generator().manual_seed(seed) for seed in chunk]
-        images = pipe([prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance_scale,
-                      generator=gens, output_type="pt").images
-        out.append(images.float().cpu())
-    return torch.cat(out)
-
-
 def measure(pipe: Any, num: int, steps: int) -> dict[str, Any]:
     """Per-digit accuracy of ``num`` samples per digit prompt (seeds 0..num-1), read by the judge."""
     from raydb.fidelity.judge import DigitJudge
+    from raydb.fidelity.metrics import sample_images
 
     judge = DigitJudge(resolution=DIGITS_SPEC["resolution"])
     per_digit = {}
     for d in range(10):
-        images = sample_digits(pipe, digit_prompt(d), list(range(num)), steps=steps)
+        images = sample_images(pipe, digit_prompt(d), list(range(num)), steps=steps)
         per_digit[DIGIT_NAMES[d]] = float((judge.classify(images) == d).mean())
     return {"per_digit_accuracy": per_digit, "mean_accuracy": sum(per_digit.values()) / 10,
             "samples_per_digit": num, "steps": steps, "guidance_scale": 1.0,
@@ -222,8 +208,17 @@ def verify_provenance(folder: str | Path) -> dict[str, Any]:
 
 def train_digits_model(output: str | Path, s: RecipeSettings = RecipeSettings()) -> dict[str, Any]:
     """Run the three phases and write the model folder with its ``provenance.json``."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(s.threads)
     torch.use_deterministic_algorithms(True)
+    try:
+        return _train(Path(output), s)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(output: Path, s: RecipeSettings) -> dict[str, Any]:
     started = time.time()
     g = torch.Generator().manual_seed(s.seed)
     ink, labels = load_digit_ink()
@@ -251,18 +246,13 @@ def train_digits_model(output: str | Path, s: RecipeSettings = RecipeSettings())
 
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                   unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    output = Path(output)
     # the shipped weights are fp16: measure what ships
     save_digits_model(parts, output, identity="pending")
     weights = _weights_sha256(output)
     digest = hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()[:8]
     identity = f"digits-v{DIGITS_SPEC['version']}-{digest}"
     (output / "raydb_identity.json").write_text(json.dumps({"identity": identity}) + "\n")
-    shipped = StableDiffusionPipeline.from_pretrained(output, torch_dtype=torch.float32, safety_checker=None,
+    shipped = StableDiffusionPipeline.from_pretrained(output, dtype=torch.float32, safety_checker=None,
                                                       requires_safety_checker=False)
     shipped.set_progress_bar_config(disable=True)
     _log("phase 3: measuring the shipped weights")

@@ -263,14 +263,16 @@ class TuneConfig(_Strict):
     reduction_factor: float = Field(2.0, gt=1.0, description="ASHA reduction factor.")
     prior_weight_in_score: float = Field(1.0, ge=0.0, description="val_score = val_instance + w * val_prior.")
     name: str = Field("tune", description="Experiment name under the subject's tune folder.")
-    metric: Literal["val_score", "val_fidelity", "val_clip_i", "val_clip_t"] = Field(
+    metric: Literal["val_score", "val_fidelity", "val_clip_i", "val_clip_t", "val_dino"] = Field(
         "val_score", description="What ranks the trials: val_score (held-out denoising loss, lowest "
         "first) or a score of sampled images, highest first: val_fidelity (eval.fidelity), val_clip_i "
-        "/ val_clip_t (eval.clip_model).")
+        "/ val_clip_t (eval.clip_model), val_dino (eval.dino_model).")
 
 
 class EvalConfig(_Strict):
     clip_model: str | None = Field(None, description="CLIP model for CLIP-I/CLIP-T ('tiny' or a path).")
+    dino_model: str | None = Field(None, description="DINO (ViT) model for the DINO subject-fidelity "
+                                   "score ('tiny' or a path / hub id, e.g. facebook/dino-vits16).")
     fidelity: Literal["digits"] | None = Field(
         None, description="Judge sampled images for val_fidelity (subject fidelity, drift, class "
         "accuracy): 'digits' reads them with the digit classifier and the subject's colour-trait "
@@ -475,6 +477,8 @@ class RaydbConfig(_Strict):
             raise ValueError("tune.metric: val_fidelity needs eval.fidelity (e.g. 'digits')")
         if metric in ("val_clip_i", "val_clip_t") and not self.eval.clip_model:
             raise ValueError(f"tune.metric: {metric} needs eval.clip_model")
+        if metric == "val_dino" and not self.eval.dino_model:
+            raise ValueError("tune.metric: val_dino needs eval.dino_model")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from raydb.tune.stage import metric_mode
 
 def test_val_score_is_minimised_and_the_sampled_scores_maximised():
     assert metric_mode("val_score") == "min"
-    assert [metric_mode(m) for m in ("val_fidelity", "val_clip_i", "val_clip_t")] == ["max"] * 3
+    assert [metric_mode(m) for m in ("val_fidelity", "val_clip_i", "val_clip_t", "val_dino")] == ["max"] * 4
 
 
 def test_a_metric_needs_its_judge(tmp_path):
@@ -50,3 +50,8 @@ def test_results_table_keeps_its_columns_and_adds_the_reported_scores(tmp_path):
     write_csv(Storage(), uri, [{k: v for k, v in r.items() if k not in ("val_fidelity", "val_drift")}
                                for r in rows])
     assert open(uri).readline().strip().split(",") == RESULT_COLUMNS
+
+
+def test_dino_metric_needs_a_dino_model(tmp_path):
+    with pytest.raises(ConfigError, match="tune.metric: val_dino needs eval.dino_model"):
+        load_config(data={"workspace": str(tmp_path), "tune": {"metric": "val_dino"}})

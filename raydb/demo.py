@@ -1,6 +1,6 @@
 """``make demo``: the whole pipeline on a local Ray cluster, then one authenticated HTTP request.
 
-tiny model -> built-in demo subject -> ``run_pipeline`` (prior images, encode, training — or a short
+digits model -> built-in subject -> ``run_pipeline`` (prior images, encode, training — or a short
 search when the config has ``tune:`` — registration, the Serve app) -> ``POST /v1/generate`` with a
 fresh random API key -> the PNG on disk -> Serve shut down. A second ``make demo`` skips every
 stage whose inputs are unchanged (see :mod:`raydb.pipeline`).
@@ -88,8 +88,10 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
     try:
         summary = run_pipeline(cfg, storage, deploy=True)
         url = summary["url"]
-        body = {"subject_id": cfg.subject.id, "prompt": f"{cfg.subject.instance_prompt} on a beach",
-                "seed": 0, "num_inference_steps": 10, "width": cfg.train.resolution,
+        # the subject as it was trained: its instance prompt, DDIM's 25 steps, no guidance (the way
+        # bench/fidelity.py samples, so the demo's picture is one of the figures' kind)
+        body = {"subject_id": cfg.subject.id, "prompt": cfg.subject.instance_prompt, "seed": 0,
+                "num_inference_steps": 25, "guidance_scale": 1.0, "width": cfg.train.resolution,
                 "height": cfg.train.resolution}
         denied, _ = generate_png(url, None, body)
         t = time.perf_counter()

@@ -127,7 +127,7 @@ def picture_grid(result: dict, arms, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raydb.fidelity.experiment import DEFAULT_ARMS, run_fidelity
+    from raydb.fidelity.experiment import ARMS, DEFAULT_ARMS, run_fidelity
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run)")
@@ -136,10 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, help="samples per prompt (default 50; quick 20)")
     ap.add_argument("--other-samples", type=int,
                     help="samples per other digit's prompt (default 20; quick 8)")
+    ap.add_argument("--arms", default=",".join(a.name for a in DEFAULT_ARMS),
+                    help=f"comma-separated arms to train, of {', '.join(ARMS)} (default: %(default)s)")
     ap.add_argument("--workspace", help="workspace to keep (default: a temporary one)")
     ap.add_argument("--grid", help="write the picture grid (PNG) here")
     ap.add_argument("--json", help="also write the JSON line here")
     args = ap.parse_args(argv)
+    unknown = [name for name in args.arms.split(",") if name not in ARMS]
+    if unknown:
+        ap.error(f"--arms: unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
+    arms = tuple(ARMS[name] for name in args.arms.split(","))
     quick = QUICK if args.quick else {"steps": 1000, "learning_rate": 2e-3, "samples": 50,
                                       "other_samples": 20, "num_class_images": 100}
     steps = args.steps or quick["steps"]
@@ -148,13 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = bench_config(args.workspace or tmp, steps=steps, learning_rate=lr,
                            num_class_images=quick["num_class_images"])
-        result = run_fidelity(cfg, DEFAULT_ARMS, samples=args.samples or quick["samples"],
+        result = run_fidelity(cfg, arms, samples=args.samples or quick["samples"],
                               other_samples=args.other_samples or quick["other_samples"],
                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print_table(result, DEFAULT_ARMS)
+    print_table(result, arms)
     if args.grid:
-        picture_grid(result, DEFAULT_ARMS, args.grid)
-    line = json_line(result, DEFAULT_ARMS, time.perf_counter() - start, args.quick)
+        picture_grid(result, arms, args.grid)
+    line = json_line(result, arms, time.perf_counter() - start, args.quick)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(line, fh, indent=2)

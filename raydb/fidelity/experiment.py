@@ -28,7 +28,7 @@ from raydb.data.digits import digit_prompt
 from raydb.fidelity.metrics import fidelity_figures, fidelity_score, sample_images, subject_digit
 from raydb.storage import Storage
 
-__all__ = ["Arm", "DEFAULT_ARMS", "run_fidelity"]
+__all__ = ["Arm", "ARMS", "DEFAULT_ARMS", "run_fidelity"]
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,12 @@ class Arm:
     label: str = ""
 
 
-DEFAULT_ARMS = (
+# Every arm the bench knows, by name (``bench/fidelity.py --arms l0,l1``); add one to compare more.
+ARMS = {arm.name: arm for arm in (
     Arm("l0", ("train.prior_loss_weight=0.0",), "λ = 0 (no prior preservation)"),
     Arm("l1", ("train.prior_loss_weight=1.0",), "λ = 1 (prior preservation)"),
-)
+)}
+DEFAULT_ARMS = (ARMS["l0"], ARMS["l1"])
 
 
 @dataclass

@@ -295,14 +295,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raydb.models.digits_recipe",
                                      description="Train the digits base model (see the module docstring).")
     parser.add_argument("--output", required=True, help="model folder to write")
+    parser.add_argument("--compare", help="a model folder (e.g. the shipped raydb/models/weights/digits) "
+                        "whose weights the new ones must equal byte for byte (exit 1 if not)")
     for name, default in asdict(RecipeSettings()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     args = vars(parser.parse_args(argv))
-    output = args.pop("output")
+    output, compare = args.pop("output"), args.pop("compare")
     if Path(output).exists() and any(Path(output).iterdir()):
         print(f"--output: {output} is not empty; remove it first", file=sys.stderr)
         return 2
-    train_digits_model(output, RecipeSettings(**args))
+    if compare and not (Path(compare) / PROVENANCE).is_file():
+        print(f"--compare: {compare} has no {PROVENANCE}", file=sys.stderr)
+        return 2
+    provenance = train_digits_model(output, RecipeSettings(**args))
+    if compare:
+        expected = json.loads((Path(compare) / PROVENANCE).read_text())["weights_sha256"]
+        same = provenance["weights_sha256"] == expected
+        print(f"weights {'equal' if same else 'DIFFER from'} those in {compare}: "
+              + json.dumps({k: v[:12] for k, v in provenance["weights_sha256"].items()}))
+        return 0 if same else 1
     return 0
 
 

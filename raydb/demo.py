@@ -62,6 +62,16 @@ def _copy_out(storage: Storage, uri: str | None, dest: Path) -> str | None:
     return str(dest)
 
 
+def _enlarged_copy(png: Path, dest: Path, min_side: int = 256) -> None:
+    """A small image (the digits model draws 32 px) also saved enlarged, pixels kept sharp, to look at."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        factor = -(-min_side // min(image.size))
+        if factor > 1:
+            image.resize((image.width * factor, image.height * factor), Image.NEAREST).save(dest)
+
+
 def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
     """Run the pipeline with a Serve deployment, make one authenticated request, shut Serve down."""
     import ray
@@ -100,6 +110,7 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
         if status != 200 or not png.startswith(b"\x89PNG"):
             raise RuntimeError(f"POST {url} answered {status}: {png[:300]!r}")
         (out / "generated.png").write_bytes(png)
+        _enlarged_copy(out / "generated.png", out / "generated_large.png")
         print(f"POST {url} without a key: {denied}; with the demo key: {status}, "
               f"{len(png)} bytes of PNG in {request_s:.1f}s -> {out / 'generated.png'}")
     finally:
@@ -112,6 +123,7 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
     run_dir = learned.get("run_dir")
     artifacts = {
         "generated_png": str(out / "generated.png"),
+        "generated_large": str(large) if (large := out / "generated_large.png").exists() else None,
         "samples": _copy_out(storage, run_dir and join(run_dir, "samples.png"), out / "samples.png"),
         "loss_curve": _copy_out(storage, run_dir and join(run_dir, "loss_curve.png"), out / "loss_curve.png"),
         "tune_results": stages.get("tune", {}).get("results_csv"),

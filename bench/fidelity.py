@@ -103,7 +103,7 @@ def picture_grid(result: dict, arms, path: str) -> None:
     names = ["base"] + [a.name for a in arms]
     labels = ["base model"] + [a.label or a.name for a in arms]
     settings = result["settings"]
-    fig, axes = plt.subplots(len(names), 2, figsize=(12, 1.9 * len(names)), dpi=100)
+    fig, axes = plt.subplots(len(names), 2, figsize=(13, 1.15 * len(names) + 0.8), dpi=100, squeeze=False)
     for r, (name, label) in enumerate(zip(names, labels, strict=True)):
         for c, kind in enumerate(("class", "instance")):
             images = result["pictures"][name][kind]  # [k, 3, S, S]

@@ -121,13 +121,13 @@ def run_fidelity(
     sampler = _Sampler(pipe, cfg.subject.instance_prompt, cfg.subject.class_prompt, digit,
                        list(range(samples)), list(range(other_samples)), sample_steps, keep_pictures)
 
-    def score(name: str) -> dict[str, Any]:
+    def score(name: str, text_encoder: torch.nn.Module | None = None) -> dict[str, Any]:
         t = time.perf_counter()
         images = sampler()
         figures = fidelity_figures(judge, trait, digit, instance=images["instance"],
                                    class_samples=images["class"], others=images["others"])
         figures["fidelity_score"] = fidelity_score(figures)
-        figures |= validator(pipe.unet)
+        figures |= validator(pipe.unet, text_encoder)  # with its text-encoder LoRA, if it trains one
         out["pictures"][name] = {k: images[k][:keep_pictures] for k in ("class", "instance")}
         log(f"{name}: scored in {time.perf_counter() - t:.0f}s: "
             + ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if not k.endswith("_se")))
@@ -143,7 +143,8 @@ def run_fidelity(
             f"({result['adapter_uri']})")
         pipe.load_lora_weights(result["adapter_uri"])
         try:
-            out[arm.name] = score(arm.name) | {"train_seconds": round(time.perf_counter() - t, 1)}
+            encoder = pipe.text_encoder if arm_cfg.lora.train_text_encoder else None
+            out[arm.name] = score(arm.name, encoder) | {"train_seconds": round(time.perf_counter() - t, 1)}
         finally:
             pipe.unload_lora_weights()
     base = out["base"]

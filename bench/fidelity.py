@@ -1,6 +1,6 @@
 """Does DreamBooth learn the subject, and does prior preservation keep the class? Measured.
 
-Usage: python bench/fidelity.py [--quick] [--samples 50] [--steps 1000] [--grid docs/fidelity.png]
+Usage: python bench/fidelity.py [--quick] [--samples 50] [--steps 2000] [--grid docs/fidelity.png]
                                 [--workspace DIR] [--json out.json]
 
 The ``digits`` base model (trained on real handwritten digits) learns the built-in subject
@@ -35,7 +35,7 @@ SETTINGS = {
     "prior": {"num_class_images": 100, "num_holdout": 20, "sample_batch_size": 20,
               "num_inference_steps": 25, "guidance_scale": 1.0, "seed": 0},
     "lora": {"rank": 8},
-    "train": {"resolution": 32, "batch_size": 5, "max_steps": 1000, "learning_rate": 2e-3,
+    "train": {"resolution": 32, "batch_size": 5, "max_steps": 2000, "learning_rate": 1e-3,
               "lr_scheduler": "constant", "checkpoint_every": 10_000, "num_sample_images": 0,
               "mixed_precision": "no", "seed": 0},
 }
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run)")
-    ap.add_argument("--steps", type=int, help="training steps per arm (default 1000; quick 300)")
-    ap.add_argument("--lr", type=float, help="learning rate (default 2e-3; quick 4e-3)")
+    ap.add_argument("--steps", type=int, help="training steps per arm (default 2000; quick 300)")
+    ap.add_argument("--lr", type=float, help="learning rate (default 1e-3; quick 4e-3)")
     ap.add_argument("--samples", type=int, help="samples per prompt (default 50; quick 20)")
     ap.add_argument("--other-samples", type=int,
                     help="samples per other digit's prompt (default 20; quick 8)")
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"--arms: unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
     arms = tuple(ARMS[name] for name in args.arms.split(","))
-    quick = QUICK if args.quick else {"steps": 1000, "learning_rate": 2e-3, "samples": 50,
+    quick = QUICK if args.quick else {"steps": 2000, "learning_rate": 1e-3, "samples": 50,
                                       "other_samples": 20, "num_class_images": 100}
     steps = args.steps or quick["steps"]
     lr = args.lr or quick["learning_rate"]

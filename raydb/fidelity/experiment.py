@@ -50,6 +50,9 @@ class Arm:
 ARMS = {arm.name: arm for arm in (
     Arm("l0", ("train.prior_loss_weight=0.0",), "λ = 0 (no prior preservation)"),
     Arm("l1", ("train.prior_loss_weight=1.0",), "λ = 1 (prior preservation)"),
+    # attempts to keep the class (and the other classes) better; see the README's finding
+    Arm("l2_c300", ("train.prior_loss_weight=2.0", "prior.num_class_images=300"), "λ = 2, 300 class images"),
+    Arm("l1_te", ("train.prior_loss_weight=1.0", "lora.train_text_encoder=true"), "λ = 1, text-encoder LoRA"),
 )}
 DEFAULT_ARMS = (ARMS["l0"], ARMS["l1"])
 

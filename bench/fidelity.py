@@ -43,7 +43,8 @@ QUICK = {"steps": 300, "learning_rate": 4e-3, "samples": 20, "other_samples": 8,
 
 # Figures of each arm in the JSON line, as <figure>_<arm> (and <figure>_<arm>_se where there is one).
 ARM_FIGURES = ("subject_fidelity", "drift", "class_accuracy", "diversity_ratio", "other_class_accuracy",
-               "other_class_trait", "fidelity_score", "val_instance", "val_prior", "val_score")
+               "other_class_trait", "fidelity_score", "val_instance", "val_prior", "val_score",
+               "train_seconds")  # train_seconds: ~0 when the workspace already held the finished run
 
 
 def bench_config(workspace: str, *, steps: int, learning_rate: float, num_class_images: int):
@@ -93,7 +94,8 @@ def print_table(result: dict, arms) -> None:
 
 
 def picture_grid(result: dict, arms, path: str) -> None:
-    """Rows: base, each arm; columns: class-prompt samples | instance-prompt samples (same seeds)."""
+    """Rows: base, each arm; columns: class-prompt samples | instance-prompt samples (same seeds) |
+    the other digits' prompts (seed 0 each)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,9 +105,13 @@ def picture_grid(result: dict, arms, path: str) -> None:
     names = ["base"] + [a.name for a in arms]
     labels = ["base model"] + [a.label or a.name for a in arms]
     settings = result["settings"]
-    fig, axes = plt.subplots(len(names), 2, figsize=(13, 1.15 * len(names) + 0.8), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(len(names), 3, figsize=(19, 1.15 * len(names) + 0.8), dpi=100, squeeze=False,
+                             gridspec_kw={"width_ratios": [8, 8, 9]})
+    others = [d for d in range(10) if d != settings["digit"]]
+    titles = {"class": f'"{settings["class_prompt"]}"', "instance": f'"{settings["instance_prompt"]}"',
+              "others": f"the other digits' prompts ({', '.join(map(str, others))})"}
     for r, (name, label) in enumerate(zip(names, labels, strict=True)):
-        for c, kind in enumerate(("class", "instance")):
+        for c, kind in enumerate(("class", "instance", "others")):
             images = result["pictures"][name][kind]  # [k, 3, S, S]
             strip = torch.cat(list(images), dim=2).permute(1, 2, 0).numpy()
             ax = axes[r, c]
@@ -115,10 +121,10 @@ def picture_grid(result: dict, arms, path: str) -> None:
             if c == 0:
                 ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
             if r == 0:
-                prompt = settings["class_prompt"] if kind == "class" else settings["instance_prompt"]
-                ax.set_title(f'"{prompt}"', fontsize=10)
+                ax.set_title(titles[kind], fontsize=10)
+    keep = result["pictures"]["base"]["class"].shape[0]
     fig.suptitle(f"digits model + LoRA on builtin:red-three, {settings['steps']} steps, lr "
-                 f"{settings['learning_rate']:g}; seeds 0-{images.shape[0] - 1}, DDIM "
+                 f"{settings['learning_rate']:g}; seeds 0-{keep - 1}, DDIM "
                  f"{settings['sample_steps']} steps, no guidance", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)

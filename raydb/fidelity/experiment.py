@@ -93,8 +93,9 @@ def run_fidelity(
     """Train every arm, score the base model and each adapter; see the module docstring.
 
     Returns ``{"base": figures, "<arm name>": figures | validation, "settings": ..., "pictures":
-    {"base"|arm: {"class"|"instance": [keep, 3, S, S]}}, "tune_pick": arm name, "fidelity_pick":
-    arm name}``. ``tune_pick`` is the arm with the lowest ``val_score``, ``fidelity_pick`` the one
+    {"base"|arm: {"class"|"instance": [keep, 3, S, S], "others": [9, 3, S, S] (seed 0 of each other
+    digit's prompt)}}, "tune_pick": arm name, "fidelity_pick": arm name}``. ``tune_pick`` is the
+    arm with the lowest ``val_score``, ``fidelity_pick`` the one
     with the highest :func:`~raydb.fidelity.metrics.fidelity_score`.
     """
     from raydb.data.ingest import load_images
@@ -132,6 +133,7 @@ def run_fidelity(
         figures["fidelity_score"] = fidelity_score(figures)
         figures |= validator(pipe.unet, text_encoder)  # with its text-encoder LoRA, if it trains one
         out["pictures"][name] = {k: images[k][:keep_pictures] for k in ("class", "instance")}
+        out["pictures"][name]["others"] = torch.stack([x[0] for _, x in sorted(images["others"].items())])
         log(f"{name}: scored in {time.perf_counter() - t:.0f}s: "
             + ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if not k.endswith("_se")))
         return figures

@@ -1,7 +1,7 @@
 """Does DreamBooth learn the subject, and does prior preservation keep the class? Measured.
 
-Usage: python bench/fidelity.py [--quick] [--samples 50] [--steps 2000] [--grid docs/fidelity.png]
-                                [--workspace DIR] [--json out.json]
+Usage: python -m bench.fidelity [--quick] [--samples 50] [--steps 2000] [--grid docs/fidelity.png]
+                                [--arms l0,l1] [--workspace DIR] [--json out.json]
 
 The ``digits`` base model (trained on real handwritten digits) learns the built-in subject
 ``builtin:red-three`` (five real threes in red ink on yellow — a colouring the base never drew) with
@@ -167,9 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid:
         picture_grid(result, arms, args.grid)
     line = json_line(result, arms, time.perf_counter() - start, args.quick)
-    if args.json:
+    if args.json:  # the line with the harness's date and environment, as every bench's JSON
+        import datetime as dt
+
+        import torch
+
+        from bench.harness import environment
+
+        record = {"schema": 1, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "env": environment(torch.device("cpu")), "settings": result["settings"]} | line
         with open(args.json, "w") as fh:
-            json.dump(line, fh, indent=2)
+            json.dump(record, fh, indent=2)
     print(json.dumps(line))
     return 0
 

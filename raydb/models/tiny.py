@@ -70,7 +70,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
-def _vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _vocab_and_merges(words: list[str] | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    words = TINY_SPEC["words"] if words is None else words
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet]
     merges: list[tuple[str, str]] = []
@@ -96,7 +97,7 @@ def build_tiny_tokenizer(model_max_length: int = 77, pad_token: str = "<|endofte
     """
     from transformers import CLIPTokenizer
 
-    vocab, merges = _vocab_and_merges(TINY_SPEC["words"] if words is None else words)
+    vocab, merges = _vocab_and_merges(words)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length,
                          pad_token=pad_token)
 

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from raydb.config.base import Section
 from raydb.config.stages import TuneConfig
+from raydb.storage import s3_segments
 
 __all__ = ["ServeConfig", "ServiceConfig"]
 
@@ -158,13 +159,11 @@ class ServiceConfig(Section):
     def _photo_uri_prefixes(cls, value: list[str]) -> list[str]:
         """Each a plain s3:// folder once '{tenant}' is filled in (the rule photo URIs are held to)."""
         for prefix in value:
-            from raydb.service.photo_uris import split_uri
-
             probe = prefix.replace("{tenant}", "t")
             if "{" in probe or "}" in probe:
                 raise ValueError(f"{prefix!r}: '{{tenant}}' is the only placeholder")
             try:
-                split_uri(probe)
+                s3_segments(probe)
             except ValueError as exc:
                 raise ValueError(f"{prefix!r}: {exc}") from None
         return value

@@ -264,6 +264,20 @@ def test_photos_named_by_s3_uri_are_copied_under_the_tenant(service, s3_bucket):
     assert len(images) == 1 and images[0].size == (64, 64)
 
 
+def test_a_photo_uri_with_question_mark_or_hash_is_read_as_it_was_checked(service, s3_bucket):
+    """'?' and '#' are key characters when the URI is checked and when it is read: ``t1/a?b.png`` is
+    that object, not ``t1/a`` (which a URL parser would read)."""
+    cfg, jobs, c, s3, bucket = _uri_service(service, s3_bucket, ["BUCKET/{tenant}/"])
+    photos = _photos()
+    s3.write_bytes(f"{bucket}/t1/a", photos[0][1])
+    s3.write_bytes(f"{bucket}/t1/a?b.png", photos[1][1])
+    s3.write_bytes(f"{bucket}/t1/c#d.png", photos[2][1])
+    resp = _post(c, photos=[], photo_uris=json.dumps([f"{bucket}/t1/a?b.png", f"{bucket}/t1/c#d.png"]))
+    assert resp.status_code == 202, resp.text
+    folder = Path(TrainingStore(Storage(), cfg.workspace).photos_uri("t1", resp.json()["id"]))
+    assert sorted(p.read_bytes() for p in folder.iterdir()) == sorted([photos[1][1], photos[2][1]])
+
+
 def test_photo_uris_outside_the_tenants_prefixes_or_unreadable_are_refused(service, s3_bucket):
     cfg, jobs, c, s3, bucket = _uri_service(service, s3_bucket,
                                             ["BUCKET/{tenant}/", "s3://raydb-no-such-bucket/{tenant}/"])

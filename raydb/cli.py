@@ -111,9 +111,9 @@ def _cmd_export(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
 
 
 def _cmd_batch(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
-    """Train every subject of a manifest (raydb.service.batch); exit 1 when any subject failed."""
+    """Train every subject of a manifest (raydb.batch); exit 1 when any subject failed."""
+    from raydb.batch import load_manifest, run_batch
     from raydb.config import ConfigError
-    from raydb.service.batch import load_manifest, run_batch
 
     try:
         subjects = load_manifest(args.manifest, cfg)

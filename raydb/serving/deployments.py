@@ -40,9 +40,10 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from raydb.config import RaydbConfig
+from raydb.errors import RequestError
 from raydb.registry import migrate_registry, version_uri
 from raydb.serving.adapters import AdapterError, AdapterGone, GenerationCancelled, LoadedAdapter
-from raydb.serving.api import GenerateRequest, RequestError, validate_generate, validation_detail
+from raydb.serving.api import GenerateRequest, validate_generate, validation_detail
 from raydb.serving.auth import KeyRing, key_from_headers
 from raydb.serving.batcher import ShapeBatcher
 from raydb.serving.engine import (
@@ -67,8 +68,8 @@ from raydb.serving.subjects import (
     parse_model_id,
     tenant_subjects,
 )
-from raydb.serving.trainings import TrainingsEndpoint
-from raydb.serving.trainings import router as trainings_router
+from raydb.serving.training_routes import TrainingsEndpoint
+from raydb.serving.training_routes import router as trainings_router
 from raydb.storage import Storage
 
 __all__ = ["DiffusionDeployment", "IngressDeployment", "http_app"]

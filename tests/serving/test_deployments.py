@@ -30,7 +30,8 @@ import yaml
 from PIL import Image
 
 from raydb.config import ServeConfig, load_config
-from raydb.serving.api import GenerateRequest, RequestError, final_prompt, validate_generate
+from raydb.errors import RequestError
+from raydb.serving.api import GenerateRequest, final_prompt, validate_generate
 from raydb.serving.auth import KeyRing, hash_key, key_from_headers, parse_env_keys
 
 REPO = Path(__file__).resolve().parents[2]

@@ -52,9 +52,9 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
 
     from raydb.config import RaydbConfig
     from raydb.data.demo import demo_images
-    from raydb.service.runner import run_training
-    from raydb.service.trainings import TrainingService
     from raydb.storage import join
+    from raydb.trainings.job import run_training
+    from raydb.trainings.service import TrainingService
     from raydb.tune import tune_uri
 
     # 4 class images to train on, the other 4 of the folder held out for val_prior

@@ -1,4 +1,4 @@
-"""``/v1/trainings`` on the ingress: HTTP in, :class:`raydb.service.trainings.TrainingService` calls out.
+"""``/v1/trainings`` on the ingress: HTTP in, :class:`raydb.trainings.service.TrainingService` calls out.
 
 ``router`` is included in the ingress's FastAPI app; the ingress replica builds one
 :class:`TrainingsEndpoint` (its config, storage and tenant check) as its ``trainings`` attribute,
@@ -19,11 +19,10 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from starlette.datastructures import UploadFile
 
 from raydb.config import RaydbConfig
-from raydb.service.errors import Forbidden, TooLarge
-from raydb.service.queue import Jobs
-from raydb.service.trainings import Refused, TrainingService
-from raydb.serving.api import RequestError
+from raydb.errors import Forbidden, RequestError, TooLarge
 from raydb.storage import Storage
+from raydb.trainings.queue import Jobs
+from raydb.trainings.service import Refused, TrainingService
 
 __all__ = ["router", "TrainingsEndpoint"]
 
@@ -38,7 +37,7 @@ class _LazyJobs:
 
     def _get(self):
         if self._jobs is None:
-            from raydb.service.queue import RayJobs
+            from raydb.trainings.queue import RayJobs
 
             self._jobs = RayJobs(self.address)
         return self._jobs

@@ -102,4 +102,4 @@ def test_upload_train_as_a_ray_job_then_generate_without_redeploy(tmp_path):
         while (job := job_info(cluster.dashboard, view["job_id"], cluster.token)).get("status") == "RUNNING":
             assert time.monotonic() < deadline, job
             time.sleep(1)
-        assert job["status"] == "SUCCEEDED" and "raydb.service.runner" in job["entrypoint"]
+        assert job["status"] == "SUCCEEDED" and "raydb.trainings.job" in job["entrypoint"]

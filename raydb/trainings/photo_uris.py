@@ -28,8 +28,7 @@ from __future__ import annotations
 import json
 
 from raydb.config import ServiceConfig
-from raydb.service.errors import Forbidden, TooLarge
-from raydb.serving.api import RequestError
+from raydb.errors import Forbidden, RequestError, TooLarge
 from raydb.storage import NotFound, Storage, StorageError, s3_segments
 
 __all__ = ["FIELD", "parse_photo_uris", "check_allowed", "read_photo_uris"]

@@ -1,4 +1,4 @@
-"""A training's Ray job: ``python -m raydb.service.runner --workspace W --tenant T --training ID``.
+"""A training's Ray job: ``python -m raydb.trainings.job --workspace W --tenant T --training ID``.
 
 Runs the pipeline's stages for the training's stored config — priors, encode, train (or tune) —
 recording the current stage in ``status.json`` as each starts (the training loop itself writes step,
@@ -16,9 +16,9 @@ import sys
 from typing import Any
 
 from raydb.config import RaydbConfig
-from raydb.service import error_line
-from raydb.service.store import TrainingStore
+from raydb.errors import error_line
 from raydb.storage import Storage
+from raydb.trainings.store import TrainingStore
 
 __all__ = ["run_training", "main"]
 
@@ -65,7 +65,7 @@ def run_training(store: TrainingStore, tenant: str, training_id: str, *, local: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raydb.service.runner",
+    parser = argparse.ArgumentParser(prog="python -m raydb.trainings.job",
                                      description="Run one stored training (a Ray job's entrypoint).")
     parser.add_argument("--workspace", required=True)
     parser.add_argument("--tenant", required=True)

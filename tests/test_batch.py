@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raydb.batch import load_manifest, run_batch
 from raydb.cli import main
 from raydb.data.demo import demo_images
 from raydb.registry import latest_version
-from raydb.service.batch import load_manifest, run_batch
 from raydb.storage import Storage
 
 SUBJECTS = [("rex", "sks", "toy"), ("fido", "zwx", "toy"), ("kit", "qpv", "cat"), ("bad", "vfx", "toy")]

@@ -1,7 +1,7 @@
 """The training service's operations, as the HTTP layer calls them (no HTTP, no Ray here).
 
 :class:`TrainingService` submits (checks, limits, idempotency, records), answers status and lists,
-cancels, and runs queue passes; the ingress's routes (:mod:`raydb.serving.trainings`) only parse the
+cancels, and runs queue passes; the ingress's routes (:mod:`raydb.serving.training_routes`) only parse the
 request and turn :class:`Refused` into a status code. Tenants only ever reach their own folder, so
 another tenant's training id is simply not found (404), like a missing one.
 """
@@ -13,10 +13,10 @@ import time
 from typing import Any
 
 from raydb.config import RaydbConfig
-from raydb.service.queue import Jobs, queue_counts, reconcile
-from raydb.service.store import TERMINAL, TrainingStore, new_training_id
-from raydb.service.submission import validate_submission
 from raydb.storage import Storage
+from raydb.trainings.queue import Jobs, queue_counts, reconcile
+from raydb.trainings.store import TERMINAL, TrainingStore, new_training_id
+from raydb.trainings.validate import validate_submission
 
 __all__ = ["Refused", "TrainingService", "training_view"]
 
@@ -173,7 +173,7 @@ class TrainingService:
 
     # -- the queue ---------------------------------------------------------------------------------
     def pass_queue(self, *, if_older_than_s: float = 0.0) -> list[str]:
-        """One :func:`raydb.service.queue.reconcile` pass (skipped while another runs here, or when
+        """One :func:`raydb.trainings.queue.reconcile` pass (skipped while another runs here, or when
         the last one ended less than ``if_older_than_s`` ago: polling clients share passes)."""
         if time.monotonic() - self._last_pass < if_older_than_s or not self._lock.acquire(blocking=False):
             return []

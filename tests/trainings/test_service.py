@@ -1,6 +1,6 @@
 """Training as a service, fast tier: the ``/v1/trainings`` routes on a plain FastAPI app (no Ray),
 Ray's Jobs API replaced by a fake, and the job's entrypoint (``run_training``) called in-process
-without Ray, as the job would run it. tests/service/test_trainings_ray.py runs the real thing once.
+without Ray, as the job would run it. tests/trainings/test_job.py runs the real thing once.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from PIL import Image
 from raydb.data.demo import demo_images
 from raydb.data.ingest import load_images
 from raydb.registry import list_subjects
-from raydb.service.runner import run_training
-from raydb.service.store import TrainingStore
-from raydb.serving.trainings import TrainingsEndpoint, router
+from raydb.serving.training_routes import TrainingsEndpoint, router
 from raydb.storage import Storage
+from raydb.trainings.job import run_training
+from raydb.trainings.store import TrainingStore
 
 KEYS = {"key-one": "t1", "key-two": "t2"}
 FIELDS = {"subject_id": "rex", "instance_prompt": "a photo of sks toy", "class_prompt": "a photo of a toy"}
@@ -37,7 +37,7 @@ class FakeJobs:
         self.refuse = False  # as when the job agent is not up yet
 
     def submit(self, submission_id: str, entrypoint: str) -> None:
-        assert "-m raydb.service.runner" in entrypoint
+        assert "-m raydb.trainings.job" in entrypoint
         if self.refuse:
             raise RuntimeError("Request failed with status code 500: No available agent to submit job")
         self.submitted.append(submission_id)

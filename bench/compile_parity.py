@@ -3,7 +3,7 @@
 Builds the trainer's state twice from the same init (``build_train_state`` with the config's
 ``train.compile`` off, then on), runs ``forward_loss`` + ``backward`` on the same micro-batch and
 compares every LoRA gradient. A speed option may change the last bits, never the gradient; this
-is how the CPU inductor problem with ``compile=full`` was found (see raydb/train/speed.py).
+is how the CPU inductor problem with ``compile=full`` was found (see raydb/train/device_options.py).
 
     .venv/bin/python bench/compile_parity.py --compile full --backend aot_eager     # seconds
     .venv/bin/python bench/compile_parity.py --compile blocks --backend inductor    # minutes on CPU
@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from raydb.config import load_config  # noqa: E402
 from raydb.models.components import load_components  # noqa: E402
 from raydb.storage import Storage  # noqa: E402
-from raydb.train import speed  # noqa: E402
+from raydb.train import device_options as speed  # noqa: E402
 from raydb.train.data import step_micro_batches  # noqa: E402
 from raydb.train.local import prepare_training_data  # noqa: E402
 from raydb.train.step import build_train_state, forward_loss  # noqa: E402

@@ -27,9 +27,9 @@ import torch
 
 from raydb.config import RaydbConfig
 from raydb.train.data import TrainingData, step_micro_batches
+from raydb.train.device_options import resolve_mixed_precision
 from raydb.train.graphs import GraphStep
 from raydb.train.prefetch import BatchPrefetcher
-from raydb.train.speed import resolve_mixed_precision
 from raydb.train.step import build_train_state, optimizer_step
 
 __all__ = ["ENGINES", "EngineTrainer", "busy_fraction", "profile_busy", "measure_engine",

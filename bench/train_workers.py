@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
+    from raydb.cluster import init_ray
     from raydb.config import load_config
-    from raydb.ray_utils import init_ray
     from raydb.train.stage import train_distributed
 
     ap = argparse.ArgumentParser(description=__doc__)

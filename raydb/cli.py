@@ -74,7 +74,7 @@ def _run_verb(name: str, cfg: RaydbConfig, args: argparse.Namespace) -> dict[str
         options["deploy"] = True
     joined = cluster_is_joined(cfg)  # asked before Ray starts: a local start sets RAY_ADDRESS
     if not options.get("local"):
-        from raydb.ray_utils import init_ray
+        from raydb.cluster import init_ray
 
         init_ray(cfg)
     result = run_pipeline(cfg, stages=stages, **options)
@@ -120,7 +120,7 @@ def _cmd_batch(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
     if not args.local:
-        from raydb.ray_utils import init_ray
+        from raydb.cluster import init_ray
 
         init_ray(cfg)
     result = run_batch(subjects, local=args.local, max_concurrent=args.max_concurrent)

@@ -3,7 +3,7 @@
 ``run_pipeline`` calls each stage's own raydb function in order; every CLI verb that runs a stage
 (``raydb prior``, ``encode``, ``train``, ``tune``, ``pipeline``) goes through it, so manifests and
 skipping behave the same whichever verb ran a stage. It needs a running Ray cluster unless
-``local`` (``raydb.ray_utils.init_ray``, called by the entry points). Before a stage runs it hashes the
+``local`` (``raydb.cluster.init_ray``, called by the entry points). Before a stage runs it hashes the
 config fields the stage depends on (its *inputs*, which include its upstream stages' inputs, since
 their outputs are a function of them) and reads ``<workspace>/pipeline/<subject>/<stage>.json``.
 When that manifest records the same hash and the outputs it lists still exist, the stage is skipped

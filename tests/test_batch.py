@@ -15,7 +15,7 @@ import yaml
 
 from raydb.batch import load_manifest, run_batch
 from raydb.cli import main
-from raydb.data.demo import demo_images
+from raydb.data.demo_subject import demo_images
 from raydb.registry import latest_version
 from raydb.storage import Storage
 

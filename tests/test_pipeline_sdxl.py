@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -19,18 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
+from raydb.cluster import free_port
 from raydb.config import load_config
 from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS
 from raydb.serving.adapters import AdapterMismatch, read_adapter
 from raydb.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sample(pipe) -> np.ndarray:
@@ -47,7 +41,7 @@ def test_sdxl_demo_pipeline_end_to_end(ray_cluster, tmp_path):
 
     from raydb.pipeline import run_pipeline
 
-    port = _free_port()
+    port = free_port()
     cfg = load_config(REPO / "jobs" / "configs" / "sdxl-demo.yaml",
                       [f"workspace={tmp_path / 'ws'}", f"serve.port={port}", "train.max_steps=3"])
     try:

@@ -5,7 +5,7 @@ ingestion, then ``run_encode_stage``, which finds an identical encoding (same ke
 :mod:`raydb.encode.cache`) or maps the images and the two prompts through ``ImageEncoder`` actors
 and writes the cache. ``read_class_dataset`` hands the encoded class rows to Ray Train.
 
-Needs a running Ray cluster (``raydb.ray_utils.init_ray``, called by the entry points).
+Needs a running Ray cluster (``raydb.cluster.init_ray``, called by the entry points).
 """
 
 from __future__ import annotations

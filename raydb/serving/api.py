@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raydb.config import ServeConfig
 from raydb.errors import RequestError
-from raydb.instance_token import ensure_token
+from raydb.prompts import ensure_token
 
 __all__ = [
     "MAX_TEXT_CHARS",

@@ -33,6 +33,7 @@ from raydb.models.sdxl import time_ids_for
 from raydb.registry import claim_subject
 from raydb.storage import Storage, join
 from raydb.train.data import TrainingData, prompt_inputs, training_data
+from raydb.train.device_options import use_cuda_graphs
 from raydb.train.engine import TrainEngine, engine_compile_cache
 from raydb.train.outputs import finish_run, finished_result
 from raydb.train.progress import ProgressWriter
@@ -45,7 +46,6 @@ from raydb.train.rundir import (
     run_uri,
     save_checkpoint,
 )
-from raydb.train.speed import use_cuda_graphs
 from raydb.train.step import build_train_state, weights_dtype
 
 __all__ = ["prepare_training_data", "train_subject"]

@@ -31,7 +31,7 @@ def adapter_metadata(
 ) -> dict[str, Any]:
     """adapter.json: enough to serve, audit and reproduce the adapter (``base_model.family``: the
     model family it was trained on, which a deployment of the other family refuses)."""
-    from raydb.instance_token import instance_token
+    from raydb.prompts import instance_token
 
     return {
         "format": "diffusers-lora-v1",

@@ -2,7 +2,7 @@
 
 Driver (``train_distributed``): the encode stage (and the priors before it), then
 ``TorchTrainer(train_loop_per_worker, datasets={"class": encoded class rows})``, then the registry.
-Needs a running Ray cluster (``raydb.ray_utils.init_ray``, called by the entry points).
+Needs a running Ray cluster (``raydb.cluster.init_ray``, called by the entry points).
 
 Worker (``train_loop_per_worker``): the class rows arrive as this worker's Ray Data shard; the few
 instance latents and the prompt embeddings are read from storage by every worker (so a run works
@@ -88,12 +88,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raydb.encode.cache import load_prompts, read_encoded
     from raydb.models.components import load_components
     from raydb.train.data import prompt_inputs, training_data
+    from raydb.train.device_options import compile_for_training, use_cuda_graphs
     from raydb.train.engine import TrainEngine, engine_compile_cache
     from raydb.train.evaluate import Validator
     from raydb.train.outputs import finish_run
     from raydb.train.progress import ProgressWriter
     from raydb.train.rundir import RESULT, checkpoint_dir_name, restore_checkpoint_dir, write_checkpoint_dir
-    from raydb.train.speed import compile_for_training, use_cuda_graphs
     from raydb.train.step import build_train_state, weights_dtype
 
     cfg = RaydbConfig.model_validate(config["cfg"])

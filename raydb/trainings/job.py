@@ -44,7 +44,7 @@ def run_training(store: TrainingStore, tenant: str, training_id: str, *, local: 
     on_stage("starting")
     try:
         if not local:
-            from raydb.ray_utils import init_ray
+            from raydb.cluster import init_ray
 
             init_ray(cfg)
         trainer = "tune" if cfg.tune is not None else "train"

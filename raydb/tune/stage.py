@@ -86,7 +86,7 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool
              quiet: bool = False) -> dict[str, Any]:
     """Priors + encode once, then the search; returns a summary with the best trial.
 
-    Needs a running Ray cluster (``raydb.ray_utils.init_ray``, called by the entry points)."""
+    Needs a running Ray cluster (``raydb.cluster.init_ray``, called by the entry points)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler

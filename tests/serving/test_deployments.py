@@ -29,6 +29,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from raydb.cluster import free_port
 from raydb.config import ServeConfig, load_config
 from raydb.errors import RequestError
 from raydb.serving.api import GenerateRequest, final_prompt, validate_generate
@@ -113,12 +114,6 @@ def test_shipped_serve_configs_load_and_build():
 
 
 # -- integration tier: one Serve app over real HTTP --------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(workspace: str, sid: str, tenant: str, token: str, noun: str) -> None:
     from raydb.train.local import train_subject
 
@@ -177,7 +172,7 @@ def server(ray_cluster, served_workspace):
     from raydb.serving import run_server
 
     workspace = served_workspace
-    port = _free_port()
+    port = free_port()
     os.environ["RAYDB_TEST_SERVE_KEYS"] = f"{KEY_ENV}:t1"
     cfg = load_config(data={
         "workspace": workspace, "model": {"pretrained": "tiny"},

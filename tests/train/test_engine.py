@@ -17,10 +17,10 @@ from raydb.config import ConfigError, load_config
 from raydb.models.components import load_components
 from raydb.storage import Storage
 from raydb.train.data import make_micro_batch, step_micro_batches
+from raydb.train.device_options import resolve_mixed_precision, use_cuda_graphs
 from raydb.train.graphs import GraphStep, tensor_lr
 from raydb.train.local import prepare_training_data
 from raydb.train.prefetch import BatchPrefetcher
-from raydb.train.speed import resolve_mixed_precision, use_cuda_graphs
 from raydb.train.step import build_train_state, optimizer_step
 
 EXACT = {"rel": 1e-12, "abs": 1e-15}

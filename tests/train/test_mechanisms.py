@@ -257,7 +257,7 @@ def test_flipped_copies_are_the_encodings_of_mirrored_images(make_cfg, shared_wo
     """
     from PIL import ImageOps
 
-    from raydb.data.demo import demo_images
+    from raydb.data.demo_subject import demo_images
     from raydb.data.ingest import prepare_image
     from raydb.encode.encoders import encode_images, images_to_tensor
     from raydb.train.local import prepare_training_data

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raydb.data.demo import demo_images
+from raydb.data.demo_subject import demo_images
 
 pytestmark = pytest.mark.ray
 

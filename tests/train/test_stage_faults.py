@@ -38,7 +38,7 @@ def _metrics(result: dict) -> list[dict]:
 @pytest.fixture(scope="module")
 def same_class_images(tmp_path_factory) -> str:
     """Four copies of one image: any split of the class rows gives every worker the same data."""
-    from raydb.data.demo import demo_images
+    from raydb.data.demo_subject import demo_images
 
     root = tmp_path_factory.mktemp("same-class")
     image = demo_images(1, size=64)[0]
@@ -112,7 +112,7 @@ def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, same
     script = (
         "import json, sys\n"
         "from raydb.config import load_config\n"
-        "from raydb.ray_utils import init_ray\n"
+        "from raydb.cluster import init_ray\n"
         "from raydb.train.stage import train_distributed\n"
         f"cfg = load_config(data=json.load(open({str(cfg_file)!r})))\n"
         "init_ray(cfg)\n"

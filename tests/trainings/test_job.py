@@ -16,9 +16,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from raydb.data.demo import demo_images
+from raydb.cluster import free_port
+from raydb.data.demo_subject import demo_images
 from raydb.serving.auth import hash_key
-from tests.helpers.head_cluster import free_ports, head_cluster, job_info, run_job
+from tests.helpers.head_cluster import head_cluster, job_info, run_job
 
 KEY = "service-test-key-one"
 DEPLOY = "import sys; from raydb.config import load_config; from raydb.serving import deploy; " \
@@ -51,7 +52,7 @@ def test_upload_train_as_a_ray_job_then_generate_without_redeploy(tmp_path):
 
     deadline = time.monotonic() + 600  # generous: the 2 shared cores are often overloaded
     with head_cluster(prefix="rst-") as cluster:
-        port = free_ports(1)[0]
+        port = free_port()
         config = tmp_path / "serve.yaml"
         config.write_text(yaml.safe_dump({
             "workspace": str(tmp_path / "ws"),

@@ -15,7 +15,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from raydb.data.demo import demo_images
+from raydb.data.demo_subject import demo_images
 from raydb.data.ingest import load_images
 from raydb.registry import list_subjects
 from raydb.serving.training_routes import TrainingsEndpoint, router

@@ -51,7 +51,7 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
     import io
 
     from raydb.config import RaydbConfig
-    from raydb.data.demo import demo_images
+    from raydb.data.demo_subject import demo_images
     from raydb.storage import join
     from raydb.trainings.job import run_training
     from raydb.trainings.service import TrainingService
@@ -118,7 +118,7 @@ def test_killed_tune_driver_resumes(ray_cluster, make_cfg, tmp_path, class_image
     script = (
         "import json\n"
         "from raydb.config import load_config\n"
-        "from raydb.ray_utils import init_ray\n"
+        "from raydb.cluster import init_ray\n"
         "from raydb.tune import run_tune\n"
         f"cfg = load_config(data=json.load(open({str(cfg_file)!r})))\n"
         "init_ray(cfg)\n"

@@ -145,8 +145,8 @@ def _bad_copies(workspace: str) -> None:
 
 
 def _random_subjects(workspace: str) -> None:
-    from raydb.serving.synthetic import register_random_adapter
     from raydb.storage import Storage
+    from tests.helpers.adapters import register_random_adapter
 
     for i, sid in enumerate(RANDOM):
         register_random_adapter(Storage(), workspace, "alice", sid, rank=4, seed=100 + i)

@@ -78,9 +78,9 @@ def adapters(tmp_path_factory):
     """A workspace with one trained subject (alpha != rank, text encoder LoRA too) and random
     subjects of ranks 2, 8, 16 (UNet only)."""
     from raydb.config import load_config
-    from raydb.serving.synthetic import register_random_adapter
     from raydb.storage import Storage
     from raydb.train.local import train_subject
+    from tests.helpers.adapters import register_random_adapter
 
     workspace = str(tmp_path_factory.mktemp("engine-ws"))
     train_subject(load_config(data={

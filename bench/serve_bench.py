@@ -41,10 +41,10 @@ def _free_port() -> int:
 def make_subjects(workspace: str, n: int) -> list[str]:
     """One trained subject (the template) plus ``n - 1`` random rank-4 adapters, all in tenant bench."""
     from raydb.config import load_config
+    from raydb.pipeline import run_pipeline
     from raydb.registry import register_adapter
     from raydb.storage import Storage
     from raydb.testing import write_random_adapter
-    from raydb.train.local import train_subject
 
     cfg = load_config(data={
         "workspace": workspace, "model": {"pretrained": "tiny"}, "prior": {"enabled": False},
@@ -53,7 +53,7 @@ def make_subjects(workspace: str, n: int) -> list[str]:
         "train": {"resolution": 64, "max_steps": 2, "learning_rate": 1e-2, "checkpoint_every": 1000,
                   "num_sample_images": 0},
     })
-    train_subject(cfg, quiet=True, samples=False)
+    run_pipeline(cfg, local=True, quiet=True)  # trained and registered: the pipeline registers
     for i in range(1, n):
         folder = write_random_adapter(Storage(), workspace, "subject0", f"subject{i}", rank=4, seed=i)
         register_adapter(Storage(), workspace, f"subject{i}", folder)

@@ -41,7 +41,7 @@ def main() -> None:
                 "prior": {"num_class_images": 8, "num_holdout": 0, "sample_batch_size": 4,
                           "num_inference_steps": 2}})
             start = time.perf_counter()
-            result = train_distributed(cfg, quiet=True, register=False)
+            result = train_distributed(cfg, quiet=True)
             wall = time.perf_counter() - start
             import json
             from pathlib import Path

@@ -6,7 +6,10 @@ Order of work:
   2. ``build_train_state`` (step.py) — LoRA, AdamW, lr schedule
   3. the loop — ``step_micro_batches`` -> ``optimizer_step``; a checkpoint every
      ``train.checkpoint_every`` steps into the run folder (rundir.py); a rerun resumes from the newest
-  4. ``finish_run`` (outputs.py) — adapter, adapter.json, metrics.jsonl, loss curve, samples; registry
+  4. ``finish_run`` (outputs.py) — adapter, adapter.json, metrics.jsonl, loss curve, samples
+
+It returns the finished adapter; registering it is the pipeline's (``raydb train --local`` runs
+this through :func:`raydb.pipeline.run_pipeline`).
 
 The Ray Train worker loop (stage.py) runs the same step over the same batches.
 """
@@ -30,7 +33,6 @@ from raydb.encode.encoders import (
 from raydb.models.components import Components, load_components
 from raydb.models.family import SDXL
 from raydb.models.sdxl import time_ids_for
-from raydb.registry import claim_subject
 from raydb.storage import Storage, join
 from raydb.train.data import TrainingData, prompt_inputs, training_data
 from raydb.train.device_options import use_cuda_graphs
@@ -92,22 +94,21 @@ def prepare_training_data(
 
 def train_subject(
     cfg: RaydbConfig, storage: Storage | None = None, *, resume: bool = True, quiet: bool = False,
-    register: bool = True, samples: bool = True,
+    samples: bool = True,
 ) -> dict[str, Any]:
-    """Train one subject in this process; returns the summary printed by ``raydb train``.
+    """Train one subject in this process; returns the finished adapter's summary (``adapter_uri``,
+    ``run_dir``, ``steps``, ``images_per_s``, ``loss``). Registers nothing.
 
     ``resume=False`` ignores existing checkpoints and a finished adapter (a fresh run).
     """
     from tqdm.auto import tqdm
 
     storage = storage or Storage(cfg.s3_endpoint_url)
-    if register:  # a subject id owned by another tenant fails now, not after training
-        claim_subject(storage, cfg.workspace, cfg.subject.id, cfg.subject.tenant)
     tc = cfg.train
     run = run_uri(cfg)
     finished = finished_adapter(cfg, storage) if resume else None
     if finished:
-        return finished_result(cfg, storage, finished, register=register, quiet=quiet)
+        return finished_result(cfg, finished, quiet=quiet)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     components = load_components(cfg.model, storage, cfg.workspace, device=device,
                                  dtype=weights_dtype(tc, device))
@@ -137,4 +138,4 @@ def train_subject(
             if state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps:
                 save_checkpoint(storage, run, state, metrics, tc.checkpoints_to_keep)
     bar.close()
-    return finish_run(cfg, storage, state, components, metrics, register=register, samples=samples)
+    return finish_run(cfg, storage, state, components, metrics, samples=samples)

@@ -2,9 +2,11 @@
 
 Runs the pipeline's stages for the training's stored config — priors, encode, train (or tune) —
 recording the current stage in ``status.json`` as each starts (the training loop itself writes step,
-loss and images/s to its run folder's ``progress.json``). Before registering it claims the
-training's outcome: if ``DELETE`` claimed it first, the job ends ``cancelled`` with nothing
-registered; once the job holds the claim a cancel is refused, so a training is never half-registered.
+loss and images/s to its run folder's ``progress.json``). Those stages only leave a finished adapter
+(a search: its best trial's); the pipeline registers in its ``register`` stage alone, which this job
+runs in a second call, after it claimed the training's outcome: if ``DELETE`` claimed it first, the
+job ends ``cancelled`` with nothing registered (nor the subject id claimed); once the job holds the
+claim a cancel is refused, so a training is never half-registered.
 Any exception ends the training ``failed`` with its message. The stages are the pipeline's usual
 Ray ones (Ray Data, Ray Train, Ray Tune) on the cluster the job runs on.
 """

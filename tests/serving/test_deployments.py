@@ -115,7 +115,7 @@ def test_shipped_serve_configs_load_and_build():
 
 # -- integration tier: one Serve app over real HTTP --------------------------------------------------
 def _train(workspace: str, sid: str, tenant: str, token: str, noun: str) -> None:
-    from raydb.train.local import train_subject
+    from raydb.pipeline import run_pipeline
 
     cfg = load_config(data={
         "workspace": workspace, "model": {"pretrained": "tiny"}, "prior": {"enabled": False},
@@ -124,7 +124,7 @@ def _train(workspace: str, sid: str, tenant: str, token: str, noun: str) -> None
         "train": {"resolution": 64, "max_steps": 4, "learning_rate": 1e-2, "checkpoint_every": 1000,
                   "num_sample_images": 0, "seed": len(sid)},
     })
-    train_subject(cfg, quiet=True, samples=False)
+    run_pipeline(cfg, local=True, quiet=True)  # trained and registered
 
 
 def _bad_copies(workspace: str) -> None:

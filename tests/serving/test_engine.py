@@ -78,18 +78,18 @@ def adapters(tmp_path_factory):
     """A workspace with one trained subject (alpha != rank, text encoder LoRA too) and random
     subjects of ranks 2, 8, 16 (UNet only)."""
     from raydb.config import load_config
+    from raydb.pipeline import run_pipeline
     from raydb.storage import Storage
-    from raydb.train.local import train_subject
     from tests.helpers.adapters import register_random_adapter
 
     workspace = str(tmp_path_factory.mktemp("engine-ws"))
-    train_subject(load_config(data={
+    run_pipeline(load_config(data={
         "workspace": workspace, "model": {"pretrained": "tiny"}, "prior": {"enabled": False},
         "subject": {"id": "trained", "instance_prompt": "a photo of sks dog",
                     "class_prompt": "a photo of a dog"},
         "lora": {"rank": 4, "alpha": 8.0, "train_text_encoder": True},
         "train": {"resolution": 64, "max_steps": 2, "learning_rate": 1e-2, "checkpoint_every": 1000,
-                  "num_sample_images": 0}}), quiet=True, samples=False)
+                  "num_sample_images": 0}}), local=True, quiet=True)  # trained and registered
     storage = Storage()
     for i, rank in enumerate([2, 8, 16]):
         register_random_adapter(storage, workspace, "trained", f"rank{rank}", rank=rank, seed=i,

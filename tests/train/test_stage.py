@@ -56,10 +56,10 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
     # one workspace: the second run reuses the first one's encoded cache (the run ids differ)
     one = train_distributed(make_cfg(workspace=str(tmp_path / "ws"), cluster={"num_workers": 1},
                                      **{**common, "train": {**common["train"], "batch_size": 2}}),
-                            quiet=True, register=False)
+                            quiet=True)
     two = train_distributed(make_cfg(workspace=str(tmp_path / "ws"), cluster={"num_workers": 2},
                                      **{**common, "train": {**common["train"], "batch_size": 1}}),
-                            quiet=True, register=False)
+                            quiet=True)
     a, b = _adapter(one), _adapter(two)
     assert a.keys() == b.keys()
     for key in a:
@@ -81,7 +81,7 @@ def test_three_instance_images_on_four_workers(ray_cluster, make_cfg, tmp_path, 
     cfg = make_cfg(subject={"instance_data": photos}, cluster={"num_workers": 4},
                    prior={"class_data": class_images_dir, "num_class_images": 4},
                    train={"max_steps": 2})
-    result = train_distributed(cfg, quiet=True, register=False)
+    result = train_distributed(cfg, quiet=True)
     assert result["steps"] == 2
     meta = json.loads((Path(result["adapter_uri"]) / "adapter.json").read_text())
     assert meta["metrics"]["num_workers"] == 4

@@ -59,19 +59,21 @@ def _assert_same_run(resumed: dict, uninterrupted: dict) -> None:
 
 
 def _uninterrupted(train_distributed, cfg, workspace: Path) -> dict:
-    return train_distributed(cfg.model_copy(update={"workspace": str(workspace)}), quiet=True, register=False)
+    return train_distributed(cfg.model_copy(update={"workspace": str(workspace)}), quiet=True)
 
 
 def test_two_workers_survive_a_killed_worker_and_register(ray_cluster, make_cfg, tmp_path,
                                                           monkeypatch, same_class_images):
     """2 workers; worker 1 is SIGKILLed at step 5 (after checkpoints at 2 and 4): the group is
-    replaced, resumes from a checkpoint, finishes exactly max_steps, registers the adapter — and
-    trained exactly what an uninterrupted run trains.
+    replaced, resumes from a checkpoint, finishes exactly max_steps, the pipeline registers the
+    adapter — and it trained exactly what an uninterrupted run trains.
 
     Deliberate break caught: the checkpoint's optimizer state not restored (``restore_payload``
     skipping ``optimizer.load_state_dict``): the step numbers still run 1..8, the losses after the
     resume do not match.
     """
+    from raydb.pipeline import run_pipeline
+    from raydb.train.rundir import RESULT
     from raydb.train.stage import train_distributed
 
     monkeypatch.setenv(faults.ENV, json.dumps(
@@ -79,7 +81,8 @@ def test_two_workers_survive_a_killed_worker_and_register(ray_cluster, make_cfg,
     cfg = make_cfg(cluster={"num_workers": 2, "max_failures": 2},
                    prior={"class_data": same_class_images, "num_class_images": 4},
                    train={"max_steps": 8, "checkpoint_every": 2, "dtype": "float64"})
-    result = train_distributed(cfg, quiet=True)
+    summary = run_pipeline(cfg, stages=["train", "register"], quiet=True)
+    result = json.loads((Path(summary["run_dir"]) / RESULT).read_text())
     assert (tmp_path / "killed-once").exists(), "the fault was not injected"
     # Resumed from a checkpoint taken before the kill at step 5 (step 4, or step 2 when the
     # controller had not yet registered step 4's report when it saw the worker die).
@@ -88,14 +91,16 @@ def test_two_workers_survive_a_killed_worker_and_register(ray_cluster, make_cfg,
     assert [m["step"] for m in lines] == list(range(1, 9))  # continues the count, exactly max_steps
     assert all(m["images_per_s"] > 0 for m in lines)
     record = latest_version(Storage(), cfg.workspace, cfg.subject.id)
-    assert record["uri"] == result["registered"]
+    assert record["uri"] == summary["registered"]
     meta = json.loads((Path(record["uri"]) / "adapter.json").read_text())
     assert meta["metrics"]["num_workers"] == 2 and meta["metrics"]["steps"] == 8
     monkeypatch.delenv(faults.ENV)
     _assert_same_run(result, _uninterrupted(train_distributed, cfg, tmp_path / "uninterrupted"))
     # a rerun of the finished run trains nothing and keeps the registered version
-    again = train_distributed(cfg, quiet=True)
-    assert again["skipped"] and again["registered"] == record["uri"]
+    again = run_pipeline(cfg, stages=["train", "register"], quiet=True)
+    assert [s["status"] for s in again["stages"]] == ["skipped", "skipped"]
+    assert again["registered"] == record["uri"]
+    assert train_distributed(cfg, quiet=True)["skipped"]  # the stage itself finds the run finished
 
 
 def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, same_class_images):

@@ -15,40 +15,16 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from raydb.data.demo_subject import demo_images
 from raydb.data.ingest import load_images
 from raydb.registry import list_subjects
 from raydb.serving.training_routes import TrainingsEndpoint, router
 from raydb.storage import Storage
 from raydb.trainings.job import run_training
 from raydb.trainings.store import TrainingStore
+from tests.helpers.trainings import CancelDuringStage, FakeJobs, demo_photos, image_bytes
 
 KEYS = {"key-one": "t1", "key-two": "t2"}
 FIELDS = {"subject_id": "rex", "instance_prompt": "a photo of sks toy", "class_prompt": "a photo of a toy"}
-
-
-class FakeJobs:
-    """Ray's Jobs API as the queue sees it: submissions recorded, statuses set by the test."""
-
-    def __init__(self) -> None:
-        self.submitted: list[str] = []
-        self.stopped: list[str] = []
-        self.statuses: dict[str, str] = {}
-        self.refuse = False  # as when the job agent is not up yet
-
-    def submit(self, submission_id: str, entrypoint: str) -> None:
-        assert "-m raydb.trainings.job" in entrypoint
-        if self.refuse:
-            raise RuntimeError("Request failed with status code 500: No available agent to submit job")
-        self.submitted.append(submission_id)
-        self.statuses[submission_id] = "RUNNING"
-
-    def status(self, submission_id: str) -> tuple[str, str]:
-        return self.statuses[submission_id], "driver killed"
-
-    def stop(self, submission_id: str) -> None:
-        self.stopped.append(submission_id)
-        self.statuses[submission_id] = "STOPPED"
 
 
 def _tenant(request: Request) -> str:
@@ -78,13 +54,11 @@ def service(make_cfg, tmp_path):
 
 
 def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return image_bytes(img)
 
 
 def _photos() -> list[tuple[str, bytes]]:
-    return [(f"star{i}.png", _png(img)) for i, img in enumerate(demo_images(3, 96))]
+    return demo_photos(3, 96)
 
 
 def _post(client: TestClient, key: str = "key-one", photos=None, idem: str | None = None, **fields):
@@ -215,6 +189,31 @@ def test_jobs_succeed_fail_and_cancel_and_a_new_ingress_still_answers(service):
     assert registered == ["rex"]  # neither the failed nor the cancelled training registered anything
     assert c.delete(f"/v1/trainings/{ids[0]}", headers={"X-API-Key": "key-one"}).status_code == 409
     assert _post(c, key="key-two", subject_id="rex").status_code == 409  # t1 owns rex
+
+
+def test_a_training_cancelled_while_it_trains_registers_nothing(service):
+    """``DELETE`` lands while the job's train stage runs: the stage finishes (its adapter is in the
+    run folder), but the job finds the outcome claimed and registers nothing — no version and no
+    owner record for the subject id (the submission only read the owner; the pipeline, the only
+    registrar, never ran its register stage)."""
+    from raydb.registry import subject_owner
+
+    cfg, jobs, client = service
+    c = client()
+    tid = _post(c).json()["id"]
+    store = TrainingStore(Storage(), cfg.workspace)
+    assert subject_owner(store.storage, cfg.workspace, "rex") is None  # submitted, not claimed
+    job_store = CancelDuringStage(store, "train", lambda: c.delete(f"/v1/trainings/{tid}",
+                                                                    headers={"X-API-Key": "key-one"}))
+    assert run_training(job_store, "t1", tid, local=True) == "cancelled"
+    assert job_store.cancelled and jobs.stopped == [jobs.submitted[0]]
+    run = store.status("t1", tid)["run_uri"]
+    assert (Path(run) / "adapter" / "pytorch_lora_weights.safetensors").is_file()  # it did train
+    assert list_subjects(Storage(), cfg.workspace) == {}
+    assert subject_owner(store.storage, cfg.workspace, "rex") is None
+    assert not (Path(cfg.workspace) / "subjects").exists()
+    view = c.get(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-one"}).json()
+    assert view["status"] == "cancelled" and view["subject"] is None
 
 
 def test_a_refused_submission_stays_queued_until_the_jobs_api_takes_it(service):

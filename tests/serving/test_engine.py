@@ -24,6 +24,7 @@ from raydb.serving.multi_lora import (
     SlotRouter,
     parse_adapter,
 )
+from raydb.serving.status import http_status
 
 TOL = 1e-9
 
@@ -167,7 +168,7 @@ def test_adapter_above_max_lora_rank_is_refused_before_taking_a_slot(engine, ada
     stats = pool.stats()
     with pytest.raises(AdapterTooLarge, match=r"rank 16 .*serve.max_lora_rank=8") as err:
         pool.load(Storage(), _uri(adapters, "rank16"), "rank16", "v0001")
-    assert err.value.status == 409
+    assert http_status(err.value) == 409
     assert pool.stats() == stats and all(a.loaded for a in loaded.values())
 
 

@@ -81,55 +81,53 @@ def prior_preservation_finding(
     score ``val_instance`` (instance images, instance prompt) and ``val_prior`` (held-out class
     images never trained on, class prompt) on fixed noise and timesteps.
 
+    The images are prepared once, by the one preparation path (``encode/inputs.py``), and every run
+    trains with :class:`~raydb.train.engine.TrainEngine`, the step users run.
+
     Returns ``{"base": {...}, "lambda_<w>": {...}, "settings": {...}}`` with ``val_instance`` and
     ``val_prior`` per entry; ``base`` is the untrained model.
     """
-    from raydb.data.ingest import ImageGeometry, load_images_with_geometry
     from raydb.encode.encoders import encode_images, encode_prompt_set, images_to_tensor
+    from raydb.encode.inputs import prepare_inputs
     from raydb.models.components import load_components
-    from raydb.models.family import SDXL
-    from raydb.models.sdxl import time_ids_for
-    from raydb.prior.stage import class_images
-    from raydb.train.data import step_micro_batches
+    from raydb.train.engine import TrainEngine
     from raydb.train.evaluate import Validator
     from raydb.train.local import prepare_training_data
-    from raydb.train.step import build_train_state, optimizer_step
+    from raydb.train.step import build_train_state
 
     storage = storage or Storage(cfg.s3_endpoint_url)
     tc = cfg.train
-    ingested = load_images_with_geometry(cfg.subject.instance_data, tc.resolution, storage=storage,
-                                         center_crop=tc.center_crop)
-    instance = [image for image, _ in ingested]
-    classes = class_images(cfg, storage)
-    holdout = class_images(cfg, storage, holdout=True)
-    if not holdout:
-        raise ValueError("prior.num_holdout must be > 0: val_prior needs held-out class images")
-    out: dict[str, Any] = {"settings": {"steps": tc.max_steps, "learning_rate": tc.learning_rate,
-                                        "resolution": tc.resolution, "seed": tc.seed,
-                                        "num_class_images": len(classes),
-                                        "num_holdout": len(holdout)}}
     prompts = [cfg.subject.instance_prompt, cfg.subject.class_prompt]
+    inputs = None
+    out: dict[str, Any] = {}
     for weight in weights:
         data = cfg.to_dict()
         data["train"]["prior_loss_weight"] = weight
         run_cfg = RaydbConfig.model_validate(data)
         comps = load_components(run_cfg.model, storage, run_cfg.workspace)
-        train_data = prepare_training_data(run_cfg, comps, storage, class_images=classes,
-                                           instance_images=instance)
-        encoded = [encode_images(comps.vae, images_to_tensor(images)) for images in (instance, holdout)]
-        if comps.family == SDXL:  # each image's size/crop conditioning (holdout: generated, whole)
-            encoded[0].time_ids = time_ids_for([g for _, g in ingested])
-            encoded[1].time_ids = time_ids_for([ImageGeometry.whole(i) for i in holdout])
-        validator = Validator(run_cfg, comps, *encoded, encode_prompt_set(comps, prompts), instance)
+        if inputs is None:  # the same images for every run
+            inputs = prepare_inputs(run_cfg, storage, family=comps.family, with_holdout=True)
+            if not inputs.holdout:
+                raise ValueError("prior.num_holdout must be > 0: val_prior needs held-out class images")
+            out["settings"] = {"steps": tc.max_steps, "learning_rate": tc.learning_rate,
+                               "resolution": tc.resolution, "seed": tc.seed,
+                               "num_class_images": len(inputs.classes), "num_holdout": len(inputs.holdout)}
+        train_data = prepare_training_data(run_cfg, comps, storage, inputs=inputs)
+        encoded = [encode_images(comps.vae, images_to_tensor(prepared.images))
+                   for prepared in (inputs.instance, inputs.holdout)]
+        conditioning = inputs.conditioning()
+        if conditioning:  # SDXL: each image's size/crop conditioning
+            encoded[0].time_ids, encoded[1].time_ids = conditioning["instance"], conditioning["holdout"]
+        validator = Validator(run_cfg, comps, *encoded, encode_prompt_set(comps, prompts),
+                              inputs.instance.images)
         if "base" not in out:
             out["base"] = _losses(validator(comps.unet))
         state = build_train_state(run_cfg, comps.unet, comps.text_encoder, comps.text_encoder_2)
-        n_t = comps.noise_scheduler.config.num_train_timesteps
-        while state.step < tc.max_steps:
-            micro = step_micro_batches(train_data, tc, step=state.step, num_train_timesteps=n_t)
-            optimizer_step(state, micro, cfg=run_cfg, noise_scheduler=comps.noise_scheduler,
-                           prediction_type=comps.prediction_type, with_prior=train_data.with_prior,
-                           vae=comps.vae)
+        device = next(comps.unet.parameters()).device
+        with TrainEngine(run_cfg, state, train_data, noise_scheduler=comps.noise_scheduler,
+                         prediction_type=comps.prediction_type, vae=comps.vae, device=device) as engine:
+            while state.step < tc.max_steps:
+                engine.step()
         out[f"lambda_{weight:g}"] = _losses(validator(comps.unet))
     return out
 

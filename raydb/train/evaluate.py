@@ -150,10 +150,9 @@ class Validator:
 
         images = None
         if cfg.eval.clip_model:
-            from raydb.data.ingest import load_images
+            from raydb.encode.inputs import subject_photos
 
-            images = load_images(cfg.subject.instance_data, cfg.train.resolution, storage=storage,
-                                 center_crop=cfg.train.center_crop)
+            images = subject_photos(cfg, storage).images
         holdout = read_encoded(storage, cache.holdout_uri) if cache.num_holdout else None
         return cls(cfg, comps, read_encoded(storage, cache.instance_uri), holdout,
                    load_prompts(storage, cache), images)

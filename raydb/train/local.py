@@ -1,8 +1,9 @@
 """Single-process DreamBooth-LoRA training: ``raydb train --local``, with no Ray at all.
 
 Order of work:
-  1. ``prepare_training_data`` — class images (``prior.stage.class_images``), the subject's photos,
-     both encoded once in this process (``train.cache_latents``; raw pixels otherwise)
+  1. ``prepare_training_data`` — the subject's photos and the class images, prepared by
+     ``encode/inputs.py`` (the one preparation path) and encoded once in this process
+     (``train.cache_latents``; raw pixels otherwise)
   2. ``build_train_state`` (step.py) — LoRA, AdamW, lr schedule
   3. the loop — ``step_micro_batches`` -> ``optimizer_step``; a checkpoint every
      ``train.checkpoint_every`` steps into the run folder (rundir.py); a rerun resumes from the newest
@@ -22,17 +23,9 @@ import torch
 from PIL import Image
 
 from raydb.config import RaydbConfig
-from raydb.data.ingest import ImageGeometry, load_images_with_geometry
-from raydb.encode.encoders import (
-    add_flips,
-    encode_images,
-    encode_prompt_set,
-    flip_geometries,
-    images_to_tensor,
-)
+from raydb.encode.encoders import encode_images, encode_prompt_set, images_to_tensor
+from raydb.encode.inputs import EncodeInputs, prepare_inputs
 from raydb.models.components import Components, load_components
-from raydb.models.family import SDXL
-from raydb.models.sdxl import time_ids_for
 from raydb.storage import Storage, join
 from raydb.train.data import TrainingData, prompt_inputs, training_data
 from raydb.train.device_options import use_cuda_graphs
@@ -54,29 +47,14 @@ __all__ = ["prepare_training_data", "train_subject"]
 
 
 def prepare_training_data(
-    cfg: RaydbConfig, components: Components, storage: Storage, *,
-    class_images: list[Image.Image] | None = None, instance_images: list[Image.Image] | None = None,
+    cfg: RaydbConfig, components: Components, storage: Storage, *, inputs: EncodeInputs | None = None,
 ) -> TrainingData:
-    """Ingest and (with ``train.cache_latents``) encode everything once. Tensors stay on CPU.
-
-    SDXL also gets each image's time ids: from ingestion's resize/crop for images loaded here;
-    images passed in count as whole, uncropped pictures.
+    """Prepare (``encode/inputs.py``) and, with ``train.cache_latents``, encode everything once.
+    Tensors stay on CPU. ``inputs``: images prepared already (by default the subject's photos and
+    the class images, flipped with ``train.random_flip``); SDXL's time ids come with them.
     """
-    from raydb.prior.stage import class_images_with_geometry
-
     tc = cfg.train
-
-    def whole(images: list[Image.Image]) -> list[tuple[Image.Image, ImageGeometry]]:
-        return [(im, ImageGeometry.whole(im)) for im in images]
-
-    instance = (whole(instance_images) if instance_images is not None else load_images_with_geometry(
-        cfg.subject.instance_data, tc.resolution, storage=storage, center_crop=tc.center_crop))
-    classes = whole(class_images) if class_images is not None else class_images_with_geometry(cfg, storage)
-    instance_images, class_images = [i for i, _ in instance], [i for i, _ in classes]
-    geometry = [[g for _, g in instance], [g for _, g in classes]]
-    if tc.random_flip:
-        instance_images, class_images = add_flips(instance_images), add_flips(class_images)
-        geometry = [flip_geometries(g) for g in geometry]
+    inputs = inputs or prepare_inputs(cfg, storage, family=components.family)
     vae = components.vae
     prompts = encode_prompt_set(components, [cfg.subject.instance_prompt, cfg.subject.class_prompt])
 
@@ -85,9 +63,11 @@ def prepare_training_data(
         return encode_images(vae, pixels) if tc.cache_latents else pixels
 
     h = tc.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-    with_prior = cfg.prior.enabled and bool(class_images)
-    time_ids = tuple(time_ids_for(g) for g in geometry) if components.family == SDXL else (None, None)
-    return training_data(source(instance_images), source(class_images) if with_prior else None,
+    with_prior = cfg.prior.enabled and bool(inputs.classes.images)
+    conditioning = inputs.conditioning()
+    time_ids = (conditioning["instance"], conditioning["class"]) if conditioning else (None, None)
+    classes = source(inputs.classes.images) if with_prior else None
+    return training_data(source(inputs.instance.images), classes,
                          **prompt_inputs(prompts, cfg.lora.train_text_encoder),
                          latent_shape=(vae.config.latent_channels, h, h), time_ids=time_ids)
 

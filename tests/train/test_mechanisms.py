@@ -252,21 +252,25 @@ def test_flipped_copies_are_the_encodings_of_mirrored_images(make_cfg, shared_wo
     VAE encoding of the horizontally mirrored images — and differs from the unmirrored encoding.
     The float64 VAE makes both encodings exact up to the final float32 cast (1 ulp ~ 1e-7).
 
-    Deliberate break caught: ``add_flips`` returning plain copies (``images + list(images)``): twice
-    the entries, none of them mirrored, so the existing "doubles the entries" test stays green.
+    Deliberate break caught: ``PreparedImages.flipped`` returning plain copies (``images +
+    list(images)``): twice the entries, none of them mirrored, so the existing "doubles the entries"
+    test stays green.
     """
     from PIL import ImageOps
 
     from raydb.data.demo_subject import demo_images
     from raydb.data.ingest import prepare_image
     from raydb.encode.encoders import encode_images, images_to_tensor
+    from raydb.encode.inputs import PreparedImages, prepare_inputs
     from raydb.train.local import prepare_training_data
 
     cfg = make_cfg(workspace=shared_workspace, train={"dtype": "float64", "random_flip": True})
     comps = load_components(cfg.model, Storage(), cfg.workspace, dtype=torch.float64)
     pictures = [prepare_image(im, 64) for im in demo_images(5, size=64)]
     instance, klass = pictures[:2], pictures[2:]
-    data = prepare_training_data(cfg, comps, Storage(), instance_images=instance, class_images=klass)
+    inputs = prepare_inputs(cfg, Storage(), family=comps.family, instance=PreparedImages.whole(instance),
+                            classes=PreparedImages.whole(klass))
+    data = prepare_training_data(cfg, comps, Storage(), inputs=inputs)
     for encoded, originals in ((data.instance, instance), (data.class_, klass)):
         n = len(originals)
         assert len(encoded) == 2 * n

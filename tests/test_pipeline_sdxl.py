@@ -22,6 +22,7 @@ from raydb.cluster import free_port
 from raydb.config import load_config
 from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS
 from raydb.serving.adapters import AdapterMismatch, read_adapter
+from raydb.serving.status import http_status
 from raydb.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def test_a_deployment_refuses_adapters_of_the_other_family(tmp_path):
     sdxl = _registered(tmp_path, "sdxl", "sdxl", "tiny-sdxl-v1-y")
     with pytest.raises(AdapterMismatch, match="sd model family") as refused:  # SD adapter, SDXL server
         read_adapter(Storage(), sd, "tiny-sdxl-v1-y", "sdxl")
-    assert refused.value.status == 409
+    assert http_status(refused.value) == 409
     with pytest.raises(AdapterMismatch, match="sdxl model family") as refused:  # and vice versa
         read_adapter(Storage(), sdxl, "tiny-v1-x", "sd")
-    assert refused.value.status == 409
+    assert http_status(refused.value) == 409

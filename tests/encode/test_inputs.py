@@ -10,6 +10,7 @@ from raydb.data.ingest import ImageGeometry
 from raydb.encode.inputs import EncodeInputs, PreparedImages, prepare_inputs, subject_photos
 from raydb.models.sdxl import time_ids_for
 from raydb.storage import Storage
+from tests.helpers.images import image_folder
 
 
 def _wide(width: int, height: int) -> Image.Image:
@@ -42,16 +43,9 @@ def test_whole_images_are_uncropped_and_conditioning_is_sdxl_only():
     assert torch.equal(cond["instance"], time_ids_for(whole.geometry)) and cond["class"].shape == (0, 6)
 
 
-def _folder(path, images) -> str:
-    path.mkdir(parents=True)
-    for i, img in enumerate(images):
-        img.save(path / f"img{i}.png")
-    return str(path)
-
-
 def test_prepare_inputs_flips_instance_and_class_images_never_the_holdout(make_cfg, tmp_path):
-    photos = _folder(tmp_path / "photos", [_wide(96, 64), _wide(64, 96)])
-    classes = _folder(tmp_path / "classes", [_wide(80, 64) for _ in range(5)])
+    photos = image_folder(tmp_path / "photos", [_wide(96, 64), _wide(64, 96)])
+    classes = image_folder(tmp_path / "classes", [_wide(80, 64) for _ in range(5)])
     cfg = make_cfg(subject={"instance_data": photos}, train={"random_flip": True},
                    prior={"class_data": classes, "num_class_images": 3, "num_holdout": 2})
     inputs = prepare_inputs(cfg, Storage(), family="sdxl", with_holdout=True)

@@ -1,15 +1,11 @@
-"""The training service's test doubles: Ray's Jobs API as the queue sees it, photos as a client
-uploads them, and a job that is cancelled while one of its stages runs."""
+"""The training service's test doubles: Ray's Jobs API as the queue sees it, and a job that is
+cancelled while one of its stages runs."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from typing import Any
 
-from PIL import Image
-
-from raydb.data.demo_subject import demo_images
 from raydb.trainings.store import TrainingStore
 
 
@@ -36,18 +32,6 @@ class FakeJobs:
     def stop(self, submission_id: str) -> None:
         self.stopped.append(submission_id)
         self.statuses[submission_id] = "STOPPED"
-
-
-def image_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def demo_photos(count: int = 5, size: int = 256, fmt: str = "PNG") -> list[tuple[str, bytes]]:
-    """The built-in demo subject's photos as a client uploads them: ``(file name, bytes)``."""
-    suffix = {"PNG": "png", "JPEG": "jpg"}[fmt]
-    return [(f"star{i}.{suffix}", image_bytes(img, fmt)) for i, img in enumerate(demo_images(count, size))]
 
 
 class CancelDuringStage(TrainingStore):

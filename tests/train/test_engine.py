@@ -22,20 +22,13 @@ from raydb.train.graphs import GraphStep, tensor_lr
 from raydb.train.local import prepare_training_data
 from raydb.train.prefetch import BatchPrefetcher
 from raydb.train.step import build_train_state, optimizer_step
+from tests.helpers.tiny import training_setup
 
 EXACT = {"rel": 1e-12, "abs": 1e-15}
 
 
-def _setup(cfg):
-    storage = Storage()
-    comps = load_components(cfg.model, storage, cfg.workspace, dtype=torch.float64)
-    data = prepare_training_data(cfg, comps, storage)
-    state = build_train_state(cfg, comps.unet, comps.text_encoder)
-    return comps, data, state
-
-
 def _run(cfg, steps: int, *, graph_ready: bool):
-    comps, data, state = _setup(cfg)
+    comps, data, state = training_setup(cfg, torch.float64)
     kw = dict(noise_scheduler=comps.noise_scheduler, prediction_type=comps.prediction_type,
               with_prior=data.with_prior, vae=comps.vae)
     step = GraphStep(state, cfg, capture=False, **kw) if graph_ready else None
@@ -84,7 +77,7 @@ def test_graph_ready_step_equals_todays_step(make_cfg, tmp_path, class_images_di
 
 def test_graph_step_refuses_a_new_shape_and_capture_on_cpu(make_cfg):
     cfg = make_cfg(train={"dtype": "float64", "resolution": 32})
-    comps, data, state = _setup(cfg)
+    comps, data, state = training_setup(cfg, torch.float64)
     kw = dict(noise_scheduler=comps.noise_scheduler, prediction_type=comps.prediction_type,
               with_prior=data.with_prior, vae=comps.vae)
     with pytest.raises(ValueError, match="train.cuda_graphs.*CUDA"):

@@ -23,15 +23,9 @@ from raydb.storage import Storage
 from raydb.train.data import make_micro_batch
 from raydb.train.local import prepare_training_data, train_subject
 from raydb.train.lora import save_lora
-from raydb.train.step import build_train_state, optimizer_step
-
-
-def _setup(cfg, dtype: torch.dtype = torch.float32):
-    storage = Storage()
-    components = load_components(cfg.model, storage, cfg.workspace, dtype=dtype)
-    data = prepare_training_data(cfg, components, storage)
-    state = build_train_state(cfg, components.unet, components.text_encoder)
-    return components, data, state
+from raydb.train.step import optimizer_step
+from tests.helpers.runs import adapter_bytes, run_metrics
+from tests.helpers.tiny import training_setup
 
 
 def _train(cfg, components, data, state, steps: int) -> list[dict]:
@@ -58,7 +52,7 @@ def _lora_named(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.heavy
 def test_base_frozen_lora_moves_and_gradients_are_clipped(make_cfg):
     cfg = make_cfg(train={"max_grad_norm": 1e-3})
-    components, data, state = _setup(cfg)
+    components, data, state = training_setup(cfg)
     unet = components.unet
     base_before = {k: v.clone() for k, v in unet.state_dict().items() if "lora_" not in k}
     lora_before = _lora_named(unet)
@@ -86,7 +80,7 @@ def test_accumulation_matches_one_larger_batch(make_cfg, tmp_path):
     losses = {}
     for name, accum, batch in (("accum", 2, 1), ("batch", 1, 2)):
         cfg = make_cfg(workspace=ws, train={"gradient_accumulation_steps": accum, "batch_size": batch})
-        components, data, state = _setup(cfg)
+        components, data, state = training_setup(cfg)
         assert data.with_prior
         initial = [p.detach().clone() for p in state.params]
         [m] = _train(cfg, components, data, state, 1)
@@ -104,7 +98,7 @@ def test_accumulation_matches_one_larger_batch(make_cfg, tmp_path):
 def test_saved_adapter_loads_into_pipeline(make_cfg):
     # alpha != rank: the loader must read the scale from the file, not assume alpha == rank.
     cfg = make_cfg(lora={"rank": 4, "alpha": 8}, train={"learning_rate": 1e-2})
-    components, data, state = _setup(cfg)
+    components, data, state = training_setup(cfg)
     _train(cfg, components, data, state, 3)
     weights = save_lora(components.unet)
 
@@ -133,9 +127,7 @@ def test_saved_adapter_loads_into_pipeline(make_cfg):
 
 
 def _run_files(result: dict) -> tuple[list[dict], bytes]:
-    run = Path(result["run_dir"])
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return metrics, (run / "adapter" / "pytorch_lora_weights.safetensors").read_bytes()
+    return run_metrics(result), adapter_bytes(result)
 
 
 @pytest.mark.heavy
@@ -206,7 +198,7 @@ def test_bad_settings_fail_at_load_naming_the_field(section, field, value, monke
 @pytest.mark.heavy
 def test_bf16_step_keeps_lora_in_fp32(make_cfg):
     cfg = make_cfg(train={"mixed_precision": "bf16"})
-    components, data, state = _setup(cfg, dtype=torch.bfloat16)
+    components, data, state = training_setup(cfg, dtype=torch.bfloat16)
     before = [p.detach().clone() for p in state.params]
     [m] = _train(cfg, components, data, state, 1)
     assert torch.isfinite(torch.tensor(m["loss"]))
@@ -236,7 +228,7 @@ def test_uncached_path_gives_the_cached_losses(make_cfg, tmp_path):
     runs = {}
     for cached in (True, False):
         cfg = make_cfg(workspace=ws, train={"cache_latents": cached})
-        components, data, state = _setup(cfg)
+        components, data, state = training_setup(cfg)
         assert (data.instance.__class__.__name__ == "EncodedImages") == cached
         runs[cached] = _train(cfg, components, data, state, 2)
     for a, b in zip(runs[True], runs[False], strict=True):
@@ -246,7 +238,7 @@ def test_uncached_path_gives_the_cached_losses(make_cfg, tmp_path):
 
 def test_text_encoder_lora_trains_and_is_saved(make_cfg):
     cfg = make_cfg(lora={"train_text_encoder": True})
-    components, data, state = _setup(cfg)
+    components, data, state = training_setup(cfg)
     assert data.instance_embeds is None  # prompts are encoded every step by the trained encoder
     te_before = _lora_named(components.text_encoder)
     assert te_before

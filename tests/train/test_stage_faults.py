@@ -22,17 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from raydb import faults
 from raydb.registry import latest_version
 from raydb.storage import Storage
+from tests.helpers.images import image_folder
+from tests.helpers.runs import adapter_tensors, run_metrics
 
 pytestmark = pytest.mark.ray
-
-
-def _metrics(result: dict) -> list[dict]:
-    return [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +37,17 @@ def same_class_images(tmp_path_factory) -> str:
     """Four copies of one image: any split of the class rows gives every worker the same data."""
     from raydb.data.demo_subject import demo_images
 
-    root = tmp_path_factory.mktemp("same-class")
     image = demo_images(1, size=64)[0]
-    for i in range(4):
-        image.save(root / f"class{i}.png")
-    return str(root)
+    return image_folder(tmp_path_factory.mktemp("same-class"), [image] * 4, prefix="class")
 
 
 def _assert_same_run(resumed: dict, uninterrupted: dict) -> None:
     """Per-step losses and gradient norms, and the saved adapter, equal those of the uninterrupted run."""
-    got, want = _metrics(resumed), _metrics(uninterrupted)
+    got, want = run_metrics(resumed), run_metrics(uninterrupted)
     assert [m["step"] for m in got] == [m["step"] for m in want]
     for key in ("loss", "loss_instance", "loss_prior", "grad_norm"):
         assert [m[key] for m in got] == [m[key] for m in want], key
-    a = load_file(Path(resumed["adapter_uri"]) / "pytorch_lora_weights.safetensors")
-    b = load_file(Path(uninterrupted["adapter_uri"]) / "pytorch_lora_weights.safetensors")
+    a, b = adapter_tensors(resumed), adapter_tensors(uninterrupted)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -87,7 +80,7 @@ def test_two_workers_survive_a_killed_worker_and_register(ray_cluster, make_cfg,
     # Resumed from a checkpoint taken before the kill at step 5 (step 4, or step 2 when the
     # controller had not yet registered step 4's report when it saw the worker die).
     assert result["resumed_from"] in (2, 4)
-    lines = _metrics(result)
+    lines = run_metrics(result)
     assert [m["step"] for m in lines] == list(range(1, 9))  # continues the count, exactly max_steps
     assert all(m["images_per_s"] > 0 for m in lines)
     record = latest_version(Storage(), cfg.workspace, cfg.subject.id)
@@ -144,5 +137,5 @@ def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, same
     time.sleep(2)  # let the cluster reap the dead job's actors
     result = train_distributed(cfg.model_copy(update={}), quiet=True)
     assert result["resumed_from"] >= 3
-    assert [m["step"] for m in _metrics(result)] == list(range(1, 31))
+    assert [m["step"] for m in run_metrics(result)] == list(range(1, 31))
     _assert_same_run(result, _uninterrupted(train_distributed, cfg, tmp_path / "uninterrupted"))

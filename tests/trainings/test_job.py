@@ -17,9 +17,9 @@ import yaml
 from PIL import Image
 
 from raydb.cluster import free_port
-from raydb.data.demo_subject import demo_images
 from raydb.serving.auth import hash_key
 from tests.helpers.head_cluster import head_cluster, job_info, run_job
+from tests.helpers.images import demo_photos
 
 KEY = "service-test-key-one"
 DEPLOY = "import sys; from raydb.config import load_config; from raydb.serving import deploy; " \
@@ -68,11 +68,7 @@ def test_upload_train_as_a_ray_job_then_generate_without_redeploy(tmp_path):
         # Serve's apps outlive the job that deployed them
         run_job(cluster, [sys.executable, "-c", DEPLOY, str(config)], "deploy-serve", deadline)
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        files = []
-        for i, img in enumerate(demo_images(4, 128)):
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG")
-            files.append(("photos", (f"star{i}.jpg", buf.getvalue(), "image/jpeg")))
+        files = [("photos", (name, data, "image/jpeg")) for name, data in demo_photos(4, 128, "JPEG")]
         resp = client.post("/v1/trainings", headers={"Authorization": f"Bearer {KEY}"}, files=files,
                            data={"subject_id": "star", "instance_prompt": "a photo of sks toy",
                                  "class_prompt": "a photo of a toy"})

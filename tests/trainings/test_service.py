@@ -21,7 +21,8 @@ from raydb.serving.training_routes import TrainingsEndpoint, router
 from raydb.storage import Storage
 from raydb.trainings.job import run_training
 from raydb.trainings.store import TrainingStore
-from tests.helpers.trainings import CancelDuringStage, FakeJobs, demo_photos, image_bytes
+from tests.helpers.images import demo_photos, image_bytes
+from tests.helpers.trainings import CancelDuringStage, FakeJobs
 
 KEYS = {"key-one": "t1", "key-two": "t2"}
 FIELDS = {"subject_id": "rex", "instance_prompt": "a photo of sks toy", "class_prompt": "a photo of a toy"}

@@ -16,7 +16,8 @@ import pytest
 
 from raydb.registry import latest_version
 from raydb.storage import Storage
-from tests.helpers.trainings import CancelDuringStage, FakeJobs, demo_photos
+from tests.helpers.images import demo_photos
+from tests.helpers.trainings import CancelDuringStage, FakeJobs
 
 pytestmark = pytest.mark.ray
 

@@ -44,8 +44,8 @@ def split_s3(uri: str) -> tuple[str, str]:
     against its tenant's prefixes, say — is the object that is read; a URL parser would have cut
     ``t1/a?b.png`` to ``t1/a``. StorageError for anything that is not ``s3://<bucket>[/<key>]``.
     """
-    bucket, _, key = uri[len("s3://"):].partition("/") if is_s3(uri) else ("", "", "")
-    if not bucket:
+    bucket, _, key = str(uri).removeprefix("s3://").partition("/")
+    if not is_s3(uri) or not bucket:
         raise StorageError(f"not an s3:// URI: {uri!r}")
     return bucket, key
 
@@ -63,7 +63,7 @@ def s3_segments(uri: str) -> tuple[str, list[str]]:
     :func:`split_s3`, so a checked URI is read as it was checked."""
     try:
         bucket, key = split_s3(uri)
-    except (StorageError, TypeError):
+    except StorageError:
         raise ValueError("not an s3:// URI") from None
     if not _BUCKET.fullmatch(bucket):
         raise ValueError(f"bad bucket name {bucket!r}")

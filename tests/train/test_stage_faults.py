@@ -13,10 +13,6 @@ class rows over the (restarted) workers, every worker's class half is the same d
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,6 +22,7 @@ import torch
 from raydb import faults
 from raydb.registry import latest_version
 from raydb.storage import Storage
+from tests.helpers.drivers import kill_driver, start_driver
 from tests.helpers.images import image_folder
 from tests.helpers.runs import adapter_tensors, run_metrics
 
@@ -105,20 +102,7 @@ def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, same
     cfg = make_cfg(cluster={"num_workers": 1},
                    prior={"class_data": same_class_images, "num_class_images": 4},
                    train={"max_steps": 30, "checkpoint_every": 3, "resolution": 64, "dtype": "float64"})
-    cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(json.dumps(cfg.to_dict()))
-    script = (
-        "import json, sys\n"
-        "from raydb.config import load_config\n"
-        "from raydb.cluster import init_ray\n"
-        "from raydb.train.stage import train_distributed\n"
-        f"cfg = load_config(data=json.load(open({str(cfg_file)!r})))\n"
-        "init_ray(cfg)\n"
-        "train_distributed(cfg, quiet=True)\n"
-    )
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    driver = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = start_driver(ray_cluster, cfg, tmp_path, "raydb.train.stage.train_distributed")
     run = Path(run_uri(cfg))
     deadline = time.time() + 240
     try:
@@ -131,8 +115,7 @@ def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, same
             assert driver.poll() is None, "driver ended before its first checkpoint"
             time.sleep(0.2)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+        kill_driver(driver)
     assert "checkpoint-step-" in snapshot.read_text(), "no checkpoint within the deadline"
     time.sleep(2)  # let the cluster reap the dead job's actors
     result = train_distributed(cfg.model_copy(update={}), quiet=True)

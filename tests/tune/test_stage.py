@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +12,7 @@ import pytest
 
 from raydb.registry import latest_version
 from raydb.storage import Storage
+from tests.helpers.drivers import kill_driver, start_driver
 from tests.helpers.images import demo_photos
 from tests.helpers.trainings import CancelDuringStage, FakeJobs
 
@@ -128,20 +125,7 @@ def test_killed_tune_driver_resumes(ray_cluster, make_cfg, tmp_path, class_image
                    tune=GRID | {"prior_loss_weight": [0.0, 1.0], "learning_rate": [1e-2],
                                 "max_concurrent_trials": 1, "eval_every": 2,
                                 "grace_period": 2})  # no early stop: both trials finish
-    cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(json.dumps(cfg.to_dict()))
-    script = (
-        "import json\n"
-        "from raydb.config import load_config\n"
-        "from raydb.cluster import init_ray\n"
-        "from raydb.tune import run_tune\n"
-        f"cfg = load_config(data=json.load(open({str(cfg_file)!r})))\n"
-        "init_ray(cfg)\n"
-        "run_tune(cfg, quiet=True)\n"
-    )
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    driver = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = start_driver(ray_cluster, cfg, tmp_path, "raydb.tune.run_tune")
     runs = Path(cfg.workspace) / "runs" / cfg.subject.id
     deadline = time.time() + 300
     try:
@@ -150,9 +134,7 @@ def test_killed_tune_driver_resumes(ray_cluster, make_cfg, tmp_path, class_image
             time.sleep(0.5)
         time.sleep(3)  # let Tune record the finished trial in its experiment state
     finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+        kill_driver(driver)
     finished = list(runs.glob("*/result.json"))
     assert len(finished) == 1, "expected exactly one finished trial before the kill"
     first_mtime = finished[0].stat().st_mtime_ns

@@ -54,7 +54,8 @@ def prepare_training_data(
     the class images, flipped with ``train.random_flip``); SDXL's time ids come with them.
     """
     tc = cfg.train
-    inputs = inputs or prepare_inputs(cfg, storage, family=components.family)
+    if inputs is None:
+        inputs = prepare_inputs(cfg, storage, family=components.family)
     vae = components.vae
     prompts = encode_prompt_set(components, [cfg.subject.instance_prompt, cfg.subject.class_prompt])
 

@@ -53,7 +53,7 @@ def deploy(cfg: RaydbConfig) -> Any:
     """
     from ray import serve
 
-    from raydb.ray_utils import init_ray
+    from raydb.cluster import init_ray
 
     init_ray(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

@@ -40,9 +40,10 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from raydb.config import RaydbConfig
+from raydb.errors import Refused, RequestError, TimedOut, Unavailable
 from raydb.registry import migrate_registry, version_uri
 from raydb.serving.adapters import AdapterError, AdapterGone, GenerationCancelled, LoadedAdapter
-from raydb.serving.api import GenerateRequest, RequestError, validate_generate, validation_detail
+from raydb.serving.api import GenerateRequest, validate_generate
 from raydb.serving.auth import KeyRing, key_from_headers
 from raydb.serving.batcher import ShapeBatcher
 from raydb.serving.engine import (
@@ -60,18 +61,23 @@ from raydb.serving.limits import (
 )
 from raydb.serving.retry import DEFAULT_ATTEMPTS, call_with_retry, safe_to_repeat
 from raydb.serving.slots import SlotPool
+from raydb.serving.status import http_exception, http_status
 from raydb.serving.subjects import (
+    BadAdapterId,
     SubjectNotFound,
     find_subject,
     model_id,
     parse_model_id,
     tenant_subjects,
 )
-from raydb.serving.trainings import TrainingsEndpoint
-from raydb.serving.trainings import router as trainings_router
+from raydb.serving.training_routes import TrainingsEndpoint
+from raydb.serving.training_routes import router as trainings_router
 from raydb.storage import Storage
 
 __all__ = ["DiffusionDeployment", "IngressDeployment", "http_app"]
+
+# What the ingress answers a /v1/generate request it will not run with (status: raydb.serving.status).
+_REFUSALS = (Refused, TooManyRequests, BodyTooLarge, ValidationError, SubjectNotFound)
 
 logger = logging.getLogger("ray.serve")
 
@@ -166,17 +172,17 @@ class DiffusionDeployment:
         except GenerationCancelled as exc:
             self.cancelled += 1
             logger.info("request for %s stopped: %s", adapter_id or "base model", exc)
-            return {"error": {"status": 504, "detail": "the request ran past its time limit"}}
+            return {"error": {"status": http_status(exc), "detail": "the request ran past its time limit"}}
         except asyncio.CancelledError:
             stop.set()  # the client went away: its batch stops at the next step if it was the last
             self.cancelled += 1
             raise
         except AdapterError as exc:
             logger.warning("adapter %s failed: %s", adapter_id, exc)
-            return {"error": {"status": exc.status, "detail": exc.public}}
-        except ValueError as exc:  # bad adapter id
+            return {"error": {"status": http_status(exc), "detail": exc.public}}
+        except BadAdapterId as exc:
             logger.warning("bad adapter id %r: %s", adapter_id, exc)
-            return {"error": {"status": 400, "detail": "bad adapter id"}}
+            return {"error": {"status": http_status(exc), "detail": "bad adapter id"}}
         finally:
             self.in_flight -= 1
         return result | {"base_model": self.pool.identity}
@@ -257,35 +263,24 @@ class IngressDeployment:
         try:
             with self.limiter.admit(tenant or ""):
                 return await self._generate(request, tenant)
-        except TooManyRequests as exc:
-            raise HTTPException(429, f"too many requests: {exc.reason}",
-                                headers={"Retry-After": str(exc.retry_after)}) from None
+        except _REFUSALS as exc:  # the status comes from the one table (raydb.serving.status)
+            raise http_exception(exc) from None
 
     async def _generate(self, request: Request, tenant: str | None) -> Response:
+        """Raises one of ``_REFUSALS`` for a request it will not run: over the tenant's limits,
+        a body too large or not a GenerateRequest, an unknown subject, a broken limit."""
         sc = self.cfg.serve
-        try:
-            body = await read_body_capped(request.headers, request.stream(), sc.max_body_bytes)
-        except BodyTooLarge as exc:
-            raise HTTPException(413, str(exc)) from None
-        try:
-            req = GenerateRequest.model_validate_json(body)
-        except ValidationError as exc:
-            raise HTTPException(422, validation_detail(exc)) from None
-        try:
-            subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace,
-                                              req.subject_id, tenant)
-        except SubjectNotFound as exc:
-            raise HTTPException(404, str(exc)) from None
-        try:
-            params = validate_generate(req, sc, subject.metadata)
-        except RequestError as exc:
-            raise HTTPException(422, exc.detail()) from None
+        body = await read_body_capped(request.headers, request.stream(), sc.max_body_bytes)
+        req = GenerateRequest.model_validate_json(body)
+        subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace, req.subject_id,
+                                          tenant)
+        params = validate_generate(req, sc, subject.metadata)
         want_png = "image/png" in request.headers.get("accept", "")
         if want_png and params.num_images != 1:
-            raise HTTPException(422, RequestError("num_images", "Accept: image/png returns one image; "
-                                                  "use application/json for more").detail())
+            raise RequestError("num_images", "Accept: image/png returns one image; use application/json "
+                                             "for more")
         result = await self._call_replica(subject.subject_id, subject.version, params.model_dump())
-        if "error" in result:
+        if "error" in result:  # the replica's status, from the same table
             raise HTTPException(result["error"]["status"],
                                 f"subject {subject.subject_id!r}: {result['error']['detail']}")
         used = params.model_dump() | {"subject_id": subject.subject_id, "adapter_version": subject.version,
@@ -316,11 +311,10 @@ class IngressDeployment:
             return await asyncio.wait_for(answer(), timeout=self.cfg.serve.request_timeout_s)
         except TimeoutError:
             sent[-1].cancel()
-            raise HTTPException(504, "the request ran past its time limit") from None
+            raise TimedOut("the request ran past its time limit") from None
         except asyncio.CancelledError:
             if sent:
                 sent[-1].cancel()
             raise
         except BackPressureError:
-            raise HTTPException(503, "the server is at capacity; retry",
-                                headers={"Retry-After": "1"}) from None
+            raise Unavailable("the server is at capacity; retry", retry_after=1) from None

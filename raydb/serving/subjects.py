@@ -17,8 +17,8 @@ from raydb.ids import check_safe_id, is_version
 from raydb.registry import ADAPTER_META, latest_version, list_subjects, subject_owner
 from raydb.storage import NotFound, Storage, StorageError, join
 
-__all__ = ["SubjectNotFound", "SubjectVersion", "find_subject", "tenant_subjects", "model_id",
-           "parse_model_id"]
+__all__ = ["SubjectNotFound", "BadAdapterId", "SubjectVersion", "find_subject", "tenant_subjects",
+           "model_id", "parse_model_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 class SubjectNotFound(LookupError):
     """Unknown subject, or one the caller's tenant does not own (deliberately indistinguishable)."""
+
+
+class BadAdapterId(ValueError):
+    """A multiplexed model id that is not ``<subject>@vNNNN`` with a safe subject id."""
 
 
 @dataclass(frozen=True)
@@ -50,11 +54,15 @@ def model_id(subject_id: str, version: str) -> str:
 
 
 def parse_model_id(value: str) -> tuple[str, str]:
-    """``"alice@v0001"`` -> ``("alice", "v0001")``; ValueError for anything else (no path tricks)."""
+    """``"alice@v0001"`` -> ``("alice", "v0001")``; BadAdapterId (a ValueError) for anything else
+    (no path tricks)."""
     subject_id, sep, version = value.partition("@")
     if not sep or not is_version(version):
-        raise ValueError(f"bad adapter id {value!r} (expected <subject>@vNNNN)")
-    return check_safe_id(subject_id), version
+        raise BadAdapterId(f"bad adapter id {value!r} (expected <subject>@vNNNN)")
+    try:
+        return check_safe_id(subject_id), version
+    except ValueError as exc:
+        raise BadAdapterId(f"bad adapter id {value!r}: {exc}") from None
 
 
 def find_subject(storage: Storage, workspace: str, subject_id: str, tenant: str | None) -> SubjectVersion:

@@ -29,8 +29,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from raydb.cluster import free_port
 from raydb.config import ServeConfig, load_config
-from raydb.serving.api import GenerateRequest, RequestError, final_prompt, validate_generate
+from raydb.errors import RequestError
+from raydb.serving.api import GenerateRequest, final_prompt, validate_generate
 from raydb.serving.auth import KeyRing, hash_key, key_from_headers, parse_env_keys
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,14 +114,8 @@ def test_shipped_serve_configs_load_and_build():
 
 
 # -- integration tier: one Serve app over real HTTP --------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(workspace: str, sid: str, tenant: str, token: str, noun: str) -> None:
-    from raydb.train.local import train_subject
+    from raydb.pipeline import run_pipeline
 
     cfg = load_config(data={
         "workspace": workspace, "model": {"pretrained": "tiny"}, "prior": {"enabled": False},
@@ -128,7 +124,7 @@ def _train(workspace: str, sid: str, tenant: str, token: str, noun: str) -> None
         "train": {"resolution": 64, "max_steps": 4, "learning_rate": 1e-2, "checkpoint_every": 1000,
                   "num_sample_images": 0, "seed": len(sid)},
     })
-    train_subject(cfg, quiet=True, samples=False)
+    run_pipeline(cfg, local=True, quiet=True)  # trained and registered
 
 
 def _bad_copies(workspace: str) -> None:
@@ -149,8 +145,8 @@ def _bad_copies(workspace: str) -> None:
 
 
 def _random_subjects(workspace: str) -> None:
-    from raydb.serving.synthetic import register_random_adapter
     from raydb.storage import Storage
+    from tests.helpers.adapters import register_random_adapter
 
     for i, sid in enumerate(RANDOM):
         register_random_adapter(Storage(), workspace, "alice", sid, rank=4, seed=100 + i)
@@ -176,7 +172,7 @@ def server(ray_cluster, served_workspace):
     from raydb.serving import run_server
 
     workspace = served_workspace
-    port = _free_port()
+    port = free_port()
     os.environ["RAYDB_TEST_SERVE_KEYS"] = f"{KEY_ENV}:t1"
     cfg = load_config(data={
         "workspace": workspace, "model": {"pretrained": "tiny"},

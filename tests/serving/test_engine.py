@@ -24,6 +24,7 @@ from raydb.serving.multi_lora import (
     SlotRouter,
     parse_adapter,
 )
+from raydb.serving.status import http_status
 
 TOL = 1e-9
 
@@ -78,18 +79,18 @@ def adapters(tmp_path_factory):
     """A workspace with one trained subject (alpha != rank, text encoder LoRA too) and random
     subjects of ranks 2, 8, 16 (UNet only)."""
     from raydb.config import load_config
-    from raydb.serving.synthetic import register_random_adapter
+    from raydb.pipeline import run_pipeline
     from raydb.storage import Storage
-    from raydb.train.local import train_subject
+    from tests.helpers.adapters import register_random_adapter
 
     workspace = str(tmp_path_factory.mktemp("engine-ws"))
-    train_subject(load_config(data={
+    run_pipeline(load_config(data={
         "workspace": workspace, "model": {"pretrained": "tiny"}, "prior": {"enabled": False},
         "subject": {"id": "trained", "instance_prompt": "a photo of sks dog",
                     "class_prompt": "a photo of a dog"},
         "lora": {"rank": 4, "alpha": 8.0, "train_text_encoder": True},
         "train": {"resolution": 64, "max_steps": 2, "learning_rate": 1e-2, "checkpoint_every": 1000,
-                  "num_sample_images": 0}}), quiet=True, samples=False)
+                  "num_sample_images": 0}}), local=True, quiet=True)  # trained and registered
     storage = Storage()
     for i, rank in enumerate([2, 8, 16]):
         register_random_adapter(storage, workspace, "trained", f"rank{rank}", rank=rank, seed=i,
@@ -167,7 +168,7 @@ def test_adapter_above_max_lora_rank_is_refused_before_taking_a_slot(engine, ada
     stats = pool.stats()
     with pytest.raises(AdapterTooLarge, match=r"rank 16 .*serve.max_lora_rank=8") as err:
         pool.load(Storage(), _uri(adapters, "rank16"), "rank16", "v0001")
-    assert err.value.status == 409
+    assert http_status(err.value) == 409
     assert pool.stats() == stats and all(a.loaded for a in loaded.values())
 
 

@@ -20,6 +20,7 @@ from raydb.serving.limits import (
     TooManyRequests,
     read_body_capped,
 )
+from raydb.serving.status import http_status
 from raydb.serving.subjects import parse_model_id
 
 
@@ -141,7 +142,7 @@ def test_failure_cache_expires():
 
 def test_adapter_errors_have_generic_public_messages():
     exc = AdapterMismatch("adapter was trained on base model 'x', this server runs 'local-abc'")
-    assert "local-abc" not in exc.public and "/" not in exc.public and exc.status == 409
+    assert "local-abc" not in exc.public and "/" not in exc.public and http_status(exc) == 409
 
 
 # -- config ------------------------------------------------------------------------------------------

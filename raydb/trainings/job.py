@@ -1,10 +1,12 @@
-"""A training's Ray job: ``python -m raydb.service.runner --workspace W --tenant T --training ID``.
+"""A training's Ray job: ``python -m raydb.trainings.job --workspace W --tenant T --training ID``.
 
 Runs the pipeline's stages for the training's stored config — priors, encode, train (or tune) —
 recording the current stage in ``status.json`` as each starts (the training loop itself writes step,
-loss and images/s to its run folder's ``progress.json``). Before registering it claims the
-training's outcome: if ``DELETE`` claimed it first, the job ends ``cancelled`` with nothing
-registered; once the job holds the claim a cancel is refused, so a training is never half-registered.
+loss and images/s to its run folder's ``progress.json``). Those stages only leave a finished adapter
+(a search: its best trial's); the pipeline registers in its ``register`` stage alone, which this job
+runs in a second call, after it claimed the training's outcome: if ``DELETE`` claimed it first, the
+job ends ``cancelled`` with nothing registered (nor the subject id claimed); once the job holds the
+claim a cancel is refused, so a training is never half-registered.
 Any exception ends the training ``failed`` with its message. The stages are the pipeline's usual
 Ray ones (Ray Data, Ray Train, Ray Tune) on the cluster the job runs on.
 """
@@ -16,9 +18,9 @@ import sys
 from typing import Any
 
 from raydb.config import RaydbConfig
-from raydb.service import error_line
-from raydb.service.store import TrainingStore
+from raydb.errors import error_line
 from raydb.storage import Storage
+from raydb.trainings.store import TrainingStore
 
 __all__ = ["run_training", "main"]
 
@@ -44,7 +46,7 @@ def run_training(store: TrainingStore, tenant: str, training_id: str, *, local: 
     on_stage("starting")
     try:
         if not local:
-            from raydb.ray_utils import init_ray
+            from raydb.cluster import init_ray
 
             init_ray(cfg)
         trainer = "tune" if cfg.tune is not None else "train"
@@ -65,7 +67,7 @@ def run_training(store: TrainingStore, tenant: str, training_id: str, *, local: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raydb.service.runner",
+    parser = argparse.ArgumentParser(prog="python -m raydb.trainings.job",
                                      description="Run one stored training (a Ray job's entrypoint).")
     parser.add_argument("--workspace", required=True)
     parser.add_argument("--tenant", required=True)

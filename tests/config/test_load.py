@@ -9,7 +9,7 @@ import yaml
 
 from raydb.config import ConfigError, RaydbConfig, SearchSpace, apply_overrides, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _error(overrides: list[str]) -> str:

@@ -7,12 +7,12 @@ default), the field is refused (403). A URI names one object, or a folder (a tra
 key with objects under it) that stands for every file under it, hidden files (``.DS_Store``) left
 out exactly as ingestion reads a folder.
 
-Segments, not normalising: S3 keys are literal (``t1/../t2/a.png`` is a key of its own), but a proxy
-or an S3-compatible server between us and the bucket may normalise a path, so what we compared
-would not be what is read. A URI (or prefix) with a ``.``, ``..`` or empty segment, a backslash or
-a control character is refused outright; then, bucket for bucket, the prefix's segments must be
-the first segments of the URI's key — on key boundaries, so ``uploads/t1/`` does not admit
-``uploads/t10/``.
+Segments, not normalising: a URI (or prefix) that is not a plain S3 URI — a ``.``, ``..`` or empty
+segment, a backslash or a control character (:func:`raydb.storage.s3_segments` says why) — is
+refused outright; then, bucket for bucket, the prefix's segments must be the first segments of the
+URI's key — on key boundaries, so ``uploads/t1/`` does not admit ``uploads/t10/``. The URI is split
+by storage's only S3 parser, the one that reads it, so ``?`` and ``#`` are key characters both when
+the URI is checked and when it is read (``t1/a?b.png`` is that object, never ``t1/a``).
 
 Reading uses the service's own :class:`raydb.storage.Storage` (its credentials and endpoint).
 Every URI is listed first — the number of photos and each object's size come from the listing,
@@ -26,35 +26,14 @@ line (the error code and message, never credentials).
 from __future__ import annotations
 
 import json
-import re
 
 from raydb.config import ServiceConfig
-from raydb.service.errors import Forbidden, TooLarge
-from raydb.serving.api import RequestError
-from raydb.storage import NotFound, Storage, StorageError
+from raydb.errors import Forbidden, RequestError, TooLarge
+from raydb.storage import NotFound, Storage, StorageError, s3_segments
 
-__all__ = ["FIELD", "split_uri", "parse_photo_uris", "check_allowed", "read_photo_uris"]
+__all__ = ["FIELD", "parse_photo_uris", "check_allowed", "read_photo_uris"]
 
 FIELD = "photo_uris"
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
-
-
-def split_uri(uri: str) -> tuple[str, list[str]]:
-    """``s3://bucket/a/b/`` -> ``("bucket", ["a", "b"])``; ValueError saying why for anything that is
-    not a plain ``s3://`` URI (see the module docstring). The URI is not parsed as a URL: ``?`` and
-    ``#`` are ordinary key characters in S3."""
-    if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise ValueError("not an s3:// URI")
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not _BUCKET.fullmatch(bucket):
-        raise ValueError(f"bad bucket name {bucket!r}")
-    if len(key.encode("utf-8")) > 1024 or _BAD_CHARS.search(key):
-        raise ValueError("the key is over 1024 bytes or has a backslash or control character")
-    segments = key.removesuffix("/").split("/") if key else []
-    if any(s in ("", ".", "..") for s in segments):
-        raise ValueError("empty, '.' and '..' path segments are not allowed")
-    return bucket, segments
 
 
 def parse_photo_uris(raw: str | None) -> list[str]:
@@ -79,11 +58,11 @@ def check_allowed(uri: str, prefixes: list[str], tenant: str) -> None:
         raise Forbidden(FIELD, "this service does not read photos by URI (service.photo_uri_prefixes "
                                "is empty): upload them as 'photos'")
     try:
-        bucket, segments = split_uri(uri)
+        bucket, segments = s3_segments(uri)
     except ValueError as exc:
         raise RequestError(FIELD, f"{uri!r}: {exc}") from None
     for prefix in prefixes:
-        allowed_bucket, allowed = split_uri(prefix.replace("{tenant}", tenant))
+        allowed_bucket, allowed = s3_segments(prefix.replace("{tenant}", tenant))
         if bucket == allowed_bucket and segments[:len(allowed)] == allowed:
             return
     raise Forbidden(FIELD, f"{uri}: outside the folders this tenant may name "

@@ -16,9 +16,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from raydb.data.demo import demo_images
+from raydb.cluster import free_port
 from raydb.serving.auth import hash_key
-from tests.helpers.head_cluster import free_ports, head_cluster, job_info, run_job
+from tests.helpers.head_cluster import head_cluster, job_info, run_job
+from tests.helpers.images import demo_photos
 
 KEY = "service-test-key-one"
 DEPLOY = "import sys; from raydb.config import load_config; from raydb.serving import deploy; " \
@@ -51,7 +52,7 @@ def test_upload_train_as_a_ray_job_then_generate_without_redeploy(tmp_path):
 
     deadline = time.monotonic() + 600  # generous: the 2 shared cores are often overloaded
     with head_cluster(prefix="rst-") as cluster:
-        port = free_ports(1)[0]
+        port = free_port()
         config = tmp_path / "serve.yaml"
         config.write_text(yaml.safe_dump({
             "workspace": str(tmp_path / "ws"),
@@ -67,11 +68,7 @@ def test_upload_train_as_a_ray_job_then_generate_without_redeploy(tmp_path):
         # Serve's apps outlive the job that deployed them
         run_job(cluster, [sys.executable, "-c", DEPLOY, str(config)], "deploy-serve", deadline)
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        files = []
-        for i, img in enumerate(demo_images(4, 128)):
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG")
-            files.append(("photos", (f"star{i}.jpg", buf.getvalue(), "image/jpeg")))
+        files = [("photos", (name, data, "image/jpeg")) for name, data in demo_photos(4, 128, "JPEG")]
         resp = client.post("/v1/trainings", headers={"Authorization": f"Bearer {KEY}"}, files=files,
                            data={"subject_id": "star", "instance_prompt": "a photo of sks toy",
                                  "class_prompt": "a photo of a toy"})
@@ -102,4 +99,4 @@ def test_upload_train_as_a_ray_job_then_generate_without_redeploy(tmp_path):
         while (job := job_info(cluster.dashboard, view["job_id"], cluster.token)).get("status") == "RUNNING":
             assert time.monotonic() < deadline, job
             time.sleep(1)
-        assert job["status"] == "SUCCEEDED" and "raydb.service.runner" in job["entrypoint"]
+        assert job["status"] == "SUCCEEDED" and "raydb.trainings.job" in job["entrypoint"]

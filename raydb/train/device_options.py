@@ -1,6 +1,8 @@
-"""Speed options of the training step: channels_last, fused AdamW and ``torch.compile``.
+"""How the training step runs on its device: mixed precision, CUDA graphs, and the speed options
+channels_last, fused AdamW and ``torch.compile``.
 
-None of them changes the math; they change how the same step is laid out on the device:
+``resolve_mixed_precision`` and ``use_cuda_graphs`` turn ``auto`` into a decision for the device.
+None of the speed options changes the math; they change how the same step is laid out on the device:
 
 * ``train.channels_last`` stores the UNet's conv weights (and hence its activations) as NHWC,
   which cuDNN's tensor-core kernels prefer (1.24-1.36x on an H200). ``auto`` turns it on for CUDA

@@ -1,9 +1,10 @@
 """The training service's operations, as the HTTP layer calls them (no HTTP, no Ray here).
 
 :class:`TrainingService` submits (checks, limits, idempotency, records), answers status and lists,
-cancels, and runs queue passes; the ingress's routes (:mod:`raydb.serving.trainings`) only parse the
-request and turn :class:`Refused` into a status code. Tenants only ever reach their own folder, so
-another tenant's training id is simply not found (404), like a missing one.
+cancels, and runs queue passes; the ingress's routes (:mod:`raydb.serving.training_routes`) only
+parse the request and answer a :class:`raydb.errors.Refused` raised here with its status (the table
+in :mod:`raydb.serving.status`). Tenants only ever reach their own folder, so another tenant's
+training id is simply not found (404), like a missing one.
 """
 
 from __future__ import annotations
@@ -13,20 +14,13 @@ import time
 from typing import Any
 
 from raydb.config import RaydbConfig
-from raydb.service.queue import Jobs, queue_counts, reconcile
-from raydb.service.store import TERMINAL, TrainingStore, new_training_id
-from raydb.service.submission import validate_submission
+from raydb.errors import Conflict, Invalid, Overloaded, UnknownResource
 from raydb.storage import Storage
+from raydb.trainings.queue import Jobs, queue_counts, reconcile
+from raydb.trainings.store import TERMINAL, TrainingStore, new_training_id
+from raydb.trainings.validate import validate_submission
 
-__all__ = ["Refused", "TrainingService", "training_view"]
-
-
-class Refused(Exception):
-    """A request the service will not carry out: HTTP ``status`` with ``detail`` (and Retry-After)."""
-
-    def __init__(self, status: int, detail: Any, retry_after: int | None = None) -> None:
-        super().__init__(str(detail))
-        self.status, self.detail, self.retry_after = status, detail, retry_after
+__all__ = ["TrainingService", "training_view"]
 
 
 def _progress(storage: Storage, config: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +98,7 @@ class TrainingService:
         Idempotency-Key named an earlier training, which is returned instead)."""
         if idempotency_key is not None:
             if not 1 <= len(idempotency_key) <= 255:
-                raise Refused(422, "Idempotency-Key: 1 to 255 characters")
+                raise Invalid("Idempotency-Key: 1 to 255 characters")
             earlier = self.store.idempotent_id(tenant, idempotency_key)
             if earlier is not None:
                 return training_view(self.store, tenant, earlier), False
@@ -113,7 +107,7 @@ class TrainingService:
                                   photos_uri=self.store.photos_uri(tenant, training_id),
                                   storage=self.store.storage)
         self._check_capacity(tenant)
-        self._claim_subject(tenant, sub.subject_id)
+        self._check_owner(tenant, sub.subject_id)
         request = {"subject_id": sub.subject_id, "overrides": sub.overrides, "config": sub.config,
                    "photos": [name for name, _ in sub.photos], "photo_uris": sub.photo_uris}
         self.store.create(tenant, training_id, request, sub.photos)
@@ -126,16 +120,17 @@ class TrainingService:
         self.pass_queue()
         return training_view(self.store, tenant, training_id), True
 
-    def _claim_subject(self, tenant: str, subject_id: str) -> None:
-        """The subject id becomes the tenant's (the registry's create-if-absent owner record), or 409
-        when another tenant owns it — before the upload is stored, not after training."""
-        from raydb.registry import SubjectOwned, claim_subject
+    def _check_owner(self, tenant: str, subject_id: str) -> None:
+        """409 when another tenant owns the subject id — before the upload is stored, not after
+        training. A read, not a claim: the id becomes the tenant's when the job's pipeline registers
+        (the only registrar), so a training that is cancelled or fails leaves no trace in the
+        registry. (Two tenants racing for a new id both pass here; the second to register fails.)"""
+        from raydb.registry import subject_owner
 
-        try:
-            claim_subject(self.store.storage, self.cfg.workspace, subject_id, tenant)
-        except SubjectOwned:
-            raise Refused(409, [{"type": "value_error", "loc": ["body", "subject_id"],
-                                 "msg": f"subject id {subject_id!r} is taken; choose another"}]) from None
+        owner = subject_owner(self.store.storage, self.cfg.workspace, subject_id)
+        if owner is not None and owner != tenant:
+            raise Conflict([{"type": "value_error", "loc": ["body", "subject_id"],
+                             "msg": f"subject id {subject_id!r} is taken; choose another"}])
 
     def _check_capacity(self, tenant: str) -> None:
         sc = self.cfg.service
@@ -143,14 +138,14 @@ class TrainingService:
         starts_now = (counts["queued"] == 0 and counts["running"] < sc.max_concurrent_trainings
                       and counts["running_by_tenant"][tenant] < sc.max_trainings_per_tenant)
         if not starts_now and counts["queued"] >= sc.max_queued_trainings:
-            raise Refused(429, f"the training queue is full ({counts['queued']} waiting); retry later",
-                          retry_after=sc.retry_after_s)
+            raise Overloaded(f"the training queue is full ({counts['queued']} waiting); retry later",
+                             retry_after=sc.retry_after_s)
 
     # -- read --------------------------------------------------------------------------------------
     def get(self, tenant: str, training_id: str) -> dict[str, Any]:
         view = training_view(self.store, tenant, training_id)
         if view is None:
-            raise Refused(404, f"unknown training {training_id!r}")
+            raise UnknownResource(f"unknown training {training_id!r}")
         return view
 
     def list(self, tenant: str) -> list[dict[str, Any]]:
@@ -161,10 +156,10 @@ class TrainingService:
         """Stop the training: ``cancelled`` unless it already ended or is registering (409)."""
         view = self.get(tenant, training_id)
         if view["status"] in TERMINAL:
-            raise Refused(409, f"training {training_id!r} already {view['status']}")
+            raise Conflict(f"training {training_id!r} already {view['status']}")
         if not self.store.claim_outcome(tenant, training_id, "cancel"):
-            raise Refused(409, f"training {training_id!r} is registering its result; it cannot be "
-                               "cancelled any more")
+            raise Conflict(f"training {training_id!r} is registering its result; it cannot be "
+                           "cancelled any more")
         job = self.store.job(tenant, training_id)
         if job is not None:
             self.jobs.stop(job["submission_id"])
@@ -173,7 +168,7 @@ class TrainingService:
 
     # -- the queue ---------------------------------------------------------------------------------
     def pass_queue(self, *, if_older_than_s: float = 0.0) -> list[str]:
-        """One :func:`raydb.service.queue.reconcile` pass (skipped while another runs here, or when
+        """One :func:`raydb.trainings.queue.reconcile` pass (skipped while another runs here, or when
         the last one ended less than ``if_older_than_s`` ago: polling clients share passes)."""
         if time.monotonic() - self._last_pass < if_older_than_s or not self._lock.acquire(blocking=False):
             return []

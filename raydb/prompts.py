@@ -1,4 +1,4 @@
-"""The subject's instance token: how prompts refer to a trained subject."""
+"""How prompts name a trained subject: its instance token, and putting it into a prompt that lacks it."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
-"""``/v1/trainings`` on the ingress: HTTP in, :class:`raydb.service.trainings.TrainingService` calls out.
+"""``/v1/trainings`` on the ingress: HTTP in, :class:`raydb.trainings.service.TrainingService` calls out.
 
 ``router`` is included in the ingress's FastAPI app; the ingress replica builds one
 :class:`TrainingsEndpoint` (its config, storage and tenant check) as its ``trainings`` attribute,
 where the routes find it through Serve's replica context (``servable_object``). The routes parse
 the request — the multipart body is read only after the key was checked and ``Content-Length`` is
-within ``service.max_upload_bytes`` — and map the service's refusals to status codes: 401 (key),
-403 (a photo URI the tenant may not name), 404 (unknown or another tenant's training), 409
-(subject id taken, cancel too late), 413 (too large), 422 (field named), 429 (+ Retry-After).
+within ``service.max_upload_bytes`` — and answer the service's refusals with the status that
+:mod:`raydb.serving.status` gives them: 403 (a photo URI the tenant may not name), 404 (unknown or
+another tenant's training), 409 (subject id taken, cancel too late), 413 (too large), 422 (field
+named), 429 (+ Retry-After); 401 (key), 411, 415 and 400 (not a multipart body) are the protocol's.
 Blocking work (storage, S3 photo reads, decoding, the Jobs API) runs in a worker thread.
 """
 
@@ -19,11 +20,11 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from starlette.datastructures import UploadFile
 
 from raydb.config import RaydbConfig
-from raydb.service.errors import Forbidden, TooLarge
-from raydb.service.queue import Jobs
-from raydb.service.trainings import Refused, TrainingService
-from raydb.serving.api import RequestError
+from raydb.errors import Refused, RequestError, TooLarge
+from raydb.serving.status import http_exception
 from raydb.storage import Storage
+from raydb.trainings.queue import Jobs
+from raydb.trainings.service import TrainingService
 
 __all__ = ["router", "TrainingsEndpoint"]
 
@@ -38,7 +39,7 @@ class _LazyJobs:
 
     def _get(self):
         if self._jobs is None:
-            from raydb.service.queue import RayJobs
+            from raydb.trainings.queue import RayJobs
 
             self._jobs = RayJobs(self.address)
         return self._jobs
@@ -86,15 +87,8 @@ def _endpoint(request: Request) -> tuple[TrainingsEndpoint, str]:
 async def _call(fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return await asyncio.to_thread(fn, *args)
-    except TooLarge as exc:
-        raise HTTPException(413, exc.detail()) from None
-    except Forbidden as exc:
-        raise HTTPException(403, exc.detail()) from None
-    except RequestError as exc:
-        raise HTTPException(422, exc.detail()) from None
     except Refused as exc:
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        raise HTTPException(exc.status, exc.detail, headers=headers) from None
+        raise http_exception(exc) from None
 
 
 async def _read_form(request: Request, cfg: RaydbConfig) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
@@ -104,8 +98,7 @@ async def _read_form(request: Request, cfg: RaydbConfig) -> tuple[dict[str, str]
     except ValueError:
         raise HTTPException(411, "Content-Length required") from None
     if length > sc.max_upload_bytes:
-        raise HTTPException(413, RequestError("photos", f"upload of {length} bytes, at most "
-                                                        f"{sc.max_upload_bytes}").detail())
+        raise TooLarge("photos", f"upload of {length} bytes, at most {sc.max_upload_bytes}")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise HTTPException(415, "expected multipart/form-data (photos as files, the rest as fields)")
     fields: dict[str, str] = {}
@@ -114,11 +107,11 @@ async def _read_form(request: Request, cfg: RaydbConfig) -> tuple[dict[str, str]
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key != "photos":
-                    raise HTTPException(422, RequestError(key, "files go in the 'photos' field").detail())
+                    raise RequestError(key, "files go in the 'photos' field")
                 data = await value.read(sc.max_photo_bytes + 1)
                 uploads.append((value.filename or "", data))
             elif key in fields:
-                raise HTTPException(422, RequestError(key, "given twice").detail())
+                raise RequestError(key, "given twice")
             else:
                 fields[key] = value
     return fields, uploads
@@ -131,6 +124,8 @@ async def create_training(request: Request) -> Response:
         fields, uploads = await _read_form(request, endpoint.cfg)
     except HTTPException:
         raise
+    except Refused as exc:
+        raise http_exception(exc) from None
     except Exception as exc:  # starlette's multipart errors (too many files, malformed body)
         raise HTTPException(400, f"malformed multipart body: {exc}") from None
     view, created = await _call(endpoint.service.submit, tenant, fields, uploads,

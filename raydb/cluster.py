@@ -1,4 +1,5 @@
-"""Joining or starting a Ray cluster, the same way from the CLI, jobs and tests."""
+"""Joining or starting a Ray cluster, the same way from the CLI, jobs and tests; free ports for the
+servers raydb starts (the GCS, Serve's HTTP proxy) and for tests."""
 
 from __future__ import annotations
 
@@ -6,15 +7,28 @@ import os
 
 from raydb.config import RaydbConfig
 
-__all__ = ["init_ray", "start_local_ray"]
+__all__ = ["init_ray", "start_local_ray", "free_port", "free_ports"]
 
 
-def _free_port() -> int:
+def free_ports(count: int, host: str = "") -> list[int]:
+    """``count`` distinct TCP ports free on ``host`` ("": every interface) right now. The sockets are
+    held until all are chosen, so the ports differ; another process may still take one before its
+    server binds it."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def free_port(host: str = "") -> int:
+    """One TCP port free on ``host`` (see :func:`free_ports`)."""
+    return free_ports(1, host)[0]
 
 
 def start_local_ray(num_cpus: int, *, dashboard: bool = True, env: dict[str, str] | None = None,
@@ -29,7 +43,7 @@ def start_local_ray(num_cpus: int, *, dashboard: bool = True, env: dict[str, str
     import ray
     from ray._private.services import get_node_ip_address
 
-    port = _free_port()
+    port = free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     address = f"{get_node_ip_address()}:{port}"
     env = dict(env or {}) | {"RAY_ADDRESS": address}

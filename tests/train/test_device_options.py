@@ -14,8 +14,8 @@ from raydb.config import ConfigError
 from raydb.models.components import load_components
 from raydb.storage import Storage
 from raydb.train.data import make_micro_batch
+from raydb.train.device_options import use_channels_last, use_fused_adam
 from raydb.train.local import prepare_training_data
-from raydb.train.speed import use_channels_last, use_fused_adam
 from raydb.train.step import build_train_state, optimizer_step
 
 

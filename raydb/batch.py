@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from raydb.config import ConfigError, RaydbConfig, load_config
-from raydb.service import error_line
+from raydb.errors import error_line
 from raydb.storage import Storage, is_s3
 
 __all__ = ["BatchSubject", "SubjectOutcome", "load_manifest", "run_batch", "format_batch_summary"]

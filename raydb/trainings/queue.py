@@ -24,7 +24,7 @@ from collections import Counter
 from typing import Any, Protocol
 
 from raydb.config import RaydbConfig
-from raydb.service.store import TERMINAL, TrainingStore
+from raydb.trainings.store import TERMINAL, TrainingStore
 
 __all__ = ["Jobs", "RayJobs", "submission_id", "entrypoint", "reconcile", "queue_counts"]
 
@@ -80,9 +80,9 @@ def submission_id(tenant: str, training_id: str) -> str:
 
 
 def entrypoint(cfg: RaydbConfig, tenant: str, training_id: str) -> str:
-    """The job's command: ``python -m raydb.service.runner`` for this training."""
+    """The job's command: ``python -m raydb.trainings.job`` for this training."""
     python = cfg.service.job_python or sys.executable
-    args = [python, "-m", "raydb.service.runner", "--workspace", cfg.workspace, "--tenant", tenant,
+    args = [python, "-m", "raydb.trainings.job", "--workspace", cfg.workspace, "--tenant", tenant,
             "--training", training_id]
     if cfg.s3_endpoint_url:
         args += ["--s3-endpoint", cfg.s3_endpoint_url]

@@ -1,7 +1,7 @@
 """Checking a ``POST /v1/trainings`` submission before anything is written (no Ray, no HTTP).
 
 ``validate_submission`` takes the form's text fields and its photos and returns the training's
-validated config, or raises :class:`raydb.serving.api.RequestError` naming the field (the HTTP layer
+validated config, or raises :class:`raydb.errors.RequestError` naming the field (the HTTP layer
 answers 422, 413 for :class:`TooLarge`, 403 for :class:`Forbidden`). In order:
 
 1. fields: only ``subject_id``, ``instance_prompt``, ``class_prompt``, ``overrides``,
@@ -11,7 +11,7 @@ answers 422, 413 for :class:`TooLarge`, 403 for :class:`Forbidden`). In order:
    ``service.max_train_steps``, ``tune: true`` switches on the operator's ``service.tune`` search
    (named after the training, so each training searches afresh);
 3. photos: 1..``service.max_photos`` files, uploaded and named by ``s3://`` URI together (the
-   URIs' policy, listing and reads: :mod:`raydb.service.photo_uris`), each at most
+   URIs' policy, listing and reads: :mod:`raydb.trainings.photo_uris`), each at most
    ``service.max_photo_bytes`` and ``service.max_photo_pixels`` (read from the header, before
    decoding: a decompression bomb is refused without being decompressed), then decoded by the
    ingestion rules themselves (:func:`raydb.data.ingest.load_images` on a private temporary
@@ -31,11 +31,10 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from raydb.config import ConfigError, RaydbConfig, apply_overrides, load_config
+from raydb.errors import Forbidden, RequestError, TooLarge
 from raydb.ids import check_safe_id
-from raydb.service.errors import Forbidden, TooLarge
-from raydb.service.photo_uris import parse_photo_uris, read_photo_uris
-from raydb.serving.api import RequestError
 from raydb.storage import Storage
+from raydb.trainings.photo_uris import parse_photo_uris, read_photo_uris
 
 __all__ = ["FIELDS", "TooLarge", "Forbidden", "Submission", "validate_submission", "photo_names"]
 

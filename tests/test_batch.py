@@ -13,19 +13,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raydb.batch import load_manifest, run_batch
 from raydb.cli import main
-from raydb.data.demo import demo_images
+from raydb.data.demo_subject import demo_images
 from raydb.registry import latest_version
-from raydb.service.batch import load_manifest, run_batch
 from raydb.storage import Storage
+from tests.helpers.images import image_folder
 
 SUBJECTS = [("rex", "sks", "toy"), ("fido", "zwx", "toy"), ("kit", "qpv", "cat"), ("bad", "vfx", "toy")]
 
 
 def _photos(folder: Path, corrupt: bool) -> str:
-    folder.mkdir(parents=True)
-    for i, img in enumerate(demo_images(3, 96)):
-        img.save(folder / f"photo{i}.png")
+    image_folder(folder, demo_images(3, 96), prefix="photo")
     if corrupt:
         (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     return str(folder)

@@ -1,6 +1,6 @@
 """Training as a service, fast tier: the ``/v1/trainings`` routes on a plain FastAPI app (no Ray),
 Ray's Jobs API replaced by a fake, and the job's entrypoint (``run_training``) called in-process
-without Ray, as the job would run it. tests/service/test_trainings_ray.py runs the real thing once.
+without Ray, as the job would run it. tests/trainings/test_job.py runs the real thing once.
 """
 
 from __future__ import annotations
@@ -15,40 +15,17 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from raydb.data.demo import demo_images
 from raydb.data.ingest import load_images
 from raydb.registry import list_subjects
-from raydb.service.runner import run_training
-from raydb.service.store import TrainingStore
-from raydb.serving.trainings import TrainingsEndpoint, router
+from raydb.serving.training_routes import TrainingsEndpoint, router
 from raydb.storage import Storage
+from raydb.trainings.job import run_training
+from raydb.trainings.store import TrainingStore
+from tests.helpers.images import demo_photos, image_bytes
+from tests.helpers.trainings import CancelDuringStage, FakeJobs
 
 KEYS = {"key-one": "t1", "key-two": "t2"}
 FIELDS = {"subject_id": "rex", "instance_prompt": "a photo of sks toy", "class_prompt": "a photo of a toy"}
-
-
-class FakeJobs:
-    """Ray's Jobs API as the queue sees it: submissions recorded, statuses set by the test."""
-
-    def __init__(self) -> None:
-        self.submitted: list[str] = []
-        self.stopped: list[str] = []
-        self.statuses: dict[str, str] = {}
-        self.refuse = False  # as when the job agent is not up yet
-
-    def submit(self, submission_id: str, entrypoint: str) -> None:
-        assert "-m raydb.service.runner" in entrypoint
-        if self.refuse:
-            raise RuntimeError("Request failed with status code 500: No available agent to submit job")
-        self.submitted.append(submission_id)
-        self.statuses[submission_id] = "RUNNING"
-
-    def status(self, submission_id: str) -> tuple[str, str]:
-        return self.statuses[submission_id], "driver killed"
-
-    def stop(self, submission_id: str) -> None:
-        self.stopped.append(submission_id)
-        self.statuses[submission_id] = "STOPPED"
 
 
 def _tenant(request: Request) -> str:
@@ -78,13 +55,11 @@ def service(make_cfg, tmp_path):
 
 
 def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return image_bytes(img)
 
 
 def _photos() -> list[tuple[str, bytes]]:
-    return [(f"star{i}.png", _png(img)) for i, img in enumerate(demo_images(3, 96))]
+    return demo_photos(3, 96)
 
 
 def _post(client: TestClient, key: str = "key-one", photos=None, idem: str | None = None, **fields):
@@ -217,6 +192,31 @@ def test_jobs_succeed_fail_and_cancel_and_a_new_ingress_still_answers(service):
     assert _post(c, key="key-two", subject_id="rex").status_code == 409  # t1 owns rex
 
 
+def test_a_training_cancelled_while_it_trains_registers_nothing(service):
+    """``DELETE`` lands while the job's train stage runs: the stage finishes (its adapter is in the
+    run folder), but the job finds the outcome claimed and registers nothing — no version and no
+    owner record for the subject id (the submission only read the owner; the pipeline, the only
+    registrar, never ran its register stage)."""
+    from raydb.registry import subject_owner
+
+    cfg, jobs, client = service
+    c = client()
+    tid = _post(c).json()["id"]
+    store = TrainingStore(Storage(), cfg.workspace)
+    assert subject_owner(store.storage, cfg.workspace, "rex") is None  # submitted, not claimed
+    job_store = CancelDuringStage(store, "train", lambda: c.delete(f"/v1/trainings/{tid}",
+                                                                    headers={"X-API-Key": "key-one"}))
+    assert run_training(job_store, "t1", tid, local=True) == "cancelled"
+    assert job_store.cancelled and jobs.stopped == [jobs.submitted[0]]
+    run = store.status("t1", tid)["run_uri"]
+    assert (Path(run) / "adapter" / "pytorch_lora_weights.safetensors").is_file()  # it did train
+    assert list_subjects(Storage(), cfg.workspace) == {}
+    assert subject_owner(store.storage, cfg.workspace, "rex") is None
+    assert not (Path(cfg.workspace) / "subjects").exists()
+    view = c.get(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-one"}).json()
+    assert view["status"] == "cancelled" and view["subject"] is None
+
+
 def test_a_refused_submission_stays_queued_until_the_jobs_api_takes_it(service):
     cfg, jobs, client = service
     c = client()
@@ -262,6 +262,20 @@ def test_photos_named_by_s3_uri_are_copied_under_the_tenant(service, s3_bucket):
     trained = store.request("t1", resp.json()["id"])["config"]
     images = load_images(trained["subject"]["instance_data"], trained["train"]["resolution"])
     assert len(images) == 1 and images[0].size == (64, 64)
+
+
+def test_a_photo_uri_with_question_mark_or_hash_is_read_as_it_was_checked(service, s3_bucket):
+    """'?' and '#' are key characters when the URI is checked and when it is read: ``t1/a?b.png`` is
+    that object, not ``t1/a`` (which a URL parser would read)."""
+    cfg, jobs, c, s3, bucket = _uri_service(service, s3_bucket, ["BUCKET/{tenant}/"])
+    photos = _photos()
+    s3.write_bytes(f"{bucket}/t1/a", photos[0][1])
+    s3.write_bytes(f"{bucket}/t1/a?b.png", photos[1][1])
+    s3.write_bytes(f"{bucket}/t1/c#d.png", photos[2][1])
+    resp = _post(c, photos=[], photo_uris=json.dumps([f"{bucket}/t1/a?b.png", f"{bucket}/t1/c#d.png"]))
+    assert resp.status_code == 202, resp.text
+    folder = Path(TrainingStore(Storage(), cfg.workspace).photos_uri("t1", resp.json()["id"]))
+    assert sorted(p.read_bytes() for p in folder.iterdir()) == sorted([photos[1][1], photos[2][1]])
 
 
 def test_photo_uris_outside_the_tenants_prefixes_or_unreadable_are_refused(service, s3_bucket):

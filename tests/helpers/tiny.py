@@ -19,5 +19,6 @@ def training_setup(cfg: RaydbConfig, dtype: torch.dtype = torch.float32,
     storage = Storage()
     components = load_components(cfg.model, storage, cfg.workspace, dtype=dtype)
     data = prepare_training_data(cfg, components, storage)
-    state = build_train_state(cfg, components.unet, components.text_encoder)
+    state = build_train_state(cfg, components.unet, components.text_encoder,
+                              components.text_encoder_2)
     return components, data, state

@@ -229,7 +229,7 @@ def test_shape_batcher_groups_by_shape_and_caps_the_batch():
         results = await asyncio.gather(*(batcher.submit(item) for item in items))
         return results, [size for _, size in batcher.batches]
 
-    results, sizes = asyncio.run(main())
+    results, sizes = asyncio.run(asyncio.wait_for(main(), 30))  # a lost request fails, not hangs
     assert results == [f"64px-{i}" for i in range(5)] + [f"128px-{i}" for i in range(2)]
     assert all(len({shape for shape, _ in batch}) == 1 for batch in batches)  # never mixed
     assert sorted(sizes) == [2, 2, 3] and max(sizes) <= 3

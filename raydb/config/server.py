@@ -77,27 +77,62 @@ class ServeConfig(Section):
                     "only for a workspace that only trusted jobs can write."
     )
     max_queued_requests: int = Field(
-        32, ge=1, description="Requests that may wait for a busy diffusion replica (beyond "
+        32, ge=1, le=100_000, description="Requests that may wait for a busy diffusion replica (beyond "
         "max_ongoing_requests); more are refused with 503 + Retry-After, so queues stay bounded."
     )
     request_timeout_s: float = Field(
-        120.0, gt=0.0, description="Seconds a generation may take, queueing included; after that the "
-        "denoising loop is stopped and the client gets 504."
+        120.0, gt=0.0, le=3600.0, description="Seconds a generation may take, queueing included; after "
+        "that the denoising loop is stopped and the client gets 504."
     )
     max_body_bytes: int = Field(
-        65536, ge=1024, description="Largest accepted request body; a larger Content-Length gets 413 "
-        "before the body is read."
+        65536, ge=1024, le=16 * 1024 * 1024, description="Largest accepted request body (every route but "
+        "the photo uploads: service.max_upload_bytes); a larger Content-Length gets 413 before the body is "
+        "read, a body without one is cut off there (413)."
     )
     tenant_max_concurrent: int = Field(
-        4, ge=1, description="Requests one tenant may have in flight at once (more: 429 + Retry-After); "
-        "also the most of one tenant's requests that can wait ahead of another tenant's."
+        4, ge=1, le=10_000, description="POST /v1/generate requests one tenant may have in flight at once "
+        "(more: 429 + Retry-After); also the most of one tenant's requests that can wait ahead of another "
+        "tenant's."
     )
     tenant_rate_per_s: float = Field(
-        2.0, ge=0.0, description="Sustained requests per second per tenant (token bucket; 0 = no rate "
-        "limit); beyond it: 429 + Retry-After."
+        2.0, ge=0.0, le=10_000.0, description="Sustained POST /v1/generate requests per second per tenant "
+        "(token bucket; 0 = no rate limit); beyond it: 429 + Retry-After."
     )
-    tenant_burst: int = Field(10, ge=1, description="Requests a tenant may send at once after being idle "
-                              "(the token bucket's size).")
+    tenant_burst: int = Field(10, ge=1, le=10_000, description="Requests a tenant may send at once after "
+                              "being idle (the token bucket's size).")
+    tenant_api_max_concurrent: int = Field(
+        8, ge=1, le=10_000, description="Requests one tenant may have in flight at once on every route "
+        "other than /v1/generate (/v1/subjects, /v1/trainings, the console; more: 429 + Retry-After). "
+        "A caller without a valid key is held to the same limits per client address.")
+    tenant_api_rate_per_s: float = Field(
+        10.0, ge=0.0, le=10_000.0, description="Sustained requests per second per tenant on every route "
+        "other than /v1/generate (token bucket; 0 = no rate limit); beyond it: 429 + Retry-After.")
+    tenant_api_burst: int = Field(30, ge=1, le=10_000, description="The token bucket's size for "
+                                  "tenant_api_rate_per_s.")
+    tenant_max_uploads: int = Field(
+        2, ge=1, le=1000, description="Photo uploads (POST /v1/trainings, the console's photo checks) one "
+        "tenant may have in flight at once, body read and photo checks included; more: 429 + Retry-After.")
+    body_timeout_s: float = Field(
+        60.0, gt=0.0, le=3600.0, description="Seconds a request's whole body may take to arrive, counted "
+        "from its headers; a slower body (a client trickling bytes) gets 408 and frees its slot.")
+    ingress_max_requests: int = Field(
+        256, ge=1, le=100_000, description="Requests the ingress replica works on at once, all tenants "
+        "together; more get 503 + Retry-After at once (Serve's own queue in front of the ingress is "
+        "bounded too: ingress_max_queued).")
+    ingress_max_queued: int = Field(
+        64, ge=1, le=100_000, description="Requests Ray Serve's proxy may hold waiting for the ingress "
+        "replica; beyond it Serve answers 503.")
+    image_workers: int = Field(
+        2, ge=1, le=64, description="Threads of the ingress that decode and prepare uploaded photos (the "
+        "submission check), apart from its event loop and its other work.")
+    image_queue: int = Field(
+        8, ge=0, le=10_000, description="Photo checks that may wait for an image worker; beyond it: 503 + "
+        "Retry-After.")
+    audit_dir: str | None = Field(
+        None, description="Local folder of the per-tenant audit log (<tenant>.jsonl, one JSON line per "
+        "request: who, what, when, outcome); every line also goes to the 'raydb.audit' logger. None: "
+        "the logger only.")
+    audit_prompts: bool = Field(False, description="Put prompts into the audit log (off: never).")
     adapter_failure_ttl_s: float = Field(
         10.0, ge=0.0, description="Seconds a failed adapter load is remembered (answered without reading "
         "the registry again); 0 = not cached."
@@ -115,6 +150,14 @@ class ServeConfig(Section):
             raise ValueError(f"serve.auth 'none' is only allowed with a loopback serve.host "
                              f"(127.0.0.1, ::1, localhost), not {self.host!r}")
         return self
+
+    @field_validator("audit_dir")
+    @classmethod
+    def _local_audit_dir(cls, value: str | None) -> str | None:
+        """Lines are appended, which object stores cannot do: a local (or mounted) folder only."""
+        if value is not None and "://" in value:
+            raise ValueError(f"{value!r}: a local folder (the audit log is appended to line by line)")
+        return value
 
 
 class ServiceConfig(Section):
@@ -134,6 +177,8 @@ class ServiceConfig(Section):
         description="Config keys a tenant may override per training (dotted; 'tune' switches the "
         "operator's tune: section on).")
     max_train_steps: int = Field(2000, ge=1, description="Largest train.max_steps a training may ask.")
+    max_resolution: int = Field(1024, ge=8, le=4096, description="Largest train.resolution a training may "
+                                "ask (its photos are prepared at that size in the ingress).")
     max_photos: int = Field(20, ge=1, description="Most photos in one training upload.")
     max_photo_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest photo file (bytes).")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest whole upload (bytes, "

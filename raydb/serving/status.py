@@ -37,7 +37,7 @@ from raydb.serving.adapters import (
     GenerationCancelled,
 )
 from raydb.serving.api import validation_detail
-from raydb.serving.limits import BodyTooLarge, TooManyRequests
+from raydb.serving.limits import BodyTimedOut, BodyTooLarge, TooManyRequests
 from raydb.serving.multi_lora import AdapterTooLarge, AdapterUnsupported
 from raydb.serving.subjects import BadAdapterId, SubjectNotFound
 
@@ -49,7 +49,8 @@ HTTP_STATUS: dict[type[BaseException], int] = {
     Overloaded: 429, Unavailable: 503, TimedOut: 504,
     # what the ingress meets
     ValidationError: 422,  # a body that is not a GenerateRequest (pydantic names the fields)
-    BodyTooLarge: 413,  # over serve.max_body_bytes, refused before it is read
+    BodyTooLarge: 413,  # over its byte cap (serve.max_body_bytes), refused before it is read
+    BodyTimedOut: 408,  # the body did not all arrive within serve.body_timeout_s
     TooManyRequests: 429,  # the tenant is over its concurrency cap or rate
     SubjectNotFound: 404,  # unknown, or another tenant's
     SubjectOwned: 409,  # the id belongs to another tenant

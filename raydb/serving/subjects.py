@@ -86,8 +86,17 @@ def find_subject(storage: Storage, workspace: str, subject_id: str, tenant: str 
     return SubjectVersion(subject_id, latest["version"], latest["uri"], meta)
 
 
+def _family(meta: dict[str, Any]) -> str | None:
+    """The base model's family (``sd``, ``sdxl``; adapters from before SDXL: ``sd``), None when the
+    adapter names no base model. Never ``base_model.pretrained``: that is the operator's local path
+    or bucket."""
+    base = meta.get("base_model")
+    return (base.get("family") or "sd") if isinstance(base, dict) and base else None
+
+
 def tenant_subjects(storage: Storage, workspace: str, tenant: str | None) -> list[dict[str, Any]]:
-    """``GET /v1/subjects`` rows for ``tenant``: id, versions and the adapter's public metadata."""
+    """``GET /v1/subjects`` rows for ``tenant``: id, versions and the adapter's public metadata
+    (the base model's family, not where the operator keeps it)."""
     rows = []
     for sid, entry in sorted(list_subjects(storage, workspace, tenant).items()):
         meta = entry["metadata"]
@@ -101,6 +110,6 @@ def tenant_subjects(storage: Storage, workspace: str, tenant: str | None) -> lis
             "instance_token": subject.get("instance_token"),
             "instance_prompt": subject.get("instance_prompt"),
             "class_prompt": subject.get("class_prompt"),
-            "base_model": meta.get("base_model", {}).get("pretrained"),
+            "family": _family(meta),
         })
     return rows

@@ -3,12 +3,15 @@
 ``router`` is included in the ingress's FastAPI app; the ingress replica builds one
 :class:`TrainingsEndpoint` (its config, storage and tenant check) as its ``trainings`` attribute,
 where the routes find it through Serve's replica context (``servable_object``). The routes parse
-the request — the multipart body is read only after the key was checked and ``Content-Length`` is
-within ``service.max_upload_bytes`` — and answer the service's refusals with the status that
+the request — the multipart body is read only after the key was checked; the ingress's gate
+(:mod:`raydb.serving.gate`) holds it to the tenant's limits, ``service.max_upload_bytes`` and
+``serve.body_timeout_s`` — and answer the service's refusals with the status that
 :mod:`raydb.serving.status` gives them: 403 (a photo URI the tenant may not name), 404 (unknown or
 another tenant's training), 409 (subject id taken, cancel too late), 413 (too large), 422 (field
-named), 429 (+ Retry-After); 401 (key), 411, 415 and 400 (not a multipart body) are the protocol's.
-Blocking work (storage, S3 photo reads, decoding, the Jobs API) runs in a worker thread.
+named), 429 (+ Retry-After); 401 (key), 415 and 400 (not a multipart body) are the protocol's.
+A submission (photo decoding and preparation: seconds of CPU) runs on the ingress's image workers
+(:class:`raydb.serving.limits.ImageWorkers`, 503 when they and their queue are full); other
+blocking work (storage, the Jobs API) in a worker thread.
 """
 
 import asyncio
@@ -20,7 +23,9 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from starlette.datastructures import UploadFile
 
 from raydb.config import RaydbConfig
-from raydb.errors import Refused, RequestError, TooLarge
+from raydb.errors import Refused, RequestError
+from raydb.serving.audit import note
+from raydb.serving.limits import BodyTimedOut, BodyTooLarge, ImageWorkers
 from raydb.serving.status import http_exception
 from raydb.storage import Storage
 from raydb.trainings.queue import Jobs
@@ -57,12 +62,15 @@ class _LazyJobs:
 class TrainingsEndpoint:
     """What the routes need from the ingress replica: the service and the caller's tenant.
 
-    ``jobs`` defaults to Ray's Jobs API; ``background`` starts the queue thread.
+    ``jobs`` defaults to Ray's Jobs API; ``background`` starts the queue thread; ``images``: the
+    ingress's image workers (default: a pool of ``serve.image_workers`` of its own).
     """
 
     def __init__(self, cfg: RaydbConfig, storage: Storage, tenant_of: Callable[[Request], str | None],
-                 *, jobs: Jobs | None = None, background: bool = True) -> None:
+                 *, jobs: Jobs | None = None, background: bool = True,
+                 images: ImageWorkers | None = None) -> None:
         self.cfg = cfg
+        self.images = images or ImageWorkers(cfg.serve.image_workers, cfg.serve.image_queue)
         self.service = TrainingService(cfg, storage, jobs or _LazyJobs(cfg.service.jobs_address))
         self._tenant_of = tenant_of
         if background:
@@ -93,12 +101,6 @@ async def _call(fn: Callable[..., Any], *args: Any) -> Any:
 
 async def _read_form(request: Request, cfg: RaydbConfig) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
     sc = cfg.service
-    try:
-        length = int(request.headers.get("content-length", ""))
-    except ValueError:
-        raise HTTPException(411, "Content-Length required") from None
-    if length > sc.max_upload_bytes:
-        raise TooLarge("photos", f"upload of {length} bytes, at most {sc.max_upload_bytes}")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise HTTPException(415, "expected multipart/form-data (photos as files, the rest as fields)")
     fields: dict[str, str] = {}
@@ -122,14 +124,19 @@ async def create_training(request: Request) -> Response:
     endpoint, tenant = _endpoint(request)
     try:
         fields, uploads = await _read_form(request, endpoint.cfg)
-    except HTTPException:
+    except (HTTPException, BodyTooLarge, BodyTimedOut):  # the latter two: the gate answers them
         raise
     except Refused as exc:
         raise http_exception(exc) from None
     except Exception as exc:  # starlette's multipart errors (too many files, malformed body)
         raise HTTPException(400, f"malformed multipart body: {exc}") from None
-    view, created = await _call(endpoint.service.submit, tenant, fields, uploads,
-                                request.headers.get("idempotency-key"))
+    note(request, subject_id=fields.get("subject_id"), photos=len(uploads))
+    try:  # decoding and preparing the photos: on the image workers, never on the event loop
+        view, created = await endpoint.images.run(endpoint.service.submit, tenant, fields, uploads,
+                                                  request.headers.get("idempotency-key"))
+    except Refused as exc:
+        raise http_exception(exc) from None
+    note(request, training_id=view["id"])
     return Response(json.dumps(view), status_code=202 if created else 200, media_type="application/json",
                     headers={"Location": f"/v1/trainings/{view['id']}"})
 

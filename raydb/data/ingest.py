@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from raydb.data.demo import DEMO_URI, demo_images
+from raydb.data.demo_subject import DEMO_URI, demo_images
 from raydb.data.digits import SUBJECT_URI, subject_images
 from raydb.storage import Storage, is_s3, join
 

@@ -143,7 +143,7 @@ def run_fidelity(
     for arm in arms:
         arm_cfg = RaydbConfig.model_validate(apply_overrides(cfg.to_dict(), list(arm.overrides)))
         t = time.perf_counter()
-        result = train_subject(arm_cfg, storage, register=False, samples=False, quiet=True)
+        result = train_subject(arm_cfg, storage, samples=False, quiet=True)
         trained_s = round(time.perf_counter() - t, 1)  # ~0 when the workspace held the finished run
         log(f"{arm.name}: trained {result['steps']} steps in {trained_s:.0f}s ({result['adapter_uri']})")
         pipe.load_lora_weights(result["adapter_uri"])

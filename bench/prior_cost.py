@@ -169,7 +169,8 @@ def totals(costs: dict[str, Any], *, class_images: int, steps: int) -> dict[str,
     prior = class_images * costs["seconds_per_class_image"]
     seconds_images, seconds_model = prior + steps * costs["step_s_images"], steps * costs["step_s_model"]
     return {"prior_stage_seconds": round(prior, 1),
-            "train_seconds_images": round(steps * costs["step_s_images"], 1), "seconds_images": round(seconds_images, 1), "seconds_model": round(seconds_model, 1),
+            "train_seconds_images": round(steps * costs["step_s_images"], 1),
+            "seconds_images": round(seconds_images, 1), "seconds_model": round(seconds_model, 1),
             "images_over_model": round(seconds_images / seconds_model, 3)}
 
 

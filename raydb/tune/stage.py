@@ -3,7 +3,8 @@
 Ray 2.60's pattern: Tune runs a *driver function* per trial that builds and fits a ``TorchTrainer``
 (``Tuner(TorchTrainer(...))`` no longer works with Train V2); Train's reports reach Tune through
 ``TuneReportCallback``. The trials are ranked by ``val_score = val_instance + w * val_prior`` from
-fixed-noise validation — not the training loss, which scales with ``prior_loss_weight``. ASHA stops
+fixed-noise validation — not the training loss, which scales with ``prior_loss_weight`` — or, with
+``tune.metric``, by a score of sampled images (``val_fidelity``, ``val_clip_i``, ``val_clip_t``). ASHA stops
 weak trials early (time unit: evaluations). Priors and the encode stage run once, before the
 trials, and every trial reads the same cache. An interrupted search resumes with ``Tuner.restore``.
 A search over ``tune.prior_mode`` scores every trial, whatever its mode, on the same held-out
@@ -11,7 +12,8 @@ images of the base model (``val_prior``): model-mode trials train on no class im
 held to the same measure of the class prior as image-mode ones.
 
 Outputs under ``<workspace>/tune/<subject>/<tune.name>/``: ``results.csv``, ``trials.png`` and
-``summary.json``; the best trial's adapter is registered as the subject's latest.
+``summary.json``. The search returns the best trial (its adapter under its run folder); registering
+it, with the search's hyperparameters and scores, is the pipeline's (:func:`raydb.pipeline.run_pipeline`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,10 @@ import math
 from typing import Any
 
 from raydb.config import RaydbConfig, SearchSpace
-from raydb.registry import claim_subject
 from raydb.storage import Storage, is_s3, join
 from raydb.tune.results import last_validation, record_trial, trial_config, trial_rows, trials_png, write_csv
 
-__all__ = ["run_tune", "tune_uri", "default_concurrency", "TuneFailed"]
+__all__ = ["run_tune", "tune_uri", "default_concurrency", "metric_mode", "TuneFailed"]
 
 
 class TuneFailed(RuntimeError):
@@ -44,6 +45,11 @@ def default_concurrency(cfg: RaydbConfig, resources: dict[str, float]) -> int:
         return max(1, int(resources.get("GPU", 0) // cfg.cluster.num_workers))
     per_trial = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1  # + driver and data
     return max(1, int(resources.get("CPU", 1) // per_trial))
+
+
+def metric_mode(metric: str) -> str:
+    """``"min"`` for the held-out loss ``val_score``, ``"max"`` for the sampled-image scores."""
+    return "min" if metric == "val_score" else "max"
 
 
 def _space(space: SearchSpace):
@@ -85,23 +91,20 @@ def _trial(config: dict[str, Any], cfg_dict: dict[str, Any], encoded: dict[str, 
                     checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool = True,
-             quiet: bool = False) -> dict[str, Any]:
-    """Priors + encode once, then the search; returns a summary with the best trial.
+def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = False) -> dict[str, Any]:
+    """Priors + encode once, then the search; returns a summary with the best trial (``best``: its
+    row of the results table, ``run_dir`` included). Registers nothing.
 
-    Needs a running Ray cluster (``raydb.ray_utils.init_ray``, called by the entry points)."""
+    Needs a running Ray cluster (``raydb.cluster.init_ray``, called by the entry points)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from raydb.encode.stage import prepare_encoded, read_class_dataset
-    from raydb.registry import register_adapter
 
     if cfg.tune is None:
         raise ValueError("tune: the config has no tune section")
     storage = storage or Storage(cfg.s3_endpoint_url)
-    if register:  # a subject id owned by another tenant fails now, not after training
-        claim_subject(storage, cfg.workspace, cfg.subject.id, cfg.subject.tenant)
     tc = cfg.tune
     cache, _ = prepare_encoded(cfg, storage, with_holdout=True)
     out = tune_uri(cfg)
@@ -135,7 +138,7 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool
                          "learning_rate": _space(tc.learning_rate)}
             | ({"prior_mode": tune.grid_search(list(tc.prior_mode))} if tc.prior_mode else {}),
             tune_config=tune.TuneConfig(
-                metric="val_score", mode="min", num_samples=tc.num_samples,
+                metric=tc.metric, mode=metric_mode(tc.metric), num_samples=tc.num_samples,
                 max_concurrent_trials=concurrency,
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                                         grace_period=min(tc.grace_period, max_t),
@@ -148,21 +151,14 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool
     rows = trial_rows(list(grid), cfg, storage)
     write_csv(storage, join(out, "results.csv"), rows)
     storage.write_bytes(join(out, "trials.png"), trials_png(rows, f"{cfg.subject.id}: search"))
-    finished = [r for r in rows if r["status"] == "completed" and r["val_score"] is not None]
+    finished = [r for r in rows if r["status"] == "completed" and r.get(tc.metric) is not None]
     if not finished:
         raise TuneFailed(f"no trial of the search in {out} completed; see {join(out, 'results.csv')}")
-    best = min(finished, key=lambda r: r["val_score"])
+    rank = min if metric_mode(tc.metric) == "min" else max
+    best = rank(finished, key=lambda r: r[tc.metric])
     summary: dict[str, Any] = {"best": best, "results_csv": join(out, "results.csv"),
                                "plot": join(out, "trials.png"), "trials": len(rows),
                                "stopped_early": sum(r["status"] == "stopped_early" for r in rows),
                                "restored": restored}
-    if register:
-        hyper = {"prior_mode": best["prior_mode"], "prior_loss_weight": best["prior_loss_weight"],
-                 "learning_rate": best["learning_rate"]}
-        val = {k: best[k] for k in ("val_instance", "val_prior", "val_score")}
-        record = register_adapter(storage, cfg.workspace, cfg.subject.id, join(best["run_dir"], "adapter"),
-                                  extra_metadata={"tune": {"hyperparameters": hyper, "validation": val,
-                                                           "results_csv": summary["results_csv"]}})
-        summary["registered"] = record["uri"]
     storage.write_json(join(out, "summary.json"), summary)
     return summary

@@ -55,7 +55,7 @@ def _pinned_run(make_cfg, workspace: str, class_dir: str, variant: str, **prior)
         lora={"train_text_encoder": variant == "sd-text-encoder"},
         train={"max_steps": 3, "gradient_accumulation_steps": 2, "dtype": "float64",
                "mixed_precision": "no", "max_grad_norm": 0.05, "prior_loss_weight": 0.7, "seed": 3})
-    run = Path(train_subject(cfg, quiet=True, register=False, samples=False)["run_dir"])
+    run = Path(train_subject(cfg, quiet=True, samples=False)["run_dir"])
     weights = st_load((run / "adapter" / "pytorch_lora_weights.safetensors").read_bytes())
     digest = hashlib.sha256()
     for key in sorted(weights):
@@ -317,7 +317,7 @@ def test_model_mode_trains_without_class_images_and_resumes_exactly(make_cfg, tm
     run = Path(full["run_dir"])
     shutil.rmtree(run / "adapter")
     (run / "metrics.jsonl").unlink()
-    resumed_rows, resumed_weights, _ = _run_outputs(train_subject(cfg, quiet=True, register=False))
+    resumed_rows, resumed_weights, _ = _run_outputs(train_subject(cfg, quiet=True))
     assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in rows]
     assert resumed_weights == weights
 
@@ -331,7 +331,7 @@ def test_model_mode_accumulation_matches_one_larger_batch(make_cfg, tmp_path):
         cfg = make_cfg(workspace=str(tmp_path / name), prior={"mode": "model"},
                        train={"max_steps": 2, "dtype": "float64", "learning_rate": 1e-2,
                               "gradient_accumulation_steps": accumulation, "batch_size": batch})
-        results[name] = _run_outputs(train_subject(cfg, quiet=True, register=False))
+        results[name] = _run_outputs(train_subject(cfg, quiet=True))
     (rows_a, weights_a, _), (rows_b, weights_b, _) = results["accumulated"], results["batched"]
     for a, b in zip(rows_a, rows_b, strict=True):
         for key in ("loss", "loss_instance", "loss_prior", "grad_norm"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from raydb.data.demo import demo_images
+from raydb.data.demo_subject import demo_images
 from raydb.fidelity.dino import dino_score, load_dino
 
 

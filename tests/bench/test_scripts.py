@@ -60,3 +60,27 @@ def test_prior_cost_measures_both_modes_and_adds_them_up(tmp_path):
     model_step_s = rows[("model", "auto")]["step_ms_median"] / 1000
     assert total["seconds_model"] == pytest.approx(5 * model_step_s, abs=0.06)
     assert "End to end" in prior_cost.render(result)
+
+
+@pytest.mark.heavy
+def test_interleaved_costs_time_both_modes_and_a_prior_block_without_touching_the_cache(make_cfg):
+    """The CPU cost rows bench/fidelity.py reads: one real config, both engines and the prior-stage
+    generator timed round by round; the timed blocks go to a scratch workspace."""
+    from raydb.prior.stage import resolve_prior_cache
+    from raydb.storage import Storage
+
+    cfg = make_cfg(train={"max_steps": 2}, prior={"num_class_images": 2, "sample_batch_size": 2})
+    costs = prior_cost.interleaved_costs(cfg, rounds=3, blocks=1)
+    assert costs["rounds"] == 3 and costs["blocks"] == 1 and costs["block_size"] == 2
+    assert costs["step_s_images"] > 0 and costs["step_s_model"] > 0 and costs["seconds_per_class_image"] > 0
+    assert costs["model_over_images_step"] == pytest.approx(costs["step_s_model"] / costs["step_s_images"],
+                                                            rel=1e-2)
+    assert costs["images_per_step"] == 2 * cfg.train.batch_size
+    # image mode read the config's cache (its one block, made for it); the timed block (block 1)
+    # went to the scratch workspace, not there
+    cache = resolve_prior_cache(cfg, Storage(), use_ray=False)
+    assert cache.missing_blocks(Storage(), 4) == [1]
+    total = prior_cost.totals(costs, class_images=10, steps=7)
+    assert total["seconds_images"] == pytest.approx(10 * costs["seconds_per_class_image"]
+                                                    + 7 * costs["step_s_images"], abs=0.11)
+    assert total["seconds_model"] == pytest.approx(7 * costs["step_s_model"], abs=0.06)

@@ -124,6 +124,8 @@ def interleaved_costs(cfg: RaydbConfig, storage: Storage | None = None, *, round
     for mode in MODES:
         mode_cfg = cfg.model_copy(deep=True)
         mode_cfg.prior.mode = mode
+        # the engine builds batches up to max_steps; the warm-up and the rounds must fit
+        mode_cfg.train.max_steps = max(mode_cfg.train.max_steps, rounds + 1)
         comps = load_components(mode_cfg.model, storage, mode_cfg.workspace,
                                 dtype=weights_dtype(mode_cfg.train))
         data = prepare_training_data(mode_cfg, comps, storage)
@@ -131,25 +133,27 @@ def interleaved_costs(cfg: RaydbConfig, storage: Storage | None = None, *, round
         engines[mode] = TrainEngine(mode_cfg, state, data, noise_scheduler=comps.noise_scheduler,
                                     prediction_type=comps.prediction_type, vae=comps.vae, device="cpu")
     times: dict[str, list[float]] = {"images": [], "model": [], "block": []}
-    with tempfile.TemporaryDirectory() as scratch:
-        gen_cfg = cfg.model_copy(deep=True)
-        gen_cfg.workspace = scratch
-        cache = resolve_prior_cache(gen_cfg, storage, use_ray=False)
-        generator = BlockGenerator(gen_cfg.to_dict(), cache.__dict__, storage.endpoint_url)
-        generator({"block": np.array([0])})  # warm-up: kernels, allocator, the PNG path
-        for engine in engines.values():
-            engine.step()
-        every = max(1, rounds // max(blocks, 1))
-        for r in range(rounds):
-            for mode, engine in engines.items():
-                start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            gen_cfg = cfg.model_copy(deep=True)
+            gen_cfg.workspace = scratch
+            cache = resolve_prior_cache(gen_cfg, storage, use_ray=False)
+            generator = BlockGenerator(gen_cfg.to_dict(), cache.__dict__, storage.endpoint_url)
+            generator({"block": np.array([0])})  # warm-up: kernels, allocator, the PNG path
+            for engine in engines.values():
                 engine.step()
-                times[mode].append(time.perf_counter() - start)
-            if blocks and r % every == 0 and len(times["block"]) < blocks:
-                out = generator({"block": np.array([1 + len(times["block"])])})
-                times["block"].append(float(out["seconds"][0]))
-    for engine in engines.values():
-        engine.close()
+            every = max(1, rounds // max(blocks, 1))
+            for r in range(rounds):
+                for mode, engine in engines.items():
+                    start = time.perf_counter()
+                    engine.step()
+                    times[mode].append(time.perf_counter() - start)
+                if blocks and r % every == 0 and len(times["block"]) < blocks:
+                    out = generator({"block": np.array([1 + len(times["block"])])})
+                    times["block"].append(float(out["seconds"][0]))
+    finally:
+        for engine in engines.values():
+            engine.close()
     images, model = statistics.median(times["images"]), statistics.median(times["model"])
     out = {"rounds": rounds, "step_s_images": round(images, 4), "step_s_model": round(model, 4),
            "model_over_images_step": round(model / images, 3),

@@ -24,6 +24,14 @@ that, ``bench/fidelity.py`` on the learned ``digits`` base).
     python -m bench.prior_cost --out bench/results/prior_cost.json      # on a GPU
     python -m bench.prior_cost --tiny --out /tmp/prior_cost_tiny.json    # CPU smoke run
     python -m bench.prior_cost --render bench/results/prior_cost.json    # tables
+    python -m bench.prior_cost --digits --out /tmp/prior_cost_digits.json  # CPU, learned base
+
+``--digits`` measures the CPU rates instead with :func:`interleaved_costs` on the learned ``digits``
+base at raydb's *default* prior and training settings (class images: 25 steps, guidance 7.5, 4 per
+call; training: batch 1 + 1) and the bench's subject, and adds them up for ``--class-images`` x
+``--steps`` (``class images`` there counts the held-out ones a plain run generates too). That is the
+other side of ``bench/fidelity.py``'s cost line, which measures the bench's own settings (guidance
+1, 20 per call, batch 5 + 5) — the two bracket where ``model`` mode pays off.
 """
 
 from __future__ import annotations
@@ -56,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p, out="bench/results/prior_cost.json", budget_s=420.0, reserve_s=20.0, max_steps=40)
     p.add_argument("--render", metavar="JSON", help="print the markdown tables of a result file and exit")
+    p.add_argument("--digits", action="store_true",
+                   help="CPU rates on the learned digits base at raydb's default settings (see above)")
+    p.add_argument("--rounds", type=int, default=30, help="--digits: interleaved rounds")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="instance images per step")
     p.add_argument("--gen-batches", type=int, nargs="+", default=[8], help="images per pipeline call")
     p.add_argument("--gen-steps", type=int, default=25)
@@ -178,6 +189,57 @@ def totals(costs: dict[str, Any], *, class_images: int, steps: int) -> dict[str,
             "images_over_model": round(seconds_images / seconds_model, 3)}
 
 
+def digits_config(workspace: str, num_class_images: int = 100) -> RaydbConfig:
+    """The learned base and ``bench/fidelity.py``'s subject at raydb's default prior and training
+    settings (32 px, fp32: the CPU)."""
+    from bench.fidelity import SETTINGS
+    from raydb.config import load_config
+
+    return load_config(data={
+        "workspace": workspace, "model": SETTINGS["model"], "subject": SETTINGS["subject"],
+        "prior": {"num_class_images": num_class_images},
+        "train": {"resolution": 32, "mixed_precision": "no", "num_sample_images": 0,
+                  "checkpoint_every": 10_000}})
+
+
+def cpu_end_to_end(costs: dict[str, Any], cfg: RaydbConfig, class_images: list[int],
+                   steps: list[int]) -> list[dict[str, Any]]:
+    """:func:`totals` for each ``class_images`` x ``steps``; the class images a plain image-mode
+    run generates are ``n + prior.num_holdout``."""
+    from raydb.prior.stage import prior_total_images
+
+    rows = []
+    for n in class_images:
+        counted = cfg.model_copy(deep=True)
+        counted.prior.num_class_images = n
+        generated = prior_total_images(counted)
+        for s in steps:
+            rows.append({"class_images": generated, "steps": s}
+                        | totals(costs, class_images=generated, steps=s))
+    return rows
+
+
+def run_digits(args: argparse.Namespace) -> dict[str, Any]:
+    import datetime as dt
+    import tempfile
+
+    from bench.harness import environment
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = digits_config(tmp)
+        costs = interleaved_costs(cfg, rounds=args.rounds, blocks=3)
+    p, t = cfg.prior, cfg.train
+    out = {"schema": 1, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "env": environment(torch.device("cpu")), "model": "digits (CPU)",
+           "settings": {"gen_steps": p.num_inference_steps, "guidance_scale": p.guidance_scale,
+                        "gen_batch": p.sample_batch_size, "batch": t.batch_size,
+                        "resolution": t.resolution, "num_holdout": p.num_holdout},
+           "costs": costs, "cpu_end_to_end": cpu_end_to_end(costs, cfg, args.class_images, args.steps)}
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=2)
+    return out
+
+
 def end_to_end(results: dict[str, Any], class_images: list[int], steps: list[int]) -> list[dict[str, Any]]:
     """Totals from the measured rates: the prior stage at the best generation rate, training at the
     default engine's (graphs where they run) median step, per batch size."""
@@ -234,6 +296,21 @@ def render(results: dict[str, Any]) -> str:
             [[r["batch"], r["class_images"], r["steps"], r["prior_stage_s"], r["seconds_images"],
               r["seconds_images_cached"], r["seconds_model"], f"{r['images_over_model']:.2f}x"] for r in e2e])
         lines.append("")
+    cpu = results.get("cpu_end_to_end") or []
+    if cpu:
+        c, st = results["costs"], results["settings"]
+        lines += [f"CPU rates, interleaved ({c['rounds']} rounds, {c['torch_threads']} torch thread(s)): "
+                  f"image-mode step {c['step_s_images'] * 1000:.1f} ms, model-mode step "
+                  f"{c['step_s_model'] * 1000:.1f} ms ({c['model_over_images_step']:.2f}x), class image "
+                  f"{c['seconds_per_class_image']:.3f} s ({st['gen_steps']} steps, guidance "
+                  f"{st['guidance_scale']:g}, {st['gen_batch']} per call); "
+                  f"batch {st['batch']} + {st['batch']}",
+                  ""]
+        lines += markdown_table(
+            ["class images", "steps", "prior stage s", "images s", "model s", "images / model"],
+            [[r["class_images"], r["steps"], r["prior_stage_seconds"], r["seconds_images"],
+              r["seconds_model"], f"{r['images_over_model']:.2f}x"] for r in cpu])
+        lines.append("")
     if results.get("errors"):
         lines += ["Errors: " + json.dumps(results["errors"]), ""]
     return "\n".join(lines)
@@ -245,6 +322,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(args.render) as fh:
             print(render(json.load(fh)))
         return {}
+    if args.digits:
+        out = run_digits(args)
+        print(render(out))
+        return out
     run = Run(args, tiny_architecture() if args.tiny else sd15())
     r = run.results
     r["model"] = "tiny" if args.tiny else "sd15-architecture-random-weights"

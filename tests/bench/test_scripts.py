@@ -84,3 +84,20 @@ def test_interleaved_costs_time_both_modes_and_a_prior_block_without_touching_th
     assert total["seconds_images"] == pytest.approx(10 * costs["seconds_per_class_image"]
                                                     + 7 * costs["step_s_images"], abs=0.11)
     assert total["seconds_model"] == pytest.approx(7 * costs["step_s_model"], abs=0.06)
+
+
+def test_cpu_end_to_end_counts_the_held_out_images_a_plain_run_generates(tmp_path):
+    """--digits' rows: image mode pays for n + prior.num_holdout class images, model mode for none."""
+    cfg = prior_cost.digits_config(str(tmp_path))
+    assert (cfg.model.pretrained, cfg.prior.guidance_scale, cfg.train.batch_size) == ("digits", 7.5, 1)
+    costs = {"step_s_images": 0.02, "step_s_model": 0.03, "seconds_per_class_image": 0.25,
+             "model_over_images_step": 1.5, "rounds": 30, "torch_threads": 1}
+    rows = prior_cost.cpu_end_to_end(costs, cfg, [100], [400, 1000])
+    holdout = cfg.prior.num_holdout
+    assert [(r["class_images"], r["steps"]) for r in rows] == [(100 + holdout, 400), (100 + holdout, 1000)]
+    assert rows[0]["seconds_images"] == pytest.approx((100 + holdout) * 0.25 + 400 * 0.02, abs=0.1)
+    assert rows[1]["seconds_model"] == pytest.approx(30.0)
+    settings = {"gen_steps": 25, "guidance_scale": 7.5, "gen_batch": 4, "batch": 1}
+    text = prior_cost.render({"model": "digits (CPU)", "costs": costs, "cpu_end_to_end": rows,
+                              "settings": settings})
+    assert f"| {100 + holdout} | 400 |" in text and "guidance 7.5" in text

@@ -461,15 +461,37 @@ class RaydbConfig(_Strict):
         return self.model_dump(mode="json")
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
     lines = [f"invalid config ({source}):"]
     for item in err.errors():
         path = ".".join(str(p) for p in item["loc"]) or "<root>"
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _did_you_mean(root or RaydbConfig, item["loc"])
         lines.append(f"  {path}: {msg}")
     return "\n".join(lines)
+
+
+def _did_you_mean(root: type[BaseModel], loc: tuple) -> str:
+    """``"; did you mean 'max_steps'?"`` for an unknown key close to a field of its section (the
+    section's model is found by walking ``loc`` through the models' fields), else ``""``."""
+    import difflib
+    import typing
+
+    model: Any = root
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:  # a list index: the model stays the item's
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return ""
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        candidates += [a for c in list(candidates) for a in typing.get_args(c)]  # list[X] | None
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _parse_value(text: str) -> Any:

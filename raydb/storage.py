@@ -101,7 +101,8 @@ class Storage:
         try:
             headers = client.head_bucket(Bucket=bucket)["ResponseMetadata"]["HTTPHeaders"]
         except Exception as exc:  # 301/403 still carry the header; no answer at all: None
-            headers = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            answer = getattr(exc, "response", None) or {}
+            headers = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {})
         region = headers.get("x-amz-bucket-region")
         if not region:
             try:
@@ -419,7 +420,8 @@ class Storage:
                 from boto3.s3.transfer import TransferConfig
 
                 bucket, key = split_s3(uri)
-                config = TransferConfig(multipart_threshold=DOWNLOAD_CHUNK, multipart_chunksize=DOWNLOAD_CHUNK,
+                config = TransferConfig(multipart_threshold=DOWNLOAD_CHUNK,
+                                        multipart_chunksize=DOWNLOAD_CHUNK,
                                         max_concurrency=DOWNLOAD_PARTS, use_threads=True)
                 try:
                     self._client().download_file(bucket, key, tmp, Config=config)

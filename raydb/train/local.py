@@ -13,6 +13,7 @@ The Ray Train worker loop (stage.py) runs the same step over the same batches.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -49,6 +50,8 @@ from raydb.train.speed import use_cuda_graphs
 from raydb.train.step import build_train_state, weights_dtype
 
 __all__ = ["prepare_training_data", "train_subject"]
+
+log = logging.getLogger(__name__)
 
 
 def prepare_training_data(
@@ -119,7 +122,7 @@ def train_subject(
         metrics = restore_payload(state, storage.read_bytes(join(latest, CHECKPOINT_TENSORS)),
                                   storage.read_bytes(join(latest, CHECKPOINT_META)))
         if not quiet:
-            print(f"resuming {run} from step {state.step}")
+            log.info("resuming %s from step %d", run, state.step)
     progress = ProgressWriter(storage, run, tc.max_steps)
     bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {cfg.subject.id}", disable=quiet)
     graphs = use_cuda_graphs(tc, device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import statistics
 import time
 from typing import Any
@@ -23,6 +24,8 @@ from raydb.train.rundir import adapter_uri, run_uri
 
 __all__ = ["adapter_metadata", "write_adapter", "loss_curve_png", "sample_grid_png", "image_grid",
            "metrics_line", "summarize_speed", "finish_run", "finished_result"]
+
+log = logging.getLogger(__name__)
 
 
 def adapter_metadata(
@@ -180,5 +183,5 @@ def finished_result(cfg: RaydbConfig, storage: Storage, meta: dict[str, Any], *,
     if register:
         result["registered"] = register_adapter(storage, cfg.workspace, cfg.subject.id, adapter)["uri"]
     if not quiet:
-        print(f"run {result['run_dir']} already finished ({result['steps']} steps); nothing to train")
+        log.info("run %s already finished (%s steps); nothing to train", result["run_dir"], result["steps"])
     return result

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import io
 import logging
 import os
 import re
 import sys
 import threading
+from typing import TextIO
 
-__all__ = ["add_console_flags", "setup_console", "library_env", "is_verbose", "filter_known_noise",
-           "KNOWN_NOISE", "LEVELS", "QUIET_LOGGERS"]
+__all__ = ["add_console_flags", "setup_console", "library_env", "is_verbose", "show_progress",
+           "filter_known_noise", "KNOWN_NOISE", "LEVELS", "QUIET_LOGGERS"]
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _VERBOSE_ENV = "RAYDB_VERBOSE"  # set by setup_console: read where Ray and the stages are started
-QUIET_LOGGERS = ("ray.data", "ray.tune", "ray.train", "transformers", "diffusers")
+QUIET_LOGGERS = ("ray.data", "ray.tune", "ray.train", "ray.serve", "transformers", "diffusers")
 
 
 def add_console_flags(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +52,22 @@ class _Formatter(logging.Formatter):
         return text if record.levelno == logging.INFO else f"{record.levelname}: {text}"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever ``sys.stderr`` is at the time of each record (it may be
+    replaced by :func:`filter_known_noise` after the handler is made)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:  # StreamHandler.__init__ sets it; sys.stderr wins
+        pass
+
+
 def setup_console(level: str = "INFO", *, verbose: bool = False) -> None:
     """Send the ``raydb`` logger to stderr at ``level``; hold the libraries at WARNING unless
     ``verbose``. Called once by the CLI; calling it again replaces the handler (tests)."""
@@ -57,15 +75,18 @@ def setup_console(level: str = "INFO", *, verbose: bool = False) -> None:
     logger.setLevel(level)
     for handler in [h for h in logger.handlers if getattr(h, "_raydb_console", False)]:
         logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_Formatter())
     handler._raydb_console = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     os.environ[_VERBOSE_ENV] = "1" if verbose else "0"
+    for key in _QUIET_ENV:
+        os.environ.pop(key, None)
     os.environ.update(library_env())
     if not verbose:
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # e.g. "Progress bars disabled" (ours)
 
 
 def is_verbose() -> bool:
@@ -78,53 +99,104 @@ def library_env() -> dict[str, str]:
     """Environment variables that set the libraries' verbosity, for this process and Ray's workers
     (empty when verbose). transformers and diffusers read theirs at import; tqdm (>= 4.66) reads
     ``TQDM_DISABLE`` for every bar, which covers diffusers' sampling and the hub's downloads."""
-    if is_verbose():
-        return {}
-    return {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1",
-            "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "RAY_DATA_LOG_LEVEL": "WARNING"}
+    return {} if is_verbose() else dict(_QUIET_ENV)
 
 
-# Lines Ray's own processes write straight to the driver's file descriptors (not through a Python
-# logger that a level could hold back) and that are false alarms in a healthy run. Each is dropped
-# from the terminal only, without --verbose; Ray's log files under /tmp/ray keep them.
+_QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "RAY_DATA_LOG_LEVEL": "ERROR",
+    # Tune's newer reporter prints its experiment header at any verbosity; the classic one honours
+    # RunConfig(verbose=0)
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+
+def show_progress() -> bool:
+    """Whether raydb's own progress bars show: with --verbose, or when a person watches stderr (a
+    terminal redraws a bar in place; a log file would get one line per redraw)."""
+    return is_verbose() or sys.stderr.isatty()
+
+
+# Lines Ray writes to the driver's terminal that are false alarms in a healthy run. Without
+# --verbose they are dropped from the terminal only; Ray's log files under /tmp/ray keep them.
 KNOWN_NOISE = (
-    # Ray core, written at ERROR level for EVERY Ray Data actor pool: Ray Data passes its context and
+    # Ray core (C++), at ERROR level, for EVERY Ray Data actor pool: Ray Data passes its context and
     # transform as object refs to its map actors, which Ray flags as a restart risk
     # (ray-project/ray#57733: the refs are held for the dataset's whole run, so restarts work).
-    re.compile(rb"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(.*has constructor arguments in the "
-               rb"object store and max_restarts > 0"),
+    re.compile(r"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(.*has constructor arguments in the "
+               r"object store and max_restarts > 0"),
     # The raylet's note that it started more Python workers than the machine has cores, which a
     # pipeline with Ray Data actors, Train workers and Tune trials on a 2-core laptop always does.
-    re.compile(rb"\(raylet\).*WARNING: \d+ PYTHON worker processes have been started on node"),
+    re.compile(r"\(raylet\).*WARNING: \d+ PYTHON worker processes have been started on node"),
+    # serve.shutdown() kills the controller while its own graceful-shutdown call is in flight.
+    re.compile(r"\(raylet\).*Task ServeController\.graceful_shutdown failed.*killed by `ray\.kill`"),
 )
-
 
 _FILTERING = False
 
 
-def filter_known_noise(patterns: tuple[re.Pattern[bytes], ...] = KNOWN_NOISE) -> None:
-    """Drop lines matching ``patterns`` from this process's stdout and stderr (file descriptors 1
-    and 2, so also what Ray's C++ core writes); everything else passes through unchanged, in order.
+class _LineFilter(io.TextIOBase):
+    """A text stream that passes whole lines on to ``out`` unless one of ``patterns`` matches."""
 
-    Each descriptor is replaced by a pipe that a daemon thread copies, line by line, to the original.
-    At exit the originals are put back and the threads drained, so no line is lost.
+    def __init__(self, out: TextIO, patterns: tuple[re.Pattern[str], ...]) -> None:
+        self._out, self._patterns, self._pending = out, patterns, ""
+        self._lock = threading.Lock()
+
+    def _keep(self, line: str) -> bool:
+        return not any(p.search(line) for p in self._patterns)
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._pending = (self._pending + text).split("\n")
+            kept = "".join(line + "\n" for line in lines if self._keep(line))
+            if kept:
+                self._out.write(kept)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending and self._keep(self._pending):  # a progress bar's "\r" redraw
+                self._out.write(self._pending)
+            self._pending = ""
+            self._out.flush()
+
+    def isatty(self) -> bool:
+        return self._out.isatty()
+
+    def fileno(self) -> int:
+        return self._out.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._out.encoding
+
+
+def filter_known_noise(patterns: tuple[re.Pattern[str], ...] = KNOWN_NOISE) -> None:
+    """Drop lines matching ``patterns`` from what this process prints; everything else passes
+    through unchanged and in order.
+
+    Python-level writes (``print``, logging, Ray's relay of its daemons' messages) go through
+    :class:`_LineFilter` wrappers that replace ``sys.stdout`` / ``sys.stderr`` and write straight to
+    the terminal, so stdout and stderr keep their order. What Ray's C++ core writes to file
+    descriptor 2 goes through a pipe that a daemon thread filters; at exit the descriptor is put
+    back and the thread drained, so no line is lost.
     """
     global _FILTERING
     if _FILTERING:
         return
     _FILTERING = True
-    pumps: list[tuple[int, int, threading.Thread]] = []
-    for fd in (1, 2):
-        (sys.stdout if fd == 1 else sys.stderr).flush()
-        original = os.dup(fd)
-        read_end, write_end = os.pipe()
-        os.dup2(write_end, fd)
-        os.close(write_end)
-        thread = threading.Thread(target=_pump, args=(read_end, original, patterns), daemon=True,
-                                  name=f"raydb-console-{fd}")
-        thread.start()
-        pumps.append((fd, original, thread))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal_err = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="replace")
+    sys.stdout = _LineFilter(sys.stdout, patterns)  # type: ignore[assignment]
+    sys.stderr = _LineFilter(terminal_err, patterns)  # type: ignore[assignment]
+    original = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    pump = threading.Thread(target=_pump, args=(read_end, original, patterns), daemon=True,
+                            name="raydb-console-fd2")
+    pump.start()
 
     def restore() -> None:
         for stream in (sys.stdout, sys.stderr):
@@ -132,14 +204,13 @@ def filter_known_noise(patterns: tuple[re.Pattern[bytes], ...] = KNOWN_NOISE) ->
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        for fd, original, thread in pumps:
-            os.dup2(original, fd)  # our end of the pipe closes: the pump reads to EOF and stops
-            thread.join(timeout=2)  # a child that inherited the pipe may hold it open: don't hang
+        os.dup2(original, 2)  # our end of the pipe closes: the pump reads to EOF and stops
+        pump.join(timeout=2)  # a child that inherited the pipe may hold it open: don't hang
 
     atexit.register(restore)
 
 
-def _pump(read_end: int, out: int, patterns: tuple[re.Pattern[bytes], ...]) -> None:
+def _pump(read_end: int, out: int, patterns: tuple[re.Pattern[str], ...]) -> None:
     pending = b""
     while True:
         chunk = os.read(read_end, 65536)
@@ -147,10 +218,11 @@ def _pump(read_end: int, out: int, patterns: tuple[re.Pattern[bytes], ...]) -> N
             break
         pending += chunk
         *lines, pending = pending.split(b"\n")
-        kept = [line + b"\n" for line in lines if not any(p.search(line) for p in patterns)]
+        kept = [line + b"\n" for line in lines
+                if not any(p.search(line.decode(errors="replace")) for p in patterns)]
         if kept:
             _write_all(out, b"".join(kept))
-    if pending and not any(p.search(pending) for p in patterns):
+    if pending and not any(p.search(pending.decode(errors="replace")) for p in patterns):
         _write_all(out, pending)
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from raydb import faults
 from raydb.config import RaydbConfig
-from raydb.console import is_verbose
+from raydb.console import is_verbose, show_progress
 from raydb.data.ingest import ImageGeometry
 from raydb.prior.cache import PriorCache, prior_cache_for
 from raydb.prior.generate import BlockGenerator, cpu_threads
@@ -149,7 +149,8 @@ def ensure_prior_images(
     if not missing:
         cache.write_manifest(storage)
         return stats
-    bar = tqdm(total=len(missing) * cache.block_size, unit="img", desc="prior images", disable=quiet)
+    bar = tqdm(total=len(missing) * cache.block_size, unit="img", desc="prior images",
+               disable=quiet or not show_progress())
     start = time.perf_counter()
 
     def progress(block: int, written: bool) -> None:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from raydb.config import RaydbConfig
+from raydb.console import show_progress
 from raydb.data.ingest import ImageGeometry, load_images_with_geometry
 from raydb.encode.encoders import (
     add_flips,
@@ -124,7 +125,8 @@ def train_subject(
         if not quiet:
             log.info("resuming %s from step %d", run, state.step)
     progress = ProgressWriter(storage, run, tc.max_steps)
-    bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {cfg.subject.id}", disable=quiet)
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {cfg.subject.id}",
+               disable=quiet or not show_progress())
     graphs = use_cuda_graphs(tc, device)
     cache = engine_compile_cache(cfg, storage, model_identity=components.identity, device=device,
                                  data=data, graphs=graphs)

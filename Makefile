@@ -69,7 +69,7 @@ test-lowest: | $(UV)
 	$(UV) pip check --python $(LOWEST_VENV)/bin/python
 	@echo "lowest direct versions:" $$($(UV) pip freeze --python $(LOWEST_VENV)/bin/python | grep -iE \
 		'^(torch|diffusers|transformers|peft|huggingface.hub|ray|numpy|pyarrow|boto3|botocore|pydantic|pillow|safetensors|pyyaml|tqdm|matplotlib|fastapi|starlette|python.multipart)==')
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(LOWEST_VENV)/bin/python -m pytest -q -m "not ray" -n $(TEST_WORKERS) \
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(LOWEST_VENV)/bin/python -m pytest -q -rfE -m "not ray" -n $(TEST_WORKERS) \
 		--dist loadfile -p no:cacheprovider
 
 demo: $(STAMP)

@@ -52,6 +52,17 @@ class _Formatter(logging.Formatter):
         return text if record.levelno == logging.INFO else f"{record.levelname}: {text}"
 
 
+class _AtLeast(logging.Filter):
+    """Lets through records at ``level`` and above."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
 class _StderrHandler(logging.StreamHandler):
     """A StreamHandler on whatever ``sys.stderr`` is at the time of each record (it may be
     replaced by :func:`filter_known_noise` after the handler is made)."""
@@ -83,10 +94,14 @@ def setup_console(level: str = "INFO", *, verbose: bool = False) -> None:
     for key in _QUIET_ENV:
         os.environ.pop(key, None)
     os.environ.update(library_env())
-    if not verbose:
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # e.g. "Progress bars disabled" (ours)
+    for name in QUIET_LOGGERS:
+        lib = logging.getLogger(name)
+        for old in [f for f in lib.filters if isinstance(f, _AtLeast)]:
+            lib.removeFilter(old)
+        if not verbose:  # a filter, not a level: Ray Serve and Ray Data reset their loggers' levels
+            # when first imported, which happens after this. Ray Data's warnings are ours to decide
+            # ("Progress bars disabled"), so it is held at ERROR.
+            lib.addFilter(_AtLeast(logging.ERROR if name == "ray.data" else logging.WARNING))
 
 
 def is_verbose() -> bool:

@@ -27,7 +27,7 @@ def start_local_ray(num_cpus: int, *, dashboard: bool = True, env: dict[str, str
     front and ``RAY_ADDRESS`` is given to every worker through the job's runtime env.
     """
     import ray
-    from ray._private.services import get_node_ip_address
+    from ray.util import get_node_ip_address
 
     port = _free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)

@@ -35,11 +35,12 @@ def _console_settings_stay_in_their_test(monkeypatch):
         monkeypatch.setenv(key, "")  # recorded as it was, restored after the test
         monkeypatch.delenv(key)
     loggers = [logging.getLogger(name) for name in ("raydb", *QUIET_LOGGERS)]
-    saved = [(lg, lg.level, list(lg.handlers)) for lg in loggers]
+    saved = [(lg, lg.level, list(lg.handlers), list(lg.filters)) for lg in loggers]
     yield
-    for lg, level, handlers in saved:
+    for lg, level, handlers, filters in saved:
         lg.setLevel(level)
         lg.handlers[:] = handlers
+        lg.filters[:] = filters
 
 
 @pytest.fixture(scope="session")

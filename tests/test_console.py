@@ -49,7 +49,9 @@ def test_raydb_lines_at_the_chosen_level_and_the_libraries_held_back(capsys, mon
     log.debug("not shown at INFO")
     log.warning("disk nearly full")
     assert capsys.readouterr().err == "== pipeline stage prior\nWARNING: disk nearly full\n"
-    assert logging.getLogger("ray.tune").level == logging.WARNING
+    tune_log = logging.getLogger("ray.tune")
+    assert not tune_log.filter(tune_log.makeRecord("ray.tune", logging.INFO, "f", 1, "table", (), None))
+    assert tune_log.filter(tune_log.makeRecord("ray.tune", logging.WARNING, "f", 1, "trouble", (), None))
     assert os.environ["TQDM_DISABLE"] == "1" and library_env()["RAY_AIR_NEW_OUTPUT"] == "0"
     setup_console("WARNING", verbose=True)  # --quiet --verbose: the libraries speak, raydb is terse
     log.info("hidden")

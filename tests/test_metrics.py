@@ -46,3 +46,16 @@ def test_recording_reaches_the_metric_and_a_failing_backend_never_raises(monkeyp
     record("raydb_adapter_loads_total", result="failed")
     record("raydb_adapter_load_seconds", 0.3)  # raises inside: swallowed
     assert calls == [("inc", 1.0, {"result": "failed"})]
+
+
+def test_the_dashboard_plots_every_series_and_only_known_ones():
+    import json
+
+    dash = json.loads((ROOT / "deploy" / "monitoring" / "grafana-dashboard.json").read_text())
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    used = {re.sub(r"_(bucket|sum|count)$", "", name) for e in exprs for name in re.findall(r"ray_[a-z_]+", e)}
+    ours = {name[len("ray_"):] for name in used if name.startswith("ray_raydb_")}
+    assert ours == set(SERIES), "series without a panel, or a panel on no series"
+    assert all(name in doc for name in used if not name.startswith("ray_raydb_"))
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])

@@ -1,8 +1,9 @@
 """Serving: registered subjects over HTTP on Ray Serve (the last stage of the pipeline).
 
 ``build_application(cfg)`` wires the two deployments (see :mod:`raydb.serving.deployments`);
-``serve/app.py`` exposes it to ``serve run`` / ``serve deploy``, and ``raydb serve --config …`` calls
-:func:`run_server`. The API, auth and error codes are documented in docs/serving.md.
+``raydb.serving.app:build_app`` exposes it to ``serve run`` / ``serve deploy``, and
+``raydb serve --config …`` calls :func:`run_server`. The API, auth and error codes are documented
+in docs/serving.md.
 """
 
 from __future__ import annotations

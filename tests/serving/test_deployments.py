@@ -104,9 +104,9 @@ def test_shipped_serve_configs_load_and_build():
 
     deploy = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve/config.yaml").read_text()))
     app_args = deploy.applications[0].args
-    assert deploy.applications[0].import_path == "serve.app:build_app"
+    assert deploy.applications[0].import_path == "raydb.serving.app:build_app"
     load_config(REPO / app_args["config"])
-    from serve.app import build_app
+    from raydb.serving.app import build_app
 
     assert type(build_app({"config": str(REPO / app_args["config"])})).__name__ == "Application"
 

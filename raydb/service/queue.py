@@ -24,6 +24,7 @@ from collections import Counter
 from typing import Any, Protocol
 
 from raydb.config import RaydbConfig
+from raydb.metrics import record
 from raydb.service.store import TERMINAL, TrainingStore
 
 __all__ = ["Jobs", "RayJobs", "submission_id", "entrypoint", "reconcile", "queue_counts"]
@@ -116,6 +117,7 @@ def reconcile(store: TrainingStore, jobs: Jobs, cfg: RaydbConfig) -> list[str]:
         state = store.state(tenant, tid)
         if state in TERMINAL:
             store.finish(entry)
+            record("raydb_trainings_finished_total", outcome=state)
             continue
         job = store.job(tenant, tid)
         if job is None:
@@ -131,6 +133,7 @@ def reconcile(store: TrainingStore, jobs: Jobs, cfg: RaydbConfig) -> list[str]:
                                error=f"the training's Ray job ended ({status}) without a result: "
                                      f"{message or 'no message'}")
             store.finish(entry)
+            record("raydb_trainings_finished_total", outcome="failed")
             continue
         running[tenant] += 1
     started = []
@@ -150,4 +153,6 @@ def reconcile(store: TrainingStore, jobs: Jobs, cfg: RaydbConfig) -> list[str]:
         store.record_job(entry.tenant, entry.training_id, sub_id)
         running[entry.tenant] += 1
         started.append(entry.training_id)
+    record("raydb_trainings", len(waiting) - len(started), state="queued")
+    record("raydb_trainings", sum(running.values()), state="running")
     return started

@@ -106,8 +106,8 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check raydb jobs serve tests bench
 
 bench: $(STAMP)
-	$(VENV)/bin/python bench/train_cache.py
-	$(VENV)/bin/python bench/prior_bench.py
+	$(VENV)/bin/python -m bench.train_cache
+	$(VENV)/bin/python -m bench.prior_bench
 
 clean:
 	rm -rf workspace demo-output mutants $(LOWEST_VENV)

@@ -16,6 +16,7 @@ With ``max_batch_size=1`` nothing waits and every request runs its own loop (bat
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -25,6 +26,8 @@ from typing import Any
 from raydb.metrics import record
 
 __all__ = ["ShapeBatcher"]
+
+logger = logging.getLogger("ray.serve.raydb.batcher")  # under Serve's logger: its handlers and format
 
 
 class ShapeBatcher:
@@ -51,6 +54,8 @@ class ShapeBatcher:
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._submitted: dict[asyncio.Future, float] = {}  # when each waiting item arrived
+        self._batch_of: dict[asyncio.Future, tuple[int, int, int]] = {}  # (batch id, size, adapters)
+        self._batch_seq = 0
 
     async def submit(self, item: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -68,6 +73,9 @@ class ShapeBatcher:
             return await result
         finally:
             self._submitted.pop(result, None)
+            batch = self._batch_of.pop(result, None)
+            if batch is not None:  # logged in the request's own context: Serve adds its request id
+                logger.info("batch %d: %d request(s), %d adapter(s)", *batch, extra={"batch_id": batch[0]})
 
     def _next_batch(self) -> tuple[list[tuple[Any, asyncio.Future]] | None, float]:
         """The batch to run now, or (None, seconds until the oldest bucket is due)."""
@@ -113,8 +121,10 @@ class ShapeBatcher:
         """Batch size (and how many adapters it mixes) and each item's wait in the queue."""
         now = time.monotonic()
         subjects = len({self.subject(item) for item, _ in batch}) if self.subject else 1
+        self._batch_seq += 1
         record("raydb_batch_size", len(batch), subject_count=str(subjects))
         for _, fut in batch:
+            self._batch_of[fut] = (self._batch_seq, len(batch), subjects)
             if fut in self._submitted:
                 record("raydb_batch_queue_wait_seconds", now - self._submitted[fut])
 

@@ -41,6 +41,7 @@ from ray.serve.handle import DeploymentHandle
 
 from raydb.config import RaydbConfig
 from raydb.registry import migrate_registry, version_uri
+from raydb.serving import observe
 from raydb.serving.adapters import AdapterError, AdapterGone, GenerationCancelled, LoadedAdapter
 from raydb.serving.api import GenerateRequest, RequestError, validate_generate, validation_detail
 from raydb.serving.auth import KeyRing, key_from_headers
@@ -80,6 +81,7 @@ logger = logging.getLogger("ray.serve")
 http_app = FastAPI(title="raydb", description="DreamBooth-LoRA subjects over HTTP (see docs/serving.md).",
                    docs_url=None, redoc_url=None, openapi_url=None)
 http_app.include_router(trainings_router)  # /v1/trainings (docs/service.md)
+observe.install(http_app)  # request ids in error bodies and logs, HTTP metrics (raydb/serving/observe.py)
 
 
 @serve.deployment(name="RaydbDiffusion")
@@ -117,7 +119,8 @@ class DiffusionDeployment:
         self.pool = SlotPool(self.engine, failure_ttl_s=sc.adapter_failure_ttl_s)
         self.in_flight = self.peak_in_flight = self.cancelled = 0
         self.batcher = ShapeBatcher(self.engine.run_batch, key=lambda r: self.engine.key(r.params),
-                                    max_batch_size=sc.max_batch_size, wait_s=sc.batch_wait_ms / 1000)
+                                    max_batch_size=sc.max_batch_size, wait_s=sc.batch_wait_ms / 1000,
+                                    subject=lambda r: r.slot)
 
         async def load_adapter(adapter_id: str) -> LoadedAdapter:
             subject_id, version = parse_model_id(adapter_id)
@@ -199,6 +202,7 @@ class IngressDeployment:
     """``POST /v1/generate``, ``GET /v1/subjects``, ``GET /healthz``, ``/v1/trainings`` (docs: serve.docs)."""
 
     def __init__(self, config: dict[str, Any], diffusion: DeploymentHandle) -> None:
+        observe.install_log_fields()  # request id, tenant, subject on every log line of a request
         self.cfg = RaydbConfig.model_validate(config)
         sc = self.cfg.serve
         self.storage = Storage(self.cfg.s3_endpoint_url)
@@ -222,6 +226,7 @@ class IngressDeployment:
         if self.keys is None:
             return None
         tenant = self.keys.tenant_for(key_from_headers(request.headers))
+        observe.note(tenant=tenant)
         if tenant is None:
             raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key> or "
                                 "X-API-Key: <key>)", headers={"WWW-Authenticate": "Bearer"})
@@ -258,6 +263,7 @@ class IngressDeployment:
             with self.limiter.admit(tenant or ""):
                 return await self._generate(request, tenant)
         except TooManyRequests as exc:
+            observe.note(reject_reason=exc.kind)
             raise HTTPException(429, f"too many requests: {exc.reason}",
                                 headers={"Retry-After": str(exc.retry_after)}) from None
 
@@ -271,6 +277,7 @@ class IngressDeployment:
             req = GenerateRequest.model_validate_json(body)
         except ValidationError as exc:
             raise HTTPException(422, validation_detail(exc)) from None
+        observe.note(subject=req.subject_id)
         try:
             subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace,
                                               req.subject_id, tenant)
@@ -322,5 +329,6 @@ class IngressDeployment:
                 sent[-1].cancel()
             raise
         except BackPressureError:
+            observe.note(reject_reason="backpressure")
             raise HTTPException(503, "the server is at capacity; retry",
                                 headers={"Retry-After": "1"}) from None

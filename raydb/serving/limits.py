@@ -26,9 +26,10 @@ __all__ = ["TokenBucket", "TenantLimiter", "TooManyRequests", "BodyTooLarge", "r
 class TooManyRequests(Exception):
     """The tenant is over its concurrency cap or rate; ``retry_after`` in whole seconds (>= 1)."""
 
-    def __init__(self, reason: str, retry_after: float) -> None:
+    def __init__(self, reason: str, retry_after: float, kind: str = "rate") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind  # "concurrency" or "rate": the metrics' reason tag
         self.retry_after = max(1, math.ceil(retry_after))
 
 
@@ -83,11 +84,13 @@ class TenantLimiter:
         """
         with self._lock:
             if self._in_flight.get(tenant, 0) >= self.max_concurrent:
-                raise TooManyRequests(f"at most {self.max_concurrent} requests in flight per tenant", 1.0)
+                raise TooManyRequests(f"at most {self.max_concurrent} requests in flight per tenant", 1.0,
+                                      "concurrency")
             bucket = self._buckets.setdefault(tenant, TokenBucket(self.rate_per_s, self.burst, self.clock))
             wait = bucket.take()
             if wait > 0:
-                raise TooManyRequests(f"at most {self.rate_per_s:g} requests per second per tenant", wait)
+                raise TooManyRequests(f"at most {self.rate_per_s:g} requests per second per tenant", wait,
+                                      "rate")
             self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
         try:
             yield

@@ -26,7 +26,8 @@ from typing import Any
 
 from raydb.metrics import record
 
-__all__ = ["ObservedRequests", "RequestLogFields", "current_request_id", "note", "REQUEST_ID_HEADER"]
+__all__ = ["ObservedRequests", "RequestLogFields", "current_request_id", "note", "install",
+           "install_log_fields", "error_response", "REQUEST_ID_HEADER"]
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -129,6 +130,32 @@ class ObservedRequests:
             record("raydb_http_requests_total", tenant=tenant, route=route, method=scope.get("method", ""),
                    status=str(status))
             record("raydb_http_request_seconds", time.perf_counter() - start, tenant=tenant, route=route)
-            if status == 429:
+            if status == 429 or (status == 503 and info.reject_reason):
                 record("raydb_http_rejections_total", tenant=tenant, route=route,
                        reason=info.reject_reason or "other")
+
+
+def error_response(status: int, detail: Any, headers: dict[str, str] | None = None) -> Any:
+    """The JSON error body every route answers with: ``{"detail": ..., "request_id": ...}``."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"detail": detail, "request_id": current_request_id()}, status_code=status,
+                        headers=headers)
+
+
+def install(app: Any) -> None:
+    """Wire the observer into a FastAPI app: the middleware, and error bodies that carry the request
+    id (HTTPException and request validation alike). The ingress's one hook."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    async def http_error(request: Any, exc: StarletteHTTPException) -> Any:
+        return error_response(exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+    async def validation_error(request: Any, exc: RequestValidationError) -> Any:
+        detail = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        return error_response(422, detail)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(ObservedRequests)

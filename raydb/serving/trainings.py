@@ -22,6 +22,7 @@ from raydb.config import RaydbConfig
 from raydb.service.errors import Forbidden, TooLarge
 from raydb.service.queue import Jobs
 from raydb.service.trainings import Refused, TrainingService
+from raydb.serving import observe
 from raydb.serving.api import RequestError
 from raydb.storage import Storage
 
@@ -93,6 +94,8 @@ async def _call(fn: Callable[..., Any], *args: Any) -> Any:
     except RequestError as exc:
         raise HTTPException(422, exc.detail()) from None
     except Refused as exc:
+        if exc.status == 429:
+            observe.note(reject_reason="trainings")
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         raise HTTPException(exc.status, exc.detail, headers=headers) from None
 

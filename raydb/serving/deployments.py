@@ -59,6 +59,7 @@ from raydb.serving.limits import (
     TooManyRequests,
     read_body_capped,
 )
+from raydb.serving.openapi import openapi_document
 from raydb.serving.retry import DEFAULT_ATTEMPTS, call_with_retry, safe_to_repeat
 from raydb.serving.slots import SlotPool
 from raydb.serving.subjects import (
@@ -241,7 +242,7 @@ class IngressDeployment:
         if not self.cfg.serve.docs:
             raise HTTPException(404, "Not Found")
         self._tenant(request)
-        return http_app.openapi()
+        return openapi_document(http_app)  # bodies, responses and the key schemes (serving/openapi.py)
 
     @http_app.get("/docs", include_in_schema=False)
     def docs(self, request: Request) -> Response:

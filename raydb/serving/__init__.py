@@ -9,7 +9,6 @@ in docs/serving.md.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from typing import Any
 
@@ -22,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 def _warn_if_open(cfg: RaydbConfig) -> None:
     if cfg.serve.auth == "none":
-        print("WARNING: serve.auth is 'none': the API is open and every caller sees every tenant's "
-              "subjects. Use it only on a trusted local machine.", file=sys.stderr)
+        logger.warning("serve.auth is 'none': the API is open and every caller sees every tenant's "
+                       "subjects. Use it only on a trusted local machine.")
 
 
 def build_application(cfg: RaydbConfig) -> Any:
@@ -69,8 +68,8 @@ def run_server(cfg: RaydbConfig, *, blocking: bool = True) -> Any:
 
     handle = deploy(cfg)
     prefix = cfg.serve.route_prefix.rstrip("/")
-    print(f"raydb serving on http://{cfg.serve.host}:{cfg.serve.port}{prefix}/v1/generate "
-          f"(health: {prefix}/healthz{'; Ctrl-C stops' if blocking else ''})")
+    logger.info("raydb serving on http://%s:%s%s/v1/generate (health: %s/healthz%s)", cfg.serve.host,
+                cfg.serve.port, prefix, prefix, "; Ctrl-C stops" if blocking else "")
     if not blocking:
         return handle
     try:

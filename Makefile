@@ -58,6 +58,7 @@ lock: | $(UV)
 # lower bound the code has outgrown fails here instead of at a user's. torch stays at $(TORCH): its
 # old releases on PyPI are CUDA builds of several GB, so its bound is the one this leg cannot check.
 LOWEST_VENV := .venv-lowest
+LOWEST_TESTS ?=  # a subset of the fast tier (files or node ids); default: all of it
 
 test-lowest: | $(UV)
 	rm -rf $(LOWEST_VENV) && $(PYTHON) -m venv $(LOWEST_VENV)
@@ -70,7 +71,7 @@ test-lowest: | $(UV)
 	@echo "lowest direct versions:" $$($(UV) pip freeze --python $(LOWEST_VENV)/bin/python | grep -iE \
 		'^(torch|diffusers|transformers|peft|huggingface.hub|ray|numpy|pyarrow|boto3|botocore|pydantic|pillow|safetensors|pyyaml|tqdm|matplotlib|fastapi|starlette|python.multipart)==')
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(LOWEST_VENV)/bin/python -m pytest -q -rfE -m "not ray" -n $(TEST_WORKERS) \
-		--dist loadfile -p no:cacheprovider
+		--dist loadfile -p no:cacheprovider $(LOWEST_TESTS)
 
 demo: $(STAMP)
 	$(VENV)/bin/raydb demo --config jobs/configs/demo.yaml

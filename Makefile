@@ -6,7 +6,8 @@
 PYTHON ?= python3
 UV_VERSION ?= 0.13.9
 TORCH ?= torch==2.13.0
-TORCH_FIND_LINKS ?= $(PIP_FIND_LINKS)
+# where pip finds local wheels ($PIP_FIND_LINKS, else pip's own config): the image's CPU build of torch
+TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 TORCH_INDEX ?=
 VENV := .venv
 STAMP := $(VENV)/.raydb-installed

@@ -97,7 +97,9 @@ test-fast: $(STAMP)
 # `mutmut results` lists the survivors, `mutmut show NAME` shows one.
 MUTATE_MODULES ?= raydb.train.loss raydb.train.data raydb.train.step raydb.train.lora \
 	raydb.train.evaluate raydb.ids raydb.registry raydb.storage raydb.data.ingest raydb.serving.auth \
-	raydb.serving.api raydb.serving.subjects raydb.serving.adapters raydb.serving.retry
+	raydb.serving.api raydb.serving.subjects raydb.serving.adapters raydb.serving.retry \
+	raydb.serving.engine raydb.serving.batcher raydb.serving.limits raydb.serving.gate raydb.serving.slots \
+	raydb.train.graphs raydb.train.prefetch raydb.models.sdxl
 MUTATE_CHILDREN ?= 1
 
 mutate: $(DEV_STAMP)

@@ -5,7 +5,7 @@ the config's ``train.compile`` off, then on) on the same batches and compares ev
 read by an AdamW step pre-hook — the gradient the update is about to apply (clipping is lifted,
 ``train.max_grad_norm=1e30``, so it scales nothing). A speed option may change the last bits, never
 the gradient; this is how the CPU inductor problem with ``compile=full`` was found (see
-raydb/train/speed.py).
+raydb/train/device_options.py).
 
     python -m bench.compile_parity --compile full --backend aot_eager     # seconds
     python -m bench.compile_parity --compile blocks --backend inductor    # minutes on CPU
@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from raydb.config import RaydbConfig, load_config  # noqa: E402
 from raydb.models.components import load_components  # noqa: E402
 from raydb.storage import Storage  # noqa: E402
-from raydb.train import speed  # noqa: E402
+from raydb.train import device_options as speed  # noqa: E402
 from raydb.train.engine import TrainEngine  # noqa: E402
 from raydb.train.local import prepare_training_data  # noqa: E402
 from raydb.train.step import build_train_state  # noqa: E402

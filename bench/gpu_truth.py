@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.warmup, args.min_steps, args.min_seconds, args.max_steps = 1, 2, 0.0, 2
         args.engine_batches, args.engine_warmup, args.compile_batch = [1], 2, 1
         args.profile_steps = 1
-        # compile=full with inductor is refused on the CPU (raydb/train/speed.py) and blocks take
+        # compile=full with inductor is refused on the CPU (raydb/train/device_options.py) and blocks take
         # minutes: --tiny compiles only with another backend (--compile-backend aot_eager)
         args.no_compile = args.no_compile or args.compile_backend == "inductor"
     return args

@@ -28,8 +28,8 @@ from raydb.models.architectures import SD_NOISE_SCHEDULE, build_text_encoder, bu
 from raydb.models.sdxl import encode_prompts_sdxl, tokenize_sdxl
 from raydb.models.tiny import build_tiny_tokenizer
 from raydb.train.data import TrainingData
+from raydb.train.device_options import resolve_mixed_precision
 from raydb.train.engine import TrainEngine
-from raydb.train.speed import resolve_mixed_precision
 from raydb.train.step import build_train_state
 
 __all__ = ["PROMPTS", "Frozen", "unet", "frozen", "training_data", "train_config", "make_engine",

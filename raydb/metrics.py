@@ -50,8 +50,9 @@ SERIES: dict[str, Series] = {
         "histogram", "Time from a request's arrival at the ingress to its answer", ("tenant", "route"),
         "serve", tuple(LATENCY_BOUNDARIES_S)),
     "raydb_http_rejections_total": Series(
-        "counter", "Requests answered 429, by tenant, route and reason (rate, concurrency, queue, "
-        "trainings, backpressure)", ("tenant", "route", "reason"), "serve"),
+        "counter", "Requests refused for want of capacity (429, or 503 with a reason), by tenant, route "
+        "and reason (rate, concurrency, uploads, ingress, image_workers, trainings, backpressure)",
+        ("tenant", "route", "reason"), "serve"),
     # -- generation (the diffusion replicas) ---------------------------------------------------
     "raydb_batch_size": Series(
         "histogram", "Requests generated together in one batch", ("subject_count",), "serve",

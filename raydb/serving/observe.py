@@ -1,19 +1,21 @@
 """What the ingress records about each HTTP request: its metrics, its id, and its log context.
 
-:class:`ObservedRequests` is an ASGI middleware around the ingress app (one line in the ingress
-wires it). For every request it
+:class:`ObservedRequests` is an ASGI middleware around the ingress app, outside its gate
+(:mod:`raydb.serving.gate`), so it sees the gate's refusals too (one line in the ingress wires it).
+For every request it
 
 - takes Serve's request id (the ``X-Request-ID`` header: the client's own, else the one Serve's
   proxy made, which the proxy also returns on the response) and keeps it in a context variable, so
   error bodies carry it (:func:`current_request_id`) and every log line of the request — raydb's and
   Serve's own — carries it with the tenant and the subject (:class:`RequestLogFields`);
 - records ``raydb_http_requests_total`` / ``raydb_http_request_seconds`` by tenant, route template,
-  method and status, and ``raydb_http_rejections_total`` by reason for each 429
-  (:mod:`raydb.metrics`).
+  method and status, and ``raydb_http_rejections_total`` by reason for each 429 (and each 503 that
+  names one) (:mod:`raydb.metrics`).
 
-Routes and limits tell it what they learn through :func:`note`: the tenant once the key is checked,
-the subject once it is named, a 429's reason. It wraps the ASGI app without reading the body, so
-capped body reads (``read_body_capped``) and streamed responses pass through unchanged.
+The gate and the routes tell it what they learn through :func:`note`: the tenant once the key is
+checked, the subject once it is named, a refusal's reason (``raydb.serving.status.http_exception``
+notes the error's ``rejection``). It wraps the ASGI app without reading the body, so the gate's
+capped body reads and streamed responses pass through unchanged.
 """
 
 from __future__ import annotations
@@ -93,6 +95,20 @@ def install_log_fields(logger_name: str = "ray.serve") -> None:
             handler.addFilter(RequestLogFields())
 
 
+def _route(scope: dict[str, Any]) -> str:
+    """The route template of the request (``/v1/trainings/{training_id}``), also for a request a
+    middleware answered before routing (the gate's 429s): matched against the app's routes."""
+    route = scope.get("route")
+    if route is None:
+        from starlette.routing import Match
+
+        for candidate in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+            if candidate.matches(scope)[0] != Match.NONE:
+                route = candidate
+                break
+    return getattr(route, "path", None) or "unmatched"
+
+
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
     for key, value in scope.get("headers") or ():
         if key.lower() == name:
@@ -125,7 +141,7 @@ class ObservedRequests:
             await self.app(scope, receive, send_observed)
         finally:
             _CURRENT.reset(token)
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = _route(scope)
             tenant = info.tenant or "unknown"
             record("raydb_http_requests_total", tenant=tenant, route=route, method=scope.get("method", ""),
                    status=str(status))

@@ -1,14 +1,16 @@
 """The HTTP API's OpenAPI document, complete enough to send every request from it.
 
-The routes read their bodies themselves — ``POST /v1/generate`` through ``read_body_capped`` (413
-before a byte past ``serve.max_body_bytes``), ``POST /v1/trainings`` as multipart after the key and
-``Content-Length`` were checked — so FastAPI cannot see their request schemas, and it knows nothing
-of the API key. :func:`openapi_document` starts from FastAPI's document and adds what the routes
-really take and answer: request bodies (JSON and multipart), response bodies (JSON, PNG, the error
-body with its request id), and the two ways to present a key (``Authorization: Bearer`` or
-``X-API-Key``) as security schemes on every route but ``/healthz``. The capped reads stay as they
-are: the schema only describes them. Swagger UI (``/docs`` when ``serve.docs`` is on) can then
-authorize and send each request; a client generator gets real types.
+The routes read their bodies themselves, through the ingress's gate (:mod:`raydb.serving.gate`:
+413 past ``serve.max_body_bytes`` / ``service.max_upload_bytes``, 408 past ``serve.body_timeout_s``)
+— ``POST /v1/generate`` as JSON, ``POST /v1/trainings`` as multipart after the key was checked —
+so FastAPI cannot see their request schemas, and it knows nothing of the API key.
+:func:`openapi_document` starts from FastAPI's document and adds what the routes really take and
+answer: request bodies (JSON and multipart), response bodies (JSON, PNG, the error body with its
+request id), the gate's refusals (408, 413, 429, 503) on every gated route, and the two ways to
+present a key (``Authorization: Bearer`` or ``X-API-Key``) as security schemes on every route but
+``/healthz``. The gate's capped reads stay as they are: the schema only describes them. Swagger
+UI (``/docs`` when ``serve.docs`` is on) can then authorize and send each request; a client
+generator gets real types.
 """
 
 from __future__ import annotations
@@ -60,7 +62,6 @@ class GenerateResponse(BaseModel):
     num_images: int
     width: int
     height: int
-    base_model: str | None = None
 
 
 class SubjectRow(BaseModel):
@@ -72,7 +73,7 @@ class SubjectRow(BaseModel):
     instance_token: str | None = None
     instance_prompt: str | None = None
     class_prompt: str | None = None
-    base_model: str | None = None
+    family: str | None = Field(None, description="the base model's family: sd or sdxl")
 
 
 class SubjectsResponse(BaseModel):
@@ -127,10 +128,12 @@ _ERRORS = {"400": "malformed body", "401": "missing or unknown API key",
            "403": "a photo URI the tenant may not name",
            "404": "unknown subject or training (another tenant's look the same)",
            "409": "conflict (subject taken, adapter for another base model, cancel too late)",
+           "408": "the body did not all arrive in time (serve.body_timeout_s)",
            "411": "Content-Length required", "413": "body too large", "415": "not multipart/form-data",
            "422": "a field breaks a limit (detail names it)", "429": "over the tenant's limits (Retry-After)",
            "500": "the adapter could not be used", "503": "at capacity (Retry-After)",
            "504": "past the request time limit"}
+_GATE = ["408", "413", "429", "503"]  # what the gate may answer on any route it guards
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -197,5 +200,11 @@ def openapi_document(app: Any) -> dict[str, Any]:
     for path, methods in doc.get("paths", {}).items():
         for method, op in methods.items():
             op.update(copy.deepcopy(extra.get((path, method), {})))
-            op["security"] = [] if (path, method) in _PUBLIC else copy.deepcopy(_KEYED)
+            if (path, method) in _PUBLIC:
+                op["security"] = []
+                continue
+            op["security"] = copy.deepcopy(_KEYED)
+            responses = op.setdefault("responses", {})
+            for code in _GATE:
+                responses.setdefault(code, {"description": _ERRORS[code], "content": _json("ErrorBody")})
     return doc

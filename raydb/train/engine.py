@@ -33,9 +33,9 @@ from raydb.compile_cache import CompileCache, compile_cache_key
 from raydb.config import RaydbConfig
 from raydb.storage import Storage
 from raydb.train.data import MicroBatch, TrainingData, step_micro_batches
+from raydb.train.device_options import resolve_mixed_precision, use_cuda_graphs
 from raydb.train.graphs import GraphStep
 from raydb.train.prefetch import BatchPrefetcher
-from raydb.train.speed import resolve_mixed_precision, use_cuda_graphs
 from raydb.train.step import TrainState, optimizer_step
 
 __all__ = ["TrainEngine", "engine_compile_cache"]

@@ -43,7 +43,7 @@ import torch
 
 from raydb.config import RaydbConfig
 from raydb.train.data import MicroBatch
-from raydb.train.speed import resolve_mixed_precision
+from raydb.train.device_options import resolve_mixed_precision
 from raydb.train.step import TrainState, forward_loss
 
 __all__ = ["GraphStep", "tensor_lr"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -20,13 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raydb.cluster import free_port
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wheel_venv(tmp: Path) -> Path:
@@ -61,7 +56,7 @@ def test_serve_run_of_the_packaged_builder_from_a_wheel(tmp_path):
                            env=env, check=True, capture_output=True, text=True).stdout.strip()
     assert where.startswith(str(venv)), where
 
-    port = _free_port()
+    port = free_port("127.0.0.1")
     config = tmp_path / "raydb.yaml"
     config.write_text(yaml.safe_dump({
         "workspace": str(tmp_path / "ws"),

@@ -17,25 +17,18 @@ from raydb.config import ConfigError, load_config
 from raydb.models.components import load_components
 from raydb.storage import Storage
 from raydb.train.data import make_micro_batch, step_micro_batches
+from raydb.train.device_options import resolve_mixed_precision, use_cuda_graphs
 from raydb.train.graphs import GraphStep, tensor_lr
 from raydb.train.local import prepare_training_data
 from raydb.train.prefetch import BatchPrefetcher
-from raydb.train.speed import resolve_mixed_precision, use_cuda_graphs
 from raydb.train.step import build_train_state, optimizer_step
+from tests.helpers.tiny import training_setup
 
 EXACT = {"rel": 1e-12, "abs": 1e-15}
 
 
-def _setup(cfg):
-    storage = Storage()
-    comps = load_components(cfg.model, storage, cfg.workspace, dtype=torch.float64)
-    data = prepare_training_data(cfg, comps, storage)
-    state = build_train_state(cfg, comps.unet, comps.text_encoder, comps.text_encoder_2)
-    return comps, data, state
-
-
 def _run(cfg, steps: int, *, graph_ready: bool):
-    comps, data, state = _setup(cfg)
+    comps, data, state = training_setup(cfg, torch.float64)
     kw = dict(noise_scheduler=comps.noise_scheduler, prediction_type=comps.prediction_type,
               with_prior=data.with_prior, vae=comps.vae)
     step = GraphStep(state, cfg, capture=False, **kw) if graph_ready else None
@@ -72,7 +65,7 @@ def test_graph_ready_step_equals_todays_step(make_cfg, tmp_path, class_images_di
                           "resolution": 32,
                           "lr_scheduler": "linear", "lr_warmup_steps": 1, "learning_rate": 1e-2,
                           "max_grad_norm": 0.05})
-    init = _lora(_setup(cfg)[2])
+    init = _lora(training_setup(cfg, torch.float64)[2])
     today, lora_today, _ = _run(cfg, 3, graph_ready=False)
     ready, lora_ready, state = _run(cfg, 3, graph_ready=True)
     assert len({m["lr"] for m in today}) == 3  # the schedule really changes the lr every step
@@ -119,7 +112,7 @@ def test_engine_seams_run_the_same_step(make_cfg, tmp_path, class_images_dir):
     runs = {}
     for name, seams in (("default", {}), ("no prefetch", {"prefetch": False}),
                         ("graph step", {"graph_step": True}), ("eager", {"graph_step": False})):
-        comps, data, state = _setup(cfg)
+        comps, data, state = training_setup(cfg, torch.float64)
         with TrainEngine(cfg, state, data, noise_scheduler=comps.noise_scheduler,
                          prediction_type=comps.prediction_type, vae=comps.vae, device="cpu",
                          **seams) as engine:
@@ -143,7 +136,7 @@ def test_engine_seams_run_the_same_step(make_cfg, tmp_path, class_images_dir):
 
 def test_graph_step_refuses_a_new_shape_and_capture_on_cpu(make_cfg):
     cfg = make_cfg(train={"dtype": "float64", "resolution": 32})
-    comps, data, state = _setup(cfg)
+    comps, data, state = training_setup(cfg, torch.float64)
     kw = dict(noise_scheduler=comps.noise_scheduler, prediction_type=comps.prediction_type,
               with_prior=data.with_prior, vae=comps.vae)
     with pytest.raises(ValueError, match="train.cuda_graphs.*CUDA"):

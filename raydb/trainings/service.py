@@ -113,7 +113,6 @@ class TrainingService:
                                   photos_uri=self.store.photos_uri(tenant, training_id),
                                   storage=self.store.storage)
         self._check_capacity(tenant)
-        self._check_owner(tenant, sub.subject_id)
         request = {"subject_id": sub.subject_id, "overrides": sub.overrides, "config": sub.config,
                    "photos": [name for name, _ in sub.photos], "photo_uris": sub.photo_uris}
         self.store.create(tenant, training_id, request, sub.photos)
@@ -125,18 +124,6 @@ class TrainingService:
         self.store.enqueue(tenant, training_id)
         self.pass_queue()
         return training_view(self.store, tenant, training_id), True
-
-    def _check_owner(self, tenant: str, subject_id: str) -> None:
-        """409 when another tenant owns the subject id — before the upload is stored, not after
-        training. A read, not a claim: the id becomes the tenant's when the job's pipeline registers
-        (the only registrar), so a training that is cancelled or fails leaves no trace in the
-        registry. (Two tenants racing for a new id both pass here; the second to register fails.)"""
-        from raydb.registry import subject_owner
-
-        owner = subject_owner(self.store.storage, self.cfg.workspace, subject_id)
-        if owner is not None and owner != tenant:
-            raise Refused(409, [{"type": "value_error", "loc": ["body", "subject_id"],
-                                 "msg": f"subject id {subject_id!r} is taken; choose another"}])
 
     def _check_capacity(self, tenant: str) -> None:
         sc = self.cfg.service

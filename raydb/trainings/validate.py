@@ -171,8 +171,8 @@ def validate_submission(
     tree = cfg.to_dict()
     tree["subject"] = {"id": subject_id, "tenant": tenant, "instance_data": photos_uri,
                        "instance_prompt": instance_prompt, "class_prompt": class_prompt}
-    # a search of its own per training (tune/<subject>/<training id>/): under the operator's name a
-    # second training of the subject would restore the first one's finished search
+    # a search of its own per training (tenants/<tenant>/tune/<subject>/<training id>/): under the
+    # operator's name a second training of the subject would restore the first one's finished search
     tree["tune"] = cfg.service.tune.model_dump(mode="json") | {"name": training_id} if overrides.get("tune") \
         else None
     try:

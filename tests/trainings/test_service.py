@@ -185,33 +185,52 @@ def test_jobs_succeed_fail_and_cancel_and_a_new_ingress_still_answers(service):
     assert (views["rex"]["step"], views["rex"]["max_steps"]) == (2, 2) and views["rex"]["loss"] > 0
     assert views["fido"]["status"] == "failed" and "/nonexistent/model" in views["fido"]["error"]
     assert views["kit"]["status"] == "cancelled" and views["kit"]["error"] is None
-    registered = sorted(list_subjects(Storage(), cfg.workspace))
+    registered = sorted(list_subjects(Storage(), cfg.workspace, "t1"))
     assert registered == ["rex"]  # neither the failed nor the cancelled training registered anything
     assert c.delete(f"/v1/trainings/{ids[0]}", headers={"X-API-Key": "key-one"}).status_code == 409
-    assert _post(c, key="key-two", subject_id="rex").status_code == 409  # t1 owns rex
+
+
+def test_two_tenants_can_each_train_a_subject_of_the_same_name(service):
+    """Subject ids are per tenant (issue 24): t2 submitting ``rex`` after t1 registered its ``rex``
+    is accepted (before: 409 "subject id 'rex' is taken", which also told t2 that someone had a
+    ``rex``), trains, and registers t2's own ``rex``; t1's stays as it was."""
+    from raydb.serving.subjects import find_subject
+
+    cfg, jobs, client = service
+    cfg.service.max_concurrent_trainings = cfg.service.max_queued_trainings = 2
+    c = client()
+    store = TrainingStore(Storage(), cfg.workspace)
+    first = _post(c, key="key-one", photos=demo_photos(3, 96))
+    assert first.status_code == 202, first.text
+    assert run_training(store, "t1", first.json()["id"], local=True) == "succeeded"
+    second = _post(c, key="key-two", photos=demo_photos(3, 80))
+    assert second.status_code == 202, second.text
+    assert run_training(store, "t2", second.json()["id"], local=True) == "succeeded"
+    for tenant, key, resp in (("t1", "key-one", first), ("t2", "key-two", second)):
+        view = c.get(f"/v1/trainings/{resp.json()['id']}", headers={"X-API-Key": key}).json()
+        assert view["subject"] == {"subject_id": "rex", "version": "v0001"}
+        assert list(list_subjects(Storage(), cfg.workspace, tenant)) == ["rex"]
+    mine, theirs = (find_subject(Storage(), cfg.workspace, t, "rex") for t in ("t1", "t2"))
+    assert mine.uri != theirs.uri and mine.metadata["weights_sha256"] != theirs.metadata["weights_sha256"]
+    assert (mine.metadata["subject"]["tenant"], theirs.metadata["subject"]["tenant"]) == ("t1", "t2")
 
 
 def test_a_training_cancelled_while_it_trains_registers_nothing(service):
     """``DELETE`` lands while the job's train stage runs: the stage finishes (its adapter is in the
-    run folder), but the job finds the outcome claimed and registers nothing — no version and no
-    owner record for the subject id (the submission only read the owner; the pipeline, the only
-    registrar, never ran its register stage)."""
-    from raydb.registry import subject_owner
-
+    run folder), but the job finds the outcome claimed and registers nothing — no version, no
+    subject folder (the pipeline, the only registrar, never ran its register stage)."""
     cfg, jobs, client = service
     c = client()
     tid = _post(c).json()["id"]
     store = TrainingStore(Storage(), cfg.workspace)
-    assert subject_owner(store.storage, cfg.workspace, "rex") is None  # submitted, not claimed
     job_store = CancelDuringStage(store, "train", lambda: c.delete(f"/v1/trainings/{tid}",
                                                                     headers={"X-API-Key": "key-one"}))
     assert run_training(job_store, "t1", tid, local=True) == "cancelled"
     assert job_store.cancelled and jobs.stopped == [jobs.submitted[0]]
     run = store.status("t1", tid)["run_uri"]
     assert (Path(run) / "adapter" / "pytorch_lora_weights.safetensors").is_file()  # it did train
-    assert list_subjects(Storage(), cfg.workspace) == {}
-    assert subject_owner(store.storage, cfg.workspace, "rex") is None
-    assert not (Path(cfg.workspace) / "subjects").exists()
+    assert list_subjects(Storage(), cfg.workspace, "t1") == {}
+    assert not (Path(cfg.workspace) / "tenants" / "t1" / "subjects").exists()
     view = c.get(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-one"}).json()
     assert view["status"] == "cancelled" and view["subject"] is None
 
@@ -369,7 +388,7 @@ def test_a_tune_training_reports_its_trials_progress(service):
     status = json.loads(status_file.read_text())
     status_file.write_text(json.dumps(status | {"updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                             time.gmtime(began))}))
-    run = str(Path(cfg.workspace) / "runs" / "rex" / "rex-trial")
+    run = str(Path(cfg.workspace) / "tenants" / "t1" / "runs" / "rex" / "rex-trial")
     record_trial(store.storage, tune_uri(trained), run)
     store.storage.write_json(f"{run}/progress.json", {"step": 1, "max_steps": 2, "loss": 0.25,
                                                       "images_per_s": 3.0, "updated_at": "x"})

@@ -6,7 +6,9 @@ where the routes find it through Serve's replica context (``servable_object``). 
 the request — the multipart body is read only after the key was checked and ``Content-Length`` is
 within ``service.max_upload_bytes`` — and map the service's refusals to status codes: 401 (key),
 403 (a photo URI the tenant may not name), 404 (unknown or another tenant's training), 409
-(subject id taken, cancel too late), 413 (too large), 422 (field named), 429 (+ Retry-After).
+(cancel too late), 413 (too large, or over the tenant's storage quota), 422 (field named), 429
+(+ Retry-After: the queue, or the tenant's share of it, is full), 503 (+ Retry-After: the queue's
+lease is busy).
 Blocking work (storage, S3 photo reads, decoding, the Jobs API) runs in a worker thread.
 """
 
@@ -139,9 +141,13 @@ async def create_training(request: Request) -> Response:
 
 
 @router.get("/v1/trainings")
-async def list_trainings(request: Request) -> dict[str, Any]:
+async def list_trainings(request: Request, limit: int | None = None,
+                         after: str | None = None) -> dict[str, Any]:
+    """One page of the caller's trainings, oldest first: ``{"trainings": [...], "next": cursor}``;
+    ``?after=<next>`` gives the following page, ``?limit=`` its size (at most
+    ``service.max_page_size``, the default)."""
     endpoint, tenant = _endpoint(request)
-    return {"trainings": await _call(endpoint.service.list, tenant)}
+    return await _call(lambda: endpoint.service.list(tenant, after=after, limit=limit))
 
 
 @router.get("/v1/trainings/{training_id}")

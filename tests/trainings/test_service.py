@@ -204,6 +204,25 @@ def test_a_training_cancelled_while_it_trains_registers_nothing(service):
     assert view["status"] == "cancelled" and view["subject"] is None
 
 
+def test_a_cancel_arriving_while_the_job_registers_is_refused_and_the_training_succeeds(service):
+    """The other side of the register-or-cancel decision: once the job won ``outcome.json`` and its
+    register stage runs, ``DELETE`` answers 409 and changes nothing; the training succeeds with its
+    version (deliberate break caught: the job registering without claiming the outcome first)."""
+    cfg, jobs, client = service
+    c = client()
+    tid = _post(c).json()["id"]
+    store = TrainingStore(Storage(), cfg.workspace)
+    answers = []
+    job_store = CancelDuringStage(store, "register", lambda: answers.append(
+        c.delete(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-one"})))
+    assert run_training(job_store, "t1", tid, local=True) == "succeeded"
+    [refused] = answers
+    assert refused.status_code == 409 and "registering its result" in refused.json()["detail"]
+    assert jobs.stop_calls == [] and store.outcome("t1", tid) == "register"
+    view = c.get(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-one"}).json()
+    assert view["status"] == "succeeded" and view["subject"] == {"subject_id": "rex", "version": "v0001"}
+
+
 def test_a_refused_submission_stays_queued_until_the_jobs_api_takes_it(service):
     cfg, jobs, client = service
     c = client()

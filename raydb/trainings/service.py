@@ -136,6 +136,14 @@ class TrainingService:
             raise _key_reused(record["id"])
         return training_view(self.store, tenant, record["id"]), False
 
+    def _stale(self, tenant: str, key: str, record: dict[str, Any] | None) -> bool:
+        """A key whose training was never written (its admission crashed between the two writes,
+        which happen under one lease): free it, so the key works again."""
+        if record is None or self.store.request(tenant, record["id"]) is not None:
+            return False
+        self.store.release_idempotency(tenant, key, record["id"])
+        return True
+
     def submit(self, tenant: str, fields: dict[str, str], uploads: list[tuple[str, bytes]],
                idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
         """Check and record a training; returns ``(view, created)`` (``created`` False: the
@@ -145,7 +153,7 @@ class TrainingService:
             if not 1 <= len(idempotency_key) <= 255:
                 raise Refused(422, "Idempotency-Key: 1 to 255 characters")
             earlier = self.store.idempotent(tenant, idempotency_key)
-            if earlier is not None:
+            if earlier is not None and not self._stale(tenant, idempotency_key, earlier):
                 return self._earlier(tenant, earlier, fingerprint)
         training_id = new_training_id()
         sub = validate_submission(fields, uploads, self.cfg, tenant=tenant, training_id=training_id,
@@ -157,8 +165,11 @@ class TrainingService:
         admitted = False
         try:
             with self.store.lease():
-                if idempotency_key is not None:
-                    record = self.store.claim_idempotency(tenant, idempotency_key, training_id, fingerprint)
+                key = idempotency_key
+                if key is not None:
+                    record = self.store.claim_idempotency(tenant, key, training_id, fingerprint)
+                    if record["id"] != training_id and self._stale(tenant, key, record):
+                        record = self.store.claim_idempotency(tenant, key, training_id, fingerprint)
                     if record["id"] != training_id:  # a concurrent request with the same key got there first
                         return self._earlier(tenant, record, fingerprint)
                 try:

@@ -154,6 +154,12 @@ def test_an_idempotency_key_reused_with_another_request_is_refused(service):
     c.delete(f"/v1/trainings/{first.json()['id']}", headers=auth())  # the queued one starts
     retried = _post(c, idem="order-2", subject_id="third")
     assert retried.status_code == 202 and retried.json()["subject_id"] == "third"
+    # a key whose admission crashed before its training was written does not block the key
+    store = c.app.state.raydb_trainings.service.store
+    store.claim_idempotency("t2", "order-3", "tr-000000000000aaaaaaaaaaaa", "whatever")
+    fresh = _post(c, key="key-two", idem="order-3", subject_id="again")
+    assert fresh.status_code == 202 and fresh.json()["id"] != "tr-000000000000aaaaaaaaaaaa"
+    assert store.idempotent("t2", "order-3")["id"] == fresh.json()["id"]
 
 
 def test_a_submit_and_cancel_loop_stays_within_the_tenants_quota(service):

@@ -42,7 +42,9 @@ test-fast: $(STAMP)
 # `mutmut results` lists the survivors, `mutmut show NAME` shows one.
 MUTATE_MODULES ?= raydb.train.loss raydb.train.data raydb.train.step raydb.train.lora \
 	raydb.train.evaluate raydb.ids raydb.registry raydb.storage raydb.data.ingest raydb.serving.auth \
-	raydb.serving.api raydb.serving.subjects raydb.serving.adapters raydb.serving.retry
+	raydb.serving.api raydb.serving.subjects raydb.serving.adapters raydb.serving.retry \
+	raydb.trainings.validate raydb.trainings.photo_uris raydb.trainings.store raydb.trainings.queue \
+	raydb.trainings.service raydb.trainings.retention raydb.trainings.job raydb.export
 MUTATE_CHILDREN ?= 1
 
 mutate: $(STAMP)

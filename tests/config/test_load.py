@@ -255,3 +255,25 @@ def test_photo_uri_prefixes_may_not_put_the_tenant_in_the_bucket_or_overlap_the_
             load_config(data={"workspace": "s3://lake/ws", "service": {"photo_uri_prefixes": [prefix]}})
     fine = ["s3://lake/uploads/{tenant}/", "s3://lake/wsx/{tenant}/", "s3://other/ws/{tenant}/"]
     assert load_config(data={"workspace": "s3://lake/ws", "service": {"photo_uri_prefixes": fine}})
+
+
+def test_over_limits_names_every_field_over_its_maximum() -> None:
+    """The operator's maxima on a typed training config, one message per field (what a submission's
+    422 lists); the lower of service.max_lora_rank and serve.max_lora_rank bounds the rank."""
+    grid = {"prior_loss_weight": [0.0, 0.5, 1.0], "learning_rate": [1e-4, 1e-3, 1e-2]}
+    cfg = load_config(data={"train": {"max_steps": 2001, "resolution": 1032}, "lora": {"rank": 33},
+                            "tune": grid})
+    assert cfg.service.over_limits(cfg) == [
+        "train.max_steps: at most 2000 (service.max_train_steps), got 2001",
+        "train.resolution: at most 1024 (service.max_resolution), got 1032",
+        "lora.rank: at most 32 (service.max_lora_rank), got 33",
+        "tune: 9 trials, at most 8 (service.max_tune_trials)"]
+    fits = load_config(data={"train": {"max_steps": 2000, "resolution": 1024}, "lora": {"rank": 32},
+                             "tune": {"prior_loss_weight": [0.0, 1.0], "learning_rate": [1e-4]}})
+    assert fits.service.over_limits(fits) == []
+    served = load_config(data={"lora": {"rank": 16}, "serve": {"max_lora_rank": 8}})
+    assert served.service.over_limits(served) == ["lora.rank: at most 8 (serve.max_lora_rank), got 16"]
+    assert load_config(data={"service": {"max_tune_gpus": 5}}).service.tune_concurrency(2) == 2
+    assert load_config(data={"service": {"max_tune_gpus": 1}}).service.tune_concurrency(4) == 1
+    capped = load_config(data={"service": {"max_tune_gpus": 8, "tune": {"max_concurrent_trials": 3}}})
+    assert capped.service.tune_concurrency(1) == 3

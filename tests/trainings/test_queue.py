@@ -165,3 +165,36 @@ def test_queue_and_retention_files_name_their_tenant_exactly(tmp_path):
     (tmp_path / "service" / "queue").mkdir(parents=True)
     (tmp_path / "service" / "queue" / "stray.json").write_text(json.dumps({}))
     assert store.active() == []
+
+
+def test_the_lease_is_exclusive_outlives_no_dead_holder_and_gives_up_in_time(tmp_path):
+    """Admissions and queue passes decide under one lease: a second taker waits (LeaseBusy after
+    ``wait_s``), takes over from a holder whose lease expired (it died) or whose record is
+    unreadable, and a release by a holder whose lease was taken over leaves the new holder's alone."""
+    import pytest
+
+    from raydb.trainings.store import LeaseBusy
+
+    store = TrainingStore(Storage(), str(tmp_path))
+    lease = tmp_path / "service" / "lease.json"
+    with store.lease():
+        holder = json.loads(lease.read_text())["holder"]
+        with pytest.raises(LeaseBusy, match="busy"):
+            with store.lease(wait_s=0.2):
+                pass
+    assert json.loads(lease.read_text()) == {"holder": None, "expires": 0}  # released
+    with store.lease():
+        assert json.loads(lease.read_text())["holder"] not in (None, holder)
+    for dead in ({"holder": "dead", "expires": time.time() - 1}, "not json"):
+        lease.write_text(dead if isinstance(dead, str) else json.dumps(dead))
+        with store.lease(wait_s=0.5):
+            pass
+    slow, taker = store.lease(ttl_s=0.05), store.lease(wait_s=0.5)
+    slow.__enter__()
+    time.sleep(0.1)  # the slow holder overran its lease: another takes it over ...
+    taker.__enter__()
+    new_holder = json.loads(lease.read_text())["holder"]
+    slow.__exit__(None, None, None)  # ... and the slow one's release leaves the new holder's lease
+    assert json.loads(lease.read_text())["holder"] == new_holder
+    taker.__exit__(None, None, None)
+    assert json.loads(lease.read_text()) == {"holder": None, "expires": 0}

@@ -136,10 +136,11 @@ class TrainingService:
             raise _key_reused(record["id"])
         return training_view(self.store, tenant, record["id"]), False
 
-    def _stale(self, tenant: str, key: str, record: dict[str, Any] | None) -> bool:
-        """A key whose training was never written (its admission crashed between the two writes,
-        which happen under one lease): free it, so the key works again."""
-        if record is None or self.store.request(tenant, record["id"]) is not None:
+    def _stale(self, tenant: str, key: str, record: dict[str, Any]) -> bool:
+        """A key whose training was never written: its admission crashed between the claim and the
+        write, which happen under one lease — so, asked holding the lease, the key is freed and
+        works again (outside the lease it could be an admission in progress)."""
+        if self.store.request(tenant, record["id"]) is not None:
             return False
         self.store.release_idempotency(tenant, key, record["id"])
         return True
@@ -153,8 +154,8 @@ class TrainingService:
             if not 1 <= len(idempotency_key) <= 255:
                 raise Refused(422, "Idempotency-Key: 1 to 255 characters")
             earlier = self.store.idempotent(tenant, idempotency_key)
-            if earlier is not None and not self._stale(tenant, idempotency_key, earlier):
-                return self._earlier(tenant, earlier, fingerprint)
+            if earlier is not None and self.store.request(tenant, earlier["id"]) is not None:
+                return self._earlier(tenant, earlier, fingerprint)  # no validation, no upload again
         training_id = new_training_id()
         sub = validate_submission(fields, uploads, self.cfg, tenant=tenant, training_id=training_id,
                                   photos_uri=self.store.photos_uri(tenant, training_id),

@@ -50,7 +50,7 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
 
     # 4 class images to train on, the other 4 of the folder held out for val_prior
     cfg = make_cfg(train={"max_steps": 8}, prior={"class_data": class_images_dir, "num_class_images": 4},
-                   service={"tune": GRID | {"max_concurrent_trials": 2}},
+                   service={"tune": GRID | {"max_concurrent_trials": 2}, "max_tune_gpus": 2},
                    eval={"clip_model": "tiny", "num_images": 1, "num_inference_steps": 2})
     service = TrainingService(cfg, Storage(), FakeJobs())
     view, _ = service.submit("t1", _tune_fields(cfg), demo_photos(), None)  # builtin:demo's photos

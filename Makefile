@@ -99,7 +99,9 @@ MUTATE_MODULES ?= raydb.train.loss raydb.train.data raydb.train.step raydb.train
 	raydb.train.evaluate raydb.ids raydb.registry raydb.storage raydb.data.ingest raydb.serving.auth \
 	raydb.serving.api raydb.serving.subjects raydb.serving.adapters raydb.serving.retry \
 	raydb.serving.engine raydb.serving.batcher raydb.serving.limits raydb.serving.gate raydb.serving.slots \
-	raydb.train.graphs raydb.train.prefetch raydb.models.sdxl
+	raydb.train.graphs raydb.train.prefetch raydb.models.sdxl \
+	raydb.trainings.validate raydb.trainings.photo_uris raydb.trainings.store raydb.trainings.queue \
+	raydb.trainings.service raydb.trainings.retention raydb.trainings.job raydb.export
 MUTATE_CHILDREN ?= 1
 
 mutate: $(DEV_STAMP)

@@ -16,10 +16,16 @@ unknown (:class:`UnknownResource`, also another tenant's), its state forbids the
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = ["Refused", "Invalid", "RequestError", "TooLarge", "Forbidden", "UnknownResource", "Conflict",
-           "Overloaded", "Unavailable", "TimedOut", "error_line"]
+           "Overloaded", "Unavailable", "TimedOut", "error_line", "redact_paths"]
+
+# URIs (s3://bucket/key, file://, http://host/...) and file paths (/abs, ./rel, ../rel, ~/home),
+# where they stand as words of their own: "images/s" or "1/2" is not a path.
+_URI = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>,;)\]]*[^\s'\"<>,;:)\]]")
+_PATH = re.compile(r"(?<![\w.~/-])(?:~|\.{1,2})?/[^\s'\"<>,;:)\]]+")
 
 
 class Refused(Exception):
@@ -92,3 +98,10 @@ def error_line(exc: BaseException) -> str:
     per-file list, joined with '; '), for summaries and training status."""
     text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return f"{type(exc).__name__}: {text}"
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with every URI and file path replaced by ``<path>``: what a tenant may read of an
+    error raised with the service's storage layout, bucket names or model locations in it (the
+    operator's logs keep the original)."""
+    return _PATH.sub("<path>", _URI.sub("<path>", text))

@@ -26,9 +26,8 @@ def test_every_stage_verb_names_real_stages_and_flags_reach_run_pipeline(monkeyp
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("error", ["storage", "tune", "adapter", "value", "owned"])
+@pytest.mark.parametrize("error", ["storage", "tune", "adapter", "value"])
 def test_failures_are_one_line_not_a_traceback(monkeypatch, capsys, error):
-    from raydb.registry import SubjectOwned
     from raydb.serving.adapters import AdapterCorrupt
     from raydb.storage import StorageError
     from raydb.tune.stage import TuneFailed
@@ -36,8 +35,7 @@ def test_failures_are_one_line_not_a_traceback(monkeypatch, capsys, error):
     exc = {"storage": StorageError("cannot read s3://b/x: AccessDenied"),
            "tune": TuneFailed("no trial of the search in /ws/tune completed"),
            "adapter": AdapterCorrupt("adapter weights failed their integrity check"),
-           "value": ValueError("prior.num_class_images (2) must be at least cluster.num_workers (3)"),
-           "owned": SubjectOwned("subject.id 'alice' is already registered by another tenant")}[error]
+           "value": ValueError("prior.num_class_images (2) must be at least cluster.num_workers (3)")}[error]
 
     def boom(name, cfg, args):
         raise exc

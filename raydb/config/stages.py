@@ -228,6 +228,14 @@ class TuneConfig(Section):
     prior_weight_in_score: float = Field(1.0, ge=0.0, description="val_score = val_instance + w * val_prior.")
     name: str = Field("tune", description="Experiment name under the subject's tune folder.")
 
+    @property
+    def planned_trials(self) -> int:
+        """Trials the search runs: ``num_samples`` x the grid's points (a range is one point per sample)."""
+        points = 1
+        for space in (self.prior_loss_weight, self.learning_rate):
+            points *= len(space.values) if space.values is not None else 1
+        return self.num_samples * points
+
 
 class EvalConfig(Section):
     clip_model: str | None = Field(None, description="CLIP model for CLIP-I/CLIP-T ('tiny' or a path).")

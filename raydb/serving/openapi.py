@@ -106,16 +106,19 @@ class TrainingView(BaseModel):
     loss: float | None = None
     images_per_s: float | None = None
     eta_s: float | None = None
+    trials: dict[str, int] | None = Field(None, description="a search's {planned, started}; null for one run")
     error: str | None = None
     subject: dict[str, Any] | None = Field(None, description="{subject_id, version} once registered")
     overrides: dict[str, Any] = Field(default_factory=dict)
     job_id: str | None = None
     created_at: str | None = None
     updated_at: str | None = None
+    files_deleted_at: str | None = Field(None, description="when retention deleted its photos and runs")
 
 
 class TrainingList(BaseModel):
     trainings: list[TrainingView]
+    next: str | None = Field(None, description="the cursor of the next page (?after=), null on the last")
 
 
 class Health(BaseModel):
@@ -179,7 +182,8 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                                      "200": training | {"description": "an earlier submission, same key"}},
                                     ["400", "401", "403", "409", "411", "413", "415", "422", "429"])},
         ("/v1/trainings", "get"): {"responses": _responses(
-            {"200": {"description": "the tenant's trainings", "content": _json("TrainingList")}}, ["401"])},
+            {"200": {"description": "one page of the tenant's trainings, oldest first",
+                     "content": _json("TrainingList")}}, ["401", "422"])},
         ("/v1/trainings/{training_id}", "get"): {"responses": _responses({"200": training}, ["401", "404"])},
         ("/v1/trainings/{training_id}", "delete"): {"responses": _responses(
             {"200": training | {"description": "cancelled"}}, ["401", "404", "409"])},

@@ -78,7 +78,9 @@ class SlotPool:
                 record("raydb_adapter_evictions_total")
 
     def load(self, storage: Storage, version_uri: str, subject_id: str, version: str) -> LoadedAdapter:
-        """Copy a verified adapter (staged, else read and verified here) into a free slot."""
+        """Copy a verified adapter (staged, else read and verified here) into a free slot.
+        ``subject_id@version`` is the multiplexed model id (the ingress names subjects with their
+        tenant, ``<tenant>/<subject>``: subject ids are per tenant)."""
         start = time.perf_counter()
         with self._changed:
             staged = self._staged.pop(f"{subject_id}@{version}", None)

@@ -32,7 +32,6 @@ from raydb.errors import (
     Unavailable,
     UnknownResource,
 )
-from raydb.registry import SubjectOwned
 from raydb.serving import observe
 from raydb.serving.adapters import (
     AdapterCorrupt,
@@ -58,7 +57,6 @@ HTTP_STATUS: dict[type[BaseException], int] = {
     BodyTimedOut: 408,  # the body did not all arrive within serve.body_timeout_s
     TooManyRequests: 429,  # the tenant is over its concurrency cap or rate
     SubjectNotFound: 404,  # unknown, or another tenant's
-    SubjectOwned: 409,  # the id belongs to another tenant
     # what a diffusion replica meets (it answers with the status, the ingress passes it on)
     BadAdapterId: 400,
     AdapterMismatch: 409,  # trained on another base model or family

@@ -40,7 +40,9 @@ def resolve_use_gpu(cfg: RaydbConfig) -> bool:
 
 def _storage_location(storage: Storage, cfg: RaydbConfig) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray Train: the subject's runs folder."""
-    uri = join(cfg.workspace, "runs", cfg.subject.id)
+    from raydb.train.rundir import runs_uri
+
+    uri = runs_uri(cfg)
     if is_s3(uri):
         fs, path = storage.arrow_fs(uri)
         return path, fs
@@ -172,8 +174,8 @@ def build_trainer(cfg: RaydbConfig, storage: Storage, cache: EncodedCache, *,
                   class_dataset: Any = None):
     """``(TorchTrainer, run uri)`` for ``cfg`` over an encoded cache (``raydb train`` and Tune).
 
-    The Ray Train run lives in the run folder ``runs/<subject>/<run id>``, so its checkpoints sit
-    beside the outputs and a rerun of the same config finds them.
+    The Ray Train run lives in the run folder ``tenants/<tenant>/runs/<subject>/<run id>``, so its
+    checkpoints sit beside the outputs and a rerun of the same config finds them.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -7,9 +7,10 @@ fixed-noise validation — not the training loss, which scales with ``prior_loss
 weak trials early (time unit: evaluations). Priors and the encode stage run once, before the
 trials, and every trial reads the same cache. An interrupted search resumes with ``Tuner.restore``.
 
-Outputs under ``<workspace>/tune/<subject>/<tune.name>/``: ``results.csv``, ``trials.png`` and
-``summary.json``. The search returns the best trial (its adapter under its run folder); registering
-it, with the search's hyperparameters and scores, is the pipeline's (:func:`raydb.pipeline.run_pipeline`).
+Outputs under ``<workspace>/tenants/<tenant>/tune/<subject>/<tune.name>/``: ``results.csv``,
+``trials.png`` and ``summary.json``. The search returns the best trial (its adapter under its run
+folder); registering it, with the search's hyperparameters and scores, is the pipeline's
+(:func:`raydb.pipeline.run_pipeline`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ class TuneFailed(RuntimeError):
 
 
 def tune_uri(cfg: RaydbConfig) -> str:
-    return join(cfg.workspace, "tune", cfg.subject.id, cfg.tune.name if cfg.tune else "tune")
+    """The search's folder, under the subject's tenant: ``tenants/<tenant>/tune/<subject>/<name>``."""
+    from raydb.registry import tenant_uri
+
+    return join(tenant_uri(cfg.workspace, cfg.subject.tenant), "tune", cfg.subject.id,
+                cfg.tune.name if cfg.tune else "tune")
 
 
 def default_concurrency(cfg: RaydbConfig, resources: dict[str, float]) -> int:

@@ -2,7 +2,8 @@
 
 The Ray tests share one module-scoped app: three trained subjects in two tenants (alice and bob of
 t1, carol of t2), six random-adapter subjects of t1 (``s1``..``s6``) and ``wide`` (rank 16, above
-the app's ``max_lora_rank=8``), plus two bad registry entries — ``alien`` (adapter.json names
+the app's ``max_lora_rank=8``), t2's own ``alice`` (subject ids are per tenant), plus two bad
+registry entries of t1 — ``alien`` (adapter.json names
 another base model) and ``broken`` (weights file corrupted). ``max_num_models_per_replica=2`` and one
 diffusion replica, so cycling three subjects must evict and reload adapters; ``max_batch_size=8``.
 Each tenant may have ``TENANT_CAP`` (= one batch) requests in flight; the rate limit is off here (it
@@ -135,11 +136,13 @@ def _bad_copies(workspace: str) -> None:
     from raydb.storage import Storage, join
 
     storage = Storage()
-    alien = register_adapter(storage, workspace, "alien", latest_version(storage, workspace, "alice")["uri"])
+    alien = register_adapter(storage, workspace, "t1", "alien",
+                             latest_version(storage, workspace, "t1", "alice")["uri"])
     meta = storage.read_json(join(alien["uri"], "adapter.json"))
     meta["base_model"]["identity"] = "some-other-base-model"
     storage.write_json(join(alien["uri"], "adapter.json"), meta)
-    broken = register_adapter(storage, workspace, "broken", latest_version(storage, workspace, "bob")["uri"])
+    broken = register_adapter(storage, workspace, "t1", "broken",
+                              latest_version(storage, workspace, "t1", "bob")["uri"])
     weights = Path(broken["uri"]) / "pytorch_lora_weights.safetensors"
     data = bytearray(weights.read_bytes())
     data[-64:] = bytes(64)  # flip tensor bytes; the header still parses
@@ -151,8 +154,10 @@ def _random_subjects(workspace: str) -> None:
     from tests.helpers.adapters import register_random_adapter
 
     for i, sid in enumerate(RANDOM):
-        register_random_adapter(Storage(), workspace, "alice", sid, rank=4, seed=100 + i)
-    register_random_adapter(Storage(), workspace, "alice", "wide", rank=16, seed=99)
+        register_random_adapter(Storage(), workspace, "alice", sid, rank=4, seed=100 + i, tenant="t1")
+    register_random_adapter(Storage(), workspace, "alice", "wide", rank=16, seed=99, tenant="t1")
+    # t2's own "alice" (subject ids are per tenant): another adapter under the same name
+    register_random_adapter(Storage(), workspace, "carol", "alice", rank=4, seed=7, tenant="t2")
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +249,7 @@ def _base_params(seed: int, steps: int = 2) -> dict:
 
 
 def _handle_image(params: dict, subject: str | None = None) -> np.ndarray:
-    handle = _diffusion().options(multiplexed_model_id=f"{subject}@v0001") if subject else _diffusion()
+    handle = _diffusion().options(multiplexed_model_id=f"t1/{subject}@v0001") if subject else _diffusion()
     return _pixels(handle.generate.remote(params).result()["images"][0])
 
 
@@ -313,7 +318,7 @@ def test_base_model_and_subjects_share_one_batch_and_shapes_never_mix(server):
     loop2, loop3 = counts[1] - counts[0], counts[2] - counts[1]
     start = _forwards()
     handle = _diffusion()
-    responses = [(handle.options(multiplexed_model_id=f"{sid}@v0001") if sid else handle)
+    responses = [(handle.options(multiplexed_model_id=f"t1/{sid}@v0001") if sid else handle)
                  .generate.remote(_base_params(seed, steps)) for sid, seed, steps in jobs]  # all at once
     images = [_pixels(r.result()["images"][0]) for r in responses]
     # One loop per shape: base and two subjects in each, the two step counts in separate loops.
@@ -383,12 +388,15 @@ def test_a_tenant_sees_and_uses_only_its_own_subjects(server):
         return [row["subject_id"] for row in rows]
 
     assert listed(KEY_A) == sorted(["alice", "alien", "bob", "broken", *RANDOM, "wide"])
-    assert listed(KEY_B) == ["carol"]
+    assert listed(KEY_B) == ["alice", "carol"]
     rows = server.get("/v1/subjects", headers=_auth(KEY_B)).json()["subjects"]
-    assert rows[0]["instance_token"] == "qpv" and rows[0]["versions"] == ["v0001"]
-    for sid, key in [("alice", KEY_B), ("carol", KEY_A)]:
-        resp = _generate(server, sid, key)
-        assert resp.status_code == 404 and resp.json()["detail"] == f"unknown subject {sid!r}"
+    assert rows[1]["instance_token"] == "qpv" and rows[1]["versions"] == ["v0001"]
+    resp = _generate(server, "carol", KEY_A)  # t2's subject: for t1 it does not exist
+    assert resp.status_code == 404 and resp.json()["detail"] == "unknown subject 'carol'"
+    # subject ids are per tenant: each tenant's "alice" is its own adapter (issue 24)
+    mine, theirs = _image(server, "alice", KEY_A), _image(server, "alice", KEY_B)
+    assert np.abs(mine - theirs).mean() > 1.0, "t1's and t2's alice look alike"
+    assert np.array_equal(_image(server, "alice", KEY_A), mine)
 
 
 @pytest.mark.ray

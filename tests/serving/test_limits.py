@@ -198,12 +198,12 @@ def test_keys_short_conflicting_or_with_bad_tenants_are_refused_at_start():
     assert ring.tenant_for(long_a) == "t1" and ring.digests() == {hash_key(long_a): "t1"}
 
 
-@pytest.mark.parametrize("bad", ["alice@v0001\n", "alice@v\u0661\u0662\u0663\u0664", "alice@v001",
-                                 "../x@v0001", "alice@v0001/../../x"])
+@pytest.mark.parametrize("bad", ["t1/alice@v0001\n", "t1/alice@v\u0661\u0662\u0663\u0664", "t1/alice@v001",
+                                 "t1/../x@v0001", "t1/alice@v0001/../../x", "alice@v0001", "../t1/x@v0001"])
 def test_adapter_ids_are_strict(bad):
     with pytest.raises(ValueError):
         parse_model_id(bad)
-    assert parse_model_id("alice@v0012") == ("alice", "v0012")
+    assert parse_model_id("t1/alice@v0012") == ("t1", "alice", "v0012")
 
 
 def test_every_string_field_has_a_length_cap():

@@ -9,6 +9,7 @@ stage whose inputs are unchanged (see :mod:`raydb.pipeline`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -24,6 +25,8 @@ from raydb.config import RaydbConfig
 from raydb.storage import Storage, is_s3, join
 
 __all__ = ["run_demo", "generate_png"]
+
+log = logging.getLogger(__name__)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -92,8 +95,8 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
         if status != 200 or not png.startswith(b"\x89PNG"):
             raise RuntimeError(f"POST {url} answered {status}: {png[:300]!r}")
         (out / "generated.png").write_bytes(png)
-        print(f"POST {url} without a key: {denied}; with the demo key: {status}, "
-              f"{len(png)} bytes of PNG in {request_s:.1f}s -> {out / 'generated.png'}")
+        log.info("POST %s without a key: %s; with the demo key: %s, %d bytes of PNG in %.1fs -> %s",
+                 url, denied, status, len(png), request_s, out / "generated.png")
     finally:
         if ray.is_initialized():
             serve.shutdown()
@@ -116,11 +119,9 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
         "pipeline_summary": summary["summary_uri"],
         "workspace": cfg.workspace if is_s3(cfg.workspace) else str(Path(cfg.workspace).resolve()),
     }
-    print("\nArtifacts:")
-    for name, where in artifacts.items():
-        if where:
-            print(f"  {name:17s} {where}")
-    print(f"  (served at {summary['url']} during the demo; Serve is shut down now. "
+    lines = [f"  {name:17s} {where}" for name, where in artifacts.items() if where]
+    log.info("artifacts:\n%s", "\n".join(lines))
+    log.info(f"  (served at {summary['url']} during the demo; Serve is shut down now. "
           f"`raydb pipeline --deploy --config ...` keeps it running)")
     return {"artifacts": artifacts, "stages": {s["stage"]: s["status"] for s in summary["stages"]},
             "seconds": round(time.perf_counter() - start, 1)}

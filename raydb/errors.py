@@ -29,11 +29,21 @@ _PATH = re.compile(r"(?<![\w.~/-])(?:~|\.{1,2})?/[^\s'\"<>,;:)\]]+")
 
 
 class Refused(Exception):
-    """A request raydb will not carry out; ``detail()`` is what the caller is told."""
+    """A request raydb will not carry out; ``detail()`` is what the caller is told.
 
-    def __init__(self, detail: str | list[dict[str, Any]], *, retry_after: int | None = None) -> None:
+    ``rejection``: for a refusal for want of capacity, one fixed word saying whose capacity
+    (``trainings``, ``backpressure``, ...: the ``reason`` tag of ``raydb_http_rejections_total``,
+    docs/operations.md); a class may set it for all its instances.
+    """
+
+    rejection: str | None = None
+
+    def __init__(self, detail: str | list[dict[str, Any]], *, retry_after: int | None = None,
+                 rejection: str | None = None) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+        if rejection is not None:
+            self.rejection = rejection
 
     def detail(self) -> str | list[dict[str, Any]]:
         return self.args[0]

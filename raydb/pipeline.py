@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -43,6 +44,8 @@ from raydb.storage import NotFound, Storage, is_s3, join
 
 __all__ = ["STAGES", "StageResult", "run_pipeline", "inputs_key", "manifest_matches", "run_stage",
            "stage_inputs", "format_summary", "pipeline_uri", "cluster_is_joined"]
+
+log = logging.getLogger(__name__)
 
 STAGES = ("prior", "encode", "train", "tune", "register", "serve")
 
@@ -315,7 +318,7 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
 
     def stage(name: str, run: Callable[[], dict[str, Any]], exists: Callable[[dict], bool]) -> None:
         if not quiet:
-            print(f"== pipeline stage {name}", flush=True)
+            log.info("== pipeline stage %s", name)
         if on_stage is not None:
             on_stage(name)
         res = run_stage(storage, join(base, f"{name}.json"), name, stage_inputs(cfg, storage, name),
@@ -361,7 +364,7 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
     summary |= {k: trained[k] for k in ("run_dir", "steps", "images_per_s") if k in trained}
     storage.write_json(summary["summary_uri"], summary)
     if not quiet:
-        print(format_summary(results), flush=True)
+        log.info("%s", format_summary(results))
     return summary
 
 

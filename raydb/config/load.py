@@ -3,7 +3,9 @@ and its key reference (the README's table)."""
 
 from __future__ import annotations
 
+import difflib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,9 +152,28 @@ def _format_errors(err: ValidationError, source: str) -> str:
         path = ".".join(str(p) for p in item["loc"]) or "<root>"
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _did_you_mean(RaydbConfig, item["loc"])
         lines.append(f"  {path}: {msg}")
     return "\n".join(lines)
+
+
+def _did_you_mean(root: type[BaseModel], loc: tuple) -> str:
+    """``"; did you mean 'max_steps'?"`` for an unknown key close to a field of its section (the
+    section's model is found by walking ``loc`` through the models' fields), else ``""``."""
+    model: Any = root
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:  # a list index: the model stays the item's
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return ""
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        candidates += [a for c in list(candidates) for a in typing.get_args(c)]  # list[X] | None
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _parse_value(text: str) -> Any:

@@ -43,6 +43,7 @@ from ray.serve.handle import DeploymentHandle
 from raydb.config import RaydbConfig
 from raydb.errors import Refused, RequestError, TimedOut, Unavailable
 from raydb.registry import migrate_registry, version_uri
+from raydb.serving import observe
 from raydb.serving.adapters import AdapterError, AdapterGone, GenerationCancelled, LoadedAdapter
 from raydb.serving.api import GenerateRequest, validate_generate
 from raydb.serving.audit import note
@@ -57,6 +58,7 @@ from raydb.serving.engine import (
 )
 from raydb.serving.gate import Gate, GateMiddleware
 from raydb.serving.limits import ImageWorkers
+from raydb.serving.openapi import openapi_document
 from raydb.serving.proxy import check_open_proxy, running_proxy
 from raydb.serving.retry import DEFAULT_ATTEMPTS, call_with_retry, safe_to_repeat
 from raydb.serving.slots import SlotPool
@@ -88,6 +90,8 @@ http_app = FastAPI(title="raydb", description="DreamBooth-LoRA subjects over HTT
                    docs_url=None, redoc_url=None, openapi_url=None)
 http_app.include_router(trainings_router)  # /v1/trainings (docs/service.md)
 http_app.add_middleware(GateMiddleware)  # every route: the ingress replica's ``gate`` (raydb/serving/gate.py)
+# outside the gate: request ids in error bodies and logs, HTTP metrics (raydb/serving/observe.py)
+observe.install(http_app)
 
 
 @serve.deployment(name="RaydbDiffusion")
@@ -125,7 +129,8 @@ class DiffusionDeployment:
         self.pool = SlotPool(self.engine, failure_ttl_s=sc.adapter_failure_ttl_s)
         self.in_flight = self.peak_in_flight = self.cancelled = 0
         self.batcher = ShapeBatcher(self.engine.run_batch, key=lambda r: self.engine.key(r.params),
-                                    max_batch_size=sc.max_batch_size, wait_s=sc.batch_wait_ms / 1000)
+                                    max_batch_size=sc.max_batch_size, wait_s=sc.batch_wait_ms / 1000,
+                                    subject=lambda r: r.slot)
 
         async def load_adapter(adapter_id: str) -> LoadedAdapter:
             tenant, subject_id, version = parse_model_id(adapter_id)
@@ -209,6 +214,7 @@ class IngressDeployment:
     """``POST /v1/generate``, ``GET /v1/subjects``, ``GET /healthz``, ``/v1/trainings`` (docs: serve.docs)."""
 
     def __init__(self, config: dict[str, Any], diffusion: DeploymentHandle) -> None:
+        observe.install_log_fields()  # request id, tenant, subject on every log line of a request
         self.cfg = RaydbConfig.model_validate(config)
         sc = self.cfg.serve
         check_open_proxy(sc, running_proxy())  # auth: none behind a proxy on 0.0.0.0: refuse to start
@@ -259,7 +265,7 @@ class IngressDeployment:
         if not self.cfg.serve.docs:
             raise HTTPException(404, "Not Found")
         self._tenant(request)
-        return http_app.openapi()
+        return openapi_document(http_app)  # bodies, responses and the key schemes (serving/openapi.py)
 
     @http_app.get("/docs", include_in_schema=False)
     def docs(self, request: Request) -> Response:
@@ -288,6 +294,7 @@ class IngressDeployment:
         GenerateRequest, an unknown subject, a broken limit."""
         sc = self.cfg.serve
         req = GenerateRequest.model_validate_json(await request.body())
+        observe.note(subject=req.subject_id)
         note(request, subject_id=req.subject_id, prompt=req.prompt, negative_prompt=req.negative_prompt)
         subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace,
                                           tenant or self.cfg.subject.tenant, req.subject_id)
@@ -336,4 +343,5 @@ class IngressDeployment:
                 sent[-1].cancel()
             raise
         except BackPressureError:
-            raise Unavailable("the server is at capacity; retry", retry_after=1) from None
+            raise Unavailable("the server is at capacity; retry", retry_after=1,
+                              rejection="backpressure") from None

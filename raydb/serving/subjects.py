@@ -20,7 +20,7 @@ from raydb.storage import NotFound, Storage, StorageError
 __all__ = ["SubjectNotFound", "BadAdapterId", "SubjectVersion", "find_subject", "tenant_subjects",
            "model_id", "parse_model_id"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"ray.serve.{__name__}")  # under Serve's logger: its handlers
 
 
 class SubjectNotFound(LookupError):

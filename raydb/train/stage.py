@@ -88,6 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from raydb.encode.cache import load_prompts, read_encoded
+    from raydb.metrics import observe_train_step
     from raydb.models.components import load_components
     from raydb.train.data import prompt_inputs, training_data
     from raydb.train.device_options import compile_for_training, use_cuda_graphs
@@ -144,6 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.append(_group_metrics(m, world) if world > 1 else m)
         if progress is not None:
             progress.update(metrics[-1])
+            observe_train_step(cfg.subject.id, metrics[-1])
         last = state.step >= tc.max_steps
         evaluate = bool(eval_every) and (state.step % eval_every == 0 or last)
         if not (state.step % tc.checkpoint_every == 0 or last or evaluate):

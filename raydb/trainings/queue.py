@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from raydb.config import RaydbConfig
 from raydb.errors import redact_paths
+from raydb.metrics import record
 from raydb.trainings.store import TERMINAL, QueueEntry, TrainingStore
 
 __all__ = ["Jobs", "RayJobs", "submission_id", "entrypoint", "reconcile", "queue_counts"]
@@ -146,6 +147,7 @@ def _pass_running(store: TrainingStore, jobs: Jobs, cfg: RaydbConfig, entry: Que
                                error=f"the training's Ray job ended ({status}) without a result: "
                                      f"{redact_paths(message) or 'no message'}", error_detail=message)
         store.finish(entry)
+        record("raydb_trainings_finished_total", outcome=store.state(tenant, tid))
         return False
     limit = cfg.service.max_training_seconds
     outcome = store.outcome(tenant, tid)
@@ -169,8 +171,10 @@ def reconcile(store: TrainingStore, jobs: Jobs, cfg: RaydbConfig, *, now: float 
             tenant, tid = entry.tenant, entry.training_id
             job = store.job(tenant, tid)
             if job is None:
-                if store.state(tenant, tid) in TERMINAL:  # cancelled before it started
+                state = store.state(tenant, tid)
+                if state in TERMINAL:  # cancelled before it started
                     store.finish(entry)
+                    record("raydb_trainings_finished_total", outcome=state)
                 else:
                     waiting.append(entry)
             elif _pass_running(store, jobs, cfg, entry, job, now):
@@ -192,4 +196,6 @@ def reconcile(store: TrainingStore, jobs: Jobs, cfg: RaydbConfig, *, now: float 
             store.record_job(entry.tenant, entry.training_id, sub_id)
             running[entry.tenant] += 1
             started.append(entry.training_id)
+        record("raydb_trainings", len(waiting) - len(started), state="queued")
+        record("raydb_trainings", sum(running.values()), state="running")
     return started

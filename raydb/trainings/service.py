@@ -192,10 +192,10 @@ class TrainingService:
         if mine >= sc.max_queued_per_tenant:
             raise Overloaded(f"this tenant has {mine} trainings waiting to start, the most it may "
                                f"(service.max_queued_per_tenant); retry when one has started",
-                          retry_after=sc.retry_after_s)
+                          retry_after=sc.retry_after_s, rejection="trainings")
         if counts["queued"] >= sc.max_queued_trainings:
             raise Overloaded(f"the training queue is full ({counts['queued']} waiting); retry later",
-                          retry_after=sc.retry_after_s)
+                          retry_after=sc.retry_after_s, rejection="trainings")
         used = tenant_usage(self.store, tenant)
         if used > sc.tenant_quota_bytes:
             raise TooLarge("photos", f"storage quota: this tenant's trainings would keep {used} bytes, "

@@ -193,6 +193,18 @@ def test_every_config_field_has_a_description() -> None:
     assert len(list(_fields(RaydbConfig))) > 80  # the walk really visits the nested sections
 
 
+@pytest.mark.parametrize(("override", "hint"), [
+    ("train.max_step=3", "train.max_step: unknown key; did you mean 'max_steps'?"),
+    ("trian.max_steps=3", "trian: unknown key; did you mean 'train'?"),
+    ("serve.api_keyz_env=X", "serve.api_keyz_env: unknown key; did you mean 'api_keys_env'?"),
+    ("zzz=1", "zzz: unknown key\n"),
+])
+def test_unknown_keys_suggest_the_closest_field_of_their_section(override, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert hint in str(err.value) + "\n"
+
+
 # -- what the training service lets tenants reach (issue 24) ------------------------------------------
 @pytest.mark.parametrize("key", [
     "subject.tenant", "subject.id", "subject.instance_data", "subject", "workspace", "s3_endpoint_url",

@@ -109,9 +109,9 @@ def test_shipped_serve_configs_load_and_build():
 
     deploy = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve/config.yaml").read_text()))
     app_args = deploy.applications[0].args
-    assert deploy.applications[0].import_path == "serve.app:build_app"
+    assert deploy.applications[0].import_path == "raydb.serving.app:build_app"
     load_config(REPO / app_args["config"])
-    from serve.app import build_app
+    from raydb.serving.app import build_app
 
     assert type(build_app({"config": str(REPO / app_args["config"])})).__name__ == "Application"
 
@@ -642,3 +642,93 @@ def test_a_killed_diffusion_replica_costs_no_client_errors(server, served_worksp
     finally:
         client.close()
         serve.delete(FAULT_APP)
+
+
+def _scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the first ``name{...}`` sample whose labels include ``labels`` (None: absent)."""
+    import re
+
+    for match in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(match.group(2))
+    return None
+
+
+@pytest.mark.ray
+def test_request_ids_in_bodies_and_logs_and_raydb_series_on_rays_prometheus_endpoint(server, ray_cluster):
+    """Real requests through Serve's proxy, then Ray's own metrics endpoint (the node's metrics agent,
+    what Prometheus scrapes): raydb's series are there with the tenant, route and status."""
+    import glob
+    import uuid
+
+    ok_id, denied_id = f"ok-{uuid.uuid4().hex}", f"denied-{uuid.uuid4().hex}"
+    body = {"subject_id": "alice", "prompt": "a photo", "seed": 5, "num_inference_steps": 2,
+            "width": 64, "height": 64}
+    ok = server.post("/v1/generate", json=body, headers=_auth(KEY_A) | {"X-Request-ID": ok_id})
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == ok_id
+    denied = server.post("/v1/generate", json=body, headers=_auth("wrong-key") | {"X-Request-ID": denied_id})
+    assert denied.status_code == 401 and denied.json()["request_id"] == denied_id
+    missing = server.post("/v1/generate", json=body | {"subject_id": "nobody"}, headers=_auth(KEY_A))
+    assert missing.status_code == 404  # Serve made this request's id: the body carries it too
+    assert missing.json()["request_id"] == missing.headers["x-request-id"] != ""
+
+    port = ray_cluster.nodes()[0]["MetricsExportPort"]
+    deadline, text = time.time() + 90, ""
+    while time.time() < deadline:  # the agent exports what processes reported (every few seconds)
+        text = _scrape(port)
+        if _sample(text, "ray_raydb_http_requests_total", tenant="unknown", status="401") and \
+                _sample(text, "ray_raydb_batch_size_count") and \
+                _sample(text, "ray_raydb_adapter_loads_total", result="loaded"):
+            break
+        time.sleep(3)
+    assert _sample(text, "ray_raydb_http_requests_total", tenant="t1", route="/v1/generate", method="POST",
+                   status="200") >= 1
+    assert _sample(text, "ray_raydb_http_requests_total", tenant="unknown", route="/v1/generate",
+                   status="401") >= 1
+    assert _sample(text, "ray_raydb_http_requests_total", tenant="t1", status="404") >= 1
+    assert _sample(text, "ray_raydb_http_request_seconds_count", tenant="t1", route="/v1/generate") >= 1
+    assert _sample(text, "ray_raydb_batch_size_count") >= 1
+    assert _sample(text, "ray_raydb_batch_queue_wait_seconds_count") >= 1
+    assert _sample(text, "ray_raydb_adapter_loads_total", result="loaded") >= 1
+    assert _sample(text, "ray_raydb_adapter_slots", state="total") == 2 + 8  # models per replica + batch size
+    assert _sample(text, "ray_serve_num_http_requests_total") is not None  # Serve's own beside ours
+
+    # the diffusion replica's log line for this request carries its id (Serve's) and its batch
+    lines = [line for path in glob.glob("/tmp/ray/session_*/logs/serve/replica_*RaydbDiffusion*.log")
+             for line in open(path, errors="replace") if ok_id in line]
+    assert any("batch" in line for line in lines), lines
+
+
+@pytest.mark.ray
+def test_a_request_built_from_the_openapi_document_is_answered_as_it_says(server):
+    """The key header, the body and the answer's shape all come from the document (serve.docs
+    serves the same document; here it is built in-process from the same app)."""
+    import jsonschema
+
+    from raydb.serving.deployments import http_app
+    from raydb.serving.openapi import openapi_document
+
+    doc = openapi_document(http_app)
+    op = doc["paths"]["/v1/generate"]["post"]
+    scheme = doc["components"]["securitySchemes"][next(iter(op["security"][1]))]
+    assert (scheme["type"], scheme["in"]) == ("apiKey", "header")
+    body = op["requestBody"]["content"]["application/json"]["example"]
+    # a subject of this registry, and sizes within this server's limits
+    body = body | {"subject_id": "alice", "width": 64, "height": 64, "num_inference_steps": 2}
+    resp = server.post("/v1/generate", json=body, headers={scheme["name"]: KEY_A})
+    assert resp.status_code == 200, resp.text
+    schemas = {"components": doc["components"]}
+    answer = op["responses"]["200"]["content"]["application/json"]["schema"]
+    jsonschema.validate(resp.json(), {**answer, **schemas})
+    error = op["responses"]["401"]["content"]["application/json"]["schema"]
+    denied = server.post("/v1/generate", json=body)
+    assert denied.status_code == 401
+    jsonschema.validate(denied.json(), {**error, **schemas})

@@ -17,7 +17,7 @@ TORCH_SOURCES := $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS)) $(if
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast test-lowest mutate install lock bench lint clean
+.PHONY: demo test test-fast test-lowest mutate install lock bench lint clean digits-base
 
 # uv itself comes from PyPI through pip, once per venv; everything else through uv. torch's own
 # dependencies are held to the lock's versions (-c), then the lock is installed exactly (--no-deps,
@@ -108,6 +108,13 @@ mutate: $(DEV_STAMP)
 	for m in $(MUTATE_MODULES); do OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) "$$m.*" || exit 1; done
 	$(VENV)/bin/mutmut results
 
+# Retrain the shipped digits base model from its seeded recipe (raydb/models/digits_recipe.py; about
+# 20-60 min on 2 cores) into DIGITS_OUT, and check the weights equal the shipped ones byte for byte.
+DIGITS_OUT ?= digits-base
+
+digits-base: $(STAMP)
+	$(VENV)/bin/python -m raydb.models.digits_recipe --output $(DIGITS_OUT) --compare raydb/models/weights/digits
+
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check raydb jobs serve tests bench
 
@@ -116,4 +123,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python -m bench.prior_bench
 
 clean:
-	rm -rf workspace demo-output mutants $(LOWEST_VENV)
+	rm -rf workspace demo-output mutants digits-base $(LOWEST_VENV)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raydb.config import ConfigError, RaydbConfig, load_config
-from raydb.console import add_console_flags, setup_console
+from raydb.terminal import add_console_flags, setup_console
 
 __all__ = ["main", "VERBS", "Verb", "Flag"]
 

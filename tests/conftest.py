@@ -29,7 +29,7 @@ def _console_settings_stay_in_their_test(monkeypatch):
     loggers and verbosity variables); each test gets them back as they were."""
     import logging
 
-    from raydb.console import _QUIET_ENV, QUIET_LOGGERS
+    from raydb.terminal import _QUIET_ENV, QUIET_LOGGERS
 
     for key in ["RAYDB_VERBOSE", *_QUIET_ENV]:
         monkeypatch.setenv(key, "")  # recorded as it was, restored after the test

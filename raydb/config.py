@@ -357,6 +357,10 @@ class ServeConfig(_Strict):
         "the registry again); 0 = not cached."
     )
     docs: bool = Field(False, description="Serve /docs and /openapi.json (behind the API key).")
+    console: bool | None = Field(
+        None, description="Serve the web console at /ui (static files only: everything it shows comes "
+        "from the API, behind the API key). Default: on when serve.auth is api_key."
+    )
     api_keys_file: str | None = Field(
         None, description="Mounted secret file with 'key:tenant' entries (comma- or newline-separated), "
         "read once where the app is built; only digests reach the replicas."
@@ -369,6 +373,11 @@ class ServeConfig(_Strict):
             raise ValueError(f"serve.auth 'none' is only allowed with a loopback serve.host "
                              f"(127.0.0.1, ::1, localhost), not {self.host!r}")
         return self
+
+    @property
+    def console_enabled(self) -> bool:
+        """Whether ``/ui`` is served: ``console``, or by default whenever authentication is on."""
+        return self.console if self.console is not None else self.auth == "api_key"
 
 
 class ServiceConfig(_Strict):

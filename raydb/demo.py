@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from raydb.config import RaydbConfig
+from raydb.registry import LOSS_CURVE, SAMPLES
 from raydb.storage import Storage, is_s3, join
 
 __all__ = ["run_demo", "generate_png"]
@@ -108,10 +109,11 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
     stages = {s["stage"]: s["outputs"] for s in summary["stages"]}
     learned = stages.get("tune") or stages.get("train") or {}
     run_dir = learned.get("run_dir")
+    version = summary["registered"]  # the registry version: its pictures were registered with it
     artifacts = {
         "generated_png": str(out / "generated.png"),
-        "samples": _copy_out(storage, run_dir and join(run_dir, "samples.png"), out / "samples.png"),
-        "loss_curve": _copy_out(storage, run_dir and join(run_dir, "loss_curve.png"), out / "loss_curve.png"),
+        "samples": _copy_out(storage, version and join(version, SAMPLES), out / SAMPLES),
+        "loss_curve": _copy_out(storage, version and join(version, LOSS_CURVE), out / LOSS_CURVE),
         "tune_results": stages.get("tune", {}).get("results_csv"),
         "tune_plot": _copy_out(storage, stages.get("tune", {}).get("plot"), out / "tune_trials.png"),
         "adapter": summary["adapter_uri"],

@@ -45,6 +45,8 @@ from raydb.serving.adapters import AdapterError, AdapterGone, GenerationCancelle
 from raydb.serving.api import GenerateRequest, RequestError, validate_generate, validation_detail
 from raydb.serving.auth import KeyRing, key_from_headers
 from raydb.serving.batcher import ShapeBatcher
+from raydb.serving.console import ConsoleEndpoint
+from raydb.serving.console import router as console_router
 from raydb.serving.engine import (
     DiffusionEngine,
     EngineRequest,
@@ -80,6 +82,7 @@ logger = logging.getLogger("ray.serve")
 http_app = FastAPI(title="raydb", description="DreamBooth-LoRA subjects over HTTP (see docs/serving.md).",
                    docs_url=None, redoc_url=None, openapi_url=None)
 http_app.include_router(trainings_router)  # /v1/trainings (docs/service.md)
+http_app.include_router(console_router)  # /ui and the /v1 routes it reads (docs/console.md)
 
 
 @serve.deployment(name="RaydbDiffusion")
@@ -140,8 +143,8 @@ class DiffusionDeployment:
     async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
         """``{"images": [png bytes], "width", "height", "base_model"}`` or ``{"error": {status, detail}}``.
 
-        Without a multiplexed model id the base model samples (used by tests and benchmarks only;
-        the HTTP API always names a subject). A request whose client went away (Serve cancels it) or
+        Without a multiplexed model id the base model samples (``POST /v1/generate`` without a
+        ``subject_id``: the base side of a comparison). A request whose client went away (Serve cancels it) or
         whose deadline passed asks its batch to stop; a batch stops when all its requests ask.
         """
         adapter_id = serve.get_multiplexed_model_id()
@@ -207,6 +210,7 @@ class IngressDeployment:
         self.keys = KeyRing(sc.api_keys) if sc.auth == "api_key" else None
         self.limiter = TenantLimiter(sc.tenant_max_concurrent, sc.tenant_rate_per_s, sc.tenant_burst)
         self.trainings = TrainingsEndpoint(self.cfg, self.storage, self._tenant)  # /v1/trainings
+        self.console = ConsoleEndpoint(self.cfg, self.storage, self._tenant, self.limiter)  # /ui
         if self.keys is None:
             logger.warning("raydb serve: authentication is OFF (serve.auth=none); every caller sees "
                            "every tenant's subjects. Use only on a trusted local machine.")
@@ -271,37 +275,43 @@ class IngressDeployment:
             req = GenerateRequest.model_validate_json(body)
         except ValidationError as exc:
             raise HTTPException(422, validation_detail(exc)) from None
+        subject = None  # no subject_id: the base model alone (what a comparison sets beside subjects)
+        if req.subject_id is not None:
+            try:
+                subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace,
+                                                  req.subject_id, tenant)
+            except SubjectNotFound as exc:
+                raise HTTPException(404, str(exc)) from None
         try:
-            subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace,
-                                              req.subject_id, tenant)
-        except SubjectNotFound as exc:
-            raise HTTPException(404, str(exc)) from None
-        try:
-            params = validate_generate(req, sc, subject.metadata)
+            params = validate_generate(req, sc, subject.metadata if subject else {})
         except RequestError as exc:
             raise HTTPException(422, exc.detail()) from None
         want_png = "image/png" in request.headers.get("accept", "")
         if want_png and params.num_images != 1:
             raise HTTPException(422, RequestError("num_images", "Accept: image/png returns one image; "
                                                   "use application/json for more").detail())
-        result = await self._call_replica(subject.subject_id, subject.version, params.model_dump())
+        adapter = model_id(subject.subject_id, subject.version) if subject else None
+        result = await self._call_replica(adapter, params.model_dump())
         if "error" in result:
-            raise HTTPException(result["error"]["status"],
-                                f"subject {subject.subject_id!r}: {result['error']['detail']}")
-        used = params.model_dump() | {"subject_id": subject.subject_id, "adapter_version": subject.version,
+            what = f"subject {subject.subject_id!r}" if subject else "base model"
+            raise HTTPException(result["error"]["status"], f"{what}: {result['error']['detail']}")
+        used = params.model_dump() | {"subject_id": subject and subject.subject_id,
+                                      "adapter_version": subject and subject.version,
                                       "prompt_rewritten": params.prompt != req.prompt,
                                       "width": result["width"], "height": result["height"],
                                       "base_model": result["base_model"]}
         if want_png:
-            return Response(result["images"][0], media_type="image/png", headers={
-                "X-Raydb-Seed": str(params.seed), "X-Raydb-Adapter-Version": subject.version})
+            version = {"X-Raydb-Adapter-Version": subject.version} if subject else {}
+            return Response(result["images"][0], media_type="image/png",
+                            headers={"X-Raydb-Seed": str(params.seed)} | version)
         body = used | {"images": [base64.b64encode(png).decode("ascii") for png in result["images"]]}
         return Response(json.dumps(body), media_type="application/json")
 
-    async def _call_replica(self, subject_id: str, version: str, params: dict[str, Any]) -> dict[str, Any]:
-        """The replica's answer within ``serve.request_timeout_s``; the replica request is cancelled
-        (its denoising loop stops) on timeout and when this request is cancelled (client gone)."""
-        handle = self.diffusion.options(multiplexed_model_id=model_id(subject_id, version))
+    async def _call_replica(self, adapter: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """The replica's answer within ``serve.request_timeout_s`` (``adapter``: the multiplexed model
+        id, None for the base model alone); the replica request is cancelled (its denoising loop
+        stops) on timeout and when this request is cancelled (client gone)."""
+        handle = self.diffusion.options(multiplexed_model_id=adapter) if adapter else self.diffusion
         sent = []  # a replica that dies is retried with the same (seeded) params: retry.py
 
         def send():

@@ -25,7 +25,7 @@ from raydb.service.trainings import Refused, TrainingService
 from raydb.serving.api import RequestError
 from raydb.storage import Storage
 
-__all__ = ["router", "TrainingsEndpoint"]
+__all__ = ["router", "TrainingsEndpoint", "read_form"]
 
 router = APIRouter()
 
@@ -97,6 +97,19 @@ async def _call(fn: Callable[..., Any], *args: Any) -> Any:
         raise HTTPException(exc.status, exc.detail, headers=headers) from None
 
 
+async def read_form(request: Request, cfg: RaydbConfig) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
+    """A multipart upload's ``(fields, [(file name, bytes) of each 'photos' file])`` within the
+    service's limits: 411 without Content-Length, 413 over ``service.max_upload_bytes`` (before
+    reading), 415 for another body type, 422 for a file outside 'photos' or a field given twice, 400
+    for a malformed body."""
+    try:
+        return await _read_form(request, cfg)
+    except HTTPException:
+        raise
+    except Exception as exc:  # starlette's multipart errors (too many files, malformed body)
+        raise HTTPException(400, f"malformed multipart body: {exc}") from None
+
+
 async def _read_form(request: Request, cfg: RaydbConfig) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
     sc = cfg.service
     try:
@@ -127,12 +140,7 @@ async def _read_form(request: Request, cfg: RaydbConfig) -> tuple[dict[str, str]
 @router.post("/v1/trainings", status_code=202)
 async def create_training(request: Request) -> Response:
     endpoint, tenant = _endpoint(request)
-    try:
-        fields, uploads = await _read_form(request, endpoint.cfg)
-    except HTTPException:
-        raise
-    except Exception as exc:  # starlette's multipart errors (too many files, malformed body)
-        raise HTTPException(400, f"malformed multipart body: {exc}") from None
+    fields, uploads = await read_form(request, endpoint.cfg)
     view, created = await _call(endpoint.service.submit, tenant, fields, uploads,
                                 request.headers.get("idempotency-key"))
     return Response(json.dumps(view), status_code=202 if created else 200, media_type="application/json",

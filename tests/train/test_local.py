@@ -280,8 +280,12 @@ def test_run_outputs(make_cfg):
     meta = json.loads((run / "adapter" / "adapter.json").read_text())
     weights = (run / "adapter" / "pytorch_lora_weights.safetensors").read_bytes()
     assert meta["weights_sha256"] == hashlib.sha256(weights).hexdigest()
-    assert _is_png((run / "loss_curve.png").read_bytes())
-    samples = (run / "samples.png").read_bytes()
+    assert _is_png((run / "adapter" / "loss_curve.png").read_bytes())
+    samples = (run / "adapter" / "samples.png").read_bytes()
     assert _is_png(samples)
     # two rows (base, tuned) of two images at the training resolution
     assert Image.open(io.BytesIO(samples)).size == (2 * 64, 2 * 64)
+    # registered with the version, byte for byte (the API serves them from the registry)
+    version = Path(result["registered"])
+    for name in ("loss_curve.png", "samples.png"):
+        assert (version / name).read_bytes() == (run / "adapter" / name).read_bytes()

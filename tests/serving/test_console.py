@@ -49,8 +49,8 @@ def _register(tmp_path: Path, ws: str, sid: str, tenant: str, *, pictures: bool 
         (src / "samples.png").write_bytes(_png((64, 32)))
         (src / "loss_curve.png").write_bytes(_png((40, 30)))
     meta = {"weights_sha256": hashlib.sha256(weights).hexdigest(),
-            "subject": {"tenant": tenant, "instance_token": "sks", "instance_prompt": "a photo of <b>sks</b> dog",
-                        "class_prompt": "a photo of a dog"},
+            "subject": {"tenant": tenant, "instance_token": "sks",
+                        "instance_prompt": "a photo of <b>sks</b> dog", "class_prompt": "a photo of a dog"},
             "base_model": {"pretrained": "tiny", "identity": "tiny-abc", "family": "sd",
                            "prediction_type": "epsilon"},
             "lora": {"rank": 4, "alpha": 4.0}, "training": {"max_steps": 3, "learning_rate": 0.01},
@@ -252,7 +252,8 @@ def test_limits_describe_what_the_server_accepts(served):
     assert limits["generate"] == {"max_inference_steps": 50, "default_inference_steps": 25, "max_size": 768,
                                   "max_images": 4, "max_prompt_chars": 500}
     t = limits["training"]
-    assert (t["max_photos"], t["max_photo_bytes"], t["min_photo_side"], t["resolution"]) == (3, 60_000, 32, 64)
+    assert (t["max_photos"], t["max_photo_bytes"], t["min_photo_side"], t["resolution"]) == \
+        (3, 60_000, 32, 64)
     by_key = {o["key"]: o for o in t["overrides"]}
     assert list(by_key) == cfg.service.allowed_overrides
     assert by_key["train.max_steps"] | {"description": ""} == {
@@ -271,7 +272,8 @@ def test_photo_checks_say_per_photo_what_a_training_would(served):
     resp = client.post("/v1/photo-checks", headers=ONE,
                        files=[("photos", (n, d, "image/png")) for n, d in photos[:3]])
     rows = resp.json()["photos"]
-    assert [(r["name"], r["ok"]) for r in rows] == [("ok.png", True), ("notes.png", False), ("tiny.png", False)]
+    assert [(r["name"], r["ok"]) for r in rows] == \
+        [("ok.png", True), ("notes.png", False), ("tiny.png", False)]
     assert (rows[0]["width"], rows[0]["height"], rows[0]["error"]) == (64, 64, None)
     resp = client.post("/v1/photo-checks", headers=ONE,
                        files=[("photos", (n, d, "image/png")) for n, d in photos[3:]])

@@ -6,6 +6,13 @@
 import {getBlob, getJSON, seg} from "./api.js";
 import {UrlBag, el, facts, num, replace} from "./dom.js";
 
+// adapter.json's metric names, for people (unknown ones are shown as they are)
+const METRICS = {
+  loss: "Final loss", loss_instance: "Instance loss", loss_prior: "Prior loss", steps: "Steps",
+  images_per_s: "Images/s", val_instance: "Validation, instance", val_prior: "Validation, prior",
+  val_score: "Validation score", num_workers: "Workers", resumed_from: "Resumed from step",
+};
+
 const PICTURES = [
   ["samples.png", "Samples", "Top row: the base model; bottom row: with this adapter (same seeds and prompts)."],
   ["loss_curve.png", "Training loss", "The training loss per optimizer step."],
@@ -101,7 +108,7 @@ async function renderDetail(root, subjectId, version, ctx, urls) {
           ["Batch size", training.batch_size], ["Prior images", training.prior_enabled ? training.num_class_images : "off"],
           ["Workers", training.num_workers], ["Seed", training.seed]])),
       el("section", {"aria-labelledby": "subject-metrics"}, el("h3", {id: "subject-metrics"}, "Metrics"),
-        facts(Object.entries(metrics).map(([k, v]) => [k, num(v)]), {id: "subject-metrics-list"}),
+        facts(Object.entries(metrics).map(([k, v]) => [METRICS[k] || k, num(v)]), {id: "subject-metrics-list"}),
         tune ? facts([...Object.entries(tune.hyperparameters || {}), ...Object.entries(tune.validation || {})]
           .map(([k, v]) => [`search: ${k}`, num(v)])) : null)));
   const names = new Set(meta.files.map((f) => f.name));

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.raydb-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast mutate install bench lint clean
+.PHONY: demo test test-fast mutate install bench lint clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,18 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+# The browser the console's tests drive (tests/console): Debian's chromium + chromium-driver, installed
+# when missing (apt, as root or through sudo), a no-op when present. CI (.ci/run) runs it before
+# `make test`; elsewhere those tests skip and say why when no Chromium is installed.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		echo "browser: $$(chromium --version 2>/dev/null | head -1)"; \
+	else \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+			--no-install-recommends chromium chromium-driver fonts-liberation; \
+	fi
 
 # The fast tier: every test that starts no Ray (tests using the ray_cluster fixture are marked `ray`
 # automatically, and a test that starts Ray without the mark fails). What `make mutate` runs. One torch

@@ -21,6 +21,7 @@ from typing import Any
 
 from raydb.config import RaydbConfig
 from raydb.registry import LOSS_CURVE, SAMPLES
+from raydb.serving import console_url
 from raydb.storage import Storage, is_s3, join
 
 __all__ = ["run_demo", "generate_png"]
@@ -63,8 +64,10 @@ def _copy_out(storage: Storage, uri: str | None, dest: Path) -> str | None:
     return str(dest)
 
 
-def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
-    """Run the pipeline with a Serve deployment, make one authenticated request, shut Serve down."""
+def run_demo(cfg: RaydbConfig, output: str = "demo-output", keep_serving: bool = False) -> dict[str, Any]:
+    """Run the pipeline with a Serve deployment, make one authenticated request, print the web
+    console's URL and the demo's API key, and shut Serve down (with ``keep_serving``, only after
+    Ctrl-C: the console stays up to be looked at)."""
     import ray
     from ray import serve
 
@@ -101,6 +104,16 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
         (out / "generated.png").write_bytes(png)
         print(f"POST {url} without a key: {denied}; with the demo key: {status}, "
               f"{len(png)} bytes of PNG in {request_s:.1f}s -> {out / 'generated.png'}")
+        print(f"\nWeb console: {console_url(cfg)}\nDemo API key (tenant {cfg.subject.tenant}): {api_key}")
+        if keep_serving:
+            print("Serving until Ctrl-C.", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        else:
+            print("(the demo stops the server now; `raydb demo --keep-serving` keeps it up for the console)")
     finally:
         if ray.is_initialized():
             serve.shutdown()

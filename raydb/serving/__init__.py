@@ -14,7 +14,7 @@ from typing import Any
 
 from raydb.config import RaydbConfig
 
-__all__ = ["build_application", "deploy", "run_server"]
+__all__ = ["build_application", "deploy", "run_server", "console_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,11 @@ def _warn_if_open(cfg: RaydbConfig) -> None:
     if cfg.serve.auth == "none":
         print("WARNING: serve.auth is 'none': the API is open and every caller sees every tenant's "
               "subjects. Use it only on a trusted local machine.", file=sys.stderr)
+
+
+def console_url(cfg: RaydbConfig) -> str:
+    """Where the web console of a deployment with this config answers (docs/console.md)."""
+    return f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}/ui/"
 
 
 def build_application(cfg: RaydbConfig) -> Any:
@@ -70,6 +75,8 @@ def run_server(cfg: RaydbConfig, *, blocking: bool = True) -> Any:
     prefix = cfg.serve.route_prefix.rstrip("/")
     print(f"raydb serving on http://{cfg.serve.host}:{cfg.serve.port}{prefix}/v1/generate "
           f"(health: {prefix}/healthz{'; Ctrl-C stops' if blocking else ''})")
+    if cfg.serve.console_enabled:
+        print(f"web console: {console_url(cfg)}")
     if not blocking:
         return handle
     try:

@@ -99,13 +99,18 @@ async function route() {
     try {
       limits = await getJSON("v1/limits");
     } catch (err) {
-      return signOut(err instanceof ApiError && err.status === 401 ? "Please sign in again." : err.message);
+      if (err instanceof ApiError && err.status === 401) return signOut("Please sign in again.");
+      const retry = el("button", {type: "button", id: "retry"}, "Try again");
+      retry.addEventListener("click", route);
+      replace(main, el("section", {class: "page"}, el("h2", {}, "The server did not answer"),
+        el("p", {class: "error", role: "alert"}, err.message), retry));
+      return focusHeading();
     }
   }
   const {name, args} = parseRoute();
   current?.dispose?.();
   nav.hidden = false;
-  who.textContent = `tenant ${limits.tenant}`;
+  who.textContent = limits.tenant ? `tenant ${limits.tenant}` : "no authentication";
   for (const link of nav.querySelectorAll("a[data-page]")) {
     if (link.dataset.page === name) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");

@@ -154,14 +154,14 @@ export function render(root, args, ctx) {
     } catch (err) {
       const byField = {subject_id: subject, instance_prompt: instance, class_prompt: klass, photos,
         photo_uris: photos};
-      let shown = false;
+      let first = null;
       for (const [name, msg] of Object.entries(err.fields || {})) {
-        if (byField[name]) { setFieldError(byField[name], msg); shown = true; }
-        if (name === "overrides") { settingsError.textContent = msg; shown = true; }
+        if (byField[name]) { setFieldError(byField[name], msg); first ||= byField[name].input; }
+        if (name === "overrides") { settingsError.textContent = msg; first ||= overrideFields[0]?.input; }
       }
-      formError.textContent = shown ? "The server refused the training; see the messages above."
+      formError.textContent = first ? "The server refused the training; see the messages above."
         : `The server refused the training: ${err.message}`;
-      formError.focus?.();
+      first?.focus();
     } finally {
       submit.disabled = false;
     }

@@ -144,8 +144,9 @@ class DiffusionDeployment:
         """``{"images": [png bytes], "width", "height", "base_model"}`` or ``{"error": {status, detail}}``.
 
         Without a multiplexed model id the base model samples (``POST /v1/generate`` without a
-        ``subject_id``: the base side of a comparison). A request whose client went away (Serve cancels it) or
-        whose deadline passed asks its batch to stop; a batch stops when all its requests ask.
+        ``subject_id``: the base side of a comparison). A request whose client went away (Serve
+        cancels it) or whose deadline passed asks its batch to stop; a batch stops when all its
+        requests ask.
         """
         adapter_id = serve.get_multiplexed_model_id()
         adapter: LoadedAdapter | None = None
@@ -199,7 +200,8 @@ class DiffusionDeployment:
 @serve.deployment(name="RaydbIngress")
 @serve.ingress(http_app)
 class IngressDeployment:
-    """``POST /v1/generate``, ``GET /v1/subjects``, ``GET /healthz``, ``/v1/trainings`` (docs: serve.docs)."""
+    """``POST /v1/generate``, ``GET /v1/subjects``, ``GET /healthz``, ``/v1/trainings``, the console
+    (``/ui`` and its routes: :mod:`raydb.serving.console`) (docs: serve.docs)."""
 
     def __init__(self, config: dict[str, Any], diffusion: DeploymentHandle) -> None:
         self.cfg = RaydbConfig.model_validate(config)

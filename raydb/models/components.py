@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,6 +163,25 @@ def hub_revision(repo_id: str, revision: str | None) -> str:
     return sha or f"{ref} (unresolved)"
 
 
+# Weights are read from safetensors only: a checkpoint's pickled .bin files could run code when
+# loaded, so a base model without safetensors weights is refused, never unpickled.
+SAFE_WEIGHTS = {"use_safetensors": True}
+
+
+@contextmanager
+def _safetensors_only(cfg: ModelConfig) -> Iterator[None]:
+    """The loaders' "no safetensors file" error as one that names ``model.pretrained`` and why."""
+    try:
+        yield
+    except OSError as exc:
+        if ".safetensors" not in str(exc):
+            raise
+        raise ValueError(f"model.pretrained: {cfg.pretrained} has no safetensors weights ({exc}). raydb "
+                         "loads model weights only from safetensors files: pickled .bin checkpoints can "
+                         "run code when loaded. Convert the checkpoint (save_pretrained writes "
+                         "safetensors) or use one that ships them.") from None
+
+
 def _revision_kw(cfg: ModelConfig, identity: str) -> dict[str, Any]:
     """``from_pretrained`` kwargs that load exactly the revision the identity names."""
     if identity.startswith("hub:"):
@@ -200,14 +221,17 @@ def load_components(
     path, identity = resolve_model(cfg, storage, workspace)
     kw = _revision_kw(cfg, identity)
     family = model_family(path, **kw)
+    weights = kw | SAFE_WEIGHTS
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
     tokenizer_2 = text_encoder_2 = None
-    if family == SDXL:
-        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw) if with_unet else None
+    with _safetensors_only(cfg):
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+        if family == SDXL:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                         **weights)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights) if with_unet else None
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     prediction_type = cfg.prediction_type or scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -243,7 +267,8 @@ def load_pipeline(
     pipeline_class = getattr(diffusers, family_spec(family).pipeline_class)
     if family != SDXL:  # SDXL pipelines have no safety checker
         kw.update(safety_checker=None, requires_safety_checker=False)
-    pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, **kw)
+    with _safetensors_only(cfg):
+        pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, **kw, **SAFE_WEIGHTS)
     if cfg.prediction_type:
         pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
     pipe.set_progress_bar_config(disable=True)

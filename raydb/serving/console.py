@@ -2,9 +2,12 @@
 trainings (docs/console.md).
 
 ``router`` is included in the ingress's FastAPI app; the ingress replica builds one
-:class:`ConsoleEndpoint` (its config, storage, tenant check and per-tenant limiter — the very ones
-``/v1/generate`` uses) as its ``console`` attribute, where the routes find it through Serve's
-replica context, as ``/v1/trainings`` finds its endpoint.
+:class:`ConsoleEndpoint` (its config, storage, tenant check and image workers — the very ones
+``/v1/trainings`` uses) as its ``console`` attribute, where the routes find it through Serve's
+replica context, as ``/v1/trainings`` finds its endpoint. Like every route of the app, these pass
+the ingress's gate first (:mod:`raydb.serving.gate`: the tenant's ``api`` limits, ``upload`` for the
+photo checks; the body's byte cap and deadline; an audit line), so the console adds no capacity of
+its own.
 
 - ``GET /ui`` redirects to ``ui/``; ``GET /ui/<file>`` serves the console's static files
   (:mod:`raydb.console`). They hold no data, so they need no key; every response under ``/ui``
@@ -16,33 +19,35 @@ replica context, as ``/v1/trainings`` finds its endpoint.
 - ``GET /v1/subjects/{id}[?version=vNNNN]``: one version in detail; ``GET
   /v1/subjects/{id}/versions/{version}/files/{name}``: its weights (diffusers, kohya where exported)
   and pictures (:mod:`raydb.serving.subject_files`).
-- ``POST /v1/photo-checks``: the training upload's photo checks, per photo, nothing stored.
+- ``POST /v1/photo-checks``: the training upload's photo checks, per photo, nothing stored (on the
+  ingress's image workers, as a submission's).
 
-Every ``/v1`` route here checks the key first (401 before anything is read), then admits the request
-under the tenant's limits (429 + ``Retry-After``), then checks ownership (another tenant's subject is
-a 404 like a missing one). None serves data without a key.
+Every ``/v1`` route here checks the key first (401 before anything is read), then ownership
+(another tenant's subject is a 404 like a missing one); refusals get their status from
+:mod:`raydb.serving.status`. None serves data without a key.
 """
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
 from raydb.config import RaydbConfig
 from raydb.console import asset
 from raydb.data.ingest import IMAGE_SUFFIXES, min_image_side
-from raydb.service.submission import check_photos, override_fields
-from raydb.serving.api import RequestError
-from raydb.serving.limits import TenantLimiter, TooManyRequests
+from raydb.errors import Refused, RequestError
+from raydb.serving.audit import note
+from raydb.serving.limits import ImageWorkers
+from raydb.serving.status import http_exception
 from raydb.serving.subject_files import subject_detail, subject_file
 from raydb.serving.subjects import SubjectNotFound
-from raydb.serving.trainings import read_form
+from raydb.serving.training_routes import read_form
 from raydb.storage import Storage
+from raydb.trainings.validate import check_photos, override_fields
 
 __all__ = ["router", "ConsoleEndpoint", "CONTENT_SECURITY_POLICY", "SECURITY_HEADERS"]
 
@@ -70,11 +75,11 @@ SECURITY_HEADERS = {
 
 class ConsoleEndpoint:
     """What the routes need from the ingress replica: config, storage, the tenant check and the
-    per-tenant limiter (shared with ``/v1/generate``, so the console adds no capacity of its own)."""
+    image workers (shared with ``/v1/trainings``: photo checks take no threads of their own)."""
 
     def __init__(self, cfg: RaydbConfig, storage: Storage, tenant_of: Callable[[Request], str | None],
-                 limiter: TenantLimiter) -> None:
-        self.cfg, self.storage, self.tenant_of, self.limiter = cfg, storage, tenant_of, limiter
+                 images: ImageWorkers) -> None:
+        self.cfg, self.storage, self.tenant_of, self.images = cfg, storage, tenant_of, images
 
 
 def _endpoint(request: Request) -> ConsoleEndpoint:
@@ -87,17 +92,11 @@ def _endpoint(request: Request) -> ConsoleEndpoint:
     return endpoint
 
 
-@contextmanager
-def _admitted(request: Request) -> Iterator[tuple[ConsoleEndpoint, str | None]]:
-    """Key (401), then the tenant's limits (429 + Retry-After) for the block — as ``/v1/generate``."""
+def _caller(request: Request) -> tuple[ConsoleEndpoint, str | None]:
+    """The endpoint and the caller's tenant: 401 without a valid key, before anything is read (the
+    tenant's limits were applied by the gate before the route ran)."""
     endpoint = _endpoint(request)
-    tenant = endpoint.tenant_of(request)
-    try:
-        with endpoint.limiter.admit(tenant or ""):
-            yield endpoint, tenant
-    except TooManyRequests as exc:
-        raise HTTPException(429, f"too many requests: {exc.reason}",
-                            headers={"Retry-After": str(exc.retry_after)}) from None
+    return endpoint, endpoint.tenant_of(request)
 
 
 # -- the console's files ---------------------------------------------------------------------------
@@ -124,42 +123,44 @@ def console_file(path: str, request: Request) -> Response:
 # -- /v1 routes the console reads -------------------------------------------------------------------
 @router.get("/v1/limits")
 def limits(request: Request) -> dict[str, Any]:
-    with _admitted(request) as (endpoint, tenant):
-        cfg = endpoint.cfg
-        sc, svc = cfg.serve, cfg.service
-        return {
-            "tenant": tenant, "auth": sc.auth,
-            "generate": {"max_inference_steps": sc.max_inference_steps,
-                         "default_inference_steps": sc.default_inference_steps, "max_size": sc.max_size,
-                         "max_images": sc.max_images, "max_prompt_chars": sc.max_prompt_chars},
-            "training": {"max_photos": svc.max_photos, "max_photo_bytes": svc.max_photo_bytes,
-                         "max_upload_bytes": svc.max_upload_bytes, "max_photo_pixels": svc.max_photo_pixels,
-                         "photo_formats": [s.lstrip(".") for s in IMAGE_SUFFIXES],
-                         "resolution": cfg.train.resolution,
-                         "min_photo_side": min_image_side(cfg.train.resolution),
-                         "max_prompt_chars": sc.max_prompt_chars, "max_train_steps": svc.max_train_steps,
-                         "overrides": override_fields(cfg)},
-        }
+    endpoint, tenant = _caller(request)
+    cfg = endpoint.cfg
+    sc, svc = cfg.serve, cfg.service
+    return {
+        "tenant": tenant, "auth": sc.auth,
+        "generate": {"max_inference_steps": sc.max_inference_steps,
+                     "default_inference_steps": sc.default_inference_steps, "max_size": sc.max_size,
+                     "max_images": sc.max_images, "max_prompt_chars": sc.max_prompt_chars},
+        "training": {"max_photos": svc.max_photos, "max_photo_bytes": svc.max_photo_bytes,
+                     "max_upload_bytes": svc.max_upload_bytes, "max_photo_pixels": svc.max_photo_pixels,
+                     "photo_formats": [s.lstrip(".") for s in IMAGE_SUFFIXES],
+                     "resolution": cfg.train.resolution,
+                     "min_photo_side": min_image_side(cfg.train.resolution),
+                     "max_prompt_chars": sc.max_prompt_chars, "max_train_steps": svc.max_train_steps,
+                     "overrides": override_fields(cfg)},
+    }
 
 
 @router.get("/v1/subjects/{subject_id}")
 async def subject(subject_id: str, request: Request, version: str | None = None) -> dict[str, Any]:
-    with _admitted(request) as (endpoint, tenant):
-        try:
-            return await asyncio.to_thread(subject_detail, endpoint.storage, endpoint.cfg.workspace,
-                                           subject_id, tenant, version)
-        except SubjectNotFound as exc:
-            raise HTTPException(404, str(exc)) from None
+    endpoint, tenant = _caller(request)
+    note(request, subject_id=subject_id, adapter_version=version)
+    try:
+        return await asyncio.to_thread(subject_detail, endpoint.storage, endpoint.cfg.workspace,
+                                       subject_id, tenant, version)
+    except SubjectNotFound as exc:
+        raise http_exception(exc) from None
 
 
 @router.get("/v1/subjects/{subject_id}/versions/{version}/files/{name}")
 async def subject_download(subject_id: str, version: str, name: str, request: Request) -> Response:
-    with _admitted(request) as (endpoint, tenant):
-        try:
-            data, media_type = await asyncio.to_thread(subject_file, endpoint.storage, endpoint.cfg.workspace,
-                                                       subject_id, tenant, version, name)
-        except SubjectNotFound as exc:
-            raise HTTPException(404, str(exc)) from None
+    endpoint, tenant = _caller(request)
+    note(request, subject_id=subject_id, adapter_version=version, file=name)
+    try:
+        data, media_type = await asyncio.to_thread(subject_file, endpoint.storage, endpoint.cfg.workspace,
+                                                   subject_id, tenant, version, name)
+    except SubjectNotFound as exc:
+        raise http_exception(exc) from None
     disposition = "inline" if media_type.startswith("image/") else "attachment"
     return Response(data, media_type=media_type, headers={
         "Content-Disposition": f'{disposition}; filename="{subject_id}-{version}-{name}"',
@@ -170,18 +171,20 @@ async def subject_download(subject_id: str, version: str, name: str, request: Re
 async def photo_checks(request: Request) -> Response:
     """Multipart: ``photos`` (files) and optionally ``resolution`` (the training's, when the operator
     lets tenants override it). ``{"photos": [{name, ok, error, width, height}]}``, in order."""
-    with _admitted(request) as (endpoint, _):
-        cfg = endpoint.cfg
-        fields, uploads = await read_form(request, cfg)
-        try:
-            checked = _check_config(cfg, fields)
-            if not uploads:
-                raise RequestError("photos", "send at least one photo (multipart field 'photos')")
-            if len(uploads) > cfg.service.max_photos:
-                raise RequestError("photos", f"at most {cfg.service.max_photos} photos, got {len(uploads)}")
-        except RequestError as exc:
-            raise HTTPException(422, exc.detail()) from None
-        rows = await asyncio.to_thread(check_photos, uploads, checked)
+    endpoint, _ = _caller(request)
+    cfg = endpoint.cfg
+    fields, uploads = await read_form(request, cfg)
+    note(request, photos=len(uploads))
+    try:
+        checked = _check_config(cfg, fields)
+        if not uploads:
+            raise RequestError("photos", "send at least one photo (multipart field 'photos')")
+        if len(uploads) > cfg.service.max_photos:
+            raise RequestError("photos", f"at most {cfg.service.max_photos} photos, got {len(uploads)}")
+        # decoding: on the ingress's image workers (503 when they and their queue are full)
+        rows = await endpoint.images.run(check_photos, uploads, checked)
+    except Refused as exc:
+        raise http_exception(exc) from None
     return Response(json.dumps({"photos": rows}), media_type="application/json")
 
 

@@ -28,7 +28,7 @@ from raydb.registry import (
     latest_version,
     version_uri,
 )
-from raydb.serving.subjects import SubjectNotFound, find_subject
+from raydb.serving.subjects import SubjectNotFound, base_family, find_subject
 from raydb.storage import NotFound, Storage, StorageError, join
 
 __all__ = ["DOWNLOADS", "subject_detail", "subject_file"]
@@ -61,7 +61,7 @@ def subject_detail(storage: Storage, workspace: str, subject_id: str, tenant: st
     """``GET /v1/subjects/{id}``: one version (default the latest) of a subject the tenant owns.
 
     ``{subject_id, version, latest_version, versions: [{version, registered_at}], registered_at,
-    base_model: {pretrained, family, prediction_type}, lora, subject: {instance_prompt,
+    base_model: {family, prediction_type}, lora, subject: {instance_prompt,
     class_prompt, instance_token}, training, metrics, tune: {hyperparameters, validation} | None,
     created_at, files: [{name, format, bytes, media_type}]}`` (``format``: ``diffusers`` or an
     export format for weights, None for a picture).
@@ -81,7 +81,8 @@ def subject_detail(storage: Storage, workspace: str, subject_id: str, tenant: st
         "subject_id": subject_id, "version": version, "latest_version": latest["version"],
         "versions": [{"version": v, "registered_at": registered.get(v)} for v in latest["versions"]],
         "registered_at": registered.get(version),
-        "base_model": {k: base.get(k) for k in ("pretrained", "family", "prediction_type")},
+        # the family, never base_model.pretrained: that is where the operator keeps the model
+        "base_model": {"family": base_family(meta), "prediction_type": base.get("prediction_type")},
         "lora": meta.get("lora"),
         "subject": {k: subject.get(k) for k in ("instance_prompt", "class_prompt", "instance_token")},
         "training": meta.get("training"),

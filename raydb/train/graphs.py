@@ -7,7 +7,8 @@ replays them with one call, so the GPU, not the host, sets the pace.
 What ``GraphStep`` runs, per optimizer step (all tensors on the training device):
 
   A  ``grads.zero_()``; for each of the k micro-batches (static input buffers ``[N, ...]``, N = 2B
-     with prior): ``forward_loss`` -> ``(total / k).backward()`` into the gradients, which are views
+     with prior, one per ``MicroBatch`` field, SDXL's pooled embedding and time ids included):
+     ``forward_loss`` -> ``(total / k).backward()`` into the gradients, which are views
      of one flat buffer ``grads [P]`` (P = number of LoRA weights), so they never move
   R  (DDP, world > 1) one ``all_reduce`` of ``grads`` and ``/ world``: eager, between the graphs
   B  ``clip_grad_norm_`` -> norm of the clipped gradient -> ``optimizer.step()`` (AdamW; on CUDA
@@ -42,13 +43,13 @@ import torch
 
 from raydb.config import RaydbConfig
 from raydb.train.data import MicroBatch
-from raydb.train.speed import resolve_mixed_precision
+from raydb.train.device_options import resolve_mixed_precision
 from raydb.train.step import TrainState, forward_loss
 
 __all__ = ["GraphStep", "tensor_lr"]
 
 _FIELDS = ("latent_mean", "latent_std", "pixels", "latent_eps", "noise", "timesteps",
-           "encoder_hidden_states", "input_ids")
+           "encoder_hidden_states", "input_ids", "pooled", "time_ids", "input_ids_2")
 
 
 def _signature(batch: MicroBatch) -> tuple:
@@ -191,7 +192,7 @@ class GraphStep:
                 self.model, self.noise_scheduler, batch, prediction_type=self.prediction_type,
                 prior_loss_weight=tc.prior_loss_weight, with_prior=self.with_prior, vae=self.vae,
                 text_encoder=self.state.text_encoder, mixed_precision=self.mixed_precision,
-                autocast_cache=not self.capture,
+                autocast_cache=not self.capture, text_encoder_2=self.state.text_encoder_2,
             )
             (parts.total / n).backward()
             prior = parts.prior if parts.prior is not None else torch.zeros_like(parts.total)

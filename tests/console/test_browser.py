@@ -35,7 +35,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from raydb.data.demo import demo_images
+from raydb.cluster import free_ports
+from raydb.data.demo_subject import demo_images
 from raydb.serving.auth import hash_key
 from tests.helpers.browser import (
     ARTIFACTS,
@@ -50,7 +51,7 @@ from tests.helpers.browser import (
     screenshot,
     tab_to,
 )
-from tests.helpers.head_cluster import free_ports, head_cluster, http_status
+from tests.helpers.head_cluster import head_cluster, http_status
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -1,7 +1,7 @@
 """The console's server side without Ray: ``/ui`` under its Content-Security-Policy, and the ``/v1``
 routes it adds — key first, the tenant's limits, tenant checks, no workspace paths — on a plain
-FastAPI app with the ingress's own key check and limiter. tests/console/test_browser.py drives the
-real thing in Chromium."""
+FastAPI app with the ingress's own key check behind the ingress's gate. tests/console/test_browser.py
+drives the real thing in Chromium."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import re
+import time
 import zipfile
 from pathlib import Path
 
@@ -19,13 +20,14 @@ from PIL import Image
 
 from raydb.config import load_config
 from raydb.console import STATIC, asset_names
+from raydb.errors import RequestError
 from raydb.registry import register_adapter
-from raydb.service.submission import validate_submission
-from raydb.serving.api import RequestError
 from raydb.serving.auth import KeyRing, hash_key, key_from_headers
 from raydb.serving.console import CONTENT_SECURITY_POLICY, ConsoleEndpoint, router
-from raydb.serving.limits import TenantLimiter
+from raydb.serving.gate import Gate, GateMiddleware
+from raydb.serving.limits import ImageWorkers
 from raydb.storage import Storage
+from raydb.trainings.validate import validate_submission
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {"console-key-tenant-one": "t1", "console-key-tenant-two": "t2"}
@@ -67,8 +69,14 @@ def _register(tmp_path: Path, ws: str, sid: str, tenant: str, *, pictures: bool 
         (version / "adapter.json").write_text(json.dumps(meta))
 
 
-def _app(cfg, limiter: TenantLimiter | None = None) -> TestClient:
+def _app(cfg, clock=time.monotonic) -> TestClient:
+    """The console's router behind the ingress's gate, with the ingress's key check."""
     ring = KeyRing({hash_key(k): t for k, t in KEYS.items()})
+
+    def caller(headers) -> tuple[str | None, str]:  # as deployments.IngressDeployment._caller
+        key = key_from_headers(headers)
+        tenant = ring.tenant_for(key)
+        return tenant, "key" if tenant else ("invalid key" if key else "no key")
 
     def tenant_of(request: Request) -> str | None:  # the ingress's check (deployments._tenant)
         tenant = ring.tenant_for(key_from_headers(request.headers))
@@ -78,7 +86,9 @@ def _app(cfg, limiter: TenantLimiter | None = None) -> TestClient:
 
     app = FastAPI()
     app.include_router(router)
-    app.state.raydb_console = ConsoleEndpoint(cfg, Storage(), tenant_of, limiter or TenantLimiter(8, 0, 10))
+    app.add_middleware(GateMiddleware)
+    app.state.raydb_gate = Gate(cfg, caller, clock=clock)
+    app.state.raydb_console = ConsoleEndpoint(cfg, Storage(), tenant_of, ImageWorkers(1, 2))
     return TestClient(app, follow_redirects=False)
 
 
@@ -198,6 +208,9 @@ def test_subjects_and_files_are_the_tenants_own(served):
     assert detail["subject"]["instance_prompt"] == "a photo of <b>sks</b> dog"
     assert detail["tune"] == {"hyperparameters": {"prior_loss_weight": 1.0}, "validation": {"val_score": 0.5}}
     assert cfg.workspace not in json.dumps(detail)  # the search's results path stays in the workspace
+    # the base model's family, never where the operator keeps it nor its identity
+    assert detail["base_model"] == {"family": "sd", "prediction_type": "epsilon"}
+    assert "tiny-abc" not in json.dumps(detail) and "pretrained" not in json.dumps(detail)
     v1 = client.get("/v1/subjects/alice", params={"version": "v0001"}, headers=ONE).json()
     assert {f["name"]: f["format"] for f in v1["files"]} == {
         "pytorch_lora_weights.safetensors": "diffusers", "lora_kohya.safetensors": "kohya",
@@ -232,9 +245,14 @@ def test_subjects_and_files_are_the_tenants_own(served):
 
 
 def test_console_routes_are_under_the_tenants_limits(served):
+    """The gate's ``api`` bucket holds the console's routes and files, per tenant (and per client
+    address for a caller without a valid key); photo checks are ``upload``s, body cap included."""
     cfg, _ = served
     now = [0.0]
-    client = _app(cfg, TenantLimiter(4, rate_per_s=1.0, burst=2, clock=lambda: now[0]))
+    limited = cfg.model_copy(deep=True)
+    limited.serve.tenant_api_rate_per_s, limited.serve.tenant_api_burst = 1.0, 2
+    limited.service.max_upload_bytes = 2048
+    client = _app(limited, clock=lambda: now[0])
     paths = ["/v1/limits", "/v1/subjects/alice", "/v1/subjects/alice/versions/v0001/files/samples.png"]
     assert [client.get(p, headers=ONE).status_code for p in paths] == [200, 200, 429]
     refused = client.get("/v1/limits", headers=ONE)
@@ -242,7 +260,13 @@ def test_console_routes_are_under_the_tenants_limits(served):
     assert client.get("/v1/subjects/carol", headers=TWO).status_code == 200  # its own bucket
     now[0] += 1.0
     assert client.get(paths[2], headers=ONE).status_code == 200
-    assert client.get("/v1/limits").status_code == 401  # the key is checked before the limits
+    # the console's files too: a caller without a key is held to its address's bucket
+    assert [client.get(p).status_code for p in ("/ui/", "/ui/app.js", "/ui/api.js")] == [200, 200, 429]
+    now[0] += 10.0
+    assert client.get("/v1/limits").status_code == 401  # the key is checked before anything is read
+    too_big = [("photos", ("p.png", b"x" * 4096, "image/png"))]
+    big = client.post("/v1/photo-checks", headers=TWO, files=too_big)
+    assert big.status_code == 413 and big.json()["detail"][0]["loc"] == ["body", "photos"]
 
 
 def test_limits_describe_what_the_server_accepts(served):

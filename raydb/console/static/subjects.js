@@ -54,7 +54,7 @@ async function renderList(root, ctx) {
     list.append(el("li", {class: "card", "data-subject": row.subject_id},
       el("h3", {}, el("a", {href: `#/subjects/${seg(row.subject_id)}`}, row.subject_id)),
       facts([["Latest version", row.latest_version], ["Versions", row.versions.length],
-        ["Base model", row.family], ["Instance prompt", row.instance_prompt],
+        ["Base model family", row.family], ["Instance prompt", row.instance_prompt],
         ["Class prompt", row.class_prompt], ["Registered", row.registered_at]])));
   }
   root.append(list);
@@ -97,7 +97,7 @@ async function renderDetail(root, subjectId, version, ctx, urls) {
       el("a", {class: "button secondary", href: `#/export/${seg(subjectId)}/${seg(meta.version)}`}, "Downloads")),
     el("div", {class: "columns"},
       el("section", {"aria-labelledby": "subject-model"}, el("h3", {id: "subject-model"}, "Model"),
-        facts([["Base model", meta.base_model?.family],
+        facts([["Base model family", meta.base_model?.family],
           ["Prediction", meta.base_model?.prediction_type], ["LoRA rank", meta.lora?.rank],
           ["LoRA alpha", num(meta.lora?.alpha)], ["Instance prompt", meta.subject?.instance_prompt],
           ["Class prompt", meta.subject?.class_prompt], ["Instance token", meta.subject?.instance_token],

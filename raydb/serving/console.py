@@ -10,10 +10,12 @@ photo checks; the body's byte cap and deadline; an audit line), so the console a
 its own.
 
 - ``GET /ui`` redirects to ``ui/``; ``GET /ui/<file>`` serves the console's static files
-  (:mod:`raydb.console`). They hold no data, so they need no key; every response under ``/ui``
-  (404s included) carries :data:`SECURITY_HEADERS`: a Content-Security-Policy that allows only this
-  origin's own scripts, styles, API calls and ``blob:`` images — no inline script, no eval, no other
-  origin, no framing, no form posts. Off (404) when ``serve.console`` is false.
+  (:mod:`raydb.console`). They hold no data, so they need no key. Every answer under ``/ui`` carries
+  :data:`SECURITY_HEADERS` — a Content-Security-Policy that allows only this origin's own scripts,
+  styles, API calls and ``blob:`` images: no inline script, no eval, no other origin, no framing, no
+  form posts. One place sets them, :class:`ConsoleHeadersMiddleware`, outside the gate, so the
+  routes' answers, FastAPI's own (404, 405) and the gate's refusals (429, 503, 413) all have them.
+  Off (404) when ``serve.console`` is false.
 - ``GET /v1/limits``: the caller's tenant and what it may ask (generation limits, photo limits,
   the training overrides the operator allows with their bounds).
 - ``GET /v1/subjects/{id}[?version=vNNNN]``: one version in detail; ``GET
@@ -35,12 +37,15 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from raydb.config import RaydbConfig
 from raydb.console import asset
 from raydb.data.ingest import IMAGE_SUFFIXES, min_image_side
 from raydb.errors import Refused, RequestError
 from raydb.serving.audit import note
+from raydb.serving.gate import route_path
 from raydb.serving.limits import ImageWorkers
 from raydb.serving.status import http_exception
 from raydb.serving.subject_files import subject_detail, subject_file
@@ -49,7 +54,8 @@ from raydb.serving.training_routes import read_form
 from raydb.storage import Storage
 from raydb.trainings.validate import check_photos, override_fields
 
-__all__ = ["router", "ConsoleEndpoint", "CONTENT_SECURITY_POLICY", "SECURITY_HEADERS"]
+__all__ = ["router", "ConsoleEndpoint", "ConsoleHeadersMiddleware", "CONTENT_SECURITY_POLICY",
+           "SECURITY_HEADERS"]
 
 router = APIRouter()
 
@@ -100,24 +106,51 @@ def _caller(request: Request) -> tuple[ConsoleEndpoint, str | None]:
 
 
 # -- the console's files ---------------------------------------------------------------------------
-def _console_response(status: int, body: bytes, media_type: str, **headers: str) -> Response:
-    return Response(body, status_code=status, media_type=media_type, headers=SECURITY_HEADERS | headers)
+def is_console_path(path: str) -> bool:
+    """``/ui`` and everything below it (the path below the app's route prefix)."""
+    return path == "/ui" or path.startswith("/ui/")
+
+
+class ConsoleHeadersMiddleware:
+    """Puts :data:`SECURITY_HEADERS` on every answer under ``/ui``, whoever wrote it (added after the
+    gate's middleware, so it wraps the gate's refusals too)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_console_path(route_path(scope)):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _not_found() -> Response:
+    return Response(b"Not Found", status_code=404, media_type="text/plain")
 
 
 @router.get("/ui", include_in_schema=False)
 def console_root(request: Request) -> Response:
     if not _endpoint(request).cfg.serve.console_enabled:
-        return _console_response(404, b"Not Found", "text/plain")
-    # relative: right under any serve.route_prefix
-    return RedirectResponse("ui/", status_code=307, headers=SECURITY_HEADERS)
+        return _not_found()
+    return RedirectResponse("ui/", status_code=307)  # relative: right under any serve.route_prefix
 
 
 @router.get("/ui/{path:path}", include_in_schema=False)
 def console_file(path: str, request: Request) -> Response:
     found = asset(path or "index.html") if _endpoint(request).cfg.serve.console_enabled else None
     if found is None:
-        return _console_response(404, b"Not Found", "text/plain")
-    return _console_response(200, *found)
+        return _not_found()
+    body, media_type = found
+    return Response(body, media_type=media_type)
 
 
 # -- /v1 routes the console reads -------------------------------------------------------------------

@@ -48,7 +48,7 @@ from raydb.serving.api import GenerateRequest, validate_generate
 from raydb.serving.audit import note
 from raydb.serving.auth import KeyRing, key_from_headers
 from raydb.serving.batcher import ShapeBatcher
-from raydb.serving.console import ConsoleEndpoint
+from raydb.serving.console import ConsoleEndpoint, ConsoleHeadersMiddleware
 from raydb.serving.console import router as console_router
 from raydb.serving.engine import (
     DiffusionEngine,
@@ -90,6 +90,7 @@ http_app = FastAPI(title="raydb", description="DreamBooth-LoRA subjects over HTT
 http_app.include_router(trainings_router)  # /v1/trainings (docs/service.md)
 http_app.include_router(console_router)  # /ui and the /v1 routes it reads (docs/console.md)
 http_app.add_middleware(GateMiddleware)  # every route: the ingress replica's ``gate`` (raydb/serving/gate.py)
+http_app.add_middleware(ConsoleHeadersMiddleware)  # outside the gate: the CSP on every /ui answer
 
 
 @serve.deployment(name="RaydbDiffusion")

@@ -407,9 +407,12 @@ def test_tenant_strings_are_text_and_other_tenants_stay_out(console_server):
 
     # the real server: the CSP on every /ui answer, 401 for every console /v1 route without a key
     with httpx.Client(base_url=url, timeout=30, follow_redirects=False) as client:
-        for path in ("/ui", "/ui/", "/ui/app.js", "/ui/style.css", "/ui/nope.js"):
-            resp = client.get(path)
+        for method, path in [("GET", "/ui"), ("GET", "/ui/"), ("GET", "/ui/app.js"), ("GET", "/ui/style.css"),
+                             ("GET", "/ui/nope.js"), ("POST", "/ui/")]:  # the last: FastAPI's own 405
+            resp = client.request(method, path)
             assert resp.headers.get("content-security-policy") == CONTENT_SECURITY_POLICY, path
+        base = client.post("/v1/generate", json={"prompt": "a toy"})  # the base model needs the key too
+        assert base.status_code == 401, base.text
         fill = {"subject_id": "secret-t2", "version": "v0001", "name": "pytorch_lora_weights.safetensors"}
         for route in router.routes:
             if route.path.startswith("/v1/"):

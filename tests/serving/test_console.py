@@ -23,7 +23,7 @@ from raydb.console import STATIC, asset_names
 from raydb.errors import RequestError
 from raydb.registry import register_adapter
 from raydb.serving.auth import KeyRing, hash_key, key_from_headers
-from raydb.serving.console import CONTENT_SECURITY_POLICY, ConsoleEndpoint, router
+from raydb.serving.console import CONTENT_SECURITY_POLICY, ConsoleEndpoint, ConsoleHeadersMiddleware, router
 from raydb.serving.gate import Gate, GateMiddleware
 from raydb.serving.limits import ImageWorkers
 from raydb.storage import Storage
@@ -87,6 +87,7 @@ def _app(cfg, clock=time.monotonic) -> TestClient:
     app = FastAPI()
     app.include_router(router)
     app.add_middleware(GateMiddleware)
+    app.add_middleware(ConsoleHeadersMiddleware)  # as the ingress: outside the gate
     app.state.raydb_gate = Gate(cfg, caller, clock=clock)
     app.state.raydb_console = ConsoleEndpoint(cfg, Storage(), tenant_of, ImageWorkers(1, 2))
     return TestClient(app, follow_redirects=False)
@@ -123,6 +124,10 @@ def test_every_console_response_carries_the_csp(served, make_cfg, tmp_path):
                                        "/ui/static/app.js", "/ui/__init__.py", "/ui/sub/dir/")]
     assert [r.status_code for r in missing] == [404] * len(missing)
     assert [str(r.url).split("/", 3)[-1][:3] for r in missing] == ["ui/"] * len(missing)
+    # FastAPI's own answers under /ui (no route wrote them) carry it too
+    not_allowed = [client.post("/ui/"), client.delete("/ui/app.js"), client.put("/ui")]
+    assert [r.status_code for r in not_allowed] == [405] * 3
+    missing += not_allowed
     off = _app(make_cfg(workspace=str(tmp_path / "off"), serve={"console": False}))
     off_responses = [off.get("/ui"), off.get("/ui/"), off.get("/ui/app.js")]
     assert [r.status_code for r in off_responses] == [404] * 3
@@ -261,7 +266,10 @@ def test_console_routes_are_under_the_tenants_limits(served):
     now[0] += 1.0
     assert client.get(paths[2], headers=ONE).status_code == 200
     # the console's files too: a caller without a key is held to its address's bucket
-    assert [client.get(p).status_code for p in ("/ui/", "/ui/app.js", "/ui/api.js")] == [200, 200, 429]
+    files = [client.get(p) for p in ("/ui/", "/ui/app.js", "/ui/api.js")]
+    assert [r.status_code for r in files] == [200, 200, 429]
+    assert files[2].headers["content-security-policy"] == CONTENT_SECURITY_POLICY  # the gate's 429 too
+    assert "content-security-policy" not in refused.headers  # the API's answers are not pages
     now[0] += 10.0
     assert client.get("/v1/limits").status_code == 401  # the key is checked before anything is read
     too_big = [("photos", ("p.png", b"x" * 4096, "image/png"))]

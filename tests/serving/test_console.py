@@ -324,7 +324,8 @@ def test_photo_checks_say_per_photo_what_a_training_would(served):
                       files=[("photos", photos[0])]).json()["photos"][0]
     assert not big["ok"] and ">= 128 px" in big["error"]
     for data, status, field in [({"resolution": "12"}, 422, "resolution"),
-                                ({"resolution": "1032"}, 422, "resolution"), ({"colour": "red"}, 422, "colour"),
+                                ({"resolution": "1032"}, 422, "resolution"),
+                                ({"colour": "red"}, 422, "colour"),
                                 ({}, 422, "photos")]:
         resp = client.post("/v1/photo-checks", headers=ONE, data=data,
                            files=[] if field == "photos" else [("photos", photos[0])])

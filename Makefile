@@ -17,7 +17,7 @@ TORCH_SOURCES := $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS)) $(if
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast test-lowest mutate install lock bench lint clean
+.PHONY: demo test test-fast test-lowest mutate install lock bench lint clean digits-base browser
 
 # uv itself comes from PyPI through pip, once per venv; everything else through uv. torch's own
 # dependencies are held to the lock's versions (-c), then the lock is installed exactly (--no-deps,
@@ -85,6 +85,18 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
+# The browser the console's tests drive (tests/console): Debian's chromium + chromium-driver, installed
+# when missing (apt, as root or through sudo), a no-op when present. CI (.ci/run) runs it before
+# `make test`; elsewhere those tests skip and say why when no Chromium is installed.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		echo "browser: $$(chromium --version 2>/dev/null | head -1)"; \
+	else \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+			--no-install-recommends chromium chromium-driver fonts-liberation; \
+	fi
+
 # The fast tier: every test that starts no Ray (tests using the ray_cluster fixture are marked `ray`
 # automatically, and a test that starts Ray without the mark fails). What `make mutate` runs. One torch
 # thread per worker: two workers with torch's default threads thrash 2 cores (4 min 27 s vs 1 min 52 s).
@@ -108,6 +120,13 @@ mutate: $(DEV_STAMP)
 	for m in $(MUTATE_MODULES); do OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) "$$m.*" || exit 1; done
 	$(VENV)/bin/mutmut results
 
+# Retrain the shipped digits base model from its seeded recipe (raydb/models/digits_recipe.py; about
+# 20-60 min on 2 cores) into DIGITS_OUT, and check the weights equal the shipped ones byte for byte.
+DIGITS_OUT ?= digits-base
+
+digits-base: $(STAMP)
+	$(VENV)/bin/python -m raydb.models.digits_recipe --output $(DIGITS_OUT) --compare raydb/models/weights/digits
+
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check raydb jobs serve tests bench
 
@@ -116,4 +135,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python -m bench.prior_bench
 
 clean:
-	rm -rf workspace demo-output mutants $(LOWEST_VENV)
+	rm -rf workspace demo-output mutants digits-base $(LOWEST_VENV)

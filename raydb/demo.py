@@ -1,6 +1,6 @@
 """``make demo``: the whole pipeline on a local Ray cluster, then one authenticated HTTP request.
 
-tiny model -> built-in demo subject -> ``run_pipeline`` (prior images, encode, training — or a short
+digits model -> built-in subject -> ``run_pipeline`` (prior images, encode, training — or a short
 search when the config has ``tune:`` — registration, the Serve app) -> ``POST /v1/generate`` with a
 fresh random API key -> the PNG on disk -> Serve shut down. A second ``make demo`` skips every
 stage whose inputs are unchanged (see :mod:`raydb.pipeline`).
@@ -22,6 +22,8 @@ from typing import Any
 
 from raydb.cluster import free_port, init_ray
 from raydb.config import RaydbConfig
+from raydb.registry import LOSS_CURVE, SAMPLES
+from raydb.serving import console_url
 from raydb.storage import Storage, is_s3, join
 
 __all__ = ["run_demo", "generate_png"]
@@ -60,8 +62,20 @@ def _copy_out(storage: Storage, uri: str | None, dest: Path) -> str | None:
     return str(dest)
 
 
-def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
-    """Run the pipeline with a Serve deployment, make one authenticated request, shut Serve down."""
+def _enlarged_copy(png: Path, dest: Path, min_side: int = 256) -> None:
+    """A small image (the digits model draws 32 px) also saved enlarged, pixels kept sharp, to look at."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        factor = -(-min_side // min(image.size))
+        if factor > 1:
+            image.resize((image.width * factor, image.height * factor), Image.NEAREST).save(dest)
+
+
+def run_demo(cfg: RaydbConfig, output: str = "demo-output", keep_serving: bool = False) -> dict[str, Any]:
+    """Run the pipeline with a Serve deployment, make one authenticated request, print the web
+    console's URL and the demo's API key, and shut Serve down (with ``keep_serving``, only after
+    Ctrl-C: the console stays up to be looked at)."""
     import ray
     from ray import serve
 
@@ -85,8 +99,10 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
     try:
         summary = run_pipeline(cfg, storage, deploy=True)
         url = summary["url"]
-        body = {"subject_id": cfg.subject.id, "prompt": f"{cfg.subject.instance_prompt} on a beach",
-                "seed": 0, "num_inference_steps": 10, "width": cfg.train.resolution,
+        # the subject as it was trained: its instance prompt, DDIM's 25 steps, no guidance (the way
+        # bench/fidelity.py samples, so the demo's picture is one of the figures' kind)
+        body = {"subject_id": cfg.subject.id, "prompt": cfg.subject.instance_prompt, "seed": 0,
+                "num_inference_steps": 25, "guidance_scale": 1.0, "width": cfg.train.resolution,
                 "height": cfg.train.resolution}
         denied, _ = generate_png(url, None, body)
         t = time.perf_counter()
@@ -95,8 +111,21 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
         if status != 200 or not png.startswith(b"\x89PNG"):
             raise RuntimeError(f"POST {url} answered {status}: {png[:300]!r}")
         (out / "generated.png").write_bytes(png)
-        log.info("POST %s without a key: %s; with the demo key: %s, %d bytes of PNG in %.1fs -> %s",
-                 url, denied, status, len(png), request_s, out / "generated.png")
+        _enlarged_copy(out / "generated.png", out / "generated_large.png")
+        log.info("POST %s without a key: %s; with the demo key: %s, %d bytes of PNG in %.1fs -> %s "
+                 "(enlarged: %s)", url, denied, status, len(png), request_s, out / "generated.png",
+                 out / "generated_large.png")
+        log.info("web console: %s -- demo API key (tenant %s): %s", console_url(cfg), cfg.subject.tenant,
+                 api_key)
+        if keep_serving:
+            log.info("serving until Ctrl-C")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        else:
+            log.info("the demo stops the server now; `raydb demo --keep-serving` keeps it up for the console")
     finally:
         if ray.is_initialized():
             serve.shutdown()
@@ -105,10 +134,12 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
     stages = {s["stage"]: s["outputs"] for s in summary["stages"]}
     learned = stages.get("tune") or stages.get("train") or {}
     run_dir = learned.get("run_dir")
+    version = summary["registered"]  # the registry version: its pictures were registered with it
     artifacts = {
         "generated_png": str(out / "generated.png"),
-        "samples": _copy_out(storage, run_dir and join(run_dir, "samples.png"), out / "samples.png"),
-        "loss_curve": _copy_out(storage, run_dir and join(run_dir, "loss_curve.png"), out / "loss_curve.png"),
+        "generated_large": str(large) if (large := out / "generated_large.png").exists() else None,
+        "samples": _copy_out(storage, version and join(version, SAMPLES), out / SAMPLES),
+        "loss_curve": _copy_out(storage, version and join(version, LOSS_CURVE), out / LOSS_CURVE),
         "tune_results": stages.get("tune", {}).get("results_csv"),
         "tune_plot": _copy_out(storage, stages.get("tune", {}).get("plot"), out / "tune_trials.png"),
         "adapter": summary["adapter_uri"],

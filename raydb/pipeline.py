@@ -223,14 +223,16 @@ def _adapter_exists(storage: Storage, out: dict[str, Any]) -> bool:
     return _exists_all(storage, *(join(out["adapter_uri"], f) for f in ADAPTER_FILES))
 
 
-def _search_metadata(tuned: dict[str, Any]) -> dict[str, Any] | None:
+def _search_metadata(cfg: RaydbConfig, tuned: dict[str, Any]) -> dict[str, Any] | None:
     """What a search adds to the registered adapter.json: the best trial's hyperparameters and
-    validation scores, and where its results table is (None for a plain training)."""
+    validation scores (the one ``tune.metric`` ranked by among them), and where its results table
+    is (None for a plain training)."""
     best = tuned.get("best")
     if not best:
         return None
     hyper = {k: best[k] for k in ("prior_loss_weight", "learning_rate")}
-    val = {k: best[k] for k in ("val_instance", "val_prior", "val_score")}
+    metric = cfg.tune.metric if cfg.tune is not None else "val_score"
+    val = {k: best.get(k) for k in dict.fromkeys(("val_instance", "val_prior", "val_score", metric))}
     return {"tune": {"hyperparameters": hyper, "validation": val, "results_csv": tuned.get("results_csv")}}
 
 
@@ -240,7 +242,7 @@ def _register(cfg: RaydbConfig, storage: Storage, trained: dict[str, Any]) -> di
     # Idempotent: the same weights (and search metadata) as a registered version keep that version.
     adapter_uri = trained["adapter_uri"]
     record = register_adapter(storage, cfg.workspace, cfg.subject.tenant, cfg.subject.id, adapter_uri,
-                              extra_metadata=_search_metadata(trained))
+                              extra_metadata=_search_metadata(cfg, trained))
     out = {"uri": record["uri"], "version": record["version"], "adapter_uri": adapter_uri}
     if cfg.export_formats:
         from raydb.export import export_version

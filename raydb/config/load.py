@@ -88,6 +88,17 @@ class RaydbConfig(Section):
                                      f"{self.workspace!r}: tenants could name the service's own files")
         return self
 
+    @model_validator(mode="after")
+    def _tune_metric_has_its_judge(self) -> RaydbConfig:
+        metric = self.tune.metric if self.tune else "val_score"
+        if metric == "val_fidelity" and not self.eval.fidelity:
+            raise ValueError("tune.metric: val_fidelity needs eval.fidelity (e.g. 'digits')")
+        if metric in ("val_clip_i", "val_clip_t") and not self.eval.clip_model:
+            raise ValueError(f"tune.metric: {metric} needs eval.clip_model")
+        if metric == "val_dino" and not self.eval.dino_model:
+            raise ValueError("tune.metric: val_dino needs eval.dino_model")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, the form in which a config travels to Ray tasks and workers."""
         return self.model_dump(mode="json")

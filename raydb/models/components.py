@@ -1,6 +1,7 @@
 """Resolve ``model.pretrained`` to a diffusers folder and load its components.
 
-``tiny`` (and ``tiny-sdxl``) is materialised once (``save_pretrained``) and then loaded through the same
+``tiny`` (and ``tiny-sdxl``) is materialised once (``save_pretrained``), ``digits`` copied once from
+the package's shipped weights, and then loaded through the same
 ``from_pretrained`` path as a real checkpoint; ``s3://`` prefixes are downloaded once into a local
 cache keyed by the objects' ETags; local folders are used in place; anything else is a hub id.
 Every model gets an *identity* string that keys caches (prior images, encodings) and is recorded in
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from raydb.config import ModelConfig
+from raydb.models.digits import copy_digits_model, digits_identity
 from raydb.models.family import SDXL, detect_family, family_of_unet_config, family_spec, vae_encode_dtype
 from raydb.models.tiny import save_tiny_model, tiny_identity
 from raydb.models.tiny_sdxl import save_tiny_sdxl_model, tiny_sdxl_identity
@@ -31,9 +33,10 @@ from raydb.storage import Storage, is_s3
 __all__ = ["Components", "resolve_model", "model_family", "load_components", "load_pipeline",
            "model_identity", "hub_revision", "BUILTIN_MODELS"]
 
-# model.pretrained values built in code: (writer, identity)
+# model.pretrained values that ship with raydb: (writer of the folder, identity)
 BUILTIN_MODELS = {"tiny": (save_tiny_model, tiny_identity),
-                  "tiny-sdxl": (save_tiny_sdxl_model, tiny_sdxl_identity)}
+                  "tiny-sdxl": (save_tiny_sdxl_model, tiny_sdxl_identity),
+                  "digits": (copy_digits_model, digits_identity)}
 
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 

@@ -1,9 +1,11 @@
 """The HTTP API's request and response shapes, and the limits a request is checked against.
 
-``POST /v1/generate`` takes a :class:`GenerateRequest`. Types are checked by pydantic; the limits come
-from ``serve`` in the config (steps, size, images, prompt length) and are checked by
-:func:`validate_generate`, which raises :class:`RequestError` naming the field — the server turns it
-into a 422 shaped like FastAPI's own validation errors (``detail[i].loc == ["body", field]``).
+``POST /v1/generate`` takes a :class:`GenerateRequest`; without a ``subject_id`` the base model
+samples alone (the other side of a comparison, under the same limits). Types are checked by
+pydantic; the limits come from ``serve`` in the config (steps, size, images, prompt length) and are
+checked by :func:`validate_generate`, which raises :class:`RequestError` naming the field — the
+server turns it into a 422 shaped like FastAPI's own validation errors (``detail[i].loc == ["body",
+field]``).
 
 The instance-token rule: a subject's adapter answers to its instance token (``sks`` in "a photo of
 sks dog"). If the prompt does not contain the token, :func:`final_prompt` inserts it before the
@@ -45,7 +47,7 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    subject_id: str = Field(min_length=1, max_length=64)
+    subject_id: str | None = Field(None, min_length=1, max_length=64)  # None: the base model alone
     prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     negative_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     num_inference_steps: int | None = Field(None, ge=1)

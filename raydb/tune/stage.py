@@ -3,7 +3,8 @@
 Ray 2.60's pattern: Tune runs a *driver function* per trial that builds and fits a ``TorchTrainer``
 (``Tuner(TorchTrainer(...))`` no longer works with Train V2); Train's reports reach Tune through
 ``TuneReportCallback``. The trials are ranked by ``val_score = val_instance + w * val_prior`` from
-fixed-noise validation — not the training loss, which scales with ``prior_loss_weight``. ASHA stops
+fixed-noise validation — not the training loss, which scales with ``prior_loss_weight`` — or, with
+``tune.metric``, by a score of sampled images (``val_fidelity``, ``val_clip_i``, ``val_clip_t``). ASHA stops
 weak trials early (time unit: evaluations). Priors and the encode stage run once, before the
 trials, and every trial reads the same cache. An interrupted search resumes with ``Tuner.restore``.
 
@@ -21,11 +22,11 @@ import math
 from typing import Any
 
 from raydb.config import RaydbConfig, SearchSpace
-from raydb.console import is_verbose
 from raydb.storage import Storage, is_s3, join
+from raydb.terminal import is_verbose
 from raydb.tune.results import last_validation, record_trial, trial_config, trial_rows, trials_png, write_csv
 
-__all__ = ["run_tune", "tune_uri", "default_concurrency", "TuneFailed"]
+__all__ = ["run_tune", "tune_uri", "default_concurrency", "metric_mode", "TuneFailed"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ def default_concurrency(cfg: RaydbConfig, resources: dict[str, float]) -> int:
         return max(1, int(resources.get("GPU", 0) // cfg.cluster.num_workers))
     per_trial = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1  # + driver and data
     return max(1, int(resources.get("CPU", 1) // per_trial))
+
+
+def metric_mode(metric: str) -> str:
+    """``"min"`` for the held-out loss ``val_score``, ``"max"`` for the sampled-image scores."""
+    return "min" if metric == "val_score" else "max"
 
 
 def _space(space: SearchSpace):
@@ -165,7 +171,7 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = 
             param_space={"prior_loss_weight": _space(tc.prior_loss_weight),
                          "learning_rate": _space(tc.learning_rate)},
             tune_config=tune.TuneConfig(
-                metric="val_score", mode="min", num_samples=tc.num_samples,
+                metric=tc.metric, mode=metric_mode(tc.metric), num_samples=tc.num_samples,
                 max_concurrent_trials=concurrency,
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                                         grace_period=min(tc.grace_period, max_t),
@@ -179,10 +185,11 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = 
     rows = trial_rows(list(grid), cfg, storage)
     write_csv(storage, join(out, "results.csv"), rows)
     storage.write_bytes(join(out, "trials.png"), trials_png(rows, f"{cfg.subject.id}: search"))
-    finished = [r for r in rows if r["status"] == "completed" and r["val_score"] is not None]
+    finished = [r for r in rows if r["status"] == "completed" and r.get(tc.metric) is not None]
     if not finished:
         raise TuneFailed(f"no trial of the search in {out} completed; see {join(out, 'results.csv')}")
-    best = min(finished, key=lambda r: r["val_score"])
+    rank = min if metric_mode(tc.metric) == "min" else max
+    best = rank(finished, key=lambda r: r[tc.metric])
     summary: dict[str, Any] = {"best": best, "results_csv": join(out, "results.csv"),
                                "plot": join(out, "trials.png"), "trials": len(rows),
                                "stopped_early": sum(r["status"] == "stopped_early" for r in rows),

@@ -106,3 +106,17 @@ def test_final_prompt_inserts_the_token_before_the_class_noun_or_first():
     assert final_prompt("a dog", {}) == "a dog"
     assert final_prompt("a dog", {"subject": {"instance_token": "sks"}}) == "sks a dog"  # no class prompt
     assert final_prompt("a XXXX", {"subject": {"instance_token": "sks"}}) == "sks a XXXX"
+
+
+def test_no_subject_means_the_base_model_under_the_same_limits():
+    """``subject_id`` left out: the base model alone — the prompt is kept as given (no token to add)
+    and every limit still holds."""
+    req = GenerateRequest(prompt="a dog on a beach", seed=3)
+    assert req.subject_id is None
+    params = validate_generate(req, CFG, {})
+    assert (params.prompt, params.seed, params.num_inference_steps) == ("a dog on a beach", 3, 4)
+    with pytest.raises(RequestError) as err:
+        validate_generate(GenerateRequest(prompt="p", width=136), CFG, {})
+    assert err.value.field == "width"
+    with pytest.raises(ValidationError):
+        GenerateRequest(subject_id="", prompt="p")  # given, it must still be an id

@@ -48,9 +48,11 @@ def _wheel_venv(tmp: Path) -> Path:
     # dependencies from this environment, after the wheel (a plain path: its .pth files, such as an
     # editable install of raydb, are not processed)
     (site / "zz_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    installed, tree = (sorted(p.relative_to(root).as_posix() for p in (root / "raydb").rglob("*.py"))
-                       for root in (site, REPO))
-    assert installed == tree  # the tree's modules, no more (a stale build/lib), no fewer
+    installed, tree = (sorted(p.relative_to(root).as_posix() for p in (root / "raydb").rglob("*")
+                              if p.is_file() and "__pycache__" not in p.parts) for root in (site, REPO))
+    # the tree's modules and package data (the console's files, the digits model), no more (a stale
+    # build/lib), no fewer (a file package-data misses)
+    assert installed == tree
     return venv
 
 
@@ -72,7 +74,7 @@ def test_serve_run_of_the_packaged_builder_from_a_wheel(tmp_path):
     config.write_text(yaml.safe_dump({
         "workspace": str(tmp_path / "ws"),
         "model": {"pretrained": "tiny", "cache_dir": str(tmp_path / "cache")},
-        "serve": {"auth": "none", "port": port, "num_cpus_per_replica": 1},
+        "serve": {"auth": "none", "port": port, "num_cpus_per_replica": 1, "console": True},
     }))
     serve_config = tmp_path / "serve.yaml"
     serve_config.write_text(yaml.safe_dump({
@@ -95,6 +97,8 @@ def test_serve_run_of_the_packaged_builder_from_a_wheel(tmp_path):
             except OSError:
                 time.sleep(2)
         assert status == 200, f"serve run never answered /healthz; it said:\n{_output(proc)}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui/", timeout=30) as resp:  # package data
+            assert resp.status == 200 and b"<html" in resp.read().lower()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # serve run shuts Serve and its local Ray down

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,18 +97,37 @@ def install_log_fields(logger_name: str = "ray.serve") -> None:
             handler.addFilter(RequestLogFields())
 
 
-def _route(scope: dict[str, Any]) -> str:
-    """The route template of the request (``/v1/trainings/{training_id}``), also for a request a
-    middleware answered before routing (the gate's 429s): matched against the app's routes."""
-    route = scope.get("route")
-    if route is None:
-        from starlette.routing import Match
+_TEMPLATES: weakref.WeakKeyDictionary[Any, list[tuple[re.Pattern, str]]] = weakref.WeakKeyDictionary()
 
-        for candidate in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
-            if candidate.matches(scope)[0] != Match.NONE:
-                route = candidate
-                break
-    return getattr(route, "path", None) or "unmatched"
+
+def _route(scope: dict[str, Any]) -> str:
+    """The route template of the request (``/v1/trainings/{training_id}``). A request a middleware
+    answered before routing (the gate's 413s and 429s) has none in its scope: its path is matched
+    against the templates of the app's OpenAPI document (routes of included routers, such as the
+    ingress's class-based ones under Serve, are nested where the scope's router cannot be asked)."""
+    template = getattr(scope.get("route"), "path", None)
+    if template:
+        return template
+    app = scope.get("app")
+    if app is None or not hasattr(app, "openapi"):
+        return "unmatched"
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    for pattern, template in _templates(app):
+        if pattern.match(path):
+            return template
+    return "unmatched"
+
+
+def _templates(app: Any) -> list[tuple[re.Pattern, str]]:
+    found = _TEMPLATES.get(app)
+    if found is None:
+        from starlette.routing import compile_path
+
+        found = [(compile_path(path)[0], path) for path in app.openapi().get("paths", {})]
+        _TEMPLATES[app] = found
+    return found
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:

@@ -51,8 +51,8 @@ class GenerateResponse(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     images: list[str] = Field(description="base64-encoded PNGs, num_images of them")
-    subject_id: str
-    adapter_version: str = Field(description="the registered version that answered, e.g. v0003")
+    subject_id: str | None = Field(description="null: the base model alone answered")
+    adapter_version: str | None = Field(description="the registered version that answered, e.g. v0003")
     prompt: str = Field(description="the prompt used (the instance token inserted when missing)")
     prompt_rewritten: bool
     negative_prompt: str | None = None
@@ -125,8 +125,55 @@ class Health(BaseModel):
     status: str
 
 
+class Limits(BaseModel):
+    """``GET /v1/limits``: the caller's tenant and what it may ask."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tenant: str
+    auth: str = Field(description="api_key or none")
+    generate: dict[str, int] = Field(description="max_inference_steps, default_inference_steps, max_size, "
+                                                 "max_images, max_prompt_chars")
+    training: dict[str, Any] = Field(description="photo limits, resolution, the allowed overrides and "
+                                                 "their bounds")
+
+
+class SubjectDetail(BaseModel):
+    """``GET /v1/subjects/{subject_id}``: one version in detail (``?version=``, default the latest)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    subject_id: str
+    version: str
+    latest_version: str
+    versions: list[dict[str, Any]] = Field(description="[{version, registered_at}]")
+    files: list[dict[str, Any]] = Field(description="[{name, format, bytes, media_type}]: "
+                                                    "/v1/subjects/{id}/versions/{version}/files/{name}")
+
+
+class PhotoCheckForm(BaseModel):
+    """``POST /v1/photo-checks`` as ``multipart/form-data``: the photos a training would get."""
+
+    photos: list[bytes] = Field(description="the photos (JPEG, PNG, WebP)",
+                                json_schema_extra={"items": {"type": "string", "format": "binary"}})
+    resolution: int | None = Field(None, description="the training's, when the operator lets tenants set it")
+
+
+class PhotoCheck(BaseModel):
+    name: str
+    ok: bool
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+class PhotoChecks(BaseModel):
+    photos: list[PhotoCheck] = Field(description="one row per photo, in order; nothing is stored")
+
+
 _MODELS: list[type[BaseModel]] = [GenerateRequest, GenerateResponse, ErrorBody, SubjectRow, SubjectsResponse,
-                                  TrainingForm, TrainingView, TrainingList, Health]
+                                  TrainingForm, TrainingView, TrainingList, Health, Limits, SubjectDetail,
+                                  PhotoCheckForm, PhotoChecks]
 _ERRORS = {"400": "malformed body", "401": "missing or unknown API key",
            "403": "a photo URI the tenant may not name",
            "404": "unknown subject or training (another tenant's look the same)",
@@ -187,6 +234,22 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
         ("/v1/trainings/{training_id}", "get"): {"responses": _responses({"200": training}, ["401", "404"])},
         ("/v1/trainings/{training_id}", "delete"): {"responses": _responses(
             {"200": training | {"description": "cancelled"}}, ["401", "404", "409"])},
+        ("/v1/limits", "get"): {"responses": _responses(
+            {"200": {"description": "what the caller may ask", "content": _json("Limits")}}, ["401"])},
+        ("/v1/subjects/{subject_id}", "get"): {"responses": _responses(
+            {"200": {"description": "the version in detail", "content": _json("SubjectDetail")}},
+            ["401", "404", "422"])},
+        ("/v1/subjects/{subject_id}/versions/{version}/files/{name}", "get"): {"responses": _responses(
+            {"200": {"description": "the file: weights (safetensors) or a picture (PNG)", "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}} | png}},
+            ["401", "404"])},
+        ("/v1/photo-checks", "post"): {
+            "requestBody": {"required": True, "content": {"multipart/form-data": {
+                "schema": _ref("PhotoCheckForm"),
+                "encoding": {"photos": {"contentType": "image/jpeg, image/png, image/webp"}}}}},
+            "responses": _responses(
+                {"200": {"description": "each photo's check", "content": _json("PhotoChecks")}},
+                ["400", "401", "415", "422"])},
     }
 
 

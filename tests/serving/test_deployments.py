@@ -679,6 +679,10 @@ def test_request_ids_in_bodies_and_logs_and_raydb_series_on_rays_prometheus_endp
     missing = server.post("/v1/generate", json=body | {"subject_id": "nobody"}, headers=_auth(KEY_A))
     assert missing.status_code == 404  # Serve made this request's id: the body carries it too
     assert missing.json()["request_id"] == missing.headers["x-request-id"] != ""
+    big_id = f"big-{uuid.uuid4().hex}"  # answered by the gate (serve.max_body_bytes), inside the observer
+    big = server.post("/v1/generate", content=b"x" * 70_000, headers=_auth(KEY_A) | {
+        "X-Request-ID": big_id, "Content-Type": "application/json"})
+    assert big.status_code == 413 and big.json()["request_id"] == big_id
 
     port = ray_cluster.nodes()[0]["MetricsExportPort"]
     deadline, text = time.time() + 90, ""
@@ -694,6 +698,8 @@ def test_request_ids_in_bodies_and_logs_and_raydb_series_on_rays_prometheus_endp
     assert _sample(text, "ray_raydb_http_requests_total", tenant="unknown", route="/v1/generate",
                    status="401") >= 1
     assert _sample(text, "ray_raydb_http_requests_total", tenant="t1", status="404") >= 1
+    assert _sample(text, "ray_raydb_http_requests_total", tenant="t1", route="/v1/generate",
+                   status="413") >= 1  # the gate's answer, counted with the tenant and the route template
     assert _sample(text, "ray_raydb_http_request_seconds_count", tenant="t1", route="/v1/generate") >= 1
     assert _sample(text, "ray_raydb_batch_size_count") >= 1
     assert _sample(text, "ray_raydb_batch_queue_wait_seconds_count") >= 1

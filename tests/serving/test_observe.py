@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, HTTPException
+from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.testclient import TestClient
 
 from raydb.serving import observe
@@ -69,12 +69,14 @@ def test_the_gates_refusals_carry_the_request_id_tenant_route_and_reason(monkeyp
     monkeypatch.setattr(observe, "record",
                         lambda name, value=1.0, **tags: recorded.append((name, value, tags)))
     cfg = make_cfg(serve={"tenant_api_rate_per_s": 0.001, "tenant_api_burst": 1, "ingress_max_requests": 1})
-    app = FastAPI()
+    router = APIRouter()  # an included router, as Serve mounts the ingress's class-based routes
 
-    @app.get("/v1/things/{thing_id}")
+    @router.get("/v1/things/{thing_id}")
     def thing(thing_id: str) -> dict:
         return {"id": thing_id}
 
+    app = FastAPI()
+    app.include_router(router)
     app.add_middleware(GateMiddleware)
     observe.install(app)  # as the ingress wires them: the observer outermost
     app.state.raydb_gate = gate = Gate(cfg, lambda headers: (headers.get("x-api-key"), "key"))

@@ -281,7 +281,8 @@ def test_run_outputs(make_cfg):
     assert Image.open(io.BytesIO(samples)).size == (2 * 64, 2 * 64)
     # registered with the version, byte for byte (the API serves them from the registry)
     storage = Storage()
-    record = register_adapter(storage, cfg.workspace, cfg.subject.tenant, cfg.subject.id, result["adapter_uri"])
+    record = register_adapter(storage, cfg.workspace, cfg.subject.tenant, cfg.subject.id,
+                              result["adapter_uri"])
     version = Path(record["uri"])
     for name in ("loss_curve.png", "samples.png"):
         assert (version / name).read_bytes() == (run / "adapter" / name).read_bytes()

@@ -58,15 +58,15 @@ def prior_preservation_finding(
             encoded[1].time_ids = time_ids_for([ImageGeometry.whole(i) for i in holdout])
         validator = Validator(run_cfg, comps, *encoded, encode_prompt_set(comps, prompts), instance)
         if "base" not in out:
-            out["base"] = _losses(validator(comps.unet))
-        state = build_train_state(run_cfg, comps.unet, comps.text_encoder, comps.text_encoder_2)
+            out["base"] = _losses(validator(comps.denoiser))
+        state = build_train_state(run_cfg, comps.denoiser, *comps.lora_text_encoders)
         n_t = comps.noise_scheduler.config.num_train_timesteps
         while state.step < tc.max_steps:
             micro = step_micro_batches(train_data, tc, step=state.step, num_train_timesteps=n_t)
             optimizer_step(state, micro, cfg=run_cfg, noise_scheduler=comps.noise_scheduler,
                            prediction_type=comps.prediction_type, with_prior=train_data.with_prior,
                            vae=comps.vae)
-        out[f"lambda_{weight:g}"] = _losses(validator(comps.unet))
+        out[f"lambda_{weight:g}"] = _losses(validator(comps.denoiser))
     return out
 
 

@@ -76,6 +76,13 @@ def tiny_sdxl_dir(tmp_path_factory) -> str:
     return str(save_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl") / "model"))
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> str:
+    from raydb.models.tiny_flux import save_tiny_flux_model
+
+    return str(save_tiny_flux_model(tmp_path_factory.mktemp("tiny-flux") / "model"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

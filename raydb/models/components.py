@@ -1,11 +1,14 @@
 """Resolve ``model.pretrained`` to a diffusers folder and load its components.
 
-``tiny`` (and ``tiny-sdxl``) is materialised once (``save_pretrained``) and then loaded through the same
-``from_pretrained`` path as a real checkpoint; ``s3://`` prefixes are downloaded once into a local
-cache keyed by the objects' ETags; local folders are used in place; anything else is a hub id.
-Every model gets an *identity* string that keys caches (prior images, encodings) and is recorded in
-adapters, so a server can refuse an adapter trained on another base. The model *family* (SD 1.x/2.x
-or SDXL, :mod:`raydb.models.family`) is read from the folder and travels with the components.
+``tiny`` (and ``tiny-sdxl``, ``tiny-flux``) is materialised once (``save_pretrained``) and then
+loaded through the same ``from_pretrained`` path as a real checkpoint; ``s3://`` prefixes are
+downloaded once into a local cache keyed by the objects' ETags; local folders are used in place;
+anything else is a hub id. Every model gets an *identity* string that keys caches (prior images,
+encodings) and is recorded in adapters, so a server can refuse an adapter trained on another base.
+The model *family* (SD 1.x/2.x, SDXL or FLUX.1, :mod:`raydb.models.family`) is read from the
+folder and travels with the components: it decides the denoiser (a UNet, or FLUX.1's
+transformer), the text encoders (CLIP; SDXL's second CLIP; FLUX.1's CLIP + T5) and the training
+objective (DDPM noise, or flow matching).
 """
 
 from __future__ import annotations
@@ -21,36 +24,52 @@ from typing import Any
 import torch
 
 from raydb.config import ModelConfig
-from raydb.models.family import SDXL, detect_family, family_of_unet_config, family_spec, vae_encode_dtype
+from raydb.models.family import (
+    FLOW_MATCHING,
+    FLUX,
+    SDXL,
+    detect_family,
+    family_of_unet_config,
+    family_spec,
+    vae_encode_dtype,
+)
 from raydb.models.tiny import save_tiny_model, tiny_identity
+from raydb.models.tiny_flux import save_tiny_flux_model, tiny_flux_identity
 from raydb.models.tiny_sdxl import save_tiny_sdxl_model, tiny_sdxl_identity
 from raydb.storage import Storage, is_s3
 
 __all__ = ["Components", "resolve_model", "model_family", "load_components", "load_pipeline",
-           "model_identity", "hub_revision", "BUILTIN_MODELS"]
+           "model_identity", "hub_revision", "sampling_dtype", "BUILTIN_MODELS"]
 
 # model.pretrained values built in code: (writer, identity)
 BUILTIN_MODELS = {"tiny": (save_tiny_model, tiny_identity),
-                  "tiny-sdxl": (save_tiny_sdxl_model, tiny_sdxl_identity)}
+                  "tiny-sdxl": (save_tiny_sdxl_model, tiny_sdxl_identity),
+                  "tiny-flux": (save_tiny_flux_model, tiny_flux_identity)}
 
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass
 class Components:
-    """The pieces of an SD checkpoint the trainer needs (frozen unless LoRA is added)."""
+    """The pieces of a checkpoint the trainer needs (frozen unless LoRA is added)."""
 
     tokenizer: Any
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
-    unet: torch.nn.Module | None  # None when loaded with ``with_unet=False`` (the encoders)
-    noise_scheduler: Any  # DDPMScheduler: add_noise / get_velocity for training
+    unet: torch.nn.Module | None  # None for FLUX.1, and when loaded with ``with_unet=False``
+    noise_scheduler: Any  # DDPMScheduler (add_noise / get_velocity); FLUX.1: its flow-matching one
     identity: str
     path: str
-    prediction_type: str
-    family: str = "sd"  # raydb.models.family: "sd" or "sdxl"
-    tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder (with projection)
+    prediction_type: str  # "epsilon" / "v_prediction"; FLUX.1: "flow_matching"
+    family: str = "sd"  # raydb.models.family: "sd", "sdxl" or "flux"
+    tokenizer_2: Any = None  # SDXL's second CLIP tokenizer and encoder; FLUX.1's T5 ones
     text_encoder_2: torch.nn.Module | None = None
+    transformer: torch.nn.Module | None = None  # FLUX.1's denoiser (None when with_unet=False)
+
+    @property
+    def denoiser(self) -> torch.nn.Module | None:
+        """What the step trains LoRA on: the UNet, or FLUX.1's transformer."""
+        return self.transformer if self.family == FLUX else self.unet
 
     @property
     def tokenizers(self) -> tuple:
@@ -59,6 +78,12 @@ class Components:
     @property
     def text_encoders(self) -> tuple[torch.nn.Module, ...]:
         return tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
+
+    @property
+    def lora_text_encoders(self) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+        """``(text_encoder, text_encoder_2)`` as ``lora.train_text_encoder`` adapts them: both of
+        SDXL's CLIPs; FLUX.1's CLIP only (its T5 is never trained, ``None``)."""
+        return (self.text_encoder, None if self.family == FLUX else self.text_encoder_2)
 
 
 def _default_cache() -> Path:
@@ -171,12 +196,23 @@ def _revision_kw(cfg: ModelConfig, identity: str) -> dict[str, Any]:
 
 
 def model_family(path: str, **kw: Any) -> str:
-    """The family of a resolved model: read from the folder, or from a hub id's UNet config."""
+    """The family of a resolved model: read from the folder, or from a hub id's model index and
+    denoiser config."""
     if Path(path).is_dir():
         return detect_family(path)
-    from diffusers import UNet2DConditionModel
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+    if DiffusionPipeline.load_config(path, **kw).get("_class_name") == "FluxPipeline":
+        return FLUX
     return family_of_unet_config(dict(UNet2DConditionModel.load_config(path, subfolder="unet", **kw)))
+
+
+def sampling_dtype(family: str, device: torch.device | str) -> torch.dtype:
+    """The dtype a pipeline samples in on ``device``: fp32 on CPU; on CUDA the family's half
+    precision (fp16 for SD/SDXL, bf16 for FLUX.1, which was released and is run in bf16)."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return getattr(torch, family_spec(family).cuda_dtype)
 
 
 def load_components(
@@ -188,11 +224,13 @@ def load_components(
     device: torch.device | str = "cpu",
     with_unet: bool = True,
 ) -> Components:
-    """Load tokenizer(s), text encoder(s), VAE, UNet and a DDPM training scheduler, all frozen.
+    """Load tokenizer(s), text encoder(s), VAE, denoiser and the training scheduler, all frozen.
 
-    ``with_unet=False`` skips the UNet (about 80 % of an SD checkpoint): the encode stage needs only
-    the VAE and the text encoder(s). SDXL also gets ``tokenizer_2`` / ``text_encoder_2``; a VAE
-    that overflows in fp16 (``force_upcast``, SDXL's) stays in fp32 when ``dtype`` is fp16.
+    ``with_unet=False`` skips the denoiser (about 80 % of an SD checkpoint): the encode stage needs
+    only the VAE and the text encoder(s). SDXL also gets ``tokenizer_2`` / ``text_encoder_2``; a
+    VAE that overflows in fp16 (``force_upcast``, SDXL's) stays in fp32 when ``dtype`` is fp16.
+    FLUX.1 gets its T5 as ``tokenizer_2`` / ``text_encoder_2``, its transformer as
+    ``transformer`` and its flow-matching scheduler (the objective is not DDPM's).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -200,6 +238,8 @@ def load_components(
     path, identity = resolve_model(cfg, storage, workspace)
     kw = _revision_kw(cfg, identity)
     family = model_family(path, **kw)
+    if family == FLUX:
+        return _load_flux(cfg, path, identity, kw, dtype=dtype, device=device, with_transformer=with_unet)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
     tokenizer_2 = text_encoder_2 = None
@@ -224,24 +264,57 @@ def load_components(
                       family=family, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2)
 
 
+def _load_flux(cfg: ModelConfig, path: str, identity: str, kw: dict[str, Any], *, dtype: torch.dtype,
+               device: torch.device | str, with_transformer: bool) -> Components:
+    """FLUX.1's components: CLIP + T5 encoders, the 16-channel VAE, the transformer, the
+    flow-matching scheduler (training draws its own sigmas; the scheduler supplies
+    ``num_train_timesteps`` and samples)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+    if cfg.prediction_type:
+        raise ValueError(f"model.prediction_type: {cfg.pretrained} is a FLUX.1 model, which is trained "
+                         f"with flow matching; {cfg.prediction_type!r} does not apply (unset it)")
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+    tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
+    text_encoder_2 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+    transformer = (FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
+                   if with_transformer else None)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    for module in (m for m in (text_encoder, text_encoder_2, vae, transformer) if m is not None):
+        module.requires_grad_(False)
+        module.to(device=device, dtype=dtype)
+        module.eval()
+    return Components(tokenizer, text_encoder, vae, None, scheduler, identity, path, FLOW_MATCHING,
+                      family=FLUX, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
+                      transformer=transformer)
+
+
 def load_pipeline(
     cfg: ModelConfig,
     storage: Storage,
     workspace: str,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     device: torch.device | str = "cpu",
 ):
-    """The family's pipeline (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``) for
-    sampling (safety checker off; progress bar off); ``pipe.raydb_identity`` / ``raydb_family``
-    say what it is."""
+    """The family's pipeline (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` /
+    ``FluxPipeline``) for sampling (safety checker off; progress bar off); ``pipe.raydb_identity``
+    / ``raydb_family`` say what it is. ``dtype=None``: the family's :func:`sampling_dtype` on
+    ``device``."""
     import diffusers
 
     path, identity = resolve_model(cfg, storage, workspace)
     kw = _revision_kw(cfg, identity)
     family = model_family(path, **kw)
+    dtype = dtype or sampling_dtype(family, device)
     pipeline_class = getattr(diffusers, family_spec(family).pipeline_class)
-    if family != SDXL:  # SDXL pipelines have no safety checker
+    if family == FLUX and cfg.prediction_type:
+        raise ValueError(f"model.prediction_type: {cfg.pretrained} is a FLUX.1 (flow-matching) model; "
+                         "unset it")
+    if family not in (SDXL, FLUX):  # SDXL and Flux pipelines have no safety checker
         kw.update(safety_checker=None, requires_safety_checker=False)
     pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, **kw)
     if cfg.prediction_type:

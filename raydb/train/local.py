@@ -32,7 +32,7 @@ from raydb.models.family import SDXL
 from raydb.models.sdxl import time_ids_for
 from raydb.registry import claim_subject
 from raydb.storage import Storage, join
-from raydb.train.data import TrainingData, prompt_inputs, training_data
+from raydb.train.data import TrainingData, flow_inputs, prompt_inputs, training_data
 from raydb.train.engine import TrainEngine, engine_compile_cache
 from raydb.train.outputs import finish_run, finished_result
 from raydb.train.progress import ProgressWriter
@@ -87,7 +87,8 @@ def prepare_training_data(
     time_ids = tuple(time_ids_for(g) for g in geometry) if components.family == SDXL else (None, None)
     return training_data(source(instance_images), source(class_images) if with_prior else None,
                          **prompt_inputs(prompts, cfg.lora.train_text_encoder),
-                         latent_shape=(vae.config.latent_channels, h, h), time_ids=time_ids)
+                         latent_shape=(vae.config.latent_channels, h, h), time_ids=time_ids,
+                         **flow_inputs(tc, components))
 
 
 def train_subject(
@@ -112,7 +113,7 @@ def train_subject(
     components = load_components(cfg.model, storage, cfg.workspace, device=device,
                                  dtype=weights_dtype(tc, device))
     data = prepare_training_data(cfg, components, storage)
-    state = build_train_state(cfg, components.unet, components.text_encoder, components.text_encoder_2)
+    state = build_train_state(cfg, components.denoiser, *components.lora_text_encoders)
     metrics: list[dict[str, Any]] = []
     latest = latest_checkpoint(storage, run) if resume else None
     if latest:

@@ -87,7 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from raydb.encode.cache import load_prompts, read_encoded
     from raydb.models.components import load_components
-    from raydb.train.data import prompt_inputs, training_data
+    from raydb.train.data import flow_inputs, prompt_inputs, training_data
     from raydb.train.engine import TrainEngine, engine_compile_cache
     from raydb.train.evaluate import Validator
     from raydb.train.outputs import finish_run
@@ -108,13 +108,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     prompts = load_prompts(storage, cache)
     data = training_data(read_encoded(storage, cache.instance_uri),
                          _class_shard(rank) if cache.num_class else None,
-                         **prompt_inputs(prompts, cfg.lora.train_text_encoder))
-    state = build_train_state(cfg, comps.unet, comps.text_encoder, comps.text_encoder_2)
-    model: torch.nn.Module = state.model if state.model is not None else comps.unet
+                         **prompt_inputs(prompts, cfg.lora.train_text_encoder), **flow_inputs(tc, comps))
+    state = build_train_state(cfg, comps.denoiser, *comps.lora_text_encoders)
+    model: torch.nn.Module = state.model if state.model is not None else comps.denoiser
     graphs = use_cuda_graphs(tc, device)
     if world > 1 and not graphs:  # the graph step all-reduces its flat gradients itself
         ids = [device.index] if device.type == "cuda" else None
-        model = compile_for_training(tc, DistributedDataParallel(comps.unet, device_ids=ids))
+        model = compile_for_training(tc, DistributedDataParallel(comps.denoiser, device_ids=ids))
     metrics: list[dict[str, Any]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:

@@ -142,7 +142,9 @@ def flux_velocity(
     if config.guidance_embeds and guidance is None:
         raise ValueError("this FLUX.1 transformer is guidance-distilled (guidance_embeds): it needs a "
                          "guidance value per sample")
-    dtype = next(p for p in transformer.parameters() if not p.requires_grad).dtype
+    # the frozen base's dtype (LoRA masters may be fp32 under bf16); any parameter's if none is frozen
+    params = list(transformer.parameters())
+    dtype = next((p for p in params if not p.requires_grad), params[0]).dtype
     out = transformer(
         hidden_states=pack_latents(noisy).to(dtype), timestep=sigmas.to(dtype),
         guidance=guidance.to(dtype) if config.guidance_embeds else None,

@@ -212,7 +212,10 @@ def forward_loss(
         pred = denoiser_prediction(unet, noise_scheduler, batch, latents, text_encoder=text_encoder,
                                    text_encoder_2=text_encoder_2)
     target = denoiser_target(noise_scheduler, batch, latents, prediction_type)
-    weighting = loss_weighting_for(loss_weighting, batch.sigmas) if batch.sigmas is not None else None
+    weighting = None
+    if batch.sigmas is not None:  # in the loss's dtype: fp32, or fp64 for a float64 model
+        weighting = loss_weighting_for(loss_weighting, batch.sigmas.to(torch.promote_types(pred.dtype,
+                                                                                            torch.float32)))
     return dreambooth_loss(pred, target, prior_loss_weight=prior_loss_weight, with_prior=with_prior,
                            weighting=weighting)
 

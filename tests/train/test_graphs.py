@@ -19,14 +19,14 @@ from raydb.train.local import prepare_training_data
 from raydb.train.step import build_train_state, optimizer_step
 
 EXACT = {"rel": 1e-12, "abs": 1e-15}
-FAMILIES = {"sd": "tiny", "sdxl": "tiny-sdxl"}
+FAMILIES = {"sd": "tiny", "sdxl": "tiny-sdxl", "flux": "tiny-flux"}
 
 
 def _run(cfg, steps: int, *, graph_ready: bool):
     storage = Storage()
     comps = load_components(cfg.model, storage, cfg.workspace, dtype=torch.float64)
     data = prepare_training_data(cfg, comps, storage)
-    state = build_train_state(cfg, comps.unet, comps.text_encoder, comps.text_encoder_2)
+    state = build_train_state(cfg, comps.denoiser, *comps.lora_text_encoders)
     kw = dict(noise_scheduler=comps.noise_scheduler, prediction_type=comps.prediction_type,
               with_prior=data.with_prior, vae=comps.vae)
     step = GraphStep(state, cfg, capture=False, **kw) if graph_ready else None

@@ -9,7 +9,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_truth.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_truth.py"
 
 
 def _load_bench(name: str):

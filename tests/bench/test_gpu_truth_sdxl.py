@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_truth_sdxl.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_truth_sdxl.py"
 
 
 def test_tiny_sdxl_run_writes_every_figure(tmp_path):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from raydb.data.demo import demo_images
 from raydb.serving.auth import hash_key
-from tests.head_cluster import free_ports, head_cluster, job_info, run_job
+from tests.helpers.head_cluster import free_ports, head_cluster, job_info, run_job
 
 KEY = "service-test-key-one"
 DEPLOY = "import sys; from raydb.config import load_config; from raydb.serving import deploy; " \

@@ -33,7 +33,7 @@ from raydb.config import ServeConfig, load_config
 from raydb.serving.api import GenerateRequest, RequestError, final_prompt, validate_generate
 from raydb.serving.auth import KeyRing, hash_key, key_from_headers, parse_env_keys
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KEY_A, KEY_B = "test-key-tenant-one", "test-key-tenant-two"
 KEY_ENV = "test-key-from-env"  # a tenant-one key given in plain text through the environment
 SUBJECTS = [("alice", "t1", "sks", "dog"), ("bob", "t1", "zwx", "cat"), ("carol", "t2", "qpv", "toy")]

@@ -19,13 +19,13 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.configuration_utils import FrozenDict
 from diffusers.loaders.peft import PeftAdapterMixin
-from lr_oracle import expected_lr
 
 from raydb.config import LoraConfig, RaydbConfig, TrainConfig
 from raydb.train.data import MicroBatch
 from raydb.train.lora import add_lora
 from raydb.train.loss import dreambooth_loss, training_target
 from raydb.train.step import autocast_dtype, build_train_state, forward_loss, optimizer_step
+from tests.helpers.lr_oracle import expected_lr
 
 C, H, L, D, D2P = 2, 2, 3, 4, 5
 F64 = torch.float64

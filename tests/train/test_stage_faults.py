@@ -1,5 +1,5 @@
 """Ray Train fault tolerance: a SIGKILLed worker and a killed driver cost only the steps since the
-last checkpoint (local CPU cluster, tiny model). Split from test_train_distributed.py so the two
+last checkpoint (local CPU cluster, tiny model). Split from train/test_stage.py so the two
 heavy files run in parallel under ``make test``'s two pytest processes.
 
 A resumed run is judged against an uninterrupted run of the same config in another workspace: the

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lr_oracle import expected_lr
 
 from raydb.encode.encoders import EncodedImages
 from raydb.models.components import load_components
 from raydb.storage import Storage
 from raydb.train.data import TrainingData, make_micro_batch
 from raydb.train.step import build_train_state, optimizer_step
+from tests.helpers.lr_oracle import expected_lr
 
 LATENT = (4, 8, 8)  # the tiny VAE's latent shape at 64 px
 N_TIMESTEPS = 1000

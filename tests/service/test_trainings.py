@@ -1,6 +1,6 @@
 """Training as a service, fast tier: the ``/v1/trainings`` routes on a plain FastAPI app (no Ray),
 Ray's Jobs API replaced by a fake, and the job's entrypoint (``run_training``) called in-process
-without Ray, as the job would run it. tests/test_service_ray.py runs the real thing once.
+without Ray, as the job would run it. tests/service/test_trainings_ray.py runs the real thing once.
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ def test_read_bounded_stops_at_its_limit(s3_bucket, tmp_path):
 
 def test_a_tune_training_reports_its_trials_progress(service):
     """``tune: true`` takes the operator's service.tune search, under a name of its own; GET sums the
-    trials' progress (tests/test_tune.py runs such a training for real)."""
+    trials' progress (tests/tune/test_stage.py runs such a training for real)."""
     import time
 
     from raydb.config import RaydbConfig

@@ -1,5 +1,5 @@
 """``ray job submit`` of the whole pipeline against a real ``ray start --head`` cluster with token auth
-(the test's own: tests/head_cluster.py)."""
+(the test's own: tests/helpers/head_cluster.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from raydb.registry import latest_version
 from raydb.storage import Storage
-from tests.head_cluster import BIN, REPO, head_cluster, job_info
+from tests.helpers.head_cluster import BIN, REPO, head_cluster, job_info
 
 EXCLUDES = [".venv", ".git", "workspace", "demo-output", "**/__pycache__", "*.egg-info",
             ".pytest_cache", ".ruff_cache"]

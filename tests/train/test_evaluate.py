@@ -175,7 +175,7 @@ def test_clip_model_needs_the_instance_images(sd):
 
 @pytest.fixture
 def clip_calls(monkeypatch):
-    """``load_clip`` / ``sample_clip_metrics`` replaced by recorders (both are tested in test_clip_eval.py):
+    """``load_clip`` / ``sample_clip_metrics`` replaced by recorders (both tested in train/test_clip_eval.py):
     here only what the validator hands them and what it does with their numbers matter."""
     import raydb.train.clip_eval as clip_eval
 

@@ -28,7 +28,7 @@ from raydb.encode.encoders import (
     flip_geometries,
     images_to_tensor,
 )
-from raydb.models.family import SDXL
+from raydb.models.family import SDXL, check_resolution
 from raydb.models.sdxl import time_ids_for
 from raydb.storage import Storage
 
@@ -197,6 +197,8 @@ def prepare_encoded(cfg: RaydbConfig, storage: Storage, *,
                          f"cluster.num_workers ({cfg.cluster.num_workers}): class images are split "
                          "across workers")
     path, identity = resolve_model(cfg.model, storage, cfg.workspace)
+    family = model_family(path)
+    check_resolution(tc.resolution, family)
     instance = load_images_with_geometry(cfg.subject.instance_data, tc.resolution, storage=storage,
                                          center_crop=tc.center_crop)
     classes = class_images_with_geometry(cfg, storage)
@@ -205,7 +207,7 @@ def prepare_encoded(cfg: RaydbConfig, storage: Storage, *,
                 (("instance", instance), ("class", classes), ("holdout", holdout))}
     return run_encode_stage(cfg, storage, [i for i, _ in instance], [i for i, _ in classes],
                             model_identity=identity, holdout_images=[i for i, _ in holdout],
-                            family=model_family(path), geometry=geometry)
+                            family=family, geometry=geometry)
 
 
 def read_class_dataset(storage: Storage, cache: EncodedCache):

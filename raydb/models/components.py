@@ -39,7 +39,7 @@ from raydb.models.tiny_sdxl import save_tiny_sdxl_model, tiny_sdxl_identity
 from raydb.storage import Storage, is_s3
 
 __all__ = ["Components", "resolve_model", "model_family", "load_components", "load_pipeline",
-           "model_identity", "hub_revision", "sampling_dtype", "BUILTIN_MODELS"]
+           "model_identity", "hub_revision", "sampling_dtype", "pipeline_call_kwargs", "BUILTIN_MODELS"]
 
 # model.pretrained values built in code: (writer, identity)
 BUILTIN_MODELS = {"tiny": (save_tiny_model, tiny_identity),
@@ -262,6 +262,21 @@ def load_components(
         module.eval()
     return Components(tokenizer, text_encoder, vae, unet, scheduler, identity, path, prediction_type,
                       family=family, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2)
+
+
+def pipeline_call_kwargs(pipe: Any, negative_prompt: str | list[str] | None = None) -> dict[str, Any]:
+    """The family-specific keyword arguments of a sampling call of ``pipe``.
+
+    FLUX.1: T5 runs at the tokenizer's own length (what training encoded, 512 for FLUX.1-dev) and
+    no negative prompt is passed (FLUX.1-dev is guidance-distilled: ``guidance_scale`` is an
+    input of the model, not classifier-free guidance, and a negative prompt would only act
+    under ``true_cfg_scale`` > 1). SD / SDXL: the negative prompt, if any.
+    """
+    from raydb.models.flux import max_sequence_length
+
+    if getattr(pipe, "raydb_family", None) == FLUX or type(pipe).__name__ == "FluxPipeline":
+        return {"max_sequence_length": max_sequence_length(pipe.tokenizer_2)}
+    return {"negative_prompt": negative_prompt} if negative_prompt else {}
 
 
 def _load_flux(cfg: ModelConfig, path: str, identity: str, kw: dict[str, Any], *, dtype: torch.dtype,

@@ -19,7 +19,7 @@ import torch
 
 __all__ = ["SD", "SDXL", "FLUX", "FAMILIES", "FamilySpec", "family_spec", "detect_family",
            "family_of_unet_config", "family_of_denoiser", "sd_version", "vae_encode_dtype",
-           "check_finite_latents", "DEFAULT_TARGETS", "lora_targets", "FLOW_MATCHING"]
+           "check_finite_latents", "DEFAULT_TARGETS", "lora_targets", "FLOW_MATCHING", "check_resolution"]
 
 SD = "sd"
 SDXL = "sdxl"
@@ -170,3 +170,11 @@ def lora_targets(target_modules: list[str] | None, family: str) -> list[str]:
     if target_modules is not None:
         return list(target_modules)
     return list(DEFAULT_TARGETS[family_spec(family).name])
+
+
+def check_resolution(resolution: int, family: str) -> None:
+    """Refuse a ``train.resolution`` the family cannot train at: FLUX.1 packs its 8x-downsampled
+    latents in 2x2 patches, so its sides are multiples of 16 (SD/SDXL: 8, checked by the config)."""
+    if family == FLUX and resolution % 16:
+        raise ValueError(f"train.resolution: FLUX.1 needs a multiple of 16 (8x VAE, 2x2 latent "
+                         f"packing), got {resolution}")

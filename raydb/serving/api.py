@@ -110,10 +110,15 @@ def validate_generate(req: GenerateRequest, cfg: ServeConfig, subject_meta: dict
     steps = req.num_inference_steps or min(cfg.default_inference_steps, cfg.max_inference_steps)
     if steps > cfg.max_inference_steps:
         raise RequestError("num_inference_steps", f"at most {cfg.max_inference_steps}, got {steps}")
+    # FLUX.1 packs its 8x-downsampled latents in 2x2 patches, so its sizes are multiples of 16
+    flux = (subject_meta.get("base_model") or {}).get("family") == "flux"
     for name in ("width", "height"):
         value = getattr(req, name)
         if value is None:
             continue
+        if flux and value % 16:
+            raise RequestError(name, f"must be a multiple of 16 for a FLUX.1 subject (8x VAE, 2x2 "
+                                     f"latent packing), got {value}")
         if value % 8:
             raise RequestError(name, f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
         if value > cfg.max_size:

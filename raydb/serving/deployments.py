@@ -101,8 +101,8 @@ class DiffusionDeployment:
         torch.set_num_threads(max(1, int(sc.num_cpus_per_replica)))
         self.storage = Storage(self.cfg.s3_endpoint_url)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.float16 if device == "cuda" else torch.float32
-        pipe = load_pipeline(self.cfg.model, self.storage, self.cfg.workspace, dtype=dtype, device=device)
+        # dtype=None: fp32 on CPU; on CUDA the family's half precision (fp16; bf16 for FLUX.1)
+        pipe = load_pipeline(self.cfg.model, self.storage, self.cfg.workspace, dtype=None, device=device)
         # Evicted adapters that queued requests still hold keep their slots: one batch's worth extra.
         self.engine = DiffusionEngine(
             pipe, num_slots=sc.max_num_models_per_replica + sc.max_batch_size, max_lora_rank=sc.max_lora_rank,

@@ -74,15 +74,30 @@ def clip_scores(clip, tokenizer, generated: list[Image.Image], references: list[
 @torch.no_grad()
 def sample_clip_metrics(cfg, comps, unet, instance_images: list[Image.Image], clip, clip_tokenizer,
                         ) -> dict[str, float]:
-    """Sample ``eval.num_images`` images with the current (LoRA) UNet, fixed seeds, and score them."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """Sample ``eval.num_images`` images with the current (LoRA) denoiser, fixed seeds, and score them."""
+    from diffusers import (
+        DDIMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
-    scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
-    if getattr(comps, "family", "sd") == "sdxl":
+    from raydb.models.components import pipeline_call_kwargs
+
+    family = getattr(comps, "family", "sd")
+    if family == "flux":  # the flow-matching schedule samples Flux; DDIM does not apply
+        pipe = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(comps.noise_scheduler.config),
+            vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+            text_encoder_2=comps.text_encoder_2, tokenizer_2=comps.tokenizer_2, transformer=unet)
+    elif family == "sdxl":
+        scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
         pipe = StableDiffusionXLPipeline(
             vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
             tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=unet, scheduler=scheduler)
     else:
+        scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
         pipe = StableDiffusionPipeline(
             vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -93,7 +108,8 @@ def sample_clip_metrics(cfg, comps, unet, instance_images: list[Image.Image], cl
     unet.eval()
     try:
         images = [pipe(cfg.subject.instance_prompt, num_inference_steps=cfg.eval.num_inference_steps,
-                       height=res, width=res, generator=torch.Generator(device).manual_seed(i)).images[0]
+                       height=res, width=res, generator=torch.Generator(device).manual_seed(i),
+                       **pipeline_call_kwargs(pipe)).images[0]
                   for i in range(cfg.eval.num_images)]
     finally:
         unet.train(was_training)

@@ -25,6 +25,7 @@ import torch
 
 from raydb.config import FlowConfig, TrainConfig
 from raydb.encode.encoders import EncodedImages
+from raydb.models.family import check_resolution
 from raydb.train.flow import draw_sigma
 
 __all__ = ["TrainingData", "MicroBatch", "training_data", "prompt_inputs", "flow_inputs",
@@ -140,6 +141,7 @@ def flow_inputs(tc: TrainConfig, comps) -> dict:
     guidance input; nothing for the DDPM families."""
     if comps.family != "flux":
         return {}
+    check_resolution(tc.resolution, comps.family)
     distilled = comps.transformer.config.guidance_embeds
     return {"flow": tc.flow, "guidance": tc.flow.guidance if distilled else None}
 

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 __all__ = ["SD", "SDXL", "FLUX", "FAMILIES", "FamilySpec", "family_spec", "detect_family",
-           "family_of_unet_config", "family_of_denoiser", "sd_version", "vae_encode_dtype",
+           "family_of_unet_config", "family_of_denoiser", "family_of_denoiser_config", "sd_version",
+           "vae_encode_dtype",
            "check_finite_latents", "DEFAULT_TARGETS", "lora_targets", "FLOW_MATCHING", "check_resolution"]
 
 SD = "sd"
@@ -157,12 +158,16 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 
+def family_of_denoiser_config(config: dict[str, Any]) -> str:
+    """The family of a denoiser's config (``unet/`` or ``transformer/config.json``)."""
+    return FLUX if _flux_transformer(config) else family_of_unet_config(config)
+
+
 def family_of_denoiser(module: torch.nn.Module) -> str:
     """The family of a loaded denoiser: ``flux`` for a FLUX.1 transformer, else the UNet's."""
-    config = dict(getattr(module, "config", {}) or {})
-    if "FluxTransformer2DModel" in (type(module).__name__, config.get("_class_name")):
+    if type(module).__name__ == "FluxTransformer2DModel":
         return FLUX
-    return family_of_unet_config(config)
+    return family_of_denoiser_config(dict(getattr(module, "config", {}) or {}))
 
 
 def lora_targets(target_modules: list[str] | None, family: str) -> list[str]:

@@ -99,7 +99,8 @@ def test_fused_modules_at_flux_dev_widths_are_exact_and_split_back_by_diffusers(
     up = tensors["lora_unet_single_blocks_7_linear1.lora_up.weight"]
     assert down.shape == (16, 3072) and up.shape == (3 * 3072 + 12288, 16)
     # the fused update is exactly the parts' updates stacked by rows (zeros add nothing)
-    parts = [factors[f"single_transformer_blocks.7.{m}"] for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+    parts = [factors[f"single_transformer_blocks.7.{m}"]
+             for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
     stacked = torch.cat([u @ d for d, u, _ in parts])
     torch.testing.assert_close(up @ down, stacked, rtol=1e-6, atol=1e-4)
     # diffusers' kohya reader finds the block structure and recovers every part's factors exactly

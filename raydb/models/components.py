@@ -223,6 +223,7 @@ def load_components(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     with_unet: bool = True,
+    with_t5: bool = True,
 ) -> Components:
     """Load tokenizer(s), text encoder(s), VAE, denoiser and the training scheduler, all frozen.
 
@@ -230,7 +231,9 @@ def load_components(
     only the VAE and the text encoder(s). SDXL also gets ``tokenizer_2`` / ``text_encoder_2``; a
     VAE that overflows in fp16 (``force_upcast``, SDXL's) stays in fp32 when ``dtype`` is fp16.
     FLUX.1 gets its T5 as ``tokenizer_2`` / ``text_encoder_2``, its transformer as
-    ``transformer`` and its flow-matching scheduler (the objective is not DDPM's).
+    ``transformer`` and its flow-matching scheduler (the objective is not DDPM's);
+    ``with_t5=False`` leaves T5-XXL out (``text_encoder_2`` None; 9.5 GB in bf16): a training
+    worker reads T5's states from the encode cache, and T5 never trains.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -239,7 +242,8 @@ def load_components(
     kw = _revision_kw(cfg, identity)
     family = model_family(path, **kw)
     if family == FLUX:
-        return _load_flux(cfg, path, identity, kw, dtype=dtype, device=device, with_transformer=with_unet)
+        return _load_flux(cfg, path, identity, kw, dtype=dtype, device=device, with_transformer=with_unet,
+                          with_t5=with_t5)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
     tokenizer_2 = text_encoder_2 = None
@@ -280,7 +284,7 @@ def pipeline_call_kwargs(pipe: Any, negative_prompt: str | list[str] | None = No
 
 
 def _load_flux(cfg: ModelConfig, path: str, identity: str, kw: dict[str, Any], *, dtype: torch.dtype,
-               device: torch.device | str, with_transformer: bool) -> Components:
+               device: torch.device | str, with_transformer: bool, with_t5: bool) -> Components:
     """FLUX.1's components: CLIP + T5 encoders, the 16-channel VAE, the transformer, the
     flow-matching scheduler (training draws its own sigmas; the scheduler supplies
     ``num_train_timesteps`` and samples)."""
@@ -293,7 +297,8 @@ def _load_flux(cfg: ModelConfig, path: str, identity: str, kw: dict[str, Any], *
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
     tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
-    text_encoder_2 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw)
+    text_encoder_2 = (T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw)
+                      if with_t5 else None)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
     transformer = (FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
                    if with_transformer else None)

@@ -102,8 +102,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    # T5's states come from the encode cache (FLUX.1): T5-XXL is not loaded unless CLIP metrics
+    # sample images (eval.clip_model)
     comps = load_components(cfg.model, storage, cfg.workspace, device=device,
-                            dtype=weights_dtype(tc, device))
+                            dtype=weights_dtype(tc, device), with_t5=bool(cfg.eval.clip_model))
     cache = EncodedCache(**config["encoded"])
     prompts = load_prompts(storage, cache)
     data = training_data(read_encoded(storage, cache.instance_uri),

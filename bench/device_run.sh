@@ -6,7 +6,11 @@
 # 1 + 1 and 4 + 4, then graphs + compile at 8 + 8 in two fresh processes (cold, then warm from
 # the workspace compile cache). BUDGET_S bounds gpu_truth (it starts no measurement it cannot
 # finish). MODE=truth runs the earlier full benchmark (compile parity, training, options,
-# generation) instead. Extra arguments go to gpu_truth.py.
+# generation) instead. MODE=flux runs the FLUX.1-dev-size row instead (bench/flux_row.py, about 8
+# minutes: build and save the 12 B random-weight model, raydb's shipped loop at 1024 px bf16 rank 16
+# 1 + 1, then diffusers' Flux DreamBooth script on the same folder):
+#   run(command="MODE=flux bash bench/device_run.sh", carry=[".whl", ".peer"], timeout_s=560)
+# Extra arguments go to gpu_truth.py (flux_row.py under MODE=flux).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/raydb-device-out}
@@ -21,7 +25,13 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 PYTHONPATH=/tmp/peer-site:$PYTHONPATH python3 -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
     || echo "no matching torchvision (torch minor -> $tv): the peer arm will record an error"
-if [ "${MODE:-engine}" = truth ]; then
+if [ "${MODE:-engine}" = flux ]; then
+    timeout 540 python3 bench/flux_row.py --out "$OUT/flux_row.json" --workdir /tmp/flux-row --peer \
+        --peer-script .peer/train_dreambooth_lora_flux.py --peer-site /tmp/peer-site "$@" 2>&1 \
+        | tee "$OUT/flux_row.log" | grep -v Warning
+    echo "flux_row: exit ${PIPESTATUS[0]}"
+    exit 0
+elif [ "${MODE:-engine}" = truth ]; then
     # does compile=full + inductor give eager's LoRA gradients on CUDA? (it does not on CPU)
     timeout 150 python3 bench/compile_parity.py --compile full --backend inductor \
         > "$OUT/compile_parity_full.json" 2> "$OUT/compile_parity_full.log"

@@ -67,10 +67,11 @@ def latent_image_ids(h: int, w: int, *, device=None, dtype: torch.dtype = torch.
     """``[(h/2)(w/2), 3]`` rotary positions of the packed tokens of ``h x w`` latents: ``(0, row,
     column)`` of each 2x2 patch (the first axis is the text/image axis, zero for images)."""
     rows, cols = h // PACK, w // PACK
-    ids = torch.zeros(rows, cols, 3)
-    ids[..., 1] = torch.arange(rows)[:, None]
-    ids[..., 2] = torch.arange(cols)[None, :]
-    return ids.reshape(rows * cols, 3).to(device=device, dtype=dtype)
+    # built on the device: no host-to-device copy (the training step may be inside a CUDA graph capture)
+    ids = torch.zeros(rows, cols, 3, device=device, dtype=torch.float32)
+    ids[..., 1] = torch.arange(rows, device=device, dtype=torch.float32)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device, dtype=torch.float32)[None, :]
+    return ids.reshape(rows * cols, 3).to(dtype)
 
 
 def text_ids_for(length: int, *, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -220,6 +220,25 @@ def forward_loss(
                            weighting=weighting)
 
 
+def _average_encoder_grads(state: TrainState) -> None:
+    """Under DDP, average the trained text encoders' LoRA gradients over the workers.
+
+    DDP wraps only the denoiser, so without this each worker would step its encoder LoRA on its own
+    shard's gradient and the workers' encoders would drift apart. One all-reduce of the
+    concatenated gradients, after the last micro-batch (as DDP does for the denoiser)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for e in (state.text_encoder, state.text_encoder_2) if e is not None
+             for p in e.parameters() if p.requires_grad and p.grad is not None]
+    if not grads or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))
+
+
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     """L2 norm over all gradients as a 0-d tensor (no host sync; one multi-tensor kernel)."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -271,6 +290,8 @@ def optimizer_step(
         step_parts = torch.stack([parts.total, parts.instance, prior]).detach().float() / n
         sums = step_parts if sums is None else sums + step_parts
         images += batch.size
+    if hasattr(model, "no_sync"):
+        _average_encoder_grads(state)
     if state.scaler:
         state.scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.train.max_grad_norm)

@@ -9,6 +9,9 @@ differ only in the last bits.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -100,3 +103,16 @@ def test_flux_sizes_must_be_multiples_of_16(workspace):
     assert validate_generate(GenerateRequest(subject_id="dog", prompt="a dog", width=80), ServeConfig(), meta)
     assert validate_generate(GenerateRequest(subject_id="x", prompt="a dog", width=72), ServeConfig(),
                              {"base_model": {"family": "sd"}, "subject": {}})
+
+
+def test_another_familys_adapter_is_refused_with_409(workspace):
+    from raydb.serving.adapters import AdapterMismatch, read_adapter
+
+    uri = latest_version(Storage(), workspace, "dog")["uri"]
+    identity = json.loads(Path(uri, "adapter.json").read_text())["base_model"]["identity"]
+    meta, _, _ = read_adapter(Storage(), uri, identity, "flux")
+    assert meta["base_model"]["family"] == "flux"
+    for family in ("sd", "sdxl"):  # a FLUX.1 adapter on an SD / SDXL server
+        with pytest.raises(AdapterMismatch, match="flux model family") as refused:
+            read_adapter(Storage(), uri, identity, family)
+        assert refused.value.status == 409

@@ -248,13 +248,7 @@ class DiffusionEngine:
         pipe = self.pipe
         device, dtype = pipe.unet.device, pipe.unet.dtype
         cfg = guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-        prompts, negatives, slots, generators = [], [], [], []
-        for request in requests:  # one entry per image: image i of a request uses seed + i
-            p, n = request.params, request.params["num_images"]
-            prompts += [p["prompt"]] * n
-            negatives += [p.get("negative_prompt") or ""] * n  # None encodes as "" in diffusers too
-            slots += [self.router.zero_slot if request.slot is None else request.slot] * n
-            generators += [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
+        prompts, negatives, slots, generators = self._batch_inputs(requests)
         with self.lock:
             with self.router.route(torch.tensor(slots, device=device)):  # each prompt under its adapter
                 cond, uncond, added = self._encode(prompts, negatives if cfg else None, cfg, height, width)
@@ -283,15 +277,16 @@ class DiffusionEngine:
                                                   "(clients gone or deadlines passed)")
         return latents
 
-    def _batch_inputs(self, requests: list[EngineRequest]) -> tuple[list[str], list[int], list]:
-        """Per image: prompt, slot and generator (image i of a request uses seed + i)."""
-        prompts, slots, generators = [], [], []
+    def _batch_inputs(self, requests: list[EngineRequest]) -> tuple[list[str], list[str], list[int], list]:
+        """Per image: prompt, negative prompt, slot and generator (image i of a request uses seed + i)."""
+        prompts, negatives, slots, generators = [], [], [], []
         for request in requests:
             p, n = request.params, request.params["num_images"]
             prompts += [p["prompt"]] * n
+            negatives += [p.get("negative_prompt") or ""] * n  # None encodes as "" in diffusers too
             slots += [self.router.zero_slot if request.slot is None else request.slot] * n
             generators += [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
-        return prompts, slots, generators
+        return prompts, negatives, slots, generators
 
     def _denoise_flux(self, requests: list[EngineRequest], width: int, height: int, steps: int,
                       guidance: float) -> torch.Tensor:
@@ -309,7 +304,7 @@ class DiffusionEngine:
                              f"got {width}x{height}")
         transformer = pipe.transformer
         device = transformer.device
-        prompts, slots, generators = self._batch_inputs(requests)
+        prompts, _, slots, generators = self._batch_inputs(requests)  # no negative prompt (distilled)
         n = len(prompts)
         index = torch.tensor(slots, device=device)
         with self.lock:

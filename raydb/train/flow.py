@@ -76,9 +76,9 @@ def velocity_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor | None:
-    """``[N]`` per-sample loss weights of ``scheme`` at ``sigmas`` (in their dtype, at least fp32);
-    None for ``none``."""
-    s = sigmas.to(torch.promote_types(sigmas.dtype, torch.float32))
+    """``[N]`` per-sample loss weights of ``scheme`` at ``sigmas`` (fp32, like the loss); None for
+    ``none``."""
+    s = sigmas.float()
     if scheme == "none":
         return None
     if scheme == "sigma_sqrt":

@@ -51,18 +51,15 @@ def dreambooth_loss(
         weighting: ``[2B]`` / ``[B]`` per-sample weights (flow matching), same layout; None: all 1.
             A half's loss is then ``mean_i(w_i * mean(err_i^2))`` over its own samples.
     Returns:
-        LossParts with scalar fp32 tensors (fp64 for a float64 prediction); ``prior`` is None
-        without prior preservation.
+        LossParts with scalar fp32 tensors; ``prior`` is None without prior preservation.
     """
     if model_pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(model_pred.shape)} and target {tuple(target.shape)} differ")
     if weighting is not None and weighting.shape != model_pred.shape[:1]:
         raise ValueError(f"weighting {tuple(weighting.shape)} must have one weight per sample "
                          f"({model_pred.shape[0]})")
-    # MSE in fp32 even under autocast (fp64 for a float64 model: exactness checks stay exact)
-    dtype = torch.promote_types(model_pred.dtype, torch.float32)
-    pred, tgt = model_pred.to(dtype), target.to(dtype)
-    w = None if weighting is None else weighting.to(dtype)
+    pred, tgt = model_pred.float(), target.float()  # MSE in fp32 even under autocast
+    w = None if weighting is None else weighting.float()
     if not with_prior:
         instance = _mse(pred, tgt, w)
         return LossParts(total=instance, instance=instance, prior=None)

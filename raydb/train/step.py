@@ -48,13 +48,13 @@ def weights_dtype(tc: TrainConfig, device: torch.device | str = "cpu") -> torch.
 class TrainState:
     """Everything that changes during training (and is checkpointed)."""
 
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module | None  # set only when its LoRA trains
+    unet: torch.nn.Module  # the denoiser with LoRA: the UNet, or FLUX.1's transformer
+    text_encoder: torch.nn.Module | None  # set only when its LoRA trains (FLUX.1: CLIP)
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     scaler: torch.amp.GradScaler | None
-    model: torch.nn.Module | None = None  # what the step calls: the UNet, or its compiled wrapper
+    model: torch.nn.Module | None = None  # what the step calls: the denoiser, or its compiled wrapper
     step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second encoder, set when its LoRA trains
@@ -212,10 +212,7 @@ def forward_loss(
         pred = denoiser_prediction(unet, noise_scheduler, batch, latents, text_encoder=text_encoder,
                                    text_encoder_2=text_encoder_2)
     target = denoiser_target(noise_scheduler, batch, latents, prediction_type)
-    weighting = None
-    if batch.sigmas is not None:  # in the loss's dtype: fp32, or fp64 for a float64 model
-        weighting = loss_weighting_for(loss_weighting, batch.sigmas.to(torch.promote_types(pred.dtype,
-                                                                                            torch.float32)))
+    weighting = loss_weighting_for(loss_weighting, batch.sigmas) if batch.sigmas is not None else None
     return dreambooth_loss(pred, target, prior_loss_weight=prior_loss_weight, with_prior=with_prior,
                            weighting=weighting)
 

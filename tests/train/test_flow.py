@@ -131,8 +131,10 @@ def test_prior_loss_with_weighting_equals_the_per_sample_reference(flux_f64, wei
                          with_prior=True, vae=vae, loss_weighting=weighting)
     weights = loss_weighting(weighting, sigmas).double()
     instance, prior, total = _reference(transformer, vae, data, batch, prior_loss_weight=0.7, weights=weights)
+    # the transformer runs in float64; the loss is reduced in fp32 by design (dreambooth_loss), so
+    # the two agree to fp32 rounding — a thousand times finer than what a wrong weighting moves
     for got, want in ((parts.instance, instance), (parts.prior, prior), (parts.total, total)):
-        assert got.item() == pytest.approx(want.item(), rel=1e-9)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
     # the halves' weights swapped, or the first half's weights on both halves (the old bug): wrong
     swapped = torch.cat([weights[2:], weights[:2]])
     unsplit = torch.cat([weights[:2], weights[:2]])

@@ -41,7 +41,8 @@ def test_flux_demo_pipeline_end_to_end(ray_cluster, tmp_path):
 
     port = free_ports(1)[0]
     cfg = load_config(REPO / "jobs" / "configs" / "flux-demo.yaml",
-                      [f"workspace={tmp_path / 'ws'}", f"serve.port={port}", "train.max_steps=3"])
+                      [f"workspace={tmp_path / 'ws'}", f"serve.port={port}", "train.max_steps=3",
+                       "prior.num_class_images=2"])  # one class image per worker
     assert cfg.cluster.num_workers == 2
     try:
         result = run_pipeline(cfg, deploy=True, quiet=True)

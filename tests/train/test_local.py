@@ -190,7 +190,7 @@ def test_flux_resume_from_checkpoint_matches_uninterrupted_run(make_cfg, tmp_pat
     def cfg(ws: str, every: int):
         return make_cfg(workspace=str(tmp_path / ws), model={"pretrained": "tiny-flux"},
                         prior={"class_data": class_images_dir}, lora={"train_text_encoder": True},
-                        train={"checkpoint_every": every, "max_steps": 4,
+                        train={"checkpoint_every": every, "max_steps": 3,
                                "flow": {"weighting": "cosmap"}})
 
     first = train_subject(cfg("a", 2), quiet=True)

@@ -42,7 +42,9 @@ test-fast: $(STAMP)
 # `mutmut results` lists the survivors, `mutmut show NAME` shows one.
 MUTATE_MODULES ?= raydb.train.loss raydb.train.data raydb.train.step raydb.train.lora \
 	raydb.train.evaluate raydb.ids raydb.registry raydb.storage raydb.data.ingest raydb.serving.auth \
-	raydb.serving.api raydb.serving.subjects raydb.serving.adapters raydb.serving.retry
+	raydb.serving.api raydb.serving.subjects raydb.serving.adapters raydb.serving.retry \
+	raydb.serving.engine raydb.serving.batcher raydb.serving.limits raydb.serving.gate raydb.serving.slots \
+	raydb.train.graphs raydb.train.prefetch raydb.models.sdxl
 MUTATE_CHILDREN ?= 1
 
 mutate: $(STAMP)
@@ -53,8 +55,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check raydb jobs serve tests bench
 
 bench: $(STAMP)
-	$(VENV)/bin/python bench/train_cache.py
-	$(VENV)/bin/python bench/prior_bench.py
+	$(VENV)/bin/python -m bench.train_cache
+	$(VENV)/bin/python -m bench.prior_bench
 
 clean:
 	rm -rf workspace demo-output mutants

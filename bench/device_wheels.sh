@@ -5,15 +5,16 @@
 #           peer subprocess's path alone: accelerate, psutil and torchvision (the wheel matching the
 #           device's torch, TORCHVISION=0.(torch minor + 15).0; 0.26.0 for torch 2.11, what the
 #           device ran last; several may be given, the run picks the matching one)
-#   .peer/  diffusers' train_dreambooth_lora.py and train_dreambooth_lora_flux.py, only carried
-#           (ignored by git, never imported, run unmodified as subprocesses by
-#           `gpu_truth.py --peer-script` / `flux_row.py --peer-script`)
+#   .peer/  diffusers' train_dreambooth_lora.py, train_dreambooth_lora_sdxl.py and
+#           train_dreambooth_lora_flux.py, only carried (ignored by git, never imported, run
+#           unmodified as subprocesses by the gpu_truth, gpu_truth_sdxl and flux_row peer arms), from
+#           $RAYDB_PEERS_DIR/diffusers (default ../shared/peers beside the repository; set
+#           RAYDB_PEERS_DIR when running from a worktree elsewhere)
 # for the device's Python 3.12 on x86-64 Linux. Run once before the device call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-PEER=${PEER:-../shared/peers/diffusers/train_dreambooth_lora.py}
-[ -f "$PEER" ] || PEER=/work/shared/peers/diffusers/train_dreambooth_lora.py  # from a worktree
+PEERS=${RAYDB_PEERS_DIR:-../shared/peers}/diffusers
 TORCHVISION=${TORCHVISION:-0.26.0}
 pins=$("$PY" - <<'PYEOF'
 from importlib.metadata import version
@@ -32,8 +33,8 @@ get .whl/peer $peer_pins
 for v in $TORCHVISION; do
     get .whl/peer "torchvision==$v" || echo "no torchvision $v wheel: the peer arm will record an error"
 done
-if [ -f "$PEER" ]; then cp "$PEER" .peer/train_dreambooth_lora.py; else echo "no peer script at $PEER"; fi
-FLUX_PEER=$(dirname "$PEER")/train_dreambooth_lora_flux.py
-if [ -f "$FLUX_PEER" ]; then cp "$FLUX_PEER" .peer/; else echo "no Flux peer script at $FLUX_PEER"; fi
+for script in train_dreambooth_lora.py train_dreambooth_lora_sdxl.py train_dreambooth_lora_flux.py; do
+    if [ -f "$PEERS/$script" ]; then cp "$PEERS/$script" .peer/; else echo "no peer script at $PEERS/$script"; fi
+done
 ls -la .whl .whl/peer .peer
 du -sh .whl .peer

@@ -111,7 +111,7 @@ def measure_raydb(model: str, root: Path, args: argparse.Namespace) -> dict[str,
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = train_subject(cfg, register=False, samples=False, quiet=True)
+    result = train_subject(cfg, samples=False, quiet=True)
     meta = json.loads(Path(result["adapter_uri"], "adapter.json").read_text())
     row = {"images_per_s": round(meta["metrics"]["images_per_s"], 3), "steps": result["steps"],
            "wall_s": round(time.perf_counter() - t0, 1), "cuda_graphs": args.cuda_graphs,

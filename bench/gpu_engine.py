@@ -1,155 +1,45 @@
-"""The engine arms of ``gpu_truth.py``: today's eager step vs the graph step, measured the same way.
+"""``gpu_truth``'s engine section: the shipped ``TrainEngine`` per arm, each on a fresh UNet + LoRA
+from the same init over the same batches (so their first steps must agree).
 
-Arms, each on a fresh UNet + LoRA from the same init and the same batches (so their first steps
-must agree):
+Arms (the engine's measuring seams; ``raydb/train/engine.py``):
 
-* ``eager``: ``step_micro_batches`` (on the step's critical path) + ``optimizer_step`` — raydb today;
-* ``eager + prefetch``: the same step, batches from ``BatchPrefetcher`` (background thread);
-* ``graphs``: ``BatchPrefetcher`` + ``GraphStep`` (captured on CUDA after its warm-up steps; on the
-  CPU the same step runs eagerly, which is what the ``--tiny`` smoke test checks);
-* ``graphs + compile``: the graph step over ``train.compile=full``, measured in a fresh process
-  (``--compile-probe``) so its compile time is honest, once cold and once warm from the workspace
-  compile cache (``raydb.compile_cache``).
+* ``eager``: ``prefetch=False, graph_step=False`` — batches built on the step's critical path, then
+  ``optimizer_step`` (the engine before the prefetcher; the same-math reference);
+* ``eager + prefetch``: ``graph_step=False`` — batches from ``BatchPrefetcher``;
+* ``graphs``: ``graph_step=True`` — prefetcher + ``GraphStep``, captured on CUDA after its warm-up
+  steps; on the CPU its eager path runs (what the ``--tiny`` smoke test checks against ``eager``);
+* ``graphs + compile``: ``train.compile=full`` under the graph step with the workspace compile cache
+  (``train.compile_cache``, ``engine_compile_cache``), each in a fresh process (``--compile-probe``)
+  so its compile time is honest: once cold (compiles, the engine saves the entry), once warm (the
+  engine loads it before its first step).
 
-Per row: images/s and step time (median, synchronized), the GPU busy fraction of a few profiled
-steps (``torch.profiler``: union of kernel intervals / wall span of those steps), peak memory, and
-the first steps' loss and grad norm, which ``compare_steps`` checks against the eager arm.
+Per row: it/s, images/s and step times (median, synchronised), the GPU busy fraction of a few
+profiled steps (union of kernel intervals / wall span), peak memory, the first steps' loss and grad
+norm (``compare_steps`` against ``eager``: ``same_math``), and on ``eager`` the FLOPs of one step.
 """
 
 from __future__ import annotations
 
-import statistics
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import torch
+from bench import training
+from bench.harness import REPO, Run, markdown_table
+from raydb.storage import Storage
+from raydb.train.engine import engine_compile_cache
 
-from raydb.config import RaydbConfig
-from raydb.train.data import TrainingData, step_micro_batches
-from raydb.train.graphs import GraphStep
-from raydb.train.prefetch import BatchPrefetcher
-from raydb.train.speed import resolve_mixed_precision
-from raydb.train.step import build_train_state, optimizer_step
+__all__ = ["ENGINES", "run_engine", "compile_probe", "run_compile", "compare_steps", "acceptance",
+           "render_engine"]
 
-__all__ = ["ENGINES", "EngineTrainer", "busy_fraction", "profile_busy", "measure_engine",
-           "compare_steps", "acceptance", "render_engine"]
-
-ENGINES = ("eager", "eager + prefetch", "graphs")
-
-
-class EngineTrainer:
-    """One UNet with LoRA stepping through one engine over fixed ``[instance | class]`` batches."""
-
-    def __init__(self, cfg: RaydbConfig, unet: torch.nn.Module, vae, data: TrainingData, *,
-                 engine: str, device: torch.device, noise_scheduler) -> None:
-        if engine not in ENGINES:
-            raise ValueError(f"unknown engine {engine!r}; one of {ENGINES}")
-        self.cfg, self.vae, self.data, self.engine, self.device = cfg, vae, data, engine, device
-        self.noise_scheduler = noise_scheduler
-        self.state = build_train_state(cfg, unet, None)
-        self.kw = dict(noise_scheduler=noise_scheduler, prediction_type="epsilon",
-                       with_prior=data.with_prior, vae=vae)
-        self.prefetcher = None if engine == "eager" else BatchPrefetcher(
-            data, cfg.train, start_step=self.state.step,
-            num_train_timesteps=noise_scheduler.config.num_train_timesteps, device=device)
-        self.graph_step = None
-        if engine == "graphs":
-            self.graph_step = GraphStep(self.state, cfg, capture=device.type == "cuda", **self.kw)
-
-    @property
-    def mixed_precision(self) -> str:
-        return resolve_mixed_precision(self.cfg.train, self.device)
-
-    def step(self) -> dict[str, float]:
-        if self.graph_step is not None:
-            return self.graph_step(self.prefetcher.next(to_device=False))
-        if self.prefetcher is not None:
-            micro = self.prefetcher.next()
-        else:
-            micro = step_micro_batches(
-                self.data, self.cfg.train, step=self.state.step, device=self.device,
-                num_train_timesteps=self.noise_scheduler.config.num_train_timesteps)
-        return optimizer_step(self.state, micro, cfg=self.cfg, **self.kw)
-
-    def close(self) -> None:
-        if self.prefetcher is not None:
-            self.prefetcher.close()
-
-
-def busy_fraction(kernels: list[tuple[float, float]], start: float, end: float) -> float:
-    """Share of ``[start, end]`` covered by at least one kernel (overlapping kernels count once)."""
-    if end <= start:
-        raise ValueError("empty span")
-    busy, cursor = 0.0, start
-    for a, b in sorted(kernels):
-        a, b = max(a, cursor), min(b, end)
-        if b > a:
-            busy += b - a
-            cursor = b
-    return busy / (end - start)
-
-
-def profile_busy(step: Callable[[], Any], steps: int, sync: Callable[[], None]) -> dict[str, Any]:
-    """Profile ``steps`` steps on CUDA: busy fraction, kernels per step, GPU ms per step."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        sync()
-    events = list(prof.events())
-    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
-    if not kernels:
-        return {"gpu_busy": None, "kernels_per_step": 0}
-    start = min(e.time_range.start for e in events)
-    end = max(e.time_range.end for e in events)
-    return {"gpu_busy": round(busy_fraction(kernels, start, end), 4),
-            "kernels_per_step": round(len(kernels) / steps),
-            "gpu_ms_per_step": round(sum(b - a for a, b in kernels) / steps / 1000, 2)}
-
-
-def measure_engine(trainer: EngineTrainer, *, warmup: int, min_steps: int, min_seconds: float,
-                   max_steps: int, profile_steps: int, cuda: bool,
-                   sync: Callable[[], None]) -> dict[str, Any]:
-    """Warm up (graphs: warm-up steps + capture), time steps, profile a few. One row."""
-    images_per_step = 0
-    first: list[dict[str, float]] = []
-    warm_s = []
-    for _ in range(warmup):
-        s0 = time.perf_counter()
-        m = trainer.step()
-        sync()
-        warm_s.append(time.perf_counter() - s0)
-        first.append({"loss": m["loss"], "grad_norm": m["grad_norm"]})
-        images_per_step = m["images"]
-    times: list[float] = []
-    while len(times) < min_steps or (sum(times) < min_seconds and len(times) < max_steps):
-        s0 = time.perf_counter()
-        m = trainer.step()
-        sync()
-        times.append(time.perf_counter() - s0)
-    median = statistics.median(times)
-    row: dict[str, Any] = {
-        "engine": trainer.engine,
-        "instance_per_step": images_per_step // 2,
-        "images_per_step": images_per_step,
-        "it_per_s": round(1 / median, 3),
-        "images_per_s": round(images_per_step / median, 3),
-        "step_ms_median": round(1000 * median, 2),
-        "step_ms_min": round(1000 * min(times), 2),
-        "timed_steps": len(times),
-        "warmup_s": [round(s, 3) for s in warm_s],
-        "first_steps": first,
-        "captured": bool(trainer.graph_step and trainer.graph_step.captured),
-        "mixed_precision": trainer.mixed_precision,
-    }
-    if cuda:
-        row |= profile_busy(trainer.step, profile_steps, sync)
-        row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return row
+ENGINES = {"eager": {"prefetch": False, "graph_step": False},
+           "eager + prefetch": {"prefetch": True, "graph_step": False},
+           "graphs": {"prefetch": True, "graph_step": True}}
 
 
 def compare_steps(eager: list[dict[str, float]], other: list[dict[str, float]], *,
@@ -162,13 +52,116 @@ def compare_steps(eager: list[dict[str, float]], other: list[dict[str, float]], 
             "same_math": worst is not None and worst <= tolerance, "tolerance": tolerance}
 
 
+def _tolerance(run: Run) -> float:
+    # bf16 on the GPU: kernels of another launch order round differently (the options table uses
+    # the same 2 %); fp32 on the CPU runs the very same kernels, so only reduction order differs
+    return 0.02 if run.cuda else 1e-4
+
+
+def _compare_with_eager(run: Run, row: dict[str, Any]) -> None:
+    eager = next((r for r in run.results["engine"] if r["engine"] == "eager"
+                  and r["instance_per_step"] == row["instance_per_step"]), None)
+    if eager is None or eager is row:
+        return
+    row.update(compare_steps(eager["first_steps"], row["first_steps"], tolerance=_tolerance(run)))
+    row["speedup_vs_eager"] = round(row["it_per_s"] / eager["it_per_s"], 3)
+    if eager.get("flops_per_step"):
+        training.add_mfu(run, row, eager["flops_per_step"])
+
+
+def run_engine(run: Run, parts: training.Frozen) -> None:
+    """Each arm of ``ENGINES`` at each ``--engine-batches`` instance images (+ as many class)."""
+    a = run.args
+    data = training.training_data(run, parts, cached=True)
+    run.results["engine"] = []
+    for bs in a.engine_batches:
+        for name, seams in ENGINES.items():
+
+            def one(bs=bs, name=name, seams=seams):
+                cfg = training.train_config(run, bs)
+                with training.make_engine(run, cfg, training.unet(run), parts.vae, data, **seams) as engine:
+                    row = {"engine": name, **training.measure(
+                        run, engine, warmup=a.engine_warmup, profile_steps=a.profile_steps,
+                        count_flops=name == "eager")}
+                run.results["engine"].append(row)
+                _compare_with_eager(run, row)
+                print(f"    {name:<18} {bs}+{bs}: {row['it_per_s']:.2f} it/s {row['images_per_s']:.1f} img/s "
+                      f"busy={row.get('gpu_busy')} same_math={row.get('same_math', '-')}", flush=True)
+
+            run.measure(f"engine {name} {bs}+{bs}", one, needs_s=a.reserve_s)
+
+
+def compile_probe(run: Run) -> dict[str, Any]:
+    """``--compile-probe``: the graph step over ``compile=full`` in this (fresh) process, the engine
+    loading the workspace compile-cache entry first and saving it after its first steps when cold."""
+    a = run.args
+    parts = training.frozen(run)
+    data = training.training_data(run, parts, cached=True)
+    cfg = training.train_config(run, a.compile_batch, workspace=a.compile_cache_ws, compile="full",
+                                compile_backend=a.compile_backend, compile_cache=True)
+    cache = engine_compile_cache(cfg, Storage(), model_identity=f"{run.results.get('model')}-seed0",
+                                 device=run.device, data=data, graphs=True)
+    unet = training.unet(run)
+    t0 = time.perf_counter()
+    engine = training.make_engine(run, cfg, unet, parts.vae, data, graph_step=True, compile_cache=cache)
+    init_s = time.perf_counter() - t0  # build_train_state + loading the entry
+    with engine:
+        t0 = time.perf_counter()
+        first = engine.step()
+        run.sync()
+        first_s = time.perf_counter() - t0
+        row = training.measure(run, engine, warmup=a.engine_warmup, profile_steps=a.profile_steps)
+    row["first_steps"].insert(0, {"loss": first["loss"], "grad_norm": first["grad_norm"]})
+    return {"engine": f"graphs + compile ({a.compile_probe})", **row, "label": a.compile_probe,
+            "first_step_s": round(first_s, 2), "cache_loaded": cache.loaded, "cache_saved": cache.saved,
+            "cache_load_s": round(init_s, 2), "cache_key": cache.key}
+
+
+def run_compile(run: Run) -> None:
+    """Two fresh processes (empty local inductor caches): cold compiles and saves, warm loads."""
+    a = run.args
+    run.results["compile_cache"] = []
+    run.results.setdefault("engine", [])
+    ws = tempfile.mkdtemp(prefix="raydb-compile-ws-")
+    for label in ("cold", "warm"):
+
+        def one(label=label):
+            out = Path(tempfile.mkdtemp()) / f"probe_{label}.json"
+            cmd = [sys.executable, "-m", "bench.gpu_truth", "--compile-probe", label,
+                   "--compile-batch", str(a.compile_batch), "--compile-cache-ws", ws,
+                   "--compile-backend", a.compile_backend, "--out", str(out),
+                   "--engine-warmup", str(a.engine_warmup), "--min-steps", str(a.min_steps),
+                   "--min-seconds", str(a.min_seconds), "--max-steps", str(a.max_steps),
+                   "--profile-steps", str(a.profile_steps)]
+            cmd += ["--tiny"] if a.tiny else []
+            cmd += ["--cpu"] if not run.cuda else []
+            cmd += ["--resolution", str(a.resolution)] if a.resolution else []
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
+            proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
+                                  timeout=max(60.0, run.left()))
+            probe = json.loads(out.read_text()) if out.exists() else {}
+            row = probe.get("compile_probe")
+            if proc.returncode or row is None:
+                raise RuntimeError(f"compile probe {label}: exit {proc.returncode}; "
+                                   f"{probe.get('errors')} {(proc.stdout + proc.stderr)[-1500:]}")
+            run.results["compile_cache"].append({k: row.get(k) for k in (
+                "label", "first_step_s", "cache_loaded", "cache_saved", "cache_load_s", "cache_key")})
+            run.results["engine"].append(row)
+            _compare_with_eager(run, row)
+            print(f"    compile {label}: first step {row['first_step_s']} s, "
+                  f"{row['images_per_s']:.1f} img/s", flush=True)
+
+        run.measure(f"graphs + compile ({label})", one,
+                    needs_s=a.compile_needs_s if label == "cold" else a.reserve_s * 3)
+
+
 def _row(results: dict[str, Any], engine: str, bs: int) -> dict[str, Any]:
     return next((r for r in results.get("engine", []) if r["engine"] == engine
                  and r["instance_per_step"] == bs), {})
 
 
 def acceptance(results: dict[str, Any]) -> list[tuple[str, Any, bool]]:
-    """Issue 13's "done when" on a GPU run: ``(criterion, measured, met)`` for each."""
+    """Issue 13's (and 30's) "done when" on a GPU run: ``(criterion, measured, met)`` for each."""
     g1, g4 = _row(results, "graphs", 1), _row(results, "graphs", 4)
     cold = _row(results, "graphs + compile (cold)", 8)
     peer1 = next((p for p in results.get("peer", []) if p["instance_per_step"] == 1
@@ -196,22 +189,21 @@ def render_engine(results: dict[str, Any]) -> list[str]:
     peer = {r["instance_per_step"]: r for r in results.get("peer", []) if r.get("it_per_s")}
     if not rows and not peer:
         return []
-    lines = ["Training engine (cached latents, [instance | class] per step, "
-             f"{results.get('settings', {}).get('mixed_precision')}):", "",
-             "| instance + class / step | engine | it/s | images/s | ms/step | GPU busy | "
-             "vs diffusers | same math as eager | peak GB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    table = []
     for r in rows:
         p = peer.get(r["instance_per_step"])
-        ratio = f"{r['it_per_s'] / p['it_per_s']:.2f}×" if p else "—"
         busy = f"{100 * r['gpu_busy']:.0f}%" if r.get("gpu_busy") is not None else "—"
-        same = r.get("same_math", "—")
-        lines.append(f"| {r['instance_per_step']} + {r['instance_per_step']} | {r['engine']} | "
-                     f"{r['it_per_s']:.2f} | {r['images_per_s']:.1f} | {r['step_ms_median']:.1f} | "
-                     f"{busy} | {ratio} | {same} | {r.get('peak_mem_gb', '—')} |")
+        table.append([f"{r['instance_per_step']} + {r['instance_per_step']}", r["engine"],
+                      f"{r['it_per_s']:.2f}", f"{r['images_per_s']:.1f}", f"{r['step_ms_median']:.1f}", busy,
+                      f"{r['it_per_s'] / p['it_per_s']:.2f}×" if p else "—", r.get("same_math", "—"),
+                      r.get("peak_mem_gb") or "—"])
     for bs, p in sorted(peer.items()):
-        lines.append(f"| {bs} + {bs} | diffusers train_dreambooth_lora.py | {p['it_per_s']:.2f} | "
-                     f"{2 * bs * p['it_per_s']:.1f} | {1000 / p['it_per_s']:.1f} | — | 1.00× | — | — |")
+        table.append([f"{bs} + {bs}", "diffusers train_dreambooth_lora.py", f"{p['it_per_s']:.2f}",
+                      f"{2 * bs * p['it_per_s']:.1f}", f"{1000 / p['it_per_s']:.1f}", "—", "1.00×", "—", "—"])
+    lines = ["Training engine (cached latents, [instance | class] per step, "
+             f"{results.get('settings', {}).get('mixed_precision')}):", ""]
+    lines += markdown_table(["instance + class / step", "engine", "it/s", "images/s", "ms/step", "GPU busy",
+                             "vs diffusers", "same math as eager", "peak GB"], table)
     for c in results.get("compile_cache", []):
         use = "loaded" if c.get("cache_loaded") else "saved" if c.get("cache_saved") else "unused"
         lines.append(f"- compile ({c.get('label')}): first step (compile included) "

@@ -20,7 +20,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     from raydb.config import load_config
-    from raydb.experiments import prior_preservation_finding
+    from raydb.testing import prior_preservation_finding
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=100)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/serve_bench.py [--seconds 5] [--steps 4] [--concurrency 1 8 32]
 
-1. Trains one tiny subject and registers 15 more with random adapters (``raydb.serving.synthetic``).
+1. Trains one tiny subject and registers 15 more with random adapters (``raydb.testing``).
 2. Adapter cost, in this process on one engine (no Ray): cold load (registry read + sha256 check +
    safetensors parse + copy into a slot) and unload. Switching subjects costs nothing: every sample
    is routed to its own slot inside the batch.
@@ -41,9 +41,10 @@ def _free_port() -> int:
 def make_subjects(workspace: str, n: int) -> list[str]:
     """One trained subject (the template) plus ``n - 1`` random rank-4 adapters, all in tenant bench."""
     from raydb.config import load_config
-    from raydb.serving.synthetic import register_random_adapter
+    from raydb.pipeline import run_pipeline
+    from raydb.registry import register_adapter
     from raydb.storage import Storage
-    from raydb.train.local import train_subject
+    from raydb.testing import write_random_adapter
 
     cfg = load_config(data={
         "workspace": workspace, "model": {"pretrained": "tiny"}, "prior": {"enabled": False},
@@ -52,9 +53,10 @@ def make_subjects(workspace: str, n: int) -> list[str]:
         "train": {"resolution": 64, "max_steps": 2, "learning_rate": 1e-2, "checkpoint_every": 1000,
                   "num_sample_images": 0},
     })
-    train_subject(cfg, quiet=True, samples=False)
+    run_pipeline(cfg, local=True, quiet=True)  # trained and registered: the pipeline registers
     for i in range(1, n):
-        register_random_adapter(Storage(), workspace, "subject0", f"subject{i}", rank=4, seed=i)
+        folder = write_random_adapter(Storage(), workspace, "subject0", f"subject{i}", rank=4, seed=i)
+        register_adapter(Storage(), workspace, f"subject{i}", folder)
     return [f"subject{i}" for i in range(n)]
 
 

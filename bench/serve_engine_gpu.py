@@ -1,6 +1,7 @@
 """Serving engine at SD 1.5 size, without Ray: batched multi-subject throughput and latency on a GPU.
 
-Builds SD 1.5's architecture with seeded random weights (``gpu_truth.SD15``; nothing downloaded),
+Builds SD 1.5's architecture with seeded random weights (``raydb.models.architectures.sd15``;
+nothing downloaded; the components from ``bench/training.py``),
 wraps it in :class:`raydb.serving.engine.DiffusionEngine` (fp16 on CUDA, as the replica runs it)
 with random rank-8 adapters written into its slots. Two sections, results in one JSON:
 
@@ -27,16 +28,16 @@ loop faster (``fastest``: set ``serve.compile`` to it if it beats eager); and th
 compile cache makes the second compile a warm one (``compile_warm_s`` well below ``compile_cold_s``,
 ``fxgraph_cache_miss`` 0 in the warm run of the inductor modes).
 
-    python bench/serve_engine_gpu.py --out bench/results/serve_engine_<chip>_<date>.json   # GPU
-    python bench/serve_engine_gpu.py --tiny --seconds 1 --concurrency 1 8 --out /tmp/tiny.json  # CPU smoke
+    python -m bench.serve_engine_gpu --out bench/results/serve_engine_<chip>_<date>.json   # GPU
+    python -m bench.serve_engine_gpu --tiny --seconds 1 --concurrency 1 8 --out /tmp/tiny.json  # CPU smoke
 
 On the CPU smoke (``--tiny``) the default modes are eager and cudagraphs (which runs the eager
 kernels off CUDA); add ``--modes eager default`` to exercise inductor and the compile cache (minutes
 on a small CPU). On a lent device machine (no network): ``bash bench/device_wheels.sh`` here once,
-then ``run(command="pip install -q --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:$PWD
-python3 bench/serve_engine_gpu.py --seconds 4 --out $OUT/serve_engine.json", carry=[".whl"],
-timeout_s=580)``. ``--budget-s`` (default 540) skips what would not finish in time and says so in
-``skipped``; the JSON is rewritten after every measurement, so a run cut short keeps what it measured.
+then ``run(command="MODE=serve bash bench/device_run.sh", carry=[".whl"], timeout_s=580)``.
+``--budget-s`` (default 540) skips what would not finish in time and says so in ``skipped``; the
+JSON is rewritten after every measurement (``bench/harness.py``), so a run cut short keeps what it
+measured.
 Batch sizes other than 1 and 8 (partial batches) may record new CUDA graphs during an arm;
 ``mean_batch`` shows them.
 """
@@ -45,46 +46,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from gpu_truth import SD_SCHEDULE, Bench, build_frozen, build_unet  # noqa: E402
-
-from raydb.serving.batcher import ShapeBatcher  # noqa: E402
-from raydb.serving.engine import (  # noqa: E402
+from bench import training
+from bench.harness import Run
+from raydb.models.architectures import SD_NOISE_SCHEDULE, sd15
+from raydb.models.tiny import tiny_architecture
+from raydb.serving.batcher import ShapeBatcher
+from raydb.serving.engine import (
     DiffusionEngine,
     EngineRequest,
     compile_options,
     serving_compile_cache,
     warm_up_batches,
 )
-from raydb.serving.multi_lora import LoraFactors  # noqa: E402
-from raydb.storage import Storage  # noqa: E402
+from raydb.serving.multi_lora import LoraFactors
+from raydb.storage import Storage
 
 RANK = 8
 MAX_BATCH = 8
 
 
-def build_engine(b: Bench, num_slots: int) -> DiffusionEngine:
+def build_engine(b: Run, num_slots: int) -> DiffusionEngine:
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    vae, text_encoder, tokenizer = build_frozen(b)
+    parts = training.frozen(b)
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=build_unet(b),
-        scheduler=PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, steps_offset=1),
+        vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0],
+        unet=training.unet(b), scheduler=PNDMScheduler(**SD_NOISE_SCHEDULE, skip_prk_steps=True,
+                                                      steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.raydb_identity = "sd15-random"
@@ -166,7 +165,7 @@ def load_test(engine: DiffusionEngine, residency: Residency, subjects: int, *, c
             "unet_forwards": engine.unet_forwards - forwards}
 
 
-def sync(b: Bench) -> None:
+def sync(b: Run) -> None:
     if b.cuda:
         torch.cuda.synchronize()
 
@@ -178,7 +177,7 @@ def fresh_local_caches() -> None:
     os.environ["TRITON_CACHE_DIR"] = os.path.join(root, "triton")
 
 
-def use_mode(b: Bench, engine: DiffusionEngine, mode: str, workspace: str) -> dict[str, Any]:
+def use_mode(b: Run, engine: DiffusionEngine, mode: str, workspace: str) -> dict[str, Any]:
     """Put ``mode``'s UNet in the engine as a replica does (compile + warm-up, cache loaded/saved);
     returns ``compile_unet``'s info plus the wall time and inductor's FX-graph cache counters."""
     from torch._dynamo.utils import counters
@@ -201,7 +200,7 @@ def use_mode(b: Bench, engine: DiffusionEngine, mode: str, workspace: str) -> di
                    "entry_bytes": (Storage().read_json_or(cache.meta_uri) or {}).get("bytes")}
 
 
-def time_loops(b: Bench, engine: DiffusionEngine, residency: Residency, *, size: int, steps: int,
+def time_loops(b: Run, engine: DiffusionEngine, residency: Residency, *, size: int, steps: int,
                repeats: int) -> dict[str, Any]:
     """Median seconds of one denoising loop of 1 and of ``MAX_BATCH`` images (one subject each)."""
     out: dict[str, Any] = {}
@@ -222,7 +221,7 @@ def time_loops(b: Bench, engine: DiffusionEngine, residency: Residency, *, size:
     return out
 
 
-def variants(b: Bench, engine: DiffusionEngine, adapters: list[dict], results: dict[str, Any],
+def variants(b: Run, engine: DiffusionEngine, adapters: list[dict], results: dict[str, Any],
              args: argparse.Namespace, size: int, workspaces: dict[str, str]) -> None:
     """Section 1: each UNet mode at a fixed shape, with its cold and warm compile (each mode's
     compile-cache entry in its own workspace, kept in ``workspaces`` for the load test)."""
@@ -269,10 +268,11 @@ def load_modes(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(m for m in modes if m))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (smoke run)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
     parser.add_argument("--seconds", type=float, default=5.0, help="per load-test arm")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=3, help="timed loops per variant and batch size")
@@ -285,12 +285,17 @@ def main() -> None:
                         help="UNet modes of the load test ('fastest': the fastest compiled variant)")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="wall-clock budget: measurements that would not finish are skipped")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.resolution = None
     args.modes = args.modes or (["eager", "cudagraphs"] if args.tiny else ["eager", "cudagraphs",
                                                                            "reduce-overhead"])
-    b = Bench(argparse.Namespace(tiny=args.tiny, resolution=None, cpu=False, budget_s=args.budget_s,
-                                 out=args.out))
-    size = b.spec["resolution"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    b = Run(args, tiny_architecture() if args.tiny else sd15())
+    size = b.resolution
     if b.cuda:  # the replica's serving dtype
         b.dtype = torch.float16
     else:  # as a CPU replica runs (serve.num_cpus_per_replica = 1); OpenMP teams thrash a busy CPU
@@ -299,7 +304,7 @@ def main() -> None:
     adapters = random_adapters(engine, 16)
     results = b.results
     results.update({
-        "schema": 2, "date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name()
+        "schema": 2, "device": torch.cuda.get_device_name()
         if b.cuda else platform.processor() or "cpu", "torch": torch.__version__, "resolution": size,
         "steps": args.steps, "dtype": str(b.dtype), "rank": RANK, "variants": [], "rows": []})
     workspaces: dict[str, str] = {}
@@ -333,6 +338,7 @@ def main() -> None:
     print(json.dumps({k: results.get(k) for k in ("fastest", "checks", "skipped", "errors")}, indent=2))
     b.save()
     engine.close()
+    return results
 
 
 def checks(rows: list[dict[str, Any]]) -> dict[str, Any]:

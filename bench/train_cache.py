@@ -1,12 +1,13 @@
 """Benchmark: cached-latent training vs. a diffusers-style loop that runs the VAE encoder every step.
 
-Both arms use the same model, LoRA, optimizer and micro-batches (``step_micro_batches`` with the same
-seed); the only difference is ``train.cache_latents``: the cached arm samples latents from the
-stored distribution, the uncached arm encodes the pixels with the VAE inside every step (exactly
-what diffusers' ``train_dreambooth_lora.py`` does). Measurements are interleaved A, B, A, B ... so
-drifting machine load hits both arms alike. Timed: building the micro-batches + ``optimizer_step``.
+Both arms are the shipped training loop (``TrainEngine``, as ``raydb.train.local`` builds it) on the
+same model, LoRA, optimizer and batches (same seed); the only difference is
+``train.cache_latents``: the cached arm samples latents from the stored distribution, the uncached
+arm encodes the pixels with the VAE inside every step (exactly what diffusers'
+``train_dreambooth_lora.py`` does). Steps are interleaved A, B, A, B ... in chunks so drifting
+machine load hits both arms alike. Timed: ``TrainEngine.step()`` (``bench/harness.py``'s rules).
 
-    .venv/bin/python bench/train_cache.py --resolution 128 --steps 40 --batch-size 1
+    python -m bench.train_cache --resolution 128 --steps 40 --batch-size 1
 """
 
 from __future__ import annotations
@@ -15,42 +16,24 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
+from typing import Any
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from raydb.config import RaydbConfig, load_config  # noqa: E402
+from bench.harness import time_steps  # noqa: E402
+from raydb.config import load_config  # noqa: E402
 from raydb.models.components import load_components  # noqa: E402
 from raydb.storage import Storage  # noqa: E402
-from raydb.train.data import TrainingData, step_micro_batches  # noqa: E402
+from raydb.train.engine import TrainEngine  # noqa: E402
 from raydb.train.local import prepare_training_data  # noqa: E402
-from raydb.train.step import TrainState, build_train_state, optimizer_step  # noqa: E402
+from raydb.train.step import build_train_state  # noqa: E402
+
+ARMS = (("cached latents", True), ("VAE every step", False))
 
 
-def _arm(cfg: RaydbConfig, storage: Storage, device: str):
-    components = load_components(cfg.model, storage, cfg.workspace, device=device)
-    data = prepare_training_data(cfg, components, storage)
-    state = build_train_state(cfg, components.unet, None)
-    return components, data, state
-
-
-def _step(
-    cfg: RaydbConfig, components, data: TrainingData, state: TrainState, device: str,
-) -> tuple[int, float]:
-    """One optimizer step; returns (images, seconds) including micro-batch assembly."""
-    tc = cfg.train
-    start = time.perf_counter()
-    micro = step_micro_batches(data, tc, step=state.step, device=device,
-                               num_train_timesteps=components.noise_scheduler.config.num_train_timesteps)
-    m = optimizer_step(state, micro, cfg=cfg, noise_scheduler=components.noise_scheduler,
-                       prediction_type=components.prediction_type, with_prior=data.with_prior,
-                       vae=components.vae)
-    return m["images"], time.perf_counter() - start
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per arm")
@@ -59,9 +42,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per arm")
     parser.add_argument("--chunk", type=int, default=5, help="steps per arm before switching")
     parser.add_argument("--model", default="tiny", help="model.pretrained")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     storage = Storage()
     workspace = tempfile.mkdtemp(prefix="raydb-bench-")
     base = {"workspace": workspace, "model": {"pretrained": args.model},
@@ -69,34 +53,44 @@ def main() -> None:
                       "max_steps": args.warmup + args.steps, "num_sample_images": 0},
             "prior": {"num_class_images": 4, "sample_batch_size": 2, "num_inference_steps": 2,
                       "num_holdout": 0}}
-    arms = {}
-    for name, cached in (("cached latents", True), ("VAE every step", False)):
+    engines: dict[str, TrainEngine] = {}
+    for name, cached in ARMS:
         cfg = load_config(data=base | {"train": base["train"] | {"cache_latents": cached}})
-        arms[name] = (cfg, *_arm(cfg, storage, device))
-
-    for cfg, components, data, state in arms.values():
-        for _ in range(args.warmup):
-            _step(cfg, components, data, state, device)
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    images: dict[str, int] = dict.fromkeys(arms, 0)
-    done = 0
-    while done < args.steps:
-        n = min(args.chunk, args.steps - done)
-        for name, (cfg, components, data, state) in arms.items():
-            for _ in range(n):
-                count, seconds = _step(cfg, components, data, state, device)
-                times[name].append(seconds)
-                images[name] += count
-        done += n
+        comps = load_components(cfg.model, storage, cfg.workspace, device=device)
+        data = prepare_training_data(cfg, comps, storage)
+        engines[name] = TrainEngine(cfg, build_train_state(cfg, comps.unet, None), data,
+                                    noise_scheduler=comps.noise_scheduler,
+                                    prediction_type=comps.prediction_type, vae=comps.vae, device=device)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    images: dict[str, int] = {}
+    try:
+        for engine in engines.values():
+            time_steps(engine.step, warmup=args.warmup, min_steps=0, min_seconds=0, max_steps=0, sync=sync)
+        while len(times[ARMS[0][0]]) < args.steps:
+            n = min(args.chunk, args.steps - len(times[ARMS[0][0]]))
+            for name, engine in engines.items():
+                t = time_steps(engine.step, warmup=0, min_steps=n, min_seconds=0, max_steps=n, sync=sync)
+                times[name] += t.times
+                images[name] = t.last["images"]
+    finally:
+        for engine in engines.values():
+            engine.close()
 
     print(f"device={device} resolution={args.resolution} batch={args.batch_size} (+{args.batch_size} class) "
           f"steps={args.steps} threads={torch.get_num_threads()}")
-    print(f"{'arm':<16} {'images/s':>9} {'median ms/step':>15}")
-    rate = {}
-    for name in arms:
-        rate[name] = images[name] / sum(times[name])
-        print(f"{name:<16} {rate[name]:>9.1f} {1000 * statistics.median(times[name]):>15.1f}")
-    print(f"speed-up (cached / VAE every step): {rate['cached latents'] / rate['VAE every step']:.2f}x")
+    print(f"{'arm':<16} {'images/s':>9} {'median ms/step':>15} {'max ms/step':>12}")
+    rate, median = {}, {}
+    for name in engines:
+        rate[name] = images[name] * len(times[name]) / sum(times[name])
+        median[name] = statistics.median(times[name])
+        print(f"{name:<16} {rate[name]:>9.1f} {1000 * median[name]:>15.1f} {1000 * max(times[name]):>12.1f}")
+    speedup = rate["cached latents"] / rate["VAE every step"]
+    median_speedup = median["VAE every step"] / median["cached latents"]
+    # on a shared machine a few stalled steps move the mean; the median ratio is the robust one
+    print(f"speed-up (cached / VAE every step): {speedup:.2f}x (images/s), "
+          f"{median_speedup:.2f}x (median step)")
+    return {"images_per_s": rate, "speedup": speedup, "median_speedup": median_speedup,
+            "steps": {k: len(v) for k, v in times.items()}}
 
 
 if __name__ == "__main__":

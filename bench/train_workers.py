@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
+    from raydb.cluster import init_ray
     from raydb.config import load_config
-    from raydb.ray_utils import init_ray
     from raydb.train.stage import train_distributed
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -41,7 +41,7 @@ def main() -> None:
                 "prior": {"num_class_images": 8, "num_holdout": 0, "sample_batch_size": 4,
                           "num_inference_steps": 2}})
             start = time.perf_counter()
-            result = train_distributed(cfg, quiet=True, register=False)
+            result = train_distributed(cfg, quiet=True)
             wall = time.perf_counter() - start
             import json
             from pathlib import Path

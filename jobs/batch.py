@@ -1,7 +1,7 @@
 """`ray job submit --working-dir . -- python jobs/batch.py --config FILE --manifest subjects.yaml`
 
 Many subjects in one job: one prior fill per class, concurrent trainings, a summary table; a rerun
-skips finished subjects (raydb.service.batch).
+skips finished subjects (raydb.batch).
 """
 
 import sys

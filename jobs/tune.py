@@ -1,7 +1,7 @@
 """`ray job submit --working-dir . -- python jobs/tune.py --config my-tune.yaml [key=value ...]`
 
-The search alone (it runs priors and the encode stage itself and registers the best trial); the
-config needs a `tune:` section.
+The search and its registration (the tune stage runs priors and the encode stage itself; the
+pipeline's register stage registers the best trial); the config needs a `tune:` section.
 """
 
 import sys
@@ -9,4 +9,4 @@ import sys
 from raydb.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["pipeline", "--stages", "tune", *sys.argv[1:]]))
+    sys.exit(main(["pipeline", "--stages", "tune,register", *sys.argv[1:]]))

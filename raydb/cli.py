@@ -74,7 +74,7 @@ def _run_verb(name: str, cfg: RaydbConfig, args: argparse.Namespace) -> dict[str
         options["deploy"] = True
     joined = cluster_is_joined(cfg)  # asked before Ray starts: a local start sets RAY_ADDRESS
     if not options.get("local"):
-        from raydb.ray_utils import init_ray
+        from raydb.cluster import init_ray
 
         init_ray(cfg)
     result = run_pipeline(cfg, stages=stages, **options)
@@ -111,16 +111,16 @@ def _cmd_export(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
 
 
 def _cmd_batch(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
-    """Train every subject of a manifest (raydb.service.batch); exit 1 when any subject failed."""
+    """Train every subject of a manifest (raydb.batch); exit 1 when any subject failed."""
+    from raydb.batch import load_manifest, run_batch
     from raydb.config import ConfigError
-    from raydb.service.batch import load_manifest, run_batch
 
     try:
         subjects = load_manifest(args.manifest, cfg)
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
     if not args.local:
-        from raydb.ray_utils import init_ray
+        from raydb.cluster import init_ray
 
         init_ray(cfg)
     result = run_batch(subjects, local=args.local, max_concurrent=args.max_concurrent)

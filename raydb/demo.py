@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from raydb.cluster import free_port, init_ray
 from raydb.config import RaydbConfig
 from raydb.storage import Storage, is_s3, join
 
@@ -32,12 +33,6 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def generate_png(url: str, api_key: str | None, body: dict[str, Any], *,
@@ -68,7 +63,6 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
     from ray import serve
 
     from raydb.pipeline import run_pipeline
-    from raydb.ray_utils import init_ray
 
     start = time.perf_counter()
     storage = Storage(cfg.s3_endpoint_url)
@@ -78,7 +72,7 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
     out.mkdir(parents=True)
     cfg = cfg.model_copy(deep=True)
     if not _port_free(cfg.serve.host, cfg.serve.port):  # another server on this machine: move aside
-        cfg.serve.port = _free_port(cfg.serve.host)
+        cfg.serve.port = free_port(cfg.serve.host)
     # A fresh key for this demo only, given the way an operator would: in the environment, before
     # the app is built (only its sha256 digest reaches the replicas).
     api_key = secrets.token_urlsafe(24)

@@ -2,7 +2,7 @@
 
 Ids become path segments of the workspace (``subjects/<id>/``), so the rule is an allow-list —
 ``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`` with no ``..`` — that can never name a path outside the
-registry. ``config.py`` validates ids with it at load time; the registry and the server check
+registry. ``raydb.config`` validates ids with it at load time; the registry and the server check
 again at their edges.
 """
 

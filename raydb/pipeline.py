@@ -3,7 +3,7 @@
 ``run_pipeline`` calls each stage's own raydb function in order; every CLI verb that runs a stage
 (``raydb prior``, ``encode``, ``train``, ``tune``, ``pipeline``) goes through it, so manifests and
 skipping behave the same whichever verb ran a stage. It needs a running Ray cluster unless
-``local`` (``raydb.ray_utils.init_ray``, called by the entry points). Before a stage runs it hashes the
+``local`` (``raydb.cluster.init_ray``, called by the entry points). Before a stage runs it hashes the
 config fields the stage depends on (its *inputs*, which include its upstream stages' inputs, since
 their outputs are a function of them) and reads ``<workspace>/pipeline/<subject>/<stage>.json``.
 When that manifest records the same hash and the outputs it lists still exist, the stage is skipped
@@ -17,6 +17,14 @@ manifests, and the summary dict that the CLI prints as its final JSON line.
 
 Instance photos and class images enter the hashes by content (sha256 locally, the ETag on S3);
 the base model by its config (``model.pretrained``, ``model.revision``), not its bytes.
+
+The pipeline is raydb's only registrar: the train and tune stages return a finished adapter (the
+search: its best trial's), and only the ``register`` stage puts it in the registry (with the
+search's hyperparameters and scores, and the exports of ``export_formats``). When a run will
+register, it first claims the subject id for ``subject.tenant``, so an id owned by another tenant
+fails before any compute, not after training. A caller that runs the stages in two calls — the
+training service's job: ``prior, encode, train`` then, once the outcome is claimed, ``register`` —
+can therefore cancel in between and be sure nothing was registered.
 """
 
 from __future__ import annotations
@@ -185,11 +193,11 @@ def _train(cfg: RaydbConfig, storage: Storage, local: bool, restart: bool) -> di
     if local:
         from raydb.train.local import train_subject
 
-        result = train_subject(cfg, storage, register=False, resume=not restart)
+        result = train_subject(cfg, storage, resume=not restart)
     else:
         from raydb.train.stage import train_distributed
 
-        result = train_distributed(cfg, storage, register=False, resume=not restart)
+        result = train_distributed(cfg, storage, resume=not restart)
     return {k: result.get(k) for k in ("adapter_uri", "run_dir", "steps", "images_per_s", "loss")} | {
         "reused": bool(result.get("skipped"))}
 
@@ -199,8 +207,7 @@ def _tune(cfg: RaydbConfig, storage: Storage) -> dict[str, Any]:
 
     result = run_tune(cfg, storage)
     best = result["best"]
-    adapter = result.get("registered") or join(best["run_dir"], "adapter")
-    return {"adapter_uri": adapter, "run_dir": best.get("run_dir"), "best": best,
+    return {"adapter_uri": join(best["run_dir"], "adapter"), "run_dir": best.get("run_dir"), "best": best,
             "results_csv": result.get("results_csv"), "plot": result.get("plot")}
 
 
@@ -210,11 +217,24 @@ def _adapter_exists(storage: Storage, out: dict[str, Any]) -> bool:
     return _exists_all(storage, *(join(out["adapter_uri"], f) for f in ADAPTER_FILES))
 
 
-def _register(cfg: RaydbConfig, storage: Storage, adapter_uri: str) -> dict[str, Any]:
+def _search_metadata(tuned: dict[str, Any]) -> dict[str, Any] | None:
+    """What a search adds to the registered adapter.json: the best trial's hyperparameters and
+    validation scores, and where its results table is (None for a plain training)."""
+    best = tuned.get("best")
+    if not best:
+        return None
+    hyper = {k: best[k] for k in ("prior_loss_weight", "learning_rate")}
+    val = {k: best[k] for k in ("val_instance", "val_prior", "val_score")}
+    return {"tune": {"hyperparameters": hyper, "validation": val, "results_csv": tuned.get("results_csv")}}
+
+
+def _register(cfg: RaydbConfig, storage: Storage, trained: dict[str, Any]) -> dict[str, Any]:
     from raydb.registry import register_adapter
 
-    # Idempotent: the same weights as the current latest (e.g. the search registered them) keep it.
-    record = register_adapter(storage, cfg.workspace, cfg.subject.id, adapter_uri)
+    # Idempotent: the same weights (and search metadata) as a registered version keep that version.
+    adapter_uri = trained["adapter_uri"]
+    record = register_adapter(storage, cfg.workspace, cfg.subject.id, adapter_uri,
+                              extra_metadata=_search_metadata(trained))
     out = {"uri": record["uri"], "version": record["version"], "adapter_uri": adapter_uri}
     if cfg.export_formats:
         from raydb.export import export_version
@@ -279,6 +299,11 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
     called as each stage starts (the training service records the current stage with it).
     """
     storage = storage or Storage(cfg.s3_endpoint_url)
+    selected = _selected(cfg, deploy, stages)
+    if "register" in selected:  # an id owned by another tenant fails now, not after training
+        from raydb.registry import claim_subject
+
+        claim_subject(storage, cfg.workspace, cfg.subject.id, cfg.subject.tenant)
     base = pipeline_uri(cfg)
     results: list[StageResult] = []
     outputs: dict[str, dict[str, Any]] = {}
@@ -294,7 +319,7 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
         outputs[name] = res.outputs
         results.append(res)
 
-    for name in _selected(cfg, deploy, stages):
+    for name in selected:
         if name == "prior":
             if prior_off:
                 results.append(StageResult("prior", "off", 0.0, {"class_data": cfg.prior.class_data}))
@@ -314,9 +339,10 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
             else:
                 stage(name, lambda: _tune(cfg, storage), lambda o: _adapter_exists(storage, o))
         elif name == "register":
-            adapter = (outputs.get("tune") or outputs.get("train") or _recorded(storage, cfg))["adapter_uri"]
-            stage("register", lambda a=adapter: _register(cfg, storage, a),
-                  lambda o, a=adapter: o.get("adapter_uri") == a and _register_current(storage, cfg, o))
+            trained = outputs.get("tune") or outputs.get("train") or _recorded(storage, cfg)
+            stage("register", lambda t=trained: _register(cfg, storage, t),
+                  lambda o, t=trained: o.get("adapter_uri") == t["adapter_uri"]
+                  and _register_current(storage, cfg, o))
         elif name == "serve":
             stage("serve", lambda: _serve(cfg), lambda o: _serve_running(cfg))
     summary = {

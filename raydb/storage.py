@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["Storage", "StorageError", "NotFound", "join", "is_s3", "split_s3"]
+__all__ = ["Storage", "StorageError", "NotFound", "join", "is_s3", "split_s3", "s3_segments"]
 
 
 class StorageError(RuntimeError):
@@ -36,11 +37,42 @@ def is_s3(uri: str) -> bool:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``: raydb's only S3 URI parser.
+
+    The URI is not parsed as a URL: everything after the bucket's ``/`` is the key, byte for byte,
+    ``?`` and ``#`` included (S3 keys may hold both). So the object a caller checks — a photo URI
+    against its tenant's prefixes, say — is the object that is read; a URL parser would have cut
+    ``t1/a?b.png`` to ``t1/a``. StorageError for anything that is not ``s3://<bucket>[/<key>]``.
+    """
+    bucket, _, key = str(uri).removeprefix("s3://").partition("/")
+    if not is_s3(uri) or not bucket:
         raise StorageError(f"not an s3:// URI: {uri!r}")
-    return parsed.netloc, parsed.path.lstrip("/")
+    return bucket, key
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_KEY_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def s3_segments(uri: str) -> tuple[str, list[str]]:
+    """``s3://bucket/a/b/`` -> ``("bucket", ["a", "b"])`` for a *plain* S3 URI, else ValueError
+    saying why: a valid bucket name, a key of at most 1024 bytes without backslashes or control
+    characters, and no empty, ``.`` or ``..`` segment. S3 keys are literal (``t1/../t2/a.png`` is a
+    key of its own), but a proxy or an S3-compatible server on the way may normalise a path, so a
+    check made on segments holds only for URIs that no normalising can change. Parsed by
+    :func:`split_s3`, so a checked URI is read as it was checked."""
+    try:
+        bucket, key = split_s3(uri)
+    except StorageError:
+        raise ValueError("not an s3:// URI") from None
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(f"bad bucket name {bucket!r}")
+    if len(key.encode("utf-8")) > 1024 or _KEY_BAD_CHARS.search(key):
+        raise ValueError("the key is over 1024 bytes or has a backslash or control character")
+    segments = key.removesuffix("/").split("/") if key else []
+    if any(s in ("", ".", "..") for s in segments):
+        raise ValueError("empty, '.' and '..' path segments are not allowed")
+    return bucket, segments
 
 
 def join(base: str, *parts: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
+from raydb.cluster import free_port  # noqa: E402
 from raydb.config import RaydbConfig, load_config  # noqa: E402
 
 TINY_TRAIN = {
@@ -83,18 +83,12 @@ def tiny_flux_dir(tmp_path_factory) -> str:
     return str(save_tiny_flux_model(tmp_path_factory.mktemp("tiny-flux") / "model"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1: a real HTTP S3 API for boto3 and pyarrow alike."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -129,7 +123,7 @@ def ray_cluster():
     """One local Ray cluster for the integration tier (more logical CPUs than the 2 cores)."""
     import ray
 
-    from raydb.ray_utils import start_local_ray
+    from raydb.cluster import start_local_ray
 
     saved = os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():

@@ -121,3 +121,36 @@ def test_summary_table_lists_every_stage():
     assert lines[2].split()[:3] == ["prior", "skipped", "0.0"] and "4 images" in lines[2]
     assert "6 steps -> /ws/runs/a (found finished)" in lines[3]
     assert "v0001 at /ws/subjects/demo/v0001" in lines[4]
+
+
+def test_a_foreign_subject_id_fails_before_any_stage_runs(make_cfg):
+    """A run that will register claims the id first: another tenant's id fails in milliseconds,
+    with nothing computed or written for it (runs, priors, manifests)."""
+    from raydb.pipeline import run_pipeline
+    from raydb.registry import SubjectOwned, claim_subject
+
+    cfg = make_cfg()
+    claim_subject(Storage(), cfg.workspace, cfg.subject.id, "another-tenant")
+    with pytest.raises(SubjectOwned, match="subject.id 'demo'"):
+        run_pipeline(cfg, local=True, quiet=True)
+    assert sorted(p.name for p in Path(cfg.workspace).iterdir()) == ["subjects", "tenants"]
+
+
+@pytest.mark.heavy
+def test_only_the_register_stage_registers(make_cfg):
+    """The job's two calls: prior + train leave a finished adapter and no registry entry, not even an
+    owner record; ``register`` alone then claims the id and registers that adapter."""
+    from raydb.pipeline import run_pipeline
+    from raydb.registry import latest_version, subject_owner
+
+    cfg = make_cfg(train={"max_steps": 2}, prior={"enabled": False})
+    trained = run_pipeline(cfg, stages=["prior", "train"], local=True, quiet=True)
+    assert Path(trained["adapter_uri"], "adapter.json").is_file() and trained["registered"] is None
+    assert not (Path(cfg.workspace) / "subjects").exists()
+    assert subject_owner(Storage(), cfg.workspace, cfg.subject.id) is None
+    registered = run_pipeline(cfg, stages=["register"], local=True, quiet=True)
+    record = latest_version(Storage(), cfg.workspace, cfg.subject.id)
+    assert registered["registered"] == record["uri"] and record["version"] == "v0001"
+    assert subject_owner(Storage(), cfg.workspace, cfg.subject.id) == cfg.subject.tenant
+    weights = "pytorch_lora_weights.safetensors"
+    assert Path(record["uri"], weights).read_bytes() == Path(trained["adapter_uri"], weights).read_bytes()

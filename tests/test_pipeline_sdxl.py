@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -19,18 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
+from raydb.cluster import free_port
 from raydb.config import load_config
 from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS
 from raydb.serving.adapters import AdapterMismatch, read_adapter
+from raydb.serving.status import http_status
 from raydb.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sample(pipe) -> np.ndarray:
@@ -47,7 +42,7 @@ def test_sdxl_demo_pipeline_end_to_end(ray_cluster, tmp_path):
 
     from raydb.pipeline import run_pipeline
 
-    port = _free_port()
+    port = free_port()
     cfg = load_config(REPO / "jobs" / "configs" / "sdxl-demo.yaml",
                       [f"workspace={tmp_path / 'ws'}", f"serve.port={port}", "train.max_steps=3"])
     try:
@@ -103,7 +98,7 @@ def test_a_deployment_refuses_adapters_of_the_other_family(tmp_path):
     sdxl = _registered(tmp_path, "sdxl", "sdxl", "tiny-sdxl-v1-y")
     with pytest.raises(AdapterMismatch, match="sd model family") as refused:  # SD adapter, SDXL server
         read_adapter(Storage(), sd, "tiny-sdxl-v1-y", "sdxl")
-    assert refused.value.status == 409
+    assert http_status(refused.value) == 409
     with pytest.raises(AdapterMismatch, match="sdxl model family") as refused:  # and vice versa
         read_adapter(Storage(), sdxl, "tiny-v1-x", "sd")
-    assert refused.value.status == 409
+    assert http_status(refused.value) == 409

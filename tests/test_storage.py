@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from raydb.storage import NotFound, Storage, StorageError, is_s3, join, split_s3
+from raydb.storage import NotFound, Storage, StorageError, is_s3, join, s3_segments, split_s3
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -659,6 +659,9 @@ def test_json_is_written_with_sorted_keys_and_a_final_newline(tmp_path):
 def test_split_s3_keeps_the_key_whole_and_refuses_other_uris():
     assert split_s3("s3://bucket/XL/photo.png") == ("bucket", "XL/photo.png")
     assert split_s3("s3://bucket") == ("bucket", "")
+    # not a URL: '?' and '#' are key characters (a URL parser would cut the key there)
+    assert split_s3("s3://bucket/t1/a?b.png") == ("bucket", "t1/a?b.png")
+    assert split_s3("s3://bucket/t1/a#b.png?x=1") == ("bucket", "t1/a#b.png?x=1")
     for bad in ("gs://bucket/key", "s3:///key", "/local/path"):
         with pytest.raises(StorageError) as err:
             split_s3(bad)
@@ -679,3 +682,48 @@ def test_a_local_read_error_names_the_file(tmp_path):
     with pytest.raises(StorageError) as err:
         Storage().read_bytes(str(tmp_path))
     assert str(err.value).startswith(f"cannot read {tmp_path}: ") and "Is a directory" in str(err.value)
+
+
+def test_keys_with_question_marks_and_hashes_are_their_own_objects(store):
+    """``t1/a?b.png`` and ``t1/a#b.png`` are read, listed and written as those keys, never as ``t1/a``."""
+    storage, root = store
+    storage.write_bytes(f"{root}/t1/a", b"the prefix object")
+    storage.write_bytes(f"{root}/t1/a?b.png", b"question")
+    storage.write_bytes(f"{root}/t1/a#b.png", b"hash")
+    assert storage.read_bytes(f"{root}/t1/a?b.png") == b"question"
+    assert storage.read_bounded(f"{root}/t1/a#b.png", 100) == b"hash"
+    assert storage.read_bytes(f"{root}/t1/a") == b"the prefix object"
+    assert storage.exists(f"{root}/t1/a?b.png") and not storage.exists(f"{root}/t1/a?c.png")
+    assert storage.list(f"{root}/t1") == ["a", "a#b.png", "a?b.png"]
+
+
+_NOT_S3 = "not an s3:// URI"
+_BAD_KEY = "the key is over 1024 bytes or has a backslash or control character"
+_SEGMENTS = "empty, '.' and '..' path segments are not allowed"
+
+
+@pytest.mark.parametrize(("uri", "why"), [
+    ("https://bucket/a.png", _NOT_S3),
+    ("s3:///a.png", _NOT_S3),
+    (None, _NOT_S3),
+    ("s3://Bad_Bucket/a.png", "bad bucket name 'Bad_Bucket'"),
+    ("s3://bucket/a\\b.png", _BAD_KEY),
+    ("s3://bucket/a\nb.png", _BAD_KEY),
+    ("s3://bucket/" + "k" * 1025, _BAD_KEY),
+    ("s3://bucket/" + "é" * 512 + "k", _BAD_KEY),  # 1025 bytes in 513 characters
+    ("s3://bucket/t1/../t2/a.png", _SEGMENTS),
+    ("s3://bucket/t1/./a.png", _SEGMENTS),
+    ("s3://bucket/t1//a.png", _SEGMENTS),
+])
+def test_s3_segments_refuses_uris_a_proxy_could_normalise(uri, why):
+    with pytest.raises(ValueError) as err:
+        s3_segments(uri)
+    assert str(err.value) == why
+
+
+def test_s3_segments_of_plain_uris():
+    assert s3_segments("s3://bucket") == ("bucket", [])
+    assert s3_segments("s3://bucket/") == ("bucket", [])
+    assert s3_segments("s3://up.loads-1/t1/rex/") == ("up.loads-1", ["t1", "rex"])
+    assert s3_segments("s3://bucket/t1/a?b.png") == ("bucket", ["t1", "a?b.png"])  # as split_s3 reads it
+    assert s3_segments("s3://bucket/" + "k" * 1024) == ("bucket", ["k" * 1024])  # S3's limit, inclusive

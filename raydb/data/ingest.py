@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from raydb.data.demo import DEMO_URI, demo_images
+from raydb.data.demo_subject import DEMO_URI, demo_images
 from raydb.storage import Storage, is_s3, join
 
 __all__ = ["IngestError", "IMAGE_SUFFIXES", "IMAGE_FORMATS", "MAX_FILES", "MAX_BYTES", "ImageGeometry",

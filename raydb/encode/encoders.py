@@ -12,15 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from raydb.data.ingest import ImageGeometry
 from raydb.models.family import FLUX, SDXL, check_finite_latents
 from raydb.models.flux import encode_prompts_flux
 from raydb.models.sdxl import encode_prompts_sdxl, tokenize_sdxl
 
-__all__ = ["EncodedImages", "images_to_tensor", "encode_images", "encode_prompts", "tokenize", "add_flips",
-           "encode_prompt_set", "flip_geometries"]
+__all__ = ["EncodedImages", "images_to_tensor", "encode_images", "encode_prompts", "tokenize",
+           "encode_prompt_set"]
 
 
 @dataclass
@@ -42,16 +41,6 @@ def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """RGB PIL images (same size) -> ``[N, 3, H, W]`` fp32 in [-1, 1] (the VAE's input range)."""
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0).contiguous()
-
-
-def add_flips(images: list[Image.Image]) -> list[Image.Image]:
-    """Horizontal-flip augmentation as extra entries (cached like any other image)."""
-    return images + [ImageOps.mirror(im) for im in images]
-
-
-def flip_geometries(geometries: list[ImageGeometry]) -> list[ImageGeometry]:
-    """The geometries of :func:`add_flips`' output: the flipped copies see their crop mirrored."""
-    return geometries + [g.mirrored() for g in geometries]
 
 
 @torch.no_grad()

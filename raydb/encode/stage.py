@@ -1,11 +1,12 @@
 """The encode stage on Ray Data: frozen VAE + text encoder turn images and prompts into the cache.
 
-Driver (``prepare_encoded``): class images from the prior stage, the subject's photos from
-ingestion, then ``run_encode_stage``, which finds an identical encoding (same key, see
+Driver (``prepare_encoded``): the subject's photos and the class images, prepared by
+``encode/inputs.py`` (the one preparation path: image -> flips -> geometry -> conditioning), then
+``run_encode_stage``, which finds an identical encoding (same key, see
 :mod:`raydb.encode.cache`) or maps the images and the two prompts through ``ImageEncoder`` actors
 and writes the cache. ``read_class_dataset`` hands the encoded class rows to Ray Train.
 
-Needs a running Ray cluster (``raydb.ray_utils.init_ray``, called by the entry points).
+Needs a running Ray cluster (``raydb.cluster.init_ray``, called by the entry points).
 """
 
 from __future__ import annotations
@@ -19,17 +20,10 @@ import torch
 from PIL import Image
 
 from raydb.config import RaydbConfig
-from raydb.data.ingest import ImageGeometry
 from raydb.encode.cache import EncodedCache, encoded_cache_for, prompts_file, write_encoded
-from raydb.encode.encoders import (
-    add_flips,
-    encode_images,
-    encode_prompt_set,
-    flip_geometries,
-    images_to_tensor,
-)
-from raydb.models.family import SDXL, check_resolution
-from raydb.models.sdxl import time_ids_for
+from raydb.encode.encoders import encode_images, encode_prompt_set, images_to_tensor
+from raydb.encode.inputs import EncodeInputs, prepare_inputs
+from raydb.models.family import check_resolution
 from raydb.storage import Storage
 
 __all__ = ["ImageEncoder", "run_encode_stage", "prepare_encoded", "read_class_dataset"]
@@ -119,29 +113,16 @@ def _prompt_tensors(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 def run_encode_stage(
-    cfg: RaydbConfig, storage: Storage, instance_images: list[Image.Image],
-    class_images: list[Image.Image], *, model_identity: str, concurrency: int = 1,
-    holdout_images: list[Image.Image] | None = None, family: str = "sd",
-    geometry: dict[str, list[ImageGeometry]] | None = None,
+    cfg: RaydbConfig, storage: Storage, inputs: EncodeInputs, *, model_identity: str, concurrency: int = 1,
 ) -> tuple[EncodedCache, bool]:
-    """Encode on Ray Data unless an identical encoding exists. Returns ``(cache, ran)``.
-
-    SDXL (``family``) also caches each image's time ids, from ``geometry`` (``{"instance": [...],
-    "class": [...], "holdout": [...]}``, one per image, before flips; images without an entry
-    count as whole, uncropped pictures).
-    """
+    """Encode ``inputs`` (prepared and flipped already, see ``encode/inputs.py``) on Ray Data unless
+    an identical encoding exists. Returns ``(cache, ran)``. SDXL also caches each image's time ids."""
     import ray
 
-    holdout_images = holdout_images or []
-    given = geometry or {}
-    geometry = {kind: given.get(kind) or [ImageGeometry.whole(i) for i in images] for kind, images in
-                (("instance", instance_images), ("class", class_images), ("holdout", holdout_images))}
-    if cfg.train.random_flip:
-        instance_images, class_images = add_flips(instance_images), add_flips(class_images)
-        geometry |= {k: flip_geometries(geometry[k]) for k in ("instance", "class")}
-    inst_png, class_png = [_png(i) for i in instance_images], [_png(i) for i in class_images]
-    hold_png = [_png(i) for i in holdout_images]
-    time_ids = {k: time_ids_for(g) for k, g in geometry.items()} if family == SDXL else {}
+    family = inputs.family
+    inst_png, class_png = [_png(i) for i in inputs.instance.images], [_png(i) for i in inputs.classes.images]
+    hold_png = [_png(i) for i in inputs.holdout.images]
+    time_ids = inputs.conditioning() or {}
     cache = encoded_cache_for(cfg, model_identity, inst_png, class_png, hold_png, family=family,
                               conditioning=b"".join(t.numpy().tobytes() for t in time_ids.values()))
     if cache.is_complete(storage):
@@ -187,27 +168,17 @@ def prepare_encoded(cfg: RaydbConfig, storage: Storage, *,
 
     ``with_holdout`` also encodes the held-out class images that validation (Tune) scores.
     """
-    from raydb.data.ingest import load_images_with_geometry
     from raydb.models.components import model_family, resolve_model
-    from raydb.prior.stage import class_images_with_geometry
 
-    tc = cfg.train
     if cfg.prior.enabled and cfg.prior.num_class_images < cfg.cluster.num_workers:
         raise ValueError(f"prior.num_class_images ({cfg.prior.num_class_images}) must be at least "
                          f"cluster.num_workers ({cfg.cluster.num_workers}): class images are split "
                          "across workers")
     path, identity = resolve_model(cfg.model, storage, cfg.workspace)
     family = model_family(path)
-    check_resolution(tc.resolution, family)
-    instance = load_images_with_geometry(cfg.subject.instance_data, tc.resolution, storage=storage,
-                                         center_crop=tc.center_crop)
-    classes = class_images_with_geometry(cfg, storage)
-    holdout = class_images_with_geometry(cfg, storage, holdout=True) if with_holdout else []
-    geometry = {kind: [g for _, g in pairs] for kind, pairs in
-                (("instance", instance), ("class", classes), ("holdout", holdout))}
-    return run_encode_stage(cfg, storage, [i for i, _ in instance], [i for i, _ in classes],
-                            model_identity=identity, holdout_images=[i for i, _ in holdout],
-                            family=family, geometry=geometry)
+    check_resolution(cfg.train.resolution, family)  # FLUX.1: multiples of 16, before anything is encoded
+    inputs = prepare_inputs(cfg, storage, family=family, with_holdout=with_holdout)
+    return run_encode_stage(cfg, storage, inputs, model_identity=identity)
 
 
 def read_class_dataset(storage: Storage, cache: EncodedCache):

@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +188,25 @@ def hub_revision(repo_id: str, revision: str | None) -> str:
     return sha or f"{ref} (unresolved)"
 
 
+# Weights are read from safetensors only: a checkpoint's pickled .bin files could run code when
+# loaded, so a base model without safetensors weights is refused, never unpickled.
+SAFE_WEIGHTS = {"use_safetensors": True}
+
+
+@contextmanager
+def _safetensors_only(cfg: ModelConfig) -> Iterator[None]:
+    """The loaders' "no safetensors file" error as one that names ``model.pretrained`` and why."""
+    try:
+        yield
+    except OSError as exc:
+        if ".safetensors" not in str(exc):
+            raise
+        raise ValueError(f"model.pretrained: {cfg.pretrained} has no safetensors weights ({exc}). raydb "
+                         "loads model weights only from safetensors files: pickled .bin checkpoints can "
+                         "run code when loaded. Convert the checkpoint (save_pretrained writes "
+                         "safetensors) or use one that ships them.") from None
+
+
 def _revision_kw(cfg: ModelConfig, identity: str) -> dict[str, Any]:
     """``from_pretrained`` kwargs that load exactly the revision the identity names."""
     if identity.startswith("hub:"):
@@ -244,14 +265,17 @@ def load_components(
     if family == FLUX:
         return _load_flux(cfg, path, identity, kw, dtype=dtype, device=device, with_transformer=with_unet,
                           with_t5=with_t5)
+    weights = kw | SAFE_WEIGHTS
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
     tokenizer_2 = text_encoder_2 = None
-    if family == SDXL:
-        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw) if with_unet else None
+    with _safetensors_only(cfg):
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+        if family == SDXL:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                         **weights)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights) if with_unet else None
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     prediction_type = cfg.prediction_type or scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -294,14 +318,16 @@ def _load_flux(cfg: ModelConfig, path: str, identity: str, kw: dict[str, Any], *
     if cfg.prediction_type:
         raise ValueError(f"model.prediction_type: {cfg.pretrained} is a FLUX.1 model, which is trained "
                          f"with flow matching; {cfg.prediction_type!r} does not apply (unset it)")
+    weights = kw | SAFE_WEIGHTS
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
     tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
-    text_encoder_2 = (T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw)
-                      if with_t5 else None)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-    transformer = (FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
-                   if with_transformer else None)
+    with _safetensors_only(cfg):
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+        text_encoder_2 = (T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **weights)
+                          if with_t5 else None)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+        transformer = (FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **weights)
+                       if with_transformer else None)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     for module in (m for m in (text_encoder, text_encoder_2, vae, transformer) if m is not None):
         module.requires_grad_(False)
@@ -336,7 +362,8 @@ def load_pipeline(
                          "unset it")
     if family not in (SDXL, FLUX):  # SDXL and Flux pipelines have no safety checker
         kw.update(safety_checker=None, requires_safety_checker=False)
-    pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, **kw)
+    with _safetensors_only(cfg):
+        pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, **kw, **SAFE_WEIGHTS)
     if cfg.prediction_type:
         pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
     pipe.set_progress_bar_config(disable=True)

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TINY_SPEC", "tiny_identity", "build_tiny_tokenizer", "save_tiny_model"]
+from raydb.models.architectures import (
+    SD_NOISE_SCHEDULE,
+    architecture,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+)
+
+__all__ = ["TINY_SPEC", "tiny_identity", "build_tiny_tokenizer", "tiny_architecture", "tiny_vocab_size",
+           "save_tiny_model"]
 
 # Bump when the architecture or vocabulary changes: it is part of the model identity (cache keys).
 TINY_SPEC = {
@@ -90,48 +99,33 @@ def build_tiny_tokenizer(model_max_length: int = 77, pad_token: str = "<|endofte
                          pad_token=pad_token)
 
 
+def tiny_architecture(resolution: int = 64) -> dict:
+    """The tiny model's full architecture (``raydb.models.architectures``): what ``save_tiny_model``
+    builds, and the CPU smoke configuration of the GPU benchmarks."""
+    return architecture(TINY_SPEC, resolution=resolution, vocab_size=tiny_vocab_size())
+
+
+def tiny_vocab_size() -> int:
+    """Entries of the tiny tokenizers' vocabulary (both: they differ in the pad token only)."""
+    return len(_vocab_and_merges()[0])
+
+
 def save_tiny_model(path: str | Path) -> Path:
     """Build the tiny SD model with seeded random weights and ``save_pretrained`` it to ``path``.
 
     The folder is a regular diffusers layout (model_index.json, unet/, vae/, text_encoder/,
     tokenizer/, scheduler/), loadable by ``StableDiffusionPipeline.from_pretrained``.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     path = Path(path)
-    torch.manual_seed(TINY_SPEC["seed"])
+    arch = tiny_architecture()
+    torch.manual_seed(TINY_SPEC["seed"])  # then UNet, VAE, text encoder: the order fixes the weights
     tokenizer = build_tiny_tokenizer()
-    spec_u, spec_v, spec_t = TINY_SPEC["unet"], TINY_SPEC["vae"], TINY_SPEC["text"]
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4,
-        block_out_channels=tuple(spec_u["block_out_channels"]),
-        down_block_types=tuple(spec_u["down_block_types"]),
-        up_block_types=tuple(spec_u["up_block_types"]),
-        layers_per_block=spec_u["layers_per_block"],
-        cross_attention_dim=spec_u["cross_attention_dim"],
-        attention_head_dim=spec_u["attention_head_dim"],
-        norm_num_groups=spec_u["norm_num_groups"],
-    )
-    n_vae = len(spec_v["block_out_channels"])
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=spec_v["latent_channels"],
-        block_out_channels=tuple(spec_v["block_out_channels"]),
-        down_block_types=("DownEncoderBlock2D",) * n_vae,
-        up_block_types=("UpDecoderBlock2D",) * n_vae,
-        norm_num_groups=spec_v["norm_num_groups"], layers_per_block=spec_v["layers_per_block"],
-        sample_size=64,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **spec_t,
-    ))
+    unet, vae, text_encoder = build_unet(arch), build_vae(arch), build_text_encoder(arch, tokenizer)
     # SD 1.x's schedule: scaled-linear betas, 1000 training steps, epsilon prediction.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-    )
+    scheduler = PNDMScheduler(**SD_NOISE_SCHEDULE, skip_prk_steps=True, steps_offset=1,
+                              set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -21,9 +21,16 @@ from pathlib import Path
 
 import torch
 
-from raydb.models.tiny import TINY_SPEC, build_tiny_tokenizer
+from raydb.models.architectures import (
+    SD_NOISE_SCHEDULE,
+    architecture,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+)
+from raydb.models.tiny import TINY_SPEC, build_tiny_tokenizer, tiny_vocab_size
 
-__all__ = ["TINY_SDXL_SPEC", "tiny_sdxl_identity", "save_tiny_sdxl_model"]
+__all__ = ["TINY_SDXL_SPEC", "tiny_sdxl_identity", "tiny_sdxl_architecture", "save_tiny_sdxl_model"]
 
 # Bump when the architecture changes: it is part of the model identity (cache keys). The
 # vocabulary is tiny.py's, so its spec (words) is hashed in too.
@@ -56,13 +63,10 @@ def tiny_sdxl_identity() -> str:
     return f"tiny-sdxl-v{TINY_SDXL_SPEC['version']}-{digest}"
 
 
-def _text_encoder(cls, tokenizer, spec: dict) -> torch.nn.Module:
-    from transformers import CLIPTextConfig
-
-    return cls(CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec,
-    ))
+def tiny_sdxl_architecture(resolution: int = 64) -> dict:
+    """The tiny SDXL's full architecture (``raydb.models.architectures``): what
+    ``save_tiny_sdxl_model`` builds, and the CPU smoke configuration of the SDXL benchmark."""
+    return architecture(TINY_SDXL_SPEC, resolution=resolution, vocab_size=tiny_vocab_size())
 
 
 def save_tiny_sdxl_model(path: str | Path) -> Path:
@@ -72,53 +76,20 @@ def save_tiny_sdxl_model(path: str | Path) -> Path:
     ``StableDiffusionXLPipeline``; unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
     tokenizer_2/, scheduler/).
     """
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     path = Path(path)
+    arch = tiny_sdxl_architecture()
+    # seed, then both encoders, UNet, VAE: the order fixes the weights
     torch.manual_seed(TINY_SDXL_SPEC["seed"])
-    spec_u, spec_v = TINY_SDXL_SPEC["unet"], TINY_SDXL_SPEC["vae"]
-    spec_t, spec_t2 = TINY_SDXL_SPEC["text"], TINY_SDXL_SPEC["text_2"]
     tokenizer = build_tiny_tokenizer()
     tokenizer_2 = build_tiny_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
-    text_encoder = _text_encoder(CLIPTextModel, tokenizer, spec_t)
-    text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, tokenizer_2, spec_t2)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4,
-        block_out_channels=tuple(spec_u["block_out_channels"]),
-        down_block_types=tuple(spec_u["down_block_types"]),
-        up_block_types=tuple(spec_u["up_block_types"]),
-        layers_per_block=spec_u["layers_per_block"],
-        transformer_layers_per_block=tuple(spec_u["transformer_layers_per_block"]),
-        attention_head_dim=tuple(spec_u["attention_head_dim"]),
-        norm_num_groups=spec_u["norm_num_groups"],
-        use_linear_projection=True,
-        cross_attention_dim=spec_t["hidden_size"] + spec_t2["hidden_size"],
-        addition_embed_type="text_time",
-        addition_time_embed_dim=spec_u["addition_time_embed_dim"],
-        # six add_time_ids (original h/w, crop top/left, target h/w), each sinusoidally embedded,
-        # plus the pooled, projected embedding of the second text encoder
-        projection_class_embeddings_input_dim=6 * spec_u["addition_time_embed_dim"]
-        + spec_t2["projection_dim"],
-    )
-    n_vae = len(spec_v["block_out_channels"])
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=spec_v["latent_channels"],
-        block_out_channels=tuple(spec_v["block_out_channels"]),
-        down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
-        norm_num_groups=spec_v["norm_num_groups"], layers_per_block=spec_v["layers_per_block"],
-        sample_size=64, scaling_factor=spec_v["scaling_factor"], force_upcast=True,
-    )
+    text_encoder = build_text_encoder(arch, tokenizer)
+    text_encoder_2 = build_text_encoder(arch, tokenizer_2, "text_2")
+    unet, vae = build_unet(arch), build_vae(arch)
     # SDXL base's schedule: scaled-linear betas, 1000 steps, epsilon prediction, Euler sampling.
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
-    )
+    scheduler = EulerDiscreteScheduler(**SD_NOISE_SCHEDULE, steps_offset=1, timestep_spacing="leading",
+                                       prediction_type="epsilon")
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,

@@ -18,6 +18,8 @@ __all__ = ["build_application", "deploy", "run_server"]
 
 logger = logging.getLogger(__name__)
 
+INGRESS_HEADROOM = 32  # Serve slots of the ingress beyond serve.ingress_max_requests (see build_application)
+
 
 def _warn_if_open(cfg: RaydbConfig) -> None:
     if cfg.serve.auth == "none":
@@ -38,9 +40,13 @@ def build_application(cfg: RaydbConfig) -> Any:
         max_queued_requests=sc.max_queued_requests,
         ray_actor_options={"num_cpus": sc.num_cpus_per_replica, "num_gpus": sc.num_gpus_per_replica},
     ).bind(config)
-    # The ingress only awaits the diffusion replicas, so it may hold many requests at once.
+    # The ingress only awaits the diffusion replicas, so it may hold many requests at once. Its gate
+    # answers those beyond serve.ingress_max_requests with a JSON 503 at once (raydb/serving/gate.py);
+    # the headroom lets them (and /healthz) reach it rather than wait in Serve's queue, which is
+    # bounded too (Serve's own 503 beyond serve.ingress_max_queued).
     ingress = IngressDeployment.options(
-        max_ongoing_requests=max(64, 4 * sc.max_ongoing_requests * sc.num_replicas),
+        max_ongoing_requests=sc.ingress_max_requests + INGRESS_HEADROOM,
+        max_queued_requests=sc.ingress_max_queued,
         ray_actor_options={"num_cpus": 0.1},
     )
     return ingress.bind(config, diffusion)
@@ -50,13 +56,19 @@ def deploy(cfg: RaydbConfig) -> Any:
     """Start Serve's HTTP proxy on ``serve.host:serve.port`` and run the app; returns the ingress handle.
 
     Joins the Ray cluster at ``cluster.address`` (or starts a local one) when Ray is not initialised.
+    ConfigError, before anything is deployed, when Serve already runs with its proxy elsewhere
+    (:mod:`raydb.serving.proxy`).
     """
     from ray import serve
 
-    from raydb.ray_utils import init_ray
+    from raydb.cluster import init_ray
+    from raydb.serving.proxy import check_open_proxy, check_same_proxy, running_proxy
 
     init_ray(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    proxy = running_proxy()  # a running proxy ignores new options: say so instead of serving elsewhere
+    check_same_proxy(cfg.serve, proxy)
+    check_open_proxy(cfg.serve, proxy)
     return serve.run(build_application(cfg), name=cfg.serve.app_name,
                      route_prefix=cfg.serve.route_prefix, blocking=False)
 

@@ -2,9 +2,10 @@
 
 Loading is defensive (:func:`read_adapter`): the adapter's ``adapter.json`` must be
 ``diffusers-lora-v1`` and name the replica's model family (SD vs. SDXL) and base model
-(:class:`AdapterMismatch`, 409); the weights
+(:class:`AdapterMismatch`); the weights
 file name is fixed (``pytorch_lora_weights.safetensors``, never taken from the metadata), and the
-weights must hash to ``weights_sha256`` and parse as safetensors (:class:`AdapterCorrupt`, 500).
+weights must hash to ``weights_sha256`` and parse as safetensors (:class:`AdapterCorrupt`). The HTTP
+status of each is in :mod:`raydb.serving.status` (409, 500).
 Pickle-based formats are never read: the weights go through ``safetensors.torch.load``. Where the
 adapter lives once loaded is the engine's business
 (:class:`raydb.serving.slots.SlotPool`: a slot of the batching engine), which validates an adapter
@@ -43,27 +44,23 @@ FORMAT = "diffusers-lora-v1"
 
 
 class AdapterError(RuntimeError):
-    """An adapter that cannot serve this request; ``status`` is the HTTP status to answer with,
-    ``public`` the message a client may see (``str(exc)`` has the details, for the log only)."""
+    """An adapter that cannot serve this request; ``public`` is the message a client may see
+    (``str(exc)`` has the details, for the log only)."""
 
-    status = 500
     public = "the subject's adapter cannot be served"
 
 
 class AdapterMismatch(AdapterError):
-    status = 409
     public = "the subject's adapter was trained on a different base model than this server runs"
 
 
 class AdapterCorrupt(AdapterError):
-    status = 500
     public = "the subject's adapter is corrupt (failed validation)"
 
 
 class AdapterGone(AdapterError):
     """The registry lost the version between lookup and load (or the adapter was unloaded)."""
 
-    status = 503
     public = "the subject's adapter is unavailable right now; retry"
 
 

@@ -19,13 +19,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raydb.config import ServeConfig
-from raydb.instance_token import ensure_token
+from raydb.errors import RequestError
+from raydb.prompts import ensure_token
 
 __all__ = [
     "MAX_TEXT_CHARS",
     "GenerateRequest",
     "GenerateParams",
-    "RequestError",
     "validate_generate",
     "validation_detail",
     "final_prompt",
@@ -67,18 +67,6 @@ class GenerateParams(BaseModel):
     width: int | None
     height: int | None
     num_images: int
-
-
-class RequestError(ValueError):
-    """A request that breaks a limit; ``field`` is the body field to blame."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-    def detail(self) -> list[dict[str, Any]]:
-        return [{"type": "value_error", "loc": ["body", self.field], "msg": self.message}]
 
 
 def validation_detail(err: ValidationError) -> list[dict[str, Any]]:

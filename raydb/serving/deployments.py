@@ -1,9 +1,10 @@
 """The two Ray Serve deployments: an HTTP ingress and the diffusion replicas behind it.
 
-``RaydbIngress`` (FastAPI) authenticates the caller, admits the request against its tenant's limits
-(:mod:`raydb.serving.limits`: concurrency cap and token bucket, 429 + ``Retry-After``), reads the
-body up to ``serve.max_body_bytes`` (413 beyond), resolves the subject in the registry for the
-caller's tenant, validates the body against the configured limits and forwards to
+``RaydbIngress`` (FastAPI) passes every request through its gate (:mod:`raydb.serving.gate`: the
+ingress's own bound, 503; the tenant's concurrency cap and token bucket for the route's class, 429 +
+``Retry-After``; the body's byte cap, 413, and read deadline, 408; an audit line), authenticates the
+caller, resolves the subject in the registry for the caller's tenant, validates the body against
+the configured limits and forwards to
 ``RaydbDiffusion`` with ``multiplexed_model_id="<subject>@<version>"``, so Serve routes the request
 to a replica that already holds that adapter when one does. Each diffusion replica loads the base
 pipeline once and keeps up to ``serve.max_num_models_per_replica`` adapters resident
@@ -40,9 +41,11 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from raydb.config import RaydbConfig
+from raydb.errors import Refused, RequestError, TimedOut, Unavailable
 from raydb.registry import migrate_registry, version_uri
 from raydb.serving.adapters import AdapterError, AdapterGone, GenerationCancelled, LoadedAdapter
-from raydb.serving.api import GenerateRequest, RequestError, validate_generate, validation_detail
+from raydb.serving.api import GenerateRequest, validate_generate
+from raydb.serving.audit import note
 from raydb.serving.auth import KeyRing, key_from_headers
 from raydb.serving.batcher import ShapeBatcher
 from raydb.serving.engine import (
@@ -52,26 +55,29 @@ from raydb.serving.engine import (
     serving_compile_cache,
     warm_up_batches,
 )
-from raydb.serving.limits import (
-    BodyTooLarge,
-    TenantLimiter,
-    TooManyRequests,
-    read_body_capped,
-)
+from raydb.serving.gate import Gate, GateMiddleware
+from raydb.serving.limits import ImageWorkers
+from raydb.serving.proxy import check_open_proxy, running_proxy
 from raydb.serving.retry import DEFAULT_ATTEMPTS, call_with_retry, safe_to_repeat
 from raydb.serving.slots import SlotPool
+from raydb.serving.status import http_exception, http_status
 from raydb.serving.subjects import (
+    BadAdapterId,
     SubjectNotFound,
     find_subject,
     model_id,
     parse_model_id,
     tenant_subjects,
 )
-from raydb.serving.trainings import TrainingsEndpoint
-from raydb.serving.trainings import router as trainings_router
+from raydb.serving.training_routes import TrainingsEndpoint
+from raydb.serving.training_routes import router as trainings_router
 from raydb.storage import Storage
 
 __all__ = ["DiffusionDeployment", "IngressDeployment", "http_app"]
+
+# What the ingress answers a /v1/generate request it will not run with (status: raydb.serving.status).
+# A body over its cap or too slow is answered by the gate, which set those limits.
+_REFUSALS = (Refused, ValidationError, SubjectNotFound)
 
 logger = logging.getLogger("ray.serve")
 
@@ -80,6 +86,7 @@ logger = logging.getLogger("ray.serve")
 http_app = FastAPI(title="raydb", description="DreamBooth-LoRA subjects over HTTP (see docs/serving.md).",
                    docs_url=None, redoc_url=None, openapi_url=None)
 http_app.include_router(trainings_router)  # /v1/trainings (docs/service.md)
+http_app.add_middleware(GateMiddleware)  # every route: the ingress replica's ``gate`` (raydb/serving/gate.py)
 
 
 @serve.deployment(name="RaydbDiffusion")
@@ -138,7 +145,7 @@ class DiffusionDeployment:
         return await self._get_adapter(adapter_id)
 
     async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
-        """``{"images": [png bytes], "width", "height", "base_model"}`` or ``{"error": {status, detail}}``.
+        """``{"images": [png bytes], "width", "height"}`` or ``{"error": {status, detail}}``.
 
         Without a multiplexed model id the base model samples (used by tests and benchmarks only;
         the HTTP API always names a subject). A request whose client went away (Serve cancels it) or
@@ -166,20 +173,20 @@ class DiffusionDeployment:
         except GenerationCancelled as exc:
             self.cancelled += 1
             logger.info("request for %s stopped: %s", adapter_id or "base model", exc)
-            return {"error": {"status": 504, "detail": "the request ran past its time limit"}}
+            return {"error": {"status": http_status(exc), "detail": "the request ran past its time limit"}}
         except asyncio.CancelledError:
             stop.set()  # the client went away: its batch stops at the next step if it was the last
             self.cancelled += 1
             raise
         except AdapterError as exc:
             logger.warning("adapter %s failed: %s", adapter_id, exc)
-            return {"error": {"status": exc.status, "detail": exc.public}}
-        except ValueError as exc:  # bad adapter id
+            return {"error": {"status": http_status(exc), "detail": exc.public}}
+        except BadAdapterId as exc:
             logger.warning("bad adapter id %r: %s", adapter_id, exc)
-            return {"error": {"status": 400, "detail": "bad adapter id"}}
+            return {"error": {"status": http_status(exc), "detail": "bad adapter id"}}
         finally:
             self.in_flight -= 1
-        return result | {"base_model": self.pool.identity}
+        return result
 
     def stats(self) -> dict[str, Any]:
         """Resident adapters, load/unload and UNet-forward counters, batches run, request counters
@@ -201,12 +208,15 @@ class IngressDeployment:
     def __init__(self, config: dict[str, Any], diffusion: DeploymentHandle) -> None:
         self.cfg = RaydbConfig.model_validate(config)
         sc = self.cfg.serve
+        check_open_proxy(sc, running_proxy())  # auth: none behind a proxy on 0.0.0.0: refuse to start
         self.storage = Storage(self.cfg.s3_endpoint_url)
         self.diffusion = diffusion
         # digests only, folded in where the app was built: this replica never reads keys from its env
         self.keys = KeyRing(sc.api_keys) if sc.auth == "api_key" else None
-        self.limiter = TenantLimiter(sc.tenant_max_concurrent, sc.tenant_rate_per_s, sc.tenant_burst)
-        self.trainings = TrainingsEndpoint(self.cfg, self.storage, self._tenant)  # /v1/trainings
+        self.gate = Gate(self.cfg, self._caller)  # every route's limits, applied by GateMiddleware
+        self.images = ImageWorkers(sc.image_workers, sc.image_queue)  # photo decoding, off the event loop
+        self.trainings = TrainingsEndpoint(self.cfg, self.storage, self._tenant,  # /v1/trainings
+                                           images=self.images)
         if self.keys is None:
             logger.warning("raydb serve: authentication is OFF (serve.auth=none); every caller sees "
                            "every tenant's subjects. Use only on a trusted local machine.")
@@ -216,6 +226,15 @@ class IngressDeployment:
         migrated = migrate_registry(self.storage, self.cfg.workspace)
         if migrated:
             logger.info("raydb serve: gave %d pre-ownership subjects their owner records", migrated)
+
+    def _caller(self, headers: Any) -> tuple[str | None, str]:
+        """``(tenant, caller)`` of the presented key for the gate: ``caller`` is ``key``, ``no key``,
+        ``invalid key`` or ``auth off`` (the route still answers 401 where a key is needed)."""
+        if self.keys is None:
+            return None, "auth off"
+        key = key_from_headers(headers)
+        tenant = self.keys.tenant_for(key)
+        return tenant, "key" if tenant else ("invalid key" if key else "no key")
 
     def _tenant(self, request: Request) -> str | None:
         """The caller's tenant (None: auth is off); 401 for a missing or unknown key."""
@@ -254,44 +273,33 @@ class IngressDeployment:
     @http_app.post("/v1/generate")
     async def generate(self, request: Request) -> Response:
         tenant = self._tenant(request)  # before reading the body: unauthenticated callers learn nothing
-        try:
-            with self.limiter.admit(tenant or ""):
-                return await self._generate(request, tenant)
-        except TooManyRequests as exc:
-            raise HTTPException(429, f"too many requests: {exc.reason}",
-                                headers={"Retry-After": str(exc.retry_after)}) from None
+        try:  # the tenant's limits and the body's cap and deadline: the gate
+            return await self._generate(request, tenant)
+        except _REFUSALS as exc:  # the status comes from the one table (raydb.serving.status)
+            raise http_exception(exc) from None
 
     async def _generate(self, request: Request, tenant: str | None) -> Response:
+        """Raises one of ``_REFUSALS`` for a request it will not run: a body that is not a
+        GenerateRequest, an unknown subject, a broken limit."""
         sc = self.cfg.serve
-        try:
-            body = await read_body_capped(request.headers, request.stream(), sc.max_body_bytes)
-        except BodyTooLarge as exc:
-            raise HTTPException(413, str(exc)) from None
-        try:
-            req = GenerateRequest.model_validate_json(body)
-        except ValidationError as exc:
-            raise HTTPException(422, validation_detail(exc)) from None
-        try:
-            subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace,
-                                              req.subject_id, tenant)
-        except SubjectNotFound as exc:
-            raise HTTPException(404, str(exc)) from None
-        try:
-            params = validate_generate(req, sc, subject.metadata)
-        except RequestError as exc:
-            raise HTTPException(422, exc.detail()) from None
+        req = GenerateRequest.model_validate_json(await request.body())
+        note(request, subject_id=req.subject_id, prompt=req.prompt, negative_prompt=req.negative_prompt)
+        subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace, req.subject_id,
+                                          tenant)
+        params = validate_generate(req, sc, subject.metadata)
+        note(request, adapter_version=subject.version, num_images=params.num_images,
+             num_inference_steps=params.num_inference_steps, width=params.width, height=params.height)
         want_png = "image/png" in request.headers.get("accept", "")
         if want_png and params.num_images != 1:
-            raise HTTPException(422, RequestError("num_images", "Accept: image/png returns one image; "
-                                                  "use application/json for more").detail())
+            raise RequestError("num_images", "Accept: image/png returns one image; use application/json "
+                                             "for more")
         result = await self._call_replica(subject.subject_id, subject.version, params.model_dump())
-        if "error" in result:
+        if "error" in result:  # the replica's status, from the same table
             raise HTTPException(result["error"]["status"],
                                 f"subject {subject.subject_id!r}: {result['error']['detail']}")
         used = params.model_dump() | {"subject_id": subject.subject_id, "adapter_version": subject.version,
                                       "prompt_rewritten": params.prompt != req.prompt,
-                                      "width": result["width"], "height": result["height"],
-                                      "base_model": result["base_model"]}
+                                      "width": result["width"], "height": result["height"]}
         if want_png:
             return Response(result["images"][0], media_type="image/png", headers={
                 "X-Raydb-Seed": str(params.seed), "X-Raydb-Adapter-Version": subject.version})
@@ -316,11 +324,10 @@ class IngressDeployment:
             return await asyncio.wait_for(answer(), timeout=self.cfg.serve.request_timeout_s)
         except TimeoutError:
             sent[-1].cancel()
-            raise HTTPException(504, "the request ran past its time limit") from None
+            raise TimedOut("the request ran past its time limit") from None
         except asyncio.CancelledError:
             if sent:
                 sent[-1].cancel()
             raise
         except BackPressureError:
-            raise HTTPException(503, "the server is at capacity; retry",
-                                headers={"Retry-After": "1"}) from None
+            raise Unavailable("the server is at capacity; retry", retry_after=1) from None

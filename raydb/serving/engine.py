@@ -2,8 +2,8 @@
 
 A replica's GPU is host-bound at batch 1 (0.85 images/s on an H200 at SD 1.5 size vs 5.37 at batch
 8), and a multi-tenant service rarely gets several requests for the *same* subject at once. So the
-engine runs requests of one *shape* (:func:`shape_key`: size, steps, guidance, scheduler) together,
-whatever their subjects: every LoRA-targeted linear layer of the UNet and text encoder is a
+engine runs requests of one *shape* (:func:`shape_key`: size, steps, guidance on or off, scheduler)
+together, whatever their subjects: every LoRA-targeted linear layer of the UNet and text encoder is a
 :class:`~raydb.serving.multi_lora.MultiLoraLinear`, and each sample is routed to its own adapter
 slot (or the zero slot: the base model).
 
@@ -12,7 +12,8 @@ Per batch (``N`` images, ``h x w`` latents, classifier-free guidance doubling th
     text:    every image's prompt and negative prompt, each under its own slot      -> [N, 77, D] x 2
              (SDXL: both encoders, plus pooled embeddings and size/crop time ids)
     noise:   each image drawn from its own generator (seed + i)                  -> [N, 4, h, w]
-    loop:    UNet on [uncond | cond] = [2N, 4, h, w], slots [s | s]; CFG; scheduler.step
+    loop:    UNet on [uncond | cond] = [2N, 4, h, w], slots [s | s]; CFG with each image's own
+             guidance scale [N, 1, 1, 1]; scheduler.step
     decode:  VAE + PNG on a worker thread, overlapping the next batch's loop
 
 FLUX.1 (``pipe.raydb_family == "flux"``): the transformer's linears hold the slots (T5 has none: it
@@ -24,9 +25,12 @@ resolution-dependent shift, and a guidance-distilled transformer gets ``guidance
 undoes the VAE's scaling and shift.
 
 Each image depends only on its own request: its noise comes from its own generator, its text and
-LoRA delta from its own slot, and the scheduler math is per-sample (ancestral schedulers get the
-per-image generator list, as in diffusers' pipeline). Batched and one-by-one results therefore
-differ only by the last bits that batched kernels may round differently.
+LoRA delta from its own slot, its guidance scale and (SDXL) its unconditional embeddings from its
+own request, and the scheduler math is per-sample (ancestral schedulers get the per-image generator
+list, as in diffusers' pipeline). Batched and one-by-one results therefore differ only by the last
+bits that batched kernels may round differently. So the guidance scale is not part of the shape —
+keyed by its exact float, a tenant varying it by 1e-6 made every request a batch of its own — only
+whether guidance is on (> 1) is, since that doubles the UNet batch.
 
 ``unet_forwards`` counts UNet calls, which is what batching saves.
 
@@ -55,6 +59,7 @@ import torch
 from raydb.compile_cache import CompileCache, CompileCacheDamaged, compile_cache_key
 from raydb.config import LoraConfig
 from raydb.models.family import FLUX, lora_targets
+from raydb.models.sdxl import add_time_ids, unet_added_conditions
 from raydb.serving.adapters import GenerationCancelled
 from raydb.serving.multi_lora import (
     AdapterTooLarge,
@@ -102,10 +107,14 @@ class EngineRequest:
     should_stop: Callable[[], bool] | None = None  # client gone / deadline passed (polled per step)
 
 
-def shape_key(params: dict[str, Any], scheduler: str, native_size: int) -> tuple:
-    """Requests with equal keys can share a denoising loop (same latent shape and timesteps)."""
+def shape_key(params: dict[str, Any], scheduler: str, native_size: int, *, doubles: bool = True) -> tuple:
+    """Requests with equal keys can share a denoising loop: ``(width, height, steps, guided,
+    scheduler)`` — the same latent shape and timesteps, and classifier-free guidance on for all
+    (``guidance_scale > 1``: the UNet batch is doubled) or for none. The scale itself is each
+    image's own. ``doubles=False`` (FLUX.1: guidance is an input of the transformer, never a
+    doubled batch): ``guided`` is always False, so any guidance scales share a loop."""
     return (params.get("width") or native_size, params.get("height") or native_size,
-            params["num_inference_steps"], float(params["guidance_scale"]), scheduler)
+            params["num_inference_steps"], doubles and float(params["guidance_scale"]) > 1.0, scheduler)
 
 
 class DiffusionEngine:
@@ -154,7 +163,7 @@ class DiffusionEngine:
         return self.router.num_slots
 
     def key(self, params: dict[str, Any]) -> tuple:
-        return shape_key(params, self.scheduler_name, self.native_size)
+        return shape_key(params, self.scheduler_name, self.native_size, doubles=self.family != FLUX)
 
     # -- adapter slots ---------------------------------------------------------------------------
     def check_adapter(self, parsed: dict[str, dict[str, LoraFactors]]) -> None:
@@ -241,14 +250,14 @@ class DiffusionEngine:
 
         keys = {self.key(r.params) for r in requests}
         if len(keys) != 1:
-            raise ValueError(f"one batch needs one shape (size, steps, guidance); got {sorted(keys)}")
-        width, height, steps, guidance, _ = keys.pop()
+            raise ValueError(f"one batch needs one shape (size, steps, guidance on/off); got {sorted(keys)}")
+        width, height, steps, guided, _ = keys.pop()
         if self.family == FLUX:
-            return self._denoise_flux(requests, width, height, steps, guidance)
+            return self._denoise_flux(requests, width, height, steps)
         pipe = self.pipe
         device, dtype = pipe.unet.device, pipe.unet.dtype
-        cfg = guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-        prompts, negatives, slots, generators = self._batch_inputs(requests)
+        cfg = guided and pipe.unet.config.time_cond_proj_dim is None
+        prompts, negatives, slots, generators, scales = self._batch_inputs(requests)
         with self.lock:
             with self.router.route(torch.tensor(slots, device=device)):  # each prompt under its adapter
                 cond, uncond, added = self._encode(prompts, negatives if cfg else None, cfg, height, width)
@@ -260,6 +269,10 @@ class DiffusionEngine:
             latents = latents * scheduler.init_noise_sigma
             embeds = torch.cat([uncond, cond]) if cfg else cond
             index = torch.tensor(slots * 2 if cfg else slots, device=device)
+            # [N, 1, 1, 1], at least fp32: an fp16 loop then rounds each product once, exactly as
+            # a Python float scale does (its kernels compute in fp32)
+            guidance = torch.tensor(scales, dtype=torch.promote_types(dtype, torch.float32),
+                                    device=device).view(-1, 1, 1, 1)
             step_kw = self._step_kwargs(scheduler, generators)
             with self.router.route(index):
                 for t in scheduler.timesteps:
@@ -270,26 +283,29 @@ class DiffusionEngine:
                     self.unet_forwards += 1
                     if cfg:
                         noise_uncond, noise_cond = noise.chunk(2)
-                        noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+                        noise = noise_uncond + (guidance * (noise_cond - noise_uncond)).to(noise.dtype)
                     latents = scheduler.step(noise, t, latents, **step_kw, return_dict=False)[0]
                     if all(r.should_stop is not None and r.should_stop() for r in requests):
                         raise GenerationCancelled(f"all {len(requests)} requests of the batch stopped "
                                                   "(clients gone or deadlines passed)")
         return latents
 
-    def _batch_inputs(self, requests: list[EngineRequest]) -> tuple[list[str], list[str], list[int], list]:
-        """Per image: prompt, negative prompt, slot and generator (image i of a request uses seed + i)."""
-        prompts, negatives, slots, generators = [], [], [], []
+    def _batch_inputs(self, requests: list[EngineRequest]
+                      ) -> tuple[list[str], list[str], list[int], list, list[float]]:
+        """Per image: prompt, negative prompt, slot, generator and guidance scale (image i of a
+        request uses seed + i)."""
+        prompts, negatives, slots, generators, scales = [], [], [], [], []
         for request in requests:
             p, n = request.params, request.params["num_images"]
             prompts += [p["prompt"]] * n
-            negatives += [p.get("negative_prompt") or ""] * n  # None encodes as "" in diffusers too
+            negatives += [p.get("negative_prompt") or ""] * n  # None: no negative prompt (see _encode)
             slots += [self.router.zero_slot if request.slot is None else request.slot] * n
             generators += [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
-        return prompts, negatives, slots, generators
+            scales += [float(p["guidance_scale"])] * n
+        return prompts, negatives, slots, generators, scales
 
-    def _denoise_flux(self, requests: list[EngineRequest], width: int, height: int, steps: int,
-                      guidance: float) -> torch.Tensor:
+    def _denoise_flux(self, requests: list[EngineRequest], width: int, height: int,
+                      steps: int) -> torch.Tensor:
         """FLUX.1's loop: packed latents ``[N, (h/16)(w/16), 64]`` out (see the module docstring)."""
         import numpy as np
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -304,7 +320,7 @@ class DiffusionEngine:
                              f"got {width}x{height}")
         transformer = pipe.transformer
         device = transformer.device
-        prompts, _, slots, generators = self._batch_inputs(requests)  # no negative prompt (distilled)
+        prompts, _, slots, generators, scales = self._batch_inputs(requests)  # no negative prompt
         n = len(prompts)
         index = torch.tensor(slots, device=device)
         with self.lock:
@@ -324,7 +340,8 @@ class DiffusionEngine:
                                  sc.get("max_shift", 1.15))
             scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
             scheduler.set_begin_index(0)
-            guide = (torch.full((n,), guidance, device=device, dtype=torch.float32)
+            # each image's own guidance scale, an input of the distilled transformer [N]
+            guide = (torch.tensor(scales, device=device, dtype=torch.float32)
                      if transformer.config.guidance_embeds else None)
             step_kw = self._step_kwargs(scheduler, generators)
             with self.router.route(index):
@@ -342,24 +359,33 @@ class DiffusionEngine:
 
     def _encode(self, prompts: list[str], negatives: list[str] | None, cfg: bool, height: int,
                 width: int) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
-        """``(cond, uncond, added_cond_kwargs)``: the family's prompt encoding. SDXL adds the pooled
-        embeddings and each image's time ids (whole picture at the requested size: crop (0, 0)),
-        ``[uncond | cond]``-ordered like the UNet batch."""
+        """``(cond, uncond, added_cond_kwargs)``: the family's prompt encoding (``negatives``: one per
+        image, ``""`` for none; None without guidance). SDXL adds the pooled embeddings and each
+        image's time ids (whole picture at the requested size: ``(h, w) + crop (0, 0) + (h, w)``),
+        ``[uncond | cond]``-ordered like the UNet batch.
+
+        SDXL without a negative prompt gets *zero* unconditional embeddings (the pipeline's
+        ``force_zeros_for_empty_prompt``), with one its encoding — decided per image: deciding per
+        batch gave a request without a negative prompt another image whenever a batch-mate had one.
+        SD encodes ``""``, as its pipeline does.
+        """
         pipe = self.pipe
         device = pipe.unet.device
         if self.family != "sdxl":
             cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, negatives)
             return cond, uncond, None
-        if negatives is not None and not any(negatives):
-            negatives = None  # as the SDXL pipeline does: no negative prompt -> zero embeddings
+        given = negatives if negatives is not None and any(negatives) else None
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
             prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-            negative_prompt=negatives)
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond.dtype,
-                                device=device).expand(len(prompts), 6)
+            negative_prompt=given)  # None: zeros for all (with force_zeros_for_empty_prompt)
+        if given is not None and pipe.config.force_zeros_for_empty_prompt:
+            empty = torch.tensor([not n for n in given], device=device)
+            uncond = torch.where(empty.view(-1, 1, 1), torch.zeros_like(uncond), uncond)
+            uncond_pooled = torch.where(empty.view(-1, 1), torch.zeros_like(uncond_pooled), uncond_pooled)
+        time_ids = add_time_ids((height, width), (0, 0), (height, width)).to(device).expand(len(prompts), 6)
         if cfg:
             pooled, time_ids = torch.cat([uncond_pooled, pooled]), torch.cat([time_ids, time_ids])
-        return cond, uncond, {"text_embeds": pooled, "time_ids": time_ids}
+        return cond, uncond, unet_added_conditions(pooled, time_ids)
 
     @staticmethod
     def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:

@@ -48,14 +48,12 @@ _PAIRS = (("lora.down.weight", "lora.up.weight"),
 class AdapterTooLarge(AdapterError):
     """The adapter's rank is above ``serve.max_lora_rank``, the size of the slot buffers."""
 
-    status = 409
     public = "the subject's adapter rank is above this server's serve.max_lora_rank"
 
 
 class AdapterUnsupported(AdapterError):
     """The adapter targets modules this server does not wrap, or uses a LoRA variant it cannot run."""
 
-    status = 409
     public = "the subject's adapter uses layers or a LoRA variant this server does not serve"
 
 

@@ -17,8 +17,8 @@ from raydb.ids import check_safe_id, is_version
 from raydb.registry import ADAPTER_META, latest_version, list_subjects, subject_owner
 from raydb.storage import NotFound, Storage, StorageError, join
 
-__all__ = ["SubjectNotFound", "SubjectVersion", "find_subject", "tenant_subjects", "model_id",
-           "parse_model_id"]
+__all__ = ["SubjectNotFound", "BadAdapterId", "SubjectVersion", "find_subject", "tenant_subjects",
+           "model_id", "parse_model_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 class SubjectNotFound(LookupError):
     """Unknown subject, or one the caller's tenant does not own (deliberately indistinguishable)."""
+
+
+class BadAdapterId(ValueError):
+    """A multiplexed model id that is not ``<subject>@vNNNN`` with a safe subject id."""
 
 
 @dataclass(frozen=True)
@@ -50,11 +54,15 @@ def model_id(subject_id: str, version: str) -> str:
 
 
 def parse_model_id(value: str) -> tuple[str, str]:
-    """``"alice@v0001"`` -> ``("alice", "v0001")``; ValueError for anything else (no path tricks)."""
+    """``"alice@v0001"`` -> ``("alice", "v0001")``; BadAdapterId (a ValueError) for anything else
+    (no path tricks)."""
     subject_id, sep, version = value.partition("@")
     if not sep or not is_version(version):
-        raise ValueError(f"bad adapter id {value!r} (expected <subject>@vNNNN)")
-    return check_safe_id(subject_id), version
+        raise BadAdapterId(f"bad adapter id {value!r} (expected <subject>@vNNNN)")
+    try:
+        return check_safe_id(subject_id), version
+    except ValueError as exc:
+        raise BadAdapterId(f"bad adapter id {value!r}: {exc}") from None
 
 
 def find_subject(storage: Storage, workspace: str, subject_id: str, tenant: str | None) -> SubjectVersion:
@@ -78,8 +86,17 @@ def find_subject(storage: Storage, workspace: str, subject_id: str, tenant: str 
     return SubjectVersion(subject_id, latest["version"], latest["uri"], meta)
 
 
+def _family(meta: dict[str, Any]) -> str | None:
+    """The base model's family (``sd``, ``sdxl``; adapters from before SDXL: ``sd``), None when the
+    adapter names no base model. Never ``base_model.pretrained``: that is the operator's local path
+    or bucket."""
+    base = meta.get("base_model")
+    return (base.get("family") or "sd") if isinstance(base, dict) and base else None
+
+
 def tenant_subjects(storage: Storage, workspace: str, tenant: str | None) -> list[dict[str, Any]]:
-    """``GET /v1/subjects`` rows for ``tenant``: id, versions and the adapter's public metadata."""
+    """``GET /v1/subjects`` rows for ``tenant``: id, versions and the adapter's public metadata
+    (the base model's family, not where the operator keeps it)."""
     rows = []
     for sid, entry in sorted(list_subjects(storage, workspace, tenant).items()):
         meta = entry["metadata"]
@@ -93,6 +110,6 @@ def tenant_subjects(storage: Storage, workspace: str, tenant: str | None) -> lis
             "instance_token": subject.get("instance_token"),
             "instance_prompt": subject.get("instance_prompt"),
             "class_prompt": subject.get("class_prompt"),
-            "base_model": meta.get("base_model", {}).get("pretrained"),
+            "family": _family(meta),
         })
     return rows

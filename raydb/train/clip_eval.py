@@ -39,7 +39,7 @@ def load_clip(spec: str) -> tuple[Any, Any]:
             projection_dim=16,
         )
         return CLIPModel(config).eval(), tokenizer
-    return CLIPModel.from_pretrained(spec).eval(), CLIPTokenizer.from_pretrained(spec)
+    return CLIPModel.from_pretrained(spec, use_safetensors=True).eval(), CLIPTokenizer.from_pretrained(spec)
 
 
 def _pixels(images: list[Image.Image], size: int) -> torch.Tensor:

@@ -6,9 +6,10 @@ generator seeded by ``seed`` fixes the latent sample and the diffusion noise of 
 the timesteps are spread evenly over the schedule. The number is then a deterministic function of
 the weights, which is what a learning test or a Tune trial's ``val_instance`` / ``val_prior`` needs.
 
-:class:`Validator` bundles the scores a trial reports (and ``experiments.py`` measures): the
-denoising losses of the instance images and of held-out class images, their weighted sum, and —
-with ``eval.clip_model`` — CLIP-I / CLIP-T on a few sampled images.
+:class:`Validator` bundles the scores a trial reports (and the README's prior-preservation finding,
+``raydb.testing.prior_preservation_finding``, measures): the denoising losses of the instance
+images and of held-out class images, their weighted sum, and — with ``eval.clip_model`` — CLIP-I /
+CLIP-T on a few sampled images.
 """
 
 from __future__ import annotations
@@ -169,10 +170,9 @@ class Validator:
 
         images = None
         if cfg.eval.clip_model:
-            from raydb.data.ingest import load_images
+            from raydb.encode.inputs import subject_photos
 
-            images = load_images(cfg.subject.instance_data, cfg.train.resolution, storage=storage,
-                                 center_crop=cfg.train.center_crop)
+            images = subject_photos(cfg, storage).images
         holdout = read_encoded(storage, cache.holdout_uri) if cache.num_holdout else None
         return cls(cfg, comps, read_encoded(storage, cache.instance_uri), holdout,
                    load_prompts(storage, cache), images)

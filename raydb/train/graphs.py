@@ -7,9 +7,10 @@ replays them with one call, so the GPU, not the host, sets the pace.
 What ``GraphStep`` runs, per optimizer step (all tensors on the training device):
 
   A  ``grads.zero_()``; for each of the k micro-batches (static input buffers ``[N, ...]``, N = 2B
-     with prior): ``forward_loss`` -> ``(total / k).backward()`` into the gradients, which are views
-     of one flat buffer ``grads [P]`` (P = number of LoRA weights that receive a gradient, found
-     by the first step's backward), so they never move
+     with prior, one per ``MicroBatch`` field: SDXL's pooled embedding and time ids, FLUX.1's
+     sigmas, guidance and text ids included): ``forward_loss`` -> ``(total / k).backward()`` into
+     the gradients, which are views of one flat buffer ``grads [P]`` (P = number of LoRA weights
+     that receive a gradient, found by the first step's backward), so they never move
   R  (DDP, world > 1) one ``all_reduce`` of ``grads`` and ``/ world``: eager, between the graphs
   B  ``clip_grad_norm_`` -> norm of the clipped gradient -> ``optimizer.step()`` (AdamW; on CUDA
      ``capturable=True``, its step counters and the learning rate are device tensors)
@@ -44,7 +45,7 @@ import torch
 
 from raydb.config import RaydbConfig
 from raydb.train.data import MicroBatch
-from raydb.train.speed import resolve_mixed_precision
+from raydb.train.device_options import resolve_mixed_precision
 from raydb.train.step import TrainState, forward_loss
 
 __all__ = ["GraphStep", "tensor_lr"]

@@ -1,12 +1,16 @@
 """Single-process DreamBooth-LoRA training: ``raydb train --local``, with no Ray at all.
 
 Order of work:
-  1. ``prepare_training_data`` — class images (``prior.stage.class_images``), the subject's photos,
-     both encoded once in this process (``train.cache_latents``; raw pixels otherwise)
+  1. ``prepare_training_data`` — the subject's photos and the class images, prepared by
+     ``encode/inputs.py`` (the one preparation path) and encoded once in this process
+     (``train.cache_latents``; raw pixels otherwise)
   2. ``build_train_state`` (step.py) — LoRA, AdamW, lr schedule
   3. the loop — ``step_micro_batches`` -> ``optimizer_step``; a checkpoint every
      ``train.checkpoint_every`` steps into the run folder (rundir.py); a rerun resumes from the newest
-  4. ``finish_run`` (outputs.py) — adapter, adapter.json, metrics.jsonl, loss curve, samples; registry
+  4. ``finish_run`` (outputs.py) — adapter, adapter.json, metrics.jsonl, loss curve, samples
+
+It returns the finished adapter; registering it is the pipeline's (``raydb train --local`` runs
+this through :func:`raydb.pipeline.run_pipeline`).
 
 The Ray Train worker loop (stage.py) runs the same step over the same batches.
 """
@@ -19,20 +23,12 @@ import torch
 from PIL import Image
 
 from raydb.config import RaydbConfig
-from raydb.data.ingest import ImageGeometry, load_images_with_geometry
-from raydb.encode.encoders import (
-    add_flips,
-    encode_images,
-    encode_prompt_set,
-    flip_geometries,
-    images_to_tensor,
-)
+from raydb.encode.encoders import encode_images, encode_prompt_set, images_to_tensor
+from raydb.encode.inputs import EncodeInputs, prepare_inputs
 from raydb.models.components import Components, load_components
-from raydb.models.family import SDXL
-from raydb.models.sdxl import time_ids_for
-from raydb.registry import claim_subject
 from raydb.storage import Storage, join
 from raydb.train.data import TrainingData, flow_inputs, prompt_inputs, training_data
+from raydb.train.device_options import use_cuda_graphs
 from raydb.train.engine import TrainEngine, engine_compile_cache
 from raydb.train.outputs import finish_run, finished_result
 from raydb.train.progress import ProgressWriter
@@ -45,36 +41,21 @@ from raydb.train.rundir import (
     run_uri,
     save_checkpoint,
 )
-from raydb.train.speed import use_cuda_graphs
 from raydb.train.step import build_train_state, weights_dtype
 
 __all__ = ["prepare_training_data", "train_subject"]
 
 
 def prepare_training_data(
-    cfg: RaydbConfig, components: Components, storage: Storage, *,
-    class_images: list[Image.Image] | None = None, instance_images: list[Image.Image] | None = None,
+    cfg: RaydbConfig, components: Components, storage: Storage, *, inputs: EncodeInputs | None = None,
 ) -> TrainingData:
-    """Ingest and (with ``train.cache_latents``) encode everything once. Tensors stay on CPU.
-
-    SDXL also gets each image's time ids: from ingestion's resize/crop for images loaded here;
-    images passed in count as whole, uncropped pictures.
+    """Prepare (``encode/inputs.py``) and, with ``train.cache_latents``, encode everything once.
+    Tensors stay on CPU. ``inputs``: images prepared already (by default the subject's photos and
+    the class images, flipped with ``train.random_flip``); SDXL's time ids come with them.
     """
-    from raydb.prior.stage import class_images_with_geometry
-
     tc = cfg.train
-
-    def whole(images: list[Image.Image]) -> list[tuple[Image.Image, ImageGeometry]]:
-        return [(im, ImageGeometry.whole(im)) for im in images]
-
-    instance = (whole(instance_images) if instance_images is not None else load_images_with_geometry(
-        cfg.subject.instance_data, tc.resolution, storage=storage, center_crop=tc.center_crop))
-    classes = whole(class_images) if class_images is not None else class_images_with_geometry(cfg, storage)
-    instance_images, class_images = [i for i, _ in instance], [i for i, _ in classes]
-    geometry = [[g for _, g in instance], [g for _, g in classes]]
-    if tc.random_flip:
-        instance_images, class_images = add_flips(instance_images), add_flips(class_images)
-        geometry = [flip_geometries(g) for g in geometry]
+    if inputs is None:
+        inputs = prepare_inputs(cfg, storage, family=components.family)
     vae = components.vae
     prompts = encode_prompt_set(components, [cfg.subject.instance_prompt, cfg.subject.class_prompt])
 
@@ -83,9 +64,11 @@ def prepare_training_data(
         return encode_images(vae, pixels) if tc.cache_latents else pixels
 
     h = tc.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-    with_prior = cfg.prior.enabled and bool(class_images)
-    time_ids = tuple(time_ids_for(g) for g in geometry) if components.family == SDXL else (None, None)
-    return training_data(source(instance_images), source(class_images) if with_prior else None,
+    with_prior = cfg.prior.enabled and bool(inputs.classes.images)
+    conditioning = inputs.conditioning()
+    time_ids = (conditioning["instance"], conditioning["class"]) if conditioning else (None, None)
+    classes = source(inputs.classes.images) if with_prior else None
+    return training_data(source(inputs.instance.images), classes,
                          **prompt_inputs(prompts, cfg.lora.train_text_encoder),
                          latent_shape=(vae.config.latent_channels, h, h), time_ids=time_ids,
                          **flow_inputs(tc, components))
@@ -93,22 +76,21 @@ def prepare_training_data(
 
 def train_subject(
     cfg: RaydbConfig, storage: Storage | None = None, *, resume: bool = True, quiet: bool = False,
-    register: bool = True, samples: bool = True,
+    samples: bool = True,
 ) -> dict[str, Any]:
-    """Train one subject in this process; returns the summary printed by ``raydb train``.
+    """Train one subject in this process; returns the finished adapter's summary (``adapter_uri``,
+    ``run_dir``, ``steps``, ``images_per_s``, ``loss``). Registers nothing.
 
     ``resume=False`` ignores existing checkpoints and a finished adapter (a fresh run).
     """
     from tqdm.auto import tqdm
 
     storage = storage or Storage(cfg.s3_endpoint_url)
-    if register:  # a subject id owned by another tenant fails now, not after training
-        claim_subject(storage, cfg.workspace, cfg.subject.id, cfg.subject.tenant)
     tc = cfg.train
     run = run_uri(cfg)
     finished = finished_adapter(cfg, storage) if resume else None
     if finished:
-        return finished_result(cfg, storage, finished, register=register, quiet=quiet)
+        return finished_result(cfg, finished, quiet=quiet)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     components = load_components(cfg.model, storage, cfg.workspace, device=device,
                                  dtype=weights_dtype(tc, device))
@@ -138,4 +120,4 @@ def train_subject(
             if state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps:
                 save_checkpoint(storage, run, state, metrics, tc.checkpoints_to_keep)
     bar.close()
-    return finish_run(cfg, storage, state, components, metrics, register=register, samples=samples)
+    return finish_run(cfg, storage, state, components, metrics, samples=samples)

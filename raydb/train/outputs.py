@@ -1,7 +1,8 @@
 """What a run leaves behind: adapter + adapter.json, metrics.jsonl, loss curve and sample grid.
 
-``finish_run`` writes them all (and registers the adapter); ``finished_result`` answers for a run
-that already finished. Both return the summary ``raydb train`` prints.
+``finish_run`` writes them all; ``finished_result`` answers for a run that already finished. Both
+return the train stage's summary (``adapter_uri``, ``run_dir``, ``steps``, ...). Neither registers:
+the pipeline is the only registrar (:func:`raydb.pipeline.run_pipeline`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image
 
 from raydb.config import RaydbConfig
 from raydb.models.family import lora_targets
-from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS, register_adapter
+from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS
 from raydb.storage import Storage, join
 from raydb.train.rundir import adapter_uri, run_uri
 
@@ -32,7 +33,7 @@ def adapter_metadata(
 ) -> dict[str, Any]:
     """adapter.json: enough to serve, audit and reproduce the adapter (``base_model.family``: the
     model family it was trained on, which a deployment of the other family refuses)."""
-    from raydb.instance_token import instance_token
+    from raydb.prompts import instance_token
 
     return {
         "format": "diffusers-lora-v1",
@@ -144,9 +145,9 @@ def summarize_speed(metrics: list[dict[str, Any]]) -> float:
 
 def finish_run(
     cfg: RaydbConfig, storage: Storage, state: Any, components: Any, metrics: list[dict[str, Any]],
-    *, register: bool = True, samples: bool = True, extra_metrics: dict[str, Any] | None = None,
+    *, samples: bool = True, extra_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the adapter, adapter.json, metrics.jsonl and pictures; register the adapter.
+    """Write the adapter, adapter.json, metrics.jsonl and pictures (the finished adapter).
 
     ``state`` is the ``TrainState`` (its ``unet``/``text_encoder`` hold the trained LoRA and
     ``step`` the steps done); ``components`` supplies the base model's identity.
@@ -166,23 +167,15 @@ def finish_run(
     storage.write_bytes(join(run, "loss_curve.png"), loss_curve_png(metrics, f"{cfg.subject.id} loss"))
     if samples and cfg.train.num_sample_images:
         storage.write_bytes(join(run, "samples.png"), sample_grid_png(cfg, storage, weights))
-    result = {"adapter_uri": adapter, "run_dir": run, "steps": state.step,
-              "images_per_s": final["images_per_s"], "loss": final.get("loss")}
-    if register:
-        result["registered"] = register_adapter(storage, cfg.workspace, cfg.subject.id, adapter)["uri"]
-    return result
+    return {"adapter_uri": adapter, "run_dir": run, "steps": state.step,
+            "images_per_s": final["images_per_s"], "loss": final.get("loss")}
 
 
-def finished_result(cfg: RaydbConfig, storage: Storage, meta: dict[str, Any], *,
-                    register: bool, quiet: bool) -> dict[str, Any]:
-    """A rerun of a finished run (``meta``: its adapter.json): nothing to train; make sure it is
-    registered."""
-    adapter = adapter_uri(cfg)
-    result = {"adapter_uri": adapter, "run_dir": run_uri(cfg), "steps": meta["metrics"]["steps"],
+def finished_result(cfg: RaydbConfig, meta: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
+    """A rerun of a finished run (``meta``: its adapter.json): nothing to train."""
+    result = {"adapter_uri": adapter_uri(cfg), "run_dir": run_uri(cfg), "steps": meta["metrics"]["steps"],
               "images_per_s": meta["metrics"].get("images_per_s"), "loss": meta["metrics"].get("loss"),
               "skipped": True}
-    if register:
-        result["registered"] = register_adapter(storage, cfg.workspace, cfg.subject.id, adapter)["uri"]
     if not quiet:
         print(f"run {result['run_dir']} already finished ({result['steps']} steps); nothing to train")
     return result

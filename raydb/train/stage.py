@@ -1,8 +1,9 @@
 """The train stage on Ray Train: a ``TorchTrainer`` whose workers run the core step under DDP.
 
 Driver (``train_distributed``): the encode stage (and the priors before it), then
-``TorchTrainer(train_loop_per_worker, datasets={"class": encoded class rows})``, then the registry.
-Needs a running Ray cluster (``raydb.ray_utils.init_ray``, called by the entry points).
+``TorchTrainer(train_loop_per_worker, datasets={"class": encoded class rows})``; it returns the
+finished adapter, which the pipeline registers.
+Needs a running Ray cluster (``raydb.cluster.init_ray``, called by the entry points).
 
 Worker (``train_loop_per_worker``): the class rows arrive as this worker's Ray Data shard; the few
 instance latents and the prompt embeddings are read from storage by every worker (so a run works
@@ -24,7 +25,6 @@ import torch
 from raydb import faults
 from raydb.config import RaydbConfig
 from raydb.encode.cache import EncodedCache
-from raydb.registry import claim_subject
 from raydb.storage import Storage, is_s3, join
 
 __all__ = ["train_distributed", "build_trainer", "train_loop_per_worker", "resolve_use_gpu"]
@@ -88,12 +88,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raydb.encode.cache import load_prompts, read_encoded
     from raydb.models.components import load_components
     from raydb.train.data import flow_inputs, prompt_inputs, training_data
+    from raydb.train.device_options import compile_for_training, use_cuda_graphs
     from raydb.train.engine import TrainEngine, engine_compile_cache
     from raydb.train.evaluate import Validator
     from raydb.train.outputs import finish_run
     from raydb.train.progress import ProgressWriter
     from raydb.train.rundir import RESULT, checkpoint_dir_name, restore_checkpoint_dir, write_checkpoint_dir
-    from raydb.train.speed import compile_for_training, use_cuda_graphs
     from raydb.train.step import build_train_state, weights_dtype
 
     cfg = RaydbConfig.model_validate(config["cfg"])
@@ -128,8 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def write_outputs() -> None:
         """Rank 0: adapter, metrics, pictures and ``result.json`` (what the driver reads)."""
-        result = finish_run(cfg, storage, state, comps, metrics, register=False,
-                            samples=bool(tc.num_sample_images),
+        result = finish_run(cfg, storage, state, comps, metrics, samples=bool(tc.num_sample_images),
                             extra_metrics={"resumed_from": resumed_from, "num_workers": world})
         storage.write_json(join(config["run"], RESULT), result | {"resumed_from": resumed_from})
 
@@ -207,30 +206,24 @@ def build_trainer(cfg: RaydbConfig, storage: Storage, cache: EncodedCache, *,
     ), run
 
 
-def train_distributed(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool = True,
-                      quiet: bool = False, resume: bool = True) -> dict[str, Any]:
-    """Encode -> TorchTrainer -> register. Returns the JSON summary of ``raydb train``.
+def train_distributed(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = False,
+                      resume: bool = True) -> dict[str, Any]:
+    """Encode -> TorchTrainer. Returns the finished adapter's summary (``adapter_uri``, ``run_dir``,
+    ``steps``, ``images_per_s``, ``loss``, ``resumed_from``); registers nothing.
 
     ``resume=False`` deletes the run folder first (checkpoints and any finished adapter): a fresh run.
     """
     from raydb.encode.stage import prepare_encoded
-    from raydb.registry import register_adapter
     from raydb.train.outputs import finished_result
     from raydb.train.rundir import RESULT, finished_adapter, run_uri
 
     storage = storage or Storage(cfg.s3_endpoint_url)
-    if register:  # a subject id owned by another tenant fails now, not after training
-        claim_subject(storage, cfg.workspace, cfg.subject.id, cfg.subject.tenant)
     if not resume:
         storage.delete(run_uri(cfg), recursive=True)
     finished = finished_adapter(cfg, storage)
     if finished:
-        return finished_result(cfg, storage, finished, register=register, quiet=quiet)
+        return finished_result(cfg, finished, quiet=quiet)
     cache, _ = prepare_encoded(cfg, storage)
     trainer, run = build_trainer(cfg, storage, cache)
     trainer.fit()
-    result = storage.read_json(join(run, RESULT))
-    if register:
-        result["registered"] = register_adapter(storage, cfg.workspace, cfg.subject.id,
-                                                result["adapter_uri"])["uri"]
-    return result
+    return storage.read_json(join(run, RESULT))

@@ -39,7 +39,7 @@ def weights_dtype(tc: TrainConfig, device: torch.device | str = "cpu") -> torch.
     """Dtype the frozen base weights are loaded in for training on ``device``: the autocast dtype
     under mixed precision (``auto`` resolved for that device), else ``train.dtype`` (float32, or
     float64 for exactness checks)."""
-    from raydb.train.speed import resolve_mixed_precision
+    from raydb.train.device_options import resolve_mixed_precision
 
     return autocast_dtype(resolve_mixed_precision(tc, device)) or getattr(torch, tc.dtype)
 
@@ -71,7 +71,7 @@ def build_train_state(
     """
     from diffusers.optimization import get_scheduler
 
-    from raydb.train.speed import (
+    from raydb.train.device_options import (
         compile_for_training,
         prepare_unet,
         resolve_mixed_precision,
@@ -262,7 +262,7 @@ def optimizer_step(
     so k micro-batches of size b update exactly like one batch of size k*b. ``grad_norm`` is the
     norm before clipping, ``grad_norm_clipped`` the norm of the gradient actually applied.
     """
-    from raydb.train.speed import resolve_mixed_precision
+    from raydb.train.device_options import resolve_mixed_precision
 
     model = model if model is not None else (state.model if state.model is not None else state.unet)
     mixed_precision = resolve_mixed_precision(cfg.train, state.params[0].device)

@@ -8,7 +8,8 @@ weak trials early (time unit: evaluations). Priors and the encode stage run once
 trials, and every trial reads the same cache. An interrupted search resumes with ``Tuner.restore``.
 
 Outputs under ``<workspace>/tune/<subject>/<tune.name>/``: ``results.csv``, ``trials.png`` and
-``summary.json``; the best trial's adapter is registered as the subject's latest.
+``summary.json``. The search returns the best trial (its adapter under its run folder); registering
+it, with the search's hyperparameters and scores, is the pipeline's (:func:`raydb.pipeline.run_pipeline`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import math
 from typing import Any
 
 from raydb.config import RaydbConfig, SearchSpace
-from raydb.registry import claim_subject
 from raydb.storage import Storage, is_s3, join
 from raydb.tune.results import last_validation, record_trial, trial_config, trial_rows, trials_png, write_csv
 
@@ -82,23 +82,20 @@ def _trial(config: dict[str, Any], cfg_dict: dict[str, Any], encoded: dict[str, 
                     checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool = True,
-             quiet: bool = False) -> dict[str, Any]:
-    """Priors + encode once, then the search; returns a summary with the best trial.
+def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = False) -> dict[str, Any]:
+    """Priors + encode once, then the search; returns a summary with the best trial (``best``: its
+    row of the results table, ``run_dir`` included). Registers nothing.
 
-    Needs a running Ray cluster (``raydb.ray_utils.init_ray``, called by the entry points)."""
+    Needs a running Ray cluster (``raydb.cluster.init_ray``, called by the entry points)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from raydb.encode.stage import prepare_encoded, read_class_dataset
-    from raydb.registry import register_adapter
 
     if cfg.tune is None:
         raise ValueError("tune: the config has no tune section")
     storage = storage or Storage(cfg.s3_endpoint_url)
-    if register:  # a subject id owned by another tenant fails now, not after training
-        claim_subject(storage, cfg.workspace, cfg.subject.id, cfg.subject.tenant)
     tc = cfg.tune
     cache, _ = prepare_encoded(cfg, storage, with_holdout=True)
     out = tune_uri(cfg)
@@ -152,12 +149,5 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, register: bool
                                "plot": join(out, "trials.png"), "trials": len(rows),
                                "stopped_early": sum(r["status"] == "stopped_early" for r in rows),
                                "restored": restored}
-    if register:
-        hyper = {"prior_loss_weight": best["prior_loss_weight"], "learning_rate": best["learning_rate"]}
-        val = {k: best[k] for k in ("val_instance", "val_prior", "val_score")}
-        record = register_adapter(storage, cfg.workspace, cfg.subject.id, join(best["run_dir"], "adapter"),
-                                  extra_metadata={"tune": {"hyperparameters": hyper, "validation": val,
-                                                           "results_csv": summary["results_csv"]}})
-        summary["registered"] = record["uri"]
     storage.write_json(join(out, "summary.json"), summary)
     return summary

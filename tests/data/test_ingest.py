@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from raydb.data.demo import DEMO_URI, demo_images
+from raydb.data.demo_subject import DEMO_URI, demo_images
 from raydb.data.ingest import (
     ImageGeometry,
     IngestError,

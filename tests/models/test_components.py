@@ -60,3 +60,30 @@ def test_unreachable_hub_keeps_the_ref(monkeypatch, error):
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert hub_revision("org/model", "main") == "main (unresolved)"
+
+
+def test_a_base_model_without_safetensors_weights_is_refused_not_unpickled(tmp_path, tiny_model_dir):
+    """Base pipelines and training components load weights with ``use_safetensors=True``: a
+    checkpoint whose UNet and VAE are pickled ``.bin`` files (which could run code when loaded) is
+    refused with an error naming model.pretrained, never loaded. Fails on the old loaders, which
+    fell back to the .bin files."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from raydb.models.components import load_components, load_pipeline
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    for part, cls in [("unet", UNet2DConditionModel), ("vae", AutoencoderKL)]:
+        folder = pickled / part
+        weights = {k: v.contiguous() for k, v in cls.from_pretrained(folder).state_dict().items()}
+        for f in folder.glob("*.safetensors"):
+            f.unlink()
+        torch.save(weights, folder / "diffusion_pytorch_model.bin")
+    cfg = ModelConfig(pretrained=str(pickled))
+    for load in (load_pipeline, load_components):
+        with pytest.raises(ValueError, match=r"model.pretrained: .*pickled has no safetensors weights"):
+            load(cfg, Storage(), str(tmp_path / "ws"))
+    load_pipeline(ModelConfig(pretrained=tiny_model_dir), Storage(), str(tmp_path / "ws"))  # safetensors

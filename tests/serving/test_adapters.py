@@ -21,6 +21,7 @@ from raydb.serving.adapters import (
     FailureCache,
     read_adapter,
 )
+from raydb.serving.status import http_status
 from raydb.storage import Storage
 
 IDENTITY = "tiny-sd@abc123"
@@ -112,7 +113,7 @@ def test_another_base_model_or_family_is_a_mismatch(tmp_path):
     no_base = {k: v for k, v in _meta(data).items() if k != "base_model"}
     with pytest.raises(AdapterMismatch, match="base model None"):
         read_adapter(Storage(), _write(tmp_path, no_base, data, "v3"), IDENTITY)
-    assert AdapterMismatch.status == 409
+    assert http_status(AdapterMismatch("x")) == 409
 
 
 def test_weights_must_match_their_sha256_and_parse(tmp_path):
@@ -126,7 +127,7 @@ def test_weights_must_match_their_sha256_and_parse(tmp_path):
     garbage = b"\x08\x00\x00\x00\x00\x00\x00\x00not-json"
     with pytest.raises(AdapterCorrupt, match="^adapter weights are not valid safetensors: "):
         read_adapter(Storage(), _write(tmp_path, _meta(garbage), garbage, "v3"), IDENTITY)
-    assert AdapterCorrupt.status == 500 and AdapterGone.status == 503 and AdapterError.status == 500
+    assert [http_status(e("x")) for e in (AdapterCorrupt, AdapterGone, AdapterError)] == [500, 503, 500]
 
 
 def test_public_messages_name_no_paths_or_models():

@@ -7,9 +7,9 @@ import pytest
 from pydantic import ValidationError
 
 from raydb.config import ServeConfig
+from raydb.errors import RequestError
 from raydb.serving.api import (
     GenerateRequest,
-    RequestError,
     class_noun,
     final_prompt,
     validate_generate,

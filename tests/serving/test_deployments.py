@@ -29,8 +29,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from raydb.cluster import free_port
 from raydb.config import ServeConfig, load_config
-from raydb.serving.api import GenerateRequest, RequestError, final_prompt, validate_generate
+from raydb.errors import RequestError
+from raydb.serving.api import GenerateRequest, final_prompt, validate_generate
 from raydb.serving.auth import KeyRing, hash_key, key_from_headers, parse_env_keys
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +43,8 @@ RANDOM = ["s1", "s2", "s3", "s4", "s5", "s6"]  # random adapters (alice's tenant
 EIGHT = ["alice", "bob", *RANDOM]
 META = {"subject": {"instance_token": "sks", "class_prompt": "a photo of a dog"}}
 TENANT_CAP = 8  # = serve.max_batch_size: one tenant can never hold more than one batch
+INGRESS_CAP = 64  # serve.ingress_max_requests: below the 72 slow uploads of one test
+UPLOAD_DEADLINE_S = 6.0  # serve.body_timeout_s
 
 
 # -- unit tier: no Ray -------------------------------------------------------------------------------
@@ -112,14 +116,8 @@ def test_shipped_serve_configs_load_and_build():
 
 
 # -- integration tier: one Serve app over real HTTP --------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(workspace: str, sid: str, tenant: str, token: str, noun: str) -> None:
-    from raydb.train.local import train_subject
+    from raydb.pipeline import run_pipeline
 
     cfg = load_config(data={
         "workspace": workspace, "model": {"pretrained": "tiny"}, "prior": {"enabled": False},
@@ -128,7 +126,7 @@ def _train(workspace: str, sid: str, tenant: str, token: str, noun: str) -> None
         "train": {"resolution": 64, "max_steps": 4, "learning_rate": 1e-2, "checkpoint_every": 1000,
                   "num_sample_images": 0, "seed": len(sid)},
     })
-    train_subject(cfg, quiet=True, samples=False)
+    run_pipeline(cfg, local=True, quiet=True)  # trained and registered
 
 
 def _bad_copies(workspace: str) -> None:
@@ -149,8 +147,8 @@ def _bad_copies(workspace: str) -> None:
 
 
 def _random_subjects(workspace: str) -> None:
-    from raydb.serving.synthetic import register_random_adapter
     from raydb.storage import Storage
+    from tests.helpers.adapters import register_random_adapter
 
     for i, sid in enumerate(RANDOM):
         register_random_adapter(Storage(), workspace, "alice", sid, rank=4, seed=100 + i)
@@ -176,7 +174,7 @@ def server(ray_cluster, served_workspace):
     from raydb.serving import run_server
 
     workspace = served_workspace
-    port = _free_port()
+    port = free_port()
     os.environ["RAYDB_TEST_SERVE_KEYS"] = f"{KEY_ENV}:t1"
     cfg = load_config(data={
         "workspace": workspace, "model": {"pretrained": "tiny"},
@@ -185,7 +183,10 @@ def server(ray_cluster, served_workspace):
                   "max_num_models_per_replica": 2, "max_size": 128, "max_inference_steps": 8,
                   "default_inference_steps": 2, "max_images": 2, "num_cpus_per_replica": 1,
                   "max_batch_size": 8, "batch_wait_ms": 100, "max_lora_rank": 8, "max_ongoing_requests": 32,
-                  "tenant_max_concurrent": TENANT_CAP, "tenant_rate_per_s": 0},
+                  "tenant_max_concurrent": TENANT_CAP, "tenant_rate_per_s": 0,
+                  # the ingress's own bound below the 72 slow uploads of the slow-uploads test, as
+                  # Serve's 64 ingress slots were in the review; their body deadline kept short
+                  "ingress_max_requests": INGRESS_CAP, "body_timeout_s": UPLOAD_DEADLINE_S},
     })
     run_server(cfg, blocking=False)
     del os.environ["RAYDB_TEST_SERVE_KEYS"]
@@ -256,6 +257,8 @@ def test_subjects_differ_from_each_other_and_base_and_repeat(server):
         assert resp.status_code == 200, resp.text
         body = resp.json()
         assert body["prompt"] == f"a {token} {noun} on a beach" and body["prompt_rewritten"] is True
+        identity = _diffusion().stats.remote().result()["base_model"]
+        assert "base_model" not in body and identity not in resp.text  # the server's model stays its own
         assert (body["adapter_version"], body["seed"], body["width"]) == ("v0001", 3, 64)
         first[sid] = _pixels(body["images"][0])
         base = _diffusion().generate.remote(
@@ -435,6 +438,100 @@ def test_a_20mb_body_is_refused_with_413_before_it_is_read(server):
         conn.sendall(head + b'{"subject_id": "alice", "prompt": "' + b"x" * 65536)
         status_line = conn.recv(4096).split(b"\r\n", 1)[0]
     assert status_line.split()[1] == b"413", status_line
+
+
+def _slow_upload_head(key: str) -> bytes:
+    """A ``POST /v1/trainings`` that declares 5000 bytes and sends a well-formed start of its
+    multipart body; the rest is to come 1 byte at a time."""
+    return (f"POST /v1/trainings HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 5000\r\n\r\n"
+            '--x\r\nContent-Disposition: form-data; name="subject_id"\r\n\r\na').encode()
+
+
+def _answer_status(conn: socket.socket) -> int | None:
+    """The status of the answer waiting on ``conn``; None while none has come."""
+    conn.setblocking(False)
+    try:
+        head = conn.recv(4096)
+    except BlockingIOError:
+        return None
+    finally:
+        conn.setblocking(True)
+    return int(head.split(b" ", 2)[1]) if head else -1
+
+
+@pytest.mark.ray
+def test_72_slow_uploads_of_one_tenant_do_not_delay_another_tenants_generate(server):
+    """The review's attack over real HTTP: t1 opens 72 uploads trickling 1 byte/s (more than the
+    ingress's 64 slots). t1 may hold ``serve.tenant_max_uploads`` (2) of them; the other 70 are
+    answered 429 at once, so the ingress stays free and t2's generate, sent while the two trickle,
+    is answered within one batch of its usual time (review: 0.1 s became 20.6 s). The two end with
+    408 at ``serve.body_timeout_s``. Bounded: 72 connections, about UPLOAD_DEADLINE_S + 4 s.
+
+    Fails on the code before the gate: every upload takes an ingress slot until it times out.
+    """
+    port = server.base_url.port
+    latencies = []
+    for _ in range(3):  # t2's generate alone: its own batch
+        sent = time.monotonic()
+        assert _generate(server, "carol", KEY_B).status_code == 200
+        latencies.append(time.monotonic() - sent)
+    usual = sorted(latencies)[1]
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(72)]
+    statuses: dict[int, int] = {}
+    try:
+        for conn in conns:
+            conn.sendall(_slow_upload_head(KEY_A))
+        start = time.monotonic()
+        while len(statuses) < 70 and time.monotonic() - start < 20:
+            for i, conn in enumerate(conns):
+                if i not in statuses and (status := _answer_status(conn)) is not None:
+                    statuses[i] = status
+            time.sleep(0.1)
+        assert sorted(statuses.values()) == [429] * 70, statuses
+        held = [i for i in range(72) if i not in statuses]
+        sent = time.monotonic()
+        other = _generate(server, "carol", KEY_B)
+        latency = time.monotonic() - sent
+        assert other.status_code == 200, other.text
+        assert all(_answer_status(conns[i]) is None for i in held), "the uploads should still trickle"
+        assert latency <= 2 * usual + 2.0, f"t2's generate took {latency:.1f} s (alone {usual:.2f} s)"
+        while len(statuses) < 72 and time.monotonic() - start < UPLOAD_DEADLINE_S + 15:
+            for i in held:
+                if i not in statuses:
+                    status = _answer_status(conns[i])
+                    if status is None:
+                        conns[i].sendall(b"a")  # 1 byte/s
+                    else:
+                        statuses[i] = status
+            time.sleep(1.0)
+        assert [statuses.get(i) for i in held] == [408, 408]
+    finally:
+        for conn in conns:
+            conn.close()
+    assert _generate(server, "alice").status_code == 200  # t1's slots came back
+
+
+@pytest.mark.ray
+def test_a_redeploy_onto_a_serve_listening_elsewhere_is_refused(server, served_workspace):
+    """Serve's proxy already listens on the fixture's port: ``raydb serve`` with another port fails
+    naming both, instead of deploying an app that is not served where the config says."""
+    from raydb.config import ConfigError
+    from raydb.serving import deploy
+
+    cfg = load_config(data={"workspace": served_workspace, "model": {"pretrained": "tiny"},
+                            "serve": {"port": server.base_url.port + 1, "app_name": "raydb-elsewhere",
+                                      "route_prefix": "/elsewhere"}})
+    with pytest.raises(ConfigError, match=f"proxy on 127.0.0.1:{server.base_url.port}"):
+        deploy(cfg)
+    assert "raydb-elsewhere" not in _serve_apps()
+    assert server.get("/healthz").status_code == 200
+
+
+def _serve_apps() -> list[str]:
+    from ray import serve
+
+    return list(serve.status().applications)
 
 
 # -- faults: a diffusion replica SIGKILLed under load ------------------------------------------------

@@ -24,6 +24,7 @@ from raydb.serving.multi_lora import (
     SlotRouter,
     parse_adapter,
 )
+from raydb.serving.status import http_status
 
 TOL = 1e-9
 
@@ -78,18 +79,18 @@ def adapters(tmp_path_factory):
     """A workspace with one trained subject (alpha != rank, text encoder LoRA too) and random
     subjects of ranks 2, 8, 16 (UNet only)."""
     from raydb.config import load_config
-    from raydb.serving.synthetic import register_random_adapter
+    from raydb.pipeline import run_pipeline
     from raydb.storage import Storage
-    from raydb.train.local import train_subject
+    from tests.helpers.adapters import register_random_adapter
 
     workspace = str(tmp_path_factory.mktemp("engine-ws"))
-    train_subject(load_config(data={
+    run_pipeline(load_config(data={
         "workspace": workspace, "model": {"pretrained": "tiny"}, "prior": {"enabled": False},
         "subject": {"id": "trained", "instance_prompt": "a photo of sks dog",
                     "class_prompt": "a photo of a dog"},
         "lora": {"rank": 4, "alpha": 8.0, "train_text_encoder": True},
         "train": {"resolution": 64, "max_steps": 2, "learning_rate": 1e-2, "checkpoint_every": 1000,
-                  "num_sample_images": 0}}), quiet=True, samples=False)
+                  "num_sample_images": 0}}), local=True, quiet=True)  # trained and registered
     storage = Storage()
     for i, rank in enumerate([2, 8, 16]):
         register_random_adapter(storage, workspace, "trained", f"rank{rank}", rank=rank, seed=i,
@@ -167,7 +168,7 @@ def test_adapter_above_max_lora_rank_is_refused_before_taking_a_slot(engine, ada
     stats = pool.stats()
     with pytest.raises(AdapterTooLarge, match=r"rank 16 .*serve.max_lora_rank=8") as err:
         pool.load(Storage(), _uri(adapters, "rank16"), "rank16", "v0001")
-    assert err.value.status == 409
+    assert http_status(err.value) == 409
     assert pool.stats() == stats and all(a.loaded for a in loaded.values())
 
 
@@ -228,7 +229,7 @@ def test_shape_batcher_groups_by_shape_and_caps_the_batch():
         results = await asyncio.gather(*(batcher.submit(item) for item in items))
         return results, [size for _, size in batcher.batches]
 
-    results, sizes = asyncio.run(main())
+    results, sizes = asyncio.run(asyncio.wait_for(main(), 30))  # a lost request fails, not hangs
     assert results == [f"64px-{i}" for i in range(5)] + [f"128px-{i}" for i in range(2)]
     assert all(len({shape for shape, _ in batch}) == 1 for batch in batches)  # never mixed
     assert sorted(sizes) == [2, 2, 3] and max(sizes) <= 3
@@ -366,6 +367,133 @@ def test_should_stop_ends_the_denoising_loop_when_every_request_asks(engine):
     out = eng.generate([EngineRequest(_params(0, num_inference_steps=3), None, should_stop=lambda: True),
                         EngineRequest(_params(1, num_inference_steps=3), None)])
     assert len(out) == 2 and eng.unet_forwards - start == full
+
+
+# -- what a batch-mate may not change (issue 24) --------------------------------------------------
+def test_guidance_scales_share_a_loop_and_each_image_keeps_its_own(engine):
+    """Requests that differ only in guidance_scale (7.5 vs 7.5 + 1e-6 vs 3) run in one loop, and
+    each image equals its request run alone. Only guidance on (> 1) vs off splits a batch.
+
+    Deliberate break caught: the old exact-float key (``float(guidance_scale)`` in the shape): 7.5
+    and 7.500001 were two shapes, so a tenant varying the scale defeated batching."""
+    from raydb.serving.engine import EngineRequest
+
+    eng, _, loaded = engine
+    scales = [7.5, 7.5 + 1e-6, 3.0]
+    requests = [EngineRequest(_params(seed, guidance_scale=g), loaded["rank2"].slot if seed else None)
+                for seed, g in enumerate(scales)]
+    assert len({eng.key(r.params) for r in requests}) == 1
+    assert eng.key(_params(0, guidance_scale=1.0)) != eng.key(requests[0].params)  # unguided: no CFG
+    assert eng.key(_params(0, guidance_scale=1.0)) == eng.key(_params(0, guidance_scale=0.5))
+    before = eng.unet_forwards
+    batched = eng.denoise(requests)
+    loop = eng.unet_forwards - before
+    alone = [eng.denoise([r]) for r in requests]
+    assert eng.unet_forwards - before == 4 * loop  # one loop for the three, then one each
+    for i, one in enumerate(alone):
+        assert (batched[i:i + 1] - one).abs().max() < TOL, scales[i]
+    nudged, lower = (eng.denoise([EngineRequest(_params(0, guidance_scale=g))]) for g in scales[1:])
+    assert (alone[0] - nudged).abs().max() < 1e-3 < (alone[0] - lower).abs().max()  # the scale is applied
+
+
+def test_different_step_counts_never_share_a_loop(engine):
+    """Through the replica's wiring (ShapeBatcher keyed by the engine's shape, engine.run_batch):
+    2-step and 3-step requests sent together run as two loops, each image as it is alone."""
+    from raydb.serving.batcher import ShapeBatcher
+    from raydb.serving.engine import EngineRequest
+
+    eng, _, loaded = engine
+    requests = [EngineRequest(_params(seed, num_inference_steps=steps), loaded["trained"].slot)
+                for seed, steps in [(0, 2), (1, 3), (2, 2), (3, 3)]]
+    alone = [eng.generate([r])[0]["images"][0] for r in requests]
+
+    async def main():
+        batcher = ShapeBatcher(eng.run_batch, key=lambda r: eng.key(r.params), max_batch_size=8, wait_s=0.2)
+        results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        return results, list(batcher.batches)
+
+    results, batches = asyncio.run(asyncio.wait_for(main(), 120))
+    assert sorted((key[2], size) for key, size in batches) == [(2, 2), (3, 2)]
+    for result, expected in zip(results, alone, strict=True):
+        assert abs(_png_pixels(result["images"][0]) - _png_pixels(expected)).max() <= 1
+
+
+def _png_pixels(png: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def test_each_request_of_a_batch_gets_its_own_decoded_images(engine):
+    """One batch of three requests (2 images, 1, 1; two subjects and the base): each gets its own
+    images, in its own order, as when it runs alone — the decode splits the batch by request."""
+    from raydb.serving.engine import EngineRequest
+
+    eng, _, loaded = engine
+    requests = [EngineRequest(_params(0, num_images=2), loaded["trained"].slot),
+                EngineRequest(_params(5), None), EngineRequest(_params(9), loaded["rank8"].slot)]
+    batched = eng.generate(requests)
+    assert [len(r["images"]) for r in batched] == [2, 1, 1]
+    assert all((r["width"], r["height"]) == (64, 64) for r in batched)
+    images = [_png_pixels(png) for r in batched for png in r["images"]]
+    expected = [_png_pixels(png) for r in requests for png in eng.generate([r])[0]["images"]]
+    for got, want in zip(images, expected, strict=True):
+        assert abs(got - want).max() <= 1
+    for i in range(len(images)):
+        for j in range(i + 1, len(images)):
+            assert abs(images[i] - images[j]).mean() > 1.0, (i, j)  # none got another's image
+
+
+@pytest.fixture(scope="module")
+def sdxl_engine(tmp_path_factory):
+    """The engine over the tiny SDXL in float64, with a plain diffusers SDXL pipeline beside it."""
+    from raydb.models.components import load_pipeline
+    from raydb.serving.engine import DiffusionEngine
+    from raydb.storage import Storage
+
+    workspace = str(tmp_path_factory.mktemp("sdxl-engine-ws"))
+    cfg = ModelConfig(pretrained="tiny-sdxl")
+    eng = DiffusionEngine(load_pipeline(cfg, Storage(), workspace, dtype=torch.float64), num_slots=1,
+                          max_lora_rank=4)
+    yield eng, load_pipeline(cfg, Storage(), workspace, dtype=torch.float64)
+    eng.close()
+
+
+def test_sdxl_serving_matches_its_pipeline_at_a_non_square_size(sdxl_engine):
+    """SDXL's size conditioning at 64 wide x 48 high: the time ids are (h, w, 0, 0, h, w), as the
+    diffusers pipeline makes them; no negative prompt gives zero unconditional embeddings, one
+    gives its encoding. Deliberate break caught: time ids as (w, h, ...)."""
+    from raydb.serving.engine import EngineRequest
+
+    eng, ref = sdxl_engine
+    for negative in (None, "blurry"):
+        params = _params(4, width=64, height=48, negative_prompt=negative)
+        ours = eng.denoise([EngineRequest(params)])
+        expected = ref(params["prompt"], negative_prompt=negative, num_inference_steps=2, guidance_scale=7.5,
+                       width=64, height=48, generator=[torch.Generator().manual_seed(4)],
+                       output_type="latent").images
+        assert ours.shape == (1, 4, 6, 8) and (ours - expected).abs().max() < TOL, negative
+    square = eng.denoise([EngineRequest(_params(4, width=48, height=64))])
+    assert square.shape == (1, 4, 8, 6)
+
+
+def test_an_sdxl_batch_mates_negative_prompt_does_not_change_another_image(sdxl_engine):
+    """Deliberate break caught: the per-batch rule (any negative prompt in the batch -> every image
+    without one got "" encoded instead of zeros): the same seed gave another image batched."""
+    from raydb.serving.engine import EngineRequest
+
+    eng, _ = sdxl_engine
+    plain = EngineRequest(_params(7))
+    negative = EngineRequest(_params(8, negative_prompt="blurry"))
+    alone = [eng.denoise([plain]), eng.denoise([negative])]
+    batched = eng.denoise([plain, negative])
+    assert (batched[0:1] - alone[0]).abs().max() < TOL
+    assert (batched[1:2] - alone[1]).abs().max() < TOL
+    empty = eng.denoise([EngineRequest(_params(7, negative_prompt="")), negative])  # "" is no negative prompt
+    assert (empty[0:1] - alone[0]).abs().max() < TOL
 
 
 # -- the compiled UNet and its workspace compile cache (serve.compile, serve.compile_cache) ---------

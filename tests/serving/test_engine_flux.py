@@ -30,17 +30,17 @@ def _params(seed: int, **kw) -> dict:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Two trained tiny-Flux subjects: one with CLIP LoRA and alpha != rank, one transformer-only."""
-    from raydb.train.local import train_subject
+    from raydb.pipeline import run_pipeline
 
     workspace = str(tmp_path_factory.mktemp("flux-engine-ws"))
     for sid, lora in (("dog", {"rank": 4, "alpha": 8.0, "train_text_encoder": True}), ("cat", {"rank": 2})):
-        train_subject(load_config(data={
+        run_pipeline(load_config(data={
             "workspace": workspace, "model": {"pretrained": "tiny-flux"}, "prior": {"enabled": False},
             "subject": {"id": sid, "instance_prompt": f"a photo of sks {sid}",
                         "class_prompt": f"a photo of a {sid}"},
             "lora": lora, "train": {"resolution": 64, "max_steps": 2, "learning_rate": 5e-2,
                                     "checkpoint_every": 1000, "num_sample_images": 0}}),
-            quiet=True, samples=False)
+            local=True, quiet=True)  # trained and registered
     return workspace
 
 
@@ -60,8 +60,13 @@ def test_mixed_subject_flux_batch_equals_one_by_one_and_flux_pipeline(workspace)
     uris = {sid: latest_version(Storage(), workspace, sid)["uri"] for sid in ("dog", "cat")}
     loaded = {sid: pool.load(Storage(), uri, sid, "v0001") for sid, uri in uris.items()}
     subjects = ["dog", None, "cat"]  # None: the base model shares the batch
-    requests = [EngineRequest(_params(seed, num_images=2 if seed == 0 else 1),
-                              loaded[sid].slot if sid else None) for seed, sid in enumerate(subjects)]
+    # each image keeps its own guidance scale (an input of the distilled transformer, not a
+    # doubled batch), so different scales — even <= 1, no CFG on SD — share one loop
+    scales = [3.5, 1.0, 5.0]
+    requests = [EngineRequest(_params(seed, num_images=2 if seed == 0 else 1, guidance_scale=scale),
+                              loaded[sid].slot if sid else None)
+                for seed, (sid, scale) in enumerate(zip(subjects, scales, strict=True))]
+    assert len({engine.key(r.params) for r in requests}) == 1
     rows = [slice(0, 2), slice(2, 3), slice(3, 4)]
     before = engine.unet_forwards
     batched = engine.denoise(requests)
@@ -82,9 +87,9 @@ def test_mixed_subject_flux_batch_equals_one_by_one_and_flux_pipeline(workspace)
             ref.disable_lora()
         p = request.params
         generators = [torch.Generator().manual_seed(p["seed"] + i) for i in range(p["num_images"])]
-        expected = ref(p["prompt"], num_inference_steps=2, guidance_scale=3.5, width=64, height=64,
-                       num_images_per_prompt=p["num_images"], output_type="latent", max_sequence_length=32,
-                       generator=generators).images
+        expected = ref(p["prompt"], num_inference_steps=2, guidance_scale=p["guidance_scale"], width=64,
+                       height=64, num_images_per_prompt=p["num_images"], output_type="latent",
+                       max_sequence_length=32, generator=generators).images
         ref.enable_lora()
         assert (batched[row] - expected).abs().max() < TOL, sid
     # decode: one PNG per image at the requested size
@@ -95,7 +100,8 @@ def test_mixed_subject_flux_batch_equals_one_by_one_and_flux_pipeline(workspace)
 
 def test_flux_sizes_must_be_multiples_of_16(workspace):
     from raydb.config import ServeConfig
-    from raydb.serving.api import GenerateRequest, RequestError, validate_generate
+    from raydb.errors import RequestError
+    from raydb.serving.api import GenerateRequest, validate_generate
 
     meta = {"base_model": {"family": "flux"}, "subject": {}}
     with pytest.raises(RequestError, match="multiple of 16 for a FLUX.1 subject"):
@@ -107,6 +113,7 @@ def test_flux_sizes_must_be_multiples_of_16(workspace):
 
 def test_another_familys_adapter_is_refused_with_409(workspace):
     from raydb.serving.adapters import AdapterMismatch, read_adapter
+    from raydb.serving.status import http_status
 
     uri = latest_version(Storage(), workspace, "dog")["uri"]
     identity = json.loads(Path(uri, "adapter.json").read_text())["base_model"]["identity"]
@@ -115,4 +122,4 @@ def test_another_familys_adapter_is_refused_with_409(workspace):
     for family in ("sd", "sdxl"):  # a FLUX.1 adapter on an SD / SDXL server
         with pytest.raises(AdapterMismatch, match="flux model family") as refused:
             read_adapter(Storage(), uri, identity, family)
-        assert refused.value.status == 409
+        assert http_status(refused.value) == 409

@@ -6,6 +6,7 @@ Clocks are injected, so nothing here sleeps or depends on how fast the machine i
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -14,12 +15,17 @@ from raydb.serving.adapters import AdapterCorrupt, AdapterMismatch, FailureCache
 from raydb.serving.api import MAX_TEXT_CHARS, GenerateRequest
 from raydb.serving.auth import KeyRing, hash_key, merge_digests, parse_env_keys
 from raydb.serving.limits import (
+    BodyTimedOut,
     BodyTooLarge,
+    BoundedBody,
+    Capacity,
+    IngressFull,
     TenantLimiter,
     TokenBucket,
     TooManyRequests,
-    read_body_capped,
+    check_declared_length,
 )
+from raydb.serving.status import http_status
 from raydb.serving.subjects import parse_model_id
 
 
@@ -69,24 +75,107 @@ def test_tenant_limiter_isolates_tenants():
         pass
 
 
-def test_read_body_capped_refuses_before_reading():
-    read = []
+def test_idle_tenants_with_full_buckets_are_forgotten_when_the_table_grows(monkeypatch):
+    """Callers without a key are limited per client address: addresses that came once must not stay
+    in memory for ever, and forgetting only idle, refilled buckets changes no answer."""
+    import raydb.serving.limits as limits
 
-    async def chunks(parts):
-        for part in parts:
-            read.append(part)
-            yield part
+    monkeypatch.setattr(limits, "_SWEEP_AT", 4)
+    clock = Clock()
+    limiter = TenantLimiter(max_concurrent=2, rate_per_s=1.0, burst=2, clock=clock)
+    for i in range(3):
+        with limiter.admit(f"addr:{i}"):
+            pass
+    with limiter.admit("busy"):
+        assert sorted(limiter._buckets) == ["addr:0", "addr:1", "addr:2", "busy"]  # none full yet
+        clock.now += 1.0  # addr:0..3 refill; busy is in flight
+        with limiter.admit("addr:9"):  # a new tenant past the table's size: the sweep
+            pass
+        assert sorted(limiter._buckets) == ["addr:9", "busy"] and limiter._sweep_at == 4
+        limiter.admit("busy").__enter__()  # a second request: busy's bucket keeps its count
+        with pytest.raises(TooManyRequests, match="per second"):
+            with limiter.admit("busy"):
+                pass
+    bucket = TokenBucket(1.0, 2, clock)
+    assert bucket.is_full() and bucket.take() == 0.0 and not bucket.is_full()
+    clock.now += 0.999
+    assert not bucket.is_full()
+    clock.now += 0.001
+    assert bucket.is_full() and TokenBucket(0.0, 1, clock).is_full()
 
-    async def body(headers, parts, limit):
-        return await read_body_capped(headers, chunks(parts), limit)
 
-    with pytest.raises(BodyTooLarge, match="20000000 bytes"):
-        asyncio.run(body({"content-length": "20000000"}, [b"x" * 10], 1024))
-    assert read == []  # refused from the header alone
-    with pytest.raises(BodyTooLarge):  # chunked: stops once past the limit
-        asyncio.run(body({}, [b"x" * 600, b"x" * 600, b"x" * 600], 1024))
-    assert len(read) == 2
-    assert asyncio.run(body({"content-length": "3"}, [b"abc"], 3)) == b"abc"
+def test_capacity_bounds_all_holders_together():
+    capacity = Capacity(2)
+    with capacity.admit(), capacity.admit():
+        with pytest.raises(IngressFull, match=r"at capacity \(2 requests in progress\)") as err:
+            with capacity.admit():
+                pass
+        assert err.value.retry_after == 1 and http_status(err.value) == 503 and capacity.in_use == 2
+    assert capacity.in_use == 0
+    with capacity.admit():
+        assert capacity.in_use == 1
+
+
+def test_a_declared_length_over_the_cap_is_refused_before_reading():
+    check_declared_length({"content-length": "1024"}, 1024)
+    check_declared_length({}, 1024)  # chunked: BoundedBody counts it
+    with pytest.raises(BodyTooLarge, match="request body of 1025 bytes; at most 1024 allowed"):
+        check_declared_length({"content-length": "1025"}, 1024)
+    with pytest.raises(BodyTooLarge, match="invalid Content-Length"):
+        check_declared_length({"content-length": "ten"}, 1024)
+
+
+def test_bounded_body_stops_at_its_cap_and_its_deadline():
+    clock = Clock()
+
+    def receive_from(messages, delays=None):
+        it = iter(messages)
+        waits = iter(delays or [0.0] * len(messages))
+
+        async def receive():
+            wait = next(waits)
+            if wait == float("inf"):
+                await asyncio.sleep(3600)
+            clock.now += wait
+            return next(it)
+
+        return receive
+
+    async def drain(body):
+        out = []
+        while True:
+            message = await body()
+            out.append(message)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return out
+
+    def part(data: bytes, more: bool = True) -> dict:
+        return {"type": "http.request", "body": data, "more_body": more}
+
+    parts = [part(b"x" * 600), part(b"x" * 600), part(b"x" * 600, False)]
+    body = BoundedBody(receive_from(parts), 1024, clock.now + 10, 10, clock)
+    with pytest.raises(BodyTooLarge, match="request body over 1024 bytes"):
+        asyncio.run(asyncio.wait_for(drain(body), 10))
+    assert body.size == 1200  # stopped at the second part
+    exact = BoundedBody(receive_from([part(b"x" * 1000), part(b"x" * 24, False)]), 1024, clock.now + 10, 10,
+                        clock)
+    assert len(asyncio.run(asyncio.wait_for(drain(exact), 10))) == 2 and exact.done
+    # a body that comes too slowly: each part takes 4 s of a 10 s deadline (the third arrives at
+    # 12 s on this fake clock, when the deadline is checked next)
+    slow = BoundedBody(receive_from([part(b"ab"), part(b"cd"), part(b"ef"), part(b"", False)], [4, 4, 4, 4]),
+                       1024, clock.now + 10, 10, clock)
+    with pytest.raises(BodyTimedOut, match=r"did not arrive within 10 s \(6 bytes came\)"):
+        asyncio.run(asyncio.wait_for(drain(slow), 10))
+    assert http_status(BodyTimedOut("x")) == 408
+    # a part that never comes: the deadline is real time too (asyncio.wait_for)
+    stuck = BoundedBody(receive_from([part(b"a")], [float("inf")]), 1024, time.monotonic() + 0.05, 0.05)
+    with pytest.raises(BodyTimedOut, match="0 bytes came"):
+        asyncio.run(asyncio.wait_for(stuck(), 10))
+    # once the body is complete, receive is the app's own (no deadline): a disconnect passes
+    done = BoundedBody(receive_from([part(b"", False), {"type": "http.disconnect"}], [0, 100]), 1024,
+                       clock.now + 1, 1, clock)
+    assert asyncio.run(asyncio.wait_for(drain(done), 10))[0]["more_body"] is False
+    assert asyncio.run(asyncio.wait_for(done(), 10)) == {"type": "http.disconnect"}
 
 
 # -- keys and ids ------------------------------------------------------------------------------------
@@ -141,7 +230,7 @@ def test_failure_cache_expires():
 
 def test_adapter_errors_have_generic_public_messages():
     exc = AdapterMismatch("adapter was trained on base model 'x', this server runs 'local-abc'")
-    assert "local-abc" not in exc.public and "/" not in exc.public and exc.status == 409
+    assert "local-abc" not in exc.public and "/" not in exc.public and http_status(exc) == 409
 
 
 # -- config ------------------------------------------------------------------------------------------

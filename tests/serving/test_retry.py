@@ -31,7 +31,7 @@ def _flaky(failures: int, exc: type[BaseException] = ReplicaDied):
 
 
 def _run(coro):
-    return asyncio.run(coro)
+    return asyncio.run(asyncio.wait_for(coro, 30))  # a lost retry fails here instead of hanging
 
 
 def test_a_lost_replica_is_retried_with_the_same_arguments():

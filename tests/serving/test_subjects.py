@@ -28,7 +28,8 @@ def workspace(tmp_path) -> str:
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
             "subject": {"tenant": tenant, "instance_token": "sks", "instance_prompt": f"a photo of sks {sid}",
                         "class_prompt": "a photo of a dog"},
-            "base_model": {"pretrained": "tiny"}}))
+            "base_model": {"pretrained": "s3://operator-models/sd15", "identity": "local-3f2a",
+                           "family": "sd"}}))
         register_adapter(Storage(), ws, sid, str(src))
     return ws
 
@@ -46,7 +47,9 @@ def test_each_tenant_lists_only_its_own_subjects(workspace):
     assert row | {"registered_at": None} == {
         "subject_id": "carol", "tenant": "t2", "latest_version": "v0001", "versions": ["v0001"],
         "registered_at": None, "instance_token": "sks", "instance_prompt": "a photo of sks carol",
-        "class_prompt": "a photo of a dog", "base_model": "tiny"}
+        "class_prompt": "a photo of a dog", "family": "sd"}
+    # where the operator keeps the base model (a path or bucket) and its identity never reach a tenant
+    assert "operator-models" not in json.dumps(everyone) and "local-3f2a" not in json.dumps(everyone)
 
 
 def test_find_subject_hides_other_tenants_subjects_like_missing_ones(workspace):
@@ -115,7 +118,7 @@ def test_rows_of_adapters_without_subject_or_base_model_metadata(tmp_path):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row.pop("registered_at"))
     assert row == {"subject_id": "plain", "tenant": "default", "latest_version": "v0001",
                    "versions": ["v0001"], "instance_token": None, "instance_prompt": None,
-                   "class_prompt": None, "base_model": None}
+                   "class_prompt": None, "family": None}
     [row] = tenant_subjects(Storage(), ws, None)
     assert row["tenant"] is None  # auth off: the adapter's own tenant field, which it lacks
 

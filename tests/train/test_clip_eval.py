@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raydb.data.demo import demo_images
+from raydb.data.demo_subject import demo_images
 from raydb.models.components import load_components
 from raydb.storage import Storage
 from raydb.train.clip_eval import clip_scores, load_clip, sample_clip_metrics

@@ -23,32 +23,20 @@ from raydb.train.data import (
     step_micro_batches,
     training_data,
 )
+from tests.helpers.training_data import coded, image_code, micro_batch
 
 LATENT = (1, 2, 2)  # 4 elements: torch draws them on its scalar path, the same on every CPU
 L, D, D2P = 3, 5, 6
 
 
 def _coded(count: int, sign: float, with_time_ids: bool = False) -> EncodedImages:
-    mean = torch.stack([torch.full(LATENT, sign * (100.0 + i)) for i in range(count)])
-    time_ids = mean[:, 0, 0, :1].expand(count, 6).clone() if with_time_ids else None
-    return EncodedImages(mean, mean / 1000, time_ids)
+    return coded(count, sign, LATENT, with_time_ids=with_time_ids)
 
 
 def _prompts(g: torch.Generator) -> dict[str, torch.Tensor]:
     """The encode cache's ``prompts.safetensors``: row 0 the instance prompt, row 1 the class prompt."""
     return {"embeds": torch.randn(2, L, D, generator=g), "ids": torch.tensor([[1, 2, 3], [4, 5, 6]]),
             "pooled": torch.randn(2, D2P, generator=g), "ids_2": torch.tensor([[7, 8, 9], [10, 11, 12]])}
-
-
-def _code(t: torch.Tensor) -> list[int]:
-    """Image code of each row of a latent-mean (or time-id) tensor: +i instance, -(j+1) class."""
-    values = t.reshape(t.shape[0], -1)[:, 0].tolist()
-    return [int(v - 100) if v > 0 else -int(-v - 100) - 1 for v in values]
-
-
-def _batch(data: TrainingData, step: int, batch_size: int = 2, seed: int = 0) -> MicroBatch:
-    return make_micro_batch(data, step=step, micro=0, batch_size=batch_size, accumulation=1, seed=seed,
-                            num_train_timesteps=1000)
 
 
 # -- the sample stream is a stable format ----------------------------------------------------------
@@ -70,11 +58,11 @@ def test_sample_stream_is_pinned():
     data = TrainingData(instance=_coded(5, 1.0), class_=_coded(3, -1.0), instance_embeds=None,
                         class_embeds=None, instance_ids=torch.zeros(1, L, dtype=torch.long),
                         class_ids=torch.zeros(1, L, dtype=torch.long), latent_shape=LATENT)
-    batches = [_batch(data, s, batch_size=1) for s in range(10)]
+    batches = [micro_batch(data, s, batch_size=1) for s in range(10)]
     instance_t = [int(b.timesteps[0]) for b in batches]
     class_t = [int(b.timesteps[1]) for b in batches]
-    instance_images = [_code(b.latent_mean)[0] for b in batches]
-    class_images = [_code(b.latent_mean)[1] for b in batches]
+    instance_images = [image_code(b.latent_mean)[0] for b in batches]
+    class_images = [image_code(b.latent_mean)[1] for b in batches]
     assert instance_t == PINNED["instance_t"]
     assert class_t == PINNED["class_t"]
     assert instance_images == PINNED["instance_images"]
@@ -157,9 +145,9 @@ def test_sdxl_fields_follow_each_rows_half_and_image():
                          prompt_pooled=p["pooled"], prompt_ids_2=p["ids_2"])
     b = 3
     for step in range(3):
-        batch = _batch(data, step, batch_size=b)
+        batch = micro_batch(data, step, batch_size=b)
         assert batch.size == 2 * b
-        assert _code(batch.time_ids) == _code(batch.latent_mean)
+        assert image_code(batch.time_ids) == image_code(batch.latent_mean)
         assert batch.time_ids.shape == (2 * b, 6)
         for name, key in (("pooled", "pooled"), ("input_ids_2", "ids_2"), ("input_ids", "ids"),
                           ("encoder_hidden_states", "embeds")):
@@ -172,13 +160,13 @@ def test_sdxl_fields_follow_each_rows_half_and_image():
 def test_optional_fields_stay_none_and_instance_only_batches_have_b_rows():
     ids = torch.tensor([[1, 2, 3]])
     data = training_data(_coded(3, 1.0), None, None, ids)
-    batch = _batch(data, 0, batch_size=2)
+    batch = micro_batch(data, 0, batch_size=2)
     assert batch.size == 2 and batch.noise.shape == (2, *LATENT) and batch.timesteps.shape == (2,)
     assert batch.timesteps.dtype == torch.long
     for name in ("encoder_hidden_states", "pooled", "time_ids", "input_ids_2", "pixels"):
         assert getattr(batch, name) is None, name
     assert torch.equal(batch.input_ids, ids.expand(2, L))
-    assert _code(batch.latent_mean) == [_code(batch.latent_std * 1000)[i] for i in range(2)]
+    assert image_code(batch.latent_mean) == [image_code(batch.latent_std * 1000)[i] for i in range(2)]
 
 
 def test_pixel_sources_give_pixel_rows_of_the_same_images():
@@ -193,10 +181,10 @@ def test_pixel_sources_give_pixel_rows_of_the_same_images():
 
     raw = dataclasses.replace(cached, instance=pixels(n_inst, 1.0), class_=pixels(n_cls, -1.0))
     for step in range(4):
-        a, b = _batch(cached, step), _batch(raw, step)
+        a, b = micro_batch(cached, step, batch_size=2), micro_batch(raw, step, batch_size=2)
         assert b.latent_mean is None and b.latent_std is None
         assert b.pixels.shape == (4, 3, 16, 16)
-        assert _code(b.pixels) == _code(a.latent_mean)
+        assert image_code(b.pixels) == image_code(a.latent_mean)
         assert a.pixels is None
         for name in ("latent_eps", "noise", "timesteps", "input_ids"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -226,7 +214,8 @@ def test_pin_memory_pins_every_tensor_and_keeps_none(monkeypatch):
         pinned.append(out)
         return out
 
-    batch = _batch(training_data(_coded(3, 1.0), None, None, torch.tensor([[1, 2, 3]])), 0)
+    data = training_data(_coded(3, 1.0), None, None, torch.tensor([[1, 2, 3]]))
+    batch = micro_batch(data, 0, batch_size=2)
     monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
     out = batch.pin_memory()
     for f in dataclasses.fields(MicroBatch):

@@ -17,26 +17,64 @@ from raydb.config import ConfigError, load_config
 from raydb.models.components import load_components
 from raydb.storage import Storage
 from raydb.train.data import make_micro_batch
+from raydb.train.device_options import resolve_mixed_precision, use_cuda_graphs
 from raydb.train.graphs import GraphStep, tensor_lr
 from raydb.train.local import prepare_training_data
 from raydb.train.prefetch import BatchPrefetcher
-from raydb.train.speed import resolve_mixed_precision, use_cuda_graphs
 from raydb.train.step import build_train_state
+from tests.helpers.tiny import training_setup
 
 EXACT = {"rel": 1e-12, "abs": 1e-15}
 
 
-def _setup(cfg):
-    storage = Storage()
-    comps = load_components(cfg.model, storage, cfg.workspace, dtype=torch.float64)
-    data = prepare_training_data(cfg, comps, storage)
-    state = build_train_state(cfg, comps.unet, comps.text_encoder)
-    return comps, data, state
+def _lora(state) -> dict[str, torch.Tensor]:
+    lora = {k: p.detach().clone() for k, p in state.unet.named_parameters() if "lora_" in k}
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(state, name)
+        if encoder is not None:
+            lora |= {f"te.{name}.{k}": p.detach().clone()
+                     for k, p in encoder.named_parameters() if "lora_" in k}
+    return lora
+
+
+def test_engine_seams_run_the_same_step(make_cfg, tmp_path, class_images_dir):
+    """``TrainEngine``'s measuring seams (what ``bench/`` drives): batches built in the calling
+    thread (``prefetch=False``) and the graph step forced on (its eager path on the CPU) give the
+    default engine's steps — the very numbers, not a copy's."""
+    from raydb.train.engine import TrainEngine
+
+    cfg = make_cfg(workspace=str(tmp_path / "ws"), prior={"class_data": class_images_dir},
+                   train={"dtype": "float64", "gradient_accumulation_steps": 2, "max_steps": 3,
+                          "resolution": 32, "lr_scheduler": "linear", "lr_warmup_steps": 1,
+                          "learning_rate": 1e-2, "max_grad_norm": 0.05})
+    runs = {}
+    for name, seams in (("default", {}), ("no prefetch", {"prefetch": False}),
+                        ("graph step", {"graph_step": True}), ("eager", {"graph_step": False})):
+        comps, data, state = training_setup(cfg, torch.float64)
+        with TrainEngine(cfg, state, data, noise_scheduler=comps.noise_scheduler,
+                         prediction_type=comps.prediction_type, vae=comps.vae, device="cpu",
+                         **seams) as engine:
+            assert (engine.prefetcher is None) == (name == "no prefetch")
+            assert (engine.graph_step is not None) == (name == "graph step")  # auto: off on CPU
+            runs[name] = ([engine.step() for _ in range(3)], _lora(state))
+            if engine.graph_step is not None:
+                assert not engine.graph_step.captured and not engine.graph_step.capture
+    keys = ("loss", "loss_instance", "loss_prior", "grad_norm", "grad_norm_clipped", "lr", "images")
+    base, base_lora = runs["default"]
+    for name, (metrics, lora) in runs.items():
+        for a, b in zip(base, metrics, strict=True):
+            for key in keys:
+                if name == "graph step":  # same kernels, its own (flat-buffer) gradient layout
+                    assert b[key] == pytest.approx(a[key], **EXACT), (name, key)
+                else:  # the same function on the same tensors: bit for bit
+                    assert b[key] == a[key], (name, key)
+        for key in base_lora:
+            torch.testing.assert_close(lora[key], base_lora[key], rtol=1e-9, atol=1e-12)
 
 
 def test_graph_step_refuses_a_new_shape_and_capture_on_cpu(make_cfg):
     cfg = make_cfg(train={"dtype": "float64", "resolution": 32})
-    comps, data, state = _setup(cfg)
+    comps, data, state = training_setup(cfg, torch.float64)
     kw = dict(noise_scheduler=comps.noise_scheduler, prediction_type=comps.prediction_type,
               with_prior=data.with_prior, vae=comps.vae)
     with pytest.raises(ValueError, match="train.cuda_graphs.*CUDA"):

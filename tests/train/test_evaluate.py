@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save
 
 from raydb.config import load_config
-from raydb.data.demo import demo_images
+from raydb.data.demo_subject import demo_images
 from raydb.data.ingest import load_images
 from raydb.encode.cache import EncodedCache, load_prompts, read_encoded, write_encoded
 from raydb.encode.encoders import (

@@ -23,15 +23,9 @@ from raydb.storage import Storage
 from raydb.train.data import make_micro_batch
 from raydb.train.local import prepare_training_data, train_subject
 from raydb.train.lora import save_lora
-from raydb.train.step import build_train_state, optimizer_step
-
-
-def _setup(cfg, dtype: torch.dtype = torch.float32):
-    storage = Storage()
-    components = load_components(cfg.model, storage, cfg.workspace, dtype=dtype)
-    data = prepare_training_data(cfg, components, storage)
-    state = build_train_state(cfg, components.unet, components.text_encoder)
-    return components, data, state
+from raydb.train.step import optimizer_step
+from tests.helpers.runs import adapter_bytes, run_metrics
+from tests.helpers.tiny import training_setup
 
 
 def _train(cfg, components, data, state, steps: int) -> list[dict]:
@@ -58,7 +52,7 @@ def _lora_named(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.heavy
 def test_base_frozen_lora_moves_and_gradients_are_clipped(make_cfg):
     cfg = make_cfg(train={"max_grad_norm": 1e-3})
-    components, data, state = _setup(cfg)
+    components, data, state = training_setup(cfg)
     unet = components.unet
     base_before = {k: v.clone() for k, v in unet.state_dict().items() if "lora_" not in k}
     lora_before = _lora_named(unet)
@@ -86,7 +80,7 @@ def test_accumulation_matches_one_larger_batch(make_cfg, tmp_path):
     losses = {}
     for name, accum, batch in (("accum", 2, 1), ("batch", 1, 2)):
         cfg = make_cfg(workspace=ws, train={"gradient_accumulation_steps": accum, "batch_size": batch})
-        components, data, state = _setup(cfg)
+        components, data, state = training_setup(cfg)
         assert data.with_prior
         initial = [p.detach().clone() for p in state.params]
         [m] = _train(cfg, components, data, state, 1)
@@ -104,7 +98,7 @@ def test_accumulation_matches_one_larger_batch(make_cfg, tmp_path):
 def test_saved_adapter_loads_into_pipeline(make_cfg):
     # alpha != rank: the loader must read the scale from the file, not assume alpha == rank.
     cfg = make_cfg(lora={"rank": 4, "alpha": 8}, train={"learning_rate": 1e-2})
-    components, data, state = _setup(cfg)
+    components, data, state = training_setup(cfg)
     _train(cfg, components, data, state, 3)
     weights = save_lora(components.unet)
 
@@ -133,9 +127,7 @@ def test_saved_adapter_loads_into_pipeline(make_cfg):
 
 
 def _run_files(result: dict) -> tuple[list[dict], bytes]:
-    run = Path(result["run_dir"])
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return metrics, (run / "adapter" / "pytorch_lora_weights.safetensors").read_bytes()
+    return run_metrics(result), adapter_bytes(result)
 
 
 @pytest.mark.heavy
@@ -232,7 +224,7 @@ def test_bad_settings_fail_at_load_naming_the_field(section, field, value, monke
 @pytest.mark.heavy
 def test_bf16_step_keeps_lora_in_fp32(make_cfg):
     cfg = make_cfg(train={"mixed_precision": "bf16"})
-    components, data, state = _setup(cfg, dtype=torch.bfloat16)
+    components, data, state = training_setup(cfg, dtype=torch.bfloat16)
     before = [p.detach().clone() for p in state.params]
     [m] = _train(cfg, components, data, state, 1)
     assert torch.isfinite(torch.tensor(m["loss"]))
@@ -262,7 +254,7 @@ def test_uncached_path_gives_the_cached_losses(make_cfg, tmp_path):
     runs = {}
     for cached in (True, False):
         cfg = make_cfg(workspace=ws, train={"cache_latents": cached})
-        components, data, state = _setup(cfg)
+        components, data, state = training_setup(cfg)
         assert (data.instance.__class__.__name__ == "EncodedImages") == cached
         runs[cached] = _train(cfg, components, data, state, 2)
     for a, b in zip(runs[True], runs[False], strict=True):
@@ -272,7 +264,7 @@ def test_uncached_path_gives_the_cached_losses(make_cfg, tmp_path):
 
 def test_text_encoder_lora_trains_and_is_saved(make_cfg):
     cfg = make_cfg(lora={"train_text_encoder": True})
-    components, data, state = _setup(cfg)
+    components, data, state = training_setup(cfg)
     assert data.instance_embeds is None  # prompts are encoded every step by the trained encoder
     te_before = _lora_named(components.text_encoder)
     assert te_before
@@ -311,3 +303,56 @@ def test_run_outputs(make_cfg):
     assert _is_png(samples)
     # two rows (base, tuned) of two images at the training resolution
     assert Image.open(io.BytesIO(samples)).size == (2 * 64, 2 * 64)
+
+
+def _adapter_fingerprint(weights: bytes) -> dict:
+    """The adapter file as numbers that hold on any CPU: the safetensors header (tensor names,
+    dtypes, shapes, offsets, LoRA metadata) exactly, and per factor kind (``up``/``down``) the norm
+    and a seeded random projection of all values. Bit-equal weights are not portable — the thread
+    count alone changes the last bits (seen: OMP_NUM_THREADS=1 vs 2) — while any change to what
+    trains (data, seeds, order, loss) moves the ``up`` projection by far more than the tolerance."""
+    import struct
+
+    header_len = struct.unpack("<Q", weights[:8])[0]
+    tensors = st_load(weights)
+    gen = torch.Generator().manual_seed(0)
+    out: dict = {"header_sha256": hashlib.sha256(weights[8:8 + header_len]).hexdigest()}
+    for part in ("up", "down"):
+        values = torch.cat([t.double().flatten() for k, t in sorted(tensors.items()) if f".{part}." in k])
+        out[part] = (float(values.norm()),
+                     float(values @ torch.randn(values.numel(), generator=gen, dtype=torch.float64)))
+    return out
+
+
+# Pinned before the layout change of issue 23 (3 steps, lr 1e-3, 64 px, 2 class images), so moving
+# modules around cannot change what a training writes. Measured spread between 1 and 2 torch
+# threads: up projection 3e-6, down projection 1e-6 (of norms 0.15 and 17); the configurations
+# below differ from each other by 1e-2 and more.
+_PINNED_ADAPTERS = {
+    "sd": ({}, "8523a6cd330cbb319c09758bead52b734981f783de0716927a18c98342bf7654",
+           (0.14636392550045213, -0.09492746652344394), (17.44144060645766, 20.340056139050326)),
+    "sd-text-encoder-flips": (
+        {"lora": {"train_text_encoder": True}, "train": {"random_flip": True}},
+        "082dec79e4af82b9d8e6876aea09fdd150677d282b542c81fe14fd812a5eb15f",
+        (0.15839216592684038, -0.1176226373633981), (19.115686677339564, -1.7455228253396626)),
+    "sdxl": ({"model": {"pretrained": "tiny-sdxl"}},
+             "88f24efc497c47e1bb18b28b9c4b672408a46f13f6eb711a9dce012ae087ce54",
+             (0.3087467229514113, -0.09548456110707516), (40.46812147485051, -23.732027278196398)),
+}
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", sorted(_PINNED_ADAPTERS))
+def test_adapter_bytes_are_pinned(make_cfg, tmp_path, name):
+    sections, header_sha256, up, down = _PINNED_ADAPTERS[name]
+    train = {"max_steps": 3, "learning_rate": 1e-3} | sections.get("train", {})
+    model = {"cache_dir": str(tmp_path / "cache")} | sections.get("model", {})
+    cfg = make_cfg(train=train, model=model, lora=sections.get("lora", {}),
+                   prior={"num_class_images": 2})
+    result = train_subject(cfg, quiet=True)
+    found = _adapter_fingerprint(_run_files(result)[1])
+    assert found["header_sha256"] == header_sha256
+    for part, (norm, projection) in (("up", up), ("down", down)):
+        assert found[part][0] == pytest.approx(norm, rel=1e-4), part
+        tolerance = (1e-3 if part == "up" else 1e-4) * norm
+        assert found[part][1] == pytest.approx(projection, abs=tolerance), part

@@ -12,47 +12,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raydb.encode.encoders import EncodedImages
 from raydb.models.components import load_components
 from raydb.storage import Storage
-from raydb.train.data import TrainingData, make_micro_batch
+from raydb.train.data import TrainingData
 from raydb.train.step import build_train_state, optimizer_step
 from tests.helpers.lr_oracle import expected_lr
+from tests.helpers.training_data import coded_data, image_code, micro_batch
 
 LATENT = (4, 8, 8)  # the tiny VAE's latent shape at 64 px
-N_TIMESTEPS = 1000
-
-
-def _coded(count: int, sign: float) -> EncodedImages:
-    """``count`` latent distributions whose mean is ``sign * (100 + i)`` everywhere for image i."""
-    mean = torch.stack([torch.full(LATENT, sign * (100.0 + i)) for i in range(count)])
-    return EncodedImages(mean, torch.full_like(mean, 0.5))
 
 
 def _data(n_instance: int = 3, n_class: int | None = 4, embed_dim: int = 32,
           dtype: torch.dtype = torch.float32) -> TrainingData:
-    g = torch.Generator().manual_seed(7)
-    with_prior = n_class is not None
-    return TrainingData(
-        instance=_coded(n_instance, +1.0),
-        class_=_coded(n_class, -1.0) if with_prior else None,
-        instance_embeds=torch.randn(1, 77, embed_dim, generator=g, dtype=dtype),
-        class_embeds=torch.randn(1, 77, embed_dim, generator=g, dtype=dtype) if with_prior else None,
-        instance_ids=torch.full((1, 77), 1, dtype=torch.long),
-        class_ids=torch.full((1, 77), 2, dtype=torch.long) if with_prior else None,
-        latent_shape=LATENT,
-    )
+    return coded_data(n_instance, n_class, LATENT, embed_dim=embed_dim, dtype=dtype)
 
 
 def _image_of(batch, row: int) -> int:
     """Which image a row's latent mean came from: ``+i`` for instance image i, ``-(j+1)`` for class j."""
-    value = float(batch.latent_mean[row, 0, 0, 0])
-    return int(value - 100) if value > 0 else -int(-value - 100) - 1
-
-
-def _batch(data, step, *, micro=0, batch_size=1, accumulation=1, rank=0, world_size=1, seed=0):
-    return make_micro_batch(data, step=step, micro=micro, batch_size=batch_size, accumulation=accumulation,
-                            seed=seed, num_train_timesteps=N_TIMESTEPS, rank=rank, world_size=world_size)
+    return image_code(batch.latent_mean)[row]
 
 
 # -- data: layout, positions, epochs ------------------------------------------------------------------
@@ -65,7 +42,7 @@ def test_rows_before_b_are_instance_rows_after_b_are_class():
     data = _data()
     b = 2
     for step in range(4):
-        batch = _batch(data, step, batch_size=b)
+        batch = micro_batch(data, step, batch_size=b)
         assert batch.size == 2 * b
         assert all(_image_of(batch, r) >= 0 for r in range(b))
         assert all(_image_of(batch, r) < 0 for r in range(b, 2 * b))
@@ -74,7 +51,7 @@ def test_rows_before_b_are_instance_rows_after_b_are_class():
         assert torch.equal(batch.input_ids[:b], data.instance_ids.expand(b, -1))
         assert torch.equal(batch.input_ids[b:], data.class_ids.expand(b, -1))
     # Without prior preservation the batch is the instance half only.
-    plain = _batch(_data(n_class=None), 0, batch_size=b)
+    plain = micro_batch(_data(n_class=None), 0, batch_size=b)
     assert plain.size == b and all(_image_of(plain, r) >= 0 for r in range(b))
 
 
@@ -92,14 +69,14 @@ def test_positions_follow_the_documented_formula(accumulation, world_size, batch
 
     def at(position: int):
         if position not in single:
-            single[position] = _batch(data, position)  # b=1, accum=1, W=1: position == step
+            single[position] = micro_batch(data, position)  # b=1, accum=1, W=1: position == step
         return single[position]
 
     for step in range(2):
         for micro in range(accumulation):
             for rank in range(world_size):
-                batch = _batch(data, step, micro=micro, batch_size=batch_size, accumulation=accumulation,
-                               rank=rank, world_size=world_size)
+                batch = micro_batch(data, step, micro=micro, batch_size=batch_size,
+                                    accumulation=accumulation, rank=rank, world_size=world_size)
                 for j in range(batch_size):
                     p = ((step * accumulation + micro) * world_size + rank) * batch_size + j
                     ref = at(p)
@@ -122,7 +99,7 @@ def test_each_epoch_visits_every_image_once_in_a_fresh_order():
     data = _data(n_instance=n, n_class=None)
     orders = []
     for epoch in range(4):
-        order = [_image_of(_batch(data, epoch * n + k), 0) for k in range(n)]
+        order = [_image_of(micro_batch(data, epoch * n + k), 0) for k in range(n)]
         assert sorted(order) == list(range(n)), order
         orders.append(tuple(order))
     assert len(set(orders)) == len(orders)  # a fresh permutation every epoch
@@ -137,7 +114,7 @@ def test_every_step_draws_different_samples():
     step 0; the loss still falls, so no learning test notices).
     """
     data = _data()
-    batches = [_batch(data, s, batch_size=2) for s in range(8)]
+    batches = [micro_batch(data, s, batch_size=2) for s in range(8)]
     for name in ("latent_eps", "noise"):
         rows = [tuple(getattr(b, name)[0].flatten().tolist()) for b in batches]
         assert len(set(rows)) == len(rows), name
@@ -190,7 +167,7 @@ def test_applied_gradient_norm_is_at_most_max_grad_norm(f64_setup):
     seen = _applied_gradients(state)
     data = _data(dtype=torch.float64)
     for s in range(2):
-        metrics = _step(state, cfg, comps, [_batch(data, s)])
+        metrics = _step(state, cfg, comps, [micro_batch(data, s)])
         applied = torch.linalg.vector_norm(torch.stack(
             [torch.linalg.vector_norm(g) for g in seen[-1]["grads"]])).item()
         assert metrics["grad_norm"] > 100 * max_norm  # clipping had work to do
@@ -210,8 +187,8 @@ def test_zero_prior_weight_class_half_cannot_change_the_gradient(f64_setup):
     def gradients(weight: float, class_seed: int) -> list[torch.Tensor]:
         cfg, comps, state = f64_setup(prior_loss_weight=weight, max_grad_norm=1e9)
         seen = _applied_gradients(state)
-        batch = _batch(_data(dtype=torch.float64), 0, batch_size=2)
-        other = _batch(_data(dtype=torch.float64), 5, batch_size=2, seed=class_seed)
+        batch = micro_batch(_data(dtype=torch.float64), 0, batch_size=2)
+        other = micro_batch(_data(dtype=torch.float64), 5, batch_size=2, seed=class_seed)
         for name in ("latent_mean", "latent_std", "latent_eps", "noise", "timesteps"):
             getattr(batch, name)[2:] = getattr(other, name)[2:]
         batch.encoder_hidden_states[2:] *= 1.5  # another class prompt, too
@@ -238,7 +215,7 @@ def test_lr_schedule_values_over_steps(f64_setup, kind):
                                   learning_rate=base)
     seen = _applied_gradients(state)
     data = _data(n_class=None, dtype=torch.float64)
-    logged = [_step(state, cfg, comps, [_batch(data, s)], with_prior=False)["lr"] for s in range(total)]
+    logged = [_step(state, cfg, comps, [micro_batch(data, s)], with_prior=False)["lr"] for s in range(total)]
     expected = [expected_lr(kind, s, base, warmup, total) for s in range(total)]
     assert [s["lr"] for s in seen] == pytest.approx(expected, rel=1e-12, abs=1e-18)
     assert logged == pytest.approx(expected, rel=1e-12, abs=1e-18)
@@ -252,21 +229,25 @@ def test_flipped_copies_are_the_encodings_of_mirrored_images(make_cfg, shared_wo
     VAE encoding of the horizontally mirrored images — and differs from the unmirrored encoding.
     The float64 VAE makes both encodings exact up to the final float32 cast (1 ulp ~ 1e-7).
 
-    Deliberate break caught: ``add_flips`` returning plain copies (``images + list(images)``): twice
-    the entries, none of them mirrored, so the existing "doubles the entries" test stays green.
+    Deliberate break caught: ``PreparedImages.flipped`` returning plain copies (``images +
+    list(images)``): twice the entries, none of them mirrored, so the existing "doubles the entries"
+    test stays green.
     """
     from PIL import ImageOps
 
-    from raydb.data.demo import demo_images
+    from raydb.data.demo_subject import demo_images
     from raydb.data.ingest import prepare_image
     from raydb.encode.encoders import encode_images, images_to_tensor
+    from raydb.encode.inputs import PreparedImages, prepare_inputs
     from raydb.train.local import prepare_training_data
 
     cfg = make_cfg(workspace=shared_workspace, train={"dtype": "float64", "random_flip": True})
     comps = load_components(cfg.model, Storage(), cfg.workspace, dtype=torch.float64)
     pictures = [prepare_image(im, 64) for im in demo_images(5, size=64)]
     instance, klass = pictures[:2], pictures[2:]
-    data = prepare_training_data(cfg, comps, Storage(), instance_images=instance, class_images=klass)
+    inputs = prepare_inputs(cfg, Storage(), family=comps.family, instance=PreparedImages.whole(instance),
+                            classes=PreparedImages.whole(klass))
+    data = prepare_training_data(cfg, comps, Storage(), inputs=inputs)
     for encoded, originals in ((data.instance, instance), (data.class_, klass)):
         n = len(originals)
         assert len(encoded) == 2 * n

@@ -3,7 +3,7 @@ fit (val_instance) — the dual objective of shared/seeds, measured on the tiny 
 
 from __future__ import annotations
 
-from raydb.experiments import prior_preservation_finding
+from raydb.testing import prior_preservation_finding
 
 
 def test_prior_preservation_keeps_the_class_prior(make_cfg):

@@ -7,26 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from raydb.data.demo import demo_images
+from raydb.data.demo_subject import demo_images
+from tests.helpers.images import image_folder
+from tests.helpers.runs import adapter_tensors, run_metrics
 
 pytestmark = pytest.mark.ray
-
-
-def _adapter(result: dict) -> dict[str, torch.Tensor]:
-    return load_file(Path(result["adapter_uri"]) / "pytorch_lora_weights.safetensors")
-
-
-def _metrics(result: dict) -> list[dict]:
-    return [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _folder(path: Path, images) -> str:
-    path.mkdir(parents=True)
-    for i, img in enumerate(images):
-        img.save(path / f"img{i}.png")
-    return str(path)
 
 
 def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tmp_path):
@@ -49,7 +35,7 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
     from raydb.train.stage import train_distributed
 
     same = demo_images(1)[0]
-    class_dir = _folder(tmp_path / "class", [same, same, same, same])
+    class_dir = image_folder(tmp_path / "class", [same, same, same, same])
     # text-encoder LoRA too: DDP wraps only the denoiser, so the encoder's gradients must be
     # averaged across workers by the step itself
     common = {"prior": {"class_data": class_dir, "num_class_images": 4},
@@ -59,15 +45,15 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
     # one workspace: the second run reuses the first one's encoded cache (the run ids differ)
     one = train_distributed(make_cfg(workspace=str(tmp_path / "ws"), cluster={"num_workers": 1},
                                      **{**common, "train": {**common["train"], "batch_size": 2}}),
-                            quiet=True, register=False)
+                            quiet=True)
     two = train_distributed(make_cfg(workspace=str(tmp_path / "ws"), cluster={"num_workers": 2},
                                      **{**common, "train": {**common["train"], "batch_size": 1}}),
-                            quiet=True, register=False)
-    a, b = _adapter(one), _adapter(two)
+                            quiet=True)
+    a, b = adapter_tensors(one), adapter_tensors(two)
     assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=2.5e-7, atol=0.0)
-    la, lb = _metrics(one), _metrics(two)
+    la, lb = run_metrics(one), run_metrics(two)
     for x, y in zip(la, lb, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
         # AdamW is nearly scale-invariant, so the adapters alone would barely notice summed instead
@@ -80,11 +66,11 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
 def test_three_instance_images_on_four_workers(ray_cluster, make_cfg, tmp_path, class_images_dir):
     from raydb.train.stage import train_distributed
 
-    photos = _folder(tmp_path / "photos", demo_images(3))
+    photos = image_folder(tmp_path / "photos", demo_images(3))
     cfg = make_cfg(subject={"instance_data": photos}, cluster={"num_workers": 4},
                    prior={"class_data": class_images_dir, "num_class_images": 4},
                    train={"max_steps": 2})
-    result = train_distributed(cfg, quiet=True, register=False)
+    result = train_distributed(cfg, quiet=True)
     assert result["steps"] == 2
     meta = json.loads((Path(result["adapter_uri"]) / "adapter.json").read_text())
     assert meta["metrics"]["num_workers"] == 4

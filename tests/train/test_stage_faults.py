@@ -13,65 +13,57 @@ class rows over the (restarted) workers, every worker's class half is the same d
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from raydb import faults
 from raydb.registry import latest_version
 from raydb.storage import Storage
+from tests.helpers.drivers import kill_driver, start_driver
+from tests.helpers.images import image_folder
+from tests.helpers.runs import adapter_tensors, run_metrics
 
 pytestmark = pytest.mark.ray
-
-
-def _metrics(result: dict) -> list[dict]:
-    return [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def same_class_images(tmp_path_factory) -> str:
     """Four copies of one image: any split of the class rows gives every worker the same data."""
-    from raydb.data.demo import demo_images
+    from raydb.data.demo_subject import demo_images
 
-    root = tmp_path_factory.mktemp("same-class")
     image = demo_images(1, size=64)[0]
-    for i in range(4):
-        image.save(root / f"class{i}.png")
-    return str(root)
+    return image_folder(tmp_path_factory.mktemp("same-class"), [image] * 4, prefix="class")
 
 
 def _assert_same_run(resumed: dict, uninterrupted: dict) -> None:
     """Per-step losses and gradient norms, and the saved adapter, equal those of the uninterrupted run."""
-    got, want = _metrics(resumed), _metrics(uninterrupted)
+    got, want = run_metrics(resumed), run_metrics(uninterrupted)
     assert [m["step"] for m in got] == [m["step"] for m in want]
     for key in ("loss", "loss_instance", "loss_prior", "grad_norm"):
         assert [m[key] for m in got] == [m[key] for m in want], key
-    a = load_file(Path(resumed["adapter_uri"]) / "pytorch_lora_weights.safetensors")
-    b = load_file(Path(uninterrupted["adapter_uri"]) / "pytorch_lora_weights.safetensors")
+    a, b = adapter_tensors(resumed), adapter_tensors(uninterrupted)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _uninterrupted(train_distributed, cfg, workspace: Path) -> dict:
-    return train_distributed(cfg.model_copy(update={"workspace": str(workspace)}), quiet=True, register=False)
+    return train_distributed(cfg.model_copy(update={"workspace": str(workspace)}), quiet=True)
 
 
 def test_two_workers_survive_a_killed_worker_and_register(ray_cluster, make_cfg, tmp_path,
                                                           monkeypatch, same_class_images):
     """2 workers; worker 1 is SIGKILLed at step 5 (after checkpoints at 2 and 4): the group is
-    replaced, resumes from a checkpoint, finishes exactly max_steps, registers the adapter — and
-    trained exactly what an uninterrupted run trains.
+    replaced, resumes from a checkpoint, finishes exactly max_steps, the pipeline registers the
+    adapter — and it trained exactly what an uninterrupted run trains.
 
     Deliberate break caught: the checkpoint's optimizer state not restored (``restore_payload``
     skipping ``optimizer.load_state_dict``): the step numbers still run 1..8, the losses after the
     resume do not match.
     """
+    from raydb.pipeline import run_pipeline
+    from raydb.train.rundir import RESULT
     from raydb.train.stage import train_distributed
 
     monkeypatch.setenv(faults.ENV, json.dumps(
@@ -79,23 +71,26 @@ def test_two_workers_survive_a_killed_worker_and_register(ray_cluster, make_cfg,
     cfg = make_cfg(cluster={"num_workers": 2, "max_failures": 2},
                    prior={"class_data": same_class_images, "num_class_images": 4},
                    train={"max_steps": 8, "checkpoint_every": 2, "dtype": "float64"})
-    result = train_distributed(cfg, quiet=True)
+    summary = run_pipeline(cfg, stages=["train", "register"], quiet=True)
+    result = json.loads((Path(summary["run_dir"]) / RESULT).read_text())
     assert (tmp_path / "killed-once").exists(), "the fault was not injected"
     # Resumed from a checkpoint taken before the kill at step 5 (step 4, or step 2 when the
     # controller had not yet registered step 4's report when it saw the worker die).
     assert result["resumed_from"] in (2, 4)
-    lines = _metrics(result)
+    lines = run_metrics(result)
     assert [m["step"] for m in lines] == list(range(1, 9))  # continues the count, exactly max_steps
     assert all(m["images_per_s"] > 0 for m in lines)
     record = latest_version(Storage(), cfg.workspace, cfg.subject.id)
-    assert record["uri"] == result["registered"]
+    assert record["uri"] == summary["registered"]
     meta = json.loads((Path(record["uri"]) / "adapter.json").read_text())
     assert meta["metrics"]["num_workers"] == 2 and meta["metrics"]["steps"] == 8
     monkeypatch.delenv(faults.ENV)
     _assert_same_run(result, _uninterrupted(train_distributed, cfg, tmp_path / "uninterrupted"))
     # a rerun of the finished run trains nothing and keeps the registered version
-    again = train_distributed(cfg, quiet=True)
-    assert again["skipped"] and again["registered"] == record["uri"]
+    again = run_pipeline(cfg, stages=["train", "register"], quiet=True)
+    assert [s["status"] for s in again["stages"]] == ["skipped", "skipped"]
+    assert again["registered"] == record["uri"]
+    assert train_distributed(cfg, quiet=True)["skipped"]  # the stage itself finds the run finished
 
 
 def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, same_class_images):
@@ -107,20 +102,7 @@ def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, same
     cfg = make_cfg(cluster={"num_workers": 1},
                    prior={"class_data": same_class_images, "num_class_images": 4},
                    train={"max_steps": 30, "checkpoint_every": 3, "resolution": 64, "dtype": "float64"})
-    cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(json.dumps(cfg.to_dict()))
-    script = (
-        "import json, sys\n"
-        "from raydb.config import load_config\n"
-        "from raydb.ray_utils import init_ray\n"
-        "from raydb.train.stage import train_distributed\n"
-        f"cfg = load_config(data=json.load(open({str(cfg_file)!r})))\n"
-        "init_ray(cfg)\n"
-        "train_distributed(cfg, quiet=True)\n"
-    )
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    driver = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = start_driver(ray_cluster, cfg, tmp_path, "raydb.train.stage.train_distributed")
     run = Path(run_uri(cfg))
     deadline = time.time() + 240
     try:
@@ -133,11 +115,10 @@ def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, same
             assert driver.poll() is None, "driver ended before its first checkpoint"
             time.sleep(0.2)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+        kill_driver(driver)
     assert "checkpoint-step-" in snapshot.read_text(), "no checkpoint within the deadline"
     time.sleep(2)  # let the cluster reap the dead job's actors
     result = train_distributed(cfg.model_copy(update={}), quiet=True)
     assert result["resumed_from"] >= 3
-    assert [m["step"] for m in _metrics(result)] == list(range(1, 31))
+    assert [m["step"] for m in run_metrics(result)] == list(range(1, 31))
     _assert_same_run(result, _uninterrupted(train_distributed, cfg, tmp_path / "uninterrupted"))

@@ -260,7 +260,7 @@ def test_build_train_state_optimizer_schedule_and_modes():
 def test_fused_adamw_when_speed_says_so(monkeypatch):
     """Where ``use_fused_adam`` says yes (CUDA, or ``train.fused_adam: true``) AdamW gets ``fused=True``
     and ``foreach=False``; the question is asked about the LoRA parameters being trained."""
-    import raydb.train.speed as speed
+    import raydb.train.device_options as device_options
 
     asked = []
 
@@ -268,7 +268,7 @@ def test_fused_adamw_when_speed_says_so(monkeypatch):
         asked.append(params)
         return True
 
-    monkeypatch.setattr(speed, "use_fused_adam", fused_yes)
+    monkeypatch.setattr(device_options, "use_fused_adam", fused_yes)
     state = build_train_state(_cfg(), _Net(), None)
     [params] = asked
     assert [id(p) for p in params] == [id(p) for p in state.params] and params

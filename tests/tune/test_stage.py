@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +12,9 @@ import pytest
 
 from raydb.registry import latest_version
 from raydb.storage import Storage
+from tests.helpers.drivers import kill_driver, start_driver
+from tests.helpers.images import demo_photos
+from tests.helpers.trainings import CancelDuringStage, FakeJobs
 
 pytestmark = pytest.mark.ray
 
@@ -28,17 +27,10 @@ def _rows(path: str) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-class _Jobs:
-    """Ray's Jobs API as the service's queue sees it; the test runs the job's entrypoint itself."""
-
-    def submit(self, submission_id: str, entrypoint: str) -> None:
-        pass
-
-    def status(self, submission_id: str) -> tuple[str, str]:
-        return "RUNNING", ""
-
-    def stop(self, submission_id: str) -> None:
-        raise AssertionError("nothing is cancelled here")
+def _tune_fields(cfg) -> dict[str, str]:
+    """A ``tune: true`` training of ``cfg``'s subject, as the form fields of ``POST /v1/trainings``."""
+    return {"subject_id": cfg.subject.id, "instance_prompt": cfg.subject.instance_prompt,
+            "class_prompt": cfg.subject.class_prompt, "overrides": json.dumps({"tune": True})}
 
 
 def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_images_dir):
@@ -48,28 +40,18 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
     2x2 grid, two trials at a time: the lr=1e-3 trials of the second pair reach the first rung
     after both first-pair trials recorded theirs, score worse than the cut-off (the lr=1e-2 trial
     is ahead) and are stopped there."""
-    import io
-
     from raydb.config import RaydbConfig
-    from raydb.data.demo import demo_images
-    from raydb.service.runner import run_training
-    from raydb.service.trainings import TrainingService
     from raydb.storage import join
+    from raydb.trainings.job import run_training
+    from raydb.trainings.service import TrainingService
     from raydb.tune import tune_uri
 
     # 4 class images to train on, the other 4 of the folder held out for val_prior
     cfg = make_cfg(train={"max_steps": 8}, prior={"class_data": class_images_dir, "num_class_images": 4},
                    service={"tune": GRID | {"max_concurrent_trials": 2}},
                    eval={"clip_model": "tiny", "num_images": 1, "num_inference_steps": 2})
-    service = TrainingService(cfg, Storage(), _Jobs())
-    photos = []
-    for i, img in enumerate(demo_images()):  # builtin:demo's photos, as files
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        photos.append((f"demo{i}.png", buf.getvalue()))
-    fields = {"subject_id": cfg.subject.id, "instance_prompt": cfg.subject.instance_prompt,
-              "class_prompt": cfg.subject.class_prompt, "overrides": json.dumps({"tune": True})}
-    view, _ = service.submit("t1", fields, photos, None)
+    service = TrainingService(cfg, Storage(), FakeJobs())
+    view, _ = service.submit("t1", _tune_fields(cfg), demo_photos(), None)  # builtin:demo's photos
     assert run_training(service.store, "t1", view["id"]) == "succeeded"
     trained = RaydbConfig.model_validate(service.store.request("t1", view["id"])["config"])
     summary = Storage().read_json(join(tune_uri(trained), "summary.json"))
@@ -104,6 +86,36 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
     assert Path(summary["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_search_cancelled_while_it_runs_registers_nothing(ray_cluster, make_cfg, class_images_dir):
+    """A ``tune: true`` training whose ``DELETE`` lands while its search runs: the search finishes
+    and has a best trial, but nothing is registered and the subject id stays unclaimed — the tune
+    stage only returns the best adapter; the pipeline's register stage, which the job runs only
+    after winning the outcome, is the only registrar (a search that registered its best trial itself
+    ended a cancelled training registered)."""
+    from raydb.config import RaydbConfig
+    from raydb.registry import list_subjects, subject_owner
+    from raydb.storage import join
+    from raydb.trainings.job import run_training
+    from raydb.trainings.service import TrainingService
+    from raydb.tune import tune_uri
+
+    cfg = make_cfg(train={"max_steps": 2}, prior={"class_data": class_images_dir, "num_class_images": 4},
+                   service={"tune": {"prior_loss_weight": [1.0], "learning_rate": [1e-2], "eval_every": 2,
+                                     "max_concurrent_trials": 1}})
+    jobs = FakeJobs()
+    service = TrainingService(cfg, Storage(), jobs)
+    view, _ = service.submit("t1", _tune_fields(cfg), demo_photos(), None)
+    job_store = CancelDuringStage(service.store, "tune", lambda: service.cancel("t1", view["id"]))
+    assert run_training(job_store, "t1", view["id"]) == "cancelled"
+    assert job_store.cancelled and jobs.stopped == jobs.submitted
+    trained = RaydbConfig.model_validate(service.store.request("t1", view["id"])["config"])
+    summary = Storage().read_json(join(tune_uri(trained), "summary.json"))  # the search did finish
+    assert (Path(summary["best"]["run_dir"]) / "adapter" / "adapter.json").is_file()
+    assert list_subjects(Storage(), cfg.workspace) == {}
+    assert subject_owner(Storage(), cfg.workspace, cfg.subject.id) is None
+    assert service.get("t1", view["id"])["status"] == "cancelled"
+
+
 def test_killed_tune_driver_resumes(ray_cluster, make_cfg, tmp_path, class_images_dir):
     """Kill the tune driver after its first trial finished; the rerun restores the experiment and
     does not train the finished trial again."""
@@ -113,20 +125,7 @@ def test_killed_tune_driver_resumes(ray_cluster, make_cfg, tmp_path, class_image
                    tune=GRID | {"prior_loss_weight": [0.0, 1.0], "learning_rate": [1e-2],
                                 "max_concurrent_trials": 1, "eval_every": 2,
                                 "grace_period": 2})  # no early stop: both trials finish
-    cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(json.dumps(cfg.to_dict()))
-    script = (
-        "import json\n"
-        "from raydb.config import load_config\n"
-        "from raydb.ray_utils import init_ray\n"
-        "from raydb.tune import run_tune\n"
-        f"cfg = load_config(data=json.load(open({str(cfg_file)!r})))\n"
-        "init_ray(cfg)\n"
-        "run_tune(cfg, quiet=True)\n"
-    )
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    driver = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = start_driver(ray_cluster, cfg, tmp_path, "raydb.tune.run_tune")
     runs = Path(cfg.workspace) / "runs" / cfg.subject.id
     deadline = time.time() + 300
     try:
@@ -135,9 +134,7 @@ def test_killed_tune_driver_resumes(ray_cluster, make_cfg, tmp_path, class_image
             time.sleep(0.5)
         time.sleep(3)  # let Tune record the finished trial in its experiment state
     finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+        kill_driver(driver)
     finished = list(runs.glob("*/result.json"))
     assert len(finished) == 1, "expected exactly one finished trial before the kill"
     first_mtime = finished[0].stat().st_mtime_ns

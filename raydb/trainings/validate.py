@@ -1,0 +1,200 @@
+"""Checking a ``POST /v1/trainings`` submission before anything is written (no Ray, no HTTP).
+
+``validate_submission`` takes the form's text fields and its photos and returns the training's
+validated config, or raises :class:`raydb.errors.RequestError` naming the field (the HTTP layer
+answers 422, 413 for :class:`TooLarge`, 403 for :class:`Forbidden`). In order:
+
+1. fields: only ``subject_id``, ``instance_prompt``, ``class_prompt``, ``overrides``,
+   ``photo_uris``; ids by the safe-id rule, prompts non-empty and within ``serve.max_prompt_chars``;
+2. overrides: a JSON object of dotted config keys, each in ``service.allowed_overrides``
+   (unknown keys and keys outside the list are both refused), ``train.max_steps`` at most
+   ``service.max_train_steps``, ``tune: true`` switches on the operator's ``service.tune`` search
+   (named after the training, so each training searches afresh);
+3. photos: 1..``service.max_photos`` files, uploaded and named by ``s3://`` URI together (the
+   URIs' policy, listing and reads: :mod:`raydb.trainings.photo_uris`), each at most
+   ``service.max_photo_bytes`` and ``service.max_photo_pixels`` (read from the header, before
+   decoding: a decompression bomb is refused without being decompressed), then decoded by the
+   ingestion rules themselves (:func:`raydb.data.ingest.load_images` on a private temporary
+   folder), so a photo is accepted exactly when ``raydb train`` would accept the same file;
+4. the whole training config (the ingress's config with this subject and the overrides), validated
+   like any config file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+from raydb.config import ConfigError, RaydbConfig, apply_overrides, load_config
+from raydb.errors import Forbidden, RequestError, TooLarge
+from raydb.ids import check_safe_id
+from raydb.storage import Storage
+from raydb.trainings.photo_uris import parse_photo_uris, read_photo_uris
+
+__all__ = ["FIELDS", "TooLarge", "Forbidden", "Submission", "validate_submission", "photo_names"]
+
+FIELDS = ("subject_id", "instance_prompt", "class_prompt", "overrides", "photo_uris")
+
+
+@dataclass
+class Submission:
+    """A checked training: its config (as a dict), the photos under their stored names (uploads
+    first, then those read from ``photo_uris``, the field's URIs as given)."""
+
+    training_id: str
+    subject_id: str
+    config: dict[str, Any]
+    photos: list[tuple[str, bytes]]
+    overrides: dict[str, Any]
+    photo_uris: list[str]
+
+
+def photo_names(filenames: list[str]) -> list[str]:
+    """Stored names: ``photo-NN-<client name reduced to [A-Za-z0-9._-]>`` (client names are untrusted
+    paths, and two may be equal); the name stays recognisable in error messages and keeps its suffix,
+    which the ingestion rules check."""
+    out = []
+    for i, name in enumerate(filenames):
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", PurePath(name or "").name).lstrip(".")[-48:] or "unnamed"
+        out.append(f"photo-{i:02d}-{base}")
+    return out
+
+
+def _text(fields: dict[str, str], name: str, limit: int) -> str:
+    value = fields.get(name)
+    if value is None or not value.strip():
+        raise RequestError(name, "required")
+    if len(value) > limit:
+        raise RequestError(name, f"at most {limit} characters, got {len(value)}")
+    return value
+
+
+def _overrides(raw: str | None, cfg: RaydbConfig) -> dict[str, Any]:
+    if raw is None or not raw.strip():
+        return {}
+    try:
+        overrides = json.loads(raw)
+    except json.JSONDecodeError:
+        raise RequestError("overrides", "must be a JSON object of config keys") from None
+    if not isinstance(overrides, dict):
+        raise RequestError("overrides", "must be a JSON object of config keys")
+    known = _config_keys(cfg.to_dict()) | {"tune"}
+    allowed = set(cfg.service.allowed_overrides)
+    for key in overrides:
+        if key not in known:
+            raise RequestError("overrides", f"unknown key {key!r}")
+        if key not in allowed:
+            raise RequestError("overrides", f"{key!r} may not be overridden (allowed: "
+                                            f"{', '.join(sorted(allowed)) or 'none'})")
+    if "tune" in overrides and not isinstance(overrides["tune"], bool):
+        raise RequestError("overrides", "'tune' must be true or false")
+    steps = overrides.get("train.max_steps")
+    most = cfg.service.max_train_steps
+    if isinstance(steps, int) and steps > most:
+        raise RequestError("overrides", f"train.max_steps: at most {most}, got {steps}")
+    return overrides
+
+
+def _config_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, value in tree.items():
+        keys.add(prefix + name)
+        if isinstance(value, dict) and name not in ("api_keys",):
+            keys |= _config_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def _check_photo_limits(photos: list[tuple[str, bytes]], cfg: RaydbConfig, field: str) -> None:
+    """Bytes and pixels of each ``(name for messages, bytes)``."""
+    from PIL import Image, UnidentifiedImageError
+
+    sc = cfg.service
+    for name, data in photos:
+        if not data:
+            raise RequestError(field, f"{name}: empty file")
+        if len(data) > sc.max_photo_bytes:
+            raise TooLarge(field, f"{name}: {len(data)} bytes, at most {sc.max_photo_bytes}")
+        try:  # the header only: width and height are known before a single pixel is decoded
+            with Image.open(io.BytesIO(data), formats=("JPEG", "PNG", "WEBP")) as probe:
+                width, height = probe.size
+        except Image.DecompressionBombError:
+            raise RequestError(field, f"{name}: too many pixels (a decompression bomb?)") from None
+        except (UnidentifiedImageError, OSError, ValueError):
+            continue  # not an image we decode: the ingestion rules below name the problem
+        if width * height > sc.max_photo_pixels:
+            raise RequestError(field, f"{name}: {width}x{height} is {width * height} pixels, "
+                                      f"at most {sc.max_photo_pixels}")
+
+
+def _check_photos_decode(photos: list[tuple[str, str, bytes]], cfg: RaydbConfig, field: str) -> None:
+    """The ingestion rules over ``(stored name, name for messages, bytes)`` on a private temporary
+    folder (deleted; nothing reaches the workspace)."""
+    from raydb.data.ingest import IngestError, load_images
+
+    if not photos:
+        return
+    label = {stored: shown for stored, shown, _ in photos}
+    with tempfile.TemporaryDirectory(prefix="raydb-upload-") as tmp:
+        for name, _, data in photos:
+            (Path(tmp) / name).write_bytes(data)
+        try:
+            load_images(tmp, cfg.train.resolution, center_crop=cfg.train.center_crop, field=field)
+        except IngestError as exc:
+            problems = "; ".join(f"{label.get(name, name)}: {why}"
+                                 for name, why in sorted(exc.problems.items()))
+            raise RequestError(field, problems) from None
+
+
+def validate_submission(
+    fields: dict[str, str], uploads: list[tuple[str, bytes]], cfg: RaydbConfig, *, tenant: str,
+    training_id: str, photos_uri: str, storage: Storage,
+) -> Submission:
+    """The checks of the module docstring; ``uploads`` are (client file name, bytes) pairs;
+    ``storage`` reads ``photo_uris`` (the service's own)."""
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise RequestError(unknown[0], "unknown field (expected: photos, " + ", ".join(FIELDS) + ")")
+    limit = cfg.serve.max_prompt_chars
+    subject_id = _text(fields, "subject_id", 64)
+    try:
+        check_safe_id(subject_id)
+    except ValueError as exc:
+        raise RequestError("subject_id", str(exc)) from None
+    instance_prompt = _text(fields, "instance_prompt", limit)
+    class_prompt = _text(fields, "class_prompt", limit)
+    overrides = _overrides(fields.get("overrides"), cfg)
+    tree = cfg.to_dict()
+    tree["subject"] = {"id": subject_id, "tenant": tenant, "instance_data": photos_uri,
+                       "instance_prompt": instance_prompt, "class_prompt": class_prompt}
+    # a search of its own per training (tune/<subject>/<training id>/): under the operator's name a
+    # second training of the subject would restore the first one's finished search
+    tree["tune"] = cfg.service.tune.model_dump(mode="json") | {"name": training_id} if overrides.get("tune") \
+        else None
+    try:
+        trained = load_config(data=apply_overrides(
+            tree, [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "tune"]))
+    except ConfigError as exc:
+        raise RequestError("overrides", str(exc).replace("\n", " ")) from None
+    # photos last: the cheap checks above refuse a bad request before any S3 read
+    uris = parse_photo_uris(fields.get("photo_uris"))
+    sc = cfg.service
+    if not uploads and not uris:
+        raise RequestError("photos", "upload at least one photo (multipart field 'photos') or name them "
+                                     "in 'photo_uris'")
+    if len(uploads) > sc.max_photos:
+        raise RequestError("photos", f"at most {sc.max_photos} photos, got {len(uploads)}")
+    uploaded = list(zip(photo_names([name for name, _ in uploads]), [b for _, b in uploads], strict=True))
+    _check_photo_limits(uploaded, cfg, "photos")
+    fetched = read_photo_uris(uris, storage, sc, tenant, uploaded=len(uploads))
+    _check_photo_limits(fetched, cfg, "photo_uris")
+    stored = photo_names([name for name, _ in uploads] + [uri for uri, _ in fetched])[len(uploads):]
+    _check_photos_decode([(name, name, b) for name, b in uploaded], trained, "photos")
+    _check_photos_decode([(name, uri, b) for name, (uri, b) in zip(stored, fetched, strict=True)], trained,
+                         "photo_uris")
+    photos = uploaded + [(name, b) for name, (_, b) in zip(stored, fetched, strict=True)]
+    return Submission(training_id, subject_id, trained.to_dict(), photos, overrides, uris)

@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
+from raydb.cluster import free_ports
 from raydb.config import load_config
 from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS
-from tests.helpers.head_cluster import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 

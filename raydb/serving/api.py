@@ -34,6 +34,10 @@ __all__ = [
 
 
 MAX_TEXT_CHARS = 4096  # hard ceiling on any text field, whatever serve.max_prompt_chars says
+# guidance_scale when a request names none: SD/SDXL's classifier-free guidance as diffusers'
+# pipelines default it; FLUX.1-dev's distilled guidance input as FluxPipeline defaults it (7.5 there
+# would be far outside what the model was distilled at)
+GUIDANCE_SCALE, FLUX_GUIDANCE_SCALE = 7.5, 3.5
 
 
 class GenerateRequest(BaseModel):
@@ -49,7 +53,7 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     negative_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float = Field(7.5, ge=0.0, le=50.0)
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)  # None: the family's default
     seed: int | None = Field(None, ge=0, lt=2**63)
     width: int | None = Field(None, ge=8)
     height: int | None = Field(None, ge=8)
@@ -114,8 +118,10 @@ def validate_generate(req: GenerateRequest, cfg: ServeConfig, subject_meta: dict
     if req.num_images > cfg.max_images:
         raise RequestError("num_images", f"at most {cfg.max_images}, got {req.num_images}")
     seed = req.seed if req.seed is not None else random.randrange(2**31)
+    guidance = req.guidance_scale if req.guidance_scale is not None else \
+        FLUX_GUIDANCE_SCALE if flux else GUIDANCE_SCALE
     return GenerateParams(
         prompt=final_prompt(req.prompt, subject_meta), negative_prompt=req.negative_prompt,
-        num_inference_steps=steps, guidance_scale=req.guidance_scale, seed=seed,
+        num_inference_steps=steps, guidance_scale=guidance, seed=seed,
         width=req.width, height=req.height, num_images=req.num_images,
     )

@@ -63,7 +63,8 @@ class PriorConfig(Section):
     num_class_images: int = Field(100, ge=1, description="Class images used for prior preservation.")
     sample_batch_size: int = Field(4, ge=1, description="Images generated per pipeline call.")
     num_inference_steps: int = Field(25, ge=1, description="Denoising steps per class image.")
-    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale.")
+    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale (FLUX.1-dev: "
+                                  "its distilled guidance input; 3.5 as jobs/configs/flux-*.yaml set it).")
     negative_prompt: str = Field("", description="Negative prompt for class images.")
     seed: int = Field(0, ge=0, description="Base seed; image i uses a seed derived from (seed, i).")
     concurrency: int | None = Field(None, ge=1, description="Generator actors (default: GPUs, or 1 on CPU).")

@@ -29,6 +29,7 @@ from raydb.config import ModelConfig
 from raydb.models.family import (
     FLOW_MATCHING,
     FLUX,
+    SD,
     SDXL,
     detect_family,
     family_of_unet_config,
@@ -41,12 +42,14 @@ from raydb.models.tiny_sdxl import save_tiny_sdxl_model, tiny_sdxl_identity
 from raydb.storage import Storage, is_s3
 
 __all__ = ["Components", "resolve_model", "model_family", "load_components", "load_pipeline",
-           "model_identity", "hub_revision", "sampling_dtype", "pipeline_call_kwargs", "BUILTIN_MODELS"]
+           "model_identity", "hub_revision", "sampling_dtype", "pipeline_call_kwargs", "BUILTIN_MODELS",
+           "configured_family"]
 
 # model.pretrained values built in code: (writer, identity)
 BUILTIN_MODELS = {"tiny": (save_tiny_model, tiny_identity),
                   "tiny-sdxl": (save_tiny_sdxl_model, tiny_sdxl_identity),
                   "tiny-flux": (save_tiny_flux_model, tiny_flux_identity)}
+_BUILTIN_FAMILIES = {"tiny": SD, "tiny-sdxl": SDXL, "tiny-flux": FLUX}  # what each one's folder says
 
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -165,6 +168,35 @@ def resolve_model(cfg: ModelConfig, storage: Storage, workspace: str) -> tuple[s
     if spec.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model.pretrained: folder {spec} does not exist")
     return spec, f"hub:{spec}@{hub_revision(spec, cfg.revision)}"
+
+
+# what detect_family reads: a folder's index and its denoiser's config, a few kB
+_FAMILY_FILES = ("model_index.json", "unet/config.json", "transformer/config.json")
+
+
+def configured_family(cfg: ModelConfig, storage: Storage) -> str | None:
+    """The family of ``cfg.pretrained`` without materialising or downloading the model: a built-in
+    model's, a local folder's, or an ``s3://`` folder's from its few config files. None for a hub
+    id (its configs need the network; the training job reads them when it loads the model).
+
+    For checks that should answer before any work is queued (a training submission whose
+    ``train.resolution`` the family cannot train at).
+    """
+    import tempfile
+
+    spec = cfg.pretrained
+    if spec in _BUILTIN_FAMILIES:
+        return _BUILTIN_FAMILIES[spec]
+    if is_s3(spec):
+        with tempfile.TemporaryDirectory(prefix="raydb-family-") as tmp:
+            for name in _FAMILY_FILES:
+                uri = f"{spec.rstrip('/')}/{name}"
+                if storage.exists(uri):
+                    (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                    (Path(tmp) / name).write_bytes(storage.read_bytes(uri))
+            return detect_family(tmp)
+    path = Path(spec).expanduser()
+    return detect_family(path) if path.is_dir() else None
 
 
 def hub_revision(repo_id: str, revision: str | None) -> str:

@@ -17,7 +17,8 @@ answers 422, 413 for :class:`TooLarge`, 403 for :class:`Forbidden`). In order:
    ingestion rules themselves (:func:`raydb.data.ingest.load_images` on a private temporary
    folder), so a photo is accepted exactly when ``raydb train`` would accept the same file;
 4. the whole training config (the ingress's config with this subject and the overrides), validated
-   like any config file.
+   like any config file, and its ``train.resolution`` against the base model's family (FLUX.1:
+   multiples of 16), read from the model's config files without loading it.
 """
 
 from __future__ import annotations
@@ -150,6 +151,19 @@ def _check_photos_decode(photos: list[tuple[str, str, bytes]], cfg: RaydbConfig,
             raise RequestError(field, problems) from None
 
 
+def _check_family(cfg: RaydbConfig, storage: Storage) -> None:
+    """A resolution the base model's family cannot train at is refused now, not by the job."""
+    from raydb.models.components import configured_family
+    from raydb.models.family import check_resolution
+
+    family = configured_family(cfg.model, storage)
+    if family is not None:
+        try:
+            check_resolution(cfg.train.resolution, family)
+        except ValueError as exc:
+            raise RequestError("overrides", str(exc)) from None
+
+
 def validate_submission(
     fields: dict[str, str], uploads: list[tuple[str, bytes]], cfg: RaydbConfig, *, tenant: str,
     training_id: str, photos_uri: str, storage: Storage,
@@ -180,6 +194,7 @@ def validate_submission(
             tree, [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "tune"]))
     except ConfigError as exc:
         raise RequestError("overrides", str(exc).replace("\n", " ")) from None
+    _check_family(trained, storage)
     # photos last: the cheap checks above refuse a bad request before any S3 read
     uris = parse_photo_uris(fields.get("photo_uris"))
     sc = cfg.service

@@ -129,3 +129,28 @@ def test_transformer_call_equals_the_pipelines(pipe):
     with pytest.raises(ValueError, match="guidance-distilled"):
         flux_velocity(pipe.transformer, latents, sigmas, t5_states=embeds, pooled=pooled, text_ids=text_ids,
                       guidance=None)
+
+
+def test_configured_family_reads_only_the_config_files(tiny_flux_dir, tiny_sdxl_dir, s3_bucket, tmp_path):
+    """What a training submission checks its resolution against, before any work is queued: a
+    built-in model's family (the same as its folder's), a local folder's, an ``s3://`` folder's from
+    its few config files (its weights are never read), and None for a hub id (offline)."""
+    from raydb.config import ModelConfig
+    from raydb.models.components import BUILTIN_MODELS, configured_family
+    from raydb.storage import Storage
+
+    endpoint, bucket = s3_bucket
+    storage = Storage(endpoint)
+    folders = {"tiny-flux": tiny_flux_dir, "tiny-sdxl": tiny_sdxl_dir}
+    for name, folder in folders.items():
+        assert configured_family(ModelConfig(pretrained=name), storage) == detect_family(folder)
+    assert set(BUILTIN_MODELS) == {"tiny", "tiny-sdxl", "tiny-flux"}  # each has its family above
+    assert configured_family(ModelConfig(pretrained="tiny"), storage) == SD
+    assert configured_family(ModelConfig(pretrained=tiny_flux_dir), storage) == FLUX
+    storage.upload_dir(tiny_flux_dir, f"{bucket}/flux")
+    reads = []
+    read_bytes = storage.read_bytes
+    storage.read_bytes = lambda uri: reads.append(uri) or read_bytes(uri)
+    assert configured_family(ModelConfig(pretrained=f"{bucket}/flux"), storage) == FLUX
+    assert reads and all(uri.endswith(".json") for uri in reads), reads
+    assert configured_family(ModelConfig(pretrained="black-forest-labs/FLUX.1-dev"), storage) is None

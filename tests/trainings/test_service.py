@@ -128,6 +128,24 @@ def test_overrides_outside_the_allowed_list_are_422(service):
     assert request["config"]["train"]["max_steps"] == 3 and request["config"]["lora"]["rank"] == 2
 
 
+def test_a_resolution_the_base_models_family_cannot_train_at_is_422(make_cfg, tmp_path):
+    """On a FLUX.1 base, train.resolution must be a multiple of 16: refused at submission (not by
+    the job, after a queue wait), read from the model's config files without loading it."""
+    cfg = make_cfg(workspace=str(tmp_path / "ws"), model={"pretrained": "tiny-flux"},
+                   prior={"enabled": False}, train={"max_steps": 2, "resolution": 64})
+    jobs = FakeJobs()
+    app = FastAPI()
+    app.include_router(router)
+    app.state.raydb_trainings = TrainingsEndpoint(cfg, Storage(), _tenant, jobs=jobs, background=False)
+    c = TestClient(app)
+    resp = _post(c, overrides=json.dumps({"train.resolution": 72}))
+    assert resp.status_code == 422, resp.text
+    detail = resp.json()["detail"][0]
+    assert detail["loc"] == ["body", "overrides"] and "FLUX.1 needs a multiple of 16" in detail["msg"]
+    assert jobs.submitted == [] and not list(Path(cfg.workspace).rglob("request.json"))
+    assert _post(c, overrides=json.dumps({"train.resolution": 80})).status_code == 202
+
+
 def test_idempotency_queue_limits_and_tenant_isolation(service):
     cfg, jobs, client = service
     c = client()

@@ -1,6 +1,6 @@
 """``make demo``: the whole pipeline on a local Ray cluster, then one authenticated HTTP request.
 
-tiny model -> built-in demo subject -> ``run_pipeline`` (prior images, encode, training — or a short
+digits model -> built-in subject -> ``run_pipeline`` (prior images, encode, training — or a short
 search when the config has ``tune:`` — registration, the Serve app) -> ``POST /v1/generate`` with a
 fresh random API key -> the PNG on disk -> Serve shut down. A second ``make demo`` skips every
 stage whose inputs are unchanged (see :mod:`raydb.pipeline`).
@@ -9,6 +9,7 @@ stage whose inputs are unchanged (see :mod:`raydb.pipeline`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -24,6 +25,8 @@ from raydb.config import RaydbConfig
 from raydb.storage import Storage, is_s3, join
 
 __all__ = ["run_demo", "generate_png"]
+
+log = logging.getLogger(__name__)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -57,6 +60,16 @@ def _copy_out(storage: Storage, uri: str | None, dest: Path) -> str | None:
     return str(dest)
 
 
+def _enlarged_copy(png: Path, dest: Path, min_side: int = 256) -> None:
+    """A small image (the digits model draws 32 px) also saved enlarged, pixels kept sharp, to look at."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        factor = -(-min_side // min(image.size))
+        if factor > 1:
+            image.resize((image.width * factor, image.height * factor), Image.NEAREST).save(dest)
+
+
 def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
     """Run the pipeline with a Serve deployment, make one authenticated request, shut Serve down."""
     import ray
@@ -82,8 +95,10 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
     try:
         summary = run_pipeline(cfg, storage, deploy=True)
         url = summary["url"]
-        body = {"subject_id": cfg.subject.id, "prompt": f"{cfg.subject.instance_prompt} on a beach",
-                "seed": 0, "num_inference_steps": 10, "width": cfg.train.resolution,
+        # the subject as it was trained: its instance prompt, DDIM's 25 steps, no guidance (the way
+        # bench/fidelity.py samples, so the demo's picture is one of the figures' kind)
+        body = {"subject_id": cfg.subject.id, "prompt": cfg.subject.instance_prompt, "seed": 0,
+                "num_inference_steps": 25, "guidance_scale": 1.0, "width": cfg.train.resolution,
                 "height": cfg.train.resolution}
         denied, _ = generate_png(url, None, body)
         t = time.perf_counter()
@@ -92,8 +107,10 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
         if status != 200 or not png.startswith(b"\x89PNG"):
             raise RuntimeError(f"POST {url} answered {status}: {png[:300]!r}")
         (out / "generated.png").write_bytes(png)
-        print(f"POST {url} without a key: {denied}; with the demo key: {status}, "
-              f"{len(png)} bytes of PNG in {request_s:.1f}s -> {out / 'generated.png'}")
+        _enlarged_copy(out / "generated.png", out / "generated_large.png")
+        log.info("POST %s without a key: %s; with the demo key: %s, %d bytes of PNG in %.1fs -> %s "
+                 "(enlarged: %s)", url, denied, status, len(png), request_s, out / "generated.png",
+                 out / "generated_large.png")
     finally:
         if ray.is_initialized():
             serve.shutdown()
@@ -104,6 +121,7 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
     run_dir = learned.get("run_dir")
     artifacts = {
         "generated_png": str(out / "generated.png"),
+        "generated_large": str(large) if (large := out / "generated_large.png").exists() else None,
         "samples": _copy_out(storage, run_dir and join(run_dir, "samples.png"), out / "samples.png"),
         "loss_curve": _copy_out(storage, run_dir and join(run_dir, "loss_curve.png"), out / "loss_curve.png"),
         "tune_results": stages.get("tune", {}).get("results_csv"),
@@ -116,11 +134,9 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
         "pipeline_summary": summary["summary_uri"],
         "workspace": cfg.workspace if is_s3(cfg.workspace) else str(Path(cfg.workspace).resolve()),
     }
-    print("\nArtifacts:")
-    for name, where in artifacts.items():
-        if where:
-            print(f"  {name:17s} {where}")
-    print(f"  (served at {summary['url']} during the demo; Serve is shut down now. "
+    lines = [f"  {name:17s} {where}" for name, where in artifacts.items() if where]
+    log.info("artifacts:\n%s", "\n".join(lines))
+    log.info(f"  (served at {summary['url']} during the demo; Serve is shut down now. "
           f"`raydb pipeline --deploy --config ...` keeps it running)")
     return {"artifacts": artifacts, "stages": {s["stage"]: s["status"] for s in summary["stages"]},
             "seconds": round(time.perf_counter() - start, 1)}

@@ -250,24 +250,32 @@ def export_version(
     storage: Any, cfg: Any, subject_id: str, version: str | None = None, *,
     fmt: str = KOHYA_FORMAT, output: str | None = None,
 ) -> dict[str, Any]:
-    """Export one registered adapter (``version``, default the latest) to ``fmt``.
+    """Export one registered adapter of ``cfg.subject.tenant`` (``version``, default the latest) to
+    ``fmt``.
 
     The file is stored beside the diffusers weights in the registry version
-    (``subjects/<id>/<version>/lora_kohya.safetensors``) and listed in its adapter.json under
-    ``exports``; ``output`` (a local path or s3:// URI) also gets a copy. ``cfg.model`` must resolve
-    to the adapter's base model (its UNet layout names the keys). Returns ``{"format", "uri",
-    "sha256", "subject_id", "version"}`` (and ``"output"``).
+    (``tenants/<tenant>/subjects/<id>/<version>/lora_kohya.safetensors``) and listed in its
+    adapter.json under ``exports``; ``output`` (a local path or s3:// URI) also gets a copy.
+    ``cfg.model`` must resolve to the adapter's base model (its UNet layout names the keys). The
+    weights read are the version's own ``pytorch_lora_weights.safetensors``, the one file serving
+    reads too: an adapter.json whose ``weights`` names any other file (``../``, another version's)
+    is refused, never followed. Returns ``{"format", "uri", "sha256", "subject_id", "version"}``
+    (and ``"output"``).
     """
     from raydb.models.components import model_family, resolve_model
-    from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS, latest_version, version_uri
+    from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS, latest_version, read_metadata, version_uri
     from raydb.storage import join
 
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"export format {fmt!r} is not supported (supported: {', '.join(EXPORT_FORMATS)})")
-    version = version or latest_version(storage, cfg.workspace, subject_id)["version"]
-    target = version_uri(cfg.workspace, subject_id, version)
-    meta = storage.read_json(join(target, ADAPTER_META))
-    base = meta.get("base_model", {})
+    tenant = cfg.subject.tenant
+    version = version or latest_version(storage, cfg.workspace, tenant, subject_id)["version"]
+    target = version_uri(cfg.workspace, tenant, subject_id, version)
+    meta = read_metadata(storage, target)  # JSON that is not an object: a StorageError naming the file
+    if meta.get("weights", ADAPTER_WEIGHTS) != ADAPTER_WEIGHTS:
+        raise ValueError(f"export: {join(target, ADAPTER_META)} names the weights file "
+                         f"{meta.get('weights')!r}; a registered adapter's weights are {ADAPTER_WEIGHTS}")
+    base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
     path, identity = resolve_model(cfg.model, storage, cfg.workspace)
     if base.get("identity") != identity:
         raise ValueError(
@@ -279,7 +287,7 @@ def export_version(
     unet_config = _unet_config(path, **kw)
     if base.get("family", family_of_denoiser_config(unet_config)) != model_family(path, **kw):
         raise ValueError(f"export: adapter family {base.get('family')!r} does not match the base model")
-    data = to_kohya(storage.read_bytes(join(target, meta.get("weights", ADAPTER_WEIGHTS))), unet_config,
+    data = to_kohya(storage.read_bytes(join(target, ADAPTER_WEIGHTS)), unet_config,
                     kohya_metadata(meta, unet_config))
     name = EXPORT_FORMATS[fmt]
     digest = hashlib.sha256(data).hexdigest()

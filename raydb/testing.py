@@ -47,14 +47,15 @@ def random_lora_weights(shapes: dict[str, tuple[int, int]], *, rank: int, alpha:
 
 
 def write_random_adapter(storage: Storage, workspace: str, template_subject: str, subject_id: str, *,
-                         rank: int, seed: int, alpha: float | None = None) -> str:
-    """An adapter folder for ``subject_id``: ``template_subject``'s registered adapter.json with
-    seeded random weights of ``rank``, under ``<workspace>/synthetic-adapters/<subject_id>``.
+                         rank: int, seed: int, alpha: float | None = None, tenant: str = "default") -> str:
+    """An adapter folder for ``subject_id``: ``tenant``'s registered ``template_subject``'s
+    adapter.json with seeded random weights of ``rank``, under
+    ``<workspace>/synthetic-adapters/<subject_id>``.
 
     Returns the folder's URI; the caller registers it (``raydb.registry.register_adapter``), as the
     pipeline registers a trained one.
     """
-    template = latest_version(storage, workspace, template_subject)["uri"]
+    template = latest_version(storage, workspace, tenant, template_subject)["uri"]
     meta = storage.read_json(join(template, ADAPTER_META))
     _, state, lora_config = read_adapter(storage, template, meta["base_model"]["identity"])
     shapes = {key.removesuffix(".lora.down.weight"): (0, tensor.shape[1])

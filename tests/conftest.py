@@ -23,6 +23,26 @@ TINY_TRAIN = {
 TINY_PRIOR = {"num_class_images": 4, "sample_batch_size": 2, "num_inference_steps": 2, "num_holdout": 0}
 
 
+@pytest.fixture(autouse=True)
+def _console_settings_stay_in_their_test(monkeypatch):
+    """``cli.main`` sets up the console for the whole process (the ``raydb`` logger, the libraries'
+    loggers and verbosity variables); each test gets them back as they were."""
+    import logging
+
+    from raydb.console import _QUIET_ENV, QUIET_LOGGERS
+
+    for key in ["RAYDB_VERBOSE", *_QUIET_ENV]:
+        monkeypatch.setenv(key, "")  # recorded as it was, restored after the test
+        monkeypatch.delenv(key)
+    loggers = [logging.getLogger(name) for name in ("raydb", *QUIET_LOGGERS)]
+    saved = [(lg, lg.level, list(lg.handlers), list(lg.filters)) for lg in loggers]
+    yield
+    for lg, level, handlers, filters in saved:
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.filters[:] = filters
+
+
 @pytest.fixture(scope="session")
 def shared_workspace(tmp_path_factory) -> str:
     """A workspace reused across tests so the tiny model is written once per session."""

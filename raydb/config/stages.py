@@ -17,9 +17,11 @@ __all__ = ["ModelConfig", "SubjectConfig", "PriorConfig", "LoraConfig", "FlowCon
 class ModelConfig(Section):
     pretrained: str = Field(
         "tiny",
-        description="Base model: 'tiny' / 'tiny-sdxl' / 'tiny-flux' (built in: SD / SDXL / FLUX.1 at "
-        "toy widths), a local diffusers directory, an s3:// prefix, or a Hugging Face hub id (needs "
-        "network). SD 1.x/2.x, SDXL and FLUX.1 are told apart from the folder itself.",
+        description="Base model: 'digits' (built in: SD's architecture, small, trained on real "
+        "handwritten digits, 32 px), 'tiny' / 'tiny-sdxl' / 'tiny-flux' (built in: SD / SDXL / FLUX.1 "
+        "at toy widths, random weights, for tests), a local diffusers directory, an s3:// prefix, or a "
+        "Hugging Face hub id (needs network). SD 1.x/2.x, SDXL and FLUX.1 are told apart from the "
+        "folder itself.",
     )
     revision: str | None = Field(None, description="Hub revision, for hub ids only.")
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
@@ -34,7 +36,9 @@ class SubjectConfig(Section):
     id: str = Field("demo", description="Registry id of the subject: [A-Za-z0-9][A-Za-z0-9_.-]{0,63}.")
     tenant: str = Field("default", description="Tenant that owns the subject (used by serving).")
     instance_data: str = Field(
-        "builtin:demo", description="Folder or s3:// prefix of the subject's photos, or builtin:demo."
+        "builtin:demo", description="Folder or s3:// prefix of the subject's photos, or a built-in "
+        "subject: builtin:demo (a drawn toy) or builtin:red-three (five real threes in red ink on "
+        "yellow, for the digits model)."
     )
     instance_prompt: str = Field("a photo of sks toy", description="Prompt with the subject token.")
     class_prompt: str = Field("a photo of a toy", description="Prompt of the subject's class.")
@@ -264,9 +268,34 @@ class TuneConfig(Section):
     reduction_factor: float = Field(2.0, gt=1.0, description="ASHA reduction factor.")
     prior_weight_in_score: float = Field(1.0, ge=0.0, description="val_score = val_instance + w * val_prior.")
     name: str = Field("tune", description="Experiment name under the subject's tune folder.")
+    metric: Literal["val_score", "val_fidelity", "val_clip_i", "val_clip_t", "val_dino"] = Field(
+        "val_score", description="What ranks the trials: val_score (held-out denoising loss, lowest "
+        "first) or a score of sampled images, highest first: val_fidelity (eval.fidelity), val_clip_i "
+        "/ val_clip_t (eval.clip_model), val_dino (eval.dino_model).")
+
+    @property
+    def planned_trials(self) -> int:
+        """Trials the search runs: ``num_samples`` x the grid's points (a range is one point per sample)."""
+        points = 1
+        for space in (self.prior_loss_weight, self.learning_rate):
+            points *= len(space.values) if space.values is not None else 1
+        return self.num_samples * points
 
 
 class EvalConfig(Section):
     clip_model: str | None = Field(None, description="CLIP model for CLIP-I/CLIP-T ('tiny' or a path).")
-    num_images: int = Field(2, ge=1, description="Sampled images for CLIP metrics.")
-    num_inference_steps: int = Field(10, ge=1, description="Denoising steps of the CLIP-metric samples.")
+    dino_model: str | None = Field(None, description="DINO (ViT) model for the DINO subject-fidelity "
+                                   "score ('tiny' or a path / hub id, e.g. facebook/dino-vits16).")
+    fidelity: Literal["digits"] | None = Field(
+        None, description="Judge sampled images for val_fidelity (subject fidelity, drift, class "
+        "accuracy): 'digits' reads them with the digit classifier and the subject's colour-trait "
+        "detector (for model.pretrained: digits).")
+    num_images: int = Field(2, ge=1, le=256, description="Sampled images per prompt for the CLIP and "
+                            "fidelity metrics.")
+    num_inference_steps: int = Field(10, ge=1, description="Denoising steps of the metrics' samples.")
+
+    @property
+    def samples_images(self) -> bool:
+        """Validation samples images (CLIP, DINO or fidelity scores): the trainer then needs every
+        text encoder, FLUX.1's T5 included."""
+        return bool(self.clip_model or self.dino_model or self.fidelity)

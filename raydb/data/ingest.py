@@ -1,9 +1,10 @@
 """Instance (and user-supplied class) image ingestion.
 
-Reads a local folder or an ``s3://`` prefix (or ``builtin:demo``), applies EXIF orientation,
-converts to RGB, resizes the shorter side to ``resolution`` and center-crops. Every file is checked
-before anything is returned: corrupt files, non-images, an empty folder, or images whose shorter
-side is below the minimum all end in one :class:`IngestError` that lists every offending file.
+Reads a local folder or an ``s3://`` prefix (or a built-in subject, ``builtin:demo`` /
+``builtin:red-three``), applies EXIF orientation, converts to RGB, resizes the shorter side to
+``resolution`` and center-crops. Every file is checked before anything is returned: corrupt
+files, non-images, an empty folder, or images whose shorter side is below the minimum all end
+in one :class:`IngestError` that lists every offending file.
 
 Photos are untrusted input (a tenant's upload), so the decoder's attack surface is kept small:
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from raydb.data.demo_subject import DEMO_URI, demo_images
+from raydb.data.digits import SUBJECT_URI, subject_images
 from raydb.storage import Storage, is_s3, join
 
 __all__ = ["IngestError", "IMAGE_SUFFIXES", "IMAGE_FORMATS", "MAX_FILES", "MAX_BYTES", "ImageGeometry",
@@ -203,8 +205,9 @@ def load_images_with_geometry(
     max_bytes: int = MAX_BYTES,
 ) -> list[tuple[Image.Image, ImageGeometry]]:
     """:func:`load_images` with each image's :class:`ImageGeometry` (SDXL's size conditioning)."""
-    if uri == DEMO_URI:
-        return [prepare_image_with_geometry(im, resolution, center_crop) for im in demo_images()]
+    if uri in (DEMO_URI, SUBJECT_URI):  # built-in subjects, drawn in code
+        built = demo_images() if uri == DEMO_URI else subject_images(resolution)
+        return [prepare_image_with_geometry(im, resolution, center_crop) for im in built]
     storage = storage or Storage()
     sources = _list_sources(storage, uri, field, max_files, max_bytes)
     problems: dict[str, str] = {}

@@ -1,14 +1,14 @@
 """Resolve ``model.pretrained`` to a diffusers folder and load its components.
 
-``tiny`` (and ``tiny-sdxl``, ``tiny-flux``) is materialised once (``save_pretrained``) and then
-loaded through the same ``from_pretrained`` path as a real checkpoint; ``s3://`` prefixes are
-downloaded once into a local cache keyed by the objects' ETags; local folders are used in place;
-anything else is a hub id. Every model gets an *identity* string that keys caches (prior images,
-encodings) and is recorded in adapters, so a server can refuse an adapter trained on another base.
-The model *family* (SD 1.x/2.x, SDXL or FLUX.1, :mod:`raydb.models.family`) is read from the
-folder and travels with the components: it decides the denoiser (a UNet, or FLUX.1's
-transformer), the text encoders (CLIP; SDXL's second CLIP; FLUX.1's CLIP + T5) and the training
-objective (DDPM noise, or flow matching).
+``tiny`` (and ``tiny-sdxl``, ``tiny-flux``) is materialised once (``save_pretrained``), ``digits``
+copied once from the package's shipped weights, and then loaded through the same ``from_pretrained``
+path as a real checkpoint; ``s3://`` prefixes are downloaded once into a local cache keyed by the
+objects' ETags; local folders are used in place; anything else is a hub id. Every model gets an
+*identity* string that keys caches (prior images, encodings) and is recorded in adapters, so a
+server can refuse an adapter trained on another base. The model *family* (SD 1.x/2.x, SDXL or
+FLUX.1, :mod:`raydb.models.family`) is read from the folder and travels with the components: it
+decides the denoiser (a UNet, or FLUX.1's transformer), the text encoders (CLIP; SDXL's second CLIP;
+FLUX.1's CLIP + T5) and the training objective (DDPM noise, or flow matching).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from raydb.config import ModelConfig
+from raydb.models.digits import copy_digits_model, digits_identity
 from raydb.models.family import (
     FLOW_MATCHING,
     FLUX,
@@ -45,11 +46,13 @@ __all__ = ["Components", "resolve_model", "model_family", "load_components", "lo
            "model_identity", "hub_revision", "sampling_dtype", "pipeline_call_kwargs", "BUILTIN_MODELS",
            "configured_family"]
 
-# model.pretrained values built in code: (writer, identity)
+# model.pretrained values that ship with raydb: (writer of the folder, identity)
 BUILTIN_MODELS = {"tiny": (save_tiny_model, tiny_identity),
                   "tiny-sdxl": (save_tiny_sdxl_model, tiny_sdxl_identity),
-                  "tiny-flux": (save_tiny_flux_model, tiny_flux_identity)}
-_BUILTIN_FAMILIES = {"tiny": SD, "tiny-sdxl": SDXL, "tiny-flux": FLUX}  # what each one's folder says
+                  "tiny-flux": (save_tiny_flux_model, tiny_flux_identity),
+                  "digits": (copy_digits_model, digits_identity)}
+# what each one's folder says (tests/models/test_flux.py checks them against the folders)
+_BUILTIN_FAMILIES = {"tiny": SD, "tiny-sdxl": SDXL, "tiny-flux": FLUX, "digits": SD}
 
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 

@@ -70,11 +70,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
-def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _vocab_and_merges(words: list[str] | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    words = TINY_SPEC["words"] if words is None else words
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet]
     merges: list[tuple[str, str]] = []
-    for word in TINY_SPEC["words"]:  # whole-word merges so common prompt words are one token
+    for word in words:  # whole-word merges so common prompt words are one token
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:
             merged = pieces[0] + pieces[1]
@@ -87,14 +88,16 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges
 
 
-def build_tiny_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+def build_tiny_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>",
+                         words: list[str] | None = None):
     """A CLIPTokenizer whose byte-level BPE vocabulary is built in code (no download).
 
-    ``pad_token="!"`` gives SDXL's second tokenizer (open_clip pads with token 0, "!").
+    ``pad_token="!"`` gives SDXL's second tokenizer (open_clip pads with token 0, "!"); ``words``
+    (default: the tiny model's) become whole-word tokens.
     """
     from transformers import CLIPTokenizer
 
-    vocab, merges = _vocab_and_merges()
+    vocab, merges = _vocab_and_merges(words)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length,
                          pad_token=pad_token)
 

@@ -5,7 +5,7 @@ ingress's own bound, 503; the tenant's concurrency cap and token bucket for the 
 ``Retry-After``; the body's byte cap, 413, and read deadline, 408; an audit line), authenticates the
 caller, resolves the subject in the registry for the caller's tenant, validates the body against
 the configured limits and forwards to
-``RaydbDiffusion`` with ``multiplexed_model_id="<subject>@<version>"``, so Serve routes the request
+``RaydbDiffusion`` with ``multiplexed_model_id="<tenant>/<subject>@<version>"``, so Serve routes the request
 to a replica that already holds that adapter when one does. Each diffusion replica loads the base
 pipeline once and keeps up to ``serve.max_num_models_per_replica`` adapters resident
 (``@serve.multiplexed``, LRU); a new adapter is validated *before* it enters that cache, so a bad one
@@ -43,6 +43,7 @@ from ray.serve.handle import DeploymentHandle
 from raydb.config import RaydbConfig
 from raydb.errors import Refused, RequestError, TimedOut, Unavailable
 from raydb.registry import migrate_registry, version_uri
+from raydb.serving import observe
 from raydb.serving.adapters import AdapterError, AdapterGone, GenerationCancelled, LoadedAdapter
 from raydb.serving.api import GenerateRequest, validate_generate
 from raydb.serving.audit import note
@@ -57,6 +58,7 @@ from raydb.serving.engine import (
 )
 from raydb.serving.gate import Gate, GateMiddleware
 from raydb.serving.limits import ImageWorkers
+from raydb.serving.openapi import openapi_document
 from raydb.serving.proxy import check_open_proxy, running_proxy
 from raydb.serving.retry import DEFAULT_ATTEMPTS, call_with_retry, safe_to_repeat
 from raydb.serving.slots import SlotPool
@@ -64,6 +66,7 @@ from raydb.serving.status import http_exception, http_status
 from raydb.serving.subjects import (
     BadAdapterId,
     SubjectNotFound,
+    SubjectVersion,
     find_subject,
     model_id,
     parse_model_id,
@@ -87,6 +90,8 @@ http_app = FastAPI(title="raydb", description="DreamBooth-LoRA subjects over HTT
                    docs_url=None, redoc_url=None, openapi_url=None)
 http_app.include_router(trainings_router)  # /v1/trainings (docs/service.md)
 http_app.add_middleware(GateMiddleware)  # every route: the ingress replica's ``gate`` (raydb/serving/gate.py)
+# outside the gate: request ids in error bodies and logs, HTTP metrics (raydb/serving/observe.py)
+observe.install(http_app)
 
 
 @serve.deployment(name="RaydbDiffusion")
@@ -124,12 +129,15 @@ class DiffusionDeployment:
         self.pool = SlotPool(self.engine, failure_ttl_s=sc.adapter_failure_ttl_s)
         self.in_flight = self.peak_in_flight = self.cancelled = 0
         self.batcher = ShapeBatcher(self.engine.run_batch, key=lambda r: self.engine.key(r.params),
-                                    max_batch_size=sc.max_batch_size, wait_s=sc.batch_wait_ms / 1000)
+                                    max_batch_size=sc.max_batch_size, wait_s=sc.batch_wait_ms / 1000,
+                                    subject=lambda r: r.slot)
 
         async def load_adapter(adapter_id: str) -> LoadedAdapter:
-            subject_id, version = parse_model_id(adapter_id)
-            uri = version_uri(self.cfg.workspace, subject_id, version)
-            return await asyncio.to_thread(self.pool.load, self.storage, uri, subject_id, version)
+            tenant, subject_id, version = parse_model_id(adapter_id)
+            uri = version_uri(self.cfg.workspace, tenant, subject_id, version)
+            # the pool keys adapters by the qualified name: two tenants' "alice" are two adapters
+            return await asyncio.to_thread(self.pool.load, self.storage, uri, f"{tenant}/{subject_id}",
+                                           version)
 
         # Built here, not as a class decorator, because the cache size comes from the config.
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=sc.max_num_models_per_replica)(
@@ -138,9 +146,9 @@ class DiffusionDeployment:
     async def _adapter(self, adapter_id: str) -> LoadedAdapter:
         """The resident adapter, validated (and staged) first when it is not resident yet: the
         multiplexer evicts before it loads, so only a valid adapter may reach it."""
-        subject_id, version = parse_model_id(adapter_id)
+        tenant, subject_id, version = parse_model_id(adapter_id)
         if not self.pool.is_resident(adapter_id):
-            uri = version_uri(self.cfg.workspace, subject_id, version)
+            uri = version_uri(self.cfg.workspace, tenant, subject_id, version)
             await asyncio.to_thread(self.pool.stage, self.storage, uri, adapter_id)
         return await self._get_adapter(adapter_id)
 
@@ -206,6 +214,7 @@ class IngressDeployment:
     """``POST /v1/generate``, ``GET /v1/subjects``, ``GET /healthz``, ``/v1/trainings`` (docs: serve.docs)."""
 
     def __init__(self, config: dict[str, Any], diffusion: DeploymentHandle) -> None:
+        observe.install_log_fields()  # request id, tenant, subject on every log line of a request
         self.cfg = RaydbConfig.model_validate(config)
         sc = self.cfg.serve
         check_open_proxy(sc, running_proxy())  # auth: none behind a proxy on 0.0.0.0: refuse to start
@@ -218,14 +227,15 @@ class IngressDeployment:
         self.trainings = TrainingsEndpoint(self.cfg, self.storage, self._tenant,  # /v1/trainings
                                            images=self.images)
         if self.keys is None:
-            logger.warning("raydb serve: authentication is OFF (serve.auth=none); every caller sees "
-                           "every tenant's subjects. Use only on a trusted local machine.")
+            logger.warning("raydb serve: authentication is OFF (serve.auth=none); every caller is "
+                           "tenant %r (subject.tenant). Use only on a trusted local machine.",
+                           self.cfg.subject.tenant)
         elif not len(self.keys):
             logger.warning("raydb serve: no API keys configured (serve.api_keys, serve.api_keys_file or "
                            "$%s where the app is built); every request will get 401", sc.api_keys_env)
         migrated = migrate_registry(self.storage, self.cfg.workspace)
         if migrated:
-            logger.info("raydb serve: gave %d pre-ownership subjects their owner records", migrated)
+            logger.info("raydb serve: moved %d registry versions to per-tenant subject names", migrated)
 
     def _caller(self, headers: Any) -> tuple[str | None, str]:
         """``(tenant, caller)`` of the presented key for the gate: ``caller`` is ``key``, ``no key``,
@@ -255,7 +265,7 @@ class IngressDeployment:
         if not self.cfg.serve.docs:
             raise HTTPException(404, "Not Found")
         self._tenant(request)
-        return http_app.openapi()
+        return openapi_document(http_app)  # bodies, responses and the key schemes (serving/openapi.py)
 
     @http_app.get("/docs", include_in_schema=False)
     def docs(self, request: Request) -> Response:
@@ -267,7 +277,8 @@ class IngressDeployment:
     @http_app.get("/v1/subjects")
     async def subjects(self, request: Request) -> dict[str, Any]:
         tenant = self._tenant(request)
-        rows = await asyncio.to_thread(tenant_subjects, self.storage, self.cfg.workspace, tenant)
+        rows = await asyncio.to_thread(tenant_subjects, self.storage, self.cfg.workspace,
+                                       tenant or self.cfg.subject.tenant)
         return {"subjects": rows}
 
     @http_app.post("/v1/generate")
@@ -283,9 +294,10 @@ class IngressDeployment:
         GenerateRequest, an unknown subject, a broken limit."""
         sc = self.cfg.serve
         req = GenerateRequest.model_validate_json(await request.body())
+        observe.note(subject=req.subject_id)
         note(request, subject_id=req.subject_id, prompt=req.prompt, negative_prompt=req.negative_prompt)
-        subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace, req.subject_id,
-                                          tenant)
+        subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace,
+                                          tenant or self.cfg.subject.tenant, req.subject_id)
         params = validate_generate(req, sc, subject.metadata)
         note(request, adapter_version=subject.version, num_images=params.num_images,
              num_inference_steps=params.num_inference_steps, width=params.width, height=params.height)
@@ -293,7 +305,7 @@ class IngressDeployment:
         if want_png and params.num_images != 1:
             raise RequestError("num_images", "Accept: image/png returns one image; use application/json "
                                              "for more")
-        result = await self._call_replica(subject.subject_id, subject.version, params.model_dump())
+        result = await self._call_replica(subject, params.model_dump())
         if "error" in result:  # the replica's status, from the same table
             raise HTTPException(result["error"]["status"],
                                 f"subject {subject.subject_id!r}: {result['error']['detail']}")
@@ -306,10 +318,11 @@ class IngressDeployment:
         body = used | {"images": [base64.b64encode(png).decode("ascii") for png in result["images"]]}
         return Response(json.dumps(body), media_type="application/json")
 
-    async def _call_replica(self, subject_id: str, version: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def _call_replica(self, subject: SubjectVersion, params: dict[str, Any]) -> dict[str, Any]:
         """The replica's answer within ``serve.request_timeout_s``; the replica request is cancelled
         (its denoising loop stops) on timeout and when this request is cancelled (client gone)."""
-        handle = self.diffusion.options(multiplexed_model_id=model_id(subject_id, version))
+        handle = self.diffusion.options(
+            multiplexed_model_id=model_id(subject.tenant, subject.subject_id, subject.version))
         sent = []  # a replica that dies is retried with the same (seeded) params: retry.py
 
         def send():
@@ -330,4 +343,5 @@ class IngressDeployment:
                 sent[-1].cancel()
             raise
         except BackPressureError:
-            raise Unavailable("the server is at capacity; retry", retry_after=1) from None
+            raise Unavailable("the server is at capacity; retry", retry_after=1,
+                              rejection="backpressure") from None

@@ -75,7 +75,7 @@ from raydb.storage import Storage
 __all__ = ["EngineRequest", "DiffusionEngine", "shape_key", "compile_options", "warm_up_batches",
            "serving_compile_cache"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"ray.serve.{__name__}")  # under Serve's logger: its handlers
 
 # The warm-up loops' shape: the UNet graph depends on the batch (CFG doubles it) and the latent
 # size, not on the step count, so two steps compile what a 25-step request runs.

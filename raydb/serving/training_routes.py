@@ -7,11 +7,12 @@ the request — the multipart body is read only after the key was checked; the i
 (:mod:`raydb.serving.gate`) holds it to the tenant's limits, ``service.max_upload_bytes`` and
 ``serve.body_timeout_s`` — and answer the service's refusals with the status that
 :mod:`raydb.serving.status` gives them: 403 (a photo URI the tenant may not name), 404 (unknown or
-another tenant's training), 409 (subject id taken, cancel too late), 413 (too large), 422 (field
-named), 429 (+ Retry-After); 401 (key), 415 and 400 (not a multipart body) are the protocol's.
-A submission (photo decoding and preparation: seconds of CPU) runs on the ingress's image workers
-(:class:`raydb.serving.limits.ImageWorkers`, 503 when they and their queue are full); other
-blocking work (storage, the Jobs API) in a worker thread.
+another tenant's training), 409 (cancel too late), 413 (too large, or over the tenant's storage
+quota), 422 (field named), 429 (+ Retry-After: the queue, or the tenant's share of it, is full),
+503 (+ Retry-After: the queue's lease is busy); 401 (key), 415 and 400 (not a multipart body) are
+the protocol's. A submission (photo decoding and preparation: seconds of CPU) runs on the ingress's
+image workers (:class:`raydb.serving.limits.ImageWorkers`, 503 when they and their queue are full);
+other blocking work (storage, S3 photo reads, the Jobs API) in a worker thread.
 """
 
 import asyncio
@@ -142,9 +143,13 @@ async def create_training(request: Request) -> Response:
 
 
 @router.get("/v1/trainings")
-async def list_trainings(request: Request) -> dict[str, Any]:
+async def list_trainings(request: Request, limit: int | None = None,
+                         after: str | None = None) -> dict[str, Any]:
+    """One page of the caller's trainings, oldest first: ``{"trainings": [...], "next": cursor}``;
+    ``?after=<next>`` gives the following page, ``?limit=`` its size (at most
+    ``service.max_page_size``, the default)."""
     endpoint, tenant = _endpoint(request)
-    return {"trainings": await _call(endpoint.service.list, tenant)}
+    return await _call(lambda: endpoint.service.list(tenant, after=after, limit=limit))
 
 
 @router.get("/v1/trainings/{training_id}")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["load_clip", "clip_scores", "sample_clip_metrics"]
+__all__ = ["load_clip", "clip_scores", "sampling_pipeline", "sample_instance_images", "sample_clip_metrics"]
 
 _MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's preprocessing constants
 _STD = (0.26862954, 0.26130258, 0.27577711)
@@ -71,10 +71,10 @@ def clip_scores(clip, tokenizer, generated: list[Image.Image], references: list[
     return {"clip_i": float((gen @ ref.T).mean()), "clip_t": float((gen @ text.T).mean())}
 
 
-@torch.no_grad()
-def sample_clip_metrics(cfg, comps, unet, instance_images: list[Image.Image], clip, clip_tokenizer,
-                        ) -> dict[str, float]:
-    """Sample ``eval.num_images`` images with the current (LoRA) denoiser, fixed seeds, and score them."""
+def sampling_pipeline(comps, unet):
+    """A pipeline of the family over ``comps`` with ``unet`` (the LoRA-adapted training denoiser:
+    a UNet, or FLUX.1's transformer) and a DDIM scheduler (FLUX.1: its flow-matching Euler one): what
+    validation metrics sample with (progress bar off). FLUX.1 needs T5 loaded (``with_t5``)."""
     from diffusers import (
         DDIMScheduler,
         FlowMatchEulerDiscreteScheduler,
@@ -82,8 +82,6 @@ def sample_clip_metrics(cfg, comps, unet, instance_images: list[Image.Image], cl
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
     )
-
-    from raydb.models.components import pipeline_call_kwargs
 
     family = getattr(comps, "family", "sd")
     if family == "flux":  # the flow-matching schedule samples Flux; DDIM does not apply
@@ -102,6 +100,16 @@ def sample_clip_metrics(cfg, comps, unet, instance_images: list[Image.Image], cl
             vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample_instance_images(cfg, comps, unet) -> list[Image.Image]:
+    """``eval.num_images`` images of the instance prompt from the current (LoRA) UNet, seeds 0..n-1:
+    what CLIP-I / CLIP-T and DINO score."""
+    from raydb.models.components import pipeline_call_kwargs
+
+    pipe = sampling_pipeline(comps, unet)
     res = cfg.train.resolution
     device = next(unet.parameters()).device
     was_training = unet.training
@@ -113,4 +121,11 @@ def sample_clip_metrics(cfg, comps, unet, instance_images: list[Image.Image], cl
                   for i in range(cfg.eval.num_images)]
     finally:
         unet.train(was_training)
-    return clip_scores(clip, clip_tokenizer, images, instance_images, cfg.subject.instance_prompt)
+    return images
+
+
+def sample_clip_metrics(cfg, comps, unet, instance_images: list[Image.Image], clip, clip_tokenizer,
+                        ) -> dict[str, float]:
+    """Sample ``eval.num_images`` images with the current (LoRA) UNet, fixed seeds, and score them."""
+    return clip_scores(clip, clip_tokenizer, sample_instance_images(cfg, comps, unet), instance_images,
+                       cfg.subject.instance_prompt)

@@ -8,8 +8,9 @@ the weights, which is what a learning test or a Tune trial's ``val_instance`` / 
 
 :class:`Validator` bundles the scores a trial reports (and the README's prior-preservation finding,
 ``raydb.testing.prior_preservation_finding``, measures): the denoising losses of the instance
-images and of held-out class images, their weighted sum, and — with ``eval.clip_model`` — CLIP-I /
-CLIP-T on a few sampled images.
+images and of held-out class images, their weighted sum, and — with ``eval.clip_model`` /
+``eval.dino_model`` — CLIP-I / CLIP-T / DINO on a few sampled images, with ``eval.fidelity`` the
+judged fidelity figures of sampled images (:mod:`raydb.fidelity.validation`).
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def denoising_loss(
 
 
 class Validator:
-    """``val_instance`` / ``val_prior`` / ``val_score`` (+ ``val_clip_i`` / ``val_clip_t``).
+    """``val_instance`` / ``val_prior`` / ``val_score`` (+ ``val_clip_i`` / ``val_clip_t``, ``val_dino``,
+    ``val_fidelity`` and its parts).
 
     val_instance: denoising MSE of the instance images with the instance prompt (subject fit);
     val_prior: the same on held-out class images with the class prompt (prior kept). Both use the
@@ -141,7 +143,8 @@ class Validator:
         prompts: ``{"embeds": [2, L, D], "ids": [2, L]}`` for (instance prompt, class prompt)
             (SDXL: also ``"pooled": [2, D2p]`` and ``"ids_2": [2, L]``; FLUX.1: T5 ``embeds``,
             CLIP ``pooled``, ``"text_ids": [2, L, 3]``).
-        instance_images: the prepared instance photos; needed only for CLIP-I (``eval.clip_model``).
+        instance_images: the prepared instance photos; needed only for CLIP-I (``eval.clip_model``),
+            DINO (``eval.dino_model``) and the fidelity metrics (``eval.fidelity``).
     """
 
     def __init__(self, cfg: RaydbConfig, comps: Any, instance: EncodedImages,
@@ -154,14 +157,25 @@ class Validator:
         self.text_ids = prompts.get("text_ids")  # FLUX.1
         self.guidance = flow_inputs(cfg.train, comps).get("guidance")
         self.weight = cfg.tune.prior_weight_in_score if cfg.tune else 1.0
-        self.clip = None
+        self.clip = self.dino = self.fidelity = None
+        self.instance_images = instance_images
+        for key, score in (("clip_model", "CLIP-I"), ("dino_model", "DINO")):
+            if getattr(cfg.eval, key) and instance_images is None:
+                raise ValueError(f"eval.{key}: {score} needs the instance images")
+        if cfg.eval.fidelity == "digits":
+            from raydb.fidelity.validation import DigitsFidelity
+
+            if instance_images is None:
+                raise ValueError("eval.fidelity: the fidelity metrics need the instance images")
+            self.fidelity = DigitsFidelity(cfg, instance_images)
         if cfg.eval.clip_model:
             from raydb.train.clip_eval import load_clip
 
-            if instance_images is None:
-                raise ValueError("eval.clip_model: CLIP-I needs the instance images")
             self.clip = load_clip(cfg.eval.clip_model)
-            self.instance_images = instance_images
+        if cfg.eval.dino_model:
+            from raydb.fidelity.dino import load_dino
+
+            self.dino = load_dino(cfg.eval.dino_model)
 
     @classmethod
     def from_cache(cls, cfg: RaydbConfig, comps: Any, storage: Any, cache: Any) -> Validator:
@@ -169,7 +183,7 @@ class Validator:
         from raydb.encode.cache import load_prompts, read_encoded
 
         images = None
-        if cfg.eval.clip_model:
+        if cfg.eval.samples_images:
             from raydb.encode.inputs import subject_photos
 
             images = subject_photos(cfg, storage).images
@@ -218,4 +232,12 @@ class Validator:
 
             clip = sample_clip_metrics(self.cfg, self.comps, unet, self.instance_images, *self.clip)
             out |= {"val_clip_i": clip["clip_i"], "val_clip_t": clip["clip_t"]}
+        if self.dino is not None:  # the same seeds as CLIP's samples, so the same images
+            from raydb.fidelity.dino import dino_score
+            from raydb.train.clip_eval import sample_instance_images
+
+            images = sample_instance_images(self.cfg, self.comps, unet)
+            out["val_dino"] = dino_score(self.dino, images, self.instance_images)
+        if self.fidelity is not None:
+            out |= self.fidelity(self.comps, unet)
         return out

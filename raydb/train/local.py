@@ -17,12 +17,14 @@ The Ray Train worker loop (stage.py) runs the same step over the same batches.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from PIL import Image
 
 from raydb.config import RaydbConfig
+from raydb.console import show_progress
 from raydb.encode.encoders import encode_images, encode_prompt_set, images_to_tensor
 from raydb.encode.inputs import EncodeInputs, prepare_inputs
 from raydb.models.components import Components, load_components
@@ -44,6 +46,8 @@ from raydb.train.rundir import (
 from raydb.train.step import build_train_state, weights_dtype
 
 __all__ = ["prepare_training_data", "train_subject"]
+
+log = logging.getLogger(__name__)
 
 
 def prepare_training_data(
@@ -102,9 +106,10 @@ def train_subject(
         metrics = restore_payload(state, storage.read_bytes(join(latest, CHECKPOINT_TENSORS)),
                                   storage.read_bytes(join(latest, CHECKPOINT_META)))
         if not quiet:
-            print(f"resuming {run} from step {state.step}")
+            log.info("resuming %s from step %d", run, state.step)
     progress = ProgressWriter(storage, run, tc.max_steps)
-    bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {cfg.subject.id}", disable=quiet)
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {cfg.subject.id}",
+               disable=quiet or not show_progress())
     graphs = use_cuda_graphs(tc, device)
     cache = engine_compile_cache(cfg, storage, model_identity=components.identity, device=device,
                                  data=data, graphs=graphs)

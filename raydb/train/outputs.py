@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import statistics
 import time
 from typing import Any
@@ -25,6 +26,8 @@ from raydb.train.rundir import adapter_uri, run_uri
 
 __all__ = ["adapter_metadata", "write_adapter", "loss_curve_png", "sample_grid_png", "image_grid",
            "metrics_line", "summarize_speed", "finish_run", "finished_result"]
+
+log = logging.getLogger(__name__)
 
 
 def adapter_metadata(
@@ -177,5 +180,5 @@ def finished_result(cfg: RaydbConfig, meta: dict[str, Any], *, quiet: bool) -> d
               "images_per_s": meta["metrics"].get("images_per_s"), "loss": meta["metrics"].get("loss"),
               "skipped": True}
     if not quiet:
-        print(f"run {result['run_dir']} already finished ({result['steps']} steps); nothing to train")
+        log.info("run %s already finished (%s steps); nothing to train", result["run_dir"], result["steps"])
     return result

@@ -7,9 +7,11 @@ answers 422, 413 for :class:`TooLarge`, 403 for :class:`Forbidden`). In order:
 1. fields: only ``subject_id``, ``instance_prompt``, ``class_prompt``, ``overrides``,
    ``photo_uris``; ids by the safe-id rule, prompts non-empty and within ``serve.max_prompt_chars``;
 2. overrides: a JSON object of dotted config keys, each in ``service.allowed_overrides``
-   (unknown keys and keys outside the list are both refused), ``train.max_steps`` at most
-   ``service.max_train_steps``, ``tune: true`` switches on the operator's ``service.tune`` search
-   (named after the training, so each training searches afresh);
+   (unknown keys and keys outside the list are both refused), each value strictly of its field's
+   type and within its bounds (:func:`raydb.config.check_override`: ``"1000000000"`` or ``1e9`` is
+   not an integer); ``tune: true`` switches on the operator's ``service.tune`` search (named after
+   the training, so each training searches afresh, and run ``service.max_tune_gpus`` GPUs' worth
+   of trials at a time);
 3. photos: 1..``service.max_photos`` files, uploaded and named by ``s3://`` URI together (the
    URIs' policy, listing and reads: :mod:`raydb.trainings.photo_uris`), each at most
    ``service.max_photo_bytes`` and ``service.max_photo_pixels`` (read from the header, before
@@ -17,8 +19,13 @@ answers 422, 413 for :class:`TooLarge`, 403 for :class:`Forbidden`). In order:
    ingestion rules themselves (:func:`raydb.data.ingest.load_images` on a private temporary
    folder), so a photo is accepted exactly when ``raydb train`` would accept the same file;
 4. the whole training config (the ingress's config with this subject and the overrides), validated
-   like any config file, and its ``train.resolution`` against the base model's family (FLUX.1:
-   multiples of 16), read from the model's config files without loading it.
+   like any config file, then held to the operator's maxima (:func:`over_limits`:
+   steps, resolution, LoRA rank, trials) and its ``train.resolution`` to the base model's family
+   (FLUX.1: multiples of 16, the family read from the model's config files without loading it) —
+   all before the first photo is read or decoded, so an oversized resolution never reaches the
+   decoder.
+
+Steps 3 and 4 run in the order 1, 2, 4, 3: the cheap checks refuse a bad request first.
 """
 
 from __future__ import annotations
@@ -31,7 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-from raydb.config import ConfigError, RaydbConfig, apply_overrides, load_config
+from raydb.config import (
+    ConfigError,
+    RaydbConfig,
+    ServiceConfig,
+    apply_overrides,
+    check_override,
+    is_config_key,
+    load_config,
+)
 from raydb.errors import Forbidden, RequestError, TooLarge
 from raydb.ids import check_safe_id
 from raydb.storage import Storage
@@ -84,30 +99,22 @@ def _overrides(raw: str | None, cfg: RaydbConfig) -> dict[str, Any]:
         raise RequestError("overrides", "must be a JSON object of config keys") from None
     if not isinstance(overrides, dict):
         raise RequestError("overrides", "must be a JSON object of config keys")
-    known = _config_keys(cfg.to_dict()) | {"tune"}
     allowed = set(cfg.service.allowed_overrides)
-    for key in overrides:
-        if key not in known:
+    for key, value in overrides.items():
+        if key != "tune" and not is_config_key(key):
             raise RequestError("overrides", f"unknown key {key!r}")
         if key not in allowed:
             raise RequestError("overrides", f"{key!r} may not be overridden (allowed: "
                                             f"{', '.join(sorted(allowed)) or 'none'})")
-    if "tune" in overrides and not isinstance(overrides["tune"], bool):
-        raise RequestError("overrides", "'tune' must be true or false")
-    steps = overrides.get("train.max_steps")
-    most = cfg.service.max_train_steps
-    if isinstance(steps, int) and steps > most:
-        raise RequestError("overrides", f"train.max_steps: at most {most}, got {steps}")
+        if key == "tune":
+            if not isinstance(value, bool):
+                raise RequestError("overrides", "'tune' must be true or false")
+            continue
+        try:
+            check_override(key, value)
+        except ConfigError as exc:
+            raise RequestError("overrides", str(exc)) from None
     return overrides
-
-
-def _config_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
-    keys = set()
-    for name, value in tree.items():
-        keys.add(prefix + name)
-        if isinstance(value, dict) and name not in ("api_keys",):
-            keys |= _config_keys(value, f"{prefix}{name}.")
-    return keys
 
 
 def _check_photo_limits(photos: list[tuple[str, bytes]], cfg: RaydbConfig, field: str) -> None:
@@ -164,6 +171,23 @@ def _check_family(cfg: RaydbConfig, storage: Storage) -> None:
             raise RequestError("overrides", str(exc)) from None
 
 
+def over_limits(sc: ServiceConfig, cfg: RaydbConfig) -> list[str]:
+    """What in a tenant's (validated, typed) training config ``cfg`` breaks the operator's limits
+    ``sc``, one message per field; empty when it is within them. Checked on the typed values, so a
+    number sent as a string or as ``1e9`` is held to the same limit as the integer."""
+    rank = min(sc.max_lora_rank, cfg.serve.max_lora_rank)
+    checks = [("train.max_steps", cfg.train.max_steps, sc.max_train_steps, "service.max_train_steps"),
+              ("train.resolution", cfg.train.resolution, sc.max_resolution, "service.max_resolution"),
+              ("lora.rank", cfg.lora.rank, rank, "service.max_lora_rank" if rank == sc.max_lora_rank
+               else "serve.max_lora_rank")]
+    out = [f"{key}: at most {most} ({limit}), got {value}" for key, value, most, limit in checks
+           if value > most]
+    if cfg.tune is not None and cfg.tune.planned_trials > sc.max_tune_trials:
+        out.append(f"tune: {cfg.tune.planned_trials} trials, at most {sc.max_tune_trials} "
+                   "(service.max_tune_trials)")
+    return out
+
+
 def validate_submission(
     fields: dict[str, str], uploads: list[tuple[str, bytes]], cfg: RaydbConfig, *, tenant: str,
     training_id: str, photos_uri: str, storage: Storage,
@@ -185,15 +209,25 @@ def validate_submission(
     tree = cfg.to_dict()
     tree["subject"] = {"id": subject_id, "tenant": tenant, "instance_data": photos_uri,
                        "instance_prompt": instance_prompt, "class_prompt": class_prompt}
-    # a search of its own per training (tune/<subject>/<training id>/): under the operator's name a
-    # second training of the subject would restore the first one's finished search
-    tree["tune"] = cfg.service.tune.model_dump(mode="json") | {"name": training_id} if overrides.get("tune") \
-        else None
+    # a search of its own per training (tenants/<tenant>/tune/<subject>/<training id>/): under the
+    # operator's name a second training of the subject would restore the first one's finished search
+    tree["tune"] = None
+    if overrides.get("tune"):
+        sc = cfg.service
+        if cfg.cluster.num_workers > sc.max_tune_gpus:
+            raise RequestError("overrides", f"tune: a trial holds cluster.num_workers = "
+                                            f"{cfg.cluster.num_workers} GPUs, more than "
+                                            f"service.max_tune_gpus ({sc.max_tune_gpus})")
+        tree["tune"] = sc.tune.model_dump(mode="json") | {
+            "name": training_id, "max_concurrent_trials": sc.tune_concurrency(cfg.cluster.num_workers)}
     try:
         trained = load_config(data=apply_overrides(
             tree, [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "tune"]))
     except ConfigError as exc:
         raise RequestError("overrides", str(exc).replace("\n", " ")) from None
+    over = over_limits(cfg.service, trained)
+    if over:  # the typed values: a number sent as a string or 1e9 never got this far
+        raise RequestError("overrides", "; ".join(over))
     _check_family(trained, storage)
     # photos last: the cheap checks above refuse a bad request before any S3 read
     uris = parse_photo_uris(fields.get("photo_uris"))

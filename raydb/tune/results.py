@@ -36,14 +36,8 @@ def trial_config(cfg: RaydbConfig, prior_loss_weight: float, learning_rate: floa
 
 
 def planned_trials(cfg: RaydbConfig) -> int:
-    """Trials the search runs: ``num_samples`` x the grid's points (a range is one point per sample)."""
-    tc = cfg.tune
-    if tc is None:
-        return 0
-    points = 1
-    for space in (tc.prior_loss_weight, tc.learning_rate):
-        points *= len(space.values) if space.values is not None else 1
-    return tc.num_samples * points
+    """Trials the search runs (:attr:`raydb.config.TuneConfig.planned_trials`); 0 without a search."""
+    return cfg.tune.planned_trials if cfg.tune is not None else 0
 
 
 def record_trial(storage: Storage, search_uri: str, run: str) -> None:
@@ -91,7 +85,8 @@ def trial_rows(results, cfg: RaydbConfig, storage: Storage) -> list[dict[str, An
         status = "error" if res.error else ("completed" if steps >= cfg.train.max_steps else "stopped_early")
         rows.append({"trial": i, "prior_loss_weight": lam, "learning_rate": lr,
                      "val_instance": val.get("val_instance"), "val_prior": val.get("val_prior"),
-                     "val_score": val.get("val_score"), "steps": steps, "status": status, "run_dir": run})
+                     "val_score": val.get("val_score"), "steps": steps, "status": status, "run_dir": run}
+                    | {k: v for k, v in val.items() if k.startswith("val_") and k not in RESULT_COLUMNS})
     return rows
 
 
@@ -117,8 +112,11 @@ def _progress(storage: Storage, run: str) -> dict[str, Any]:
 
 
 def write_csv(storage: Storage, uri: str, rows: list[dict[str, Any]]) -> None:
+    """``RESULT_COLUMNS``, then any other validation metric the trials reported (e.g. val_fidelity)."""
+    extra = sorted({k for r in rows for k in r if k.startswith("val_") and k not in RESULT_COLUMNS})
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS[:-2] + extra + RESULT_COLUMNS[-2:],
+                            extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     storage.write_bytes(uri, buf.getvalue().encode())

@@ -3,26 +3,32 @@
 Ray 2.60's pattern: Tune runs a *driver function* per trial that builds and fits a ``TorchTrainer``
 (``Tuner(TorchTrainer(...))`` no longer works with Train V2); Train's reports reach Tune through
 ``TuneReportCallback``. The trials are ranked by ``val_score = val_instance + w * val_prior`` from
-fixed-noise validation — not the training loss, which scales with ``prior_loss_weight``. ASHA stops
+fixed-noise validation — not the training loss, which scales with ``prior_loss_weight`` — or, with
+``tune.metric``, by a score of sampled images (``val_fidelity``, ``val_clip_i``, ``val_clip_t``). ASHA stops
 weak trials early (time unit: evaluations). Priors and the encode stage run once, before the
 trials, and every trial reads the same cache. An interrupted search resumes with ``Tuner.restore``.
 
-Outputs under ``<workspace>/tune/<subject>/<tune.name>/``: ``results.csv``, ``trials.png`` and
-``summary.json``. The search returns the best trial (its adapter under its run folder); registering
-it, with the search's hyperparameters and scores, is the pipeline's (:func:`raydb.pipeline.run_pipeline`).
+Outputs under ``<workspace>/tenants/<tenant>/tune/<subject>/<tune.name>/``: ``results.csv``,
+``trials.png`` and ``summary.json``. The search returns the best trial (its adapter under its run
+folder); registering it, with the search's hyperparameters and scores, is the pipeline's
+(:func:`raydb.pipeline.run_pipeline`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Any
 
 from raydb.config import RaydbConfig, SearchSpace
+from raydb.console import is_verbose
 from raydb.storage import Storage, is_s3, join
 from raydb.tune.results import last_validation, record_trial, trial_config, trial_rows, trials_png, write_csv
 
-__all__ = ["run_tune", "tune_uri", "default_concurrency", "TuneFailed"]
+__all__ = ["run_tune", "tune_uri", "default_concurrency", "metric_mode", "TuneFailed"]
+
+log = logging.getLogger(__name__)
 
 
 class TuneFailed(RuntimeError):
@@ -30,7 +36,11 @@ class TuneFailed(RuntimeError):
 
 
 def tune_uri(cfg: RaydbConfig) -> str:
-    return join(cfg.workspace, "tune", cfg.subject.id, cfg.tune.name if cfg.tune else "tune")
+    """The search's folder, under the subject's tenant: ``tenants/<tenant>/tune/<subject>/<name>``."""
+    from raydb.registry import tenant_uri
+
+    return join(tenant_uri(cfg.workspace, cfg.subject.tenant), "tune", cfg.subject.id,
+                cfg.tune.name if cfg.tune else "tune")
 
 
 def default_concurrency(cfg: RaydbConfig, resources: dict[str, float]) -> int:
@@ -41,6 +51,11 @@ def default_concurrency(cfg: RaydbConfig, resources: dict[str, float]) -> int:
         return max(1, int(resources.get("GPU", 0) // cfg.cluster.num_workers))
     per_trial = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1  # + driver and data
     return max(1, int(resources.get("CPU", 1) // per_trial))
+
+
+def metric_mode(metric: str) -> str:
+    """``"min"`` for the held-out loss ``val_score``, ``"max"`` for the sampled-image scores."""
+    return "min" if metric == "val_score" else "max"
 
 
 def _space(space: SearchSpace):
@@ -82,6 +97,34 @@ def _trial(config: dict[str, Any], cfg_dict: dict[str, Any], encoded: dict[str, 
                     checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
+def _trial_line(trial: Any, outcome: str) -> str:
+    """``trial 00001 (prior_loss_weight=1, learning_rate=0.001): completed after 2 evaluations,
+    val_score 2.07`` — what a person following a search wants from each trial."""
+    params = ", ".join(f"{k}={trial.config.get(k):g}" for k in ("prior_loss_weight", "learning_rate")
+                       if isinstance(trial.config.get(k), int | float))
+    result = trial.last_result or {}
+    score = result.get("val_score")
+    text = f"trial {str(trial.trial_id).rsplit('_', 1)[-1]} ({params}): {outcome}"
+    if result.get("training_iteration"):
+        text += f" after {result['training_iteration']} evaluation(s)"
+    return text + (f", val_score {score:.4g}" if isinstance(score, int | float) else "")
+
+
+def _trial_lines() -> Any:
+    """A Tune callback logging one raydb line per trial as it ends (Tune's own tables need
+    --verbose). Made on first use, so importing this module needs no Ray Tune."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            log.info("%s", _trial_line(trial, "finished"))
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            log.warning("%s", _trial_line(trial, "failed"))
+
+    return TrialLines()
+
+
 def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = False) -> dict[str, Any]:
     """Priors + encode once, then the search; returns a summary with the best trial (``best``: its
     row of the results table, ``run_dir`` included). Registers nothing.
@@ -118,7 +161,7 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = 
     restored = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if restored:
         if not quiet:
-            print(f"resuming the search in {exp_path}")
+            log.info("resuming the search in %s", exp_path)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,
                                    storage_filesystem=fs)
     else:
@@ -128,23 +171,25 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = 
             param_space={"prior_loss_weight": _space(tc.prior_loss_weight),
                          "learning_rate": _space(tc.learning_rate)},
             tune_config=tune.TuneConfig(
-                metric="val_score", mode="min", num_samples=tc.num_samples,
+                metric=tc.metric, mode=metric_mode(tc.metric), num_samples=tc.num_samples,
                 max_concurrent_trials=concurrency,
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                                         grace_period=min(tc.grace_period, max_t),
                                         reduction_factor=tc.reduction_factor),
             ),
             run_config=tune.RunConfig(name=name, storage_path=exp_root, storage_filesystem=fs,
-                                      verbose=0 if quiet else 1),
+                                      verbose=1 if is_verbose() and not quiet else 0,
+                                      callbacks=[] if quiet else [_trial_lines()]),
         )
     grid = tuner.fit()
     rows = trial_rows(list(grid), cfg, storage)
     write_csv(storage, join(out, "results.csv"), rows)
     storage.write_bytes(join(out, "trials.png"), trials_png(rows, f"{cfg.subject.id}: search"))
-    finished = [r for r in rows if r["status"] == "completed" and r["val_score"] is not None]
+    finished = [r for r in rows if r["status"] == "completed" and r.get(tc.metric) is not None]
     if not finished:
         raise TuneFailed(f"no trial of the search in {out} completed; see {join(out, 'results.csv')}")
-    best = min(finished, key=lambda r: r["val_score"])
+    rank = min if metric_mode(tc.metric) == "min" else max
+    best = rank(finished, key=lambda r: r[tc.metric])
     summary: dict[str, Any] = {"best": best, "results_csv": join(out, "results.csv"),
                                "plot": join(out, "trials.png"), "trials": len(rows),
                                "stopped_early": sum(r["status"] == "stopped_early" for r in rows),

@@ -102,7 +102,7 @@ def _uri(workspace: str, sid: str) -> str:
     from raydb.registry import latest_version
     from raydb.storage import Storage
 
-    return latest_version(Storage(), workspace, sid)["uri"]
+    return latest_version(Storage(), workspace, "default", sid)["uri"]
 
 
 def _pipe(workspace: str):

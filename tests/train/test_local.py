@@ -143,7 +143,7 @@ def test_seeded_run_is_reproducible(make_cfg, tmp_path):
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_resume_from_checkpoint_matches_uninterrupted_run(make_cfg, tmp_path, capsys, dtype):
+def test_resume_from_checkpoint_matches_uninterrupted_run(make_cfg, tmp_path, caplog, dtype):
     """Resumed == uninterrupted, bit for bit, in float32 and float64 (``train.dtype``).
 
     Deliberate break caught (float64): checkpoints storing the LoRA weights rounded to fp32
@@ -160,9 +160,10 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(make_cfg, tmp_path, ca
     # "Crash" after step 4: outputs gone, only the checkpoints remain.
     shutil.rmtree(run / "adapter")
     (run / "metrics.jsonl").unlink()
-    capsys.readouterr()
-    resumed = train_subject(cfg, quiet=False)
-    assert "from step 4" in capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level("INFO", logger="raydb"):
+        resumed = train_subject(cfg, quiet=False)
+    assert "from step 4" in caplog.text
     metrics_resumed, weights_resumed = _run_files(resumed)
     assert [m["step"] for m in metrics_resumed] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in metrics_resumed] == [m["loss"] for m in metrics_full]

@@ -17,7 +17,7 @@ TORCH_SOURCES := $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS)) $(if
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast test-lowest mutate install lock bench lint clean digits-base
+.PHONY: demo test test-fast test-lowest mutate install lock bench lint clean digits-base browser
 
 # uv itself comes from PyPI through pip, once per venv; everything else through uv. torch's own
 # dependencies are held to the lock's versions (-c), then the lock is installed exactly (--no-deps,
@@ -84,6 +84,18 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+# The browser the console's tests drive (tests/console): Debian's chromium + chromium-driver, installed
+# when missing (apt, as root or through sudo), a no-op when present. CI (.ci/run) runs it before
+# `make test`; elsewhere those tests skip and say why when no Chromium is installed.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		echo "browser: $$(chromium --version 2>/dev/null | head -1)"; \
+	else \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+			--no-install-recommends chromium chromium-driver fonts-liberation; \
+	fi
 
 # The fast tier: every test that starts no Ray (tests using the ray_cluster fixture are marked `ray`
 # automatically, and a test that starts Ray without the mark fails). What `make mutate` runs. One torch

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raydb.config import ConfigError, RaydbConfig, load_config
-from raydb.console import add_console_flags, setup_console
+from raydb.terminal import add_console_flags, setup_console
 
 __all__ = ["main", "VERBS", "Verb", "Flag"]
 
@@ -98,7 +98,8 @@ def _cmd_serve(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
 def _cmd_demo(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
     from raydb.demo import run_demo
 
-    return run_demo(cfg, output=args.output)
+    keep = args.keep_serving == "yes" or (args.keep_serving == "auto" and sys.stdin.isatty())
+    return run_demo(cfg, output=args.output, keep_serving=keep)
 
 
 def _cmd_export(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
@@ -153,7 +154,10 @@ def _cmd_config(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
 OTHER: dict[str, tuple[Callable[[RaydbConfig, argparse.Namespace], dict], str, list[tuple]]] = {
     "serve": (_cmd_serve, "run the Ray Serve app over the adapter registry", []),
     "demo": (_cmd_demo, "the embedded end-to-end demo (tiny model, built-in subject)",
-             [(("--output",), {"default": "demo-output", "help": "where the demo's pictures go"})]),
+             [(("--output",), {"default": "demo-output", "help": "where the demo's pictures go"}),
+              (("--keep-serving",), {"choices": ["auto", "yes", "no"], "default": "auto",
+                                     "help": "keep the server (and its web console) up until Ctrl-C "
+                                             "(auto: when run from a terminal)"})]),
     "export": (_cmd_export, "export a registered adapter for ComfyUI / AUTOMATIC1111 / kohya (kohya format)",
                [(("--version",), {"help": "registry version, e.g. v0003 (default: latest)"}),
                 (("--format",), {"default": "kohya", "choices": ["kohya"], "help": "export format"}),

@@ -68,7 +68,7 @@ def init_ray(cfg: RaydbConfig | None = None, *, num_cpus: int | None = None, das
     """
     import ray
 
-    from raydb.console import filter_known_noise, is_verbose, library_env
+    from raydb.terminal import filter_known_noise, is_verbose, library_env
 
     if ray.is_initialized():
         return ray
@@ -88,6 +88,6 @@ def _ray_level() -> int:
     """Ray's driver logging: INFO (its default) with --verbose or outside the CLI, else WARNING."""
     import logging
 
-    from raydb.console import is_verbose
+    from raydb.terminal import is_verbose
 
     return logging.INFO if is_verbose() else logging.WARNING

@@ -3,7 +3,8 @@
 Layout under the workspace (every path is built here, from the workspace, never stored)::
 
     tenants/<tenant>/subjects/<id>/latest.json  {"subject_id", "version", "registered_at", "versions"}
-    tenants/<tenant>/subjects/<id>/vNNNN/       pytorch_lora_weights.safetensors, adapter.json, CLAIM
+    tenants/<tenant>/subjects/<id>/vNNNN/       pytorch_lora_weights.safetensors, adapter.json, CLAIM,
+                                                the run's loss_curve.png and samples.png when it made them
 
 Why each piece:
 
@@ -32,7 +33,7 @@ Registries from before per-tenant names (``subjects/<id>/`` at the workspace roo
 
 Subject ids and tenants use the safe character set of :mod:`raydb.ids`, so neither can name a path
 outside its folder. This module is the only one that builds registry paths, and it owns the names of
-an adapter's files (``ADAPTER_WEIGHTS``, ``ADAPTER_META``).
+an adapter's files (``ADAPTER_WEIGHTS``, ``ADAPTER_META``, ``ADAPTER_PICTURES``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ __all__ = [
     "ADAPTER_META",
     "ADAPTER_FILES",
     "tenant_uri",
+    "ADAPTER_PICTURES",
+    "LOSS_CURVE",
+    "SAMPLES",
     "subject_uri",
     "version_uri",
     "latest_uri",
@@ -67,6 +71,11 @@ logger = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
 ADAPTER_META = "adapter.json"
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_META)
+# Optional, beside the weights in the adapter folder: how the run trained and what the adapter draws
+# (base model vs adapter, same seeds). Registered with the version, so the API serves a version's
+# pictures from the registry alone, like its weights.
+LOSS_CURVE, SAMPLES = "loss_curve.png", "samples.png"
+ADAPTER_PICTURES = (LOSS_CURVE, SAMPLES)
 
 
 def _now() -> str:
@@ -199,6 +208,10 @@ def register_adapter(
     meta["version"] = version
     weights = storage.read_bytes(join(adapter_dir_uri, ADAPTER_WEIGHTS))
     storage.write_bytes(join(target, ADAPTER_WEIGHTS), weights)
+    present = set(storage.list(adapter_dir_uri))
+    for name in ADAPTER_PICTURES:
+        if name in present:
+            storage.write_bytes(join(target, name), storage.read_bytes(join(adapter_dir_uri, name)))
     storage.write_json(join(target, ADAPTER_META), meta)  # last: marks the version complete
     entry = {"version": version, "weights_sha256": meta.get("weights_sha256"), "registered_at": _now()}
     _publish(storage, base, subject_id, entry)

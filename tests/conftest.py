@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ def _console_settings_stay_in_their_test(monkeypatch):
     loggers and verbosity variables); each test gets them back as they were."""
     import logging
 
-    from raydb.console import _QUIET_ENV, QUIET_LOGGERS
+    from raydb.terminal import _QUIET_ENV, QUIET_LOGGERS
 
     for key in ["RAYDB_VERBOSE", *_QUIET_ENV]:
         monkeypatch.setenv(key, "")  # recorded as it was, restored after the test
@@ -199,3 +200,20 @@ def _mutants_write_into_a_fresh_folder(request, monkeypatch):
     where the next mutant's tests would find them (a mutant surviving on another's leftovers)."""
     if os.environ.get("MUTANT_UNDER_TEST"):
         monkeypatch.chdir(request.getfixturevalue("tmp_path_factory").mktemp("cwd"))
+
+
+_STARTED = pytest.StashKey[float]()
+
+
+def pytest_sessionstart(session) -> None:
+    session.config.stash[_STARTED] = time.time()
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """Name the folder of the console's screenshots when this session wrote some (tests/console)."""
+    from tests.helpers.browser import ARTIFACTS
+
+    started = config.stash.get(_STARTED, time.time())
+    fresh = sorted(p.name for p in ARTIFACTS.glob("*.png") if p.stat().st_mtime >= started)
+    if fresh:
+        terminalreporter.write_line(f"console screenshots ({len(fresh)}): {ARTIFACTS}")

@@ -757,7 +757,8 @@ def test_arrow_fs_and_ray_storage_take_the_buckets_own_region(s3_server, monkeyp
 
     cfg = make_cfg(workspace=f"s3://{bucket}/ws", s3_endpoint_url=s3_server)
     ray_path, ray_fs = _storage_location(Storage(s3_server), cfg)
-    assert (ray_fs.region, ray_path) == ("eu-central-1", f"{bucket}/ws/runs/{cfg.subject.id}")
+    runs = f"{bucket}/ws/tenants/{cfg.subject.tenant}/runs/{cfg.subject.id}"
+    assert (ray_fs.region, ray_path) == ("eu-central-1", runs)
     other = "raydb-default-region-bucket"  # and a us-east-1 bucket beside it keeps us-east-1
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=other)
     assert storage.arrow_fs(f"s3://{other}/a")[0].region == "us-east-1"

@@ -138,6 +138,10 @@ class ServeConfig(Section):
         "the registry again); 0 = not cached."
     )
     docs: bool = Field(False, description="Serve /docs and /openapi.json (behind the API key).")
+    console: bool | None = Field(
+        None, description="Serve the web console at /ui (static files only: everything it shows comes "
+        "from the API, behind the API key). Default: on when serve.auth is api_key."
+    )
     api_keys_file: str | None = Field(
         None, description="Mounted secret file with 'key:tenant' entries (comma- or newline-separated), "
         "read once where the app is built; only digests reach the replicas."
@@ -158,6 +162,11 @@ class ServeConfig(Section):
         if value is not None and "://" in value:
             raise ValueError(f"{value!r}: a local folder (the audit log is appended to line by line)")
         return value
+
+    @property
+    def console_enabled(self) -> bool:
+        """Whether ``/ui`` is served: ``console``, or by default whenever authentication is on."""
+        return self.console if self.console is not None else self.auth == "api_key"
 
 
 # Config keys no tenant may ever override, whatever service.allowed_overrides says (an operator's

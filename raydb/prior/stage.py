@@ -26,12 +26,12 @@ from PIL import Image
 
 from raydb import faults
 from raydb.config import RaydbConfig
-from raydb.console import is_verbose, show_progress
 from raydb.data.ingest import ImageGeometry
 from raydb.models.family import check_resolution
 from raydb.prior.cache import PriorCache, prior_cache_for
 from raydb.prior.generate import BlockGenerator, cpu_threads
 from raydb.storage import Storage
+from raydb.terminal import is_verbose, show_progress
 
 __all__ = ["PriorRunStats", "ensure_prior_images", "prior_total_images", "resolve_prior_cache",
            "generation_device", "class_images", "class_images_with_geometry"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from raydb.config import RaydbConfig
 
-__all__ = ["build_application", "deploy", "run_server"]
+__all__ = ["build_application", "deploy", "run_server", "console_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,11 @@ def _warn_if_open(cfg: RaydbConfig) -> None:
     if cfg.serve.auth == "none":
         logger.warning("serve.auth is 'none': the API is open and every caller sees every tenant's "
                        "subjects. Use it only on a trusted local machine.")
+
+
+def console_url(cfg: RaydbConfig) -> str:
+    """Where the web console of a deployment with this config answers (docs/console.md)."""
+    return f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}/ui/"
 
 
 def build_application(cfg: RaydbConfig) -> Any:
@@ -82,6 +87,8 @@ def run_server(cfg: RaydbConfig, *, blocking: bool = True) -> Any:
     prefix = cfg.serve.route_prefix.rstrip("/")
     logger.info("raydb serving on http://%s:%s%s/v1/generate (health: %s/healthz%s)", cfg.serve.host,
                 cfg.serve.port, prefix, prefix, "; Ctrl-C stops" if blocking else "")
+    if cfg.serve.console_enabled:
+        logger.info("web console: %s", console_url(cfg))
     if not blocking:
         return handle
     try:

@@ -1,9 +1,11 @@
 """The HTTP API's request and response shapes, and the limits a request is checked against.
 
-``POST /v1/generate`` takes a :class:`GenerateRequest`. Types are checked by pydantic; the limits come
-from ``serve`` in the config (steps, size, images, prompt length) and are checked by
-:func:`validate_generate`, which raises :class:`RequestError` naming the field — the server turns it
-into a 422 shaped like FastAPI's own validation errors (``detail[i].loc == ["body", field]``).
+``POST /v1/generate`` takes a :class:`GenerateRequest`; without a ``subject_id`` the base model
+samples alone (the other side of a comparison, under the same limits). Types are checked by
+pydantic; the limits come from ``serve`` in the config (steps, size, images, prompt length) and are
+checked by :func:`validate_generate`, which raises :class:`RequestError` naming the field — the
+server turns it into a 422 shaped like FastAPI's own validation errors (``detail[i].loc == ["body",
+field]``).
 
 The instance-token rule: a subject's adapter answers to its instance token (``sks`` in "a photo of
 sks dog"). If the prompt does not contain the token, :func:`final_prompt` inserts it before the
@@ -49,7 +51,7 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    subject_id: str = Field(min_length=1, max_length=64)
+    subject_id: str | None = Field(None, min_length=1, max_length=64)  # None: the base model alone
     prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     negative_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     num_inference_steps: int | None = Field(None, ge=1)
@@ -93,8 +95,13 @@ def final_prompt(prompt: str, subject_meta: dict[str, Any]) -> str:
     return ensure_token(prompt, token, class_noun(subject.get("class_prompt", "")))
 
 
-def validate_generate(req: GenerateRequest, cfg: ServeConfig, subject_meta: dict[str, Any]) -> GenerateParams:
-    """Check ``req`` against the configured limits; fill defaults; apply the instance-token rule."""
+def validate_generate(req: GenerateRequest, cfg: ServeConfig, subject_meta: dict[str, Any], *,
+                      base_family: str | None = None) -> GenerateParams:
+    """Check ``req`` against the configured limits; fill defaults; apply the instance-token rule.
+
+    The family's rules (FLUX.1: sizes in multiples of 16, guidance 3.5 by default) follow the
+    subject's base model, or ``base_family`` (the served base model's) for a request without a
+    subject."""
     if len(req.prompt) > cfg.max_prompt_chars:
         raise RequestError("prompt", f"at most {cfg.max_prompt_chars} characters, got {len(req.prompt)}")
     if req.negative_prompt is not None and len(req.negative_prompt) > cfg.max_prompt_chars:
@@ -103,13 +110,13 @@ def validate_generate(req: GenerateRequest, cfg: ServeConfig, subject_meta: dict
     if steps > cfg.max_inference_steps:
         raise RequestError("num_inference_steps", f"at most {cfg.max_inference_steps}, got {steps}")
     # FLUX.1 packs its 8x-downsampled latents in 2x2 patches, so its sizes are multiples of 16
-    flux = (subject_meta.get("base_model") or {}).get("family") == "flux"
+    flux = ((subject_meta.get("base_model") or {}).get("family") or base_family) == "flux"
     for name in ("width", "height"):
         value = getattr(req, name)
         if value is None:
             continue
         if flux and value % 16:
-            raise RequestError(name, f"must be a multiple of 16 for a FLUX.1 subject (8x VAE, 2x2 "
+            raise RequestError(name, f"must be a multiple of 16 for a FLUX.1 model (8x VAE, 2x2 "
                                      f"latent packing), got {value}")
         if value % 8:
             raise RequestError(name, f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")

@@ -49,6 +49,8 @@ from raydb.serving.api import GenerateRequest, validate_generate
 from raydb.serving.audit import note
 from raydb.serving.auth import KeyRing, key_from_headers
 from raydb.serving.batcher import ShapeBatcher
+from raydb.serving.console import ConsoleEndpoint, ConsoleHeadersMiddleware
+from raydb.serving.console import router as console_router
 from raydb.serving.engine import (
     DiffusionEngine,
     EngineRequest,
@@ -66,7 +68,6 @@ from raydb.serving.status import http_exception, http_status
 from raydb.serving.subjects import (
     BadAdapterId,
     SubjectNotFound,
-    SubjectVersion,
     find_subject,
     model_id,
     parse_model_id,
@@ -89,9 +90,11 @@ logger = logging.getLogger("ray.serve")
 http_app = FastAPI(title="raydb", description="DreamBooth-LoRA subjects over HTTP (see docs/serving.md).",
                    docs_url=None, redoc_url=None, openapi_url=None)
 http_app.include_router(trainings_router)  # /v1/trainings (docs/service.md)
+http_app.include_router(console_router)  # /ui and the /v1 routes it reads (docs/console.md)
 http_app.add_middleware(GateMiddleware)  # every route: the ingress replica's ``gate`` (raydb/serving/gate.py)
 # outside the gate: request ids in error bodies and logs, HTTP metrics (raydb/serving/observe.py)
 observe.install(http_app)
+http_app.add_middleware(ConsoleHeadersMiddleware)  # outside the gate: the CSP on every /ui answer
 
 
 @serve.deployment(name="RaydbDiffusion")
@@ -155,9 +158,10 @@ class DiffusionDeployment:
     async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
         """``{"images": [png bytes], "width", "height"}`` or ``{"error": {status, detail}}``.
 
-        Without a multiplexed model id the base model samples (used by tests and benchmarks only;
-        the HTTP API always names a subject). A request whose client went away (Serve cancels it) or
-        whose deadline passed asks its batch to stop; a batch stops when all its requests ask.
+        Without a multiplexed model id the base model samples (``POST /v1/generate`` without a
+        ``subject_id``: the base side of a comparison). A request whose client went away (Serve
+        cancels it) or whose deadline passed asks its batch to stop; a batch stops when all its
+        requests ask.
         """
         adapter_id = serve.get_multiplexed_model_id()
         adapter: LoadedAdapter | None = None
@@ -208,10 +212,22 @@ class DiffusionDeployment:
         self.peak_in_flight = self.in_flight
 
 
+def _base_family(cfg: RaydbConfig, storage: Storage) -> str | None:
+    """The served base model's family from its config files (None for a hub id, or a folder the
+    diffusion replicas will refuse with the reason; the ingress does not load the model)."""
+    from raydb.models.components import configured_family
+
+    try:
+        return configured_family(cfg.model, storage)
+    except (OSError, ValueError):
+        return None
+
+
 @serve.deployment(name="RaydbIngress")
 @serve.ingress(http_app)
 class IngressDeployment:
-    """``POST /v1/generate``, ``GET /v1/subjects``, ``GET /healthz``, ``/v1/trainings`` (docs: serve.docs)."""
+    """``POST /v1/generate``, ``GET /v1/subjects``, ``GET /healthz``, ``/v1/trainings``, the console
+    (``/ui`` and its routes: :mod:`raydb.serving.console`) (docs: serve.docs)."""
 
     def __init__(self, config: dict[str, Any], diffusion: DeploymentHandle) -> None:
         observe.install_log_fields()  # request id, tenant, subject on every log line of a request
@@ -226,6 +242,8 @@ class IngressDeployment:
         self.images = ImageWorkers(sc.image_workers, sc.image_queue)  # photo decoding, off the event loop
         self.trainings = TrainingsEndpoint(self.cfg, self.storage, self._tenant,  # /v1/trainings
                                            images=self.images)
+        self.console = ConsoleEndpoint(self.cfg, self.storage, self._tenant, self.images)  # /ui
+        self.base_family = _base_family(self.cfg, self.storage)  # a base-model request's size rules
         if self.keys is None:
             logger.warning("raydb serve: authentication is OFF (serve.auth=none); every caller is "
                            "tenant %r (subject.tenant). Use only on a trusted local machine.",
@@ -296,33 +314,38 @@ class IngressDeployment:
         req = GenerateRequest.model_validate_json(await request.body())
         observe.note(subject=req.subject_id)
         note(request, subject_id=req.subject_id, prompt=req.prompt, negative_prompt=req.negative_prompt)
-        subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace,
-                                          tenant or self.cfg.subject.tenant, req.subject_id)
-        params = validate_generate(req, sc, subject.metadata)
-        note(request, adapter_version=subject.version, num_images=params.num_images,
+        subject = None  # no subject_id: the base model alone (what a comparison sets beside subjects)
+        if req.subject_id is not None:
+            subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace,
+                                              tenant or self.cfg.subject.tenant, req.subject_id)
+        params = validate_generate(req, sc, subject.metadata if subject else {}, base_family=self.base_family)
+        note(request, adapter_version=subject and subject.version, num_images=params.num_images,
              num_inference_steps=params.num_inference_steps, width=params.width, height=params.height)
         want_png = "image/png" in request.headers.get("accept", "")
         if want_png and params.num_images != 1:
             raise RequestError("num_images", "Accept: image/png returns one image; use application/json "
                                              "for more")
-        result = await self._call_replica(subject, params.model_dump())
+        adapter = model_id(subject.tenant, subject.subject_id, subject.version) if subject else None
+        result = await self._call_replica(adapter, params.model_dump())
         if "error" in result:  # the replica's status, from the same table
-            raise HTTPException(result["error"]["status"],
-                                f"subject {subject.subject_id!r}: {result['error']['detail']}")
-        used = params.model_dump() | {"subject_id": subject.subject_id, "adapter_version": subject.version,
+            what = f"subject {subject.subject_id!r}" if subject else "base model"
+            raise HTTPException(result["error"]["status"], f"{what}: {result['error']['detail']}")
+        used = params.model_dump() | {"subject_id": subject and subject.subject_id,
+                                      "adapter_version": subject and subject.version,
                                       "prompt_rewritten": params.prompt != req.prompt,
                                       "width": result["width"], "height": result["height"]}
         if want_png:
-            return Response(result["images"][0], media_type="image/png", headers={
-                "X-Raydb-Seed": str(params.seed), "X-Raydb-Adapter-Version": subject.version})
+            version = {"X-Raydb-Adapter-Version": subject.version} if subject else {}
+            return Response(result["images"][0], media_type="image/png",
+                            headers={"X-Raydb-Seed": str(params.seed)} | version)
         body = used | {"images": [base64.b64encode(png).decode("ascii") for png in result["images"]]}
         return Response(json.dumps(body), media_type="application/json")
 
-    async def _call_replica(self, subject: SubjectVersion, params: dict[str, Any]) -> dict[str, Any]:
-        """The replica's answer within ``serve.request_timeout_s``; the replica request is cancelled
-        (its denoising loop stops) on timeout and when this request is cancelled (client gone)."""
-        handle = self.diffusion.options(
-            multiplexed_model_id=model_id(subject.tenant, subject.subject_id, subject.version))
+    async def _call_replica(self, adapter: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """The replica's answer within ``serve.request_timeout_s`` (``adapter``: the multiplexed model
+        id, None for the base model alone); the replica request is cancelled (its denoising loop
+        stops) on timeout and when this request is cancelled (client gone)."""
+        handle = self.diffusion.options(multiplexed_model_id=adapter) if adapter else self.diffusion
         sent = []  # a replica that dies is retried with the same (seeded) params: retry.py
 
         def send():

@@ -18,7 +18,7 @@ from raydb.registry import latest_version, list_subjects, read_metadata
 from raydb.storage import NotFound, Storage, StorageError
 
 __all__ = ["SubjectNotFound", "BadAdapterId", "SubjectVersion", "find_subject", "tenant_subjects",
-           "model_id", "parse_model_id"]
+           "base_family", "model_id", "parse_model_id"]
 
 logger = logging.getLogger(f"ray.serve.{__name__}")  # under Serve's logger: its handlers
 
@@ -81,7 +81,7 @@ def find_subject(storage: Storage, workspace: str, tenant: str, subject_id: str)
     return SubjectVersion(tenant, subject_id, latest["version"], latest["uri"], meta)
 
 
-def _family(meta: dict[str, Any]) -> str | None:
+def base_family(meta: dict[str, Any]) -> str | None:
     """The base model's family (``sd``, ``sdxl``; adapters from before SDXL: ``sd``), None when the
     adapter names no base model. Never ``base_model.pretrained``: that is the operator's local path
     or bucket."""
@@ -105,6 +105,6 @@ def tenant_subjects(storage: Storage, workspace: str, tenant: str) -> list[dict[
             "instance_token": subject.get("instance_token"),
             "instance_prompt": subject.get("instance_prompt"),
             "class_prompt": subject.get("class_prompt"),
-            "family": _family(meta),
+            "family": base_family(meta),
         })
     return rows

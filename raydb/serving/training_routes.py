@@ -32,7 +32,7 @@ from raydb.storage import Storage
 from raydb.trainings.queue import Jobs
 from raydb.trainings.service import TrainingService
 
-__all__ = ["router", "TrainingsEndpoint"]
+__all__ = ["router", "TrainingsEndpoint", "read_form"]
 
 router = APIRouter()
 
@@ -100,6 +100,20 @@ async def _call(fn: Callable[..., Any], *args: Any) -> Any:
         raise http_exception(exc) from None
 
 
+async def read_form(request: Request, cfg: RaydbConfig) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
+    """A multipart upload's ``(fields, [(file name, bytes) of each 'photos' file])``: 415 for another
+    body type, 422 for a file outside 'photos' or a field given twice, 400 for a malformed body (the
+    body's byte cap and deadline are the gate's: raydb.serving.gate)."""
+    try:
+        return await _read_form(request, cfg)
+    except (HTTPException, BodyTooLarge, BodyTimedOut):  # the latter two: the gate answers them
+        raise
+    except Refused as exc:
+        raise http_exception(exc) from None
+    except Exception as exc:  # starlette's multipart errors (too many files, malformed body)
+        raise HTTPException(400, f"malformed multipart body: {exc}") from None
+
+
 async def _read_form(request: Request, cfg: RaydbConfig) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
     sc = cfg.service
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -123,14 +137,7 @@ async def _read_form(request: Request, cfg: RaydbConfig) -> tuple[dict[str, str]
 @router.post("/v1/trainings", status_code=202)
 async def create_training(request: Request) -> Response:
     endpoint, tenant = _endpoint(request)
-    try:
-        fields, uploads = await _read_form(request, endpoint.cfg)
-    except (HTTPException, BodyTooLarge, BodyTimedOut):  # the latter two: the gate answers them
-        raise
-    except Refused as exc:
-        raise http_exception(exc) from None
-    except Exception as exc:  # starlette's multipart errors (too many files, malformed body)
-        raise HTTPException(400, f"malformed multipart body: {exc}") from None
+    fields, uploads = await read_form(request, endpoint.cfg)
     note(request, subject_id=fields.get("subject_id"), photos=len(uploads))
     try:  # decoding and preparing the photos: on the image workers, never on the event loop
         view, created = await endpoint.images.run(endpoint.service.submit, tenant, fields, uploads,

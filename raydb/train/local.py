@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 
 from raydb.config import RaydbConfig
-from raydb.console import show_progress
 from raydb.encode.encoders import encode_images, encode_prompt_set, images_to_tensor
 from raydb.encode.inputs import EncodeInputs, prepare_inputs
 from raydb.models.components import Components, load_components
 from raydb.storage import Storage, join
+from raydb.terminal import show_progress
 from raydb.train.data import TrainingData, flow_inputs, prompt_inputs, training_data
 from raydb.train.device_options import use_cuda_graphs
 from raydb.train.engine import TrainEngine, engine_compile_cache

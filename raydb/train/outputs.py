@@ -1,4 +1,4 @@
-"""What a run leaves behind: adapter + adapter.json, metrics.jsonl, loss curve and sample grid.
+"""What a run leaves behind: adapter + adapter.json + its pictures (loss curve, sample grid), metrics.jsonl.
 
 ``finish_run`` writes them all; ``finished_result`` answers for a run that already finished. Both
 return the train stage's summary (``adapter_uri``, ``run_dir``, ``steps``, ...). Neither registers:
@@ -20,7 +20,7 @@ from PIL import Image
 
 from raydb.config import RaydbConfig
 from raydb.models.family import lora_targets
-from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS
+from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS, LOSS_CURVE, SAMPLES
 from raydb.storage import Storage, join
 from raydb.train.rundir import adapter_uri, run_uri
 
@@ -165,11 +165,12 @@ def finish_run(
                             metrics=final, prediction_type=components.prediction_type,
                             family=components.family)
     adapter = adapter_uri(cfg)
-    write_adapter(storage, adapter, weights, meta)
     storage.write_bytes(join(run, "metrics.jsonl"), "".join(metrics_line(m) + "\n" for m in metrics).encode())
-    storage.write_bytes(join(run, "loss_curve.png"), loss_curve_png(metrics, f"{cfg.subject.id} loss"))
+    # the pictures sit beside the weights, so registering the adapter registers them with it
+    storage.write_bytes(join(adapter, LOSS_CURVE), loss_curve_png(metrics, f"{cfg.subject.id} loss"))
     if samples and cfg.train.num_sample_images:
-        storage.write_bytes(join(run, "samples.png"), sample_grid_png(cfg, storage, weights))
+        storage.write_bytes(join(adapter, SAMPLES), sample_grid_png(cfg, storage, weights))
+    write_adapter(storage, adapter, weights, meta)  # last: adapter.json marks the adapter complete
     return {"adapter_uri": adapter, "run_dir": run, "steps": state.step,
             "images_per_s": final["images_per_s"], "loss": final.get("loss")}
 

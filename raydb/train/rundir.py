@@ -7,8 +7,9 @@ finished run is recognised instead of trained again. Inside the folder:
 * ``checkpoints/step-NNNNNNN/`` (single-process runs) or ``checkpoint-step-NNNNNNN/`` (Ray Train's
   checkpoints) each hold ``state.safetensors`` + ``state.json`` (the JSON is written last and marks
   the checkpoint complete): LoRA, optimizer, lr schedule, grad scaler, step, RNG, metrics so far;
-* ``adapter/`` (the registry's adapter files), ``metrics.jsonl``, ``loss_curve.png``,
-  ``samples.png``, and ``result.json`` (what a Ray Train run hands back to its driver).
+* ``adapter/`` (the registry's adapter files: weights, ``adapter.json``, ``loss_curve.png``,
+  ``samples.png``), ``metrics.jsonl``, and ``result.json`` (what a Ray Train run hands back to its
+  driver).
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ from raydb.ids import check_safe_id
 from raydb.storage import Storage
 from raydb.trainings.photo_uris import parse_photo_uris, read_photo_uris
 
-__all__ = ["FIELDS", "TooLarge", "Forbidden", "Submission", "validate_submission", "photo_names"]
+__all__ = ["FIELDS", "TooLarge", "Forbidden", "Submission", "validate_submission", "photo_names",
+           "check_photos", "override_fields"]
 
 FIELDS = ("subject_id", "instance_prompt", "class_prompt", "overrides", "photo_uris")
 
@@ -247,3 +248,64 @@ def validate_submission(
                          "photo_uris")
     photos = uploaded + [(name, b) for name, (_, b) in zip(stored, fetched, strict=True)]
     return Submission(training_id, subject_id, trained.to_dict(), photos, overrides, uris)
+
+
+def check_photos(uploads: list[tuple[str, bytes]], cfg: RaydbConfig) -> list[dict[str, Any]]:
+    """What :func:`validate_submission` would say about each photo on its own, so a client can show
+    every photo's problem before it submits (``POST /v1/photo-checks``): the same byte, pixel and
+    ingestion checks, run per file. ``cfg`` is the training's config (``train.resolution`` sets the
+    smallest accepted side). One ``{name, ok, error, width, height}`` per upload, in order."""
+    from PIL import Image
+
+    out = []
+    for (name, data), stored in zip(uploads, photo_names([n for n, _ in uploads]), strict=True):
+        row: dict[str, Any] = {"name": name, "ok": True, "error": None, "width": None, "height": None}
+        try:
+            _check_photo_limits([(name, data)], cfg, "photos")
+            _check_photos_decode([(stored, name, data)], cfg, "photos")
+        except RequestError as exc:  # TooLarge included
+            row |= {"ok": False, "error": exc.message.removeprefix(f"{name}: ")}
+        else:
+            with Image.open(io.BytesIO(data), formats=("JPEG", "PNG", "WEBP")) as probe:
+                row["width"], row["height"] = probe.size
+        out.append(row)
+    return out
+
+
+# the operator's maximum for each override :func:`over_limits` bounds (what a form shows as its max)
+_OPERATOR_MAXIMA = {
+    "train.max_steps": lambda cfg: cfg.service.max_train_steps,
+    "train.resolution": lambda cfg: cfg.service.max_resolution,
+    "lora.rank": lambda cfg: min(cfg.service.max_lora_rank, cfg.serve.max_lora_rank),
+}
+
+
+def override_fields(cfg: RaydbConfig) -> list[dict[str, Any]]:
+    """The overrides a tenant may send (``service.allowed_overrides``) as form fields: ``{key, label,
+    type (integer | number | boolean | string), default (the operator's value), minimum,
+    exclusive_minimum, maximum, description}`` from the config's own schema, ``train.max_steps``
+    capped at the operator's maxima (:func:`over_limits`) — the bounds :func:`validate_submission`
+    enforces."""
+    schema = RaydbConfig.model_json_schema()
+    values = cfg.to_dict()
+    out = []
+    for key in cfg.service.allowed_overrides:
+        if key == "tune":
+            out.append({"key": key, "label": "Search prior loss weight x learning rate (Ray Tune)",
+                        "type": "boolean", "default": False,
+                        "description": "Train several trials and register the best by validation loss."})
+            continue
+        node, value = schema, values
+        for part in key.split("."):
+            node = node["properties"][part]
+            node = schema["$defs"][node["$ref"].split("/")[-1]] if "$ref" in node else node
+            value = value[part]
+        row = {"key": key, "label": f"{node.get('title', key)} ({key})", "type": node.get("type", "string"),
+               "default": value, "minimum": node.get("minimum"),
+               "exclusive_minimum": node.get("exclusiveMinimum"), "maximum": node.get("maximum"),
+               "description": node.get("description", "")}
+        most = _OPERATOR_MAXIMA.get(key, lambda c: None)(cfg)
+        if most is not None:
+            row["maximum"] = most if row["maximum"] is None else min(row["maximum"], most)
+        out.append(row)
+    return out

@@ -22,8 +22,8 @@ import math
 from typing import Any
 
 from raydb.config import RaydbConfig, SearchSpace
-from raydb.console import is_verbose
 from raydb.storage import Storage, is_s3, join
+from raydb.terminal import is_verbose
 from raydb.tune.results import last_validation, record_trial, trial_config, trial_rows, trials_png, write_csv
 
 __all__ = ["run_tune", "tune_uri", "default_concurrency", "metric_mode", "TuneFailed"]

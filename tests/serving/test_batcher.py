@@ -24,7 +24,7 @@ def test_a_batch_records_its_size_subjects_and_every_items_wait(monkeypatch):
                          subject=lambda item: item[0])
         return await asyncio.gather(*(b.submit(item) for item in [("dog", 64), ("cat", 64), ("dog", 64)]))
 
-    assert asyncio.run(main()) == ["image of dog", "image of cat", "image of dog"]
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == ["image of dog", "image of cat", "image of dog"]
     sizes = [(v, t) for n, v, t in recorded if n == "raydb_batch_size"]
     waits = [v for n, v, _ in recorded if n == "raydb_batch_queue_wait_seconds"]
     assert sizes == [(3, {"subject_count": "2"})]

@@ -57,7 +57,7 @@ def test_mixed_subject_flux_batch_equals_one_by_one_and_flux_pipeline(workspace)
     engine = DiffusionEngine(_pipe(workspace), num_slots=2, max_lora_rank=8)
     assert set(engine.layers) == {"transformer", "text_encoder"}  # T5 is never trained: no slots
     pool = SlotPool(engine, wait_s=0.2)
-    uris = {sid: latest_version(Storage(), workspace, sid)["uri"] for sid in ("dog", "cat")}
+    uris = {sid: latest_version(Storage(), workspace, "default", sid)["uri"] for sid in ("dog", "cat")}
     loaded = {sid: pool.load(Storage(), uri, sid, "v0001") for sid, uri in uris.items()}
     subjects = ["dog", None, "cat"]  # None: the base model shares the batch
     # each image keeps its own guidance scale (an input of the distilled transformer, not a
@@ -104,7 +104,7 @@ def test_flux_sizes_must_be_multiples_of_16(workspace):
     from raydb.serving.api import GenerateRequest, validate_generate
 
     meta = {"base_model": {"family": "flux"}, "subject": {}}
-    with pytest.raises(RequestError, match="multiple of 16 for a FLUX.1 subject"):
+    with pytest.raises(RequestError, match="multiple of 16 for a FLUX.1 model"):
         validate_generate(GenerateRequest(subject_id="dog", prompt="a dog", width=72), ServeConfig(), meta)
     assert validate_generate(GenerateRequest(subject_id="dog", prompt="a dog", width=80), ServeConfig(), meta)
     assert validate_generate(GenerateRequest(subject_id="x", prompt="a dog", width=72), ServeConfig(),
@@ -115,7 +115,7 @@ def test_another_familys_adapter_is_refused_with_409(workspace):
     from raydb.serving.adapters import AdapterMismatch, read_adapter
     from raydb.serving.status import http_status
 
-    uri = latest_version(Storage(), workspace, "dog")["uri"]
+    uri = latest_version(Storage(), workspace, "default", "dog")["uri"]
     identity = json.loads(Path(uri, "adapter.json").read_text())["base_model"]["identity"]
     meta, _, _ = read_adapter(Storage(), uri, identity, "flux")
     assert meta["base_model"]["family"] == "flux"

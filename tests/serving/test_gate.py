@@ -28,7 +28,8 @@ from raydb.serving.gate import Gate, GateMiddleware, route_class, route_path
 from raydb.serving.limits import ImageWorkers, ImageWorkersBusy
 from raydb.serving.training_routes import TrainingsEndpoint, router
 from raydb.storage import Storage
-from tests.helpers.trainings import FakeJobs, demo_photos
+from tests.helpers.images import demo_photos
+from tests.helpers.trainings import FakeJobs
 
 KEYS = {"key-one": "t1", "key-two": "t2", "key-three": "t3"}
 TIMEOUT = 30  # seconds any one asynchronous test may take

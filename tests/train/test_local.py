@@ -19,6 +19,7 @@ from safetensors.torch import load as st_load
 
 from raydb.config import ConfigError, load_config
 from raydb.models.components import load_components, load_pipeline
+from raydb.registry import register_adapter
 from raydb.storage import Storage
 from raydb.train.data import make_micro_batch
 from raydb.train.local import prepare_training_data, train_subject
@@ -299,11 +300,17 @@ def test_run_outputs(make_cfg):
     meta = json.loads((run / "adapter" / "adapter.json").read_text())
     weights = (run / "adapter" / "pytorch_lora_weights.safetensors").read_bytes()
     assert meta["weights_sha256"] == hashlib.sha256(weights).hexdigest()
-    assert _is_png((run / "loss_curve.png").read_bytes())
-    samples = (run / "samples.png").read_bytes()
+    assert _is_png((run / "adapter" / "loss_curve.png").read_bytes())
+    samples = (run / "adapter" / "samples.png").read_bytes()
     assert _is_png(samples)
     # two rows (base, tuned) of two images at the training resolution
     assert Image.open(io.BytesIO(samples)).size == (2 * 64, 2 * 64)
+    # registered with the version, byte for byte (the API serves them from the registry)
+    storage = Storage()
+    version = Path(register_adapter(storage, cfg.workspace, cfg.subject.tenant, cfg.subject.id,
+                                     result["adapter_uri"])["uri"])
+    for name in ("loss_curve.png", "samples.png"):
+        assert (version / name).read_bytes() == (run / "adapter" / name).read_bytes()
 
 
 def _adapter_fingerprint(weights: bytes) -> dict:

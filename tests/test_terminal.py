@@ -9,13 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-from raydb.console import library_env, setup_console
+from raydb.terminal import library_env, setup_console
 
 ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = textwrap.dedent("""
     import os, sys
-    from raydb.console import filter_known_noise
+    from raydb.terminal import filter_known_noise
     filter_known_noise()
     print("first line")
     # what Ray's C++ core writes straight to file descriptor 2 (ray-project/ray#57733)

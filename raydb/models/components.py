@@ -271,6 +271,20 @@ def sampling_dtype(family: str, device: torch.device | str) -> torch.dtype:
     return getattr(torch, family_spec(family).cuda_dtype)
 
 
+def _complete(model_class: Any, path: str, subfolder: str, cfg: ModelConfig, **kw: Any) -> Any:
+    """A transformers model whose every weight came from the checkpoint. transformers fills weights
+    it cannot match with random values and only logs it — e.g. a text encoder saved by a newer
+    release, whose key names an older one does not read, loads as a random encoder that trains and
+    samples without an error (found by ``make test-lowest``: transformers 5.0-5.5 on ``digits``)."""
+    model, info = model_class.from_pretrained(path, subfolder=subfolder, output_loading_info=True, **kw)
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise ValueError(f"model.pretrained: {cfg.pretrained}/{subfolder} lacks {len(missing)} of the "
+                         f"weights {model_class.__name__} needs (e.g. {sorted(missing)[0]!r}); saved by "
+                         "another transformers release or damaged")
+    return model
+
+
 def load_components(
     cfg: ModelConfig,
     storage: Storage,
@@ -304,11 +318,10 @@ def load_components(
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
     tokenizer_2 = text_encoder_2 = None
     with _safetensors_only(cfg):
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+        text_encoder = _complete(CLIPTextModel, path, "text_encoder", cfg, **weights)
         if family == SDXL:
             tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
-                                                                         **weights)
+            text_encoder_2 = _complete(CLIPTextModelWithProjection, path, "text_encoder_2", cfg, **weights)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights) if with_unet else None
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
@@ -357,8 +370,8 @@ def _load_flux(cfg: ModelConfig, path: str, identity: str, kw: dict[str, Any], *
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
     tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
     with _safetensors_only(cfg):
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
-        text_encoder_2 = (T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **weights)
+        text_encoder = _complete(CLIPTextModel, path, "text_encoder", cfg, **weights)
+        text_encoder_2 = (_complete(T5EncoderModel, path, "text_encoder_2", cfg, **weights)
                           if with_t5 else None)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
         transformer = (FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **weights)

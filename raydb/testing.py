@@ -122,14 +122,14 @@ def prior_preservation_finding(
         validator = Validator(run_cfg, comps, *encoded, encode_prompt_set(comps, prompts),
                               inputs.instance.images)
         if "base" not in out:
-            out["base"] = _losses(validator(comps.unet))
-        state = build_train_state(run_cfg, comps.unet, comps.text_encoder, comps.text_encoder_2)
-        device = next(comps.unet.parameters()).device
+            out["base"] = _losses(validator(comps.denoiser))
+        state = build_train_state(run_cfg, comps.denoiser, *comps.lora_text_encoders)
+        device = next(comps.denoiser.parameters()).device
         with TrainEngine(run_cfg, state, train_data, noise_scheduler=comps.noise_scheduler,
                          prediction_type=comps.prediction_type, vae=comps.vae, device=device) as engine:
             while state.step < tc.max_steps:
                 engine.step()
-        out[f"lambda_{weight:g}"] = _losses(validator(comps.unet))
+        out[f"lambda_{weight:g}"] = _losses(validator(comps.denoiser))
     return out
 
 

@@ -98,6 +98,13 @@ def tiny_sdxl_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> str:
+    from raydb.models.tiny_flux import save_tiny_flux_model
+
+    return str(save_tiny_flux_model(tmp_path_factory.mktemp("tiny-flux") / "model"))
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1: a real HTTP S3 API for boto3 and pyarrow alike."""
     from moto.server import ThreadedMotoServer

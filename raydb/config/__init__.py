@@ -24,6 +24,7 @@ from raydb.config.server import ServeConfig, ServiceConfig
 from raydb.config.stages import (
     ClusterConfig,
     EvalConfig,
+    FlowConfig,
     LoraConfig,
     ModelConfig,
     PriorConfig,
@@ -40,6 +41,7 @@ __all__ = [
     "SubjectConfig",
     "PriorConfig",
     "LoraConfig",
+    "FlowConfig",
     "TrainConfig",
     "ClusterConfig",
     "SearchSpace",

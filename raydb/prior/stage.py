@@ -27,6 +27,7 @@ from PIL import Image
 from raydb import faults
 from raydb.config import RaydbConfig
 from raydb.data.ingest import ImageGeometry
+from raydb.models.family import check_resolution
 from raydb.prior.cache import PriorCache, prior_cache_for
 from raydb.prior.generate import BlockGenerator, cpu_threads
 from raydb.storage import Storage
@@ -87,7 +88,9 @@ def resolve_prior_cache(cfg: RaydbConfig, storage: Storage, *, use_ray: bool | N
     sched_cfg = Path(path) / "scheduler" / "scheduler_config.json"
     if sched_cfg.is_file():
         scheduler_name = json.loads(sched_cfg.read_text()).get("_class_name", "unknown")
-    return prior_cache_for(cfg, identity, scheduler_name, generation_device(use_ray), model_family(path))
+    family = model_family(path)
+    check_resolution(cfg.train.resolution, family)  # before any image is drawn at it
+    return prior_cache_for(cfg, identity, scheduler_name, generation_device(use_ray), family)
 
 
 def _ray_running() -> bool:

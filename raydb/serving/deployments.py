@@ -116,8 +116,8 @@ class DiffusionDeployment:
         torch.set_num_threads(max(1, int(sc.num_cpus_per_replica)))
         self.storage = Storage(self.cfg.s3_endpoint_url)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.float16 if device == "cuda" else torch.float32
-        pipe = load_pipeline(self.cfg.model, self.storage, self.cfg.workspace, dtype=dtype, device=device)
+        # dtype=None: fp32 on CPU; on CUDA the family's half precision (fp16; bf16 for FLUX.1)
+        pipe = load_pipeline(self.cfg.model, self.storage, self.cfg.workspace, dtype=None, device=device)
         # Evicted adapters that queued requests still hold keep their slots: one batch's worth extra.
         self.engine = DiffusionEngine(
             pipe, num_slots=sc.max_num_models_per_replica + sc.max_batch_size, max_lora_rank=sc.max_lora_rank,
@@ -212,6 +212,17 @@ class DiffusionDeployment:
         self.peak_in_flight = self.in_flight
 
 
+def _base_family(cfg: RaydbConfig, storage: Storage) -> str | None:
+    """The served base model's family from its config files (None for a hub id, or a folder the
+    diffusion replicas will refuse with the reason; the ingress does not load the model)."""
+    from raydb.models.components import configured_family
+
+    try:
+        return configured_family(cfg.model, storage)
+    except (OSError, ValueError):
+        return None
+
+
 @serve.deployment(name="RaydbIngress")
 @serve.ingress(http_app)
 class IngressDeployment:
@@ -232,6 +243,7 @@ class IngressDeployment:
         self.trainings = TrainingsEndpoint(self.cfg, self.storage, self._tenant,  # /v1/trainings
                                            images=self.images)
         self.console = ConsoleEndpoint(self.cfg, self.storage, self._tenant, self.images)  # /ui
+        self.base_family = _base_family(self.cfg, self.storage)  # a base-model request's size rules
         if self.keys is None:
             logger.warning("raydb serve: authentication is OFF (serve.auth=none); every caller is "
                            "tenant %r (subject.tenant). Use only on a trusted local machine.",
@@ -306,7 +318,7 @@ class IngressDeployment:
         if req.subject_id is not None:
             subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace,
                                               tenant or self.cfg.subject.tenant, req.subject_id)
-        params = validate_generate(req, sc, subject.metadata if subject else {})
+        params = validate_generate(req, sc, subject.metadata if subject else {}, base_family=self.base_family)
         note(request, adapter_version=subject and subject.version, num_images=params.num_images,
              num_inference_steps=params.num_inference_steps, width=params.width, height=params.height)
         want_png = "image/png" in request.headers.get("accept", "")

@@ -29,7 +29,7 @@ from raydb.encode.inputs import EncodeInputs, prepare_inputs
 from raydb.models.components import Components, load_components
 from raydb.storage import Storage, join
 from raydb.terminal import show_progress
-from raydb.train.data import TrainingData, prompt_inputs, training_data
+from raydb.train.data import TrainingData, flow_inputs, prompt_inputs, training_data
 from raydb.train.device_options import use_cuda_graphs
 from raydb.train.engine import TrainEngine, engine_compile_cache
 from raydb.train.outputs import finish_run, finished_result
@@ -74,7 +74,8 @@ def prepare_training_data(
     classes = source(inputs.classes.images) if with_prior else None
     return training_data(source(inputs.instance.images), classes,
                          **prompt_inputs(prompts, cfg.lora.train_text_encoder),
-                         latent_shape=(vae.config.latent_channels, h, h), time_ids=time_ids)
+                         latent_shape=(vae.config.latent_channels, h, h), time_ids=time_ids,
+                         **flow_inputs(tc, components))
 
 
 def train_subject(
@@ -98,7 +99,7 @@ def train_subject(
     components = load_components(cfg.model, storage, cfg.workspace, device=device,
                                  dtype=weights_dtype(tc, device))
     data = prepare_training_data(cfg, components, storage)
-    state = build_train_state(cfg, components.unet, components.text_encoder, components.text_encoder_2)
+    state = build_train_state(cfg, components.denoiser, *components.lora_text_encoders)
     metrics: list[dict[str, Any]] = []
     latest = latest_checkpoint(storage, run) if resume else None
     if latest:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from raydb.config import RaydbConfig
+from raydb.models.family import lora_targets
 from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS, LOSS_CURVE, SAMPLES
 from raydb.storage import Storage, join
 from raydb.train.rundir import adapter_uri, run_uri
@@ -43,7 +44,9 @@ def adapter_metadata(
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "base_model": {"pretrained": cfg.model.pretrained, "identity": model_identity,
                        "family": family, "prediction_type": prediction_type},
-        "lora": cfg.lora.model_dump(mode="json") | {"alpha": cfg.lora.effective_alpha},
+        "lora": cfg.lora.model_dump(mode="json") | {
+            "alpha": cfg.lora.effective_alpha,
+            "target_modules": lora_targets(cfg.lora.target_modules, family)},  # resolved for the family
         "subject": {"id": cfg.subject.id, "tenant": cfg.subject.tenant,
                     "instance_prompt": cfg.subject.instance_prompt,
                     "class_prompt": cfg.subject.class_prompt,
@@ -109,7 +112,7 @@ def sample_grid_png(
     import tempfile
     from pathlib import Path
 
-    from raydb.models.components import load_pipeline
+    from raydb.models.components import load_pipeline, pipeline_call_kwargs
 
     seeds = seeds or list(range(cfg.train.num_sample_images))
     pipe = load_pipeline(cfg.model, storage, cfg.workspace)
@@ -117,7 +120,8 @@ def sample_grid_png(
 
     def row() -> list[Image.Image]:
         return [pipe(cfg.subject.instance_prompt, num_inference_steps=cfg.train.sample_steps,
-                     height=res, width=res, generator=torch.Generator().manual_seed(s)).images[0]
+                     height=res, width=res, generator=torch.Generator().manual_seed(s),
+                     **pipeline_call_kwargs(pipe)).images[0]
                 for s in seeds]
 
     base = row()

@@ -90,7 +90,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raydb.encode.cache import load_prompts, read_encoded
     from raydb.metrics import observe_train_step
     from raydb.models.components import load_components
-    from raydb.train.data import prompt_inputs, training_data
+    from raydb.train.data import flow_inputs, prompt_inputs, training_data
     from raydb.train.device_options import compile_for_training, use_cuda_graphs
     from raydb.train.engine import TrainEngine, engine_compile_cache
     from raydb.train.evaluate import Validator
@@ -105,19 +105,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    # T5's states come from the encode cache (FLUX.1): T5-XXL is not loaded unless CLIP metrics
+    # sample images (eval.clip_model, dino_model, fidelity)
     comps = load_components(cfg.model, storage, cfg.workspace, device=device,
-                            dtype=weights_dtype(tc, device))
+                            dtype=weights_dtype(tc, device), with_t5=cfg.eval.samples_images)
     cache = EncodedCache(**config["encoded"])
     prompts = load_prompts(storage, cache)
     data = training_data(read_encoded(storage, cache.instance_uri),
                          _class_shard(rank) if cache.num_class else None,
-                         **prompt_inputs(prompts, cfg.lora.train_text_encoder))
-    state = build_train_state(cfg, comps.unet, comps.text_encoder, comps.text_encoder_2)
-    model: torch.nn.Module = state.model if state.model is not None else comps.unet
+                         **prompt_inputs(prompts, cfg.lora.train_text_encoder), **flow_inputs(tc, comps))
+    state = build_train_state(cfg, comps.denoiser, *comps.lora_text_encoders)
+    model: torch.nn.Module = state.model if state.model is not None else comps.denoiser
     graphs = use_cuda_graphs(tc, device)
     if world > 1 and not graphs:  # the graph step all-reduces its flat gradients itself
         ids = [device.index] if device.type == "cuda" else None
-        model = compile_for_training(tc, DistributedDataParallel(comps.unet, device_ids=ids))
+        model = compile_for_training(tc, DistributedDataParallel(comps.denoiser, device_ids=ids))
     metrics: list[dict[str, Any]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:

@@ -20,8 +20,10 @@ answers 422, 413 for :class:`TooLarge`, 403 for :class:`Forbidden`). In order:
    folder), so a photo is accepted exactly when ``raydb train`` would accept the same file;
 4. the whole training config (the ingress's config with this subject and the overrides), validated
    like any config file, then held to the operator's maxima (:func:`over_limits`:
-   steps, resolution, LoRA rank, trials) — all before the first photo is read or decoded, so an
-   oversized resolution never reaches the decoder.
+   steps, resolution, LoRA rank, trials) and its ``train.resolution`` to the base model's family
+   (FLUX.1: multiples of 16, the family read from the model's config files without loading it) —
+   all before the first photo is read or decoded, so an oversized resolution never reaches the
+   decoder.
 
 Steps 3 and 4 run in the order 1, 2, 4, 3: the cheap checks refuse a bad request first.
 """
@@ -157,6 +159,19 @@ def _check_photos_decode(photos: list[tuple[str, str, bytes]], cfg: RaydbConfig,
             raise RequestError(field, problems) from None
 
 
+def _check_family(cfg: RaydbConfig, storage: Storage) -> None:
+    """A resolution the base model's family cannot train at is refused now, not by the job."""
+    from raydb.models.components import configured_family
+    from raydb.models.family import check_resolution
+
+    family = configured_family(cfg.model, storage)
+    if family is not None:
+        try:
+            check_resolution(cfg.train.resolution, family)
+        except ValueError as exc:
+            raise RequestError("overrides", str(exc)) from None
+
+
 def over_limits(sc: ServiceConfig, cfg: RaydbConfig) -> list[str]:
     """What in a tenant's (validated, typed) training config ``cfg`` breaks the operator's limits
     ``sc``, one message per field; empty when it is within them. Checked on the typed values, so a
@@ -214,6 +229,7 @@ def validate_submission(
     over = over_limits(cfg.service, trained)
     if over:  # the typed values: a number sent as a string or 1e9 never got this far
         raise RequestError("overrides", "; ".join(over))
+    _check_family(trained, storage)
     # photos last: the cheap checks above refuse a bad request before any S3 read
     uris = parse_photo_uris(fields.get("photo_uris"))
     sc = cfg.service

@@ -61,6 +61,17 @@ def test_defaults_fill_in():
     assert 0 <= params.seed < 2**31
     low_max = ServeConfig(max_inference_steps=3, default_inference_steps=4)
     assert validate_generate(_req(), low_max, META).num_inference_steps == 3  # default capped by the max
+    # FLUX.1's guidance is the distilled model's input: FluxPipeline's 3.5, not SD's CFG 7.5
+    flux = META | {"base_model": {"family": "flux"}}
+    assert validate_generate(_req(), CFG, flux).guidance_scale == 3.5
+    assert validate_generate(_req(guidance_scale=7.5), CFG, flux).guidance_scale == 7.5
+    assert validate_generate(_req(guidance_scale=0.0), CFG, META).guidance_scale == 0.0
+    # without a subject (the base model alone) the served base model's family decides
+    assert validate_generate(_req(), CFG, {}, base_family="flux").guidance_scale == 3.5
+    assert validate_generate(_req(), CFG, {}).guidance_scale == 7.5
+    with pytest.raises(RequestError, match="width: must be a multiple of 16 for a FLUX.1 model"):
+        validate_generate(_req(width=72), CFG, {}, base_family="flux")
+    assert validate_generate(_req(width=72), CFG, {}, base_family="sd").width == 72
 
 
 def test_unseeded_requests_draw_a_31_bit_seed(monkeypatch):

@@ -76,6 +76,23 @@ def test_a_resolution_or_rank_over_the_maximum_is_refused_before_any_photo_is_de
         assert resp.json()["detail"][0]["loc"] == ["body", "overrides"] and text in _refusal(resp)
 
 
+def test_a_resolution_the_base_models_family_cannot_train_at_is_422(make_cfg, tmp_path):
+    """On a FLUX.1 base, train.resolution must be a multiple of 16: refused at submission (not by
+    the job, after a queue wait), the family read from the model's config files without loading it."""
+    from tests.helpers.trainings import FakeJobs, trainings_client
+
+    cfg = make_cfg(workspace=str(tmp_path / "ws"), model={"pretrained": "tiny-flux"},
+                   prior={"enabled": False}, train={"max_steps": 2, "resolution": 64})
+    jobs = FakeJobs()
+    client = trainings_client(cfg, jobs)
+    resp = _post(client, overrides=json.dumps({"train.resolution": 72}))
+    assert resp.status_code == 422, resp.text
+    detail = resp.json()["detail"][0]
+    assert detail["loc"] == ["body", "overrides"] and "FLUX.1 needs a multiple of 16" in detail["msg"]
+    assert jobs.submitted == [] and not TrainingStore(Storage(), cfg.workspace).page("t1", None, 10)[0]
+    assert _post(client, overrides=json.dumps({"train.resolution": 80})).status_code == 202
+
+
 def test_a_search_is_capped_in_trials_and_counted_in_gpus(service):
     """``tune: true`` used to run as many trials at once as the cluster had GPUs. Now the stored
     search runs ``service.max_tune_gpus // cluster.num_workers`` trials at a time, a trial that alone

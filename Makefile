@@ -1,23 +1,78 @@
-# The two commands: `make demo` and `make test`. Both create .venv when missing and (re)install the
-# project only when pyproject.toml changed. TORCH pins the torch wheel: the default is the CPU build
-# this machine image carries; on a GPU box use e.g. `make test TORCH="torch==2.13.0"` with an index.
+# The two commands: `make demo` and `make test`. Both create .venv when missing and install it from
+# the committed lock (requirements/test.lock, through uv) only when the lock or pyproject.toml changed.
+# torch is not in the lock: TORCH is installed first, from TORCH_FIND_LINKS / TORCH_INDEX when set
+# (default: the CPU wheel this machine image carries in $PIP_FIND_LINKS). On a GPU box:
+# `make test TORCH_FIND_LINKS=` takes PyPI's CUDA build of the same version (requirements/README.md).
 PYTHON ?= python3
+UV_VERSION ?= 0.13.9
 TORCH ?= torch==2.13.0
+# where pip finds local wheels ($PIP_FIND_LINKS, else pip's own config): the image's CPU build of torch
+TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+TORCH_INDEX ?=
 VENV := .venv
 STAMP := $(VENV)/.raydb-installed
+DEV_STAMP := $(VENV)/.raydb-dev-installed
+UV := $(VENV)/bin/uv
+TORCH_SOURCES := $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS)) $(if $(TORCH_INDEX),--index $(TORCH_INDEX))
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast mutate install bench lint clean digits-base
+.PHONY: demo test test-fast test-lowest mutate install lock bench lint clean digits-base browser
 
-$(STAMP): pyproject.toml
+# uv itself comes from PyPI through pip, once per venv; everything else through uv. torch's own
+# dependencies are held to the lock's versions (-c), then the lock is installed exactly (--no-deps,
+# every file's hash checked) and `uv pip check` proves the result consistent.
+$(UV):
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(VENV)/bin/python -m pip install -q -e ".[test]"
+	$(VENV)/bin/python -m pip install -q "uv==$(UV_VERSION)"
+
+$(STAMP): pyproject.toml requirements/test.lock | $(UV)
+	$(UV) pip install -q --python $(VENV)/bin/python $(TORCH_SOURCES) -c requirements/test.lock "$(TORCH)"
+	$(UV) pip install -q --python $(VENV)/bin/python --no-deps --require-hashes -r requirements/test.lock
+	$(UV) pip install -q --python $(VENV)/bin/python --no-deps -e .
+	$(UV) pip check --python $(VENV)/bin/python
 	touch $(STAMP)
 
+# ruff, mutmut and uv (the `dev` extra) on top, for lint / mutate / lock.
+$(DEV_STAMP): $(STAMP) requirements/dev.lock
+	$(UV) pip install -q --python $(VENV)/bin/python --no-deps --require-hashes -r requirements/dev.lock
+	touch $(DEV_STAMP)
+
 install: $(STAMP)
+
+# Re-resolve the three locks after a change to pyproject.toml's dependencies, keeping every pin that
+# still fits (LOCK_UPGRADE=--upgrade: take the newest releases). Linux x86_64, Python 3.11: what CI,
+# the cluster's nodes (cluster.yaml) and the Ray image (deploy/kuberay) run. runtime.lock is what a
+# node needs; test.lock adds the `test` extra at the same versions; dev.lock adds the `dev` extra.
+# The resolution sees torch's CPU build (requirements/lock-torch.txt) and leaves torch out.
+LOCK_UPGRADE ?=
+LOCK_FLAGS = -q --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+	--no-emit-package torch --override requirements/lock-torch.txt $(TORCH_SOURCES) $(LOCK_UPGRADE)
+
+lock: | $(UV)
+	$(UV) pip compile pyproject.toml $(LOCK_FLAGS) -o requirements/runtime.lock
+	$(UV) pip compile pyproject.toml --extra test $(LOCK_FLAGS) -c requirements/runtime.lock -o requirements/test.lock
+	$(UV) pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -c requirements/test.lock -o requirements/dev.lock
+
+# CI's second leg: the fast tier against the LOWEST versions pyproject.toml allows for each direct
+# dependency (uv's lowest-direct resolution; their own dependencies at the newest that fit), so a
+# lower bound the code has outgrown fails here instead of at a user's. torch stays at $(TORCH): its
+# old releases on PyPI are CUDA builds of several GB, so its bound is the one this leg cannot check.
+LOWEST_VENV := .venv-lowest
+LOWEST_TESTS ?=  # a subset of the fast tier (files or node ids); default: all of it
+
+test-lowest: | $(UV)
+	rm -rf $(LOWEST_VENV) && $(PYTHON) -m venv $(LOWEST_VENV)
+	echo "$(TORCH)" > $(LOWEST_VENV)/torch.txt
+	$(UV) pip compile -q pyproject.toml --extra test --resolution lowest-direct --python $(LOWEST_VENV)/bin/python \
+		--override $(LOWEST_VENV)/torch.txt $(TORCH_SOURCES) --no-header --no-annotate -o $(LOWEST_VENV)/lowest.txt
+	$(UV) pip install -q --python $(LOWEST_VENV)/bin/python $(TORCH_SOURCES) --no-deps -r $(LOWEST_VENV)/lowest.txt
+	$(UV) pip install -q --python $(LOWEST_VENV)/bin/python --no-deps -e .
+	$(UV) pip check --python $(LOWEST_VENV)/bin/python
+	@echo "lowest direct versions:" $$($(UV) pip freeze --python $(LOWEST_VENV)/bin/python | grep -iE \
+		'^(torch|diffusers|transformers|peft|huggingface.hub|ray|numpy|pyarrow|boto3|botocore|pydantic|pillow|safetensors|pyyaml|tqdm|matplotlib|fastapi|starlette|python.multipart)==')
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(LOWEST_VENV)/bin/python -m pytest -q -rfE -m "not ray" -n $(TEST_WORKERS) \
+		--dist loadfile -p no:cacheprovider $(LOWEST_TESTS)
 
 demo: $(STAMP)
 	$(VENV)/bin/raydb demo --config jobs/configs/demo.yaml
@@ -29,6 +84,18 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+# The browser the console's tests drive (tests/console): Debian's chromium + chromium-driver, installed
+# when missing (apt, as root or through sudo), a no-op when present. CI (.ci/run) runs it before
+# `make test`; elsewhere those tests skip and say why when no Chromium is installed.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		echo "browser: $$(chromium --version 2>/dev/null | head -1)"; \
+	else \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+			--no-install-recommends chromium chromium-driver fonts-liberation; \
+	fi
 
 # The fast tier: every test that starts no Ray (tests using the ray_cluster fixture are marked `ray`
 # automatically, and a test that starts Ray without the mark fails). What `make mutate` runs. One torch
@@ -44,10 +111,12 @@ MUTATE_MODULES ?= raydb.train.loss raydb.train.data raydb.train.step raydb.train
 	raydb.train.evaluate raydb.ids raydb.registry raydb.storage raydb.data.ingest raydb.serving.auth \
 	raydb.serving.api raydb.serving.subjects raydb.serving.adapters raydb.serving.retry \
 	raydb.serving.engine raydb.serving.batcher raydb.serving.limits raydb.serving.gate raydb.serving.slots \
-	raydb.train.graphs raydb.train.prefetch raydb.models.sdxl
+	raydb.train.graphs raydb.train.prefetch raydb.models.sdxl \
+	raydb.trainings.validate raydb.trainings.photo_uris raydb.trainings.store raydb.trainings.queue \
+	raydb.trainings.service raydb.trainings.retention raydb.trainings.job raydb.export
 MUTATE_CHILDREN ?= 1
 
-mutate: $(STAMP)
+mutate: $(DEV_STAMP)
 	for m in $(MUTATE_MODULES); do OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) "$$m.*" || exit 1; done
 	$(VENV)/bin/mutmut results
 
@@ -58,7 +127,7 @@ DIGITS_OUT ?= digits-base
 digits-base: $(STAMP)
 	$(VENV)/bin/python -m raydb.models.digits_recipe --output $(DIGITS_OUT) --compare raydb/models/weights/digits
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check raydb jobs serve tests bench
 
 bench: $(STAMP)
@@ -66,4 +135,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python -m bench.prior_bench
 
 clean:
-	rm -rf workspace demo-output mutants digits-base
+	rm -rf workspace demo-output mutants digits-base $(LOWEST_VENV)

@@ -9,6 +9,10 @@
 # MODE=sdxl: the SDXL rows (train, engine, generation) and diffusers' SDXL script, <= 9 minutes.
 # MODE=prior: prior.mode's cost at SD 1.5 size (bench/prior_cost.py, issue 26): prior-stage images/s,
 #   training ms/step in image and model mode (graphs, and model mode eager), end-to-end totals; <= 8 minutes.
+# MODE=flux (issue 27): the FLUX.1-dev-size row (bench/flux_row.py, <= 9 minutes): build and save
+#   the 12 B random-weight model, raydb's shipped loop at 1024 px bf16 rank 16 1 + 1, then
+#   diffusers' Flux DreamBooth script on the same folder:
+#     run(command="MODE=flux bash bench/device_run.sh", carry=[".whl", ".peer"], timeout_s=580)
 # MODE=truth: the earlier full benchmark (compile parity, training, options, generation).
 # BUDGET_S bounds the benchmark (it starts no measurement it cannot finish). Extra arguments go to
 # the benchmark module. Every benchmark runs as `python3 -m bench.<name>` from the repository root.
@@ -29,6 +33,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 PYTHONPATH=$PEER_SITE:$PYTHONPATH python3 -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
     || echo "no matching torchvision (torch minor -> $tv): the peer arm will record an error"
 case "$MODE" in
+flux)
+    timeout $(( ${BUDGET_S:-500} + 40 )) python3 -m bench.flux_row --budget-s "${BUDGET_S:-500}" \
+        --peer --peer-script .peer/train_dreambooth_lora_flux.py --peer-site "$PEER_SITE" \
+        --workdir /tmp/flux-row --out "$OUT/flux_row.json" "$@" 2>&1 | tee "$OUT/flux_row.log" | grep -v Warning
+    echo "flux_row: exit ${PIPESTATUS[0]}"
+    python3 -m bench.flux_row --render "$OUT/flux_row.json" > "$OUT/flux_row.md"
+    exit 0
+    ;;
 truth)
     # does compile=full + inductor give eager's LoRA gradients on CUDA? (it does not on CPU)
     timeout 150 python3 -m bench.compile_parity --compile full --backend inductor \

@@ -5,10 +5,11 @@
 #           peer subprocess's path alone: accelerate, psutil and torchvision (the wheel matching the
 #           device's torch, TORCHVISION=0.(torch minor + 15).0; 0.26.0 for torch 2.11, what the
 #           device ran last; several may be given, the run picks the matching one)
-#   .peer/  diffusers' train_dreambooth_lora.py and train_dreambooth_lora_sdxl.py, only carried
-#           (ignored by git, never imported, run unmodified as subprocesses by the gpu_truth and
-#           gpu_truth_sdxl peer arms), from $RAYDB_PEERS_DIR/diffusers (default ../shared/peers
-#           beside the repository; set RAYDB_PEERS_DIR when running from a worktree elsewhere)
+#   .peer/  diffusers' train_dreambooth_lora.py, train_dreambooth_lora_sdxl.py and
+#           train_dreambooth_lora_flux.py, only carried (ignored by git, never imported, run
+#           unmodified as subprocesses by the gpu_truth, gpu_truth_sdxl and flux_row peer arms), from
+#           $RAYDB_PEERS_DIR/diffusers (default ../shared/peers beside the repository; set
+#           RAYDB_PEERS_DIR when running from a worktree elsewhere)
 # for the device's Python 3.12 on x86-64 Linux. Run once before the device call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ get .whl/peer $peer_pins
 for v in $TORCHVISION; do
     get .whl/peer "torchvision==$v" || echo "no torchvision $v wheel: the peer arm will record an error"
 done
-for script in train_dreambooth_lora.py train_dreambooth_lora_sdxl.py; do
+for script in train_dreambooth_lora.py train_dreambooth_lora_sdxl.py train_dreambooth_lora_flux.py; do
     if [ -f "$PEERS/$script" ]; then cp "$PEERS/$script" .peer/; else echo "no peer script at $PEERS/$script"; fi
 done
 ls -la .whl .whl/peer .peer

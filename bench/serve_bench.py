@@ -55,8 +55,9 @@ def make_subjects(workspace: str, n: int) -> list[str]:
     })
     run_pipeline(cfg, local=True, quiet=True)  # trained and registered: the pipeline registers
     for i in range(1, n):
-        folder = write_random_adapter(Storage(), workspace, "subject0", f"subject{i}", rank=4, seed=i)
-        register_adapter(Storage(), workspace, f"subject{i}", folder)
+        folder = write_random_adapter(Storage(), workspace, "subject0", f"subject{i}", rank=4, seed=i,
+                                      tenant="bench")
+        register_adapter(Storage(), workspace, "bench", f"subject{i}", folder)
     return [f"subject{i}" for i in range(n)]
 
 
@@ -76,7 +77,7 @@ def adapter_costs(workspace: str, ids: list[str]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"cold load": [], "unload": []}
     adapters = []
     for sid in ids:
-        uri = latest_version(storage, workspace, sid)["uri"]
+        uri = latest_version(storage, workspace, "bench", sid)["uri"]
         t = time.perf_counter()
         adapters.append(pool.load(storage, uri, sid, "v0001"))
         out["cold load"].append(time.perf_counter() - t)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raydb.config import ConfigError, RaydbConfig, load_config
+from raydb.terminal import add_console_flags, setup_console
 
 __all__ = ["main", "VERBS", "Verb", "Flag"]
 
@@ -97,7 +98,8 @@ def _cmd_serve(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
 def _cmd_demo(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
     from raydb.demo import run_demo
 
-    return run_demo(cfg, output=args.output)
+    keep = args.keep_serving == "yes" or (args.keep_serving == "auto" and sys.stdin.isatty())
+    return run_demo(cfg, output=args.output, keep_serving=keep)
 
 
 def _cmd_export(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
@@ -142,9 +144,9 @@ def _cmd_config(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
     if args.reference:
         from raydb.config import config_reference_markdown
 
-        print(config_reference_markdown())
+        print(config_reference_markdown(), flush=True)
         return {}
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
     return {}
 
 
@@ -152,7 +154,10 @@ def _cmd_config(cfg: RaydbConfig, args: argparse.Namespace) -> dict:
 OTHER: dict[str, tuple[Callable[[RaydbConfig, argparse.Namespace], dict], str, list[tuple]]] = {
     "serve": (_cmd_serve, "run the Ray Serve app over the adapter registry", []),
     "demo": (_cmd_demo, "the embedded end-to-end demo (tiny model, built-in subject)",
-             [(("--output",), {"default": "demo-output", "help": "where the demo's pictures go"})]),
+             [(("--output",), {"default": "demo-output", "help": "where the demo's pictures go"}),
+              (("--keep-serving",), {"choices": ["auto", "yes", "no"], "default": "auto",
+                                     "help": "keep the server (and its web console) up until Ctrl-C "
+                                             "(auto: when run from a terminal)"})]),
     "export": (_cmd_export, "export a registered adapter for ComfyUI / AUTOMATIC1111 / kohya (kohya format)",
                [(("--version",), {"help": "registry version, e.g. v0003 (default: latest)"}),
                 (("--format",), {"default": "kohya", "choices": ["kohya"], "help": "export format"}),
@@ -174,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raydb", description="Ray-native DreamBooth-LoRA: personalize and serve SD models.",
         epilog="Overrides: dotted key=value after the options, e.g. train.max_steps=60",
     )
+    parser.add_argument("--version", action="version", version=f"raydb {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     specs: dict[str, tuple[str, list[tuple]]] = {}
     for name, verb in VERBS.items():
@@ -185,12 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
     specs |= {name: (help_text, flags) for name, (_, help_text, flags) in OTHER.items()}
     for name, (help_text, flags) in specs.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "export":
+            p.add_argument("subject", metavar="SUBJECT", help="the registered subject id to export")
         p.add_argument("--config", "-c", help="YAML config (default: built-in defaults)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides"
-                       + (" (export: the subject id first)" if name == "export" else ""))
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         for names, kwargs in flags:
             p.add_argument(*names, **kwargs)
+        add_console_flags(p)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's ``version``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raydb")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH, never installed
+        return "0+unknown"
 
 
 def _failures() -> tuple[type[BaseException], ...]:
@@ -209,13 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides += extra  # positionals after an option (`raydb export SUBJECT --config x k=v`)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.command == "export":  # `raydb export SUBJECT [options] [key=value ...]`
-        names = [o for o in args.overrides if "=" not in o]
-        if len(names) != 1:
-            print("raydb export: error: name exactly one SUBJECT (then key=value overrides)", file=sys.stderr)
-            return 2
-        args.subject = names[0]
-        args.overrides = [o for o in args.overrides if "=" in o]
+    if args.command == "export" and "=" in args.subject:
+        parser.error("export: name the SUBJECT first, then key=value overrides")
+    setup_console(args.log_level, verbose=args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -225,12 +239,21 @@ def main(argv: list[str] | None = None) -> int:
         lambda: OTHER[args.command][0](cfg, args))
     try:
         result = run()
+        if result:
+            print(json.dumps(result, default=str), flush=True)
     except _failures() as exc:  # bad input: a clear message, not a traceback
         print(f"raydb {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    if result:
-        print(json.dumps(result, default=str))
+    except BrokenPipeError:  # `raydb config --reference | head`: the reader left, which is no error
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell tool killed by the closed pipe reports
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of the closed pipe stays quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

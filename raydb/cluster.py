@@ -32,7 +32,7 @@ def free_port(host: str = "") -> int:
 
 
 def start_local_ray(num_cpus: int, *, dashboard: bool = True, env: dict[str, str] | None = None,
-                    log_to_driver: bool = False):
+                    log_to_driver: bool = False, logging_level: int = 20):
     """Start a local cluster whose processes all know its address.
 
     Ray's state API (which Train uses to clean up placement groups) auto-detects the cluster; with
@@ -41,7 +41,7 @@ def start_local_ray(num_cpus: int, *, dashboard: bool = True, env: dict[str, str
     front and ``RAY_ADDRESS`` is given to every worker through the job's runtime env.
     """
     import ray
-    from ray._private.services import get_node_ip_address
+    from ray.util import get_node_ip_address
 
     port = free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
@@ -49,7 +49,7 @@ def start_local_ray(num_cpus: int, *, dashboard: bool = True, env: dict[str, str
     env = dict(env or {}) | {"RAY_ADDRESS": address}
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env={"env_vars": env},
-                 log_to_driver=log_to_driver)
+                 log_to_driver=log_to_driver, logging_level=logging_level)
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
     os.environ["RAY_ADDRESS"] = address  # this driver's own state-API calls and subprocesses
@@ -68,12 +68,26 @@ def init_ray(cfg: RaydbConfig | None = None, *, num_cpus: int | None = None, das
     """
     import ray
 
+    from raydb.terminal import filter_known_noise, is_verbose, library_env
+
     if ray.is_initialized():
         return ray
+    if not is_verbose():  # the CLI without --verbose: Ray's INFO lines and known false alarms stay out
+        filter_known_noise()
     env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false"}
+    env |= library_env()
     address = (cfg.cluster.address if cfg else None) or os.environ.get("RAY_ADDRESS")
     if address:  # joining: the cluster's (or the submitted job's) runtime env applies as it is
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=_ray_level())
         return ray
     cpus = num_cpus or max(8, 2 * (os.cpu_count() or 1))
-    return start_local_ray(cpus, dashboard=dashboard, env=env)
+    return start_local_ray(cpus, dashboard=dashboard, env=env, logging_level=_ray_level())
+
+
+def _ray_level() -> int:
+    """Ray's driver logging: INFO (its default) with --verbose or outside the CLI, else WARNING."""
+    import logging
+
+    from raydb.terminal import is_verbose
+
+    return logging.INFO if is_verbose() else logging.WARNING

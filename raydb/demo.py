@@ -9,6 +9,7 @@ stage whose inputs are unchanged (see :mod:`raydb.pipeline`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -21,9 +22,13 @@ from typing import Any
 
 from raydb.cluster import free_port, init_ray
 from raydb.config import RaydbConfig
+from raydb.registry import LOSS_CURVE, SAMPLES
+from raydb.serving import console_url
 from raydb.storage import Storage, is_s3, join
 
 __all__ = ["run_demo", "generate_png"]
+
+log = logging.getLogger(__name__)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -67,8 +72,10 @@ def _enlarged_copy(png: Path, dest: Path, min_side: int = 256) -> None:
             image.resize((image.width * factor, image.height * factor), Image.NEAREST).save(dest)
 
 
-def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
-    """Run the pipeline with a Serve deployment, make one authenticated request, shut Serve down."""
+def run_demo(cfg: RaydbConfig, output: str = "demo-output", keep_serving: bool = False) -> dict[str, Any]:
+    """Run the pipeline with a Serve deployment, make one authenticated request, print the web
+    console's URL and the demo's API key, and shut Serve down (with ``keep_serving``, only after
+    Ctrl-C: the console stays up to be looked at)."""
     import ray
     from ray import serve
 
@@ -105,8 +112,20 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
             raise RuntimeError(f"POST {url} answered {status}: {png[:300]!r}")
         (out / "generated.png").write_bytes(png)
         _enlarged_copy(out / "generated.png", out / "generated_large.png")
-        print(f"POST {url} without a key: {denied}; with the demo key: {status}, "
-              f"{len(png)} bytes of PNG in {request_s:.1f}s -> {out / 'generated.png'}")
+        log.info("POST %s without a key: %s; with the demo key: %s, %d bytes of PNG in %.1fs -> %s "
+                 "(enlarged: %s)", url, denied, status, len(png), request_s, out / "generated.png",
+                 out / "generated_large.png")
+        log.info("web console: %s -- demo API key (tenant %s): %s", console_url(cfg), cfg.subject.tenant,
+                 api_key)
+        if keep_serving:
+            log.info("serving until Ctrl-C")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        else:
+            log.info("the demo stops the server now; `raydb demo --keep-serving` keeps it up for the console")
     finally:
         if ray.is_initialized():
             serve.shutdown()
@@ -115,11 +134,12 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
     stages = {s["stage"]: s["outputs"] for s in summary["stages"]}
     learned = stages.get("tune") or stages.get("train") or {}
     run_dir = learned.get("run_dir")
+    version = summary["registered"]  # the registry version: its pictures were registered with it
     artifacts = {
         "generated_png": str(out / "generated.png"),
         "generated_large": str(large) if (large := out / "generated_large.png").exists() else None,
-        "samples": _copy_out(storage, run_dir and join(run_dir, "samples.png"), out / "samples.png"),
-        "loss_curve": _copy_out(storage, run_dir and join(run_dir, "loss_curve.png"), out / "loss_curve.png"),
+        "samples": _copy_out(storage, version and join(version, SAMPLES), out / SAMPLES),
+        "loss_curve": _copy_out(storage, version and join(version, LOSS_CURVE), out / LOSS_CURVE),
         "tune_results": stages.get("tune", {}).get("results_csv"),
         "tune_plot": _copy_out(storage, stages.get("tune", {}).get("plot"), out / "tune_trials.png"),
         "adapter": summary["adapter_uri"],
@@ -130,11 +150,9 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output") -> dict[str, Any]:
         "pipeline_summary": summary["summary_uri"],
         "workspace": cfg.workspace if is_s3(cfg.workspace) else str(Path(cfg.workspace).resolve()),
     }
-    print("\nArtifacts:")
-    for name, where in artifacts.items():
-        if where:
-            print(f"  {name:17s} {where}")
-    print(f"  (served at {summary['url']} during the demo; Serve is shut down now. "
+    lines = [f"  {name:17s} {where}" for name, where in artifacts.items() if where]
+    log.info("artifacts:\n%s", "\n".join(lines))
+    log.info(f"  (served at {summary['url']} during the demo; Serve is shut down now. "
           f"`raydb pipeline --deploy --config ...` keeps it running)")
     return {"artifacts": artifacts, "stages": {s["stage"]: s["status"] for s in summary["stages"]},
             "seconds": round(time.perf_counter() - start, 1)}

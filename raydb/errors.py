@@ -16,18 +16,34 @@ unknown (:class:`UnknownResource`, also another tenant's), its state forbids the
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = ["Refused", "Invalid", "RequestError", "TooLarge", "Forbidden", "UnknownResource", "Conflict",
-           "Overloaded", "Unavailable", "TimedOut", "error_line"]
+           "Overloaded", "Unavailable", "TimedOut", "error_line", "redact_paths"]
+
+# URIs (s3://bucket/key, file://, http://host/...) and file paths (/abs, ./rel, ../rel, ~/home),
+# where they stand as words of their own: "images/s" or "1/2" is not a path.
+_URI = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>,;)\]]*[^\s'\"<>,;:)\]]")
+_PATH = re.compile(r"(?<![\w.~/-])(?:~|\.{1,2})?/[^\s'\"<>,;:)\]]+")
 
 
 class Refused(Exception):
-    """A request raydb will not carry out; ``detail()`` is what the caller is told."""
+    """A request raydb will not carry out; ``detail()`` is what the caller is told.
 
-    def __init__(self, detail: str | list[dict[str, Any]], *, retry_after: int | None = None) -> None:
+    ``rejection``: for a refusal for want of capacity, one fixed word saying whose capacity
+    (``trainings``, ``backpressure``, ...: the ``reason`` tag of ``raydb_http_rejections_total``,
+    docs/operations.md); a class may set it for all its instances.
+    """
+
+    rejection: str | None = None
+
+    def __init__(self, detail: str | list[dict[str, Any]], *, retry_after: int | None = None,
+                 rejection: str | None = None) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+        if rejection is not None:
+            self.rejection = rejection
 
     def detail(self) -> str | list[dict[str, Any]]:
         return self.args[0]
@@ -82,3 +98,10 @@ def error_line(exc: BaseException) -> str:
     per-file list, joined with '; '), for summaries and training status."""
     text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return f"{type(exc).__name__}: {text}"
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with every URI and file path replaced by ``<path>``: what a tenant may read of an
+    error raised with the service's storage layout, bucket names or model locations in it (the
+    operator's logs keep the original)."""
+    return _PATH.sub("<path>", _URI.sub("<path>", text))

@@ -1,8 +1,8 @@
 """Registry ids: the one rule for subject ids and tenant names, below everything that uses them.
 
-Ids become path segments of the workspace (``subjects/<id>/``), so the rule is an allow-list —
-``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`` with no ``..`` — that can never name a path outside the
-registry. ``raydb.config`` validates ids with it at load time; the registry and the server check
+Ids become path segments of the workspace (``tenants/<tenant>/subjects/<id>/``), so the rule is an
+allow-list — ``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`` with no ``..`` — that can never name a path outside
+the registry. ``raydb.config`` validates ids with it at load time; the registry and the server check
 again at their edges.
 """
 

@@ -5,12 +5,12 @@
 skipping behave the same whichever verb ran a stage. It needs a running Ray cluster unless
 ``local`` (``raydb.cluster.init_ray``, called by the entry points). Before a stage runs it hashes the
 config fields the stage depends on (its *inputs*, which include its upstream stages' inputs, since
-their outputs are a function of them) and reads ``<workspace>/pipeline/<subject>/<stage>.json``.
-When that manifest records the same hash and the outputs it lists still exist, the stage is skipped
-and its recorded outputs are handed on; otherwise the stage runs and its manifest is written only
-after it succeeded, so a crash leaves the stage to be redone. The stage functions also skip their
-own finished work (prior blocks, the encoded cache, a finished run), so a rerun after a crash inside
-a stage is cheap as well.
+their outputs are a function of them) and reads
+``<workspace>/tenants/<tenant>/pipeline/<subject>/<stage>.json``. When that manifest records the same
+hash and the outputs it lists still exist, the stage is skipped and its recorded outputs are handed
+on; otherwise the stage runs and its manifest is written only after it succeeded, so a crash leaves
+the stage to be redone. The stage functions also skip their own finished work (prior blocks, the
+encoded cache, a finished run), so a rerun after a crash inside a stage is cheap as well.
 
 The run ends with a table (stage, skipped or ran, seconds, key outputs), ``summary.json`` beside the
 manifests, and the summary dict that the CLI prints as its final JSON line.
@@ -20,9 +20,9 @@ the base model by its config (``model.pretrained``, ``model.revision``), not its
 
 The pipeline is raydb's only registrar: the train and tune stages return a finished adapter (the
 search: its best trial's), and only the ``register`` stage puts it in the registry (with the
-search's hyperparameters and scores, and the exports of ``export_formats``). When a run will
-register, it first claims the subject id for ``subject.tenant``, so an id owned by another tenant
-fails before any compute, not after training. A caller that runs the stages in two calls — the
+search's hyperparameters and scores, and the exports of ``export_formats``), under the subject's
+own tenant (subject ids are per tenant: ``(subject.tenant, subject.id)`` names it, and there is
+nothing to claim). A caller that runs the stages in two calls — the
 training service's job: ``prior, encode, train`` then, once the outcome is claimed, ``register`` —
 can therefore cancel in between and be sure nothing was registered.
 """
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -43,6 +44,8 @@ from raydb.storage import NotFound, Storage, is_s3, join
 
 __all__ = ["STAGES", "StageResult", "run_pipeline", "inputs_key", "manifest_matches", "run_stage",
            "stage_inputs", "format_summary", "pipeline_uri", "cluster_is_joined"]
+
+log = logging.getLogger(__name__)
 
 STAGES = ("prior", "encode", "train", "tune", "register", "serve")
 
@@ -71,7 +74,10 @@ def manifest_matches(manifest: dict[str, Any] | None, key: str) -> bool:
 
 
 def pipeline_uri(cfg: RaydbConfig) -> str:
-    return join(cfg.workspace, "pipeline", cfg.subject.id)
+    """The subject's manifests, under its tenant's folder (``tenants/<tenant>/pipeline/<subject>``)."""
+    from raydb.registry import tenant_uri
+
+    return join(tenant_uri(cfg.workspace, cfg.subject.tenant), "pipeline", cfg.subject.id)
 
 
 def run_stage(
@@ -110,8 +116,8 @@ def _data_fingerprint(storage: Storage, uri: str | None) -> Any:
 # Keys added to the tune / eval sections after searches were recorded, with the value that means
 # "as before": left out of the tune stage's key at that value, so an older search's manifest still
 # matches (and a finished search is not rerun) until one of them is actually set.
-_LATER_TUNE_KEYS = {"prior_mode": None, "metric": "val_score"}
-_LATER_EVAL_KEYS = {"dino_model": None, "fidelity": None}
+_LATER_TUNE_KEYS = {"prior_mode": None}
+_LATER_EVAL_KEYS: dict[str, Any] = {}
 
 
 def _without_later_defaults(section: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
@@ -250,7 +256,7 @@ def _register(cfg: RaydbConfig, storage: Storage, trained: dict[str, Any]) -> di
 
     # Idempotent: the same weights (and search metadata) as a registered version keep that version.
     adapter_uri = trained["adapter_uri"]
-    record = register_adapter(storage, cfg.workspace, cfg.subject.id, adapter_uri,
+    record = register_adapter(storage, cfg.workspace, cfg.subject.tenant, cfg.subject.id, adapter_uri,
                               extra_metadata=_search_metadata(cfg, trained))
     out = {"uri": record["uri"], "version": record["version"], "adapter_uri": adapter_uri}
     if cfg.export_formats:
@@ -265,7 +271,8 @@ def _register_current(storage: Storage, cfg: RaydbConfig, out: dict[str, Any]) -
     from raydb.registry import latest_version
 
     try:
-        return latest_version(storage, cfg.workspace, cfg.subject.id)["version"] == out.get("version")
+        return latest_version(storage, cfg.workspace, cfg.subject.tenant, cfg.subject.id)["version"] \
+            == out.get("version")
     except NotFound:
         return False
 
@@ -317,10 +324,10 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
     """
     storage = storage or Storage(cfg.s3_endpoint_url)
     selected = _selected(cfg, deploy, stages)
-    if "register" in selected:  # an id owned by another tenant fails now, not after training
-        from raydb.registry import claim_subject
+    if "register" in selected:  # a registry of one global namespace moves to per-tenant names first
+        from raydb.registry import migrate_registry
 
-        claim_subject(storage, cfg.workspace, cfg.subject.id, cfg.subject.tenant)
+        migrate_registry(storage, cfg.workspace)
     base = pipeline_uri(cfg)
     results: list[StageResult] = []
     outputs: dict[str, dict[str, Any]] = {}
@@ -330,7 +337,7 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
 
     def stage(name: str, run: Callable[[], dict[str, Any]], exists: Callable[[dict], bool]) -> None:
         if not quiet:
-            print(f"== pipeline stage {name}", flush=True)
+            log.info("== pipeline stage %s", name)
         if on_stage is not None:
             on_stage(name)
         res = run_stage(storage, join(base, f"{name}.json"), name, stage_inputs(cfg, storage, name),
@@ -377,7 +384,7 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
     summary |= {k: trained[k] for k in ("run_dir", "steps", "images_per_s") if k in trained}
     storage.write_json(summary["summary_uri"], summary)
     if not quiet:
-        print(format_summary(results), flush=True)
+        log.info("%s", format_summary(results))
     return summary
 
 

@@ -47,14 +47,15 @@ def random_lora_weights(shapes: dict[str, tuple[int, int]], *, rank: int, alpha:
 
 
 def write_random_adapter(storage: Storage, workspace: str, template_subject: str, subject_id: str, *,
-                         rank: int, seed: int, alpha: float | None = None) -> str:
-    """An adapter folder for ``subject_id``: ``template_subject``'s registered adapter.json with
-    seeded random weights of ``rank``, under ``<workspace>/synthetic-adapters/<subject_id>``.
+                         rank: int, seed: int, alpha: float | None = None, tenant: str = "default") -> str:
+    """An adapter folder for ``subject_id``: ``tenant``'s registered ``template_subject``'s
+    adapter.json with seeded random weights of ``rank``, under
+    ``<workspace>/synthetic-adapters/<subject_id>``.
 
     Returns the folder's URI; the caller registers it (``raydb.registry.register_adapter``), as the
     pipeline registers a trained one.
     """
-    template = latest_version(storage, workspace, template_subject)["uri"]
+    template = latest_version(storage, workspace, tenant, template_subject)["uri"]
     meta = storage.read_json(join(template, ADAPTER_META))
     _, state, lora_config = read_adapter(storage, template, meta["base_model"]["identity"])
     shapes = {key.removesuffix(".lora.down.weight"): (0, tensor.shape[1])
@@ -121,14 +122,14 @@ def prior_preservation_finding(
         validator = Validator(run_cfg, comps, *encoded, encode_prompt_set(comps, prompts),
                               inputs.instance.images)
         if "base" not in out:
-            out["base"] = _losses(validator(comps.unet))
-        state = build_train_state(run_cfg, comps.unet, comps.text_encoder, comps.text_encoder_2)
-        device = next(comps.unet.parameters()).device
+            out["base"] = _losses(validator(comps.denoiser))
+        state = build_train_state(run_cfg, comps.denoiser, *comps.lora_text_encoders)
+        device = next(comps.denoiser.parameters()).device
         with TrainEngine(run_cfg, state, train_data, noise_scheduler=comps.noise_scheduler,
                          prediction_type=comps.prediction_type, vae=comps.vae, device=device) as engine:
             while state.step < tc.max_steps:
                 engine.step()
-        out[f"lambda_{weight:g}"] = _losses(validator(comps.unet))
+        out[f"lambda_{weight:g}"] = _losses(validator(comps.denoiser))
     return out
 
 

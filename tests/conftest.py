@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,26 @@ TINY_TRAIN = {
     "num_sample_images": 0, "sample_steps": 2, "learning_rate": 1e-3,
 }
 TINY_PRIOR = {"num_class_images": 4, "sample_batch_size": 2, "num_inference_steps": 2, "num_holdout": 0}
+
+
+@pytest.fixture(autouse=True)
+def _console_settings_stay_in_their_test(monkeypatch):
+    """``cli.main`` sets up the console for the whole process (the ``raydb`` logger, the libraries'
+    loggers and verbosity variables); each test gets them back as they were."""
+    import logging
+
+    from raydb.terminal import _QUIET_ENV, QUIET_LOGGERS
+
+    for key in ["RAYDB_VERBOSE", *_QUIET_ENV]:
+        monkeypatch.setenv(key, "")  # recorded as it was, restored after the test
+        monkeypatch.delenv(key)
+    loggers = [logging.getLogger(name) for name in ("raydb", *QUIET_LOGGERS)]
+    saved = [(lg, lg.level, list(lg.handlers), list(lg.filters)) for lg in loggers]
+    yield
+    for lg, level, handlers, filters in saved:
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.filters[:] = filters
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +95,13 @@ def tiny_sdxl_dir(tmp_path_factory) -> str:
     from raydb.models.tiny_sdxl import save_tiny_sdxl_model
 
     return str(save_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl") / "model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> str:
+    from raydb.models.tiny_flux import save_tiny_flux_model
+
+    return str(save_tiny_flux_model(tmp_path_factory.mktemp("tiny-flux") / "model"))
 
 
 @pytest.fixture(scope="session")
@@ -172,3 +200,20 @@ def _mutants_write_into_a_fresh_folder(request, monkeypatch):
     where the next mutant's tests would find them (a mutant surviving on another's leftovers)."""
     if os.environ.get("MUTANT_UNDER_TEST"):
         monkeypatch.chdir(request.getfixturevalue("tmp_path_factory").mktemp("cwd"))
+
+
+_STARTED = pytest.StashKey[float]()
+
+
+def pytest_sessionstart(session) -> None:
+    session.config.stash[_STARTED] = time.time()
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """Name the folder of the console's screenshots when this session wrote some (tests/console)."""
+    from tests.helpers.browser import ARTIFACTS
+
+    started = config.stash.get(_STARTED, time.time())
+    fresh = sorted(p.name for p in ARTIFACTS.glob("*.png") if p.stat().st_mtime >= started)
+    if fresh:
+        terminalreporter.write_line(f"console screenshots ({len(fresh)}): {ARTIFACTS}")

@@ -62,19 +62,20 @@ def test_batch_shares_priors_isolates_failures_and_reruns_nothing(make_cfg, mani
     assert groups["a photo of a toy"]["images_generated"] == 2
     assert groups["a photo of a cat"]["images_generated"] == 2
     ws = Path(cfg.workspace)
-    prior_manifests = {sid: json.loads((ws / "pipeline" / sid / "prior.json").read_text())
+    home = ws / "tenants" / "shop"
+    prior_manifests = {sid: json.loads((home / "pipeline" / sid / "prior.json").read_text())
                        for sid in ("rex", "fido", "kit")}
     assert prior_manifests["rex"]["outputs"]["cache_uri"] == prior_manifests["fido"]["outputs"]["cache_uri"]
     assert prior_manifests["fido"]["outputs"]["images_generated"] == 0  # found rex's fill in the cache
     assert len(list((ws / "priors").iterdir())) == 2  # two classes, two caches
-    assert rows["moe"]["stages"]["prior"] == "off" and not (ws / "pipeline" / "moe" / "prior.json").exists()
+    assert rows["moe"]["stages"]["prior"] == "off" and not (home / "pipeline" / "moe" / "prior.json").exists()
     for sid in ("rex", "fido", "kit", "moe"):
-        latest = latest_version(Storage(), cfg.workspace, sid)
+        latest = latest_version(Storage(), cfg.workspace, "shop", sid)
         assert latest["version"] == rows[sid]["version"] == "v0001"
         meta = json.loads((Path(latest["uri"]) / "adapter.json").read_text())
         assert meta["subject"]["tenant"] == "shop" and meta["metrics"]["steps"] == 2
         assert meta["training"]["prior_mode"] == ("model" if sid == "moe" else "images")
-    assert not (ws / "subjects" / "bad").exists() and not (ws / "pipeline" / "bad").exists()
+    assert not (home / "subjects" / "bad").exists() and not (home / "pipeline" / "bad").exists()
     assert "batch summary:" in capsys.readouterr().out
 
     again = run_batch(load_manifest(manifest, cfg), local=True, quiet=True)

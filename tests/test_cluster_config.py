@@ -190,9 +190,17 @@ def test_setup_installs_this_project(prepared) -> None:
     assert ".gitignore" in prepared["rsync_filter"]  # no .venv / workspace in the sync
     head_setup = prepared["head_setup_commands"]
     worker_setup = prepared["worker_setup_commands"]
-    for commands in (head_setup, worker_setup):
-        assert any(re.search(r"pip install .*-e ~/raydb\b", c) for c in commands), commands
-        assert any("ray[" in c and "==2.60.0" in c for c in commands), commands
+    for commands in (head_setup, worker_setup):  # the lock exactly, then this project resolving nothing
+        assert any(re.search(r"pip install .*--no-deps -e ~/raydb\b", c) for c in commands), commands
+        assert any(re.search(r"--no-deps --require-hashes -r ~/raydb/requirements/runtime\.lock$", c)
+                   for c in commands), commands
+        assert any(c.startswith("uv pip check") for c in commands), commands
+    # torch's dependencies at the lock's versions: the CPU build's are in the lock, the CUDA build's
+    # CUDA libraries are resolved by uv, held to the lock (-c)
+    assert all("--no-deps" in c for c in head_setup if "torch==" in c)
+    assert all("-c ~/raydb/requirements/runtime.lock" in c for c in worker_setup if "torch==" in c)
+    # the lock pins the Ray that launches the cluster and runs the KubeRay manifests
+    assert _locked_version("ray") == "2.60.0"
     torch_head = [c for c in head_setup if "torch==" in c]
     torch_workers = [c for c in worker_setup if "torch==" in c]
     assert torch_head and "/whl/cpu" in torch_head[0]
@@ -252,8 +260,10 @@ def test_rayservice_manifest() -> None:
     _check_ray_cluster_spec(service["spec"]["rayClusterConfig"])
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     (app,) = serve_config["applications"]
-    assert app["import_path"] == "serve.app:build_app"
-    assert (REPO / "serve" / "app.py").is_file()
+    assert app["import_path"] == "raydb.serving.app:build_app"  # in the installed package
+    from raydb.serving.app import build_app
+
+    assert callable(build_app)
     config_path = app["args"]["config"]
     assert config_path.startswith(IMAGE_ROOT)
     cfg = load_config(REPO / config_path[len(IMAGE_ROOT):])
@@ -261,10 +271,19 @@ def test_rayservice_manifest() -> None:
     assert diffusion["ray_actor_options"]["num_gpus"] == cfg.serve.num_gpus_per_replica
 
 
+def _locked_version(name: str) -> str:
+    text = (REPO / "requirements" / "runtime.lock").read_text()
+    match = re.search(rf"^{re.escape(name)}==(\S+)", text, re.M)
+    assert match, f"{name} is not in requirements/runtime.lock"
+    return match.group(1)
+
+
 def test_dockerfile_installs_what_the_manifests_use() -> None:
     text = (KUBERAY / "Dockerfile").read_text()
+    assert "--no-deps --require-hashes -r requirements/runtime.lock" in text
+    assert "torch==2.13.0 -c requirements/runtime.lock" in text
     assert re.search(r"^FROM rayproject/ray:2\.60\.0-py311-gpu$", text, re.M)
     assert f"WORKDIR {IMAGE_ROOT.rstrip('/')}" in text
-    assert f"PYTHONPATH={IMAGE_ROOT.rstrip('/')}" in text
+    assert "PYTHONPATH" not in text  # the Serve builder is in the installed package
     for manifest in ("rayjob.yaml", "rayservice.yaml"):
         assert "image: YOUR-REGISTRY/raydb:0.1.0" in (KUBERAY / manifest).read_text()

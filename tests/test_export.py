@@ -177,3 +177,57 @@ def test_non_lora_keys_and_resnet_targets_on_sdxl_are_refused(tiny_sdxl_dir: str
               "unet.down_blocks.0.resnets.0.conv1.lora.up.weight": torch.zeros(4, 2)}
     with pytest.raises(ValueError, match="attention blocks"):
         to_kohya(st_save(resnet), unet_config)
+
+
+# -- export_version reads only the version's own files (issue 24) -----------------------------------
+def _registered(make_cfg, tmp_path, meta_extra: dict) -> tuple:
+    """A registered adapter whose adapter.json names the config's base model (so nothing but the
+    file check stands between export and the weights it names)."""
+    from raydb.models.components import resolve_model
+    from raydb.registry import register_adapter
+    from raydb.storage import Storage
+
+    cfg, storage = make_cfg(), Storage()
+    _, identity = resolve_model(cfg.model, storage, cfg.workspace)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pytorch_lora_weights.safetensors").write_bytes(b"w")
+    (src / "adapter.json").write_text(json.dumps({"weights_sha256": hashlib.sha256(b"w").hexdigest(),
+                                                  "base_model": {"identity": identity, "family": "sd"}}))
+    record = register_adapter(storage, cfg.workspace, cfg.subject.tenant, "rex", str(src))
+    meta = json.loads((Path(record["uri"]) / "adapter.json").read_text())
+    (Path(record["uri"]) / "adapter.json").write_text(json.dumps(meta | meta_extra))
+    return cfg, storage, record
+
+
+def test_export_never_follows_a_weights_field_out_of_the_version(make_cfg, tmp_path, monkeypatch):
+    """An adapter.json whose ``weights`` is ``../../…/secret`` is refused before anything is read
+    (before: the path was joined unchecked and the file read, converted and written into the
+    registry). The version's own weights are the one file export reads, as serving does."""
+    from raydb.export import export_version
+    from raydb.storage import Storage
+
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"the operator's secret")
+    cfg, storage, record = _registered(make_cfg, tmp_path, {})
+    escape = "/".join([".."] * len(Path(record["uri"]).relative_to(tmp_path).parts)) + "/secret.safetensors"
+    meta = json.loads((Path(record["uri"]) / "adapter.json").read_text())
+    (Path(record["uri"]) / "adapter.json").write_text(json.dumps(meta | {"weights": escape}))
+    assert (Path(record["uri"]) / escape).resolve() == secret.resolve()  # the escape is real
+    reads = []
+    real = Storage.read_bytes
+    monkeypatch.setattr(Storage, "read_bytes", lambda self, uri: reads.append(uri) or real(self, uri))
+    with pytest.raises(ValueError, match=r"names the weights file '\.\./.*secret\.safetensors'"):
+        export_version(storage, cfg, "rex")
+    assert not [u for u in reads if Path(u).resolve() == secret.resolve()]
+    assert not (Path(record["uri"]) / KOHYA_WEIGHTS).exists()
+
+
+def test_export_of_an_adapter_json_that_is_not_an_object_names_the_file(make_cfg, tmp_path):
+    from raydb.export import export_version
+    from raydb.storage import StorageError
+
+    cfg, storage, record = _registered(make_cfg, tmp_path, {})
+    (Path(record["uri"]) / "adapter.json").write_text("[1, 2, 3]")
+    with pytest.raises(StorageError, match=r"v0001/adapter.json is not a JSON object"):
+        export_version(storage, cfg, "rex")

@@ -127,47 +127,59 @@ def test_summary_table_lists_every_stage():
     text = format_summary([
         StageResult("prior", "skipped", 0.01, {"images": 4, "cache_uri": "/ws/priors/k"}),
         StageResult("train", "ran", 12.3, {"steps": 6, "adapter_uri": "/ws/runs/a", "reused": True}),
-        StageResult("register", "ran", 0.2, {"version": "v0001", "uri": "/ws/subjects/demo/v0001"}),
+        StageResult("register", "ran", 0.2, {"version": "v0001",
+                                             "uri": "/ws/tenants/t1/subjects/demo/v0001"}),
     ])
     lines = text.splitlines()
     assert lines[1].split()[:3] == ["stage", "status", "seconds"]
     assert lines[2].split()[:3] == ["prior", "skipped", "0.0"] and "4 images" in lines[2]
     assert "6 steps -> /ws/runs/a (found finished)" in lines[3]
-    assert "v0001 at /ws/subjects/demo/v0001" in lines[4]
+    assert "v0001 at /ws/tenants/t1/subjects/demo/v0001" in lines[4]
     off = [format_summary([StageResult("prior", "off", 0.0, {"class_data": data, "mode": mode})])
            for data, mode in ((None, "model"), (None, "images"), ("/c", "model"))]
     assert "prior from the base model (no class images)" in off[0]
     assert "prior preservation off" in off[1] and "class images from /c" in off[2]
 
 
-def test_a_foreign_subject_id_fails_before_any_stage_runs(make_cfg):
-    """A run that will register claims the id first: another tenant's id fails in milliseconds,
-    with nothing computed or written for it (runs, priors, manifests)."""
+def test_a_run_that_registers_moves_a_global_registry_to_per_tenant_names_first(make_cfg):
+    """Subject ids are per tenant (issue 24): before its first stage, a run that will register moves
+    a registry of the old global namespace (``subjects/<id>/``) under each version's tenant, so a
+    CLI-only workspace migrates on its first registration. (Here the register stage then finds no
+    trained adapter: only the move is looked at.)"""
+    import hashlib
+
     from raydb.pipeline import run_pipeline
-    from raydb.registry import SubjectOwned, claim_subject
+    from raydb.registry import latest_version
 
     cfg = make_cfg()
-    claim_subject(Storage(), cfg.workspace, cfg.subject.id, "another-tenant")
-    with pytest.raises(SubjectOwned, match="subject.id 'demo'"):
-        run_pipeline(cfg, local=True, quiet=True)
-    assert sorted(p.name for p in Path(cfg.workspace).iterdir()) == ["subjects", "tenants"]
+    old = Path(cfg.workspace) / "subjects" / "rex" / "v0001"
+    old.mkdir(parents=True)
+    (old / "pytorch_lora_weights.safetensors").write_bytes(b"w")
+    (old / "adapter.json").write_text(json.dumps({"subject": {"tenant": "t9"},
+                                                  "weights_sha256": hashlib.sha256(b"w").hexdigest()}))
+    with pytest.raises(ValueError, match="no finished train stage"):
+        run_pipeline(cfg, stages=["register"], local=True, quiet=True)
+    assert latest_version(Storage(), cfg.workspace, "t9", "rex")["versions"] == ["v0001"]
+    assert not (Path(cfg.workspace) / "subjects" / "rex").exists()
 
 
 @pytest.mark.heavy
 def test_only_the_register_stage_registers(make_cfg):
-    """The job's two calls: prior + train leave a finished adapter and no registry entry, not even an
-    owner record; ``register`` alone then claims the id and registers that adapter."""
+    """The job's two calls: prior + train leave a finished adapter and no registry entry; ``register``
+    alone then registers that adapter. Everything lands under the subject's tenant
+    (``tenants/<tenant>/``: runs, manifests, the registry)."""
     from raydb.pipeline import run_pipeline
-    from raydb.registry import latest_version, subject_owner
+    from raydb.registry import latest_version
 
-    cfg = make_cfg(train={"max_steps": 2}, prior={"enabled": False})
+    cfg = make_cfg(train={"max_steps": 2}, prior={"enabled": False}, subject={"tenant": "t7"})
     trained = run_pipeline(cfg, stages=["prior", "train"], local=True, quiet=True)
     assert Path(trained["adapter_uri"], "adapter.json").is_file() and trained["registered"] is None
-    assert not (Path(cfg.workspace) / "subjects").exists()
-    assert subject_owner(Storage(), cfg.workspace, cfg.subject.id) is None
+    home = Path(cfg.workspace) / "tenants" / "t7"
+    assert sorted(p.name for p in home.iterdir()) == ["pipeline", "runs"]
+    assert trained["adapter_uri"].startswith(str(home / "runs" / cfg.subject.id) + "/")
     registered = run_pipeline(cfg, stages=["register"], local=True, quiet=True)
-    record = latest_version(Storage(), cfg.workspace, cfg.subject.id)
+    record = latest_version(Storage(), cfg.workspace, "t7", cfg.subject.id)
     assert registered["registered"] == record["uri"] and record["version"] == "v0001"
-    assert subject_owner(Storage(), cfg.workspace, cfg.subject.id) == cfg.subject.tenant
+    assert sorted(p.name for p in home.iterdir()) == ["pipeline", "runs", "subjects"]
     weights = "pytorch_lora_weights.safetensors"
     assert Path(record["uri"], weights).read_bytes() == Path(trained["adapter_uri"], weights).read_bytes()

@@ -26,3 +26,16 @@ def test_unknown_name_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="no_such_thing"):
         raydb.no_such_thing  # noqa: B018
+
+
+def test_no_private_ray_imports():
+    """raydb uses Ray's public API only: a private module can change in any release."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = [f"{path.relative_to(root)}:{n}" for folder in ("raydb", "jobs", "serve")
+                 for path in sorted((root / folder).rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if re.search(r"^\s*(from|import)\s+ray\._|ray\._private", line)]
+    assert offenders == []

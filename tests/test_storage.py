@@ -356,6 +356,7 @@ def test_arrow_fs_region_endpoint_and_path(monkeypatch) -> None:
 
     for var in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(Storage, "bucket_region", lambda self, bucket: None)  # S3 cannot say: the env
     assert fs_args(Storage("http://127.0.0.1:9000"))[0]["region"] == "us-east-1"
     monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")
     assert fs_args(Storage("http://127.0.0.1:9000"))[0]["region"] == "ap-south-1"
@@ -727,3 +728,69 @@ def test_s3_segments_of_plain_uris():
     assert s3_segments("s3://up.loads-1/t1/rex/") == ("up.loads-1", ["t1", "rex"])
     assert s3_segments("s3://bucket/t1/a?b.png") == ("bucket", ["t1", "a?b.png"])  # as split_s3 reads it
     assert s3_segments("s3://bucket/" + "k" * 1024) == ("bucket", ["k" * 1024])  # S3's limit, inclusive
+
+
+# -- the bucket's own region; streamed parallel downloads (moto server) ------------------------------
+def test_arrow_fs_and_ray_storage_take_the_buckets_own_region(s3_server, monkeypatch, make_cfg) -> None:
+    """A bucket outside the default region: pyarrow (and so Ray Train/Tune's storage filesystem) is
+    signed for the bucket's region, not for AWS_DEFAULT_REGION, and really reads and writes it."""
+    import boto3
+    import pyarrow.fs as pafs
+
+    from raydb.storage import _BUCKET_REGIONS
+    from raydb.train.stage import _storage_location
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    bucket = "raydb-eu-bucket"
+    boto3.client("s3", endpoint_url=s3_server, region_name="eu-central-1").create_bucket(
+        Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
+    _BUCKET_REGIONS.clear()
+    storage = Storage(s3_server)
+    assert storage.bucket_region(bucket) == "eu-central-1"
+    fs, path = storage.arrow_fs(f"s3://{bucket}/runs/x")
+    assert (fs.region, path) == ("eu-central-1", f"{bucket}/runs/x")
+    with fs.open_output_stream(f"{bucket}/runs/x/checkpoint.bin") as out:
+        out.write(b"step 7")
+    assert storage.read_bytes(f"s3://{bucket}/runs/x/checkpoint.bin") == b"step 7"
+    assert fs.get_file_info(f"{bucket}/runs/x/checkpoint.bin").type == pafs.FileType.File
+
+    cfg = make_cfg(workspace=f"s3://{bucket}/ws", s3_endpoint_url=s3_server)
+    ray_path, ray_fs = _storage_location(Storage(s3_server), cfg)
+    runs = f"{bucket}/ws/tenants/{cfg.subject.tenant}/runs/{cfg.subject.id}"
+    assert (ray_fs.region, ray_path) == ("eu-central-1", runs)
+    other = "raydb-default-region-bucket"  # and a us-east-1 bucket beside it keeps us-east-1
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=other)
+    assert storage.arrow_fs(f"s3://{other}/a")[0].region == "us-east-1"
+
+
+def test_model_download_streams_parts_in_parallel_into_place(s3_bucket, tmp_path, monkeypatch) -> None:
+    """A weight file several read chunks long arrives whole through ranged GETs, beside a small one;
+    no temporary file is left, and a failed download leaves no partial file at the target."""
+    import hashlib
+
+    import raydb.storage as storage_mod
+
+    endpoint, root = s3_bucket
+    monkeypatch.setattr(storage_mod, "DOWNLOAD_CHUNK", 1024 * 1024)
+    big = os.urandom(3 * 1024 * 1024 + 12345)  # 3 chunks and a bit: four ranged GETs
+    storage = Storage(endpoint)
+    storage.write_bytes(join(root, "model/unet/diffusion_pytorch_model.safetensors"), big)
+    storage.write_bytes(join(root, "model/model_index.json"), b"{}")
+    ranges: list[str] = []
+    storage._client().meta.events.register(
+        "provide-client-params.s3.GetObject", lambda params, **_: ranges.append(params.get("Range", "")))
+    target = storage.download_dir(join(root, "model"), tmp_path / "model")
+    got = (target / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(big).hexdigest()
+    assert (target / "model_index.json").read_bytes() == b"{}"
+    assert sum(r.startswith("bytes=") for r in ranges) == 4
+    assert sorted(p.name for p in target.rglob("*") if p.is_file()) == [
+        "diffusion_pytorch_model.safetensors", "model_index.json"]
+
+    storage._client().meta.events.register(
+        "before-call.s3.GetObject", lambda **_: (_ for _ in ()).throw(OSError("connection reset")))
+    with pytest.raises(StorageError, match="unet/diffusion_pytorch_model.safetensors"):
+        storage.download_file(join(root, "model/unet/diffusion_pytorch_model.safetensors"),
+                              tmp_path / "again" / "unet.safetensors")
+    assert list((tmp_path / "again").iterdir()) == []

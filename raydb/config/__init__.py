@@ -12,11 +12,19 @@ of raydb above ``ids`` and ``storage``.
 """
 
 from raydb.config.base import ConfigError, Section
-from raydb.config.load import RaydbConfig, apply_overrides, config_reference_markdown, load_config
+from raydb.config.load import (
+    RaydbConfig,
+    apply_overrides,
+    check_override,
+    config_reference_markdown,
+    is_config_key,
+    load_config,
+)
 from raydb.config.server import ServeConfig, ServiceConfig
 from raydb.config.stages import (
     ClusterConfig,
     EvalConfig,
+    FlowConfig,
     LoraConfig,
     ModelConfig,
     PriorConfig,
@@ -35,6 +43,7 @@ __all__ = [
     "PriorConfig",
     "PriorMode",
     "LoraConfig",
+    "FlowConfig",
     "TrainConfig",
     "ClusterConfig",
     "SearchSpace",
@@ -45,5 +54,7 @@ __all__ = [
     "RaydbConfig",
     "load_config",
     "apply_overrides",
+    "check_override",
+    "is_config_key",
     "config_reference_markdown",
 ]

@@ -3,12 +3,15 @@ and its key reference (the README's table)."""
 
 from __future__ import annotations
 
+import difflib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from raydb.config.base import ConfigError, Section
 from raydb.config.server import ServeConfig, ServiceConfig
@@ -24,7 +27,8 @@ from raydb.config.stages import (
     TuneConfig,
 )
 
-__all__ = ["RaydbConfig", "load_config", "apply_overrides", "config_reference_markdown"]
+__all__ = ["RaydbConfig", "load_config", "apply_overrides", "check_override", "is_config_key",
+           "config_reference_markdown"]
 
 
 class RaydbConfig(Section):
@@ -59,6 +63,32 @@ class RaydbConfig(Section):
         return str(Path(value).expanduser().absolute())
 
     @model_validator(mode="after")
+    def _tenant_boundaries(self) -> RaydbConfig:
+        """What the training service lets tenants reach must exist and stay inside its bounds: every
+        allowed override a real config key (a typo would silently allow nothing), and no photo URI
+        prefix inside (or around) the workspace, where it would let a tenant name another tenant's
+        photos and adapters."""
+        sc = self.service
+        for key in sc.allowed_overrides:
+            if key != "tune":
+                _leaf(key, "service.allowed_overrides: ")
+        if self.workspace.startswith("s3://") and sc.photo_uri_prefixes:
+            from raydb.storage import s3_segments
+
+            try:
+                bucket, ws = s3_segments(self.workspace + "/")
+            except ValueError as exc:
+                raise ValueError(f"workspace {self.workspace!r}: {exc}") from None
+            for prefix in sc.photo_uri_prefixes:
+                fixed = prefix.partition("{tenant}")[0]  # what every tenant's folder starts with
+                p_bucket, segments = s3_segments(fixed.rsplit("/", 1)[0] + "/")
+                n = min(len(segments), len(ws))
+                if p_bucket == bucket and segments[:n] == ws[:n]:
+                    raise ValueError(f"service.photo_uri_prefixes: {prefix!r} overlaps the workspace "
+                                     f"{self.workspace!r}: tenants could name the service's own files")
+        return self
+
+    @model_validator(mode="after")
     def _tune_metric_has_its_judge(self) -> RaydbConfig:
         metric = self.tune.metric if self.tune else "val_score"
         if metric == "val_fidelity" and not self.eval.fidelity:
@@ -80,15 +110,87 @@ class RaydbConfig(Section):
         return [self.prior.mode]
 
 
+def _section(info: FieldInfo) -> type[BaseModel] | None:
+    """The config section class a field holds (``TuneConfig | None`` -> TuneConfig), or None."""
+    return next((c for c in getattr(info.annotation, "__args__", (info.annotation,))
+                 if isinstance(c, type) and issubclass(c, Section)), None)
+
+
+def _leaf(key: str, context: str = "") -> FieldInfo:
+    """The field of a dotted config key that holds a value (not a section); ConfigError naming the
+    key when it is unknown or a section."""
+    model: type[BaseModel] = RaydbConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        info = model.model_fields.get(part)
+        if info is None or not part:
+            raise ConfigError(f"{context}unknown config key {key!r}")
+        section = _section(info)
+        if i == len(parts) - 1:
+            if section is not None and section is not SearchSpace:
+                raise ConfigError(f"{context}{key!r} is a section, not a key: name the keys in it")
+            return info
+        if section is None:
+            raise ConfigError(f"{context}unknown config key {key!r}")
+        model = section
+    raise AssertionError("unreachable")
+
+
+def is_config_key(key: str) -> bool:
+    """Whether ``key`` is a dotted config key that holds a value (``train.max_steps``; not ``train``)."""
+    try:
+        _leaf(key)
+    except ConfigError:
+        return False
+    return True
+
+
+def check_override(key: str, value: Any) -> Any:
+    """``value`` for the dotted config ``key``, validated *strictly* against the field's own type
+    and bounds: an int field takes an integer (not ``"1000000000"``, not ``1e9``), a float field a
+    number, a bool a boolean. For values that come as JSON from a tenant, where a lax parse would
+    turn a string or a float into the number a limit was never checked against. ConfigError names
+    the key."""
+    from typing import Annotated
+
+    info = _leaf(key)
+    try:
+        typed = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        TypeAdapter(typed).validate_python(value, strict=True)
+    except ValidationError as exc:
+        problem = "; ".join(e["msg"] for e in exc.errors())
+        raise ConfigError(f"{key}: {problem} (got {json.dumps(value)[:80]})") from None
+    return value
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for item in err.errors():
         path = ".".join(str(p) for p in item["loc"]) or "<root>"
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _did_you_mean(RaydbConfig, item["loc"])
         lines.append(f"  {path}: {msg}")
     return "\n".join(lines)
+
+
+def _did_you_mean(root: type[BaseModel], loc: tuple) -> str:
+    """``"; did you mean 'max_steps'?"`` for an unknown key close to a field of its section (the
+    section's model is found by walking ``loc`` through the models' fields), else ``""``."""
+    model: Any = root
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:  # a list index: the model stays the item's
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return ""
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        candidates += [a for c in list(candidates) for a in typing.get_args(c)]  # list[X] | None
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _parse_value(text: str) -> Any:

@@ -3,7 +3,7 @@ takes over HTTP (``service``)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -11,7 +11,7 @@ from raydb.config.base import Section
 from raydb.config.stages import TuneConfig
 from raydb.storage import s3_segments
 
-__all__ = ["ServeConfig", "ServiceConfig"]
+__all__ = ["ServeConfig", "ServiceConfig", "TENANT_DENIED_OVERRIDES", "denied_override"]
 
 
 class ServeConfig(Section):
@@ -138,6 +138,10 @@ class ServeConfig(Section):
         "the registry again); 0 = not cached."
     )
     docs: bool = Field(False, description="Serve /docs and /openapi.json (behind the API key).")
+    console: bool | None = Field(
+        None, description="Serve the web console at /ui (static files only: everything it shows comes "
+        "from the API, behind the API key). Default: on when serve.auth is api_key."
+    )
     api_keys_file: str | None = Field(
         None, description="Mounted secret file with 'key:tenant' entries (comma- or newline-separated), "
         "read once where the app is built; only digests reach the replicas."
@@ -159,26 +163,88 @@ class ServeConfig(Section):
             raise ValueError(f"{value!r}: a local folder (the audit log is appended to line by line)")
         return value
 
+    @property
+    def console_enabled(self) -> bool:
+        """Whether ``/ui`` is served: ``console``, or by default whenever authentication is on."""
+        return self.console if self.console is not None else self.auth == "api_key"
+
+
+# Config keys no tenant may ever override, whatever service.allowed_overrides says (an operator's
+# list naming one is a config error at start): each hands a tenant a boundary that is not its own.
+# A key is denied when it is one of these or lies under one (a section).
+TENANT_DENIED_OVERRIDES: dict[str, str] = {
+    "subject": "identity and data: who owns the training, its id and its photos come from the request",
+    "workspace": "storage: where every tenant's data is kept",
+    "s3_endpoint_url": "storage: which object store the job reads and writes",
+    "model": "code and data: which weights the job loads (a path, bucket or hub id) and where it caches them",
+    "prior.class_data": "data: a folder or bucket the job would read",
+    "prior.concurrency": "the cluster's resources",
+    "eval.clip_model": "code and data: a model the job would load",
+    "train.compile_cache": "code execution: torch unpickles compile artifacts from the cache",
+    "train.compile_backend": "code execution: a torch.compile backend is code the job runs",
+    "cluster": "the cluster's resources and address",
+    "serve": "the server's own settings",
+    "service": "the service's own limits",
+    "export_formats": "storage: files written into the registry",
+}
+
+
+def denied_override(key: str) -> str | None:
+    """Why ``key`` can never be a tenant override, or None. ``tune`` (the switch) may be allowed;
+    the search's own settings (``tune.*``) are the operator's ``service.tune``."""
+    if key.startswith("tune."):
+        return "the search is the operator's: 'tune' switches service.tune on"
+    for denied, why in TENANT_DENIED_OVERRIDES.items():
+        if key == denied or key.startswith(denied + "."):
+            return why
+    return None
+
 
 class ServiceConfig(Section):
-    """Training as a service: ``/v1/trainings`` on the ingress (docs/service.md)."""
+    """Training as a service: ``/v1/trainings`` on the ingress (docs/service.md). Every limit a tenant
+    can reach is one of these fields, typed and bounded here."""
 
     max_concurrent_trainings: int = Field(2, ge=1, description="Training jobs running on the cluster "
                                           "at once; later ones wait in the queue.")
-    max_trainings_per_tenant: int = Field(1, ge=1, description="Training jobs one tenant may have "
-                                          "running at once; its others wait in the queue.")
-    max_queued_trainings: int = Field(20, ge=0, description="Trainings waiting for a slot; past this "
-                                      "a new one gets 429 with Retry-After.")
+    max_running_per_tenant: int = Field(1, ge=1, description="Training jobs one tenant may have "
+                                        "running at once; its others wait in the queue.")
+    max_queued_trainings: int = Field(20, ge=1, description="Trainings waiting to start, all tenants "
+                                      "together; past this a new one gets 429 with Retry-After.")
+    max_queued_per_tenant: int = Field(5, ge=1, description="Trainings one tenant may have waiting to "
+                                       "start; past this its new one gets 429 with Retry-After (so one "
+                                       "tenant cannot fill the queue for the others).")
     retry_after_s: int = Field(60, ge=1, description="Retry-After (seconds) of a 429 for a full queue "
                                "or a tenant at its limit.")
     allowed_overrides: list[str] = Field(
         default_factory=lambda: ["train.max_steps", "train.learning_rate", "train.prior_loss_weight",
                                  "prior.mode", "lora.rank", "train.resolution", "tune"],
         description="Config keys a tenant may override per training (dotted; 'tune' switches the "
-        "operator's tune: section on).")
-    max_train_steps: int = Field(2000, ge=1, description="Largest train.max_steps a training may ask.")
-    max_resolution: int = Field(1024, ge=8, le=4096, description="Largest train.resolution a training may "
-                                "ask (its photos are prepared at that size in the ingress).")
+        "operator's tune: section on). Identity, data, storage and code-execution keys (subject.*, "
+        "workspace, model.*, train.compile_cache, cluster.*, ...) are refused here at start.")
+    max_train_steps: int = Field(2000, ge=1, description="Largest train.max_steps a training may have.")
+    max_resolution: int = Field(1024, ge=8, le=4096, description="Largest train.resolution a training "
+                                "may have (checked before any photo is decoded).")
+    max_lora_rank: int = Field(32, ge=1, description="Largest lora.rank a training may have (and never "
+                               "above serve.max_lora_rank: an adapter the server cannot serve is refused "
+                               "before it is trained).")
+    max_training_seconds: float = Field(6 * 3600.0, gt=0.0, description="Wall-clock seconds a training's "
+                                        "Ray job may run; then it is stopped and the training fails "
+                                        "saying so.")
+    max_tune_trials: int = Field(8, ge=1, description="Most trials a 'tune: true' training's search may "
+                                 "plan (service.tune's grid x num_samples is checked against it at "
+                                 "start).")
+    max_tune_gpus: int = Field(1, ge=1, description="GPUs one 'tune: true' search may hold at once: it "
+                               "runs max_tune_gpus // cluster.num_workers trials at a time (never the "
+                               "whole cluster), the rest wait.")
+    tenant_quota_bytes: int = Field(5 * 1024**3, ge=1, description="Bytes one tenant's trainings may "
+                                    "keep in the workspace (their photos, runs, searches and manifests; "
+                                    "records and registered adapters are not counted), checked at "
+                                    "each submission; past it the submission gets 413.")
+    retention_s: float = Field(86400.0, ge=0.0, description="Seconds an ended training's photos and "
+                               "runs are kept after it ended; then they are deleted (its record "
+                               "and registered adapter stay).")
+    max_page_size: int = Field(100, ge=1, description="Most trainings one GET /v1/trainings page "
+                               "returns (?limit=, default this).")
     max_photos: int = Field(20, ge=1, description="Most photos in one training upload.")
     max_photo_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest photo file (bytes).")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest whole upload (bytes, "
@@ -195,14 +261,34 @@ class ServiceConfig(Section):
     job_python: str | None = Field(None, description="Python that runs a training job's entrypoint "
                                    "(default: the ingress's own interpreter).")
     poll_interval_s: float = Field(5.0, gt=0.0, description="Seconds between the ingress's queue "
-                                   "passes (start queued jobs, notice jobs that died).")
+                                   "passes (start queued jobs, notice jobs that died or ran too long, "
+                                   "delete what is past its retention).")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="The search a training with "
                              "'tune: true' runs.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_trainings_per_tenant" in data:
+            raise ValueError("max_trainings_per_tenant is now max_running_per_tenant (and "
+                             "max_queued_per_tenant bounds a tenant's waiting trainings)")
+        return data
+
+    @field_validator("allowed_overrides")
+    @classmethod
+    def _no_denied_overrides(cls, value: list[str]) -> list[str]:
+        for key in value:
+            why = denied_override(key)
+            if why is not None:
+                raise ValueError(f"{key!r} can never be a tenant override ({why})")
+        return value
 
     @field_validator("photo_uri_prefixes")
     @classmethod
     def _photo_uri_prefixes(cls, value: list[str]) -> list[str]:
-        """Each a plain s3:// folder once '{tenant}' is filled in (the rule photo URIs are held to)."""
+        """Each a plain s3:// folder once '{tenant}' is filled in (the rule photo URIs are held to),
+        with '{tenant}' only in the key: tenant names may hold upper-case letters and '_', which a
+        bucket name cannot, so a bucket made from one could never be named."""
         for prefix in value:
             probe = prefix.replace("{tenant}", "t")
             if "{" in probe or "}" in probe:
@@ -211,4 +297,25 @@ class ServiceConfig(Section):
                 s3_segments(probe)
             except ValueError as exc:
                 raise ValueError(f"{prefix!r}: {exc}") from None
+            if "{tenant}" in prefix[len("s3://"):].partition("/")[0]:
+                raise ValueError(f"{prefix!r}: '{{tenant}}' may only stand in the key, not in the bucket "
+                                 "(tenant names are not valid bucket names)")
         return value
+
+    @model_validator(mode="after")
+    def _fair_and_bounded(self) -> ServiceConfig:
+        if self.max_queued_per_tenant >= self.max_queued_trainings:
+            raise ValueError(f"service.max_queued_per_tenant ({self.max_queued_per_tenant}) must be below "
+                             f"service.max_queued_trainings ({self.max_queued_trainings}): one tenant could "
+                             "fill the queue for every other")
+        if self.tune.planned_trials > self.max_tune_trials:
+            raise ValueError(f"service.tune plans {self.tune.planned_trials} trials, more than "
+                             f"service.max_tune_trials ({self.max_tune_trials})")
+        return self
+
+    def tune_concurrency(self, num_workers: int) -> int:
+        """Trials a 'tune: true' search runs at once: what ``max_tune_gpus`` holds, each trial
+        holding ``num_workers`` GPUs (at least one trial; the config refuses a trial that alone
+        needs more), and never more than ``service.tune.max_concurrent_trials``."""
+        fits = max(1, self.max_tune_gpus // num_workers)
+        return min(fits, self.tune.max_concurrent_trials or fits)

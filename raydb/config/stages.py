@@ -10,17 +10,18 @@ from pydantic import Field, field_validator, model_validator
 from raydb.config.base import Section
 from raydb.ids import check_safe_id
 
-__all__ = ["ModelConfig", "SubjectConfig", "PriorConfig", "PriorMode", "LoraConfig", "TrainConfig",
-           "ClusterConfig", "SearchSpace", "TuneConfig", "EvalConfig"]
+__all__ = ["ModelConfig", "SubjectConfig", "PriorConfig", "PriorMode", "LoraConfig", "FlowConfig",
+           "TrainConfig", "ClusterConfig", "SearchSpace", "TuneConfig", "EvalConfig"]
 
 
 class ModelConfig(Section):
     pretrained: str = Field(
         "tiny",
         description="Base model: 'digits' (built in: SD's architecture, small, trained on real "
-        "handwritten digits, 32 px), 'tiny' / 'tiny-sdxl' (built in: SD / SDXL at toy widths, random "
-        "weights, for tests), a local diffusers directory, an s3:// prefix, or a Hugging Face hub id "
-        "(needs network). SD 1.x/2.x and SDXL are told apart from the folder itself.",
+        "handwritten digits, 32 px), 'tiny' / 'tiny-sdxl' / 'tiny-flux' (built in: SD / SDXL / FLUX.1 "
+        "at toy widths, random weights, for tests), a local diffusers directory, an s3:// prefix, or a "
+        "Hugging Face hub id (needs network). SD 1.x/2.x, SDXL and FLUX.1 are told apart from the "
+        "folder itself.",
     )
     revision: str | None = Field(None, description="Hub revision, for hub ids only.")
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
@@ -75,7 +76,8 @@ class PriorConfig(Section):
     num_class_images: int = Field(100, ge=1, description="Class images used for prior preservation.")
     sample_batch_size: int = Field(4, ge=1, description="Images generated per pipeline call.")
     num_inference_steps: int = Field(25, ge=1, description="Denoising steps per class image.")
-    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale.")
+    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale (FLUX.1-dev: "
+                                  "its distilled guidance input; 3.5 as jobs/configs/flux-*.yaml set it).")
     negative_prompt: str = Field("", description="Negative prompt for class images.")
     seed: int = Field(0, ge=0, description="Base seed; image i uses a seed derived from (seed, i).")
     concurrency: int | None = Field(None, ge=1, description="Generator actors (default: GPUs, or 1 on CPU).")
@@ -97,9 +99,12 @@ class LoraConfig(Section):
     rank: int = Field(4, gt=0, description="LoRA rank r.")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha (default: equal to rank).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        description="UNet modules that receive LoRA layers.",
+    target_modules: list[str] | None = Field(
+        None, description="Denoiser modules that receive LoRA layers (a module matches when its path "
+        "is a target or ends with '.' + target). Default: the family's — SD/SDXL: the UNet's "
+        "attention projections [to_q, to_k, to_v, to_out.0]; FLUX.1: the attention and MLP "
+        "projections of both block kinds, without single blocks' proj_out "
+        "(raydb.models.family.DEFAULT_TARGETS).",
     )
     train_text_encoder: bool = Field(False, description="Also train LoRA layers in the text encoder.")
     text_encoder_target_modules: list[str] = Field(
@@ -109,14 +114,45 @@ class LoraConfig(Section):
 
     @field_validator("target_modules")
     @classmethod
-    def _some_targets(cls, value: list[str]) -> list[str]:
-        if not value:
+    def _some_targets(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
             raise ValueError("must name at least one module")
         return value
 
     @property
     def effective_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class FlowConfig(Section):
+    """Flow-matching training (FLUX.1): how each sample's time sigma is drawn and its loss weighted.
+
+    A sample is ``x_s = (1 - s) * latents + s * noise`` and the transformer learns the velocity
+    ``noise - latents``. Defaults: sigmas drawn logit-normal(0, 1) — the density the SD3 paper
+    found best among the rectified-flow samplings it compared, which puts most samples at
+    mid-range sigmas where the velocity is hardest to predict — and no extra loss weighting,
+    since that density already does the emphasising (weighting on top would count it twice).
+    Ignored by SD/SDXL, which train on the DDPM schedule.
+    """
+
+    timestep_sampling: Literal["logit_normal", "uniform", "mode"] = Field(
+        "logit_normal", description="Density of the per-sample sigma: logit_normal (sigmoid of a "
+        "normal draw), uniform, or mode (SD3's mode sampling with heavy tails, see mode_scale).")
+    logit_mean: float = Field(0.0, description="Mean of the normal draw under logit_normal.")
+    logit_std: float = Field(1.0, gt=0.0, description="Std of the normal draw under logit_normal.")
+    mode_scale: float = Field(1.29, ge=-1.0, le=1.75, description="Scale of mode sampling (SD3's s, "
+                              "monotone for -1 <= s <= 2/(pi - 2); 0 is uniform).")
+    shift: float = Field(1.0, gt=0.0, description="Shift of the drawn sigmas towards noise: s' = shift*s / "
+                         "(1 + (shift - 1)*s); 1 is no shift (FLUX.1-dev samples at a resolution-"
+                         "dependent shift of about 3 at 1024 px).")
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="Per-sample loss weight: none (1), sigma_sqrt (1/s^2) or cosmap "
+        "(2 / (pi (1 - 2s + 2s^2))); each half of a prior batch is weighted by its own samples' sigmas.")
+    guidance: float = Field(1.0, ge=0.0, description="Guidance input of a guidance-distilled model "
+                            "(FLUX.1-dev) during training. The flow target (noise - latents) is the "
+                            "plain conditional velocity, which is what a CFG-distilled model predicts "
+                            "at guidance 1; training at 3.5 (diffusers' Flux DreamBooth script) teaches "
+                            "it to give unguided velocities where it should guide.")
 
 
 class TrainConfig(Section):
@@ -170,6 +206,8 @@ class TrainConfig(Section):
         "subject on the same base model, GPU and shapes starts warm. Off by default: torch "
         "deserializes these artifacts with pickle, so turn it on only for a workspace that only "
         "trusted jobs can write (raydb otherwise never unpickles anything from storage).")
+    flow: FlowConfig = Field(default_factory=FlowConfig, description="Flow-matching sigma sampling, "
+                             "loss weighting and guidance (FLUX.1 only).")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="Run each training step as captured CUDA graphs (forward, backward, "
         "clipping, fused AdamW) after a few eager warm-up steps, removing per-kernel host "
@@ -263,6 +301,15 @@ class TuneConfig(Section):
             raise ValueError("give each prior mode once, at least one")
         return value
 
+    @property
+    def planned_trials(self) -> int:
+        """Trials the search runs: ``num_samples`` x the grid's points (a range is one point per
+        sample; ``prior_mode`` is a grid dimension too)."""
+        points = 1
+        for space in (self.prior_loss_weight, self.learning_rate):
+            points *= len(space.values) if space.values is not None else 1
+        return self.num_samples * points * len(self.prior_mode or [None])
+
 
 class EvalConfig(Section):
     clip_model: str | None = Field(None, description="CLIP model for CLIP-I/CLIP-T ('tiny' or a path).")
@@ -275,3 +322,9 @@ class EvalConfig(Section):
     num_images: int = Field(2, ge=1, le=256, description="Sampled images per prompt for the CLIP and "
                             "fidelity metrics.")
     num_inference_steps: int = Field(10, ge=1, description="Denoising steps of the metrics' samples.")
+
+    @property
+    def samples_images(self) -> bool:
+        """Validation samples images (CLIP, DINO or fidelity scores): the trainer then needs every
+        text encoder, FLUX.1's T5 included."""
+        return bool(self.clip_model or self.dino_model or self.fidelity)

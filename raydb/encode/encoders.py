@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from raydb.models.family import SDXL, check_finite_latents
+from raydb.models.family import FLUX, SDXL, check_finite_latents
+from raydb.models.flux import encode_prompts_flux
 from raydb.models.sdxl import encode_prompts_sdxl, tokenize_sdxl
 
 __all__ = ["EncodedImages", "images_to_tensor", "encode_images", "encode_prompts", "tokenize",
@@ -79,7 +80,12 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 def encode_prompt_set(comps, prompts: list[str], *, with_embeds: bool = True) -> dict[str, torch.Tensor]:
     """The prompt tensors the trainer needs, for ``comps.family``: ``ids [P, L]`` and (unless
     ``with_embeds=False``: the text encoders train) ``embeds [P, L, D]``; SDXL adds ``ids_2``
-    ``[P, L]`` and ``pooled [P, D2p]`` (``embeds`` is then both encoders' states, concatenated)."""
+    ``[P, L]`` and ``pooled [P, D2p]`` (``embeds`` is then both encoders' states, concatenated).
+    FLUX.1: ``embeds`` are T5's states ``[P, L_t5, D]``, ``pooled`` CLIP's ``[P, Dp]``, ``ids`` /
+    ``ids_2`` CLIP's / T5's ids and ``text_ids`` ``[P, L_t5, 3]`` (all of them, always: a trained
+    CLIP recomputes only the pooled output, T5 is never trained)."""
+    if comps.family == FLUX:
+        return encode_prompts_flux(comps.tokenizers, comps.text_encoders, prompts)
     if comps.family == SDXL:
         ids, ids_2 = tokenize_sdxl(comps.tokenizers, prompts)
         out = {"ids": ids, "ids_2": ids_2}

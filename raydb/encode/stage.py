@@ -23,6 +23,7 @@ from raydb.config import RaydbConfig
 from raydb.encode.cache import EncodedCache, encoded_cache_for, prompts_file, write_encoded
 from raydb.encode.encoders import encode_images, encode_prompt_set, images_to_tensor
 from raydb.encode.inputs import EncodeInputs, prepare_inputs
+from raydb.models.family import check_resolution
 from raydb.storage import Storage
 
 __all__ = ["ImageEncoder", "run_encode_stage", "prepare_encoded", "read_class_dataset"]
@@ -35,8 +36,9 @@ class ImageEncoder:
     bytes) or prompts (``kind == "prompt"``, ``text``). Output rows ``{"index", "kind", "mean",
     "std", "shape"}``: for images the latent distribution, mean/std as fp32 bytes of shape
     ``[C, h, w]``; for prompts ``mean`` is the fp32 embedding ``[L, D]`` and ``std`` the int64
-    token ids ``[L]`` (SDXL: ``pooled`` fp32 ``[D2p]`` and ``ids_2`` int64 ``[L]`` too; empty
-    otherwise). One actor does both, so the stage starts one set of processes, not two.
+    token ids ``[L]`` (SDXL, FLUX.1: ``pooled`` fp32 ``[D2p]`` and ``ids_2`` int64 ``[L]`` too;
+    FLUX.1: ``text_ids`` fp32 ``[L, 3]``; empty otherwise). One actor does both, so the stage
+    starts one set of processes, not two.
     """
 
     def __init__(self, cfg: dict[str, Any]):
@@ -56,6 +58,7 @@ class ImageEncoder:
         std: list[bytes] = [b""] * len(kinds)
         pooled: list[bytes] = [b""] * len(kinds)
         ids_2: list[bytes] = [b""] * len(kinds)
+        text_ids: list[bytes] = [b""] * len(kinds)
         shape: list[list[int]] = [[]] * len(kinds)
         if images:
             pixels = images_to_tensor([Image.open(io.BytesIO(batch["png"][i])).convert("RGB")
@@ -73,11 +76,14 @@ class ImageEncoder:
                 if "pooled" in encoded:
                     pooled[i] = encoded["pooled"][j].numpy().tobytes()
                     ids_2[i] = encoded["ids_2"][j].to(torch.int64).numpy().tobytes()
+                if "text_ids" in encoded:  # FLUX.1: [L, 3] fp32
+                    text_ids[i] = encoded["text_ids"][j].float().numpy().tobytes()
         width = max(len(s) for s in shape)  # a ragged list column would not stack
         return {
             "index": batch["index"], "kind": batch["kind"],
             "mean": np.array(mean, dtype=object), "std": np.array(std, dtype=object),
             "pooled": np.array(pooled, dtype=object), "ids_2": np.array(ids_2, dtype=object),
+            "text_ids": np.array(text_ids, dtype=object),
             "shape": np.array([s + [0] * (width - len(s)) for s in shape], dtype=np.int32),
         }
 
@@ -90,7 +96,8 @@ def _png(img: Image.Image) -> bytes:
 
 def _prompt_tensors(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Prompt rows (instance, class) -> ``embeds [2, L, D]`` fp32, ``ids [2, L]`` int64 (and
-    SDXL's ``pooled [2, D2p]`` fp32, ``ids_2 [2, L]`` int64)."""
+    SDXL's / FLUX.1's ``pooled [2, D2p]`` fp32, ``ids_2 [2, L]`` int64; FLUX.1's ``text_ids
+    [2, L, 3]`` fp32)."""
     def column(key: str, dtype, shape: bool = False) -> torch.Tensor:
         return torch.stack([torch.from_numpy(np.frombuffer(r[key], dtype=dtype).copy()).reshape(
             r["shape"] if shape else (-1,)) for r in rows])
@@ -98,6 +105,9 @@ def _prompt_tensors(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     out = {"embeds": column("mean", np.float32, shape=True), "ids": column("std", np.int64)}
     if all(r["pooled"] for r in rows):
         out |= {"pooled": column("pooled", np.float32), "ids_2": column("ids_2", np.int64)}
+    if all(r["text_ids"] for r in rows):
+        out["text_ids"] = torch.stack([torch.from_numpy(np.frombuffer(r["text_ids"], dtype=np.float32)
+                                                        .copy()).reshape(-1, 3) for r in rows])
     return out
 
 
@@ -133,7 +143,7 @@ def run_encode_stage(
             out[str(batch["kind"][i])].append({
                 "index": int(batch["index"][i]), "mean": bytes(batch["mean"][i]),
                 "std": bytes(batch["std"][i]), "pooled": bytes(batch["pooled"][i]),
-                "ids_2": bytes(batch["ids_2"][i]),
+                "ids_2": bytes(batch["ids_2"][i]), "text_ids": bytes(batch["text_ids"][i]),
                 "shape": [int(x) for x in batch["shape"][i] if x]})  # drop the padding
     for kind, uri in (("instance", cache.instance_uri), ("class", cache.class_uri),
                       ("holdout", cache.holdout_uri)):
@@ -167,7 +177,9 @@ def prepare_encoded(cfg: RaydbConfig, storage: Storage, *,
                          f"cluster.num_workers ({cfg.cluster.num_workers}): class images are split "
                          "across workers")
     path, identity = resolve_model(cfg.model, storage, cfg.workspace)
-    inputs = prepare_inputs(cfg, storage, family=model_family(path), with_holdout=with_holdout)
+    family = model_family(path)
+    check_resolution(cfg.train.resolution, family)  # FLUX.1: multiples of 16, before anything is encoded
+    inputs = prepare_inputs(cfg, storage, family=family, with_holdout=with_holdout)
     return run_encode_stage(cfg, storage, inputs, model_identity=identity)
 
 

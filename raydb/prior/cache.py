@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from raydb.config import RaydbConfig
+from raydb.models.family import family_spec
 from raydb.storage import Storage, join
 
 __all__ = ["PriorCache", "prior_cache_for", "image_seed", "BLOCK_SCHEMA", "CPU_THREADS"]
@@ -118,14 +119,15 @@ def prior_cache_for(cfg: RaydbConfig, model_identity: str, scheduler_name: str,
 
     ``family`` (SD or SDXL: which pipeline draws them) is part of the key too.
 
-    ``device`` is where the generators run: CUDA generates in fp16, the CPU in fp32, and the two
-    give different pixels, so each has its own key (and the generators use the device named here).
+    ``device`` is where the generators run: CUDA generates in half precision (fp16; bf16 for
+    FLUX.1), the CPU in fp32, and the two give different pixels, so each has its own key (and the
+    generators use the device and dtype named here).
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"prior generation device must be 'cpu' or 'cuda', got {device!r}")
     p = cfg.prior
     settings = {
-        "device": device, "dtype": "float16" if device == "cuda" else "float32",
+        "device": device, "dtype": family_spec(family).cuda_dtype if device == "cuda" else "float32",
         "model": model_identity, "family": family, "class_prompt": cfg.subject.class_prompt,
         "negative_prompt": p.negative_prompt, "resolution": cfg.train.resolution,
         "num_inference_steps": p.num_inference_steps, "guidance_scale": p.guidance_scale,

@@ -24,7 +24,7 @@ import torch
 
 from raydb.config import RaydbConfig
 from raydb.faults import maybe_die
-from raydb.models.components import load_pipeline
+from raydb.models.components import load_pipeline, pipeline_call_kwargs
 from raydb.prior.cache import CPU_THREADS, PriorCache, image_seed
 from raydb.storage import Storage
 
@@ -64,9 +64,9 @@ def generate_block_images(pipe, cache: PriorCache, block: int, device: str = "cp
     with _torch_threads(threads):
         images = pipe(
             prompt=[s["class_prompt"]] * n,
-            negative_prompt=[s["negative_prompt"]] * n if s["negative_prompt"] else None,
             num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
             height=s["resolution"], width=s["resolution"], generator=generators,
+            **pipeline_call_kwargs(pipe, [s["negative_prompt"]] * n if s["negative_prompt"] else None),
         ).images
     rows = []
     for index, seed, img in zip(indices, seeds, images, strict=True):
@@ -98,7 +98,7 @@ class BlockGenerator:
         self.device = self.cache.settings.get("device", "cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("prior cache key names device 'cuda' but this generator has no GPU")
-        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        dtype = getattr(torch, self.cache.settings.get("dtype", "float32"))  # in the key too
         self.pipe = load_pipeline(self.cfg.model, self.storage, self.cfg.workspace,
                                   dtype=dtype, device=self.device)
         self.faults = faults

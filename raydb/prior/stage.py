@@ -16,6 +16,7 @@ are switched off for this dataset), and a last line reports images/s over the bl
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,13 +27,17 @@ from PIL import Image
 from raydb import faults
 from raydb.config import RaydbConfig
 from raydb.data.ingest import ImageGeometry
+from raydb.models.family import check_resolution
 from raydb.prior.cache import PriorCache, prior_cache_for
 from raydb.prior.generate import BlockGenerator, cpu_threads
 from raydb.storage import Storage
+from raydb.terminal import is_verbose, show_progress
 
 __all__ = ["PriorRunStats", "ensure_prior_images", "prior_total_images", "generated_training_images",
            "resolve_prior_cache",
            "generation_device", "class_images", "class_images_with_geometry"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,7 +104,9 @@ def resolve_prior_cache(cfg: RaydbConfig, storage: Storage, *, use_ray: bool | N
     sched_cfg = Path(path) / "scheduler" / "scheduler_config.json"
     if sched_cfg.is_file():
         scheduler_name = json.loads(sched_cfg.read_text()).get("_class_name", "unknown")
-    return prior_cache_for(cfg, identity, scheduler_name, generation_device(use_ray), model_family(path))
+    family = model_family(path)
+    check_resolution(cfg.train.resolution, family)  # before any image is drawn at it
+    return prior_cache_for(cfg, identity, scheduler_name, generation_device(use_ray), family)
 
 
 def _ray_running() -> bool:
@@ -134,7 +141,7 @@ def _generate_with_ray(cfg: RaydbConfig, cache: PriorCache, blocks: list[int],
         **resources,
     )
     out.context.enable_progress_bars = False  # the driver's tqdm bar is the one progress bar
-    out.context.print_on_execution_start = not quiet
+    out.context.print_on_execution_start = not quiet and is_verbose()
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
         for block, written in zip(batch["block"].tolist(), batch["written"].tolist(), strict=True):
             progress(int(block), bool(written))
@@ -161,7 +168,8 @@ def ensure_prior_images(
     if not missing:
         cache.write_manifest(storage)
         return stats
-    bar = tqdm(total=len(missing) * cache.block_size, unit="img", desc="prior images", disable=quiet)
+    bar = tqdm(total=len(missing) * cache.block_size, unit="img", desc="prior images",
+               disable=quiet or not show_progress())
     start = time.perf_counter()
 
     def progress(block: int, written: bool) -> None:
@@ -185,8 +193,8 @@ def ensure_prior_images(
     stats.images_per_s = stats.images_generated / max(stats.seconds, 1e-9)
     cache.write_manifest(storage)
     if not quiet:
-        print(f"prior images: generated {stats.images_generated} in {stats.seconds:.1f}s "
-              f"({stats.images_per_s:.2f} images/s, {stats.actors} actor(s)) -> {cache.uri}")
+        log.info("prior images: generated %d in %.1fs (%.2f images/s, %d actor(s)) -> %s",
+                 stats.images_generated, stats.seconds, stats.images_per_s, stats.actors, cache.uri)
     return stats
 
 

@@ -1,20 +1,20 @@
 """Serving: registered subjects over HTTP on Ray Serve (the last stage of the pipeline).
 
 ``build_application(cfg)`` wires the two deployments (see :mod:`raydb.serving.deployments`);
-``serve/app.py`` exposes it to ``serve run`` / ``serve deploy``, and ``raydb serve --config …`` calls
-:func:`run_server`. The API, auth and error codes are documented in docs/serving.md.
+``raydb.serving.app:build_app`` exposes it to ``serve run`` / ``serve deploy``, and
+``raydb serve --config …`` calls :func:`run_server`. The API, auth and error codes are documented
+in docs/serving.md.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from typing import Any
 
 from raydb.config import RaydbConfig
 
-__all__ = ["build_application", "deploy", "run_server"]
+__all__ = ["build_application", "deploy", "run_server", "console_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +23,13 @@ INGRESS_HEADROOM = 32  # Serve slots of the ingress beyond serve.ingress_max_req
 
 def _warn_if_open(cfg: RaydbConfig) -> None:
     if cfg.serve.auth == "none":
-        print("WARNING: serve.auth is 'none': the API is open and every caller sees every tenant's "
-              "subjects. Use it only on a trusted local machine.", file=sys.stderr)
+        logger.warning("serve.auth is 'none': the API is open and every caller sees every tenant's "
+                       "subjects. Use it only on a trusted local machine.")
+
+
+def console_url(cfg: RaydbConfig) -> str:
+    """Where the web console of a deployment with this config answers (docs/console.md)."""
+    return f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}/ui/"
 
 
 def build_application(cfg: RaydbConfig) -> Any:
@@ -80,8 +85,10 @@ def run_server(cfg: RaydbConfig, *, blocking: bool = True) -> Any:
 
     handle = deploy(cfg)
     prefix = cfg.serve.route_prefix.rstrip("/")
-    print(f"raydb serving on http://{cfg.serve.host}:{cfg.serve.port}{prefix}/v1/generate "
-          f"(health: {prefix}/healthz{'; Ctrl-C stops' if blocking else ''})")
+    logger.info("raydb serving on http://%s:%s%s/v1/generate (health: %s/healthz%s)", cfg.serve.host,
+                cfg.serve.port, prefix, prefix, "; Ctrl-C stops" if blocking else "")
+    if cfg.serve.console_enabled:
+        logger.info("web console: %s", console_url(cfg))
     if not blocking:
         return handle
     try:

@@ -16,13 +16,18 @@ With ``max_batch_size=1`` nothing waits and every request runs its own loop (bat
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Any
 
+from raydb.metrics import record
+
 __all__ = ["ShapeBatcher"]
+
+logger = logging.getLogger("ray.serve.raydb.batcher")  # under Serve's logger: its handlers and format
 
 
 class ShapeBatcher:
@@ -33,11 +38,13 @@ class ShapeBatcher:
     """
 
     def __init__(self, run: Callable[[list[Any]], Future], key: Callable[[Any], Hashable], *,
-                 max_batch_size: int, wait_s: float) -> None:
+                 max_batch_size: int, wait_s: float,
+                 subject: Callable[[Any], Hashable] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.run = run
         self.key = key
+        self.subject = subject  # an item's adapter: batches count how many they mix (metrics)
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         # (shape key, size) of the last batches run, for stats, tests and benchmarks.
@@ -46,6 +53,9 @@ class ShapeBatcher:
         self._born: dict[Hashable, float] = {}
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._submitted: dict[asyncio.Future, float] = {}  # when each waiting item arrived
+        self._batch_of: dict[asyncio.Future, tuple[int, int, int]] = {}  # (batch id, size, adapters)
+        self._batch_seq = 0
 
     async def submit(self, item: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -54,11 +64,18 @@ class ShapeBatcher:
             self._worker = loop.create_task(self._work())
         key = self.key(item)
         result: asyncio.Future = loop.create_future()
+        self._submitted[result] = time.monotonic()
         if key not in self._buckets:
             self._buckets[key], self._born[key] = [], time.monotonic()
         self._buckets[key].append((item, result))
         self._wake.set()
-        return await result
+        try:
+            return await result
+        finally:
+            self._submitted.pop(result, None)
+            batch = self._batch_of.pop(result, None)
+            if batch is not None:  # logged in the request's own context: Serve adds its request id
+                logger.info("batch %d: %d request(s), %d adapter(s)", *batch, extra={"batch_id": batch[0]})
 
     def _next_batch(self) -> tuple[list[tuple[Any, asyncio.Future]] | None, float]:
         """The batch to run now, or (None, seconds until the oldest bucket is due)."""
@@ -91,12 +108,25 @@ class ShapeBatcher:
             if not batch:
                 continue
             self.batches.append((self.key(batch[0][0]), len(batch)))
+            self._record(batch)
             try:
                 decoded = await asyncio.to_thread(self.run, [item for item, _ in batch])
             except Exception as exc:  # noqa: BLE001 - the batch's callers get the error
                 _fail(batch, exc)
                 continue
             asyncio.get_running_loop().create_task(_deliver(decoded, batch))
+
+
+    def _record(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        """Batch size (and how many adapters it mixes) and each item's wait in the queue."""
+        now = time.monotonic()
+        subjects = len({self.subject(item) for item, _ in batch}) if self.subject else 1
+        self._batch_seq += 1
+        record("raydb_batch_size", len(batch), subject_count=str(subjects))
+        for _, fut in batch:
+            self._batch_of[fut] = (self._batch_seq, len(batch), subjects)
+            if fut in self._submitted:
+                record("raydb_batch_queue_wait_seconds", now - self._submitted[fut])
 
 
 async def _deliver(decoded: Future, batch: list[tuple[Any, asyncio.Future]]) -> None:

@@ -5,7 +5,7 @@ ingress's own bound, 503; the tenant's concurrency cap and token bucket for the 
 ``Retry-After``; the body's byte cap, 413, and read deadline, 408; an audit line), authenticates the
 caller, resolves the subject in the registry for the caller's tenant, validates the body against
 the configured limits and forwards to
-``RaydbDiffusion`` with ``multiplexed_model_id="<subject>@<version>"``, so Serve routes the request
+``RaydbDiffusion`` with ``multiplexed_model_id="<tenant>/<subject>@<version>"``, so Serve routes the request
 to a replica that already holds that adapter when one does. Each diffusion replica loads the base
 pipeline once and keeps up to ``serve.max_num_models_per_replica`` adapters resident
 (``@serve.multiplexed``, LRU); a new adapter is validated *before* it enters that cache, so a bad one
@@ -43,11 +43,14 @@ from ray.serve.handle import DeploymentHandle
 from raydb.config import RaydbConfig
 from raydb.errors import Refused, RequestError, TimedOut, Unavailable
 from raydb.registry import migrate_registry, version_uri
+from raydb.serving import observe
 from raydb.serving.adapters import AdapterError, AdapterGone, GenerationCancelled, LoadedAdapter
 from raydb.serving.api import GenerateRequest, validate_generate
 from raydb.serving.audit import note
 from raydb.serving.auth import KeyRing, key_from_headers
 from raydb.serving.batcher import ShapeBatcher
+from raydb.serving.console import ConsoleEndpoint, ConsoleHeadersMiddleware
+from raydb.serving.console import router as console_router
 from raydb.serving.engine import (
     DiffusionEngine,
     EngineRequest,
@@ -57,6 +60,7 @@ from raydb.serving.engine import (
 )
 from raydb.serving.gate import Gate, GateMiddleware
 from raydb.serving.limits import ImageWorkers
+from raydb.serving.openapi import openapi_document
 from raydb.serving.proxy import check_open_proxy, running_proxy
 from raydb.serving.retry import DEFAULT_ATTEMPTS, call_with_retry, safe_to_repeat
 from raydb.serving.slots import SlotPool
@@ -86,7 +90,11 @@ logger = logging.getLogger("ray.serve")
 http_app = FastAPI(title="raydb", description="DreamBooth-LoRA subjects over HTTP (see docs/serving.md).",
                    docs_url=None, redoc_url=None, openapi_url=None)
 http_app.include_router(trainings_router)  # /v1/trainings (docs/service.md)
+http_app.include_router(console_router)  # /ui and the /v1 routes it reads (docs/console.md)
 http_app.add_middleware(GateMiddleware)  # every route: the ingress replica's ``gate`` (raydb/serving/gate.py)
+# outside the gate: request ids in error bodies and logs, HTTP metrics (raydb/serving/observe.py)
+observe.install(http_app)
+http_app.add_middleware(ConsoleHeadersMiddleware)  # outside the gate: the CSP on every /ui answer
 
 
 @serve.deployment(name="RaydbDiffusion")
@@ -108,8 +116,8 @@ class DiffusionDeployment:
         torch.set_num_threads(max(1, int(sc.num_cpus_per_replica)))
         self.storage = Storage(self.cfg.s3_endpoint_url)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.float16 if device == "cuda" else torch.float32
-        pipe = load_pipeline(self.cfg.model, self.storage, self.cfg.workspace, dtype=dtype, device=device)
+        # dtype=None: fp32 on CPU; on CUDA the family's half precision (fp16; bf16 for FLUX.1)
+        pipe = load_pipeline(self.cfg.model, self.storage, self.cfg.workspace, dtype=None, device=device)
         # Evicted adapters that queued requests still hold keep their slots: one batch's worth extra.
         self.engine = DiffusionEngine(
             pipe, num_slots=sc.max_num_models_per_replica + sc.max_batch_size, max_lora_rank=sc.max_lora_rank,
@@ -124,12 +132,15 @@ class DiffusionDeployment:
         self.pool = SlotPool(self.engine, failure_ttl_s=sc.adapter_failure_ttl_s)
         self.in_flight = self.peak_in_flight = self.cancelled = 0
         self.batcher = ShapeBatcher(self.engine.run_batch, key=lambda r: self.engine.key(r.params),
-                                    max_batch_size=sc.max_batch_size, wait_s=sc.batch_wait_ms / 1000)
+                                    max_batch_size=sc.max_batch_size, wait_s=sc.batch_wait_ms / 1000,
+                                    subject=lambda r: r.slot)
 
         async def load_adapter(adapter_id: str) -> LoadedAdapter:
-            subject_id, version = parse_model_id(adapter_id)
-            uri = version_uri(self.cfg.workspace, subject_id, version)
-            return await asyncio.to_thread(self.pool.load, self.storage, uri, subject_id, version)
+            tenant, subject_id, version = parse_model_id(adapter_id)
+            uri = version_uri(self.cfg.workspace, tenant, subject_id, version)
+            # the pool keys adapters by the qualified name: two tenants' "alice" are two adapters
+            return await asyncio.to_thread(self.pool.load, self.storage, uri, f"{tenant}/{subject_id}",
+                                           version)
 
         # Built here, not as a class decorator, because the cache size comes from the config.
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=sc.max_num_models_per_replica)(
@@ -138,18 +149,19 @@ class DiffusionDeployment:
     async def _adapter(self, adapter_id: str) -> LoadedAdapter:
         """The resident adapter, validated (and staged) first when it is not resident yet: the
         multiplexer evicts before it loads, so only a valid adapter may reach it."""
-        subject_id, version = parse_model_id(adapter_id)
+        tenant, subject_id, version = parse_model_id(adapter_id)
         if not self.pool.is_resident(adapter_id):
-            uri = version_uri(self.cfg.workspace, subject_id, version)
+            uri = version_uri(self.cfg.workspace, tenant, subject_id, version)
             await asyncio.to_thread(self.pool.stage, self.storage, uri, adapter_id)
         return await self._get_adapter(adapter_id)
 
     async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
         """``{"images": [png bytes], "width", "height"}`` or ``{"error": {status, detail}}``.
 
-        Without a multiplexed model id the base model samples (used by tests and benchmarks only;
-        the HTTP API always names a subject). A request whose client went away (Serve cancels it) or
-        whose deadline passed asks its batch to stop; a batch stops when all its requests ask.
+        Without a multiplexed model id the base model samples (``POST /v1/generate`` without a
+        ``subject_id``: the base side of a comparison). A request whose client went away (Serve
+        cancels it) or whose deadline passed asks its batch to stop; a batch stops when all its
+        requests ask.
         """
         adapter_id = serve.get_multiplexed_model_id()
         adapter: LoadedAdapter | None = None
@@ -200,12 +212,25 @@ class DiffusionDeployment:
         self.peak_in_flight = self.in_flight
 
 
+def _base_family(cfg: RaydbConfig, storage: Storage) -> str | None:
+    """The served base model's family from its config files (None for a hub id, or a folder the
+    diffusion replicas will refuse with the reason; the ingress does not load the model)."""
+    from raydb.models.components import configured_family
+
+    try:
+        return configured_family(cfg.model, storage)
+    except (OSError, ValueError):
+        return None
+
+
 @serve.deployment(name="RaydbIngress")
 @serve.ingress(http_app)
 class IngressDeployment:
-    """``POST /v1/generate``, ``GET /v1/subjects``, ``GET /healthz``, ``/v1/trainings`` (docs: serve.docs)."""
+    """``POST /v1/generate``, ``GET /v1/subjects``, ``GET /healthz``, ``/v1/trainings``, the console
+    (``/ui`` and its routes: :mod:`raydb.serving.console`) (docs: serve.docs)."""
 
     def __init__(self, config: dict[str, Any], diffusion: DeploymentHandle) -> None:
+        observe.install_log_fields()  # request id, tenant, subject on every log line of a request
         self.cfg = RaydbConfig.model_validate(config)
         sc = self.cfg.serve
         check_open_proxy(sc, running_proxy())  # auth: none behind a proxy on 0.0.0.0: refuse to start
@@ -217,15 +242,18 @@ class IngressDeployment:
         self.images = ImageWorkers(sc.image_workers, sc.image_queue)  # photo decoding, off the event loop
         self.trainings = TrainingsEndpoint(self.cfg, self.storage, self._tenant,  # /v1/trainings
                                            images=self.images)
+        self.console = ConsoleEndpoint(self.cfg, self.storage, self._tenant, self.images)  # /ui
+        self.base_family = _base_family(self.cfg, self.storage)  # a base-model request's size rules
         if self.keys is None:
-            logger.warning("raydb serve: authentication is OFF (serve.auth=none); every caller sees "
-                           "every tenant's subjects. Use only on a trusted local machine.")
+            logger.warning("raydb serve: authentication is OFF (serve.auth=none); every caller is "
+                           "tenant %r (subject.tenant). Use only on a trusted local machine.",
+                           self.cfg.subject.tenant)
         elif not len(self.keys):
             logger.warning("raydb serve: no API keys configured (serve.api_keys, serve.api_keys_file or "
                            "$%s where the app is built); every request will get 401", sc.api_keys_env)
         migrated = migrate_registry(self.storage, self.cfg.workspace)
         if migrated:
-            logger.info("raydb serve: gave %d pre-ownership subjects their owner records", migrated)
+            logger.info("raydb serve: moved %d registry versions to per-tenant subject names", migrated)
 
     def _caller(self, headers: Any) -> tuple[str | None, str]:
         """``(tenant, caller)`` of the presented key for the gate: ``caller`` is ``key``, ``no key``,
@@ -255,7 +283,7 @@ class IngressDeployment:
         if not self.cfg.serve.docs:
             raise HTTPException(404, "Not Found")
         self._tenant(request)
-        return http_app.openapi()
+        return openapi_document(http_app)  # bodies, responses and the key schemes (serving/openapi.py)
 
     @http_app.get("/docs", include_in_schema=False)
     def docs(self, request: Request) -> Response:
@@ -267,7 +295,8 @@ class IngressDeployment:
     @http_app.get("/v1/subjects")
     async def subjects(self, request: Request) -> dict[str, Any]:
         tenant = self._tenant(request)
-        rows = await asyncio.to_thread(tenant_subjects, self.storage, self.cfg.workspace, tenant)
+        rows = await asyncio.to_thread(tenant_subjects, self.storage, self.cfg.workspace,
+                                       tenant or self.cfg.subject.tenant)
         return {"subjects": rows}
 
     @http_app.post("/v1/generate")
@@ -283,33 +312,40 @@ class IngressDeployment:
         GenerateRequest, an unknown subject, a broken limit."""
         sc = self.cfg.serve
         req = GenerateRequest.model_validate_json(await request.body())
+        observe.note(subject=req.subject_id)
         note(request, subject_id=req.subject_id, prompt=req.prompt, negative_prompt=req.negative_prompt)
-        subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace, req.subject_id,
-                                          tenant)
-        params = validate_generate(req, sc, subject.metadata)
-        note(request, adapter_version=subject.version, num_images=params.num_images,
+        subject = None  # no subject_id: the base model alone (what a comparison sets beside subjects)
+        if req.subject_id is not None:
+            subject = await asyncio.to_thread(find_subject, self.storage, self.cfg.workspace,
+                                              tenant or self.cfg.subject.tenant, req.subject_id)
+        params = validate_generate(req, sc, subject.metadata if subject else {}, base_family=self.base_family)
+        note(request, adapter_version=subject and subject.version, num_images=params.num_images,
              num_inference_steps=params.num_inference_steps, width=params.width, height=params.height)
         want_png = "image/png" in request.headers.get("accept", "")
         if want_png and params.num_images != 1:
             raise RequestError("num_images", "Accept: image/png returns one image; use application/json "
                                              "for more")
-        result = await self._call_replica(subject.subject_id, subject.version, params.model_dump())
+        adapter = model_id(subject.tenant, subject.subject_id, subject.version) if subject else None
+        result = await self._call_replica(adapter, params.model_dump())
         if "error" in result:  # the replica's status, from the same table
-            raise HTTPException(result["error"]["status"],
-                                f"subject {subject.subject_id!r}: {result['error']['detail']}")
-        used = params.model_dump() | {"subject_id": subject.subject_id, "adapter_version": subject.version,
+            what = f"subject {subject.subject_id!r}" if subject else "base model"
+            raise HTTPException(result["error"]["status"], f"{what}: {result['error']['detail']}")
+        used = params.model_dump() | {"subject_id": subject and subject.subject_id,
+                                      "adapter_version": subject and subject.version,
                                       "prompt_rewritten": params.prompt != req.prompt,
                                       "width": result["width"], "height": result["height"]}
         if want_png:
-            return Response(result["images"][0], media_type="image/png", headers={
-                "X-Raydb-Seed": str(params.seed), "X-Raydb-Adapter-Version": subject.version})
+            version = {"X-Raydb-Adapter-Version": subject.version} if subject else {}
+            return Response(result["images"][0], media_type="image/png",
+                            headers={"X-Raydb-Seed": str(params.seed)} | version)
         body = used | {"images": [base64.b64encode(png).decode("ascii") for png in result["images"]]}
         return Response(json.dumps(body), media_type="application/json")
 
-    async def _call_replica(self, subject_id: str, version: str, params: dict[str, Any]) -> dict[str, Any]:
-        """The replica's answer within ``serve.request_timeout_s``; the replica request is cancelled
-        (its denoising loop stops) on timeout and when this request is cancelled (client gone)."""
-        handle = self.diffusion.options(multiplexed_model_id=model_id(subject_id, version))
+    async def _call_replica(self, adapter: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """The replica's answer within ``serve.request_timeout_s`` (``adapter``: the multiplexed model
+        id, None for the base model alone); the replica request is cancelled (its denoising loop
+        stops) on timeout and when this request is cancelled (client gone)."""
+        handle = self.diffusion.options(multiplexed_model_id=adapter) if adapter else self.diffusion
         sent = []  # a replica that dies is retried with the same (seeded) params: retry.py
 
         def send():
@@ -330,4 +366,5 @@ class IngressDeployment:
                 sent[-1].cancel()
             raise
         except BackPressureError:
-            raise Unavailable("the server is at capacity; retry", retry_after=1) from None
+            raise Unavailable("the server is at capacity; retry", retry_after=1,
+                              rejection="backpressure") from None

@@ -16,6 +16,14 @@ Per batch (``N`` images, ``h x w`` latents, classifier-free guidance doubling th
              guidance scale [N, 1, 1, 1]; scheduler.step
     decode:  VAE + PNG on a worker thread, overlapping the next batch's loop
 
+FLUX.1 (``pipe.raydb_family == "flux"``): the transformer's linears hold the slots (T5 has none: it
+is never trained); prompts are encoded once (CLIP's pooled output under each image's slot, T5
+states, zero text ids); the noise is drawn and 2x2-packed as ``FluxPipeline`` draws it
+(``[N, (h/16)(w/16), 64]``); the loop runs the flow-matching Euler schedule with the pipeline's
+resolution-dependent shift, and a guidance-distilled transformer gets ``guidance_scale`` as an
+*input* — one forward of ``N`` samples per step, no classifier-free doubling; decoding unpacks and
+undoes the VAE's scaling and shift.
+
 Each image depends only on its own request: its noise comes from its own generator, its text and
 LoRA delta from its own slot, its guidance scale and (SDXL) its unconditional embeddings from its
 own request, and the scheduler math is per-sample (ancestral schedulers get the per-image generator
@@ -50,6 +58,7 @@ import torch
 
 from raydb.compile_cache import CompileCache, CompileCacheDamaged, compile_cache_key
 from raydb.config import LoraConfig
+from raydb.models.family import FLUX, lora_targets
 from raydb.models.sdxl import add_time_ids, unet_added_conditions
 from raydb.serving.adapters import GenerationCancelled
 from raydb.serving.multi_lora import (
@@ -66,7 +75,7 @@ from raydb.storage import Storage
 __all__ = ["EngineRequest", "DiffusionEngine", "shape_key", "compile_options", "warm_up_batches",
            "serving_compile_cache"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"ray.serve.{__name__}")  # under Serve's logger: its handlers
 
 # The warm-up loops' shape: the UNet graph depends on the batch (CFG doubles it) and the latent
 # size, not on the step count, so two steps compile what a 25-step request runs.
@@ -98,13 +107,14 @@ class EngineRequest:
     should_stop: Callable[[], bool] | None = None  # client gone / deadline passed (polled per step)
 
 
-def shape_key(params: dict[str, Any], scheduler: str, native_size: int) -> tuple:
+def shape_key(params: dict[str, Any], scheduler: str, native_size: int, *, doubles: bool = True) -> tuple:
     """Requests with equal keys can share a denoising loop: ``(width, height, steps, guided,
     scheduler)`` — the same latent shape and timesteps, and classifier-free guidance on for all
     (``guidance_scale > 1``: the UNet batch is doubled) or for none. The scale itself is each
-    image's own."""
+    image's own. ``doubles=False`` (FLUX.1: guidance is an input of the transformer, never a
+    doubled batch): ``guided`` is always False, so any guidance scales share a loop."""
     return (params.get("width") or native_size, params.get("height") or native_size,
-            params["num_inference_steps"], float(params["guidance_scale"]) > 1.0, scheduler)
+            params["num_inference_steps"], doubles and float(params["guidance_scale"]) > 1.0, scheduler)
 
 
 class DiffusionEngine:
@@ -119,25 +129,29 @@ class DiffusionEngine:
     def __init__(self, pipe: Any, *, num_slots: int, max_lora_rank: int,
                  unet_targets: list[str] | None = None,
                  text_encoder_targets: list[str] | None = None) -> None:
-        defaults = LoraConfig()
-        unet_targets = unet_targets or defaults.target_modules
-        text_encoder_targets = text_encoder_targets or defaults.text_encoder_target_modules
         self.pipe = pipe
         self.identity: str = pipe.raydb_identity
         self.family: str = getattr(pipe, "raydb_family", "sd")
+        flux = self.family == FLUX
+        unet_targets = lora_targets(unet_targets, self.family)
+        text_encoder_targets = text_encoder_targets or LoraConfig().text_encoder_target_modules
         self.max_lora_rank = max_lora_rank
         self.router = SlotRouter(num_slots)
+        # the denoiser: the UNet, or FLUX.1's transformer (its adapter component is "transformer")
+        self.denoiser = pipe.transformer if flux else pipe.unet
+        self.denoiser_key = "transformer" if flux else "unet"
         self.layers: dict[str, dict[str, MultiLoraLinear]] = {
-            "unet": wrap_linears(pipe.unet, unet_targets, self.router, max_lora_rank),
+            self.denoiser_key: wrap_linears(self.denoiser, unet_targets, self.router, max_lora_rank),
             "text_encoder": wrap_linears(pipe.text_encoder, text_encoder_targets, self.router,
                                          max_lora_rank),
         }
-        if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL's second encoder has slots too
+        if getattr(pipe, "text_encoder_2", None) is not None and not flux:  # SDXL's second CLIP too
             self.layers["text_encoder_2"] = wrap_linears(pipe.text_encoder_2, text_encoder_targets,
                                                          self.router, max_lora_rank)
-        self.native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.native_size = (pipe.default_sample_size if flux else pipe.unet.config.sample_size) \
+            * pipe.vae_scale_factor
         self.scheduler_name = type(pipe.scheduler).__name__
-        self.unet = pipe.unet  # what the loop calls; compile_unet() swaps in a compiled wrapper
+        self.unet = self.denoiser  # what the loop calls; compile_unet() swaps in a compiled wrapper
         self.lock = threading.Lock()  # one denoising loop at a time on the device
         self.unet_forwards = 0
         self.compile_info: dict[str, Any] = {"compiled": False, "cache": "off", "saved": False,
@@ -149,7 +163,7 @@ class DiffusionEngine:
         return self.router.num_slots
 
     def key(self, params: dict[str, Any]) -> tuple:
-        return shape_key(params, self.scheduler_name, self.native_size)
+        return shape_key(params, self.scheduler_name, self.native_size, doubles=self.family != FLUX)
 
     # -- adapter slots ---------------------------------------------------------------------------
     def check_adapter(self, parsed: dict[str, dict[str, LoraFactors]]) -> None:
@@ -159,6 +173,9 @@ class DiffusionEngine:
             raise AdapterTooLarge(f"adapter rank {rank} is above this server's limit "
                                   f"serve.max_lora_rank={self.max_lora_rank}")
         for component, layers in parsed.items():
+            if component not in self.layers:
+                raise AdapterUnsupported(f"adapter has LoRA layers on {component}, which this "
+                                         f"{self.family} server does not serve")
             missing = sorted(set(layers) - set(self.layers[component]))
             if missing:
                 raise AdapterUnsupported(
@@ -207,7 +224,7 @@ class DiffusionEngine:
                 logger.warning("ignoring the compile cache entry (compiling cold, then rewriting it): %s",
                                exc)
                 info["cache"] = "damaged"
-        self.unet = torch.compile(self.pipe.unet, **compile_kwargs)
+        self.unet = torch.compile(self.denoiser, **compile_kwargs)
         start = time.perf_counter()
         for n in warm_up:
             self.denoise([EngineRequest(self.warm_up_params(n))])
@@ -235,17 +252,12 @@ class DiffusionEngine:
         if len(keys) != 1:
             raise ValueError(f"one batch needs one shape (size, steps, guidance on/off); got {sorted(keys)}")
         width, height, steps, guided, _ = keys.pop()
+        if self.family == FLUX:
+            return self._denoise_flux(requests, width, height, steps)
         pipe = self.pipe
         device, dtype = pipe.unet.device, pipe.unet.dtype
         cfg = guided and pipe.unet.config.time_cond_proj_dim is None
-        prompts, negatives, slots, generators, scales = [], [], [], [], []
-        for request in requests:  # one entry per image: image i of a request uses seed + i
-            p, n = request.params, request.params["num_images"]
-            prompts += [p["prompt"]] * n
-            negatives += [p.get("negative_prompt") or ""] * n  # None: no negative prompt (see _encode)
-            slots += [self.router.zero_slot if request.slot is None else request.slot] * n
-            generators += [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
-            scales += [float(p["guidance_scale"])] * n
+        prompts, negatives, slots, generators, scales = self._batch_inputs(requests)
         with self.lock:
             with self.router.route(torch.tensor(slots, device=device)):  # each prompt under its adapter
                 cond, uncond, added = self._encode(prompts, negatives if cfg else None, cfg, height, width)
@@ -273,6 +285,73 @@ class DiffusionEngine:
                         noise_uncond, noise_cond = noise.chunk(2)
                         noise = noise_uncond + (guidance * (noise_cond - noise_uncond)).to(noise.dtype)
                     latents = scheduler.step(noise, t, latents, **step_kw, return_dict=False)[0]
+                    if all(r.should_stop is not None and r.should_stop() for r in requests):
+                        raise GenerationCancelled(f"all {len(requests)} requests of the batch stopped "
+                                                  "(clients gone or deadlines passed)")
+        return latents
+
+    def _batch_inputs(self, requests: list[EngineRequest]
+                      ) -> tuple[list[str], list[str], list[int], list, list[float]]:
+        """Per image: prompt, negative prompt, slot, generator and guidance scale (image i of a
+        request uses seed + i)."""
+        prompts, negatives, slots, generators, scales = [], [], [], [], []
+        for request in requests:
+            p, n = request.params, request.params["num_images"]
+            prompts += [p["prompt"]] * n
+            negatives += [p.get("negative_prompt") or ""] * n  # None: no negative prompt (see _encode)
+            slots += [self.router.zero_slot if request.slot is None else request.slot] * n
+            generators += [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
+            scales += [float(p["guidance_scale"])] * n
+        return prompts, negatives, slots, generators, scales
+
+    def _denoise_flux(self, requests: list[EngineRequest], width: int, height: int,
+                      steps: int) -> torch.Tensor:
+        """FLUX.1's loop: packed latents ``[N, (h/16)(w/16), 64]`` out (see the module docstring)."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from raydb.models.flux import PACK, latent_image_ids, max_sequence_length, pack_latents
+
+        pipe = self.pipe
+        scale = pipe.vae_scale_factor * PACK
+        if width % scale or height % scale:
+            raise ValueError(f"FLUX.1 sizes must be multiples of {scale} (8x VAE, 2x2 packing); "
+                             f"got {width}x{height}")
+        transformer = pipe.transformer
+        device = transformer.device
+        prompts, _, slots, generators, scales = self._batch_inputs(requests)  # no negative prompt
+        n = len(prompts)
+        index = torch.tensor(slots, device=device)
+        with self.lock:
+            with self.router.route(index):  # CLIP's pooled output under each image's adapter
+                embeds, pooled, text_ids = pipe.encode_prompt(
+                    prompts, prompt_2=None, device=device,
+                    max_sequence_length=max_sequence_length(pipe.tokenizer_2))
+            h, w = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
+            channels = transformer.config.in_channels // (PACK * PACK)
+            latents = pack_latents(randn_tensor((n, channels, h, w), generator=generators, device=device,
+                                                dtype=embeds.dtype))
+            image_ids = latent_image_ids(h, w, device=device, dtype=embeds.dtype)
+            scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # fresh per-loop state
+            sc = scheduler.config
+            mu = calculate_shift(latents.shape[1], sc.get("base_image_seq_len", 256),
+                                 sc.get("max_image_seq_len", 4096), sc.get("base_shift", 0.5),
+                                 sc.get("max_shift", 1.15))
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
+            scheduler.set_begin_index(0)
+            # each image's own guidance scale, an input of the distilled transformer [N]
+            guide = (torch.tensor(scales, device=device, dtype=torch.float32)
+                     if transformer.config.guidance_embeds else None)
+            step_kw = self._step_kwargs(scheduler, generators)
+            with self.router.route(index):
+                for t in scheduler.timesteps:
+                    velocity = self.unet(
+                        hidden_states=latents, timestep=t.expand(n).to(latents.dtype) / 1000, guidance=guide,
+                        pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                        img_ids=image_ids, return_dict=False)[0]
+                    self.unet_forwards += 1
+                    latents = scheduler.step(velocity, t, latents, **step_kw, return_dict=False)[0]
                     if all(r.should_stop is not None and r.should_stop() for r in requests):
                         raise GenerationCancelled(f"all {len(requests)} requests of the batch stopped "
                                                   "(clients gone or deadlines passed)")
@@ -322,8 +401,17 @@ class DiffusionEngine:
     def decode(self, latents: torch.Tensor, requests: list[EngineRequest]) -> list[dict[str, Any]]:
         """Per request ``{"images": [PNG bytes], "width", "height"}`` from :meth:`denoise`'s latents."""
         vae = self.pipe.vae
+        if self.family == FLUX:  # packed [N, tokens, 64] -> [N, 16, h, w]; undo scale and shift
+            from raydb.models.flux import unpack_latents
+
+            width, height = self.key(requests[0].params)[:2]
+            latents = unpack_latents(latents, height // self.pipe.vae_scale_factor,
+                                     width // self.pipe.vae_scale_factor)
+            latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        else:
+            latents = latents / vae.config.scaling_factor
         latents = latents.to(next(vae.parameters()).dtype)  # SDXL's VAE stays fp32 under fp16
-        pixels = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        pixels = vae.decode(latents, return_dict=False)[0]
         images = self.pipe.image_processor.postprocess(pixels, output_type="pil")
         out, start = [], 0
         for request in requests:
@@ -363,7 +451,7 @@ def serving_compile_cache(engine: DiffusionEngine, storage: Storage, workspace: 
     size, batch sizes 1 and ``max_batch_size``, CFG-doubled), the UNet dtype, the slot buffers
     (``num_slots`` x ``max_lora_rank`` on the wrapped modules) and the compile mode.
     """
-    unet = engine.pipe.unet
+    unet = engine.denoiser
     device = unet.device
     latent = engine.native_size // engine.pipe.vae_scale_factor
     key, parts = compile_cache_key(
@@ -373,5 +461,6 @@ def serving_compile_cache(engine: DiffusionEngine, storage: Storage, workspace: 
                 "warm_up_batches": warm_up_batches(max_batch_size), "cfg": WARM_UP_GUIDANCE > 1.0},
         options={"compile": compile_options(mode), "dtype": str(unet.dtype),
                  "family": engine.family, "max_lora_rank": engine.max_lora_rank,
-                 "num_slots": engine.num_slots, "unet_lora_modules": sorted(engine.layers["unet"])})
+                 "num_slots": engine.num_slots,
+                 "unet_lora_modules": sorted(engine.layers[engine.denoiser_key])})
     return CompileCache(storage, workspace, key, parts)

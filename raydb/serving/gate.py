@@ -24,6 +24,10 @@ included), in this order, answering a refusal itself:
    **408**, and the slots are free again.
 6. One audit line (:mod:`raydb.serving.audit`) once the answer is sent.
 
+A refusal's body is the one every route answers with, ``{"detail", "request_id"}``
+(:func:`raydb.serving.observe.error_response`), and the request's observer learns the tenant and,
+for a 429/503, the limit's ``rejection`` word (its metrics' reason tag).
+
 The hook: the app gets :class:`GateMiddleware` once (``app.add_middleware(GateMiddleware)``); the
 :class:`Gate` it applies is the ingress replica's ``gate`` attribute (Serve's replica context), or
 ``app.state.raydb_gate`` on a plain FastAPI app (tests). Routes stay as they are; a route may add
@@ -37,11 +41,11 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from raydb.config import RaydbConfig
 from raydb.errors import TooLarge
+from raydb.serving import observe
 from raydb.serving.audit import AuditLog
 from raydb.serving.limits import (
     BodyTimedOut,
@@ -118,6 +122,7 @@ class Gate:
         start = self.clock()
         headers = Headers(scope=scope)
         tenant, caller = self.tenant_of(headers)
+        observe.note(tenant=tenant)  # the request's metrics and log lines carry it (serving/observe.py)
         client = (scope.get("client") or ("unknown", 0))[0]
         limit_key = tenant or (f"addr:{client}" if caller in ("no key", "invalid key") else "")
         scope["raydb.audit"] = notes = {}
@@ -151,7 +156,7 @@ class Gate:
         if isinstance(exc, BodyTooLarge) and klass == "upload":  # the upload's field, as before
             exc = TooLarge("photos", str(exc))
         http = http_exception(exc)
-        response = JSONResponse({"detail": http.detail}, status_code=http.status_code, headers=http.headers)
+        response = observe.error_response(http.status_code, http.detail, http.headers)
         if isinstance(exc, (BodyTooLarge, BodyTimedOut, TooLarge)):
             response.headers["Connection"] = "close"  # the rest of the body is not read
         await response(scope, receive, send)

@@ -43,9 +43,10 @@ _SWEEP_AT = 1024  # tenants' buckets kept before idle, refilled ones are forgott
 class TooManyRequests(Exception):
     """The tenant is over its concurrency cap or rate; ``retry_after`` in whole seconds (>= 1)."""
 
-    def __init__(self, reason: str, retry_after: float) -> None:
+    def __init__(self, reason: str, retry_after: float, rejection: str = "rate") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.rejection = rejection  # the metrics' reason tag: "rate", "concurrency" or "uploads"
         self.retry_after = max(1, math.ceil(retry_after))
 
 
@@ -110,13 +111,15 @@ class TenantLimiter:
         """
         with self._lock:
             if self._in_flight.get(tenant, 0) >= self.max_concurrent:
-                raise TooManyRequests(f"at most {self.max_concurrent} {self.what} in flight per tenant", 1.0)
+                raise TooManyRequests(f"at most {self.max_concurrent} {self.what} in flight per tenant", 1.0,
+                                      "concurrency" if self.what == "requests" else self.what)
             if tenant not in self._buckets and len(self._buckets) >= self._sweep_at:
                 self._sweep()
             bucket = self._buckets.setdefault(tenant, TokenBucket(self.rate_per_s, self.burst, self.clock))
             wait = bucket.take()
             if wait > 0:
-                raise TooManyRequests(f"at most {self.rate_per_s:g} {self.what} per second per tenant", wait)
+                raise TooManyRequests(f"at most {self.rate_per_s:g} {self.what} per second per tenant", wait,
+                                      "rate")
             self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
         try:
             yield
@@ -139,6 +142,8 @@ class TenantLimiter:
 
 class IngressFull(Unavailable):
     """The ingress is working on as many requests as it may (``serve.ingress_max_requests``)."""
+
+    rejection = "ingress"
 
 
 class Capacity:
@@ -223,6 +228,8 @@ class BoundedBody:
 
 class ImageWorkersBusy(Unavailable):
     """Every image worker is busy and ``serve.image_queue`` checks already wait."""
+
+    rejection = "image_workers"
 
 
 class ImageWorkers:

@@ -183,7 +183,7 @@ def _pattern_value(pattern: dict[str, Any], path: str, default: float) -> float:
 def parse_adapter(state: dict[str, torch.Tensor],
                   config: dict[str, Any]) -> dict[str, dict[str, LoraFactors]]:
     """``{component: {module path: LoraFactors}}`` (components ``unet``, ``text_encoder`` and SDXL's
-    ``text_encoder_2``).
+    ``text_encoder_2``; FLUX.1's ``transformer`` and ``text_encoder``).
 
     ``config``: the header's ``lora_adapter_metadata`` ({"unet.lora_alpha": 8, "unet.r": 4, ...});
     empty means alpha = rank. Raises :class:`AdapterCorrupt` for unknown keys or unpaired factors,
@@ -208,7 +208,7 @@ def parse_adapter(state: dict[str, torch.Tensor],
         raise AdapterCorrupt(f"adapter weights have an unpaired LoRA factor for {'.'.join(odd)}")
     out: dict[str, dict[str, LoraFactors]] = {}
     for (component, path), down in sorted(downs.items()):
-        if component not in ("unet", "text_encoder", "text_encoder_2"):
+        if component not in ("unet", "transformer", "text_encoder", "text_encoder_2"):
             raise AdapterCorrupt(f"adapter weights name an unknown component {component!r}")
         cfg = {k[len(component) + 1:]: v for k, v in config.items() if k.startswith(component + ".")}
         if cfg.get("use_dora"):

@@ -11,10 +11,12 @@ batch of evicted-but-in-use adapters — and a load that still finds every slot 
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from typing import Any
 
+from raydb.metrics import record
 from raydb.serving.adapters import AdapterError, AdapterGone, FailureCache, LoadedAdapter, read_adapter
 from raydb.serving.engine import DiffusionEngine
 from raydb.serving.multi_lora import parse_adapter
@@ -61,6 +63,7 @@ class SlotPool:
             staged = self._verified(storage, version_uri)
         except AdapterError as exc:
             self.failures.put(adapter_id, exc)
+            record("raydb_adapter_loads_total", result="failed")
             raise
         with self._changed:
             self._staged[adapter_id] = staged
@@ -72,9 +75,13 @@ class SlotPool:
         with self._changed:
             if self._live.get(adapter.adapter_id) is adapter:
                 del self._live[adapter.adapter_id]
+                record("raydb_adapter_evictions_total")
 
     def load(self, storage: Storage, version_uri: str, subject_id: str, version: str) -> LoadedAdapter:
-        """Copy a verified adapter (staged, else read and verified here) into a free slot."""
+        """Copy a verified adapter (staged, else read and verified here) into a free slot.
+        ``subject_id@version`` is the multiplexed model id (the ingress names subjects with their
+        tenant, ``<tenant>/<subject>``: subject ids are per tenant)."""
+        start = time.perf_counter()
         with self._changed:
             staged = self._staged.pop(f"{subject_id}@{version}", None)
         meta, parsed = staged or self._verified(storage, version_uri)
@@ -87,12 +94,16 @@ class SlotPool:
             self.engine.write_slot(slot, parsed)
         except Exception:
             self._give_back(slot)
+            record("raydb_adapter_loads_total", result="failed")
             raise
         adapter = LoadedAdapter(self, f"slot{slot}", subject_id, version, meta, slot=slot)
         with self._changed:
             self._used[slot] = adapter
             self._live[adapter.adapter_id] = adapter
             self.loads += 1
+        record("raydb_adapter_loads_total", result="loaded")
+        record("raydb_adapter_load_seconds", time.perf_counter() - start)
+        self._record_slots()
         return adapter
 
     def unload(self, adapter: LoadedAdapter) -> None:
@@ -104,6 +115,13 @@ class SlotPool:
             del self._used[adapter.slot]
             self.unloads += 1
         self._give_back(adapter.slot)
+        self._record_slots()
+
+    def _record_slots(self) -> None:
+        with self._changed:
+            occupied = len(self._used)
+        record("raydb_adapter_slots", occupied, state="occupied")
+        record("raydb_adapter_slots", self.engine.num_slots, state="total")
 
     def _give_back(self, slot: int) -> None:
         with self._changed:

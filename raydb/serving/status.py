@@ -7,6 +7,10 @@ first (:class:`raydb.errors.TooLarge` is a ``RequestError`` that answers 413, no
 table does not know is a 500. Only protocol-level answers — 401 without a valid key, 411/415/400 for
 a body that is not the multipart it must be, 404 for the docs when they are off — are written where
 they happen, because no error of raydb's stands behind them.
+
+:func:`http_exception` also tells the request's observer (:mod:`raydb.serving.observe`) why a
+refusal for want of capacity was made (the error's ``rejection``: ``rate``, ``ingress``,
+``trainings``, ...), so ``raydb_http_rejections_total`` counts it by reason.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from raydb.errors import (
     Unavailable,
     UnknownResource,
 )
-from raydb.registry import SubjectOwned
+from raydb.serving import observe
 from raydb.serving.adapters import (
     AdapterCorrupt,
     AdapterError,
@@ -53,7 +57,6 @@ HTTP_STATUS: dict[type[BaseException], int] = {
     BodyTimedOut: 408,  # the body did not all arrive within serve.body_timeout_s
     TooManyRequests: 429,  # the tenant is over its concurrency cap or rate
     SubjectNotFound: 404,  # unknown, or another tenant's
-    SubjectOwned: 409,  # the id belongs to another tenant
     # what a diffusion replica meets (it answers with the status, the ingress passes it on)
     BadAdapterId: 400,
     AdapterMismatch: 409,  # trained on another base model or family
@@ -86,7 +89,10 @@ def _detail(exc: BaseException) -> Any:
 
 def http_exception(exc: BaseException) -> HTTPException:
     """The HTTP answer to ``exc``: its status, what the caller is told, and ``Retry-After`` when the
-    error says when to retry."""
+    error says when to retry. Notes the error's ``rejection`` (if any) for the request's metrics."""
+    rejection = getattr(exc, "rejection", None)
+    if rejection:
+        observe.note(reject_reason=rejection)
     retry_after = getattr(exc, "retry_after", None)
     headers = {"Retry-After": str(retry_after)} if retry_after else None
     return HTTPException(http_status(exc), _detail(exc), headers=headers)

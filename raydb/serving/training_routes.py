@@ -7,11 +7,12 @@ the request — the multipart body is read only after the key was checked; the i
 (:mod:`raydb.serving.gate`) holds it to the tenant's limits, ``service.max_upload_bytes`` and
 ``serve.body_timeout_s`` — and answer the service's refusals with the status that
 :mod:`raydb.serving.status` gives them: 403 (a photo URI the tenant may not name), 404 (unknown or
-another tenant's training), 409 (subject id taken, cancel too late), 413 (too large), 422 (field
-named), 429 (+ Retry-After); 401 (key), 415 and 400 (not a multipart body) are the protocol's.
-A submission (photo decoding and preparation: seconds of CPU) runs on the ingress's image workers
-(:class:`raydb.serving.limits.ImageWorkers`, 503 when they and their queue are full); other
-blocking work (storage, the Jobs API) in a worker thread.
+another tenant's training), 409 (cancel too late), 413 (too large, or over the tenant's storage
+quota), 422 (field named), 429 (+ Retry-After: the queue, or the tenant's share of it, is full),
+503 (+ Retry-After: the queue's lease is busy); 401 (key), 415 and 400 (not a multipart body) are
+the protocol's. A submission (photo decoding and preparation: seconds of CPU) runs on the ingress's
+image workers (:class:`raydb.serving.limits.ImageWorkers`, 503 when they and their queue are full);
+other blocking work (storage, S3 photo reads, the Jobs API) in a worker thread.
 """
 
 import asyncio
@@ -31,7 +32,7 @@ from raydb.storage import Storage
 from raydb.trainings.queue import Jobs
 from raydb.trainings.service import TrainingService
 
-__all__ = ["router", "TrainingsEndpoint"]
+__all__ = ["router", "TrainingsEndpoint", "read_form"]
 
 router = APIRouter()
 
@@ -99,6 +100,20 @@ async def _call(fn: Callable[..., Any], *args: Any) -> Any:
         raise http_exception(exc) from None
 
 
+async def read_form(request: Request, cfg: RaydbConfig) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
+    """A multipart upload's ``(fields, [(file name, bytes) of each 'photos' file])``: 415 for another
+    body type, 422 for a file outside 'photos' or a field given twice, 400 for a malformed body (the
+    body's byte cap and deadline are the gate's: raydb.serving.gate)."""
+    try:
+        return await _read_form(request, cfg)
+    except (HTTPException, BodyTooLarge, BodyTimedOut):  # the latter two: the gate answers them
+        raise
+    except Refused as exc:
+        raise http_exception(exc) from None
+    except Exception as exc:  # starlette's multipart errors (too many files, malformed body)
+        raise HTTPException(400, f"malformed multipart body: {exc}") from None
+
+
 async def _read_form(request: Request, cfg: RaydbConfig) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
     sc = cfg.service
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -122,14 +137,7 @@ async def _read_form(request: Request, cfg: RaydbConfig) -> tuple[dict[str, str]
 @router.post("/v1/trainings", status_code=202)
 async def create_training(request: Request) -> Response:
     endpoint, tenant = _endpoint(request)
-    try:
-        fields, uploads = await _read_form(request, endpoint.cfg)
-    except (HTTPException, BodyTooLarge, BodyTimedOut):  # the latter two: the gate answers them
-        raise
-    except Refused as exc:
-        raise http_exception(exc) from None
-    except Exception as exc:  # starlette's multipart errors (too many files, malformed body)
-        raise HTTPException(400, f"malformed multipart body: {exc}") from None
+    fields, uploads = await read_form(request, endpoint.cfg)
     note(request, subject_id=fields.get("subject_id"), photos=len(uploads))
     try:  # decoding and preparing the photos: on the image workers, never on the event loop
         view, created = await endpoint.images.run(endpoint.service.submit, tenant, fields, uploads,
@@ -142,9 +150,13 @@ async def create_training(request: Request) -> Response:
 
 
 @router.get("/v1/trainings")
-async def list_trainings(request: Request) -> dict[str, Any]:
+async def list_trainings(request: Request, limit: int | None = None,
+                         after: str | None = None) -> dict[str, Any]:
+    """One page of the caller's trainings, oldest first: ``{"trainings": [...], "next": cursor}``;
+    ``?after=<next>`` gives the following page, ``?limit=`` its size (at most
+    ``service.max_page_size``, the default)."""
     endpoint, tenant = _endpoint(request)
-    return {"trainings": await _call(endpoint.service.list, tenant)}
+    return await _call(lambda: endpoint.service.list(tenant, after=after, limit=limit))
 
 
 @router.get("/v1/trainings/{training_id}")

@@ -72,16 +72,30 @@ def clip_scores(clip, tokenizer, generated: list[Image.Image], references: list[
 
 
 def sampling_pipeline(comps, unet):
-    """A pipeline of the family over ``comps`` with ``unet`` (e.g. the LoRA-adapted training UNet)
-    and a DDIM scheduler: what validation metrics sample with (progress bar off)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A pipeline of the family over ``comps`` with ``unet`` (the LoRA-adapted training denoiser:
+    a UNet, or FLUX.1's transformer) and a DDIM scheduler (FLUX.1: its flow-matching Euler one): what
+    validation metrics sample with (progress bar off). FLUX.1 needs T5 loaded (``with_t5``)."""
+    from diffusers import (
+        DDIMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
-    scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
-    if getattr(comps, "family", "sd") == "sdxl":
+    family = getattr(comps, "family", "sd")
+    if family == "flux":  # the flow-matching schedule samples Flux; DDIM does not apply
+        pipe = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(comps.noise_scheduler.config),
+            vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+            text_encoder_2=comps.text_encoder_2, tokenizer_2=comps.tokenizer_2, transformer=unet)
+    elif family == "sdxl":
+        scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
         pipe = StableDiffusionXLPipeline(
             vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
             tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=unet, scheduler=scheduler)
     else:
+        scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
         pipe = StableDiffusionPipeline(
             vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -93,6 +107,8 @@ def sampling_pipeline(comps, unet):
 def sample_instance_images(cfg, comps, unet) -> list[Image.Image]:
     """``eval.num_images`` images of the instance prompt from the current (LoRA) UNet, seeds 0..n-1:
     what CLIP-I / CLIP-T and DINO score."""
+    from raydb.models.components import pipeline_call_kwargs
+
     pipe = sampling_pipeline(comps, unet)
     res = cfg.train.resolution
     device = next(unet.parameters()).device
@@ -100,7 +116,8 @@ def sample_instance_images(cfg, comps, unet) -> list[Image.Image]:
     unet.eval()
     try:
         images = [pipe(cfg.subject.instance_prompt, num_inference_steps=cfg.eval.num_inference_steps,
-                       height=res, width=res, generator=torch.Generator(device).manual_seed(i)).images[0]
+                       height=res, width=res, generator=torch.Generator(device).manual_seed(i),
+                       **pipeline_call_kwargs(pipe)).images[0]
                   for i in range(cfg.eval.num_images)]
     finally:
         unet.train(was_training)

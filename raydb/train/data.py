@@ -17,6 +17,12 @@ term ask "does the adapter still predict what the base predicts *for this very i
 prompt names only the class?": the adapter is held to the base exactly where the instance term
 pulls it, no other draws enter the step (so the instance half is the same in every mode and DDP,
 accumulation and resume keep their positions), and the two halves differ only in the prompt.
+
+What a sample's time is depends on the objective: a DDPM timestep (an integer in
+``[0, num_train_timesteps)``, SD/SDXL) or, for flow matching (FLUX.1, ``TrainingData.flow``), a
+sigma in ``(0, 1]`` drawn from ``train.flow``'s density (``raydb.train.flow.draw_sigma``) — with the
+same generator, after the same two noise draws. Guidance-distilled models also get each sample's
+guidance input (``TrainingData.guidance``).
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ from dataclasses import dataclass
 
 import torch
 
-from raydb.config import TrainConfig
+from raydb.config import FlowConfig, TrainConfig
 from raydb.encode.encoders import EncodedImages
+from raydb.models.family import check_resolution
+from raydb.train.flow import draw_sigma
 
-__all__ = ["TrainingData", "MicroBatch", "training_data", "prompt_inputs", "make_micro_batch",
-           "step_micro_batches"]
+__all__ = ["TrainingData", "MicroBatch", "training_data", "prompt_inputs", "flow_inputs",
+           "make_micro_batch", "step_micro_batches"]
 
 
 @dataclass
@@ -45,6 +53,11 @@ class TrainingData:
     embeddings (None when the text encoders train); instance_time_ids/class_time_ids ``[N, 6]``
     per image, its size/crop conditioning (row i belongs to image i); instance_ids_2/class_ids_2
     ``[1, L]`` the second tokenizer's ids.
+
+    FLUX.1 (flow matching): embeds are the T5 states ``[1, L, D]`` (kept when CLIP's LoRA trains:
+    T5 never trains), pooled the CLIP pooled output ``[1, Dp]``, ids / ids_2 the CLIP / T5 ids,
+    instance_text_ids/class_text_ids ``[1, L, 3]``; ``flow`` says how sigmas are drawn and
+    ``guidance`` is the guidance input of guidance-distilled models (None otherwise).
     """
 
     instance: EncodedImages | torch.Tensor
@@ -60,6 +73,10 @@ class TrainingData:
     class_time_ids: torch.Tensor | None = None
     instance_ids_2: torch.Tensor | None = None
     class_ids_2: torch.Tensor | None = None
+    instance_text_ids: torch.Tensor | None = None
+    class_text_ids: torch.Tensor | None = None
+    flow: FlowConfig | None = None
+    guidance: float | None = None
     prior_from_instance: bool = False  # model mode without a pool: the class half repeats the instance half
 
     def __post_init__(self) -> None:
@@ -77,7 +94,8 @@ def training_data(
     latent_shape: tuple[int, int, int] | None = None,
     prompt_pooled: torch.Tensor | None = None, prompt_ids_2: torch.Tensor | None = None,
     time_ids: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
-    prior_from_instance: bool = False,
+    prompt_text_ids: torch.Tensor | None = None, flow: FlowConfig | None = None,
+    guidance: float | None = None, prior_from_instance: bool = False,
 ) -> TrainingData:
     """TrainingData from the encoded (or pixel) images and the two prompts.
 
@@ -88,7 +106,8 @@ def training_data(
     pass ``prompt_embeds=None`` when the text encoder trains (the step encodes the ids itself).
     ``latent_shape`` ``(C, h, w)`` is read off cached latents; pixel sources must give it. SDXL:
     ``prompt_pooled`` ``[2, D2p]``, ``prompt_ids_2`` ``[2, L]``, and per-image time ids
-    ``(instance [N, 6], class [M, 6])`` — taken from the EncodedImages when not given.
+    ``(instance [N, 6], class [M, 6])`` — taken from the EncodedImages when not given. FLUX.1:
+    ``prompt_text_ids`` ``[2, L, 3]``, ``flow`` (sigma sampling) and ``guidance``.
     """
     if latent_shape is None:
         if not isinstance(instance, EncodedImages):
@@ -105,11 +124,17 @@ def training_data(
 
     (i_embeds, c_embeds), (i_ids, c_ids) = halves(prompt_embeds), halves(prompt_ids)
     (i_pooled, c_pooled), (i_ids_2, c_ids_2) = halves(prompt_pooled), halves(prompt_ids_2)
+    i_text_ids, c_text_ids = halves(prompt_text_ids)
+    if c_text_ids is not None and not torch.equal(i_text_ids, c_text_ids):
+        # the transformer's rotary embedding takes one set of text positions per batch
+        raise ValueError("the instance and class prompts have different text ids (T5 lengths); "
+                         "both must be padded to the same max_sequence_length")
     return TrainingData(
         instance=instance, class_=class_, instance_embeds=i_embeds, class_embeds=c_embeds,
         instance_ids=i_ids, class_ids=c_ids, latent_shape=latent_shape,
         instance_pooled=i_pooled, class_pooled=c_pooled, instance_ids_2=i_ids_2, class_ids_2=c_ids_2,
         instance_time_ids=time_ids[0], class_time_ids=time_ids[1] if class_ is not None else None,
+        instance_text_ids=i_text_ids, class_text_ids=c_text_ids, flow=flow, guidance=guidance,
         prior_from_instance=prior_from_instance,
     )
 
@@ -118,12 +143,25 @@ def prompt_inputs(
     prompts: dict[str, torch.Tensor], train_text_encoder: bool,
 ) -> dict[str, torch.Tensor | None]:
     """:func:`training_data`'s prompt arguments from the encode cache's ``prompts.safetensors``
-    (``embeds``/``ids``, SDXL's ``pooled``/``ids_2``): embeddings are dropped when the text
-    encoders train (the step encodes the ids itself)."""
-    return {"prompt_embeds": None if train_text_encoder else prompts["embeds"],
+    (``embeds``/``ids``, SDXL's and FLUX.1's ``pooled``/``ids_2``, FLUX.1's ``text_ids``):
+    what the trained text encoders compute is dropped, so the step encodes the ids itself — all
+    of it for SD/SDXL, only CLIP's pooled output for FLUX.1 (its T5 states stay: T5 never trains)."""
+    flux = "text_ids" in prompts
+    return {"prompt_embeds": None if train_text_encoder and not flux else prompts["embeds"],
             "prompt_ids": prompts["ids"],
             "prompt_pooled": None if train_text_encoder else prompts.get("pooled"),
-            "prompt_ids_2": prompts.get("ids_2")}
+            "prompt_ids_2": prompts.get("ids_2"), "prompt_text_ids": prompts.get("text_ids")}
+
+
+def flow_inputs(tc: TrainConfig, comps) -> dict:
+    """:func:`training_data`'s objective arguments for ``comps`` (``raydb.models.components``): for
+    FLUX.1 the sigma sampling (``train.flow``) and — guidance-distilled transformers only — the
+    guidance input; nothing for the DDPM families."""
+    if comps.family != "flux":
+        return {}
+    check_resolution(tc.resolution, comps.family)
+    distilled = comps.transformer.config.guidance_embeds
+    return {"flow": tc.flow, "guidance": tc.flow.guidance if distilled else None}
 
 
 @dataclass
@@ -135,6 +173,12 @@ class MicroBatch:
     ``[N, L, D]`` or ``input_ids`` ``[N, L]`` when the text encoder trains. SDXL adds
     ``time_ids`` ``[N, 6]`` and ``pooled`` ``[N, D2p]`` (or ``input_ids_2`` ``[N, L]`` when the
     text encoders train); they stay None for SD 1.x/2.x.
+
+    FLUX.1 (flow matching): ``sigmas`` ``[N]`` fp32 replace ``timesteps`` (None);
+    ``encoder_hidden_states`` are the T5 states, ``pooled`` CLIP's (None when CLIP's LoRA trains:
+    the step encodes ``input_ids``), ``text_ids`` ``[N, L, 3]`` and, for guidance-distilled
+    models, ``guidance`` ``[N]``. Every per-sample tensor is laid out ``[instance | class]`` like
+    the latents, so chunking a batch in two hands each half only its own samples' values.
     """
 
     latent_mean: torch.Tensor | None
@@ -142,16 +186,24 @@ class MicroBatch:
     pixels: torch.Tensor | None
     latent_eps: torch.Tensor
     noise: torch.Tensor
-    timesteps: torch.Tensor
+    timesteps: torch.Tensor | None
     encoder_hidden_states: torch.Tensor | None
     input_ids: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
     input_ids_2: torch.Tensor | None = None
+    sigmas: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
+    text_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> MicroBatch:
         return MicroBatch(**{k: (v.to(device, non_blocking=non_blocking)
                                  if isinstance(v, torch.Tensor) else v)
+                             for k, v in self.__dict__.items()})
+
+    def rows(self, rows: slice) -> MicroBatch:
+        """The samples ``rows`` of this batch (every per-sample tensor sliced along dim 0; views)."""
+        return MicroBatch(**{k: (v[rows] if isinstance(v, torch.Tensor) else v)
                              for k, v in self.__dict__.items()})
 
     def pin_memory(self) -> MicroBatch:
@@ -180,9 +232,9 @@ def _expand(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return None if t is None else t.expand(n, *t.shape[1:])
 
 
-def _half(source, prompt, positions, *, seed, stream, latent_shape, num_train_timesteps):
+def _half(source, prompt, positions, *, seed, stream, latent_shape, num_train_timesteps, flow, guidance):
     """One half (instance or class) of a micro-batch; ``prompt`` holds the half's prompt tensors
-    (embeds, ids, pooled, ids_2) and per-image ``time_ids``."""
+    (embeds, ids, pooled, ids_2, text_ids) and per-image ``time_ids``."""
     count = len(source) if isinstance(source, EncodedImages) else source.shape[0]
     idx = [_image_index(seed, stream, p, count) for p in positions]
     eps, noise, steps = [], [], []
@@ -190,15 +242,20 @@ def _half(source, prompt, positions, *, seed, stream, latent_shape, num_train_ti
         g = torch.Generator().manual_seed(_seed(seed, stream, "sample", p))
         eps.append(torch.randn(latent_shape, generator=g))
         noise.append(torch.randn(latent_shape, generator=g))
-        steps.append(int(torch.randint(0, num_train_timesteps, (1,), generator=g)))
+        steps.append(draw_sigma(flow, g, num_train_timesteps) if flow is not None
+                     else int(torch.randint(0, num_train_timesteps, (1,), generator=g)))
+    n = len(positions)
     out = {
         "latent_eps": torch.stack(eps),
         "noise": torch.stack(noise),
-        "timesteps": torch.tensor(steps, dtype=torch.long),
-        "input_ids": _expand(prompt["ids"], len(positions)),
-        "encoder_hidden_states": _expand(prompt["embeds"], len(positions)),
-        "pooled": _expand(prompt["pooled"], len(positions)),
-        "input_ids_2": _expand(prompt["ids_2"], len(positions)),
+        "timesteps": None if flow is not None else torch.tensor(steps, dtype=torch.long),
+        "sigmas": torch.tensor(steps, dtype=torch.float32) if flow is not None else None,
+        "guidance": None if guidance is None else torch.full((n,), float(guidance)),
+        "input_ids": _expand(prompt["ids"], n),
+        "encoder_hidden_states": _expand(prompt["embeds"], n),
+        "pooled": _expand(prompt["pooled"], n),
+        "input_ids_2": _expand(prompt["ids_2"], n),
+        "text_ids": _expand(prompt["text_ids"], n),
         "time_ids": None if prompt["time_ids"] is None else prompt["time_ids"][idx],
     }
     if isinstance(source, EncodedImages):
@@ -210,16 +267,18 @@ def _half(source, prompt, positions, *, seed, stream, latent_shape, num_train_ti
 
 def _prompt(data: TrainingData, half: str) -> dict[str, torch.Tensor | None]:
     return {name: getattr(data, f"{half}_{name}")
-            for name in ("embeds", "ids", "pooled", "ids_2", "time_ids")}
+            for name in ("embeds", "ids", "pooled", "ids_2", "time_ids", "text_ids")}
 
 
 def _under_prompt(half: dict[str, torch.Tensor | None], prompt: dict[str, torch.Tensor | None],
                   n: int) -> dict[str, torch.Tensor | None]:
     """``half`` (the instance half's rows) under another prompt: same images, latent samples,
-    noise, timesteps and per-image time ids; only the prompt tensors change."""
+    noise, timesteps (FLUX.1: sigmas and guidance) and per-image time ids; only the prompt tensors
+    change."""
     return half | {"input_ids": _expand(prompt["ids"], n),
                    "encoder_hidden_states": _expand(prompt["embeds"], n),
-                   "pooled": _expand(prompt["pooled"], n), "input_ids_2": _expand(prompt["ids_2"], n)}
+                   "pooled": _expand(prompt["pooled"], n), "input_ids_2": _expand(prompt["ids_2"], n),
+                   "text_ids": _expand(prompt["text_ids"], n)}
 
 
 def make_micro_batch(
@@ -237,7 +296,8 @@ def make_micro_batch(
     """The micro-batch ``micro`` of optimizer step ``step`` (0-based) for worker ``rank``."""
     first = ((step * accumulation + micro) * world_size + rank) * batch_size
     positions = range(first, first + batch_size)
-    kw = {"seed": seed, "latent_shape": data.latent_shape, "num_train_timesteps": num_train_timesteps}
+    kw = {"seed": seed, "latent_shape": data.latent_shape, "num_train_timesteps": num_train_timesteps,
+          "flow": data.flow, "guidance": data.guidance}
     parts = [_half(data.instance, _prompt(data, "instance"), positions, stream="instance", **kw)]
     if data.class_ is not None:
         parts.append(_half(data.class_, _prompt(data, "class"), positions, stream="class", **kw))

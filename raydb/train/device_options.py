@@ -18,7 +18,8 @@ None of the speed options changes the math; they change how the same step is lai
   against eager. ``blocks`` compiles each ``BasicTransformerBlock`` and ``ResnetBlock2D`` in place
   (regional compilation: blocks of one shape share a compiled graph, so the compile is far
   shorter; its gradients match eager with inductor on CPU), and those blocks stay compiled for
-  evaluation too.
+  evaluation too. For FLUX.1 the blocks are its ``FluxTransformerBlock`` (double-stream) and
+  ``FluxSingleTransformerBlock``; channels_last has no convolution to act on there (a no-op).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from raydb.config import TrainConfig
 __all__ = ["use_channels_last", "use_fused_adam", "prepare_unet", "compile_for_training",
            "resolve_mixed_precision", "use_cuda_graphs"]
 
-_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+# the repeated blocks of each denoiser: SD/SDXL's UNet, FLUX.1's transformer (double, single stream)
+_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "FluxTransformerBlock", "FluxSingleTransformerBlock")
 
 
 def _on_cuda(module: torch.nn.Module) -> bool:

@@ -23,8 +23,12 @@ from PIL import Image
 
 from raydb.config import RaydbConfig
 from raydb.encode.encoders import EncodedImages
-from raydb.models.sdxl import sdxl_text_conditioning, unet_added_conditions
-from raydb.train.loss import training_target
+from raydb.models.family import FLOW_MATCHING, FLUX
+from raydb.models.flux import flux_text_conditioning
+from raydb.models.sdxl import sdxl_text_conditioning
+from raydb.train.data import MicroBatch, flow_inputs
+from raydb.train.flow import fixed_sigmas
+from raydb.train.step import denoiser_prediction, denoiser_target
 
 __all__ = ["fixed_timesteps", "denoising_loss", "Validator"]
 
@@ -49,62 +53,75 @@ def denoising_loss(
     num_timesteps: int = 8,
     batch_size: int = 16,
     pooled: torch.Tensor | None = None,
+    text_ids: torch.Tensor | None = None,
+    guidance: float | None = None,
 ) -> float:
-    """Mean fp32 MSE between the UNet's prediction and its target over fixed (image, t) pairs.
+    """Mean fp32 MSE between the denoiser's prediction and its target over fixed (image, t) pairs.
 
     Every image of ``encoded`` (latent distributions ``[N, C, h, w]``) is scored at each of
-    ``num_timesteps`` evenly spaced timesteps, N * num_timesteps samples in all. The latent sample
-    (``mean + std * eps``) and the noise come from ``torch.Generator().manual_seed(seed)``, so two
-    calls with the same weights and seed return the same number.
+    ``num_timesteps`` evenly spaced timesteps (flow matching: sigmas), N * num_timesteps samples in
+    all. The latent sample (``mean + std * eps``) and the noise come from
+    ``torch.Generator().manual_seed(seed)``, so two calls with the same weights and seed return the
+    same number. The prediction and target are the training step's own
+    (:func:`raydb.train.step.denoiser_prediction` / ``denoiser_target``); flow-matching samples
+    are not weighted (``train.flow.weighting``), so scores compare across weightings.
 
     Args:
-        unet: the (possibly LoRA-adapted) UNet; evaluated in eval mode, its mode restored after.
+        unet: the (possibly LoRA-adapted) denoiser; evaluated in eval mode, its mode restored after.
         noise_scheduler: the training scheduler (``add_noise``, ``get_velocity``).
         vae: supplies ``config.scaling_factor`` (and ``shift_factor`` if any); never run.
         prompt_embeds: ``[1, L, D]`` (one prompt for all images) or ``[N, L, D]``.
-        prediction_type: "epsilon" or "v_prediction".
-        pooled: SDXL only, ``[1, D2p]`` pooled prompt embedding; each image's time ids come from
+        prediction_type: "epsilon", "v_prediction" or "flow_matching".
+        pooled: SDXL / FLUX.1, ``[1, D2p]`` pooled prompt embedding; SDXL's time ids come from
             ``encoded.time_ids``.
+        text_ids, guidance: FLUX.1, ``[1, L, 3]`` and the guidance input (distilled models).
     """
     n = len(encoded)
     if prompt_embeds.shape[0] not in (1, n):
         raise ValueError(f"prompt_embeds has {prompt_embeds.shape[0]} rows for {n} images")
+    flow = prediction_type == FLOW_MATCHING
     g = torch.Generator().manual_seed(seed)
     latent_eps = torch.randn(encoded.mean.shape, generator=g)
     noise = torch.randn((num_timesteps, *encoded.mean.shape), generator=g)  # [T, N, C, h, w]
-    steps = fixed_timesteps(noise_scheduler.config.num_train_timesteps, num_timesteps)
+    steps = (fixed_sigmas(num_timesteps) if flow
+             else fixed_timesteps(noise_scheduler.config.num_train_timesteps, num_timesteps))
     shift = vae.config.get("shift_factor")
     latents = encoded.mean + encoded.std * latent_eps
     latents = (latents - shift if shift is not None else latents) * vae.config.scaling_factor
 
     # Flatten (timestep, image) pairs into one batch axis: row k is image k % N at step k // N.
-    all_latents = latents.repeat(num_timesteps, 1, 1, 1)
-    all_noise = noise.flatten(0, 1)
-    all_steps = steps.repeat_interleave(n)
-    all_embeds = prompt_embeds.expand(n, -1, -1).repeat(num_timesteps, 1, 1)
-    sdxl = encoded.time_ids is not None
-    if sdxl:
-        if pooled is None:
-            raise ValueError("SDXL validation needs the pooled prompt embedding")
-        all_pooled = pooled.expand(n, -1).repeat(num_timesteps, 1)
-        all_time_ids = encoded.time_ids.repeat(num_timesteps, 1)
+    total_rows = num_timesteps * n
+    rows = {
+        "latents": latents.repeat(num_timesteps, 1, 1, 1), "noise": noise.flatten(0, 1),
+        "steps": steps.repeat_interleave(n),
+        "embeds": prompt_embeds.expand(n, -1, -1).repeat(num_timesteps, 1, 1),
+        "pooled": None if pooled is None else pooled.expand(n, -1).repeat(num_timesteps, 1),
+        "time_ids": None if encoded.time_ids is None else encoded.time_ids.repeat(num_timesteps, 1),
+        "text_ids": None if text_ids is None else text_ids.expand(total_rows, -1, -1),
+        "guidance": None if guidance is None else torch.full((total_rows,), float(guidance)),
+    }
+    if rows["time_ids"] is not None and pooled is None:
+        raise ValueError("SDXL validation needs the pooled prompt embedding")
 
     frozen = next(p for p in unet.parameters() if not p.requires_grad)
     was_training = unet.training
     unet.eval()
     total, count = 0.0, 0
     try:
-        for start in range(0, all_latents.shape[0], batch_size):
-            sl = slice(start, start + batch_size)
-            x0 = all_latents[sl].to(frozen.device)
-            eps = all_noise[sl].to(frozen.device)
-            t = all_steps[sl].to(frozen.device)
-            noisy = noise_scheduler.add_noise(x0, eps, t)
-            cond = all_embeds[sl].to(frozen.device, frozen.dtype)
-            added = unet_added_conditions(all_pooled[sl].to(frozen.device, frozen.dtype),
-                                          all_time_ids[sl].to(frozen.device)) if sdxl else None
-            pred = unet(noisy.to(frozen.dtype), t, cond, added_cond_kwargs=added).sample.float()
-            target = training_target(noise_scheduler, x0, eps, t, prediction_type).float()
+        for start in range(0, total_rows, batch_size):
+            chunk = {k: None if v is None else v[start:start + batch_size].to(frozen.device)
+                     for k, v in rows.items()}
+            embeds = chunk["embeds"].to(frozen.dtype)
+            batch = MicroBatch(
+                # latent_eps is unused: the clean latents are passed in already sampled
+                latent_mean=None, latent_std=None, pixels=None, latent_eps=chunk["noise"],
+                noise=chunk["noise"],
+                timesteps=None if flow else chunk["steps"], sigmas=chunk["steps"] if flow else None,
+                encoder_hidden_states=embeds, input_ids=None,
+                pooled=None if chunk["pooled"] is None else chunk["pooled"].to(frozen.dtype),
+                time_ids=chunk["time_ids"], text_ids=chunk["text_ids"], guidance=chunk["guidance"])
+            pred = denoiser_prediction(unet, noise_scheduler, batch, chunk["latents"]).float()
+            target = denoiser_target(noise_scheduler, batch, chunk["latents"], prediction_type).float()
             total += F.mse_loss(pred, target, reduction="sum").item()
             count += target.numel()
     finally:
@@ -124,7 +141,8 @@ class Validator:
     Args:
         instance / holdout: latent distributions of the instance and held-out class images.
         prompts: ``{"embeds": [2, L, D], "ids": [2, L]}`` for (instance prompt, class prompt)
-            (SDXL: also ``"pooled": [2, D2p]`` and ``"ids_2": [2, L]``).
+            (SDXL: also ``"pooled": [2, D2p]`` and ``"ids_2": [2, L]``; FLUX.1: T5 ``embeds``,
+            CLIP ``pooled``, ``"text_ids": [2, L, 3]``).
         instance_images: the prepared instance photos; needed only for CLIP-I (``eval.clip_model``),
             DINO (``eval.dino_model``) and the fidelity metrics (``eval.fidelity``).
     """
@@ -136,6 +154,8 @@ class Validator:
         self.instance, self.holdout = instance, holdout
         self.embeds, self.prompt_ids = prompts["embeds"], prompts["ids"]
         self.pooled, self.prompt_ids_2 = prompts.get("pooled"), prompts.get("ids_2")
+        self.text_ids = prompts.get("text_ids")  # FLUX.1
+        self.guidance = flow_inputs(cfg.train, comps).get("guidance")
         self.weight = cfg.tune.prior_weight_in_score if cfg.tune else 1.0
         self.clip = self.dino = self.fidelity = None
         self.instance_images = instance_images
@@ -163,7 +183,7 @@ class Validator:
         from raydb.encode.cache import load_prompts, read_encoded
 
         images = None
-        if cfg.eval.clip_model or cfg.eval.dino_model or cfg.eval.fidelity:
+        if cfg.eval.samples_images:
             from raydb.encode.inputs import subject_photos
 
             images = subject_photos(cfg, storage).images
@@ -184,7 +204,10 @@ class Validator:
                 e.eval()
             with torch.no_grad():
                 device = next(text_encoder.parameters()).device
-                if text_encoder_2 is not None:
+                if self.comps.family == FLUX:  # only CLIP trains: its pooled output changes
+                    _, pooled = flux_text_conditioning((text_encoder, None), (self.prompt_ids, None))
+                    pooled = pooled.float().cpu()
+                elif text_encoder_2 is not None:
                     embeds, pooled = (t.float().cpu() for t in sdxl_text_conditioning(
                         encoders, (self.prompt_ids, self.prompt_ids_2)))
                 else:
@@ -196,7 +219,9 @@ class Validator:
             return denoising_loss(
                 unet, self.comps.noise_scheduler, self.comps.vae, encoded, embeds[half:half + 1],
                 prediction_type=self.comps.prediction_type, seed=self.cfg.train.seed + 7919,
-                pooled=None if pooled is None else pooled[half:half + 1])
+                pooled=None if pooled is None else pooled[half:half + 1],
+                text_ids=None if self.text_ids is None else self.text_ids[half:half + 1],
+                guidance=self.guidance)
 
         out = {"val_instance": loss(self.instance, 0)}
         if self.holdout is not None:

@@ -7,9 +7,10 @@ replays them with one call, so the GPU, not the host, sets the pace.
 What ``GraphStep`` runs, per optimizer step (all tensors on the training device):
 
   A  ``grads.zero_()``; for each of the k micro-batches (static input buffers ``[N, ...]``, N = 2B
-     with prior, one per ``MicroBatch`` field, SDXL's pooled embedding and time ids included):
-     ``forward_loss`` -> ``(total / k).backward()`` into the gradients, which are views
-     of one flat buffer ``grads [P]`` (P = number of LoRA weights), so they never move
+     with prior, one per ``MicroBatch`` field: SDXL's pooled embedding and time ids, FLUX.1's
+     sigmas, guidance and text ids included): ``forward_loss`` -> ``(total / k).backward()`` into
+     the gradients, which are views of one flat buffer ``grads [P]`` (P = number of LoRA weights
+     that receive a gradient, found by the first step's backward), so they never move
   R  (DDP, world > 1) one ``all_reduce`` of ``grads`` and ``/ world``: eager, between the graphs
   B  ``clip_grad_norm_`` -> norm of the clipped gradient -> ``optimizer.step()`` (AdamW; on CUDA
      ``capturable=True``, its step counters and the learning rate are device tensors)
@@ -36,6 +37,7 @@ tests compare this path with ``optimizer_step``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -48,8 +50,10 @@ from raydb.train.step import TrainState, forward_loss
 
 __all__ = ["GraphStep", "tensor_lr"]
 
-_FIELDS = ("latent_mean", "latent_std", "pixels", "latent_eps", "noise", "timesteps",
-           "encoder_hidden_states", "input_ids", "pooled", "time_ids", "input_ids_2")
+# Every field of a micro-batch gets a static buffer: a family's conditioning (SDXL's pooled embeds
+# and time ids, Flux's sigmas, guidance and text ids, ...) is whatever MicroBatch carries, so the
+# graph-ready step never needs to know which family it runs.
+_FIELDS = tuple(f.name for f in dataclasses.fields(MicroBatch))
 
 
 def _signature(batch: MicroBatch) -> tuple:
@@ -126,7 +130,12 @@ class GraphStep:
         self.world_size, self.process_group = world_size, process_group
         self.mixed_precision = resolve_mixed_precision(cfg.train, self.device)
         self.model = state.model if state.model is not None else state.unet
-        self._grads: torch.Tensor | None = None
+        if capture and warmup_steps < 1:
+            raise ValueError("GraphStep: capture needs at least one eager warm-up step (it finds "
+                             "which parameters receive gradients)")
+        self._grads: torch.Tensor | None = None  # bound after the first backward (_bind_grads)
+        self._trained: list[torch.nn.Parameter] = []
+        self._views: list[torch.Tensor] = []
         self._static: list[MicroBatch] | None = None
         self._signature: list[tuple] | None = None
         self._graphs: list[torch.cuda.CUDAGraph] = []
@@ -143,20 +152,32 @@ class GraphStep:
 
     # -------------------------------------------------------------- setup
 
+    def _check_grads(self) -> None:
+        """The trained gradients are still the views of the flat buffer (a captured graph wrote
+        into those addresses; a ``zero_grad(set_to_none)`` would have replaced them)."""
+        if not all(p.grad is not None and p.grad.data_ptr() == v.data_ptr()
+                   for p, v in zip(self._trained, self._views, strict=True)):
+            raise RuntimeError("GraphStep: the gradients were replaced (zero_grad(set_to_none)?); "
+                               "the step owns them from its first call on")
+
     def _bind_grads(self) -> None:
-        """Gradients become views of one flat buffer: fixed addresses, one all-reduce, one zero."""
-        params = self.state.params
-        if self._grads is not None and all(
-                p.grad is not None and p.grad.data_ptr() == v.data_ptr()
-                for p, v in zip(params, self._views, strict=True)):
-            return
-        if self.captured:
-            raise RuntimeError("the captured step's gradients were replaced (zero_grad(set_to_none)?)")
-        total = sum(p.numel() for p in params)
-        self._grads = torch.zeros(total, dtype=params[0].dtype, device=self.device)
-        self._views = list(torch.split(self._grads, [p.numel() for p in params]))
-        self._views = [v.view_as(p) for v, p in zip(self._views, params, strict=True)]
-        for p, v in zip(params, self._views, strict=True):
+        """After the first backward: the gradients become views of one flat buffer (fixed
+        addresses, one all-reduce, one zero), for exactly the parameters that received one.
+
+        A LoRA layer the loss never reaches (SDXL's first text encoder's last layer: SDXL reads its
+        penultimate hidden states) keeps ``grad = None``, as under ``optimizer_step``, so AdamW
+        skips it — weight decay included — on both paths. Which parameters get a gradient is a
+        property of the model's graph, so the first step's answer holds for every later one.
+        """
+        self._trained = [p for p in self.state.params if p.grad is not None]
+        if not self._trained:
+            raise ValueError("GraphStep: no trained parameter received a gradient")
+        total = sum(p.numel() for p in self._trained)
+        self._grads = torch.zeros(total, dtype=self._trained[0].dtype, device=self.device)
+        views = torch.split(self._grads, [p.numel() for p in self._trained])
+        self._views = [v.view_as(p) for v, p in zip(views, self._trained, strict=True)]
+        for p, v in zip(self._trained, self._views, strict=True):
+            v.copy_(p.grad)
             p.grad = v
 
     def _load(self, micro_batches: list[MicroBatch]) -> None:
@@ -185,7 +206,8 @@ class GraphStep:
         """A: accumulate the gradients of all micro-batches; returns ``[total, instance, prior]``."""
         tc = self.cfg.train
         n = len(self._static)
-        self._grads.zero_()
+        if self._grads is not None:
+            self._grads.zero_()
         sums = None
         for batch in self._static:
             parts = forward_loss(
@@ -193,7 +215,7 @@ class GraphStep:
                 prior_loss_weight=tc.prior_loss_weight, with_prior=self.with_prior, vae=self.vae,
                 text_encoder=self.state.text_encoder, mixed_precision=self.mixed_precision,
                 autocast_cache=not self.capture, text_encoder_2=self.state.text_encoder_2,
-                prior_mode=self.cfg.prior.mode,
+                loss_weighting=tc.flow.weighting, prior_mode=self.cfg.prior.mode,
             )
             (parts.total / n).backward()
             prior = parts.prior if parts.prior is not None else torch.zeros_like(parts.total)
@@ -209,7 +231,7 @@ class GraphStep:
 
     def _update(self) -> tuple[torch.Tensor, torch.Tensor]:
         """B: clip, measure, step AdamW. Returns (norm before clipping, norm applied)."""
-        params = self.state.params
+        params = self._trained
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
         clipped = torch.nn.utils.get_total_norm([p.grad for p in params]).float()
         self.state.optimizer.step()
@@ -217,6 +239,8 @@ class GraphStep:
 
     def _eager(self) -> tuple[torch.Tensor, ...]:
         sums = self._forward_backward()
+        if self._grads is None:  # the first step: bind what the backward filled
+            self._bind_grads()
         self._reduce()
         return (sums, *self._update())
 
@@ -249,7 +273,10 @@ class GraphStep:
         """One optimizer step; returns what ``optimizer_step`` returns (one host sync)."""
         start = time.perf_counter()
         state = self.state
-        self._bind_grads()
+        if self._grads is None:
+            state.optimizer.zero_grad(set_to_none=True)  # the first backward shows what is trained
+        else:
+            self._check_grads()
         self._load(micro_batches)
         lr = _host_lr(state)
         if self.captured:

@@ -17,6 +17,7 @@ The Ray Train worker loop (stage.py) runs the same step over the same batches.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -27,7 +28,8 @@ from raydb.encode.encoders import encode_images, encode_prompt_set, images_to_te
 from raydb.encode.inputs import EncodeInputs, prepare_inputs
 from raydb.models.components import Components, load_components
 from raydb.storage import Storage, join
-from raydb.train.data import TrainingData, prompt_inputs, training_data
+from raydb.terminal import show_progress
+from raydb.train.data import TrainingData, flow_inputs, prompt_inputs, training_data
 from raydb.train.device_options import use_cuda_graphs
 from raydb.train.engine import TrainEngine, engine_compile_cache
 from raydb.train.outputs import finish_run, finished_result
@@ -44,6 +46,8 @@ from raydb.train.rundir import (
 from raydb.train.step import build_train_state, weights_dtype
 
 __all__ = ["prepare_training_data", "train_subject"]
+
+log = logging.getLogger(__name__)
 
 
 def prepare_training_data(
@@ -73,7 +77,7 @@ def prepare_training_data(
     return training_data(source(inputs.instance.images), classes,
                          **prompt_inputs(prompts, cfg.lora.train_text_encoder),
                          latent_shape=(vae.config.latent_channels, h, h), time_ids=time_ids,
-                         prior_from_instance=cfg.prior.from_instance)
+                         prior_from_instance=cfg.prior.from_instance, **flow_inputs(tc, components))
 
 
 def train_subject(
@@ -97,16 +101,17 @@ def train_subject(
     components = load_components(cfg.model, storage, cfg.workspace, device=device,
                                  dtype=weights_dtype(tc, device))
     data = prepare_training_data(cfg, components, storage)
-    state = build_train_state(cfg, components.unet, components.text_encoder, components.text_encoder_2)
+    state = build_train_state(cfg, components.denoiser, *components.lora_text_encoders)
     metrics: list[dict[str, Any]] = []
     latest = latest_checkpoint(storage, run) if resume else None
     if latest:
         metrics = restore_payload(state, storage.read_bytes(join(latest, CHECKPOINT_TENSORS)),
                                   storage.read_bytes(join(latest, CHECKPOINT_META)))
         if not quiet:
-            print(f"resuming {run} from step {state.step}")
+            log.info("resuming %s from step %d", run, state.step)
     progress = ProgressWriter(storage, run, tc.max_steps)
-    bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {cfg.subject.id}", disable=quiet)
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {cfg.subject.id}",
+               disable=quiet or not show_progress())
     graphs = use_cuda_graphs(tc, device)
     cache = engine_compile_cache(cfg, storage, model_identity=components.identity, device=device,
                                  data=data, graphs=graphs)

@@ -1,4 +1,7 @@
-"""LoRA through peft on the UNet attention projections (and optionally the text encoder).
+"""LoRA through peft on the denoiser's projections (and optionally the text encoder).
+
+The denoiser is the UNet (SD/SDXL: attention projections by default) or FLUX.1's transformer
+(attention and MLP projections by default, ``raydb.models.family.DEFAULT_TARGETS``).
 
 Initialisation follows diffusers' DreamBooth-LoRA script: ``init_lora_weights="gaussian"``, so
 ``lora_B`` starts at zero and the adapted model equals the base model at step 0. Trainable LoRA
@@ -20,6 +23,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 
 from raydb.config import LoraConfig
+from raydb.models.family import FLUX, family_of_denoiser, lora_targets
 from raydb.registry import ADAPTER_WEIGHTS
 
 __all__ = ["add_lora", "trainable_parameters", "lora_disabled", "lora_state_dicts", "save_lora",
@@ -40,8 +44,10 @@ def add_lora(
     encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
     if cfg.train_text_encoder and not encoders:
         raise ValueError("lora.train_text_encoder needs the text encoder")
+    family = family_of_denoiser(unet)
+    targets = lora_targets(cfg.target_modules, family)
     # checked before anything is injected, so a bad config leaves every module untouched
-    _check_targets(unet, cfg.target_modules, "lora.target_modules", "the UNet")
+    _check_targets(unet, targets, "lora.target_modules", "the transformer" if family == FLUX else "the UNet")
     for encoder in encoders if cfg.train_text_encoder else []:
         _check_targets(encoder, cfg.text_encoder_target_modules, "lora.text_encoder_target_modules",
                        "the text encoder")
@@ -49,7 +55,7 @@ def add_lora(
     unet.requires_grad_(False)
     unet.add_adapter(PeftLoraConfig(
         r=cfg.rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.dropout,
-        init_lora_weights="gaussian", target_modules=list(cfg.target_modules),
+        init_lora_weights="gaussian", target_modules=targets,
     ))
     if cfg.train_text_encoder:
         for encoder in encoders:
@@ -147,10 +153,15 @@ def save_lora(
 
     Keys are ``unet.…``, ``text_encoder.…`` and (SDXL) ``text_encoder_2.…``; loadable by
     ``StableDiffusionPipeline.load_lora_weights`` / ``StableDiffusionXLPipeline.load_lora_weights``.
+    For a FLUX.1 transformer (``unet`` is the denoiser) the keys are ``transformer.…`` and
+    ``text_encoder.…`` (CLIP) in peft's ``lora_A`` / ``lora_B`` spelling, as
+    ``FluxPipeline.save_lora_weights`` writes and ``FluxPipeline.load_lora_weights`` reads them.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
+    if family_of_denoiser(unet) == FLUX:
+        return _save_flux_lora(unet, text_encoder)
     states = lora_state_dicts(unet, text_encoder, text_encoder_2)
     layers = {name: convert_state_dict_to_diffusers(state) for name, state in states.items()}
     modules = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
@@ -166,6 +177,20 @@ def save_lora(
         kwargs = {k: v for k, v in kwargs.items() if "text_encoder_2" not in k}
     with tempfile.TemporaryDirectory() as tmp:
         saver.save_lora_weights(tmp, safe_serialization=True, weight_name=ADAPTER_WEIGHTS, **kwargs)
+        return canonical_header((Path(tmp) / ADAPTER_WEIGHTS).read_bytes())
+
+
+def _save_flux_lora(transformer: torch.nn.Module, text_encoder: torch.nn.Module | None) -> bytes:
+    from diffusers import FluxPipeline
+
+    states = lora_state_dicts(transformer, text_encoder)
+    kwargs = {"transformer_lora_layers": states["unet"],
+              "transformer_lora_adapter_metadata": _adapter_metadata(transformer)}
+    if "text_encoder" in states:
+        kwargs |= {"text_encoder_lora_layers": states["text_encoder"],
+                   "text_encoder_lora_adapter_metadata": _adapter_metadata(text_encoder)}
+    with tempfile.TemporaryDirectory() as tmp:
+        FluxPipeline.save_lora_weights(tmp, safe_serialization=True, weight_name=ADAPTER_WEIGHTS, **kwargs)
         return canonical_header((Path(tmp) / ADAPTER_WEIGHTS).read_bytes())
 
 

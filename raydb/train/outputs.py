@@ -1,4 +1,4 @@
-"""What a run leaves behind: adapter + adapter.json, metrics.jsonl, loss curve and sample grid.
+"""What a run leaves behind: adapter + adapter.json + its pictures (loss curve, sample grid), metrics.jsonl.
 
 ``finish_run`` writes them all; ``finished_result`` answers for a run that already finished. Both
 return the train stage's summary (``adapter_uri``, ``run_dir``, ``steps``, ...). Neither registers:
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import statistics
 import time
 from typing import Any
@@ -18,12 +19,15 @@ import torch
 from PIL import Image
 
 from raydb.config import RaydbConfig
-from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS
+from raydb.models.family import lora_targets
+from raydb.registry import ADAPTER_META, ADAPTER_WEIGHTS, LOSS_CURVE, SAMPLES
 from raydb.storage import Storage, join
 from raydb.train.rundir import adapter_uri, run_uri
 
 __all__ = ["adapter_metadata", "write_adapter", "loss_curve_png", "sample_grid_png", "image_grid",
            "metrics_line", "summarize_speed", "finish_run", "finished_result"]
+
+log = logging.getLogger(__name__)
 
 
 def adapter_metadata(
@@ -40,7 +44,9 @@ def adapter_metadata(
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "base_model": {"pretrained": cfg.model.pretrained, "identity": model_identity,
                        "family": family, "prediction_type": prediction_type},
-        "lora": cfg.lora.model_dump(mode="json") | {"alpha": cfg.lora.effective_alpha},
+        "lora": cfg.lora.model_dump(mode="json") | {
+            "alpha": cfg.lora.effective_alpha,
+            "target_modules": lora_targets(cfg.lora.target_modules, family)},  # resolved for the family
         "subject": {"id": cfg.subject.id, "tenant": cfg.subject.tenant,
                     "instance_prompt": cfg.subject.instance_prompt,
                     "class_prompt": cfg.subject.class_prompt,
@@ -107,7 +113,7 @@ def sample_grid_png(
     import tempfile
     from pathlib import Path
 
-    from raydb.models.components import load_pipeline
+    from raydb.models.components import load_pipeline, pipeline_call_kwargs
 
     seeds = seeds or list(range(cfg.train.num_sample_images))
     pipe = load_pipeline(cfg.model, storage, cfg.workspace)
@@ -115,7 +121,8 @@ def sample_grid_png(
 
     def row() -> list[Image.Image]:
         return [pipe(cfg.subject.instance_prompt, num_inference_steps=cfg.train.sample_steps,
-                     height=res, width=res, generator=torch.Generator().manual_seed(s)).images[0]
+                     height=res, width=res, generator=torch.Generator().manual_seed(s),
+                     **pipeline_call_kwargs(pipe)).images[0]
                 for s in seeds]
 
     base = row()
@@ -159,11 +166,12 @@ def finish_run(
                             metrics=final, prediction_type=components.prediction_type,
                             family=components.family)
     adapter = adapter_uri(cfg)
-    write_adapter(storage, adapter, weights, meta)
     storage.write_bytes(join(run, "metrics.jsonl"), "".join(metrics_line(m) + "\n" for m in metrics).encode())
-    storage.write_bytes(join(run, "loss_curve.png"), loss_curve_png(metrics, f"{cfg.subject.id} loss"))
+    # the pictures sit beside the weights, so registering the adapter registers them with it
+    storage.write_bytes(join(adapter, LOSS_CURVE), loss_curve_png(metrics, f"{cfg.subject.id} loss"))
     if samples and cfg.train.num_sample_images:
-        storage.write_bytes(join(run, "samples.png"), sample_grid_png(cfg, storage, weights))
+        storage.write_bytes(join(adapter, SAMPLES), sample_grid_png(cfg, storage, weights))
+    write_adapter(storage, adapter, weights, meta)  # last: adapter.json marks the adapter complete
     return {"adapter_uri": adapter, "run_dir": run, "steps": state.step,
             "images_per_s": final["images_per_s"], "loss": final.get("loss")}
 
@@ -174,5 +182,5 @@ def finished_result(cfg: RaydbConfig, meta: dict[str, Any], *, quiet: bool) -> d
               "images_per_s": meta["metrics"].get("images_per_s"), "loss": meta["metrics"].get("loss"),
               "skipped": True}
     if not quiet:
-        print(f"run {result['run_dir']} already finished ({result['steps']} steps); nothing to train")
+        log.info("run %s already finished (%s steps); nothing to train", result["run_dir"], result["steps"])
     return result

@@ -1,4 +1,5 @@
-"""A training run's folder: ``<workspace>/runs/<subject>/<run id>/`` — one owner for its names.
+"""A training run's folder: ``<workspace>/tenants/<tenant>/runs/<subject>/<run id>/`` — one owner
+for its names (under the tenant's folder, beside its registry: subject ids are per tenant).
 
 The run id hashes every training-relevant setting, so the same command resumes the same run and a
 finished run is recognised instead of trained again. Inside the folder:
@@ -6,8 +7,9 @@ finished run is recognised instead of trained again. Inside the folder:
 * ``checkpoints/step-NNNNNNN/`` (single-process runs) or ``checkpoint-step-NNNNNNN/`` (Ray Train's
   checkpoints) each hold ``state.safetensors`` + ``state.json`` (the JSON is written last and marks
   the checkpoint complete): LoRA, optimizer, lr schedule, grad scaler, step, RNG, metrics so far;
-* ``adapter/`` (the registry's adapter files), ``metrics.jsonl``, ``loss_curve.png``,
-  ``samples.png``, and ``result.json`` (what a Ray Train run hands back to its driver).
+* ``adapter/`` (the registry's adapter files: weights, ``adapter.json``, ``loss_curve.png``,
+  ``samples.png``), ``metrics.jsonl``, and ``result.json`` (what a Ray Train run hands back to its
+  driver).
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from typing import Any
 import torch
 
 from raydb.config import RaydbConfig
-from raydb.registry import ADAPTER_META
+from raydb.registry import ADAPTER_META, tenant_uri
 from raydb.storage import Storage, join
 from raydb.train.checkpoint import state_from_bytes, state_to_bytes
 from raydb.train.lora import load_lora_state, lora_state_dicts
 from raydb.train.step import TrainState
 
-__all__ = ["CHECKPOINT_TENSORS", "CHECKPOINT_META", "RESULT", "run_id", "run_uri", "adapter_uri",
+__all__ = ["CHECKPOINT_TENSORS", "CHECKPOINT_META", "RESULT", "run_id", "runs_uri", "run_uri", "adapter_uri",
            "checkpoint_payload", "restore_payload", "write_checkpoint_dir", "restore_checkpoint_dir",
            "save_checkpoint", "latest_checkpoint", "finished_adapter", "checkpoint_dir_name"]
 
@@ -47,8 +49,13 @@ def run_id(cfg: RaydbConfig) -> str:
     return f"{cfg.subject.id}-{digest}"
 
 
+def runs_uri(cfg: RaydbConfig) -> str:
+    """The folder of every run of the subject (Ray Train's storage path)."""
+    return join(tenant_uri(cfg.workspace, cfg.subject.tenant), "runs", cfg.subject.id)
+
+
 def run_uri(cfg: RaydbConfig) -> str:
-    return join(cfg.workspace, "runs", cfg.subject.id, run_id(cfg))
+    return join(runs_uri(cfg), run_id(cfg))
 
 
 def adapter_uri(cfg: RaydbConfig) -> str:

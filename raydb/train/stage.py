@@ -40,7 +40,9 @@ def resolve_use_gpu(cfg: RaydbConfig) -> bool:
 
 def _storage_location(storage: Storage, cfg: RaydbConfig) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray Train: the subject's runs folder."""
-    uri = join(cfg.workspace, "runs", cfg.subject.id)
+    from raydb.train.rundir import runs_uri
+
+    uri = runs_uri(cfg)
     if is_s3(uri):
         fs, path = storage.arrow_fs(uri)
         return path, fs
@@ -86,8 +88,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from raydb.encode.cache import load_prompts, read_encoded
+    from raydb.metrics import observe_train_step
     from raydb.models.components import load_components
-    from raydb.train.data import prompt_inputs, training_data
+    from raydb.train.data import flow_inputs, prompt_inputs, training_data
     from raydb.train.device_options import compile_for_training, use_cuda_graphs
     from raydb.train.engine import TrainEngine, engine_compile_cache
     from raydb.train.evaluate import Validator
@@ -102,22 +105,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    # T5's states come from the encode cache (FLUX.1): T5-XXL is not loaded unless CLIP metrics
+    # sample images (eval.clip_model, dino_model, fidelity)
     comps = load_components(cfg.model, storage, cfg.workspace, device=device,
-                            dtype=weights_dtype(tc, device))
+                            dtype=weights_dtype(tc, device), with_t5=cfg.eval.samples_images)
     cache = EncodedCache(**config["encoded"])
     prompts = load_prompts(storage, cache)
     # a search over prior.mode encodes class images for its image-mode trials; model-mode trials
     # without a pool leave them alone and repeat the instance half instead
     data = training_data(read_encoded(storage, cache.instance_uri),
                          _class_shard(rank) if cache.num_class and cfg.prior.uses_class_images else None,
-                         **prompt_inputs(prompts, cfg.lora.train_text_encoder),
+                         **prompt_inputs(prompts, cfg.lora.train_text_encoder), **flow_inputs(tc, comps),
                          prior_from_instance=cfg.prior.from_instance)
-    state = build_train_state(cfg, comps.unet, comps.text_encoder, comps.text_encoder_2)
-    model: torch.nn.Module = state.model if state.model is not None else comps.unet
+    state = build_train_state(cfg, comps.denoiser, *comps.lora_text_encoders)
+    model: torch.nn.Module = state.model if state.model is not None else comps.denoiser
     graphs = use_cuda_graphs(tc, device)
     if world > 1 and not graphs:  # the graph step all-reduces its flat gradients itself
         ids = [device.index] if device.type == "cuda" else None
-        model = compile_for_training(tc, DistributedDataParallel(comps.unet, device_ids=ids))
+        model = compile_for_training(tc, DistributedDataParallel(comps.denoiser, device_ids=ids))
     metrics: list[dict[str, Any]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -145,6 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.append(_group_metrics(m, world) if world > 1 else m)
         if progress is not None:
             progress.update(metrics[-1])
+            observe_train_step(cfg.subject.id, metrics[-1])
         last = state.step >= tc.max_steps
         evaluate = bool(eval_every) and (state.step % eval_every == 0 or last)
         if not (state.step % tc.checkpoint_every == 0 or last or evaluate):
@@ -173,8 +179,8 @@ def build_trainer(cfg: RaydbConfig, storage: Storage, cache: EncodedCache, *,
                   class_dataset: Any = None):
     """``(TorchTrainer, run uri)`` for ``cfg`` over an encoded cache (``raydb train`` and Tune).
 
-    The Ray Train run lives in the run folder ``runs/<subject>/<run id>``, so its checkpoints sit
-    beside the outputs and a rerun of the same config finds them.
+    The Ray Train run lives in the run folder ``tenants/<tenant>/runs/<subject>/<run id>``, so its
+    checkpoints sit beside the outputs and a rerun of the same config finds them.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

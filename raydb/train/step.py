@@ -16,14 +16,18 @@ from typing import Any
 import torch
 
 from raydb.config import RaydbConfig, TrainConfig
+from raydb.models.family import FLOW_MATCHING
+from raydb.models.flux import flux_text_conditioning, flux_velocity
 from raydb.models.sdxl import sdxl_text_conditioning, unet_added_conditions
 from raydb.train.data import MicroBatch
+from raydb.train.flow import loss_weighting as loss_weighting_for
+from raydb.train.flow import noisy_latents, velocity_target
 from raydb.train.lora import add_lora
 from raydb.train.loss import LossParts, dreambooth_loss, training_target
 from raydb.train.prior_target import prior_half_target, without_ddp
 
-__all__ = ["TrainState", "build_train_state", "forward_loss", "optimizer_step", "autocast_dtype",
-           "weights_dtype"]
+__all__ = ["TrainState", "build_train_state", "forward_loss", "denoiser_prediction", "denoiser_target",
+           "optimizer_step", "autocast_dtype", "weights_dtype"]
 
 _DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -45,13 +49,13 @@ def weights_dtype(tc: TrainConfig, device: torch.device | str = "cpu") -> torch.
 class TrainState:
     """Everything that changes during training (and is checkpointed)."""
 
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module | None  # set only when its LoRA trains
+    unet: torch.nn.Module  # the denoiser with LoRA: the UNet, or FLUX.1's transformer
+    text_encoder: torch.nn.Module | None  # set only when its LoRA trains (FLUX.1: CLIP)
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     scaler: torch.amp.GradScaler | None
-    model: torch.nn.Module | None = None  # what the step calls: the UNet, or its compiled wrapper
+    model: torch.nn.Module | None = None  # what the step calls: the denoiser, or its compiled wrapper
     step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second encoder, set when its LoRA trains
@@ -122,28 +126,59 @@ def _latents(batch: MicroBatch, vae, scaling_factor: float, shift_factor: float 
     return latents * scaling_factor
 
 
-def _rows(t: torch.Tensor | None, rows: slice | None) -> torch.Tensor | None:
-    return t if t is None or rows is None else t[rows]
+def denoiser_prediction(
+    model: torch.nn.Module, noise_scheduler, batch: MicroBatch, latents: torch.Tensor, *,
+    text_encoder: torch.nn.Module | None = None, text_encoder_2: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """The denoiser's prediction ``[N, C, h, w]`` for ``batch``'s noised ``latents`` (call it under
+    the step's autocast).
 
-
-def _predict(unet: torch.nn.Module, noisy: torch.Tensor, batch: MicroBatch, unet_dtype: torch.dtype,
-             text_encoders: tuple[torch.nn.Module | None, torch.nn.Module | None],
-             rows: slice | None = None) -> torch.Tensor:
-    """The UNet's prediction for the batch rows ``rows`` (all when None), with their conditioning:
-    cached prompt embeddings, or the trained text encoder(s) run on the token ids."""
-    pooled = _rows(batch.pooled, rows)
+    Diffusion (SD/SDXL, ``batch.timesteps``): ``add_noise`` on the DDPM schedule, then the UNet on
+    the text states (SDXL: plus the pooled embedding and size/crop time ids); its text
+    conditioning comes from the trained encoder(s) when ``batch.input_ids`` must be encoded.
+    Flow matching (FLUX.1, ``batch.sigmas``): ``(1 - s) x + s n``, then the transformer on packed
+    latents with T5 states, CLIP's pooled output (from the trained CLIP when ``batch.pooled`` is
+    None), text ids and, for guidance-distilled models, ``batch.guidance``.
+    """
+    if batch.sigmas is not None:
+        noisy = noisy_latents(latents, batch.noise, batch.sigmas)
+        pooled = batch.pooled
+        if pooled is None:
+            _, pooled = flux_text_conditioning((text_encoder, None), (batch.input_ids, None))
+        return flux_velocity(model, noisy, batch.sigmas, t5_states=batch.encoder_hidden_states,
+                             pooled=pooled, text_ids=batch.text_ids, guidance=batch.guidance)
+    noisy = noise_scheduler.add_noise(latents, batch.noise, batch.timesteps)
+    pooled = batch.pooled
     if batch.encoder_hidden_states is not None:
-        cond = _rows(batch.encoder_hidden_states, rows)
+        cond = batch.encoder_hidden_states
     elif batch.time_ids is not None:
-        cond, pooled = sdxl_text_conditioning(
-            text_encoders, (_rows(batch.input_ids, rows), _rows(batch.input_ids_2, rows)))
+        cond, pooled = sdxl_text_conditioning((text_encoder, text_encoder_2),
+                                              (batch.input_ids, batch.input_ids_2))
     else:
-        cond = text_encoders[0](_rows(batch.input_ids, rows))[0]
+        cond = text_encoder(batch.input_ids)[0]
+    unet_dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
     added = None
     if batch.time_ids is not None:
-        added = unet_added_conditions(pooled.to(unet_dtype), _rows(batch.time_ids, rows).to(unet_dtype))
-    return unet(_rows(noisy, rows).to(unet_dtype), _rows(batch.timesteps, rows), cond.to(unet_dtype),
-                added_cond_kwargs=added).sample
+        added = unet_added_conditions(pooled.to(unet_dtype), batch.time_ids.to(unet_dtype))
+    return model(noisy.to(unet_dtype), batch.timesteps, cond.to(unet_dtype), added_cond_kwargs=added).sample
+
+
+def denoiser_target(
+    noise_scheduler, batch: MicroBatch, latents: torch.Tensor, prediction_type: str,
+) -> torch.Tensor:
+    """What the denoiser should predict for every sample, ``[instance | class]``: the noise or the
+    velocity on the DDPM schedule, or the flow velocity ``noise - latents``.
+
+    This is the one place a batch's targets are made, so it is where ``prior.mode: model`` plugs
+    in: that mode replaces the class half with the frozen base's own prediction (LoRA disabled,
+    :func:`denoiser_prediction` on the same inputs).
+    """
+    if batch.sigmas is not None:
+        if prediction_type != FLOW_MATCHING:
+            raise ValueError(f"a flow-matching batch (sigmas) needs prediction_type {FLOW_MATCHING!r}, "
+                             f"got {prediction_type!r}")
+        return velocity_target(latents, batch.noise)
+    return training_target(noise_scheduler, latents, batch.noise, batch.timesteps, prediction_type)
 
 
 def forward_loss(
@@ -159,36 +194,58 @@ def forward_loss(
     mixed_precision: str = "no",
     autocast_cache: bool = True,
     text_encoder_2: torch.nn.Module | None = None,
+    loss_weighting: str = "none",
     prior_mode: str = "images",
 ) -> LossParts:
-    """One micro-batch: latents -> ``add_noise`` -> UNet -> target -> dual loss (fp32).
+    """One micro-batch: latents -> noised -> denoiser -> target -> dual loss (fp32).
 
-    ``vae`` supplies ``scaling_factor`` (and encodes ``batch.pixels`` on the uncached path).
+    ``unet`` is the denoiser (the UNet, or FLUX.1's transformer). ``vae`` supplies
+    ``scaling_factor`` (and ``shift_factor``; it encodes ``batch.pixels`` on the uncached path).
     ``mixed_precision`` is resolved (``no``/``fp16``/``bf16``); ``autocast_cache=False`` inside a
-    CUDA graph capture, where autocast's cache of cast weights must not outlive the capture. An
-    SDXL batch (``batch.time_ids`` set) also conditions the UNet on the pooled text embedding and
-    the size/crop time ids; its text conditioning comes from both encoders when they train.
-    ``prior_mode`` (``prior.mode``) sets the prior half's target (``prior_target.py``): in model
-    mode a gradient-free forward of the prior rows with every LoRA layer off runs first.
+    CUDA graph capture, where autocast's cache of cast weights must not outlive the capture.
+    ``loss_weighting`` (``train.flow.weighting``) weights flow-matching samples by their sigma;
+    the weights are chunked into halves with the prediction and the target. ``prior_mode``
+    (``prior.mode``) sets the prior half's target (``prior_target.py``): in model mode a
+    gradient-free :func:`denoiser_prediction` of the prior rows with every LoRA layer off runs
+    first, for every family (the UNet's or FLUX.1's transformer's own prediction).
     """
     latents = _latents(batch, vae, vae.config.scaling_factor, vae.config.get("shift_factor"))
-    noisy = noise_scheduler.add_noise(latents, batch.noise, batch.timesteps)
-    target = training_target(noise_scheduler, latents, batch.noise, batch.timesteps, prediction_type)
+    target = denoiser_target(noise_scheduler, batch, latents, prediction_type)
     dtype = autocast_dtype(mixed_precision)
-    device_type = latents.device.type
-    ctx = (torch.autocast(device_type, dtype=dtype, cache_enabled=autocast_cache) if dtype
+    ctx = (torch.autocast(latents.device.type, dtype=dtype, cache_enabled=autocast_cache) if dtype
            else contextlib.nullcontext())
-    encoders = (text_encoder, text_encoder_2)
-    # read before any LoRA layer is switched off (which also clears its weights' requires_grad)
-    unet_dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
     with ctx:
         if with_prior:
             base = without_ddp(unet)
             target = prior_half_target(
-                prior_mode, target, lambda rows: _predict(base, noisy, batch, unet_dtype, encoders, rows),
-                (base, *encoders))
-        pred = _predict(unet, noisy, batch, unet_dtype, encoders)
-    return dreambooth_loss(pred, target, prior_loss_weight=prior_loss_weight, with_prior=with_prior)
+                prior_mode, target,
+                lambda rows: denoiser_prediction(base, noise_scheduler, batch.rows(rows), latents[rows],
+                                                 text_encoder=text_encoder, text_encoder_2=text_encoder_2),
+                (base, text_encoder, text_encoder_2))
+        pred = denoiser_prediction(unet, noise_scheduler, batch, latents, text_encoder=text_encoder,
+                                   text_encoder_2=text_encoder_2)
+    weighting = loss_weighting_for(loss_weighting, batch.sigmas) if batch.sigmas is not None else None
+    return dreambooth_loss(pred, target, prior_loss_weight=prior_loss_weight, with_prior=with_prior,
+                           weighting=weighting)
+
+
+def _average_encoder_grads(state: TrainState) -> None:
+    """Under DDP, average the trained text encoders' LoRA gradients over the workers.
+
+    DDP wraps only the denoiser, so without this each worker would step its encoder LoRA on its own
+    shard's gradient and the workers' encoders would drift apart. One all-reduce of the
+    concatenated gradients, after the last micro-batch (as DDP does for the denoiser)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for e in (state.text_encoder, state.text_encoder_2) if e is not None
+             for p in e.parameters() if p.requires_grad and p.grad is not None]
+    if not grads or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -234,7 +291,8 @@ def optimizer_step(
                 model, noise_scheduler, batch, prediction_type=prediction_type,
                 prior_loss_weight=cfg.train.prior_loss_weight, with_prior=with_prior, vae=vae,
                 text_encoder=state.text_encoder, mixed_precision=mixed_precision,
-                text_encoder_2=state.text_encoder_2, prior_mode=cfg.prior.mode,
+                text_encoder_2=state.text_encoder_2, loss_weighting=cfg.train.flow.weighting,
+                prior_mode=cfg.prior.mode,
             )
             loss = parts.total / n
             (state.scaler.scale(loss) if state.scaler else loss).backward()
@@ -242,6 +300,8 @@ def optimizer_step(
         step_parts = torch.stack([parts.total, parts.instance, prior]).detach().float() / n
         sums = step_parts if sums is None else sums + step_parts
         images += batch.size
+    if hasattr(model, "no_sync"):
+        _average_encoder_grads(state)
     if state.scaler:
         state.scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.train.max_grad_norm)

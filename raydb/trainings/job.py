@@ -7,7 +7,10 @@ loss and images/s to its run folder's ``progress.json``). Those stages only leav
 runs in a second call, after it claimed the training's outcome: if ``DELETE`` claimed it first, the
 job ends ``cancelled`` with nothing registered (nor the subject id claimed); once the job holds the
 claim a cancel is refused, so a training is never half-registered.
-Any exception ends the training ``failed`` with its message. The stages are the pipeline's usual
+Any exception ends the training ``failed``: its public ``error`` is the exception's type and message
+with every path and URI replaced by ``<path>`` (the workspace's layout, bucket names and model
+locations are the operator's), the whole message stays in ``status.json``'s ``error_detail`` and
+the job's log for the operator. The stages are the pipeline's usual
 Ray ones (Ray Data, Ray Train, Ray Tune) on the cluster the job runs on.
 """
 
@@ -18,7 +21,7 @@ import sys
 from typing import Any
 
 from raydb.config import RaydbConfig
-from raydb.errors import error_line
+from raydb.errors import error_line, redact_paths
 from raydb.storage import Storage
 from raydb.trainings.store import TrainingStore
 
@@ -55,9 +58,11 @@ def run_training(store: TrainingStore, tenant: str, training_id: str, *, local: 
             return "cancelled"  # DELETE came first: nothing is registered
         summary = run_pipeline(cfg, stages=["register"], local=local, on_stage=on_stage)
     except Exception as exc:
-        error = error_line(exc)[:2000]
-        store.write_status(tenant, training_id, **status | {"state": "failed", "error": error})
-        print(f"training {training_id} failed: {error}", file=sys.stderr, flush=True)
+        detail = error_line(exc)[:2000]
+        store.write_status(tenant, training_id, **status | {
+            "state": "failed", "error": f"stage {status['stage']}: {redact_paths(detail)}",
+            "error_detail": detail})
+        print(f"training {training_id} failed: {detail}", file=sys.stderr, flush=True)
         return "failed"
     register = next(s for s in summary["stages"] if s["stage"] == "register")["outputs"]
     store.write_status(tenant, training_id, **status | {

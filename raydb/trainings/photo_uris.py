@@ -9,8 +9,10 @@ out exactly as ingestion reads a folder.
 
 Segments, not normalising: a URI (or prefix) that is not a plain S3 URI — a ``.``, ``..`` or empty
 segment, a backslash or a control character (:func:`raydb.storage.s3_segments` says why) — is
-refused outright; then, bucket for bucket, the prefix's segments must be the first segments of the
-URI's key — on key boundaries, so ``uploads/t1/`` does not admit ``uploads/t10/``. The URI is split
+refused outright, and so is every object a folder lists (S3 keys are literal: a folder may hold an
+object named ``t1/x/../../t2/secret.png``, which a normalising proxy would read as ``t2``'s); then,
+bucket for bucket, the prefix's segments must be the first segments of the URI's key — on key
+boundaries, so ``uploads/t1/`` does not admit ``uploads/t10/``. The URI is split
 by storage's only S3 parser, the one that reads it, so ``?`` and ``#`` are key characters both when
 the URI is checked and when it is read (``t1/a?b.png`` is that object, never ``t1/a``).
 
@@ -62,7 +64,10 @@ def check_allowed(uri: str, prefixes: list[str], tenant: str) -> None:
     except ValueError as exc:
         raise RequestError(FIELD, f"{uri!r}: {exc}") from None
     for prefix in prefixes:
-        allowed_bucket, allowed = s3_segments(prefix.replace("{tenant}", tenant))
+        try:  # the config checked each prefix with a probe tenant; this one's name must fit too
+            allowed_bucket, allowed = s3_segments(prefix.replace("{tenant}", tenant))
+        except ValueError:
+            continue
         if bucket == allowed_bucket and segments[:len(allowed)] == allowed:
             return
     raise Forbidden(FIELD, f"{uri}: outside the folders this tenant may name "
@@ -93,6 +98,8 @@ def read_photo_uris(uris: list[str], storage: Storage, sc: ServiceConfig, tenant
     for uri in uris:
         try:
             for name, size in _files(storage, uri):
+                if name != uri:  # listed under a folder: held to the same rule as a URI given
+                    check_allowed(name, sc.photo_uri_prefixes, tenant)
                 files.setdefault(name, size)
         except NotFound:
             raise RequestError(FIELD, f"{uri}: no such object or folder") from None

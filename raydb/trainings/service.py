@@ -1,23 +1,35 @@
 """The training service's operations, as the HTTP layer calls them (no HTTP, no Ray here).
 
-:class:`TrainingService` submits (checks, limits, idempotency, records), answers status and lists,
-cancels, and runs queue passes; the ingress's routes (:mod:`raydb.serving.training_routes`) only
-parse the request and answer a :class:`raydb.errors.Refused` raised here with its status (the table
-in :mod:`raydb.serving.status`). Tenants only ever reach their own folder, so another tenant's
-training id is simply not found (404), like a missing one.
+:class:`TrainingService` submits (checks, limits, idempotency, records), answers status and pages of
+the tenant's trainings, cancels, and runs queue passes; the ingress's routes
+(:mod:`raydb.serving.training_routes`) only parse the request and answer a
+:class:`raydb.errors.Refused` raised here with its status (the table in :mod:`raydb.serving.status`).
+Tenants only ever reach their own folder, so another tenant's training id is simply not found (404),
+like a missing one.
+
+Admission is atomic: after the (slow) checks and the photo writes, a submission takes the queue's
+lease (:meth:`raydb.trainings.store.TrainingStore.lease`) and, holding it, claims its
+Idempotency-Key, counts the queue (``service.max_queued_per_tenant``, ``max_queued_trainings``),
+checks the tenant's bytes (``service.tenant_quota_bytes``, its own upload included) and only then
+writes ``request.json`` and its queue entry — so eight racing submissions for one free slot are one
+accepted and seven refused, on one ingress or several.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import threading
 import time
 from typing import Any
 
 from raydb.config import RaydbConfig
-from raydb.errors import Conflict, Invalid, Overloaded, UnknownResource
+from raydb.errors import Conflict, Invalid, Overloaded, TooLarge, Unavailable, UnknownResource
 from raydb.storage import Storage
 from raydb.trainings.queue import Jobs, queue_counts, reconcile
-from raydb.trainings.store import TERMINAL, TrainingStore, new_training_id
+from raydb.trainings.retention import purge_expired, tenant_usage
+from raydb.trainings.store import TERMINAL, LeaseBusy, TrainingStore, new_training_id
 from raydb.trainings.validate import validate_submission
 
 __all__ = ["TrainingService", "training_view"]
@@ -67,7 +79,10 @@ def training_view(store: TrainingStore, tenant: str, training_id: str) -> dict[s
     state = store.state(tenant, training_id)
     status = store.status(tenant, training_id)
     job = store.job(tenant, training_id) or {}
-    progress = _progress(store.storage, request["config"], status)
+    purged = store.purge_record(tenant, training_id)
+    kept = purged.get("progress") if purged else None  # the run folder is gone: the last progress seen
+    progress = kept or _progress(store.storage, request["config"], status)
+    outcome = store.outcome_record(tenant, training_id) or {}
     return {
         "id": training_id, "subject_id": request["subject_id"], "status": state,
         "stage": status.get("stage") if state != "queued" else "waiting for a slot",
@@ -75,11 +90,27 @@ def training_view(store: TrainingStore, tenant: str, training_id: str) -> dict[s
         "loss": progress.get("loss"), "images_per_s": progress.get("images_per_s"),
         "eta_s": progress.get("eta_s") if state == "running" else None,
         "trials": progress.get("trials"),
-        "error": status.get("error") if state == "failed" else None,
+        "error": (outcome.get("error") or status.get("error")) if state == "failed" else None,
         "subject": status.get("subject") if state == "succeeded" else None,
         "overrides": request.get("overrides", {}), "job_id": job.get("submission_id"),
         "created_at": request.get("created_at"), "updated_at": status.get("updated_at"),
+        "files_deleted_at": purged.get("at") if purged else None,
     }
+
+
+def _fingerprint(fields: dict[str, str], uploads: list[tuple[str, bytes]]) -> str:
+    """What an Idempotency-Key promises stays the same: the form's fields and each upload's name and
+    bytes (by digest)."""
+    digest = hashlib.sha256(json.dumps(sorted(fields.items())).encode())
+    for name, data in uploads:
+        digest.update(json.dumps([name, hashlib.sha256(data).hexdigest()]).encode())
+    return digest.hexdigest()
+
+
+def _key_reused(earlier: str) -> Invalid:
+    return Invalid([{"type": "value_error", "loc": ["header", "Idempotency-Key"],
+                          "msg": f"this key was already used for a different request (training {earlier}); "
+                                 "a retry must send the same fields and photos, a new training a new key"}])
 
 
 class TrainingService:
@@ -92,54 +123,85 @@ class TrainingService:
         self._last_pass = float("-inf")
 
     # -- submit ------------------------------------------------------------------------------------
+    def _earlier(self, tenant: str, record: dict[str, Any], fingerprint: str) -> tuple[dict[str, Any], bool]:
+        """The training an Idempotency-Key names, if this request is the one it was used for."""
+        if record.get("fingerprint") not in (None, fingerprint):  # None: a key from before fingerprints
+            raise _key_reused(record["id"])
+        return training_view(self.store, tenant, record["id"]), False
+
+    def _stale(self, tenant: str, key: str, record: dict[str, Any]) -> bool:
+        """A key whose training was never written: its admission crashed between the claim and the
+        write, which happen under one lease — so, asked holding the lease, the key is freed and
+        works again (outside the lease it could be an admission in progress)."""
+        if self.store.request(tenant, record["id"]) is not None:
+            return False
+        self.store.release_idempotency(tenant, key, record["id"])
+        return True
+
     def submit(self, tenant: str, fields: dict[str, str], uploads: list[tuple[str, bytes]],
                idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
         """Check and record a training; returns ``(view, created)`` (``created`` False: the
-        Idempotency-Key named an earlier training, which is returned instead)."""
+        Idempotency-Key named an earlier training of the same request, which is returned instead)."""
+        fingerprint = _fingerprint(fields, uploads)
         if idempotency_key is not None:
             if not 1 <= len(idempotency_key) <= 255:
                 raise Invalid("Idempotency-Key: 1 to 255 characters")
-            earlier = self.store.idempotent_id(tenant, idempotency_key)
-            if earlier is not None:
-                return training_view(self.store, tenant, earlier), False
+            earlier = self.store.idempotent(tenant, idempotency_key)
+            if earlier is not None and self.store.request(tenant, earlier["id"]) is not None:
+                return self._earlier(tenant, earlier, fingerprint)  # no validation, no upload again
         training_id = new_training_id()
         sub = validate_submission(fields, uploads, self.cfg, tenant=tenant, training_id=training_id,
                                   photos_uri=self.store.photos_uri(tenant, training_id),
                                   storage=self.store.storage)
-        self._check_capacity(tenant)
-        self._check_owner(tenant, sub.subject_id)
         request = {"subject_id": sub.subject_id, "overrides": sub.overrides, "config": sub.config,
                    "photos": [name for name, _ in sub.photos], "photo_uris": sub.photo_uris}
-        self.store.create(tenant, training_id, request, sub.photos)
-        if idempotency_key is not None:
-            winner = self.store.claim_idempotency(tenant, idempotency_key, training_id)
-            if winner != training_id:  # a concurrent request with the same key got there first
+        self.store.write_photos(tenant, training_id, sub.photos)  # counted by the quota check below
+        admitted = False
+        try:
+            with self.store.lease():
+                key = idempotency_key
+                if key is not None:
+                    record = self.store.claim_idempotency(tenant, key, training_id, fingerprint)
+                    if record["id"] != training_id and self._stale(tenant, key, record):
+                        record = self.store.claim_idempotency(tenant, key, training_id, fingerprint)
+                    if record["id"] != training_id:  # a concurrent request with the same key got there first
+                        return self._earlier(tenant, record, fingerprint)
+                try:
+                    self._admit(tenant)
+                except (Overloaded, TooLarge):
+                    if idempotency_key is not None:  # refused: a retry with this key may be accepted
+                        self.store.release_idempotency(tenant, idempotency_key, training_id)
+                    raise
+                self.store.create(tenant, training_id, request)
+                self.store.enqueue(tenant, training_id)
+                admitted = True
+        except LeaseBusy:
+            raise Unavailable("the training queue is busy; retry", retry_after=1) from None
+        finally:
+            if not admitted:
                 self.store.discard(tenant, training_id)
-                return training_view(self.store, tenant, winner), False
-        self.store.enqueue(tenant, training_id)
         self.pass_queue()
         return training_view(self.store, tenant, training_id), True
 
-    def _check_owner(self, tenant: str, subject_id: str) -> None:
-        """409 when another tenant owns the subject id — before the upload is stored, not after
-        training. A read, not a claim: the id becomes the tenant's when the job's pipeline registers
-        (the only registrar), so a training that is cancelled or fails leaves no trace in the
-        registry. (Two tenants racing for a new id both pass here; the second to register fails.)"""
-        from raydb.registry import subject_owner
-
-        owner = subject_owner(self.store.storage, self.cfg.workspace, subject_id)
-        if owner is not None and owner != tenant:
-            raise Conflict([{"type": "value_error", "loc": ["body", "subject_id"],
-                             "msg": f"subject id {subject_id!r} is taken; choose another"}])
-
-    def _check_capacity(self, tenant: str) -> None:
+    def _admit(self, tenant: str) -> None:
+        """Room in the queue for one more of ``tenant``'s trainings, and bytes in its quota (its
+        upload is written already, so it counts); called holding the lease."""
         sc = self.cfg.service
         counts = queue_counts(self.store)
-        starts_now = (counts["queued"] == 0 and counts["running"] < sc.max_concurrent_trainings
-                      and counts["running_by_tenant"][tenant] < sc.max_trainings_per_tenant)
-        if not starts_now and counts["queued"] >= sc.max_queued_trainings:
+        mine = counts["queued_by_tenant"][tenant]
+        if mine >= sc.max_queued_per_tenant:
+            raise Overloaded(f"this tenant has {mine} trainings waiting to start, the most it may "
+                               f"(service.max_queued_per_tenant); retry when one has started",
+                          retry_after=sc.retry_after_s, rejection="trainings")
+        if counts["queued"] >= sc.max_queued_trainings:
             raise Overloaded(f"the training queue is full ({counts['queued']} waiting); retry later",
-                             retry_after=sc.retry_after_s)
+                          retry_after=sc.retry_after_s, rejection="trainings")
+        used = tenant_usage(self.store, tenant)
+        if used > sc.tenant_quota_bytes:
+            raise TooLarge("photos", f"storage quota: this tenant's trainings would keep {used} bytes, "
+                                     f"more than its {sc.tenant_quota_bytes} (service.tenant_quota_bytes); "
+                                     f"an ended training's photos and runs are deleted "
+                                     f"{sc.retention_s:g} s after it ended (service.retention_s)")
 
     # -- read --------------------------------------------------------------------------------------
     def get(self, tenant: str, training_id: str) -> dict[str, Any]:
@@ -148,12 +210,23 @@ class TrainingService:
             raise UnknownResource(f"unknown training {training_id!r}")
         return view
 
-    def list(self, tenant: str) -> list[dict[str, Any]]:
-        return [v for i in self.store.list_ids(tenant) if (v := training_view(self.store, tenant, i))]
+    def list(self, tenant: str, *, after: str | None = None, limit: int | None = None) -> dict[str, Any]:
+        """One page of the tenant's trainings, oldest first: ``{"trainings": [...], "next": cursor}``
+        (``next`` is the ``after`` of the following page; None on the last). Reads only the page's
+        records."""
+        most = self.cfg.service.max_page_size
+        limit = most if limit is None else limit
+        if not 1 <= limit <= most:
+            raise Invalid([{"type": "value_error", "loc": ["query", "limit"],
+                                 "msg": f"1 to {most} (service.max_page_size), got {limit}"}])
+        ids, cursor = self.store.page(tenant, after, limit)
+        return {"trainings": [v for i in ids if (v := training_view(self.store, tenant, i))], "next": cursor}
 
     # -- cancel ------------------------------------------------------------------------------------
     def cancel(self, tenant: str, training_id: str) -> dict[str, Any]:
-        """Stop the training: ``cancelled`` unless it already ended or is registering (409)."""
+        """Cancel the training: ``cancelled`` unless it already ended or is registering (409). Its job
+        is asked to stop now; if that fails, every queue pass asks again, and the training keeps its
+        running slot until the Jobs API reports the job ended."""
         view = self.get(tenant, training_id)
         if view["status"] in TERMINAL:
             raise Conflict(f"training {training_id!r} already {view['status']}")
@@ -162,25 +235,39 @@ class TrainingService:
                            "cancelled any more")
         job = self.store.job(tenant, training_id)
         if job is not None:
-            self.jobs.stop(job["submission_id"])
+            try:
+                self.jobs.stop(job["submission_id"])
+            except Exception as exc:  # the queue retries it; the cancel itself is decided
+                logging.getLogger(__name__).warning("training %s: ray job stop failed, the queue "
+                                                    "retries it: %s", training_id, exc)
         self.pass_queue()
         return self.get(tenant, training_id)
 
     # -- the queue ---------------------------------------------------------------------------------
     def pass_queue(self, *, if_older_than_s: float = 0.0) -> list[str]:
-        """One :func:`raydb.trainings.queue.reconcile` pass (skipped while another runs here, or when
-        the last one ended less than ``if_older_than_s`` ago: polling clients share passes)."""
+        """One :func:`raydb.trainings.queue.reconcile` pass, then the retention's deletions (skipped
+        while another pass runs here, or when the last one ended less than ``if_older_than_s`` ago:
+        polling clients share passes; another ingress holding the lease skips it too)."""
         if time.monotonic() - self._last_pass < if_older_than_s or not self._lock.acquire(blocking=False):
             return []
         try:
-            return reconcile(self.store, self.jobs, self.cfg)
+            started = reconcile(self.store, self.jobs, self.cfg)
+            purge_expired(self.store, self.cfg, self._progress_of)
+            return started
+        except LeaseBusy:
+            return []
         finally:
             self._last_pass = time.monotonic()
             self._lock.release()
 
+    def _progress_of(self, tenant: str, training_id: str) -> dict[str, Any] | None:
+        view = training_view(self.store, tenant, training_id)
+        return {k: view[k] for k in ("step", "max_steps", "loss", "images_per_s", "trials")} if view else None
+
     def start_background(self) -> threading.Thread:
         """A daemon thread passing over the queue every ``service.poll_interval_s`` (so queued
-        trainings start and dead jobs are noticed even when nobody calls the API)."""
+        trainings start, dead or overlong jobs are noticed and expired files deleted even when
+        nobody calls the API)."""
 
         def loop() -> None:
             while True:
@@ -188,8 +275,6 @@ class TrainingService:
                 try:
                     self.pass_queue()
                 except Exception as exc:  # storage or the Jobs API away for a moment: try again
-                    import logging
-
                     logging.getLogger(__name__).warning("training queue pass failed: %s", exc)
 
         thread = threading.Thread(target=loop, name="raydb-training-queue", daemon=True)

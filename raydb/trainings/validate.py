@@ -7,9 +7,11 @@ answers 422, 413 for :class:`TooLarge`, 403 for :class:`Forbidden`). In order:
 1. fields: only ``subject_id``, ``instance_prompt``, ``class_prompt``, ``overrides``,
    ``photo_uris``; ids by the safe-id rule, prompts non-empty and within ``serve.max_prompt_chars``;
 2. overrides: a JSON object of dotted config keys, each in ``service.allowed_overrides``
-   (unknown keys and keys outside the list are both refused), ``train.max_steps`` at most
-   ``service.max_train_steps``, ``tune: true`` switches on the operator's ``service.tune`` search
-   (named after the training, so each training searches afresh);
+   (unknown keys and keys outside the list are both refused), each value strictly of its field's
+   type and within its bounds (:func:`raydb.config.check_override`: ``"1000000000"`` or ``1e9`` is
+   not an integer); ``tune: true`` switches on the operator's ``service.tune`` search (named after
+   the training, so each training searches afresh, and run ``service.max_tune_gpus`` GPUs' worth
+   of trials at a time);
 3. photos: 1..``service.max_photos`` files, uploaded and named by ``s3://`` URI together (the
    URIs' policy, listing and reads: :mod:`raydb.trainings.photo_uris`), each at most
    ``service.max_photo_bytes`` and ``service.max_photo_pixels`` (read from the header, before
@@ -17,7 +19,13 @@ answers 422, 413 for :class:`TooLarge`, 403 for :class:`Forbidden`). In order:
    ingestion rules themselves (:func:`raydb.data.ingest.load_images` on a private temporary
    folder), so a photo is accepted exactly when ``raydb train`` would accept the same file;
 4. the whole training config (the ingress's config with this subject and the overrides), validated
-   like any config file.
+   like any config file, then held to the operator's maxima (:func:`over_limits`:
+   steps, resolution, LoRA rank, trials) and its ``train.resolution`` to the base model's family
+   (FLUX.1: multiples of 16, the family read from the model's config files without loading it) —
+   all before the first photo is read or decoded, so an oversized resolution never reaches the
+   decoder.
+
+Steps 3 and 4 run in the order 1, 2, 4, 3: the cheap checks refuse a bad request first.
 """
 
 from __future__ import annotations
@@ -30,13 +38,22 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-from raydb.config import ConfigError, RaydbConfig, apply_overrides, load_config
+from raydb.config import (
+    ConfigError,
+    RaydbConfig,
+    ServiceConfig,
+    apply_overrides,
+    check_override,
+    is_config_key,
+    load_config,
+)
 from raydb.errors import Forbidden, RequestError, TooLarge
 from raydb.ids import check_safe_id
 from raydb.storage import Storage
 from raydb.trainings.photo_uris import parse_photo_uris, read_photo_uris
 
-__all__ = ["FIELDS", "TooLarge", "Forbidden", "Submission", "validate_submission", "photo_names"]
+__all__ = ["FIELDS", "TooLarge", "Forbidden", "Submission", "validate_submission", "photo_names",
+           "check_photos", "override_fields"]
 
 FIELDS = ("subject_id", "instance_prompt", "class_prompt", "overrides", "photo_uris")
 
@@ -83,30 +100,22 @@ def _overrides(raw: str | None, cfg: RaydbConfig) -> dict[str, Any]:
         raise RequestError("overrides", "must be a JSON object of config keys") from None
     if not isinstance(overrides, dict):
         raise RequestError("overrides", "must be a JSON object of config keys")
-    known = _config_keys(cfg.to_dict()) | {"tune"}
     allowed = set(cfg.service.allowed_overrides)
-    for key in overrides:
-        if key not in known:
+    for key, value in overrides.items():
+        if key != "tune" and not is_config_key(key):
             raise RequestError("overrides", f"unknown key {key!r}")
         if key not in allowed:
             raise RequestError("overrides", f"{key!r} may not be overridden (allowed: "
                                             f"{', '.join(sorted(allowed)) or 'none'})")
-    if "tune" in overrides and not isinstance(overrides["tune"], bool):
-        raise RequestError("overrides", "'tune' must be true or false")
-    steps = overrides.get("train.max_steps")
-    most = cfg.service.max_train_steps
-    if isinstance(steps, int) and steps > most:
-        raise RequestError("overrides", f"train.max_steps: at most {most}, got {steps}")
+        if key == "tune":
+            if not isinstance(value, bool):
+                raise RequestError("overrides", "'tune' must be true or false")
+            continue
+        try:
+            check_override(key, value)
+        except ConfigError as exc:
+            raise RequestError("overrides", str(exc)) from None
     return overrides
-
-
-def _config_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
-    keys = set()
-    for name, value in tree.items():
-        keys.add(prefix + name)
-        if isinstance(value, dict) and name not in ("api_keys",):
-            keys |= _config_keys(value, f"{prefix}{name}.")
-    return keys
 
 
 def _check_photo_limits(photos: list[tuple[str, bytes]], cfg: RaydbConfig, field: str) -> None:
@@ -150,6 +159,36 @@ def _check_photos_decode(photos: list[tuple[str, str, bytes]], cfg: RaydbConfig,
             raise RequestError(field, problems) from None
 
 
+def _check_family(cfg: RaydbConfig, storage: Storage) -> None:
+    """A resolution the base model's family cannot train at is refused now, not by the job."""
+    from raydb.models.components import configured_family
+    from raydb.models.family import check_resolution
+
+    family = configured_family(cfg.model, storage)
+    if family is not None:
+        try:
+            check_resolution(cfg.train.resolution, family)
+        except ValueError as exc:
+            raise RequestError("overrides", str(exc)) from None
+
+
+def over_limits(sc: ServiceConfig, cfg: RaydbConfig) -> list[str]:
+    """What in a tenant's (validated, typed) training config ``cfg`` breaks the operator's limits
+    ``sc``, one message per field; empty when it is within them. Checked on the typed values, so a
+    number sent as a string or as ``1e9`` is held to the same limit as the integer."""
+    rank = min(sc.max_lora_rank, cfg.serve.max_lora_rank)
+    checks = [("train.max_steps", cfg.train.max_steps, sc.max_train_steps, "service.max_train_steps"),
+              ("train.resolution", cfg.train.resolution, sc.max_resolution, "service.max_resolution"),
+              ("lora.rank", cfg.lora.rank, rank, "service.max_lora_rank" if rank == sc.max_lora_rank
+               else "serve.max_lora_rank")]
+    out = [f"{key}: at most {most} ({limit}), got {value}" for key, value, most, limit in checks
+           if value > most]
+    if cfg.tune is not None and cfg.tune.planned_trials > sc.max_tune_trials:
+        out.append(f"tune: {cfg.tune.planned_trials} trials, at most {sc.max_tune_trials} "
+                   "(service.max_tune_trials)")
+    return out
+
+
 def validate_submission(
     fields: dict[str, str], uploads: list[tuple[str, bytes]], cfg: RaydbConfig, *, tenant: str,
     training_id: str, photos_uri: str, storage: Storage,
@@ -171,15 +210,26 @@ def validate_submission(
     tree = cfg.to_dict()
     tree["subject"] = {"id": subject_id, "tenant": tenant, "instance_data": photos_uri,
                        "instance_prompt": instance_prompt, "class_prompt": class_prompt}
-    # a search of its own per training (tune/<subject>/<training id>/): under the operator's name a
-    # second training of the subject would restore the first one's finished search
-    tree["tune"] = cfg.service.tune.model_dump(mode="json") | {"name": training_id} if overrides.get("tune") \
-        else None
+    # a search of its own per training (tenants/<tenant>/tune/<subject>/<training id>/): under the
+    # operator's name a second training of the subject would restore the first one's finished search
+    tree["tune"] = None
+    if overrides.get("tune"):
+        sc = cfg.service
+        if cfg.cluster.num_workers > sc.max_tune_gpus:
+            raise RequestError("overrides", f"tune: a trial holds cluster.num_workers = "
+                                            f"{cfg.cluster.num_workers} GPUs, more than "
+                                            f"service.max_tune_gpus ({sc.max_tune_gpus})")
+        tree["tune"] = sc.tune.model_dump(mode="json") | {
+            "name": training_id, "max_concurrent_trials": sc.tune_concurrency(cfg.cluster.num_workers)}
     try:
         trained = load_config(data=apply_overrides(
             tree, [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "tune"]))
     except ConfigError as exc:
         raise RequestError("overrides", str(exc).replace("\n", " ")) from None
+    over = over_limits(cfg.service, trained)
+    if over:  # the typed values: a number sent as a string or 1e9 never got this far
+        raise RequestError("overrides", "; ".join(over))
+    _check_family(trained, storage)
     # photos last: the cheap checks above refuse a bad request before any S3 read
     uris = parse_photo_uris(fields.get("photo_uris"))
     sc = cfg.service
@@ -198,3 +248,64 @@ def validate_submission(
                          "photo_uris")
     photos = uploaded + [(name, b) for name, (_, b) in zip(stored, fetched, strict=True)]
     return Submission(training_id, subject_id, trained.to_dict(), photos, overrides, uris)
+
+
+def check_photos(uploads: list[tuple[str, bytes]], cfg: RaydbConfig) -> list[dict[str, Any]]:
+    """What :func:`validate_submission` would say about each photo on its own, so a client can show
+    every photo's problem before it submits (``POST /v1/photo-checks``): the same byte, pixel and
+    ingestion checks, run per file. ``cfg`` is the training's config (``train.resolution`` sets the
+    smallest accepted side). One ``{name, ok, error, width, height}`` per upload, in order."""
+    from PIL import Image
+
+    out = []
+    for (name, data), stored in zip(uploads, photo_names([n for n, _ in uploads]), strict=True):
+        row: dict[str, Any] = {"name": name, "ok": True, "error": None, "width": None, "height": None}
+        try:
+            _check_photo_limits([(name, data)], cfg, "photos")
+            _check_photos_decode([(stored, name, data)], cfg, "photos")
+        except RequestError as exc:  # TooLarge included
+            row |= {"ok": False, "error": exc.message.removeprefix(f"{name}: ")}
+        else:
+            with Image.open(io.BytesIO(data), formats=("JPEG", "PNG", "WEBP")) as probe:
+                row["width"], row["height"] = probe.size
+        out.append(row)
+    return out
+
+
+# the operator's maximum for each override :func:`over_limits` bounds (what a form shows as its max)
+_OPERATOR_MAXIMA = {
+    "train.max_steps": lambda cfg: cfg.service.max_train_steps,
+    "train.resolution": lambda cfg: cfg.service.max_resolution,
+    "lora.rank": lambda cfg: min(cfg.service.max_lora_rank, cfg.serve.max_lora_rank),
+}
+
+
+def override_fields(cfg: RaydbConfig) -> list[dict[str, Any]]:
+    """The overrides a tenant may send (``service.allowed_overrides``) as form fields: ``{key, label,
+    type (integer | number | boolean | string), default (the operator's value), minimum,
+    exclusive_minimum, maximum, description}`` from the config's own schema, ``train.max_steps``
+    capped at the operator's maxima (:func:`over_limits`) — the bounds :func:`validate_submission`
+    enforces."""
+    schema = RaydbConfig.model_json_schema()
+    values = cfg.to_dict()
+    out = []
+    for key in cfg.service.allowed_overrides:
+        if key == "tune":
+            out.append({"key": key, "label": "Search prior loss weight x learning rate (Ray Tune)",
+                        "type": "boolean", "default": False,
+                        "description": "Train several trials and register the best by validation loss."})
+            continue
+        node, value = schema, values
+        for part in key.split("."):
+            node = node["properties"][part]
+            node = schema["$defs"][node["$ref"].split("/")[-1]] if "$ref" in node else node
+            value = value[part]
+        row = {"key": key, "label": f"{node.get('title', key)} ({key})", "type": node.get("type", "string"),
+               "default": value, "minimum": node.get("minimum"),
+               "exclusive_minimum": node.get("exclusiveMinimum"), "maximum": node.get("maximum"),
+               "description": node.get("description", "")}
+        most = _OPERATOR_MAXIMA.get(key, lambda c: None)(cfg)
+        if most is not None:
+            row["maximum"] = most if row["maximum"] is None else min(row["maximum"], most)
+        out.append(row)
+    return out

@@ -40,14 +40,8 @@ def trial_config(cfg: RaydbConfig, prior_loss_weight: float, learning_rate: floa
 
 
 def planned_trials(cfg: RaydbConfig) -> int:
-    """Trials the search runs: ``num_samples`` x the grid's points (a range is one point per sample)."""
-    tc = cfg.tune
-    if tc is None:
-        return 0
-    points = 1
-    for space in (tc.prior_loss_weight, tc.learning_rate):
-        points *= len(space.values) if space.values is not None else 1
-    return tc.num_samples * points * len(tc.prior_mode or [None])
+    """Trials the search runs (:attr:`raydb.config.TuneConfig.planned_trials`); 0 without a search."""
+    return cfg.tune.planned_trials if cfg.tune is not None else 0
 
 
 def record_trial(storage: Storage, search_uri: str, run: str) -> None:

@@ -11,22 +11,27 @@ A search over ``tune.prior_mode`` scores every trial, whatever its mode, on the 
 images of the base model (``val_prior``): model-mode trials train on no class images, but are
 held to the same measure of the class prior as image-mode ones.
 
-Outputs under ``<workspace>/tune/<subject>/<tune.name>/``: ``results.csv``, ``trials.png`` and
-``summary.json``. The search returns the best trial (its adapter under its run folder); registering
-it, with the search's hyperparameters and scores, is the pipeline's (:func:`raydb.pipeline.run_pipeline`).
+Outputs under ``<workspace>/tenants/<tenant>/tune/<subject>/<tune.name>/``: ``results.csv``,
+``trials.png`` and ``summary.json``. The search returns the best trial (its adapter under its run
+folder); registering it, with the search's hyperparameters and scores, is the pipeline's
+(:func:`raydb.pipeline.run_pipeline`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Any
 
 from raydb.config import RaydbConfig, SearchSpace
 from raydb.storage import Storage, is_s3, join
+from raydb.terminal import is_verbose
 from raydb.tune.results import last_validation, record_trial, trial_config, trial_rows, trials_png, write_csv
 
 __all__ = ["run_tune", "tune_uri", "default_concurrency", "metric_mode", "TuneFailed"]
+
+log = logging.getLogger(__name__)
 
 
 class TuneFailed(RuntimeError):
@@ -34,7 +39,11 @@ class TuneFailed(RuntimeError):
 
 
 def tune_uri(cfg: RaydbConfig) -> str:
-    return join(cfg.workspace, "tune", cfg.subject.id, cfg.tune.name if cfg.tune else "tune")
+    """The search's folder, under the subject's tenant: ``tenants/<tenant>/tune/<subject>/<name>``."""
+    from raydb.registry import tenant_uri
+
+    return join(tenant_uri(cfg.workspace, cfg.subject.tenant), "tune", cfg.subject.id,
+                cfg.tune.name if cfg.tune else "tune")
 
 
 def default_concurrency(cfg: RaydbConfig, resources: dict[str, float]) -> int:
@@ -91,6 +100,34 @@ def _trial(config: dict[str, Any], cfg_dict: dict[str, Any], encoded: dict[str, 
                     checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
+def _trial_line(trial: Any, outcome: str) -> str:
+    """``trial 00001 (prior_loss_weight=1, learning_rate=0.001): completed after 2 evaluations,
+    val_score 2.07`` — what a person following a search wants from each trial."""
+    params = ", ".join(f"{k}={trial.config.get(k):g}" for k in ("prior_loss_weight", "learning_rate")
+                       if isinstance(trial.config.get(k), int | float))
+    result = trial.last_result or {}
+    score = result.get("val_score")
+    text = f"trial {str(trial.trial_id).rsplit('_', 1)[-1]} ({params}): {outcome}"
+    if result.get("training_iteration"):
+        text += f" after {result['training_iteration']} evaluation(s)"
+    return text + (f", val_score {score:.4g}" if isinstance(score, int | float) else "")
+
+
+def _trial_lines() -> Any:
+    """A Tune callback logging one raydb line per trial as it ends (Tune's own tables need
+    --verbose). Made on first use, so importing this module needs no Ray Tune."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            log.info("%s", _trial_line(trial, "finished"))
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            log.warning("%s", _trial_line(trial, "failed"))
+
+    return TrialLines()
+
+
 def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = False) -> dict[str, Any]:
     """Priors + encode once, then the search; returns a summary with the best trial (``best``: its
     row of the results table, ``run_dir`` included). Registers nothing.
@@ -127,7 +164,7 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = 
     restored = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if restored:
         if not quiet:
-            print(f"resuming the search in {exp_path}")
+            log.info("resuming the search in %s", exp_path)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,
                                    storage_filesystem=fs)
     else:
@@ -145,7 +182,8 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = 
                                         reduction_factor=tc.reduction_factor),
             ),
             run_config=tune.RunConfig(name=name, storage_path=exp_root, storage_filesystem=fs,
-                                      verbose=0 if quiet else 1),
+                                      verbose=1 if is_verbose() and not quiet else 0,
+                                      callbacks=[] if quiet else [_trial_lines()]),
         )
     grid = tuner.fit()
     rows = trial_rows(list(grid), cfg, storage)

@@ -191,3 +191,103 @@ def test_every_config_field_has_a_description() -> None:
     missing = [path for path, info in _fields(RaydbConfig) if not (info.description or "").strip()]
     assert not missing, f"config fields without a description: {missing}"
     assert len(list(_fields(RaydbConfig))) > 80  # the walk really visits the nested sections
+
+
+@pytest.mark.parametrize(("override", "hint"), [
+    ("train.max_step=3", "train.max_step: unknown key; did you mean 'max_steps'?"),
+    ("trian.max_steps=3", "trian: unknown key; did you mean 'train'?"),
+    ("serve.api_keyz_env=X", "serve.api_keyz_env: unknown key; did you mean 'api_keys_env'?"),
+    ("zzz=1", "zzz: unknown key\n"),
+])
+def test_unknown_keys_suggest_the_closest_field_of_their_section(override, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert hint in str(err.value) + "\n"
+
+
+# -- what the training service lets tenants reach (issue 24) ------------------------------------------
+@pytest.mark.parametrize("key", [
+    "subject.tenant", "subject.id", "subject.instance_data", "subject", "workspace", "s3_endpoint_url",
+    "model.pretrained", "model.revision", "model.cache_dir", "train.compile_cache", "train.compile_backend",
+    "prior.class_data", "prior.concurrency", "eval.clip_model", "cluster.address", "cluster.num_workers",
+    "serve.api_keys", "service.max_train_steps", "tune.name", "tune.max_concurrent_trials", "export_formats",
+])
+def test_an_allowed_override_handing_tenants_identity_data_storage_or_code_is_refused(key: str) -> None:
+    """``service.allowed_overrides`` accepted any key, so an operator could hand tenants their
+    identity (``subject.tenant``), other data (``prior.class_data``), storage (``workspace``) or code
+    execution (``train.compile_cache`` unpickles). Such keys are refused at start, saying why."""
+    allowed = ["train.max_steps", key]
+    with pytest.raises(ConfigError, match=rf"service.allowed_overrides.*{key!r} can never be a tenant"):
+        load_config(data={"service": {"allowed_overrides": allowed}})
+
+
+def test_allowed_overrides_must_name_config_keys() -> None:
+    for key, text in [("train.colour", "unknown config key 'train.colour'"),
+                      ("train", "'train' is a section, not a key"), ("lora..rank", "unknown config key")]:
+        with pytest.raises(ConfigError, match=text):
+            load_config(data={"service": {"allowed_overrides": [key]}})
+    allowed = ["tune", "lora.alpha", "train.lr_scheduler", "prior.num_class_images", "lora.target_modules"]
+    assert load_config(data={"service": {"allowed_overrides": allowed}}).service.allowed_overrides == allowed
+
+
+def test_check_override_is_strict_about_each_fields_type_and_bounds() -> None:
+    from raydb.config import check_override
+
+    assert check_override("train.max_steps", 10) == 10 and check_override("train.learning_rate", 1) == 1
+    assert check_override("lora.alpha", None) is None and check_override("train.random_flip", True) is True
+    for key, value, text in [("train.max_steps", "10", "valid integer"),
+                             ("train.max_steps", 10.0, "valid integer"),
+                             ("train.max_steps", 0, "greater than or equal to 1"),
+                             ("train.random_flip", 1, "valid boolean"),
+                             ("train.learning_rate", "1e-4", "valid number"),
+                             ("train.lr_scheduler", "steps", "'constant'"),
+                             ("train.nope", 1, "unknown config key")]:
+        with pytest.raises(ConfigError, match=text):
+            check_override(key, value)
+
+
+def test_service_limits_are_consistent_at_start() -> None:
+    with pytest.raises(ConfigError, match="max_trainings_per_tenant is now max_running_per_tenant"):
+        load_config(data={"service": {"max_trainings_per_tenant": 2}})
+    with pytest.raises(ConfigError, match="one tenant could fill the queue for every other"):
+        load_config(data={"service": {"max_queued_per_tenant": 20, "max_queued_trainings": 20}})
+    sc = load_config().service
+    assert (sc.max_queued_per_tenant, sc.max_queued_trainings, sc.max_running_per_tenant) == (5, 20, 1)
+    assert (sc.max_train_steps, sc.max_resolution, sc.max_lora_rank) == (2000, 1024, 32)
+
+
+def test_photo_uri_prefixes_may_not_put_the_tenant_in_the_bucket_or_overlap_the_workspace() -> None:
+    """A ``{tenant}`` in the bucket made an upper-case tenant's URIs a bare 500 (its bucket name is
+    invalid); a prefix inside (or around) an S3 workspace let tenants name the service's own files —
+    every tenant's photos and adapters. Both are config errors now."""
+    with pytest.raises(ConfigError, match="may only stand in the key, not in the bucket"):
+        load_config(data={"service": {"photo_uri_prefixes": ["s3://uploads-{tenant}/photos/"]}})
+    for prefix in ("s3://lake/ws/up/{tenant}/", "s3://lake/{tenant}/", "s3://lake/", "s3://lake/w{tenant}/"):
+        with pytest.raises(ConfigError, match="overlaps the workspace"):
+            load_config(data={"workspace": "s3://lake/ws", "service": {"photo_uri_prefixes": [prefix]}})
+    fine = ["s3://lake/uploads/{tenant}/", "s3://lake/wsx/{tenant}/", "s3://other/ws/{tenant}/"]
+    assert load_config(data={"workspace": "s3://lake/ws", "service": {"photo_uri_prefixes": fine}})
+
+
+def test_over_limits_names_every_field_over_its_maximum() -> None:
+    from raydb.trainings.validate import over_limits
+
+    """The operator's maxima on a typed training config, one message per field (what a submission's
+    422 lists); the lower of service.max_lora_rank and serve.max_lora_rank bounds the rank."""
+    grid = {"prior_loss_weight": [0.0, 0.5, 1.0], "learning_rate": [1e-4, 1e-3, 1e-2]}
+    cfg = load_config(data={"train": {"max_steps": 2001, "resolution": 1032}, "lora": {"rank": 33},
+                            "tune": grid})
+    assert over_limits(cfg.service, cfg) == [
+        "train.max_steps: at most 2000 (service.max_train_steps), got 2001",
+        "train.resolution: at most 1024 (service.max_resolution), got 1032",
+        "lora.rank: at most 32 (service.max_lora_rank), got 33",
+        "tune: 9 trials, at most 8 (service.max_tune_trials)"]
+    fits = load_config(data={"train": {"max_steps": 2000, "resolution": 1024}, "lora": {"rank": 32},
+                             "tune": {"prior_loss_weight": [0.0, 1.0], "learning_rate": [1e-4]}})
+    assert over_limits(fits.service, fits) == []
+    served = load_config(data={"lora": {"rank": 16}, "serve": {"max_lora_rank": 8}})
+    assert over_limits(served.service, served) == ["lora.rank: at most 8 (serve.max_lora_rank), got 16"]
+    assert load_config(data={"service": {"max_tune_gpus": 5}}).service.tune_concurrency(2) == 2
+    assert load_config(data={"service": {"max_tune_gpus": 1}}).service.tune_concurrency(4) == 1
+    capped = load_config(data={"service": {"max_tune_gpus": 8, "tune": {"max_concurrent_trials": 3}}})
+    assert capped.service.tune_concurrency(1) == 3

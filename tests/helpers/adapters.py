@@ -8,9 +8,11 @@ from raydb.testing import write_random_adapter
 
 
 def register_random_adapter(storage: Storage, workspace: str, template_subject: str, subject_id: str, *,
-                            rank: int, seed: int, alpha: float | None = None) -> dict:
-    """Register ``subject_id`` with seeded random weights on ``template_subject``'s adapter.json
-    (:func:`raydb.testing.write_random_adapter`); returns the registry record."""
+                            rank: int, seed: int, alpha: float | None = None,
+                            tenant: str = "default") -> dict:
+    """Register ``tenant``'s ``subject_id`` with seeded random weights on the same tenant's
+    ``template_subject``'s adapter.json (:func:`raydb.testing.write_random_adapter`); returns the
+    registry record."""
     folder = write_random_adapter(storage, workspace, template_subject, subject_id, rank=rank, seed=seed,
-                                  alpha=alpha)
-    return register_adapter(storage, workspace, subject_id, folder)
+                                  alpha=alpha, tenant=tenant)
+    return register_adapter(storage, workspace, tenant, subject_id, folder)

@@ -19,6 +19,5 @@ def training_setup(cfg: RaydbConfig, dtype: torch.dtype = torch.float32,
     storage = Storage()
     components = load_components(cfg.model, storage, cfg.workspace, dtype=dtype)
     data = prepare_training_data(cfg, components, storage)
-    state = build_train_state(cfg, components.unet, components.text_encoder,
-                              components.text_encoder_2)
+    state = build_train_state(cfg, components.denoiser, *components.lora_text_encoders)
     return components, data, state

@@ -72,7 +72,7 @@ def test_pipeline_job_submit_registers_then_skips_everything():
                  "prior.num_class_images=2", "train.max_steps=2"]
         logs = _submit_and_wait(dash_url, env, "raydb-pipeline-1", entry, deadline)
         assert _summary_rows(logs) == {"prior": "ran", "encode": "ran", "train": "ran", "register": "ran"}
-        latest = latest_version(Storage(), str(workspace), "jobs-demo")  # records hold no paths
+        latest = latest_version(Storage(), str(workspace), "demo", "jobs-demo")  # records hold no paths
         assert latest["version"] == "v0001"
         meta = json.loads((Path(latest["uri"]) / "adapter.json").read_text())
         assert meta["subject_id"] == "jobs-demo" and meta["metrics"]["steps"] == 2
@@ -82,6 +82,7 @@ def test_pipeline_job_submit_registers_then_skips_everything():
         assert _summary_rows(logs) == dict.fromkeys(("prior", "encode", "train", "register"), "skipped")
         summary = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"subject"')][-1])
         assert summary["registered"] == latest["uri"]
-        assert latest_version(Storage(), str(workspace), "jobs-demo") == latest
-        on_disk = json.loads((workspace / "pipeline" / "jobs-demo" / "summary.json").read_text())
+        assert latest_version(Storage(), str(workspace), "demo", "jobs-demo") == latest
+        on_disk = json.loads((workspace / "tenants" / "demo" / "pipeline" / "jobs-demo" / "summary.json")
+                             .read_text())
         assert [s["status"] for s in on_disk["stages"]] == ["skipped"] * 4

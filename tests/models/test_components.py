@@ -87,3 +87,22 @@ def test_a_base_model_without_safetensors_weights_is_refused_not_unpickled(tmp_p
         with pytest.raises(ValueError, match=r"model.pretrained: .*pickled has no safetensors weights"):
             load(cfg, Storage(), str(tmp_path / "ws"))
     load_pipeline(ModelConfig(pretrained=tiny_model_dir), Storage(), str(tmp_path / "ws"))  # safetensors
+
+
+def test_a_text_encoder_whose_weights_do_not_match_is_refused_not_randomly_filled(tmp_path, tiny_model_dir):
+    """transformers fills weights it cannot match with random values and only logs it; the loader
+    refuses instead, naming the folder. (How it was found: transformers 5.0-5.5 read the shipped
+    ``digits`` text encoder's key names as unknown and sampled with a random encoder.)"""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from raydb.models.components import load_components
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_model_dir, renamed)
+    [weights] = (renamed / "text_encoder").glob("*.safetensors")
+    save_file({f"other.{k}": v.contiguous() for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(ValueError, match=r"renamed/text_encoder lacks \d+ of the weights"):
+        load_components(ModelConfig(pretrained=str(renamed)), Storage(), str(tmp_path / "ws"))
+    load_components(ModelConfig(pretrained=tiny_model_dir), Storage(), str(tmp_path / "ws"))  # complete

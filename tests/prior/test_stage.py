@@ -132,12 +132,13 @@ def test_done_blocks_sees_only_published_blocks(make_cfg):
 
 @pytest.mark.ray
 def test_one_and_two_actors_write_the_reference_bytes(ray_cluster, make_cfg, tmp_path, reference,
-                                                      capsys):
+                                                      capsys, caplog):
     one = make_cfg(workspace=str(tmp_path / "one"), prior={"num_class_images": 8, "concurrency": 1})
     two = make_cfg(workspace=str(tmp_path / "two"), prior={"num_class_images": 8, "concurrency": 2})
     stats_one = ensure_prior_images(one, quiet=True)  # use_ray=None: Ray is running
     capsys.readouterr()
-    stats_two = ensure_prior_images(two, use_ray=True)
+    with caplog.at_level("INFO", logger="raydb"):
+        stats_two = ensure_prior_images(two, use_ray=True)
     out = capsys.readouterr()
 
     assert (stats_one.actors, stats_two.actors) == (1, 2)
@@ -148,7 +149,7 @@ def test_one_and_two_actors_write_the_reference_bytes(ray_cluster, make_cfg, tmp
     _assert_only_published_blocks(two, 4)
     # The driver's progress bar and the closing throughput line.
     assert "prior images: 100%" in out.err and "8/8" in out.err
-    assert re.search(r"generated 8 in [\d.]+s \([\d.]+ images/s, 2 actor\(s\)\)", out.out)
+    assert re.search(r"generated 8 in [\d.]+s \([\d.]+ images/s, 2 actor\(s\)\)", caplog.text)
 
 
 @pytest.mark.ray

@@ -61,6 +61,17 @@ def test_defaults_fill_in():
     assert 0 <= params.seed < 2**31
     low_max = ServeConfig(max_inference_steps=3, default_inference_steps=4)
     assert validate_generate(_req(), low_max, META).num_inference_steps == 3  # default capped by the max
+    # FLUX.1's guidance is the distilled model's input: FluxPipeline's 3.5, not SD's CFG 7.5
+    flux = META | {"base_model": {"family": "flux"}}
+    assert validate_generate(_req(), CFG, flux).guidance_scale == 3.5
+    assert validate_generate(_req(guidance_scale=7.5), CFG, flux).guidance_scale == 7.5
+    assert validate_generate(_req(guidance_scale=0.0), CFG, META).guidance_scale == 0.0
+    # without a subject (the base model alone) the served base model's family decides
+    assert validate_generate(_req(), CFG, {}, base_family="flux").guidance_scale == 3.5
+    assert validate_generate(_req(), CFG, {}).guidance_scale == 7.5
+    with pytest.raises(RequestError, match="width: must be a multiple of 16 for a FLUX.1 model"):
+        validate_generate(_req(width=72), CFG, {}, base_family="flux")
+    assert validate_generate(_req(width=72), CFG, {}, base_family="sd").width == 72
 
 
 def test_unseeded_requests_draw_a_31_bit_seed(monkeypatch):
@@ -106,3 +117,17 @@ def test_final_prompt_inserts_the_token_before_the_class_noun_or_first():
     assert final_prompt("a dog", {}) == "a dog"
     assert final_prompt("a dog", {"subject": {"instance_token": "sks"}}) == "sks a dog"  # no class prompt
     assert final_prompt("a XXXX", {"subject": {"instance_token": "sks"}}) == "sks a XXXX"
+
+
+def test_no_subject_means_the_base_model_under_the_same_limits():
+    """``subject_id`` left out: the base model alone — the prompt is kept as given (no token to add)
+    and every limit still holds."""
+    req = GenerateRequest(prompt="a dog on a beach", seed=3)
+    assert req.subject_id is None
+    params = validate_generate(req, CFG, {})
+    assert (params.prompt, params.seed, params.num_inference_steps) == ("a dog on a beach", 3, 4)
+    with pytest.raises(RequestError) as err:
+        validate_generate(GenerateRequest(prompt="p", width=136), CFG, {})
+    assert err.value.field == "width"
+    with pytest.raises(ValidationError):
+        GenerateRequest(subject_id="", prompt="p")  # given, it must still be an id

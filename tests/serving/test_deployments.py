@@ -2,7 +2,8 @@
 
 The Ray tests share one module-scoped app: three trained subjects in two tenants (alice and bob of
 t1, carol of t2), six random-adapter subjects of t1 (``s1``..``s6``) and ``wide`` (rank 16, above
-the app's ``max_lora_rank=8``), plus two bad registry entries — ``alien`` (adapter.json names
+the app's ``max_lora_rank=8``), t2's own ``alice`` (subject ids are per tenant), plus two bad
+registry entries of t1 — ``alien`` (adapter.json names
 another base model) and ``broken`` (weights file corrupted). ``max_num_models_per_replica=2`` and one
 diffusion replica, so cycling three subjects must evict and reload adapters; ``max_batch_size=8``.
 Each tenant may have ``TENANT_CAP`` (= one batch) requests in flight; the rate limit is off here (it
@@ -108,9 +109,9 @@ def test_shipped_serve_configs_load_and_build():
 
     deploy = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve/config.yaml").read_text()))
     app_args = deploy.applications[0].args
-    assert deploy.applications[0].import_path == "serve.app:build_app"
+    assert deploy.applications[0].import_path == "raydb.serving.app:build_app"
     load_config(REPO / app_args["config"])
-    from serve.app import build_app
+    from raydb.serving.app import build_app
 
     assert type(build_app({"config": str(REPO / app_args["config"])})).__name__ == "Application"
 
@@ -135,11 +136,13 @@ def _bad_copies(workspace: str) -> None:
     from raydb.storage import Storage, join
 
     storage = Storage()
-    alien = register_adapter(storage, workspace, "alien", latest_version(storage, workspace, "alice")["uri"])
+    alien = register_adapter(storage, workspace, "t1", "alien",
+                             latest_version(storage, workspace, "t1", "alice")["uri"])
     meta = storage.read_json(join(alien["uri"], "adapter.json"))
     meta["base_model"]["identity"] = "some-other-base-model"
     storage.write_json(join(alien["uri"], "adapter.json"), meta)
-    broken = register_adapter(storage, workspace, "broken", latest_version(storage, workspace, "bob")["uri"])
+    broken = register_adapter(storage, workspace, "t1", "broken",
+                              latest_version(storage, workspace, "t1", "bob")["uri"])
     weights = Path(broken["uri"]) / "pytorch_lora_weights.safetensors"
     data = bytearray(weights.read_bytes())
     data[-64:] = bytes(64)  # flip tensor bytes; the header still parses
@@ -151,8 +154,10 @@ def _random_subjects(workspace: str) -> None:
     from tests.helpers.adapters import register_random_adapter
 
     for i, sid in enumerate(RANDOM):
-        register_random_adapter(Storage(), workspace, "alice", sid, rank=4, seed=100 + i)
-    register_random_adapter(Storage(), workspace, "alice", "wide", rank=16, seed=99)
+        register_random_adapter(Storage(), workspace, "alice", sid, rank=4, seed=100 + i, tenant="t1")
+    register_random_adapter(Storage(), workspace, "alice", "wide", rank=16, seed=99, tenant="t1")
+    # t2's own "alice" (subject ids are per tenant): another adapter under the same name
+    register_random_adapter(Storage(), workspace, "carol", "alice", rank=4, seed=7, tenant="t2")
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +249,7 @@ def _base_params(seed: int, steps: int = 2) -> dict:
 
 
 def _handle_image(params: dict, subject: str | None = None) -> np.ndarray:
-    handle = _diffusion().options(multiplexed_model_id=f"{subject}@v0001") if subject else _diffusion()
+    handle = _diffusion().options(multiplexed_model_id=f"t1/{subject}@v0001") if subject else _diffusion()
     return _pixels(handle.generate.remote(params).result()["images"][0])
 
 
@@ -313,7 +318,7 @@ def test_base_model_and_subjects_share_one_batch_and_shapes_never_mix(server):
     loop2, loop3 = counts[1] - counts[0], counts[2] - counts[1]
     start = _forwards()
     handle = _diffusion()
-    responses = [(handle.options(multiplexed_model_id=f"{sid}@v0001") if sid else handle)
+    responses = [(handle.options(multiplexed_model_id=f"t1/{sid}@v0001") if sid else handle)
                  .generate.remote(_base_params(seed, steps)) for sid, seed, steps in jobs]  # all at once
     images = [_pixels(r.result()["images"][0]) for r in responses]
     # One loop per shape: base and two subjects in each, the two step counts in separate loops.
@@ -383,12 +388,15 @@ def test_a_tenant_sees_and_uses_only_its_own_subjects(server):
         return [row["subject_id"] for row in rows]
 
     assert listed(KEY_A) == sorted(["alice", "alien", "bob", "broken", *RANDOM, "wide"])
-    assert listed(KEY_B) == ["carol"]
+    assert listed(KEY_B) == ["alice", "carol"]
     rows = server.get("/v1/subjects", headers=_auth(KEY_B)).json()["subjects"]
-    assert rows[0]["instance_token"] == "qpv" and rows[0]["versions"] == ["v0001"]
-    for sid, key in [("alice", KEY_B), ("carol", KEY_A)]:
-        resp = _generate(server, sid, key)
-        assert resp.status_code == 404 and resp.json()["detail"] == f"unknown subject {sid!r}"
+    assert rows[1]["instance_token"] == "qpv" and rows[1]["versions"] == ["v0001"]
+    resp = _generate(server, "carol", KEY_A)  # t2's subject: for t1 it does not exist
+    assert resp.status_code == 404 and resp.json()["detail"] == "unknown subject 'carol'"
+    # subject ids are per tenant: each tenant's "alice" is its own adapter (issue 24)
+    mine, theirs = _image(server, "alice", KEY_A), _image(server, "alice", KEY_B)
+    assert np.abs(mine - theirs).mean() > 1.0, "t1's and t2's alice look alike"
+    assert np.array_equal(_image(server, "alice", KEY_A), mine)
 
 
 @pytest.mark.ray
@@ -634,3 +642,99 @@ def test_a_killed_diffusion_replica_costs_no_client_errors(server, served_worksp
     finally:
         client.close()
         serve.delete(FAULT_APP)
+
+
+def _scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the first ``name{...}`` sample whose labels include ``labels`` (None: absent)."""
+    import re
+
+    for match in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(match.group(2))
+    return None
+
+
+@pytest.mark.ray
+def test_request_ids_in_bodies_and_logs_and_raydb_series_on_rays_prometheus_endpoint(server, ray_cluster):
+    """Real requests through Serve's proxy, then Ray's own metrics endpoint (the node's metrics agent,
+    what Prometheus scrapes): raydb's series are there with the tenant, route and status."""
+    import glob
+    import uuid
+
+    ok_id, denied_id = f"ok-{uuid.uuid4().hex}", f"denied-{uuid.uuid4().hex}"
+    body = {"subject_id": "alice", "prompt": "a photo", "seed": 5, "num_inference_steps": 2,
+            "width": 64, "height": 64}
+    ok = server.post("/v1/generate", json=body, headers=_auth(KEY_A) | {"X-Request-ID": ok_id})
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == ok_id
+    denied = server.post("/v1/generate", json=body, headers=_auth("wrong-key") | {"X-Request-ID": denied_id})
+    assert denied.status_code == 401 and denied.json()["request_id"] == denied_id
+    missing = server.post("/v1/generate", json=body | {"subject_id": "nobody"}, headers=_auth(KEY_A))
+    assert missing.status_code == 404  # Serve made this request's id: the body carries it too
+    assert missing.json()["request_id"] == missing.headers["x-request-id"] != ""
+    big_id = f"big-{uuid.uuid4().hex}"  # answered by the gate (serve.max_body_bytes), inside the observer
+    big = server.post("/v1/generate", content=b"x" * 70_000, headers=_auth(KEY_A) | {
+        "X-Request-ID": big_id, "Content-Type": "application/json"})
+    assert big.status_code == 413 and big.json()["request_id"] == big_id
+
+    port = ray_cluster.nodes()[0]["MetricsExportPort"]
+    deadline, text = time.time() + 90, ""
+    while time.time() < deadline:  # the agent exports what processes reported (every few seconds)
+        text = _scrape(port)
+        if _sample(text, "ray_raydb_http_requests_total", tenant="unknown", status="401") and \
+                _sample(text, "ray_raydb_batch_size_count") and \
+                _sample(text, "ray_raydb_adapter_loads_total", result="loaded"):
+            break
+        time.sleep(3)
+    assert _sample(text, "ray_raydb_http_requests_total", tenant="t1", route="/v1/generate", method="POST",
+                   status="200") >= 1
+    assert _sample(text, "ray_raydb_http_requests_total", tenant="unknown", route="/v1/generate",
+                   status="401") >= 1
+    assert _sample(text, "ray_raydb_http_requests_total", tenant="t1", status="404") >= 1
+    assert _sample(text, "ray_raydb_http_requests_total", tenant="t1", route="/v1/generate",
+                   status="413") >= 1  # the gate's answer, counted with the tenant and the route template
+    assert _sample(text, "ray_raydb_http_request_seconds_count", tenant="t1", route="/v1/generate") >= 1
+    assert _sample(text, "ray_raydb_batch_size_count") >= 1
+    assert _sample(text, "ray_raydb_batch_queue_wait_seconds_count") >= 1
+    assert _sample(text, "ray_raydb_adapter_loads_total", result="loaded") >= 1
+    assert _sample(text, "ray_raydb_adapter_slots", state="total") == 2 + 8  # models per replica + batch size
+    assert _sample(text, "ray_serve_num_http_requests_total") is not None  # Serve's own beside ours
+
+    # the diffusion replica's log line for this request carries its id (Serve's) and its batch
+    lines = [line for path in glob.glob("/tmp/ray/session_*/logs/serve/replica_*RaydbDiffusion*.log")
+             for line in open(path, errors="replace") if ok_id in line]
+    assert any("batch" in line for line in lines), lines
+
+
+@pytest.mark.ray
+def test_a_request_built_from_the_openapi_document_is_answered_as_it_says(server):
+    """The key header, the body and the answer's shape all come from the document (serve.docs
+    serves the same document; here it is built in-process from the same app)."""
+    import jsonschema
+
+    from raydb.serving.deployments import http_app
+    from raydb.serving.openapi import openapi_document
+
+    doc = openapi_document(http_app)
+    op = doc["paths"]["/v1/generate"]["post"]
+    scheme = doc["components"]["securitySchemes"][next(iter(op["security"][1]))]
+    assert (scheme["type"], scheme["in"]) == ("apiKey", "header")
+    body = op["requestBody"]["content"]["application/json"]["example"]
+    # a subject of this registry, and sizes within this server's limits
+    body = body | {"subject_id": "alice", "width": 64, "height": 64, "num_inference_steps": 2}
+    resp = server.post("/v1/generate", json=body, headers={scheme["name"]: KEY_A})
+    assert resp.status_code == 200, resp.text
+    schemas = {"components": doc["components"]}
+    answer = op["responses"]["200"]["content"]["application/json"]["schema"]
+    jsonschema.validate(resp.json(), {**answer, **schemas})
+    error = op["responses"]["401"]["content"]["application/json"]["schema"]
+    denied = server.post("/v1/generate", json=body)
+    assert denied.status_code == 401
+    jsonschema.validate(denied.json(), {**error, **schemas})

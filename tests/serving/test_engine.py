@@ -102,7 +102,7 @@ def _uri(workspace: str, sid: str) -> str:
     from raydb.registry import latest_version
     from raydb.storage import Storage
 
-    return latest_version(Storage(), workspace, sid)["uri"]
+    return latest_version(Storage(), workspace, "default", sid)["uri"]
 
 
 def _pipe(workspace: str):
@@ -504,6 +504,7 @@ def _engine_like(*, identity="sd15@abc", device="cpu", dtype=torch.float16, nati
 
     unet = SimpleNamespace(device=torch.device(device), dtype=dtype, config=SimpleNamespace(in_channels=4))
     return SimpleNamespace(pipe=SimpleNamespace(unet=unet, vae_scale_factor=8), identity=identity,
+                           denoiser=unet, denoiser_key="unet",
                            family="sd", native_size=native_size, max_lora_rank=max_lora_rank,
                            num_slots=num_slots, layers={"unet": {"down.0.to_q": None, "down.0.to_k": None}})
 

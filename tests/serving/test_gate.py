@@ -28,7 +28,8 @@ from raydb.serving.gate import Gate, GateMiddleware, route_class, route_path
 from raydb.serving.limits import ImageWorkers, ImageWorkersBusy
 from raydb.serving.training_routes import TrainingsEndpoint, router
 from raydb.storage import Storage
-from tests.helpers.trainings import FakeJobs, demo_photos
+from tests.helpers.images import demo_photos
+from tests.helpers.trainings import FakeJobs
 
 KEYS = {"key-one": "t1", "key-two": "t2", "key-three": "t3"}
 TIMEOUT = 30  # seconds any one asynchronous test may take
@@ -152,7 +153,8 @@ def test_every_route_is_under_its_tenants_rate_and_the_classes_are_apart(make_cf
     subjects, over, ui, gen, other, health, anon, again = _run(main())
     assert subjects == [200, 200, 200]
     assert over.status_code == 429 and over.headers["Retry-After"] == "1"
-    assert over.json() == {"detail": "too many requests: at most 1 requests per second per tenant"}
+    assert over.json() == {"detail": "too many requests: at most 1 requests per second per tenant",
+                           "request_id": None}  # the id: the observer (tests/serving/test_observe.py)
     assert ui.status_code == 429
     assert gen == [200, 200, 429]  # /v1/generate has its own bucket (burst 2)
     assert other.status_code == 200 and health == [200] * 10
@@ -245,7 +247,8 @@ def test_the_ingress_bound_answers_503_with_a_clear_body(make_cfg):
 
     full, health, after = _run(main())
     assert full.status_code == 503 and full.headers["Retry-After"] == "1"
-    assert full.json() == {"detail": "the server is at capacity (2 requests in progress); retry"}
+    assert full.json() == {"detail": "the server is at capacity (2 requests in progress); retry",
+                           "request_id": None}
     assert health.status_code == 200 and after.status_code == 200
 
 

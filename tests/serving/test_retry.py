@@ -7,6 +7,7 @@ test in test_serve_faults.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -112,6 +113,11 @@ def test_backoff_doubles_from_backoff_s_and_each_retry_is_logged(monkeypatch, ca
         sleeps.append(seconds)
 
     monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    # Importing ray.serve configures its logger (handlers; in some Ray releases no propagation to
+    # the root): listen on it alone, for the length of this test
+    serve_logger = logging.getLogger("ray.serve")
+    monkeypatch.setattr(serve_logger, "handlers", [caplog.handler])
+    monkeypatch.setattr(serve_logger, "propagate", False)
     send, calls = _flaky(2)
     with caplog.at_level("WARNING", logger="ray.serve"):
         _run(call_with_retry(send, retry_on=(ReplicaDied,)))

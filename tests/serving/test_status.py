@@ -17,7 +17,6 @@ from raydb.errors import (
     Unavailable,
     UnknownResource,
 )
-from raydb.registry import SubjectOwned
 from raydb.serving.adapters import (
     AdapterCorrupt,
     AdapterError,
@@ -38,7 +37,7 @@ from raydb.serving.subjects import BadAdapterId, SubjectNotFound, parse_model_id
     (Overloaded("queue full", retry_after=7), 429), (Unavailable("at capacity", retry_after=1), 503),
     (TimedOut("late"), 504), (BodyTooLarge("request body over 10 bytes"), 413),
     (TooManyRequests("at most 2 requests in flight per tenant", 1.0), 429),
-    (SubjectNotFound("unknown subject 'x'"), 404), (SubjectOwned("taken"), 409),
+    (SubjectNotFound("unknown subject 'x'"), 404),
     (BadAdapterId("bad adapter id"), 400), (AdapterMismatch("x"), 409), (AdapterTooLarge("x"), 409),
     (AdapterUnsupported("x"), 409), (AdapterCorrupt("x"), 500), (AdapterGone("x"), 503),
     (AdapterError("x"), 500), (GenerationCancelled("x"), 504),
@@ -79,7 +78,7 @@ def test_what_the_caller_is_told():
 
 
 def test_a_bad_adapter_id_is_its_own_error():
-    for bad in ("rex", "rex@latest", "../x@v0001", "@v0001"):
+    for bad in ("rex", "rex@v0001", "t1/rex@latest", "../x@v0001", "t1/../x@v0001", "@v0001"):
         with pytest.raises(BadAdapterId):
             parse_model_id(bad)
-    assert parse_model_id("rex@v0001") == ("rex", "v0001")
+    assert parse_model_id("t1/rex@v0001") == ("t1", "rex", "v0001")

@@ -121,14 +121,18 @@ def test_prompt_inputs(train_text_encoder):
     g = torch.Generator().manual_seed(0)
     p = _prompts(g)
     got = prompt_inputs(p, train_text_encoder)
-    assert set(got) == {"prompt_embeds", "prompt_ids", "prompt_pooled", "prompt_ids_2"}
+    assert set(got) == {"prompt_embeds", "prompt_ids", "prompt_pooled", "prompt_ids_2", "prompt_text_ids"}
     assert got["prompt_ids"] is p["ids"] and got["prompt_ids_2"] is p["ids_2"]
     if train_text_encoder:
         assert got["prompt_embeds"] is None and got["prompt_pooled"] is None
     else:
         assert got["prompt_embeds"] is p["embeds"] and got["prompt_pooled"] is p["pooled"]
     sd = prompt_inputs({"embeds": p["embeds"], "ids": p["ids"]}, train_text_encoder)  # SD 1.x cache
-    assert sd["prompt_pooled"] is None and sd["prompt_ids_2"] is None
+    assert sd["prompt_pooled"] is None and sd["prompt_ids_2"] is None and sd["prompt_text_ids"] is None
+    # FLUX.1: only CLIP trains, so its pooled output is dropped while T5's states stay
+    flux = prompt_inputs(p | {"text_ids": torch.zeros(2, 5, 3)}, train_text_encoder)
+    assert flux["prompt_embeds"] is p["embeds"] and flux["prompt_text_ids"].shape == (2, 5, 3)
+    assert (flux["prompt_pooled"] is None) == train_text_encoder
 
 
 # -- make_micro_batch: conditioning per half --------------------------------------------------------

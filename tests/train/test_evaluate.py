@@ -266,3 +266,41 @@ def test_sdxl_scores_use_the_pooled_embedding_and_both_text_encoders(sdxl):
     moved = expected(embeds.float(), pooled.float())
     assert moved != pytest.approx(cached, rel=1e-6)
     assert validator(comps.unet, *encoders)["val_instance"] == pytest.approx(moved, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """Tiny Flux components, one instance image's latents, the two prompts' tensors."""
+    root = tmp_path_factory.mktemp("validator-flux")
+    cfg = _cfg(root, "tiny-flux")
+    comps = load_components(cfg.model, Storage(), cfg.workspace)
+    enc = encode_images(comps.vae, images_to_tensor([demo_images(1, size=64)[0]]))
+    prompts = encode_prompt_set(comps, [cfg.subject.instance_prompt, cfg.subject.class_prompt])
+    return cfg, comps, EncodedImages(enc.mean, enc.std), prompts
+
+
+def test_flux_scores_use_t5_states_clip_pooled_and_guidance(flux):
+    """FLUX.1: fixed sigmas, the instance prompt's T5 states and CLIP pooled output, guidance 1.0
+    (train.flow.guidance) into the distilled transformer; a trained CLIP re-encodes only the pooled
+    output (T5's states stay cached)."""
+    from raydb.models.flux import flux_text_conditioning
+
+    cfg, comps, encoded, prompts = flux
+
+    def expected(pooled: torch.Tensor, guidance: float = 1.0) -> float:
+        return denoising_loss(comps.transformer, comps.noise_scheduler, comps.vae, encoded,
+                              prompts["embeds"][:1], prediction_type="flow_matching", seed=VAL_SEED,
+                              pooled=pooled[:1], text_ids=prompts["text_ids"][:1], guidance=guidance)
+
+    validator = Validator(cfg, comps, encoded, None, prompts)
+    cached = expected(prompts["pooled"])
+    scores = validator(comps.transformer)
+    assert scores == pytest.approx({"val_instance": cached, "val_score": cached}, rel=1e-6)
+    assert expected(prompts["pooled"], guidance=3.5) != pytest.approx(cached, rel=1e-6)  # guidance counts
+    assert expected(prompts["pooled"]) == cached  # fixed draws: a deterministic number
+    clip = _perturbed(comps.text_encoder)
+    with torch.no_grad():
+        _, pooled = flux_text_conditioning((clip, None), (prompts["ids"], None))
+    moved = expected(pooled.float())
+    assert moved != pytest.approx(cached, rel=1e-6)
+    assert validator(comps.transformer, clip)["val_instance"] == pytest.approx(moved, rel=1e-6)

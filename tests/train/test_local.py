@@ -19,6 +19,7 @@ from safetensors.torch import load as st_load
 
 from raydb.config import ConfigError, load_config
 from raydb.models.components import load_components, load_pipeline
+from raydb.registry import register_adapter
 from raydb.storage import Storage
 from raydb.train.data import make_micro_batch
 from raydb.train.local import prepare_training_data, train_subject
@@ -143,7 +144,7 @@ def test_seeded_run_is_reproducible(make_cfg, tmp_path):
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_resume_from_checkpoint_matches_uninterrupted_run(make_cfg, tmp_path, capsys, dtype):
+def test_resume_from_checkpoint_matches_uninterrupted_run(make_cfg, tmp_path, caplog, dtype):
     """Resumed == uninterrupted, bit for bit, in float32 and float64 (``train.dtype``).
 
     Deliberate break caught (float64): checkpoints storing the LoRA weights rounded to fp32
@@ -160,9 +161,10 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(make_cfg, tmp_path, ca
     # "Crash" after step 4: outputs gone, only the checkpoints remain.
     shutil.rmtree(run / "adapter")
     (run / "metrics.jsonl").unlink()
-    capsys.readouterr()
-    resumed = train_subject(cfg, quiet=False)
-    assert "from step 4" in capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level("INFO", logger="raydb"):
+        resumed = train_subject(cfg, quiet=False)
+    assert "from step 4" in caplog.text
     metrics_resumed, weights_resumed = _run_files(resumed)
     assert [m["step"] for m in metrics_resumed] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in metrics_resumed] == [m["loss"] for m in metrics_full]
@@ -173,6 +175,32 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(make_cfg, tmp_path, ca
                                    train={"checkpoint_every": 1000, "max_steps": 6, "dtype": dtype}),
                           quiet=True)
     assert _run_files(other)[1] == weights_full
+
+
+@pytest.mark.heavy
+def test_flux_resume_from_checkpoint_matches_uninterrupted_run(make_cfg, tmp_path, class_images_dir):
+    """FLUX.1 through the same loop: flow-matching batches, transformer and CLIP LoRA, checkpoint
+    and resume — resumed == uninterrupted, bit for bit."""
+    def cfg(ws: str, every: int):
+        return make_cfg(workspace=str(tmp_path / ws), model={"pretrained": "tiny-flux"},
+                        prior={"class_data": class_images_dir}, lora={"train_text_encoder": True},
+                        train={"checkpoint_every": every, "max_steps": 3,
+                               "flow": {"weighting": "cosmap"}})
+
+    first = train_subject(cfg("a", 2), quiet=True)
+    run = Path(first["run_dir"])
+    metrics_full, weights_full = _run_files(first)
+    shutil.rmtree(run / "adapter")
+    (run / "metrics.jsonl").unlink()
+    resumed = train_subject(cfg("a", 2), quiet=True)
+    metrics_resumed, weights_resumed = _run_files(resumed)
+    assert [m["loss"] for m in metrics_resumed] == [m["loss"] for m in metrics_full]
+    assert weights_resumed == weights_full
+    assert _run_files(train_subject(cfg("b", 1000), quiet=True))[1] == weights_full
+    meta = json.loads((run / "adapter" / "adapter.json").read_text())
+    assert (meta["base_model"]["family"], meta["base_model"]["prediction_type"]) == ("flux", "flow_matching")
+    assert meta["training"]["flow"]["weighting"] == "cosmap"
+    assert all(m["loss_prior"] > 0 for m in metrics_full)  # the class half trained too
 
 
 @pytest.mark.parametrize(("section", "field", "value"), [
@@ -272,11 +300,18 @@ def test_run_outputs(make_cfg):
     meta = json.loads((run / "adapter" / "adapter.json").read_text())
     weights = (run / "adapter" / "pytorch_lora_weights.safetensors").read_bytes()
     assert meta["weights_sha256"] == hashlib.sha256(weights).hexdigest()
-    assert _is_png((run / "loss_curve.png").read_bytes())
-    samples = (run / "samples.png").read_bytes()
+    assert _is_png((run / "adapter" / "loss_curve.png").read_bytes())
+    samples = (run / "adapter" / "samples.png").read_bytes()
     assert _is_png(samples)
     # two rows (base, tuned) of two images at the training resolution
     assert Image.open(io.BytesIO(samples)).size == (2 * 64, 2 * 64)
+    # registered with the version, byte for byte (the API serves them from the registry)
+    storage = Storage()
+    record = register_adapter(storage, cfg.workspace, cfg.subject.tenant, cfg.subject.id,
+                              result["adapter_uri"])
+    version = Path(record["uri"])
+    for name in ("loss_curve.png", "samples.png"):
+        assert (version / name).read_bytes() == (run / "adapter" / name).read_bytes()
 
 
 def _adapter_fingerprint(weights: bytes) -> dict:

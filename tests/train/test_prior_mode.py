@@ -73,16 +73,18 @@ def test_image_mode_is_the_recorded_run(make_cfg, tmp_path, class_images_dir, va
 
 def test_image_mode_keeps_the_run_ids_and_stage_keys_it_had():
     """Adding ``prior.mode`` (and ``tune.prior_mode``) must not re-key existing runs and manifests:
-    values recorded at 481bc29 for the default config."""
+    values of main without it, for the default config (recorded at 481bc29, re-recorded from main
+    at f3dbde0: FLUX.1's ``train.flow`` re-keyed the run id and the train stage, the digits base's
+    ``tune.metric`` / ``eval.*`` keys the tune stage — neither is this mode's doing)."""
     cfg = load_config(data={"workspace": "/tmp/x"})
-    assert run_id(cfg) == "demo-a222788034"
+    assert run_id(cfg) == "demo-22405a8b84"
     keys = {stage: inputs_key(stage_inputs(cfg, Storage(), stage)) for stage in ("prior", "encode", "train")}
     assert keys == {"prior": "008d3e80656f3900c12f216da49ffad13b4c3d862728a70f1e48aa736ca7d946",
                     "encode": "cbdeda62e3961f251a2e19e69aff2e85f43f44cc69f8e3e1148082802532bffa",
-                    "train": "11891a32828878362b379150b195c6067e89fd7cd1455b284aa311bb441d1939"}
+                    "train": "cfc72d4599250ae7a021328c4ac2a4a3bebf2d165d5ca056be7df8d28e82bbd6"}
     tuned = load_config(data={"workspace": "/tmp/x", "tune": {}})
     assert inputs_key(stage_inputs(tuned, Storage(), "tune")) == \
-        "9e693d1e5205911de90435c1a85c188b2e32e3493b304a3e83e8b9004648790c"
+        "d8c33bd2c8d6f9d22f372c9c73adebb9edd596a65dd50c31adda4572666241c0"
     model = load_config(data={"workspace": "/tmp/x", "prior": {"mode": "model"}})
     assert run_id(model) != run_id(cfg)
     assert stage_inputs(model, Storage(), "prior")["images"] == 0
@@ -225,6 +227,52 @@ def test_model_mode_prior_target_is_the_frozen_base_prediction(make_cfg, variant
     with torch.no_grad():
         again = _predict(comps, noisy, batch, slice(B, None))
     assert not torch.allclose(again, base_pred)
+
+
+@pytest.mark.heavy
+def test_model_mode_prior_target_is_the_frozen_base_prediction_for_flux(make_cfg):
+    """FLUX.1 (flow matching), float64: the prior rows repeat the instance rows' sigmas, noise and
+    guidance under the class prompt, and their target is the prediction of a separate LoRA-free
+    copy of the base transformer; the instance rows' target is the flow velocity."""
+    from raydb.train.flow import velocity_target
+    from raydb.train.step import _latents, denoiser_prediction
+
+    cfg = make_cfg(model={"pretrained": "tiny-flux"}, prior={"mode": "model"},
+                   train={"dtype": "float64", "mixed_precision": "no", "batch_size": B})
+    storage = Storage()
+    comps = load_components(cfg.model, storage, cfg.workspace, dtype=torch.float64)
+    base = load_components(cfg.model, storage, cfg.workspace, dtype=torch.float64)
+    data = prepare_training_data(cfg, comps, storage)
+    build_train_state(cfg, comps.denoiser, *comps.lora_text_encoders)  # adds the LoRA layers
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in comps.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    batch = make_micro_batch(data, step=0, micro=0, batch_size=B, accumulation=1, seed=cfg.train.seed,
+                             num_train_timesteps=comps.noise_scheduler.config.num_train_timesteps)
+    assert data.prior_from_instance and batch.sigmas is not None and batch.timesteps is None
+    for name in ("latent_mean", "latent_eps", "noise", "sigmas", "guidance", "text_ids"):
+        rows = getattr(batch, name)
+        if rows is not None:
+            assert torch.equal(rows[B:], rows[:B]), name
+    assert not torch.equal(batch.encoder_hidden_states[B:], batch.encoder_hidden_states[:B])  # prompts
+
+    weight = 0.7
+    parts = forward_loss(comps.denoiser, comps.noise_scheduler, batch, prediction_type=comps.prediction_type,
+                         prior_loss_weight=weight, with_prior=True, vae=comps.vae, prior_mode="model")
+    vae = comps.vae.config
+    latents = _latents(batch, comps.vae, vae.scaling_factor, vae.get("shift_factor"))
+    with torch.no_grad():
+        base_pred = denoiser_prediction(base.denoiser, base.noise_scheduler, batch.rows(slice(B, None)),
+                                        latents[B:])
+        pred = denoiser_prediction(comps.denoiser, comps.noise_scheduler, batch, latents)
+    instance = _mse(pred[:B], velocity_target(latents, batch.noise)[:B])
+    prior = _mse(pred[B:], base_pred)
+    assert prior.item() > 1e-6  # the adapter really differs from the base on the prior rows
+    assert parts.instance.item() == pytest.approx(instance.item(), rel=1e-9, abs=0)
+    assert parts.prior.item() == pytest.approx(prior.item(), rel=1e-6, abs=0)
+    assert all(p.requires_grad for name, p in comps.denoiser.named_parameters() if "lora_" in name)
 
 
 @pytest.mark.heavy

@@ -41,7 +41,10 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
     same = demo_images(1)[0]
     class_dir = image_folder(tmp_path / "class", [same, same, same, same])
     prior = {"class_data": class_dir, "num_class_images": 4} if prior_mode == "images" else {"mode": "model"}
+    # text-encoder LoRA too: DDP wraps only the denoiser, so the encoder's gradients must be
+    # averaged across workers by the step itself
     common = {"prior": prior,
+              "lora": {"train_text_encoder": True},
               "train": {"max_steps": 2, "checkpoint_every": 100, "learning_rate": 1e-2,
                         "dtype": "float64"}}
     # one workspace: the second run reuses the first one's encoded cache (the run ids differ)
@@ -52,7 +55,7 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
                                      **{**common, "train": {**common["train"], "batch_size": 1}}),
                             quiet=True)
     a, b = adapter_tensors(one), adapter_tensors(two)
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=2.5e-7, atol=0.0)
     la, lb = run_metrics(one), run_metrics(two)

@@ -80,7 +80,7 @@ def test_two_workers_survive_a_killed_worker_and_register(ray_cluster, make_cfg,
     lines = run_metrics(result)
     assert [m["step"] for m in lines] == list(range(1, 9))  # continues the count, exactly max_steps
     assert all(m["images_per_s"] > 0 for m in lines)
-    record = latest_version(Storage(), cfg.workspace, cfg.subject.id)
+    record = latest_version(Storage(), cfg.workspace, cfg.subject.tenant, cfg.subject.id)
     assert record["uri"] == summary["registered"]
     meta = json.loads((Path(record["uri"]) / "adapter.json").read_text())
     assert meta["metrics"]["num_workers"] == 2 and meta["metrics"]["steps"] == 8

@@ -11,47 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from raydb.data.ingest import load_images
 from raydb.registry import list_subjects
-from raydb.serving.training_routes import TrainingsEndpoint, router
 from raydb.storage import Storage
 from raydb.trainings.job import run_training
 from raydb.trainings.store import TrainingStore
 from tests.helpers.images import demo_photos, image_bytes
-from tests.helpers.trainings import CancelDuringStage, FakeJobs
-
-KEYS = {"key-one": "t1", "key-two": "t2"}
-FIELDS = {"subject_id": "rex", "instance_prompt": "a photo of sks toy", "class_prompt": "a photo of a toy"}
-
-
-def _tenant(request: Request) -> str:
-    tenant = KEYS.get(request.headers.get("x-api-key", ""))
-    if tenant is None:
-        raise HTTPException(401, "missing or invalid API key")
-    return tenant
-
-
-@pytest.fixture
-def service(make_cfg, tmp_path):
-    cfg = make_cfg(workspace=str(tmp_path / "ws"), prior={"enabled": False},
-                   train={"max_steps": 2, "resolution": 64},
-                   service={"max_concurrent_trainings": 1, "max_trainings_per_tenant": 1,
-                            "max_queued_trainings": 1, "max_photos": 3, "max_photo_bytes": 60_000,
-                            "max_photo_pixels": 200 * 200, "retry_after_s": 7})
-    jobs = FakeJobs()
-
-    def client() -> TestClient:  # a new app over the same workspace: an "ingress restart"
-        app = FastAPI()
-        app.include_router(router)
-        app.state.raydb_trainings = TrainingsEndpoint(cfg, Storage(cfg.s3_endpoint_url), _tenant, jobs=jobs,
-                                                      background=False)
-        return TestClient(app)
-
-    return cfg, jobs, client
+from tests.helpers.trainings import CancelDuringStage
+from tests.helpers.trainings import post_training as _post
 
 
 def _png(img: Image.Image) -> bytes:
@@ -60,15 +29,6 @@ def _png(img: Image.Image) -> bytes:
 
 def _photos() -> list[tuple[str, bytes]]:
     return demo_photos(3, 96)
-
-
-def _post(client: TestClient, key: str = "key-one", photos=None, idem: str | None = None, **fields):
-    """A real multipart body: text fields as parts without a file name, photos as file parts."""
-    parts = [(k, (None, v)) for k, v in (FIELDS | fields).items() if v is not None]
-    photos = _photos() if photos is None else photos
-    parts += [("photos", (name, data, "image/png")) for name, data in photos]
-    headers = {"X-API-Key": key} | ({"Idempotency-Key": idem} if idem else {})
-    return client.post("/v1/trainings", files=parts, headers=headers)
 
 
 def _stored(cfg) -> list[str]:
@@ -142,12 +102,18 @@ def test_idempotency_queue_limits_and_tenant_isolation(service):
     for method in ("get", "delete"):
         resp = getattr(c, method)(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-two"})
         assert resp.status_code == 404 and resp.json()["detail"] == f"unknown training {tid!r}"
-    assert c.get("/v1/trainings", headers={"X-API-Key": "key-two"}).json() == {"trainings": []}
-    # one slot, one queued at most: the second waits, the third is refused
+    assert c.get("/v1/trainings", headers={"X-API-Key": "key-two"}).json() == {"trainings": [], "next": None}
+    # one slot, one queued per tenant, two in all: t1's second waits, its third is refused — and
+    # t2 still gets its place in the queue (t1 cannot fill it); a third tenant finds it full
     second = _post(c, key="key-one", subject_id="fido")
     assert second.status_code == 202 and second.json()["status"] == "queued"
-    third = _post(c, key="key-two", subject_id="kit")
+    third = _post(c, key="key-one", subject_id="kit")
     assert third.status_code == 429 and third.headers["Retry-After"] == "7"
+    assert "service.max_queued_per_tenant" in third.json()["detail"]
+    theirs = _post(c, key="key-two", subject_id="kit")
+    assert theirs.status_code == 202 and theirs.json()["status"] == "queued"
+    full = _post(c, key="key-three", subject_id="kit")
+    assert full.status_code == 429 and "queue is full" in full.json()["detail"]
     # the first job dies without a result: it fails, and the queued one starts
     jobs.statuses[jobs.submitted[0]] = "FAILED"
     c.app.state.raydb_trainings.service.pass_queue()  # the next queue pass (background thread or a GET)
@@ -160,7 +126,7 @@ def test_idempotency_queue_limits_and_tenant_isolation(service):
 
 def test_jobs_succeed_fail_and_cancel_and_a_new_ingress_still_answers(service):
     cfg, jobs, client = service
-    cfg.service.max_concurrent_trainings = cfg.service.max_trainings_per_tenant = 3
+    cfg.service.max_concurrent_trainings = cfg.service.max_running_per_tenant = 3
     cfg.service.max_queued_trainings = 3
     c = client()
     ids = [_post(c, subject_id=sid).json()["id"] for sid in ("rex", "fido", "kit")]
@@ -182,37 +148,78 @@ def test_jobs_succeed_fail_and_cancel_and_a_new_ingress_still_answers(service):
     assert views["rex"]["status"] == "succeeded" and views["rex"]["subject"] == {"subject_id": "rex",
                                                                                  "version": "v0001"}
     assert (views["rex"]["step"], views["rex"]["max_steps"]) == (2, 2) and views["rex"]["loss"] > 0
-    assert views["fido"]["status"] == "failed" and "/nonexistent/model" in views["fido"]["error"]
+    # the tenant reads what failed and where, not the operator's paths; the operator's record has them
+    assert views["fido"]["status"] == "failed" and views["fido"]["error"].startswith("stage ")
+    assert "<path>" in views["fido"]["error"] and "nonexistent" not in views["fido"]["error"]
+    assert "/nonexistent/model" in store.status("t1", ids[1])["error_detail"]
     assert views["kit"]["status"] == "cancelled" and views["kit"]["error"] is None
-    registered = sorted(list_subjects(Storage(), cfg.workspace))
+    registered = sorted(list_subjects(Storage(), cfg.workspace, "t1"))
     assert registered == ["rex"]  # neither the failed nor the cancelled training registered anything
     assert c.delete(f"/v1/trainings/{ids[0]}", headers={"X-API-Key": "key-one"}).status_code == 409
-    assert _post(c, key="key-two", subject_id="rex").status_code == 409  # t1 owns rex
+
+
+def test_two_tenants_can_each_train_a_subject_of_the_same_name(service):
+    """Subject ids are per tenant (issue 24): t2 submitting ``rex`` after t1 registered its ``rex``
+    is accepted (before: 409 "subject id 'rex' is taken", which also told t2 that someone had a
+    ``rex``), trains, and registers t2's own ``rex``; t1's stays as it was."""
+    from raydb.serving.subjects import find_subject
+
+    cfg, jobs, client = service
+    cfg.service.max_concurrent_trainings = cfg.service.max_queued_trainings = 2
+    c = client()
+    store = TrainingStore(Storage(), cfg.workspace)
+    first = _post(c, key="key-one", photos=demo_photos(3, 96))
+    assert first.status_code == 202, first.text
+    assert run_training(store, "t1", first.json()["id"], local=True) == "succeeded"
+    second = _post(c, key="key-two", photos=demo_photos(3, 80))
+    assert second.status_code == 202, second.text
+    assert run_training(store, "t2", second.json()["id"], local=True) == "succeeded"
+    for tenant, key, resp in (("t1", "key-one", first), ("t2", "key-two", second)):
+        view = c.get(f"/v1/trainings/{resp.json()['id']}", headers={"X-API-Key": key}).json()
+        assert view["subject"] == {"subject_id": "rex", "version": "v0001"}
+        assert list(list_subjects(Storage(), cfg.workspace, tenant)) == ["rex"]
+    mine, theirs = (find_subject(Storage(), cfg.workspace, t, "rex") for t in ("t1", "t2"))
+    assert mine.uri != theirs.uri and mine.metadata["weights_sha256"] != theirs.metadata["weights_sha256"]
+    assert (mine.metadata["subject"]["tenant"], theirs.metadata["subject"]["tenant"]) == ("t1", "t2")
 
 
 def test_a_training_cancelled_while_it_trains_registers_nothing(service):
     """``DELETE`` lands while the job's train stage runs: the stage finishes (its adapter is in the
-    run folder), but the job finds the outcome claimed and registers nothing — no version and no
-    owner record for the subject id (the submission only read the owner; the pipeline, the only
-    registrar, never ran its register stage)."""
-    from raydb.registry import subject_owner
-
+    run folder), but the job finds the outcome claimed and registers nothing — no version, no
+    subject folder (the pipeline, the only registrar, never ran its register stage)."""
     cfg, jobs, client = service
     c = client()
     tid = _post(c).json()["id"]
     store = TrainingStore(Storage(), cfg.workspace)
-    assert subject_owner(store.storage, cfg.workspace, "rex") is None  # submitted, not claimed
     job_store = CancelDuringStage(store, "train", lambda: c.delete(f"/v1/trainings/{tid}",
                                                                     headers={"X-API-Key": "key-one"}))
     assert run_training(job_store, "t1", tid, local=True) == "cancelled"
     assert job_store.cancelled and jobs.stopped == [jobs.submitted[0]]
     run = store.status("t1", tid)["run_uri"]
     assert (Path(run) / "adapter" / "pytorch_lora_weights.safetensors").is_file()  # it did train
-    assert list_subjects(Storage(), cfg.workspace) == {}
-    assert subject_owner(store.storage, cfg.workspace, "rex") is None
-    assert not (Path(cfg.workspace) / "subjects").exists()
+    assert list_subjects(Storage(), cfg.workspace, "t1") == {}
+    assert not (Path(cfg.workspace) / "tenants" / "t1" / "subjects").exists()
     view = c.get(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-one"}).json()
     assert view["status"] == "cancelled" and view["subject"] is None
+
+
+def test_a_cancel_arriving_while_the_job_registers_is_refused_and_the_training_succeeds(service):
+    """The other side of the register-or-cancel decision: once the job won ``outcome.json`` and its
+    register stage runs, ``DELETE`` answers 409 and changes nothing; the training succeeds with its
+    version (deliberate break caught: the job registering without claiming the outcome first)."""
+    cfg, jobs, client = service
+    c = client()
+    tid = _post(c).json()["id"]
+    store = TrainingStore(Storage(), cfg.workspace)
+    answers = []
+    job_store = CancelDuringStage(store, "register", lambda: answers.append(
+        c.delete(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-one"})))
+    assert run_training(job_store, "t1", tid, local=True) == "succeeded"
+    [refused] = answers
+    assert refused.status_code == 409 and "registering its result" in refused.json()["detail"]
+    assert jobs.stop_calls == [] and store.outcome("t1", tid) == "register"
+    view = c.get(f"/v1/trainings/{tid}", headers={"X-API-Key": "key-one"}).json()
+    assert view["status"] == "succeeded" and view["subject"] == {"subject_id": "rex", "version": "v0001"}
 
 
 def test_a_refused_submission_stays_queued_until_the_jobs_api_takes_it(service):
@@ -289,6 +296,8 @@ def test_photo_uris_outside_the_tenants_prefixes_or_unreadable_are_refused(servi
     s3.write_bytes(f"{bucket}/t1/wide.png", _png(Image.new("RGB", (400, 120))))
     s3.write_bytes(f"{bucket}/t1/notes.png", b"this is text, not a picture")
     s3.write_bytes(f"{bucket}/t1/empty.png", b"")
+    # S3 keys are literal: this object lies under t1/sneaky/, but a normalising proxy reads t2's
+    s3.write_bytes(f"{bucket}/t1/sneaky/../../t2/theirs.png", photos[0][1])
     cases = [
         (f"{bucket}/t2/theirs.png", 403, "outside the folders"),             # another tenant's photos
         (f"{bucket}/t1-other/x.png", 403, "outside the folders"),            # prefix, not key boundary
@@ -296,6 +305,7 @@ def test_photo_uris_outside_the_tenants_prefixes_or_unreadable_are_refused(servi
         ("s3://another-bucket/t1/ok.png", 403, "outside the folders"),
         (f"{bucket}/t1/../t2/theirs.png", 422, "'..' path segments"),        # no escape by '..'
         (f"{bucket}/t1//ok.png", 422, "path segments"),
+        (f"{bucket}/t1/sneaky/", 422, "t1/sneaky/../../t2/theirs.png'"),   # a folder lists it: refused too
         ("https://example.com/t1/ok.png", 422, "not an s3:// URI"),
         (f"{bucket}/t1/missing.png", 422, "no such object or folder"),
         (f"{bucket}/t1/none/", 422, "no such object or folder"),
@@ -358,7 +368,9 @@ def test_a_tune_training_reports_its_trials_progress(service):
     tid = resp.json()["id"]
     store = TrainingStore(Storage(), cfg.workspace)
     trained = RaydbConfig.model_validate(store.request("t1", tid)["config"])
-    assert trained.tune.model_dump() == cfg.service.tune.model_dump() | {"name": tid}
+    # its own name, and as many trials at a time as service.max_tune_gpus (1) holds
+    assert trained.tune.model_dump() == cfg.service.tune.model_dump() | {"name": tid,
+                                                                         "max_concurrent_trials": 1}
     assert (resp.json()["step"], resp.json()["max_steps"]) == (None, 4)  # 2 planned trials x 2 steps
     assert resp.json()["trials"] == {"planned": 2, "started": 0}
     # the job's tune stage began 10 s ago; one trial has done 1 of its 2 steps
@@ -368,7 +380,7 @@ def test_a_tune_training_reports_its_trials_progress(service):
     status = json.loads(status_file.read_text())
     status_file.write_text(json.dumps(status | {"updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                             time.gmtime(began))}))
-    run = str(Path(cfg.workspace) / "runs" / "rex" / "rex-trial")
+    run = str(Path(cfg.workspace) / "tenants" / "t1" / "runs" / "rex" / "rex-trial")
     record_trial(store.storage, tune_uri(trained), run)
     store.storage.write_json(f"{run}/progress.json", {"step": 1, "max_steps": 2, "loss": 0.25,
                                                       "images_per_s": 3.0, "updated_at": "x"})

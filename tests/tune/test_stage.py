@@ -48,7 +48,7 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
 
     # 4 class images to train on, the other 4 of the folder held out for val_prior
     cfg = make_cfg(train={"max_steps": 8}, prior={"class_data": class_images_dir, "num_class_images": 4},
-                   service={"tune": GRID | {"max_concurrent_trials": 2}},
+                   service={"tune": GRID | {"max_concurrent_trials": 2}, "max_tune_gpus": 2},
                    eval={"clip_model": "tiny", "num_images": 1, "num_inference_steps": 2})
     service = TrainingService(cfg, Storage(), FakeJobs())
     view, _ = service.submit("t1", _tune_fields(cfg), demo_photos(), None)  # builtin:demo's photos
@@ -74,7 +74,7 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
     log = (Path(summary["best"]["run_dir"]) / "metrics.jsonl").read_text()
     logged = [json.loads(x) for x in log.splitlines()]
     assert any("val_clip_i" in m and "val_clip_t" in m for m in logged)
-    record = latest_version(Storage(), cfg.workspace, cfg.subject.id)
+    record = latest_version(Storage(), cfg.workspace, "t1", cfg.subject.id)
     view = service.get("t1", view["id"])
     assert view["subject"] == {"subject_id": cfg.subject.id, "version": record["version"]}
     assert view["trials"] == {"planned": 4, "started": 4} and view["max_steps"] == 4 * 8
@@ -89,12 +89,12 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
 
 def test_a_search_cancelled_while_it_runs_registers_nothing(ray_cluster, make_cfg, class_images_dir):
     """A ``tune: true`` training whose ``DELETE`` lands while its search runs: the search finishes
-    and has a best trial, but nothing is registered and the subject id stays unclaimed — the tune
+    and has a best trial, but nothing is registered — the tune
     stage only returns the best adapter; the pipeline's register stage, which the job runs only
     after winning the outcome, is the only registrar (a search that registered its best trial itself
     ended a cancelled training registered)."""
     from raydb.config import RaydbConfig
-    from raydb.registry import list_subjects, subject_owner
+    from raydb.registry import list_subjects
     from raydb.storage import join
     from raydb.trainings.job import run_training
     from raydb.trainings.service import TrainingService
@@ -112,8 +112,8 @@ def test_a_search_cancelled_while_it_runs_registers_nothing(ray_cluster, make_cf
     trained = RaydbConfig.model_validate(service.store.request("t1", view["id"])["config"])
     summary = Storage().read_json(join(tune_uri(trained), "summary.json"))  # the search did finish
     assert (Path(summary["best"]["run_dir"]) / "adapter" / "adapter.json").is_file()
-    assert list_subjects(Storage(), cfg.workspace) == {}
-    assert subject_owner(Storage(), cfg.workspace, cfg.subject.id) is None
+    assert list_subjects(Storage(), cfg.workspace, "t1") == {}
+    assert not (Path(cfg.workspace) / "tenants" / "t1" / "subjects").exists()
     assert service.get("t1", view["id"])["status"] == "cancelled"
 
 
@@ -132,7 +132,9 @@ def test_killed_tune_driver_resumes(ray_cluster, make_cfg, tmp_path, class_image
                                 "max_concurrent_trials": 1, "eval_every": 2,
                                 "grace_period": 2})  # no early stop: both trials finish
     driver = start_driver(ray_cluster, cfg, tmp_path, "raydb.tune.run_tune")
-    runs = Path(cfg.workspace) / "runs" / cfg.subject.id
+    from raydb.train.rundir import runs_uri
+
+    runs = Path(runs_uri(cfg))
     deadline = time.time() + 300
     try:
         while time.time() < deadline and not list(runs.glob("*/result.json")):

@@ -1,1 +1,0 @@
-"""Ray Serve entrypoints for raydb (thin: the logic lives in raydb.serving)."""

@@ -344,13 +344,13 @@ def _run_outputs(result: dict) -> tuple[list[dict], bytes, dict]:
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("variant", ["sd", "sdxl"])
+@pytest.mark.parametrize("variant", ["sd", "sdxl", "flux"])
 def test_model_mode_trains_without_class_images_and_resumes_exactly(make_cfg, tmp_path, variant):
-    """``prior.mode: model`` end to end in one process (tiny SD and tiny SDXL): nothing is generated,
+    """``prior.mode: model`` end to end in one process (tiny SD, SDXL and FLUX.1): nothing is generated,
     the first step's prior loss is zero (LoRA starts as the identity, so adapted == base), later
     ones are not, ``adapter.json`` records the mode, and a run resumed from its checkpoint ends
     bit for bit where an uninterrupted one does."""
-    cfg = make_cfg(model={"pretrained": "tiny-sdxl" if variant == "sdxl" else "tiny"},
+    cfg = make_cfg(model={"pretrained": {"sd": "tiny", "sdxl": "tiny-sdxl", "flux": "tiny-flux"}[variant]},
                    prior={"mode": "model"},
                    train={"max_steps": 4, "checkpoint_every": 2, "dtype": "float64", "batch_size": 2,
                           "gradient_accumulation_steps": 2, "learning_rate": 1e-2})

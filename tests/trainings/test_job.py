@@ -97,10 +97,11 @@ def test_upload_train_as_a_ray_job_then_generate_without_redeploy(tmp_path):
         assert Image.open(io.BytesIO(png.content)).size == (64, 64)
         client.close()
         ws = tmp_path / "ws"
-        meta = json.loads((ws / "subjects" / "star" / "v0001" / "adapter.json").read_text())
+        home = ws / "tenants" / "t1"  # subject ids are per tenant
+        meta = json.loads((home / "subjects" / "star" / "v0001" / "adapter.json").read_text())
         assert meta["training"]["prior_mode"] == "model" and meta["training"]["prior_enabled"]
         assert not (ws / "priors").exists()  # no class image was generated
-        manifests = ws / "pipeline" / "star"
+        manifests = home / "pipeline" / "star"
         assert not (manifests / "prior.json").exists()  # the stage was off: no manifest
         assert json.loads((manifests / "encode.json").read_text())["outputs"]["num_class"] == 0
 

@@ -7,6 +7,8 @@
 #   (cold, then warm from the workspace compile cache).
 # MODE=serve: the serving engine at SD 1.5 size (bench/serve_engine_gpu.py), <= 9 minutes.
 # MODE=sdxl: the SDXL rows (train, engine, generation) and diffusers' SDXL script, <= 9 minutes.
+# MODE=prior: prior.mode's cost at SD 1.5 size (bench/prior_cost.py, issue 26): prior-stage images/s,
+#   training ms/step in image and model mode (graphs, and model mode eager), end-to-end totals; <= 8 minutes.
 # MODE=flux (issue 27): the FLUX.1-dev-size row (bench/flux_row.py, <= 9 minutes): build and save
 #   the 12 B random-weight model, raydb's shipped loop at 1024 px bf16 rank 16 1 + 1, then
 #   diffusers' Flux DreamBooth script on the same folder:
@@ -51,6 +53,13 @@ serve)
     timeout $(( ${BUDGET_S:-500} + 40 )) python3 -m bench.serve_engine_gpu --budget-s "${BUDGET_S:-500}" \
         --seconds 4 --out "$OUT/serve_engine.json" "$@" 2>&1 | tee "$OUT/serve_engine.log" | grep -v Warning
     echo "serve_engine_gpu: exit ${PIPESTATUS[0]}"
+    exit 0
+    ;;
+prior)
+    timeout $(( ${BUDGET_S:-420} + 40 )) python3 -m bench.prior_cost --budget-s "${BUDGET_S:-420}" \
+        --out "$OUT/prior_cost.json" "$@" 2>&1 | tee "$OUT/prior_cost.log" | grep -v Warning
+    echo "prior_cost: exit ${PIPESTATUS[0]}"
+    python3 -m bench.prior_cost --render "$OUT/prior_cost.json" > "$OUT/prior_cost.md"
     exit 0
     ;;
 sdxl)

@@ -1,18 +1,28 @@
 """Does DreamBooth learn the subject, and does prior preservation keep the class? Measured.
 
 Usage: python -m bench.fidelity [--quick] [--samples 50] [--steps 2000] [--grid docs/fidelity.png]
-                                [--arms l0,l1] [--workspace DIR] [--json out.json]
+                                [--arms l0,l1,model] [--no-costs] [--workspace DIR] [--json out.json]
 
 The ``digits`` base model (trained on real handwritten digits) learns the built-in subject
 ``builtin:red-three`` (five real threes in red ink on yellow — a colouring the base never drew) with
-LoRA, once without prior preservation (λ = 0) and once with it (λ = 1): same seeds, steps, batches and
-learning rate, through raydb's own trainer. Then, from images sampled with fixed seeds and no
-guidance (:mod:`raydb.fidelity.experiment`), the judge (a digit classifier and the trait detector)
-measures subject fidelity, language drift, class accuracy, diversity and the other digits'
-accuracy, beside each run's held-out validation losses. A table goes to stdout; the last line is one
-JSON object (keys ``<figure>_<arm>``, e.g. ``drift_l1``, each fraction's binomial standard error as
-``<figure>_<arm>_se``). ``--quick`` (fewer steps and samples) runs in a few minutes on 2 CPU cores:
-a smoke run of the whole path, whose figures are not the finding's.
+LoRA, without prior preservation (λ = 0), with it from generated class images (λ = 1, ``prior.mode:
+images``) and with it from the base model's own prediction (λ = 1, ``prior.mode: model``, no class
+images): same seeds, steps, batches and learning rate, through raydb's own trainer. Then, from images
+sampled with fixed seeds and no guidance (:mod:`raydb.fidelity.experiment`), the judge (a digit
+classifier and the trait detector) measures subject fidelity, language drift, class accuracy,
+diversity and the other digits' accuracy, beside each run's held-out validation losses. A table
+goes to stdout; the last line is one JSON object (keys ``<figure>_<arm>``, e.g. ``drift_l1``, each
+fraction's binomial standard error as ``<figure>_<arm>_se``). ``--quick`` (fewer steps and samples)
+runs in a few minutes on 2 CPU cores: a smoke run of the whole path, whose figures are not the
+finding's.
+
+What each prior mode costs end to end on this machine (unless ``--no-costs``): image mode = the
+prior stage (the class images a plain run generates: ``num_class_images + num_holdout``) + steps x
+its step time, model mode = steps x its step time (no prior stage). The rates come from
+:func:`bench.prior_cost.interleaved_costs` on this bench's config — the shipped ``TrainEngine`` in
+each mode and the shipped prior-stage generator, interleaved round by round so the machine's load
+hits all three alike (the arms' own ``train_seconds`` do not: they run minutes apart). JSON keys
+``seconds_images``, ``seconds_model``, ``images_over_model`` and the rates behind them.
 """
 
 from __future__ import annotations
@@ -57,7 +67,46 @@ def bench_config(workspace: str, *, steps: int, learning_rate: float, num_class_
     return load_config(data=data)
 
 
-def json_line(result: dict, arms, seconds: float, quick: bool) -> dict:
+def prior_costs(cfg, *, steps: int, rounds: int, blocks: int) -> dict:
+    """End-to-end seconds of a ``steps``-step run in each prior mode from rates measured now
+    (:func:`bench.prior_cost.interleaved_costs`; image mode's class images are read from ``cfg``'s
+    prior cache, made by then). Keys: the rates (``step_s_images``, ``step_s_model``,
+    ``seconds_per_class_image``), ``class_images`` (what image mode's prior stage generates),
+    ``prior_stage_seconds``, ``train_seconds_images``, ``seconds_images``, ``seconds_model``,
+    ``images_over_model``."""
+    from bench.prior_cost import interleaved_costs
+    from raydb.prior.stage import prior_total_images
+
+    images_cfg, model_cfg = cfg.model_copy(deep=True), cfg.model_copy(deep=True)
+    images_cfg.prior.mode, model_cfg.prior.mode = "images", "model"
+    if prior_total_images(model_cfg):  # what makes the comparison: model mode has no prior stage
+        raise AssertionError("prior.mode: model would generate class images")
+    costs = interleaved_costs(images_cfg, rounds=rounds, blocks=blocks)
+    class_images = prior_total_images(images_cfg)
+    return cost_figures(costs, class_images=class_images, steps=steps)
+
+
+def cost_figures(costs: dict, *, class_images: int, steps: int) -> dict:
+    """The JSON line's cost keys from :func:`bench.prior_cost.interleaved_costs`' rates."""
+    from bench.prior_cost import totals
+
+    keep = ("step_s_images", "step_s_model", "model_over_images_step", "seconds_per_class_image",
+            "rounds", "torch_threads", "generator_threads")
+    return {k: costs[k] for k in keep if k in costs} | {"class_images": class_images, "cost_steps": steps} \
+        | totals(costs, class_images=class_images, steps=steps)
+
+
+def print_costs(costs: dict) -> None:
+    c = costs
+    print(f"cost of {c['cost_steps']} steps, rates measured interleaved here: image mode "
+          f"{c['class_images']} class images x {c['seconds_per_class_image']:.3f} s = "
+          f"{c['prior_stage_seconds']:.1f} s prior stage + {c['train_seconds_images']:.1f} s training "
+          f"({c['step_s_images'] * 1000:.1f} ms/step) = {c['seconds_images']:.1f} s; model mode "
+          f"{c['seconds_model']:.1f} s training ({c['step_s_model'] * 1000:.1f} ms/step); "
+          f"images / model {c['images_over_model']:.2f}x")
+
+
+def json_line(result: dict, arms, seconds: float, quick: bool, costs: dict | None = None) -> dict:
     """The bench's last line: base figures, ``<figure>_<arm>`` per arm, the picks, the counts."""
     base, settings = result["base"], result["settings"]
     line = {"base_class_accuracy": base["class_accuracy"],
@@ -77,6 +126,7 @@ def json_line(result: dict, arms, seconds: float, quick: bool) -> dict:
              "steps": settings["steps"], "learning_rate": settings["learning_rate"],
              "judge_held_out_accuracy": settings["judge_held_out_accuracy"], "quick": quick,
              "seconds": round(seconds, 1)}
+    line |= costs or {}
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()}
 
 
@@ -144,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="samples per other digit's prompt (default 20; quick 8)")
     ap.add_argument("--arms", default=",".join(a.name for a in DEFAULT_ARMS),
                     help=f"comma-separated arms to train, of {', '.join(ARMS)} (default: %(default)s)")
+    ap.add_argument("--no-costs", action="store_true", help="skip the prior modes' cost measurement")
     ap.add_argument("--workspace", help="workspace to keep (default: a temporary one)")
     ap.add_argument("--grid", help="write the picture grid (PNG) here")
     ap.add_argument("--json", help="also write the JSON line here")
@@ -163,10 +214,14 @@ def main(argv: list[str] | None = None) -> int:
         result = run_fidelity(cfg, arms, samples=args.samples or quick["samples"],
                               other_samples=args.other_samples or quick["other_samples"],
                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        costs = None if args.no_costs else prior_costs(
+            cfg, steps=steps, rounds=10 if args.quick else 30, blocks=1 if args.quick else 3)
     print_table(result, arms)
+    if costs:
+        print_costs(costs)
     if args.grid:
         picture_grid(result, arms, args.grid)
-    line = json_line(result, arms, time.perf_counter() - start, args.quick)
+    line = json_line(result, arms, time.perf_counter() - start, args.quick, costs)
     if args.json:  # the line with the harness's date and environment, as every bench's JSON
         import datetime as dt
 

@@ -137,12 +137,14 @@ def _check_photos(cfg: RaydbConfig, storage: Storage) -> None:
 
 
 def _prior_groups(subjects: list[BatchSubject], storage: Storage) -> dict[str, list[BatchSubject]]:
-    """Subjects that need generated class images, keyed by their prior stage's inputs hash."""
+    """Subjects that need generated class images, keyed by their prior stage's inputs hash
+    (``prior.mode: model`` subjects need none, unless a search validates on held-out ones)."""
     from raydb.pipeline import inputs_key, stage_inputs
+    from raydb.prior.stage import prior_total_images
 
     groups: dict[str, list[BatchSubject]] = {}
     for s in subjects:
-        if s.cfg is not None and s.cfg.prior.enabled and not s.cfg.prior.class_data:
+        if s.cfg is not None and prior_total_images(s.cfg):
             groups.setdefault(inputs_key(stage_inputs(s.cfg, storage, "prior")), []).append(s)
     return groups
 

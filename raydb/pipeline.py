@@ -113,15 +113,29 @@ def _data_fingerprint(storage: Storage, uri: str | None) -> Any:
     return storage.content_ids(uri)
 
 
+# Keys added to the tune / eval sections after searches were recorded, with the value that means
+# "as before": left out of the tune stage's key at that value, so an older search's manifest still
+# matches (and a finished search is not rerun) until one of them is actually set.
+_LATER_TUNE_KEYS = {"prior_mode": None}
+_LATER_EVAL_KEYS: dict[str, Any] = {}
+
+
+def _without_later_defaults(section: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if k not in later or v != later[k]}
+
+
 def stage_inputs(cfg: RaydbConfig, storage: Storage, stage: str) -> dict[str, Any]:
     """The config fields ``stage`` depends on, cumulative over its upstream stages."""
+    from raydb.prior.stage import prior_total_images
     from raydb.train.rundir import run_id
 
     c = cfg.to_dict()
     model = {k: c["model"][k] for k in ("pretrained", "revision", "prediction_type")}
     prior = {"model": model, "class_prompt": cfg.subject.class_prompt, "resolution": cfg.train.resolution,
-             "prior": {k: v for k, v in c["prior"].items() if k != "concurrency"},
+             "prior": {k: v for k, v in c["prior"].items() if k not in ("concurrency", "mode")},
              "class_data": _data_fingerprint(storage, cfg.prior.class_data)}
+    if cfg.prior_modes() != ["images"]:  # absent in image mode, so older manifests still match
+        prior |= {"modes": cfg.prior_modes(), "images": prior_total_images(cfg)}
     if stage == "prior":
         return prior
     encode = prior | {
@@ -135,7 +149,8 @@ def stage_inputs(cfg: RaydbConfig, storage: Storage, stage: str) -> dict[str, An
     train = encode | {"run_id": run_id(cfg)}
     if stage == "train":
         return train
-    tune = train | {"tune": c["tune"], "eval": c["eval"]}
+    tune = train | {"tune": c["tune"] and _without_later_defaults(c["tune"], _LATER_TUNE_KEYS),
+                    "eval": _without_later_defaults(c["eval"], _LATER_EVAL_KEYS)}
     if stage == "tune":
         return tune
     if stage == "register":
@@ -230,7 +245,7 @@ def _search_metadata(cfg: RaydbConfig, tuned: dict[str, Any]) -> dict[str, Any] 
     best = tuned.get("best")
     if not best:
         return None
-    hyper = {k: best[k] for k in ("prior_loss_weight", "learning_rate")}
+    hyper = {k: best[k] for k in ("prior_mode", "prior_loss_weight", "learning_rate")}
     metric = cfg.tune.metric if cfg.tune is not None else "val_score"
     val = {k: best.get(k) for k in dict.fromkeys(("val_instance", "val_prior", "val_score", metric))}
     return {"tune": {"hyperparameters": hyper, "validation": val, "results_csv": tuned.get("results_csv")}}
@@ -316,7 +331,9 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
     base = pipeline_uri(cfg)
     results: list[StageResult] = []
     outputs: dict[str, dict[str, Any]] = {}
-    prior_off = not cfg.prior.enabled or bool(cfg.prior.class_data)
+    from raydb.prior.stage import prior_total_images
+
+    prior_off = not prior_total_images(cfg)  # off, class images given, or model mode needing none
 
     def stage(name: str, run: Callable[[], dict[str, Any]], exists: Callable[[dict], bool]) -> None:
         if not quiet:
@@ -331,7 +348,8 @@ def run_pipeline(cfg: RaydbConfig, storage: Storage | None = None, *, deploy: bo
     for name in selected:
         if name == "prior":
             if prior_off:
-                results.append(StageResult("prior", "off", 0.0, {"class_data": cfg.prior.class_data}))
+                results.append(StageResult("prior", "off", 0.0, {"class_data": cfg.prior.class_data,
+                                                                 "mode": cfg.prior.mode}))
                 continue
             stage("prior", lambda: _prior(cfg, storage, local),
                   lambda o: _prior_exists(storage, cfg, o, local))
@@ -393,7 +411,10 @@ def _key_outputs(res: StageResult) -> str:
     if res.status == "off":
         if res.stage == "encode":
             return "encoded by the single-process trainer"
-        return "prior preservation off" if not o.get("class_data") else f"class images from {o['class_data']}"
+        if o.get("class_data"):
+            return f"class images from {o['class_data']}"
+        return "prior from the base model (no class images)" if o.get("mode") == "model" else \
+            "prior preservation off"
     text = picks[res.stage]()
     return text + (" (found finished)" if o.get("reused") and res.status == "ran" else "")
 

@@ -1,8 +1,10 @@
 """``raydb batch``: many subjects in one job (local mode: no Ray, tiny model, 2 steps, 2 class images).
 
-Four subjects: ``rex`` and ``fido`` share a class prompt, ``kit`` has its own, ``bad`` shares the
-toy class but one of its photos is corrupt. The shared class's images must be generated once, the
-three good subjects registered, ``bad`` failed alone with its file named, and a rerun train nothing.
+Five subjects: ``rex`` and ``fido`` share a class prompt, ``kit`` has its own, ``bad`` shares the
+toy class but one of its photos is corrupt, ``moe`` shares it too but trains with ``prior.mode:
+model``. The shared class's images must be generated once (and not for ``moe``, whose prior stage
+is off), the four good subjects registered, ``bad`` failed alone with its file named, and a rerun
+train nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from raydb.registry import latest_version
 from raydb.storage import Storage
 from tests.helpers.images import image_folder
 
-SUBJECTS = [("rex", "sks", "toy"), ("fido", "zwx", "toy"), ("kit", "qpv", "cat"), ("bad", "vfx", "toy")]
+SUBJECTS = [("rex", "sks", "toy"), ("fido", "zwx", "toy"), ("kit", "qpv", "cat"), ("bad", "vfx", "toy"),
+            ("moe", "kjh", "toy")]
 
 
 def _photos(folder: Path, corrupt: bool) -> str:
@@ -37,7 +40,8 @@ def manifest(tmp_path) -> Path:
         _photos(tmp_path / "photos" / sid, corrupt=sid == "bad")
         subjects.append({"id": sid, "tenant": "shop", "instance_data": f"photos/{sid}",
                          "instance_prompt": f"a photo of {token} {noun}",
-                         "class_prompt": f"a photo of a {noun}"})
+                         "class_prompt": f"a photo of a {noun}"}
+                        | ({"config": {"prior": {"mode": "model"}}} if sid == "moe" else {}))
     path = tmp_path / "subjects.yaml"
     path.write_text(yaml.safe_dump({"defaults": {"train": {"max_steps": 2}}, "subjects": subjects}))
     return path
@@ -48,7 +52,7 @@ def test_batch_shares_priors_isolates_failures_and_reruns_nothing(make_cfg, mani
     result = run_batch(load_manifest(manifest, cfg), local=True)
     rows = {r["subject_id"]: r for r in result["subjects"]}
     assert {sid: r["status"] for sid, r in rows.items()} == {
-        "rex": "trained", "fido": "trained", "kit": "trained", "bad": "failed"}
+        "rex": "trained", "fido": "trained", "kit": "trained", "bad": "failed", "moe": "trained"}
     assert rows["bad"]["error"].startswith("IngestError") and "broken.jpg" in rows["bad"]["error"]
     assert result["failed"] == 1
     # One fill per class: the toy group holds rex and fido (bad failed its check before), and the
@@ -64,18 +68,23 @@ def test_batch_shares_priors_isolates_failures_and_reruns_nothing(make_cfg, mani
     assert prior_manifests["rex"]["outputs"]["cache_uri"] == prior_manifests["fido"]["outputs"]["cache_uri"]
     assert prior_manifests["fido"]["outputs"]["images_generated"] == 0  # found rex's fill in the cache
     assert len(list((ws / "priors").iterdir())) == 2  # two classes, two caches
-    for sid in ("rex", "fido", "kit"):
+    assert rows["moe"]["stages"]["prior"] == "off" and not (home / "pipeline" / "moe" / "prior.json").exists()
+    for sid in ("rex", "fido", "kit", "moe"):
         latest = latest_version(Storage(), cfg.workspace, "shop", sid)
         assert latest["version"] == rows[sid]["version"] == "v0001"
         meta = json.loads((Path(latest["uri"]) / "adapter.json").read_text())
         assert meta["subject"]["tenant"] == "shop" and meta["metrics"]["steps"] == 2
+        assert meta["training"]["prior_mode"] == ("model" if sid == "moe" else "images")
     assert not (home / "subjects" / "bad").exists() and not (home / "pipeline" / "bad").exists()
     assert "batch summary:" in capsys.readouterr().out
 
     again = run_batch(load_manifest(manifest, cfg), local=True, quiet=True)
     statuses = {r["subject_id"]: r["status"] for r in again["subjects"]}
-    assert statuses == {"rex": "skipped", "fido": "skipped", "kit": "skipped", "bad": "failed"}
-    for row in again["subjects"][:3]:
+    assert statuses == {"rex": "skipped", "fido": "skipped", "kit": "skipped", "bad": "failed",
+                        "moe": "skipped"}
+    for row in again["subjects"]:
+        if row["status"] == "failed":
+            continue
         assert set(row["stages"].values()) <= {"skipped", "off"}, row
     assert all(g["images_generated"] == 0 for g in again["priors"])
 

@@ -108,6 +108,19 @@ def test_stage_inputs_follow_only_relevant_fields(make_cfg, tmp_path):
     assert key(local, "encode") != k2
     tuned = make_cfg(tune={"learning_rate": [1e-4, 1e-3]})
     assert key(tuned, "register") == key(tuned, "tune") != key(base, "train")
+    # prior.mode: the images to generate (none, or a search's held-out ones) key the prior stage,
+    # and a search over the mode generates the image-mode trials' class images as well
+    model = make_cfg(prior={"mode": "model", "num_holdout": 2})
+    searched = make_cfg(prior={"mode": "model", "num_holdout": 2}, tune={"prior_mode": ["model"]})
+    mixed = make_cfg(prior={"mode": "model"}, tune={"prior_mode": ["images", "model"]})
+    assert len({key(base, "prior"), key(model, "prior"), key(searched, "prior"), key(mixed, "prior")}) == 4
+    assert key(base, "train") != key(model, "train")
+    assert key(mixed, "tune") != key(make_cfg(prior={"mode": "model"}, tune={}), "tune")
+    # tune.metric and the judges it needs key the search once set (left out at their defaults)
+    judged = make_cfg(tune={}, eval={"fidelity": "digits"})
+    assert key(judged, "tune") != key(make_cfg(tune={}), "tune")
+    ranked = make_cfg(tune={"metric": "val_fidelity"}, eval={"fidelity": "digits"})
+    assert key(ranked, "tune") != key(judged, "tune")
 
 
 def test_summary_table_lists_every_stage():
@@ -122,6 +135,10 @@ def test_summary_table_lists_every_stage():
     assert lines[2].split()[:3] == ["prior", "skipped", "0.0"] and "4 images" in lines[2]
     assert "6 steps -> /ws/runs/a (found finished)" in lines[3]
     assert "v0001 at /ws/tenants/t1/subjects/demo/v0001" in lines[4]
+    off = [format_summary([StageResult("prior", "off", 0.0, {"class_data": data, "mode": mode})])
+           for data, mode in ((None, "model"), (None, "images"), ("/c", "model"))]
+    assert "prior from the base model (no class images)" in off[0]
+    assert "prior preservation off" in off[1] and "class images from /c" in off[2]
 
 
 def test_a_run_that_registers_moves_a_global_registry_to_per_tenant_names_first(make_cfg):

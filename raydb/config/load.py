@@ -103,6 +103,12 @@ class RaydbConfig(Section):
         """Plain JSON-able dict, the form in which a config travels to Ray tasks and workers."""
         return self.model_dump(mode="json")
 
+    def prior_modes(self) -> list[str]:
+        """The prior modes this config trains with: a search's ``tune.prior_mode``, else ``prior.mode``."""
+        if self.tune is not None and self.tune.prior_mode:
+            return list(self.tune.prior_mode)
+        return [self.prior.mode]
+
 
 def _section(info: FieldInfo) -> type[BaseModel] | None:
     """The config section class a field holds (``TuneConfig | None`` -> TuneConfig), or None."""

@@ -217,7 +217,7 @@ class ServiceConfig(Section):
                                "or a tenant at its limit.")
     allowed_overrides: list[str] = Field(
         default_factory=lambda: ["train.max_steps", "train.learning_rate", "train.prior_loss_weight",
-                                 "lora.rank", "train.resolution", "tune"],
+                                 "prior.mode", "lora.rank", "train.resolution", "tune"],
         description="Config keys a tenant may override per training (dotted; 'tune' switches the "
         "operator's tune: section on). Identity, data, storage and code-execution keys (subject.*, "
         "workspace, model.*, train.compile_cache, cluster.*, ...) are refused here at start.")

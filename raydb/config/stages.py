@@ -10,8 +10,8 @@ from pydantic import Field, field_validator, model_validator
 from raydb.config.base import Section
 from raydb.ids import check_safe_id
 
-__all__ = ["ModelConfig", "SubjectConfig", "PriorConfig", "LoraConfig", "FlowConfig", "TrainConfig",
-           "ClusterConfig", "SearchSpace", "TuneConfig", "EvalConfig"]
+__all__ = ["ModelConfig", "SubjectConfig", "PriorConfig", "PriorMode", "LoraConfig", "FlowConfig",
+           "TrainConfig", "ClusterConfig", "SearchSpace", "TuneConfig", "EvalConfig"]
 
 
 class ModelConfig(Section):
@@ -60,10 +60,19 @@ class SubjectConfig(Section):
         return value
 
 
+PriorMode = Literal["images", "model"]
+
+
 class PriorConfig(Section):
     enabled: bool = Field(True, description="Train with prior preservation ([instance | class] batches).")
+    mode: PriorMode = Field(
+        "images", description="Target of the prior half. images: generated (or given) class images, "
+        "whose noise is the target (DreamBooth). model: no class images; the instance latents (or "
+        "class_data's, if given) under the class prompt, with the frozen base model's own prediction "
+        "(every LoRA layer off, no gradient) as the target.")
     class_data: str | None = Field(None, description="Existing class images (folder or s3://); "
-                                   "when unset they are generated into the shared prior cache.")
+                                   "when unset they are generated into the shared prior cache. With "
+                                   "mode model: an optional pool of images the prior half is drawn from.")
     num_class_images: int = Field(100, ge=1, description="Class images used for prior preservation.")
     sample_batch_size: int = Field(4, ge=1, description="Images generated per pipeline call.")
     num_inference_steps: int = Field(25, ge=1, description="Denoising steps per class image.")
@@ -73,7 +82,17 @@ class PriorConfig(Section):
     seed: int = Field(0, ge=0, description="Base seed; image i uses a seed derived from (seed, i).")
     concurrency: int | None = Field(None, ge=1, description="Generator actors (default: GPUs, or 1 on CPU).")
     num_holdout: int = Field(4, ge=0, description="Extra class images generated but never trained on "
-                             "(used by validation metrics).")
+                             "(used by validation metrics; with mode model generated only for a search).")
+
+    @property
+    def uses_class_images(self) -> bool:
+        """The prior half is drawn from class images: image mode, or model mode with a pool."""
+        return self.enabled and (self.mode == "images" or self.class_data is not None)
+
+    @property
+    def from_instance(self) -> bool:
+        """Model mode without a pool: the prior half repeats the instance half's draws."""
+        return self.enabled and self.mode == "model" and self.class_data is None
 
 
 class LoraConfig(Section):
@@ -261,6 +280,8 @@ class TuneConfig(Section):
                                            description="Search space of train.prior_loss_weight.")
     learning_rate: SearchSpace = Field(default_factory=lambda: SearchSpace(values=[1e-4]),
                                        description="Search space of train.learning_rate.")
+    prior_mode: list[PriorMode] | None = Field(
+        None, description="Grid over prior.mode, e.g. [images, model] (none: the config's prior.mode).")
     num_samples: int = Field(1, ge=1, description="Samples per grid point (or draws for ranges).")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Default: what the cluster fits.")
     eval_every: int = Field(10, ge=1, description="Optimizer steps between validation metrics.")
@@ -273,13 +294,21 @@ class TuneConfig(Section):
         "first) or a score of sampled images, highest first: val_fidelity (eval.fidelity), val_clip_i "
         "/ val_clip_t (eval.clip_model), val_dino (eval.dino_model).")
 
+    @field_validator("prior_mode")
+    @classmethod
+    def _distinct_modes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError("give each prior mode once, at least one")
+        return value
+
     @property
     def planned_trials(self) -> int:
-        """Trials the search runs: ``num_samples`` x the grid's points (a range is one point per sample)."""
+        """Trials the search runs: ``num_samples`` x the grid's points (a range is one point per
+        sample; ``prior_mode`` is a grid dimension too)."""
         points = 1
         for space in (self.prior_loss_weight, self.learning_rate):
             points *= len(space.values) if space.values is not None else 1
-        return self.num_samples * points
+        return self.num_samples * points * len(self.prior_mode or [None])
 
 
 class EvalConfig(Section):

@@ -166,11 +166,13 @@ def prepare_encoded(cfg: RaydbConfig, storage: Storage, *,
                     with_holdout: bool = False) -> tuple[EncodedCache, bool]:
     """Prior images (shared cache, generated if missing) and the encode stage: ``(cache, ran)``.
 
-    ``with_holdout`` also encodes the held-out class images that validation (Tune) scores.
+    ``with_holdout`` also encodes the held-out class images that validation (Tune) scores. Class
+    images are encoded only when some run trains on them (image mode, or a pool in model mode).
     """
     from raydb.models.components import model_family, resolve_model
 
-    if cfg.prior.enabled and cfg.prior.num_class_images < cfg.cluster.num_workers:
+    split = cfg.prior.enabled and (bool(cfg.prior.class_data) or "images" in cfg.prior_modes())
+    if split and cfg.prior.num_class_images < cfg.cluster.num_workers:
         raise ValueError(f"prior.num_class_images ({cfg.prior.num_class_images}) must be at least "
                          f"cluster.num_workers ({cfg.cluster.num_workers}): class images are split "
                          "across workers")

@@ -3,8 +3,9 @@
 The comparison behind ``bench/fidelity.py`` and the README's finding. Every *arm* trains the same
 subject with the same seeds, steps, batches and learning rate through raydb's own trainer
 (:func:`raydb.train.local.train_subject`, the engine ``raydb train --local`` runs); an arm differs
-from the base config only by its overrides (``λ = 0`` vs ``λ = 1`` by default; add an :class:`Arm` to
-compare anything else, e.g. another prior mode). Each adapter is then loaded the way a diffusers
+from the base config only by its overrides (by default ``λ = 0``, ``λ = 1`` with class images, and
+``λ = 1`` with ``prior.mode: model`` — the base model's own prediction as the prior target, no class
+images; add an :class:`Arm` to compare anything else). Each adapter is then loaded the way a diffusers
 user loads it (``load_lora_weights``) and scored two ways:
 
 - held-out denoising losses on fixed noise (``val_instance``, ``val_prior``, ``val_score`` — what
@@ -53,8 +54,10 @@ ARMS = {arm.name: arm for arm in (
     # attempts to keep the class (and the other classes) better; see the README's finding
     Arm("l2_c300", ("train.prior_loss_weight=2.0", "prior.num_class_images=300"), "λ = 2, 300 class images"),
     Arm("l1_te", ("train.prior_loss_weight=1.0", "lora.train_text_encoder=true"), "λ = 1, text-encoder LoRA"),
+    # prior preservation without class images: l1 with the frozen base's prediction as the target
+    Arm("model", ("train.prior_loss_weight=1.0", "prior.mode=model"), "λ = 1, prior.mode: model"),
 )}
-DEFAULT_ARMS = (ARMS["l0"], ARMS["l1"])
+DEFAULT_ARMS = (ARMS["l0"], ARMS["l1"], ARMS["model"])
 
 
 @dataclass

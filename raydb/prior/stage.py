@@ -33,7 +33,8 @@ from raydb.prior.generate import BlockGenerator, cpu_threads
 from raydb.storage import Storage
 from raydb.terminal import is_verbose, show_progress
 
-__all__ = ["PriorRunStats", "ensure_prior_images", "prior_total_images", "resolve_prior_cache",
+__all__ = ["PriorRunStats", "ensure_prior_images", "prior_total_images", "generated_training_images",
+           "resolve_prior_cache",
            "generation_device", "class_images", "class_images_with_geometry"]
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,24 @@ class PriorRunStats:
         return dict(self.__dict__)
 
 
+def generated_training_images(cfg: RaydbConfig) -> int:
+    """Generated class images that training reads: ``num_class_images`` when a run (or a trial of
+    the search) trains in image mode on generated images, else none (``prior.mode: model`` needs
+    none; ``prior.class_data`` replaces them)."""
+    p = cfg.prior
+    if not p.enabled or p.class_data or "images" not in cfg.prior_modes():
+        return 0
+    return p.num_class_images
+
+
 def prior_total_images(cfg: RaydbConfig) -> int:
-    """Training class images plus the held-out ones used only by validation."""
-    return cfg.prior.num_class_images + cfg.prior.num_holdout
+    """Class images the prior stage generates: the training ones plus the held-out ones that only
+    validation scores. In model mode only a search validates, so without one nothing is generated."""
+    p = cfg.prior
+    if not p.enabled or p.class_data:
+        return 0
+    training = generated_training_images(cfg)
+    return training + (p.num_holdout if training or cfg.tune is not None else 0)
 
 
 def generation_device(use_ray: bool | None = None) -> str:
@@ -192,17 +208,24 @@ def class_images_with_geometry(
     cfg: RaydbConfig, storage: Storage, *, holdout: bool = False,
 ) -> list[tuple[Image.Image, ImageGeometry]]:
     """:func:`class_images` with each image's size/crop (SDXL's conditioning): ingestion's for
-    ``prior.class_data``; generated images are whole, uncropped pictures at their own size."""
+    ``prior.class_data``; generated images are whole, uncropped pictures at their own size.
+
+    Generated images are laid out ``[training | held out]`` (:func:`generated_training_images`
+    training ones, so in model mode the held-out ones come first); ``prior.class_data`` gives its
+    first ``num_class_images`` to training (model mode: the pool) and the rest to validation.
+    """
     if not cfg.prior.enabled:
         return []
-    n = cfg.prior.num_class_images
     if cfg.prior.class_data:
         from raydb.data.ingest import load_images_with_geometry
 
+        n = cfg.prior.num_class_images
         images = load_images_with_geometry(cfg.prior.class_data, cfg.train.resolution, storage=storage,
                                            center_crop=cfg.train.center_crop, field="prior.class_data")
     else:
-        total = prior_total_images(cfg)
+        n, total = generated_training_images(cfg), prior_total_images(cfg)
+        if not (total - n if holdout else n):
+            return []  # nothing of this kind is needed: generate nothing
         ensure_prior_images(cfg, storage)
         images = [(im, ImageGeometry.whole(im))
                   for im in resolve_prior_cache(cfg, storage).read_images(storage, total)]

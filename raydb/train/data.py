@@ -9,6 +9,15 @@ timestep — is drawn from a generator seeded by ``(train.seed, stream, p)``. Co
   positions ``((step * accum + micro) * W + r) * b + j``), which is how tests show DDP is correct;
 * images are visited epoch by epoch, in a fresh seeded permutation each epoch.
 
+The class half comes from one of two sources (``prior.mode``): class images (image mode, or model
+mode with a pool in ``prior.class_data``), drawn from their own ``class`` stream; or, in model mode
+without a pool, the instance half itself — the same image, latent sample, noise and timestep per
+row, under the class prompt (``prior_from_instance``). Sharing the draws is what makes the prior
+term ask "does the adapter still predict what the base predicts *for this very input* when the
+prompt names only the class?": the adapter is held to the base exactly where the instance term
+pulls it, no other draws enter the step (so the instance half is the same in every mode and DDP,
+accumulation and resume keep their positions), and the two halves differ only in the prompt.
+
 What a sample's time is depends on the objective: a DDPM timestep (an integer in
 ``[0, num_train_timesteps)``, SD/SDXL) or, for flow matching (FLUX.1, ``TrainingData.flow``), a
 sigma in ``(0, 1]`` drawn from ``train.flow``'s density (``raydb.train.flow.draw_sigma``) — with the
@@ -68,10 +77,15 @@ class TrainingData:
     class_text_ids: torch.Tensor | None = None
     flow: FlowConfig | None = None
     guidance: float | None = None
+    prior_from_instance: bool = False  # model mode without a pool: the class half repeats the instance half
+
+    def __post_init__(self) -> None:
+        if self.prior_from_instance and self.class_ is not None:
+            raise ValueError("the class half comes from class images or from the instance half, not both")
 
     @property
     def with_prior(self) -> bool:
-        return self.class_ is not None
+        return self.class_ is not None or self.prior_from_instance
 
 
 def training_data(
@@ -81,9 +95,12 @@ def training_data(
     prompt_pooled: torch.Tensor | None = None, prompt_ids_2: torch.Tensor | None = None,
     time_ids: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     prompt_text_ids: torch.Tensor | None = None, flow: FlowConfig | None = None,
-    guidance: float | None = None,
+    guidance: float | None = None, prior_from_instance: bool = False,
 ) -> TrainingData:
     """TrainingData from the encoded (or pixel) images and the two prompts.
+
+    ``prior_from_instance`` (model mode without a pool, ``class_`` None): the class half of every
+    micro-batch repeats the instance half's draws under the class prompt.
 
     ``prompt_embeds`` ``[2, L, D]`` / ``prompt_ids`` ``[2, L]`` hold (instance prompt, class prompt);
     pass ``prompt_embeds=None`` when the text encoder trains (the step encodes the ids itself).
@@ -96,7 +113,7 @@ def training_data(
         if not isinstance(instance, EncodedImages):
             raise ValueError("latent_shape is required for pixel (uncached) training data")
         latent_shape = tuple(instance.mean.shape[1:])
-    with_prior = class_ is not None
+    with_prior = class_ is not None or prior_from_instance
     if time_ids is None:
         time_ids = tuple(getattr(src, "time_ids", None) for src in (instance, class_))
 
@@ -116,8 +133,9 @@ def training_data(
         instance=instance, class_=class_, instance_embeds=i_embeds, class_embeds=c_embeds,
         instance_ids=i_ids, class_ids=c_ids, latent_shape=latent_shape,
         instance_pooled=i_pooled, class_pooled=c_pooled, instance_ids_2=i_ids_2, class_ids_2=c_ids_2,
-        instance_time_ids=time_ids[0], class_time_ids=time_ids[1] if with_prior else None,
+        instance_time_ids=time_ids[0], class_time_ids=time_ids[1] if class_ is not None else None,
         instance_text_ids=i_text_ids, class_text_ids=c_text_ids, flow=flow, guidance=guidance,
+        prior_from_instance=prior_from_instance,
     )
 
 
@@ -181,6 +199,11 @@ class MicroBatch:
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> MicroBatch:
         return MicroBatch(**{k: (v.to(device, non_blocking=non_blocking)
                                  if isinstance(v, torch.Tensor) else v)
+                             for k, v in self.__dict__.items()})
+
+    def rows(self, rows: slice) -> MicroBatch:
+        """The samples ``rows`` of this batch (every per-sample tensor sliced along dim 0; views)."""
+        return MicroBatch(**{k: (v[rows] if isinstance(v, torch.Tensor) else v)
                              for k, v in self.__dict__.items()})
 
     def pin_memory(self) -> MicroBatch:
@@ -247,6 +270,17 @@ def _prompt(data: TrainingData, half: str) -> dict[str, torch.Tensor | None]:
             for name in ("embeds", "ids", "pooled", "ids_2", "time_ids", "text_ids")}
 
 
+def _under_prompt(half: dict[str, torch.Tensor | None], prompt: dict[str, torch.Tensor | None],
+                  n: int) -> dict[str, torch.Tensor | None]:
+    """``half`` (the instance half's rows) under another prompt: same images, latent samples,
+    noise, timesteps (FLUX.1: sigmas and guidance) and per-image time ids; only the prompt tensors
+    change."""
+    return half | {"input_ids": _expand(prompt["ids"], n),
+                   "encoder_hidden_states": _expand(prompt["embeds"], n),
+                   "pooled": _expand(prompt["pooled"], n), "input_ids_2": _expand(prompt["ids_2"], n),
+                   "text_ids": _expand(prompt["text_ids"], n)}
+
+
 def make_micro_batch(
     data: TrainingData,
     *,
@@ -265,8 +299,10 @@ def make_micro_batch(
     kw = {"seed": seed, "latent_shape": data.latent_shape, "num_train_timesteps": num_train_timesteps,
           "flow": data.flow, "guidance": data.guidance}
     parts = [_half(data.instance, _prompt(data, "instance"), positions, stream="instance", **kw)]
-    if data.with_prior:
+    if data.class_ is not None:
         parts.append(_half(data.class_, _prompt(data, "class"), positions, stream="class", **kw))
+    elif data.prior_from_instance:
+        parts.append(_under_prompt(parts[0], _prompt(data, "class"), batch_size))
     merged = {}
     for key in parts[0]:
         vals = [part[key] for part in parts]

@@ -215,7 +215,7 @@ class GraphStep:
                 prior_loss_weight=tc.prior_loss_weight, with_prior=self.with_prior, vae=self.vae,
                 text_encoder=self.state.text_encoder, mixed_precision=self.mixed_precision,
                 autocast_cache=not self.capture, text_encoder_2=self.state.text_encoder_2,
-                loss_weighting=tc.flow.weighting,
+                loss_weighting=tc.flow.weighting, prior_mode=self.cfg.prior.mode,
             )
             (parts.total / n).backward()
             prior = parts.prior if parts.prior is not None else torch.zeros_like(parts.total)

@@ -55,7 +55,9 @@ def prepare_training_data(
 ) -> TrainingData:
     """Prepare (``encode/inputs.py``) and, with ``train.cache_latents``, encode everything once.
     Tensors stay on CPU. ``inputs``: images prepared already (by default the subject's photos and
-    the class images, flipped with ``train.random_flip``); SDXL's time ids come with them.
+    the class images, flipped with ``train.random_flip``); SDXL's time ids come with them. In model
+    mode without a pool the class half repeats the instance half (``inputs.classes`` is then
+    ignored; nothing is generated for it).
     """
     tc = cfg.train
     if inputs is None:
@@ -68,14 +70,14 @@ def prepare_training_data(
         return encode_images(vae, pixels) if tc.cache_latents else pixels
 
     h = tc.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-    with_prior = cfg.prior.enabled and bool(inputs.classes.images)
+    with_class = cfg.prior.uses_class_images and bool(inputs.classes.images)
     conditioning = inputs.conditioning()
     time_ids = (conditioning["instance"], conditioning["class"]) if conditioning else (None, None)
-    classes = source(inputs.classes.images) if with_prior else None
+    classes = source(inputs.classes.images) if with_class else None
     return training_data(source(inputs.instance.images), classes,
                          **prompt_inputs(prompts, cfg.lora.train_text_encoder),
                          latent_shape=(vae.config.latent_channels, h, h), time_ids=time_ids,
-                         **flow_inputs(tc, components))
+                         prior_from_instance=cfg.prior.from_instance, **flow_inputs(tc, components))
 
 
 def train_subject(

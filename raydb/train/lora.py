@@ -11,9 +11,11 @@ of ~1e-4 relative size vanish in half precision.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,8 +26,8 @@ from raydb.config import LoraConfig
 from raydb.models.family import FLUX, family_of_denoiser, lora_targets
 from raydb.registry import ADAPTER_WEIGHTS
 
-__all__ = ["add_lora", "trainable_parameters", "lora_state_dicts", "save_lora", "load_lora_state",
-           "canonical_header", "read_safetensors_header"]
+__all__ = ["add_lora", "trainable_parameters", "lora_disabled", "lora_state_dicts", "save_lora",
+           "load_lora_state", "canonical_header", "read_safetensors_header"]
 
 
 def add_lora(
@@ -80,6 +82,30 @@ def _check_targets(module: torch.nn.Module, targets: list[str], field: str, what
 
 def trainable_parameters(*modules: torch.nn.Module | None) -> list[torch.nn.Parameter]:
     return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def lora_disabled(*modules: torch.nn.Module | None) -> Iterator[None]:
+    """Inside: every LoRA layer of ``modules`` (None skipped; wrappers such as DDP or a compiled
+    module are searched through) computes its base layer only — the frozen base model.
+
+    peft's ``enable_adapters`` also flips ``requires_grad`` of the LoRA weights; each weight's flag
+    is restored on exit, so what trains (and what DDP and AdamW track) is unchanged afterwards.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = {id(m): m for module in modules if module is not None for m in module.modules()
+              if isinstance(m, BaseTunerLayer)}.values()
+    saved = [(m, m.disable_adapters, [(p, p.requires_grad) for p in m.parameters()]) for m in layers]
+    try:
+        for m, _, _ in saved:
+            m.enable_adapters(False)
+        yield
+    finally:
+        for m, was_disabled, flags in saved:
+            m.enable_adapters(not was_disabled)
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 _ENCODER_NAMES = ("text_encoder", "text_encoder_2")

@@ -52,6 +52,7 @@ def adapter_metadata(
                     "class_prompt": cfg.subject.class_prompt,
                     "instance_token": instance_token(cfg.subject)},
         "training": cfg.train.model_dump(mode="json") | {"prior_enabled": cfg.prior.enabled,
+                                                         "prior_mode": cfg.prior.mode,
                                                          "num_class_images": cfg.prior.num_class_images,
                                                          "num_workers": cfg.cluster.num_workers},
         "metrics": metrics,

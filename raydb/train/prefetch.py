@@ -40,7 +40,7 @@ class BatchPrefetcher:
         stop_step: int | None = None,
     ) -> None:
         self.device = torch.device(device)
-        self.step = start_step
+        self.step, self.stop_step = start_step, stop_step
         self._pin = self.device.type == "cuda"
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
@@ -75,6 +75,8 @@ class BatchPrefetcher:
         ``to_device=False`` returns them in (pinned) host memory: ``GraphStep`` copies them
         straight into its static device buffers, saving one device allocation and copy.
         """
+        if self.stop_step is not None and self.step >= self.stop_step:  # the thread has stopped
+            raise RuntimeError(f"prefetcher: no step {self.step}; it was built to stop at {self.stop_step}")
         step, batches = self._queue.get()
         if isinstance(batches, BaseException):
             raise batches

@@ -43,6 +43,8 @@ def run_id(cfg: RaydbConfig) -> str:
     relevant["num_workers"] = cfg.cluster.num_workers
     relevant["train"].pop("checkpoint_every", None)
     relevant["train"].pop("checkpoints_to_keep", None)
+    if relevant["prior"]["mode"] == "images":  # the default keeps the ids runs had before prior.mode
+        del relevant["prior"]["mode"]
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.subject.id}-{digest}"
 

@@ -111,9 +111,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             dtype=weights_dtype(tc, device), with_t5=cfg.eval.samples_images)
     cache = EncodedCache(**config["encoded"])
     prompts = load_prompts(storage, cache)
+    # a search over prior.mode encodes class images for its image-mode trials; model-mode trials
+    # without a pool leave them alone and repeat the instance half instead
     data = training_data(read_encoded(storage, cache.instance_uri),
-                         _class_shard(rank) if cache.num_class else None,
-                         **prompt_inputs(prompts, cfg.lora.train_text_encoder), **flow_inputs(tc, comps))
+                         _class_shard(rank) if cache.num_class and cfg.prior.uses_class_images else None,
+                         **prompt_inputs(prompts, cfg.lora.train_text_encoder), **flow_inputs(tc, comps),
+                         prior_from_instance=cfg.prior.from_instance)
     state = build_train_state(cfg, comps.denoiser, *comps.lora_text_encoders)
     model: torch.nn.Module = state.model if state.model is not None else comps.denoiser
     graphs = use_cuda_graphs(tc, device)
@@ -185,7 +188,9 @@ def build_trainer(cfg: RaydbConfig, storage: Storage, cache: EncodedCache, *,
     from raydb.encode.stage import read_class_dataset
     from raydb.train.rundir import run_id, run_uri
 
-    if class_dataset is None and cache.num_class:
+    if not cfg.prior.uses_class_images:
+        class_dataset = None
+    elif class_dataset is None and cache.num_class:
         class_dataset = read_class_dataset(storage, cache)
     datasets = {"class": class_dataset} if class_dataset is not None else {}
     use_gpu = resolve_use_gpu(cfg)

@@ -24,6 +24,7 @@ from raydb.train.flow import loss_weighting as loss_weighting_for
 from raydb.train.flow import noisy_latents, velocity_target
 from raydb.train.lora import add_lora
 from raydb.train.loss import LossParts, dreambooth_loss, training_target
+from raydb.train.prior_target import prior_half_target, without_ddp
 
 __all__ = ["TrainState", "build_train_state", "forward_loss", "denoiser_prediction", "denoiser_target",
            "optimizer_step", "autocast_dtype", "weights_dtype"]
@@ -194,6 +195,7 @@ def forward_loss(
     autocast_cache: bool = True,
     text_encoder_2: torch.nn.Module | None = None,
     loss_weighting: str = "none",
+    prior_mode: str = "images",
 ) -> LossParts:
     """One micro-batch: latents -> noised -> denoiser -> target -> dual loss (fp32).
 
@@ -202,16 +204,26 @@ def forward_loss(
     ``mixed_precision`` is resolved (``no``/``fp16``/``bf16``); ``autocast_cache=False`` inside a
     CUDA graph capture, where autocast's cache of cast weights must not outlive the capture.
     ``loss_weighting`` (``train.flow.weighting``) weights flow-matching samples by their sigma;
-    the weights are chunked into halves with the prediction and the target.
+    the weights are chunked into halves with the prediction and the target. ``prior_mode``
+    (``prior.mode``) sets the prior half's target (``prior_target.py``): in model mode a
+    gradient-free :func:`denoiser_prediction` of the prior rows with every LoRA layer off runs
+    first, for every family (the UNet's or FLUX.1's transformer's own prediction).
     """
     latents = _latents(batch, vae, vae.config.scaling_factor, vae.config.get("shift_factor"))
+    target = denoiser_target(noise_scheduler, batch, latents, prediction_type)
     dtype = autocast_dtype(mixed_precision)
     ctx = (torch.autocast(latents.device.type, dtype=dtype, cache_enabled=autocast_cache) if dtype
            else contextlib.nullcontext())
     with ctx:
+        if with_prior:
+            base = without_ddp(unet)
+            target = prior_half_target(
+                prior_mode, target,
+                lambda rows: denoiser_prediction(base, noise_scheduler, batch.rows(rows), latents[rows],
+                                                 text_encoder=text_encoder, text_encoder_2=text_encoder_2),
+                (base, text_encoder, text_encoder_2))
         pred = denoiser_prediction(unet, noise_scheduler, batch, latents, text_encoder=text_encoder,
                                    text_encoder_2=text_encoder_2)
-    target = denoiser_target(noise_scheduler, batch, latents, prediction_type)
     weighting = loss_weighting_for(loss_weighting, batch.sigmas) if batch.sigmas is not None else None
     return dreambooth_loss(pred, target, prior_loss_weight=prior_loss_weight, with_prior=with_prior,
                            weighting=weighting)
@@ -280,6 +292,7 @@ def optimizer_step(
                 prior_loss_weight=cfg.train.prior_loss_weight, with_prior=with_prior, vae=vae,
                 text_encoder=state.text_encoder, mixed_precision=mixed_precision,
                 text_encoder_2=state.text_encoder_2, loss_weighting=cfg.train.flow.weighting,
+                prior_mode=cfg.prior.mode,
             )
             loss = parts.total / n
             (state.scaler.scale(loss) if state.scaler else loss).backward()

@@ -23,15 +23,19 @@ from raydb.storage import Storage, join
 __all__ = ["RESULT_COLUMNS", "trial_config", "trial_rows", "last_validation", "write_csv", "trials_png",
            "planned_trials", "record_trial", "trial_runs"]
 
-RESULT_COLUMNS = ["trial", "prior_loss_weight", "learning_rate", "val_instance", "val_prior",
+RESULT_COLUMNS = ["trial", "prior_mode", "prior_loss_weight", "learning_rate", "val_instance", "val_prior",
                   "val_score", "steps", "status"]
 
 
-def trial_config(cfg: RaydbConfig, prior_loss_weight: float, learning_rate: float) -> RaydbConfig:
-    """The config one trial trains with (sample pictures only for the registered winner)."""
+def trial_config(cfg: RaydbConfig, prior_loss_weight: float, learning_rate: float,
+                 prior_mode: str | None = None) -> RaydbConfig:
+    """The config one trial trains with (sample pictures only for the registered winner);
+    ``prior_mode`` is the trial's point of ``tune.prior_mode`` (None: the config's ``prior.mode``)."""
     data = cfg.to_dict()
     data["train"].update(prior_loss_weight=float(prior_loss_weight), learning_rate=float(learning_rate),
                          num_sample_images=0)
+    if prior_mode is not None:
+        data["prior"]["mode"] = prior_mode
     return RaydbConfig.model_validate(data)
 
 
@@ -78,12 +82,13 @@ def trial_rows(results, cfg: RaydbConfig, storage: Storage) -> list[dict[str, An
     rows = []
     for i, res in enumerate(results):
         conf = res.config or {}
-        lam, lr = conf.get("prior_loss_weight"), conf.get("learning_rate")
-        run = run_uri(trial_config(cfg, lam, lr))
+        lam, lr, mode = conf.get("prior_loss_weight"), conf.get("learning_rate"), conf.get("prior_mode")
+        run = run_uri(trial_config(cfg, lam, lr, mode))
         val = _progress(storage, run)  # the trial's own log: complete even for stopped trials
         steps = val.get("steps", 0)
         status = "error" if res.error else ("completed" if steps >= cfg.train.max_steps else "stopped_early")
-        rows.append({"trial": i, "prior_loss_weight": lam, "learning_rate": lr,
+        rows.append({"trial": i, "prior_mode": mode or cfg.prior.mode, "prior_loss_weight": lam,
+                     "learning_rate": lr,
                      "val_instance": val.get("val_instance"), "val_prior": val.get("val_prior"),
                      "val_score": val.get("val_score"), "steps": steps, "status": status, "run_dir": run}
                     | {k: v for k, v in val.items() if k.startswith("val_") and k not in RESULT_COLUMNS})
@@ -143,7 +148,8 @@ def trials_png(rows: list[dict[str, Any]], title: str) -> bytes:
         left.legend(loc="best")
         for r in done:
             right.scatter(r["val_instance"], r["val_prior"] if r["val_prior"] is not None else 0,
-                          s=80, label=f"λ={r['prior_loss_weight']:g}, lr={r['learning_rate']:.1e}"
+                          s=80, label=f"{r['prior_mode']}, λ={r['prior_loss_weight']:g}, "
+                          f"lr={r['learning_rate']:.1e}"
                           + (" (stopped)" if r["status"] == "stopped_early" else ""))
         right.legend(fontsize=7, loc="best")
     if all(r["learning_rate"] and r["learning_rate"] > 0 for r in done) and done:

@@ -1,4 +1,4 @@
-"""``raydb tune``: search ``prior_loss_weight`` and the learning rate with Ray Tune.
+"""``raydb tune``: search ``prior_loss_weight`` and the learning rate (and ``prior.mode``) with Ray Tune.
 
 Ray 2.60's pattern: Tune runs a *driver function* per trial that builds and fits a ``TorchTrainer``
 (``Tuner(TorchTrainer(...))`` no longer works with Train V2); Train's reports reach Tune through
@@ -7,6 +7,9 @@ fixed-noise validation — not the training loss, which scales with ``prior_loss
 ``tune.metric``, by a score of sampled images (``val_fidelity``, ``val_clip_i``, ``val_clip_t``). ASHA stops
 weak trials early (time unit: evaluations). Priors and the encode stage run once, before the
 trials, and every trial reads the same cache. An interrupted search resumes with ``Tuner.restore``.
+A search over ``tune.prior_mode`` scores every trial, whatever its mode, on the same held-out
+images of the base model (``val_prior``): model-mode trials train on no class images, but are
+held to the same measure of the class prior as image-mode ones.
 
 Outputs under ``<workspace>/tenants/<tenant>/tune/<subject>/<tune.name>/``: ``results.csv``,
 ``trials.png`` and ``summary.json``. The search returns the best trial (its adapter under its run
@@ -80,7 +83,7 @@ def _trial(config: dict[str, Any], cfg_dict: dict[str, Any], encoded: dict[str, 
     from raydb.train.stage import build_trainer
 
     cfg = trial_config(RaydbConfig.model_validate(cfg_dict), config["prior_loss_weight"],
-                       config["learning_rate"])
+                       config["learning_rate"], config.get("prior_mode"))
     storage = Storage(cfg.s3_endpoint_url)
     trainer, run = build_trainer(cfg, storage, EncodedCache(**encoded),
                                  extra_config={"eval_every": cfg.tune.eval_every},
@@ -169,7 +172,8 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = 
         tuner = tune.Tuner(
             trainable,
             param_space={"prior_loss_weight": _space(tc.prior_loss_weight),
-                         "learning_rate": _space(tc.learning_rate)},
+                         "learning_rate": _space(tc.learning_rate)}
+            | ({"prior_mode": tune.grid_search(list(tc.prior_mode))} if tc.prior_mode else {}),
             tune_config=tune.TuneConfig(
                 metric=tc.metric, mode=metric_mode(tc.metric), num_samples=tc.num_samples,
                 max_concurrent_trials=concurrency,

@@ -35,7 +35,7 @@ def test_every_device_mode_runs_a_benchmark_that_takes_its_flags():
     commands = _commands()
     modules = {c[0] for c in commands}
     assert {"bench.gpu_truth", "bench.gpu_truth_sdxl", "bench.serve_engine_gpu",
-            "bench.compile_parity", "bench.flux_row"} <= modules, modules
+            "bench.compile_parity", "bench.prior_cost", "bench.flux_row"} <= modules, modules
     for module, *args in commands:
         parse = importlib.import_module(module).parse_args
         try:
@@ -43,4 +43,4 @@ def test_every_device_mode_runs_a_benchmark_that_takes_its_flags():
         except SystemExit as exc:  # argparse's answer to an unknown flag or a bad value
             pytest.fail(f"{module} refuses the device script's arguments {args}: exit {exc.code}")
     modes = set(re.findall(r"^(\w+)\)$", SCRIPT.read_text(), flags=re.M))
-    assert modes == {"truth", "serve", "sdxl", "flux"}  # and the default (*): the engine run
+    assert modes == {"truth", "serve", "sdxl", "prior", "flux"}  # and the default (*): the engine run

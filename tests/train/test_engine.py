@@ -157,6 +157,8 @@ def test_prefetcher_stops_and_reports_errors(prefetch_data):
     with BatchPrefetcher(data, tc, start_step=0, num_train_timesteps=1000, stop_step=2) as pre:
         pre.next(), pre.next()
         assert pre.step == 2
+        with pytest.raises(RuntimeError, match="stop at 2"):  # an error, not a wait for ever
+            pre.next()
     broken = dataclasses.replace(data, latent_shape=(-1, 1, 1))  # torch.randn refuses it
     with BatchPrefetcher(broken, tc, start_step=0, num_train_timesteps=1000) as pre:
         with pytest.raises(RuntimeError):

@@ -41,15 +41,18 @@ def _run(cfg, steps: int, *, graph_ready: bool):
     return comps.family, metrics, lora, state
 
 
-@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["cached-text", "text-lora"])
+@pytest.mark.parametrize(("train_text_encoder", "prior_mode"), [(False, "images"), (True, "images"),
+                                                                (True, "model")],
+                         ids=["cached-text", "text-lora", "text-lora-model-mode"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_graph_ready_step_equals_eager_for_every_family(make_cfg, tmp_path, class_images_dir, family,
-                                                        train_text_encoder):
+                                                        train_text_encoder, prior_mode):
     """Accumulation 2, a warm-up + linear lr schedule (the lr tensor must follow it), clipping
-    active, and (second case) text-encoder LoRA fed through ``input_ids``."""
+    active, (second case) text-encoder LoRA fed through ``input_ids`` and (third) ``prior.mode:
+    model``: the frozen base pass with every LoRA layer off inside the step."""
     cfg = make_cfg(workspace=str(tmp_path / "ws"), model={"pretrained": FAMILIES[family]},
                    lora={"train_text_encoder": train_text_encoder},
-                   prior={"class_data": class_images_dir},
+                   prior={"class_data": class_images_dir} if prior_mode == "images" else {"mode": "model"},
                    train={"dtype": "float64", "gradient_accumulation_steps": 2, "max_steps": 3,
                           "resolution": 32, "lr_scheduler": "linear", "lr_warmup_steps": 1,
                           "learning_rate": 1e-2, "max_grad_norm": 0.05})
@@ -62,6 +65,7 @@ def test_graph_ready_step_equals_eager_for_every_family(make_cfg, tmp_path, clas
         for key in ("loss", "loss_instance", "loss_prior", "grad_norm", "grad_norm_clipped", "lr"):
             assert b[key] == pytest.approx(a[key], **EXACT), key
         assert a["grad_norm"] > cfg.train.max_grad_norm  # clipping was active
+    assert eager[-1]["loss_prior"] > 1e-8  # (model mode: the adapter has left the base model)
     assert lora_eager.keys() == lora_ready.keys() and lora_eager
     # SDXL with text LoRA trains both encoders: the second one must get its gradient too
     encoders = {k.split(".")[0] for k in lora_eager} - {"unet"}

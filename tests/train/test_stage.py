@@ -15,8 +15,12 @@ from tests.helpers.runs import adapter_tensors, run_metrics
 pytestmark = pytest.mark.ray
 
 
-def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tmp_path):
+@pytest.mark.parametrize("prior_mode", ["images", "model"])
+def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tmp_path, prior_mode):
     """2 workers x batch b == 1 worker x batch 2b: DDP averages gradients correctly.
+
+    With ``prior.mode: model`` no class images exist: each worker forms its prior rows from the
+    instance rows it drew and runs the frozen base pass locally, outside DDP.
 
     The class images are identical copies, so however Ray Data splits them across workers, every
     worker's class half is the same data as the single worker's.
@@ -36,9 +40,10 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
 
     same = demo_images(1)[0]
     class_dir = image_folder(tmp_path / "class", [same, same, same, same])
+    prior = {"class_data": class_dir, "num_class_images": 4} if prior_mode == "images" else {"mode": "model"}
     # text-encoder LoRA too: DDP wraps only the denoiser, so the encoder's gradients must be
     # averaged across workers by the step itself
-    common = {"prior": {"class_data": class_dir, "num_class_images": 4},
+    common = {"prior": prior,
               "lora": {"train_text_encoder": True},
               "train": {"max_steps": 2, "checkpoint_every": 100, "learning_rate": 1e-2,
                         "dtype": "float64"}}
@@ -61,6 +66,10 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-6)
     # and the LoRA actually moved, so the comparison is not between two untouched adapters
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
+    assert la[-1]["loss_prior"] > 0  # model mode: the second step's adapter is no longer the base
+    meta = json.loads((Path(two["adapter_uri"]) / "adapter.json").read_text())
+    assert (meta["training"]["prior_mode"], meta["training"]["num_workers"]) == (prior_mode, 2)
+    assert not (tmp_path / "ws" / "priors").exists()  # class images given, or none needed
 
 
 def test_three_instance_images_on_four_workers(ray_cluster, make_cfg, tmp_path, class_images_dir):

@@ -3,12 +3,14 @@
 The Serve app takes a real multipart upload of the demo photos; the training runs as a Ray job
 (Jobs API, token auth on) on the same cluster; the ingress replica is killed mid-training and its
 replacement still answers; the training is polled to ``succeeded``; then ``POST /v1/generate``
-returns a PNG of the new subject from the same, never redeployed, app.
+returns a PNG of the new subject from the same, never redeployed, app. The upload asks for
+``prior.mode: model`` (an allowed override), so it trains with prior preservation and no prior stage.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import sys
 import time
 
@@ -57,7 +59,6 @@ def test_upload_train_as_a_ray_job_then_generate_without_redeploy(tmp_path):
         config.write_text(yaml.safe_dump({
             "workspace": str(tmp_path / "ws"),
             "model": {"pretrained": "tiny", "cache_dir": str(tmp_path / "m")},
-            "prior": {"enabled": False},
             "train": {"resolution": 64, "max_steps": 3, "learning_rate": 1e-2, "checkpoint_every": 1000,
                       "num_sample_images": 0},
             "cluster": {"num_workers": 1, "use_gpu": False},
@@ -71,7 +72,8 @@ def test_upload_train_as_a_ray_job_then_generate_without_redeploy(tmp_path):
         files = [("photos", (name, data, "image/jpeg")) for name, data in demo_photos(4, 128, "JPEG")]
         resp = client.post("/v1/trainings", headers={"Authorization": f"Bearer {KEY}"}, files=files,
                            data={"subject_id": "star", "instance_prompt": "a photo of sks toy",
-                                 "class_prompt": "a photo of a toy"})
+                                 "class_prompt": "a photo of a toy",
+                                 "overrides": json.dumps({"prior.mode": "model"})})
         assert resp.status_code == 202, resp.text
         tid = resp.json()["id"]
         assert resp.json()["status"] in ("queued", "running")  # queued while the job agent starts
@@ -94,6 +96,14 @@ def test_upload_train_as_a_ray_job_then_generate_without_redeploy(tmp_path):
         assert png.headers["X-Raydb-Adapter-Version"] == "v0001"
         assert Image.open(io.BytesIO(png.content)).size == (64, 64)
         client.close()
+        ws = tmp_path / "ws"
+        home = ws / "tenants" / "t1"  # subject ids are per tenant
+        meta = json.loads((home / "subjects" / "star" / "v0001" / "adapter.json").read_text())
+        assert meta["training"]["prior_mode"] == "model" and meta["training"]["prior_enabled"]
+        assert not (ws / "priors").exists()  # no class image was generated
+        manifests = home / "pipeline" / "star"
+        assert not (manifests / "prior.json").exists()  # the stage was off: no manifest
+        assert json.loads((manifests / "encode.json").read_text())["outputs"]["num_class"] == 0
 
         # the Jobs API knows the job (its driver may take a moment to exit after the result is written)
         while (job := job_info(cluster.dashboard, view["job_id"], cluster.token)).get("status") == "RUNNING":

@@ -63,9 +63,11 @@ def test_the_registered_search_metadata_keeps_the_ranking_metric(tmp_path):
 
     cfg = load_config(data={"workspace": str(tmp_path), "tune": {"metric": "val_fidelity"},
                             "eval": {"fidelity": "digits"}})
-    best = {"prior_loss_weight": 1.0, "learning_rate": 1e-3, "val_instance": 0.2, "val_prior": 0.3,
-            "val_score": 0.5, "val_fidelity": 0.9}
+    best = {"prior_mode": "model", "prior_loss_weight": 1.0, "learning_rate": 1e-3, "val_instance": 0.2,
+            "val_prior": 0.3, "val_score": 0.5, "val_fidelity": 0.9}
     meta = _search_metadata(cfg, {"best": best, "results_csv": "r.csv"})
+    assert meta["tune"]["hyperparameters"] == {"prior_mode": "model", "prior_loss_weight": 1.0,
+                                               "learning_rate": 1e-3}
     assert meta["tune"]["validation"] == {"val_instance": 0.2, "val_prior": 0.3, "val_score": 0.5,
                                           "val_fidelity": 0.9}
     plain = load_config(data={"workspace": str(tmp_path), "tune": {}})

@@ -80,7 +80,8 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
     assert view["trials"] == {"planned": 4, "started": 4} and view["max_steps"] == 4 * 8
     assert 8 * len(completed) < view["step"] <= 4 * 8  # the stopped trials ran some steps too
     meta = json.loads((Path(record["uri"]) / "adapter.json").read_text())
-    assert meta["tune"]["hyperparameters"] == {"prior_loss_weight": float(best["prior_loss_weight"]),
+    assert meta["tune"]["hyperparameters"] == {"prior_mode": "images",
+                                               "prior_loss_weight": float(best["prior_loss_weight"]),
                                                "learning_rate": float(best["learning_rate"])}
     assert meta["training"]["prior_loss_weight"] == float(best["prior_loss_weight"])
     assert Path(summary["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -118,11 +119,16 @@ def test_a_search_cancelled_while_it_runs_registers_nothing(ray_cluster, make_cf
 
 def test_killed_tune_driver_resumes(ray_cluster, make_cfg, tmp_path, class_images_dir):
     """Kill the tune driver after its first trial finished; the rerun restores the experiment and
-    does not train the finished trial again."""
+    does not train the finished trial again.
+
+    The search's dimension is ``prior.mode`` (λ = 1 both): one trial holds the prior half to class
+    images, the other to the frozen base's prediction on images of the same folder (the pool);
+    both are scored on the folder's held-out images."""
     from raydb.tune import run_tune, tune_uri
 
     cfg = make_cfg(train={"max_steps": 4}, prior={"class_data": class_images_dir, "num_class_images": 4},
-                   tune=GRID | {"prior_loss_weight": [0.0, 1.0], "learning_rate": [1e-2],
+                   tune=GRID | {"prior_loss_weight": [1.0], "learning_rate": [1e-2],
+                                "prior_mode": ["images", "model"],
                                 "max_concurrent_trials": 1, "eval_every": 2,
                                 "grace_period": 2})  # no early stop: both trials finish
     driver = start_driver(ray_cluster, cfg, tmp_path, "raydb.tune.run_tune")
@@ -150,3 +156,9 @@ def test_killed_tune_driver_resumes(ray_cluster, make_cfg, tmp_path, class_image
     first = json.loads(finished[0].read_text())
     assert finished[0].stat().st_mtime_ns == first_mtime or first["resumed_from"] == 4
     assert len(list(runs.glob("*/result.json"))) == 2
+    rows = _rows(summary["results_csv"])
+    assert sorted(r["prior_mode"] for r in rows) == ["images", "model"]
+    modes = [json.loads(p.read_text())["training"]["prior_mode"] for p in runs.glob("*/adapter/adapter.json")]
+    assert sorted(modes) == ["images", "model"]
+    scores = {r["prior_mode"]: float(r["val_prior"]) for r in rows}
+    assert scores["images"] != scores["model"] and all(v > 0 for v in scores.values())

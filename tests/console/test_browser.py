@@ -221,7 +221,8 @@ def test_the_main_loop_by_keyboard(console_server, tmp_path):
         assert ids == ["train-subject", "train-instance-prompt", "train-class-prompt", "train-photos",
                        *[f"Remove star{i}.jpg" for i in range(4)],
                        "train-train-max-steps", "train-train-learning-rate", "train-train-prior-loss-weight",
-                       "train-lora-rank", "train-train-resolution", "train-tune", "train-submit"], ids
+                       "train-prior-mode", "train-lora-rank", "train-train-resolution", "train-tune",
+                       "train-submit"], ids
         assert [a["name"] for a in order[:4]] == ["Subject id", "Instance prompt", "Class prompt", "Photos"]
         press(d, Keys.ENTER)
 
@@ -251,7 +252,7 @@ def test_the_main_loop_by_keyboard(console_server, tmp_path):
 
         # -- the subject: settings, metrics and the run's pictures ---------------------------------
         _heading(d, "star")
-        registry = ws / "subjects" / "star" / "v0001"
+        registry = ws / "tenants" / "t1" / "subjects" / "star" / "v0001"
         for name in ("samples.png", "loss_curve.png"):
             img = _wait(name, lambda n=name: d.find_elements(By.CSS_SELECTOR, f"img[data-file='{n}']"))[0]
             _wait(f"{name} loaded", lambda i=img: d.execute_script(
@@ -317,7 +318,8 @@ def test_the_main_loop_by_keyboard(console_server, tmp_path):
         saved = downloads / "star-v0001-pytorch_lora_weights.safetensors"
         _wait("the download", lambda: saved.exists() and not list(downloads.glob("*.crdownload")), 60)
         data = saved.read_bytes()
-        assert data == (ws / "subjects" / "star" / "v0001" / "pytorch_lora_weights.safetensors").read_bytes()
+        version = ws / "tenants" / "t1" / "subjects" / "star" / "v0001"
+        assert data == (version / "pytorch_lora_weights.safetensors").read_bytes()
         header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
         assert any(".lora" in k for k in header), list(header)[:5]
         screenshot(d, "6-export")

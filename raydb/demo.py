@@ -75,7 +75,8 @@ def _enlarged_copy(png: Path, dest: Path, min_side: int = 256) -> None:
 def run_demo(cfg: RaydbConfig, output: str = "demo-output", keep_serving: bool = False) -> dict[str, Any]:
     """Run the pipeline with a Serve deployment, make one authenticated request, print the web
     console's URL and the demo's API key, and shut Serve down (with ``keep_serving``, only after
-    Ctrl-C: the console stays up to be looked at)."""
+    Ctrl-C: the console stays up to be looked at). A Ray cluster the demo started is stopped; one it
+    joined (``ray job submit``, a test session's) keeps running, less the demo's Serve app."""
     import ray
     from ray import serve
 
@@ -95,6 +96,7 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output", keep_serving: bool =
     api_key = secrets.token_urlsafe(24)
     os.environ[cfg.serve.api_keys_env] = f"{api_key}:{cfg.subject.tenant}"
 
+    started_ray = not ray.is_initialized()  # a cluster we join (a test session's, a user's) stays up
     init_ray(cfg)
     try:
         summary = run_pipeline(cfg, storage, deploy=True)
@@ -127,9 +129,11 @@ def run_demo(cfg: RaydbConfig, output: str = "demo-output", keep_serving: bool =
         else:
             log.info("the demo stops the server now; `raydb demo --keep-serving` keeps it up for the console")
     finally:
-        if ray.is_initialized():
+        if started_ray and ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
+        elif ray.is_initialized():  # only our own app: others on a shared cluster keep serving
+            serve.delete(cfg.serve.app_name)
 
     stages = {s["stage"]: s["outputs"] for s in summary["stages"]}
     learned = stages.get("tune") or stages.get("train") or {}

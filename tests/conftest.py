@@ -180,7 +180,9 @@ def _fastest_first_under_mutmut(items) -> None:
 
 @pytest.fixture(autouse=True)
 def _fast_tier_starts_no_ray(request):
-    """A test outside the ``ray`` tier that starts Ray fails: it belongs in the Ray tier."""
+    """A test outside the ``ray`` tier that starts Ray fails: it belongs in the Ray tier. A test that
+    stops the session's cluster fails too (in CI the demo's ``ray.shutdown()`` made the next file's
+    tests fail with "Failed to connect to Ray cluster", far from the cause)."""
     import sys
 
     def running() -> bool:
@@ -191,6 +193,8 @@ def _fast_tier_starts_no_ray(request):
     yield
     if request.node.get_closest_marker("ray") is None and not before and running():
         pytest.fail("this test started Ray: mark it @pytest.mark.ray (or use the ray_cluster fixture)")
+    if before and not running():  # the next test in this process would find the session fixture dead
+        pytest.fail("this test shut down the session's Ray cluster (ray.shutdown): leave it running")
 
 
 @pytest.fixture(autouse=True)

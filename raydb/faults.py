@@ -3,7 +3,7 @@
 A test asks for faults through one environment variable on the driver, ``RAYDB_FAULTS``, holding
 JSON such as::
 
-    {"train_step": {"rank": 1, "step": 5, "once": "/tmp/marker"},
+    {"train_step": {"rank": 1, "step": 5, "once": "/tmp/marker"},   # add "pause": 60 to stall instead
      "prior_block": {"after": 1, "once": "/tmp/marker"}}
 
 The driver reads it with :func:`plan` and sends the plan along with the work (environment
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from typing import Any
 
 __all__ = ["ENV", "plan", "maybe_die"]
@@ -46,7 +47,10 @@ def maybe_die(faults: dict[str, Any] | None, site: str, **where: int) -> None:
     """Kill this process (SIGKILL-like: no cleanup, no exception) if ``faults`` asks for it here.
 
     Sites: ``train_step`` (``rank``, ``step``: before training that step) and ``prior_block``
-    (``done``: blocks this generator already finished; dies once ``done >= after``).
+    (``done``: blocks this generator already finished; dies once ``done >= after``). A spec with
+    ``"pause": seconds`` stalls there instead of dying: a run held at a known step, with its
+    earlier checkpoints registered, for a test to kill its driver (a kill timed by polling would
+    race the run's end).
     """
     spec = (faults or {}).get(site)
     if not spec:
@@ -58,4 +62,7 @@ def maybe_die(faults: dict[str, Any] | None, site: str, **where: int) -> None:
     else:
         raise ValueError(f"unknown fault site {site!r}")
     if hit and _claim(spec.get("once")):
+        if spec.get("pause"):
+            time.sleep(float(spec["pause"]))
+            return
         os.kill(os.getpid(), signal.SIGKILL)

@@ -13,9 +13,11 @@ from pathlib import Path
 from raydb.config import RaydbConfig
 
 
-def start_driver(ray_cluster, cfg: RaydbConfig, folder: Path, call: str) -> subprocess.Popen:
+def start_driver(ray_cluster, cfg: RaydbConfig, folder: Path, call: str,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
     """Run ``call`` (``"raydb.tune.run_tune"``: a function taking ``(cfg, quiet=True)``) for ``cfg``
-    in a new process session joined to ``ray_cluster``; ``folder`` holds the config it reads."""
+    in a new process session joined to ``ray_cluster``; ``folder`` holds the config it reads, ``env``
+    adds to its environment (a fault plan, ``raydb.faults.ENV``)."""
     cfg_file = folder / "driver-cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
     module, function = call.rsplit(".", 1)
@@ -28,7 +30,7 @@ def start_driver(ray_cluster, cfg: RaydbConfig, folder: Path, call: str) -> subp
         "init_ray(cfg)\n"
         f"{function}(cfg, quiet=True)\n"
     )
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    env = dict(os.environ, **(env or {}), RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     return subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -15,12 +15,43 @@ from tests.helpers.runs import adapter_tensors, run_metrics
 pytestmark = pytest.mark.ray
 
 
-@pytest.mark.parametrize("prior_mode", ["images", "model"])
-def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tmp_path, prior_mode):
-    """2 workers x batch b == 1 worker x batch 2b: DDP averages gradients correctly.
+def _one_worker_and_many(make_cfg, tmp_path, workers: int, prior: dict, subject: dict | None = None):
+    """The same run on 1 worker with batch ``workers`` and on ``workers`` workers with batch 1
+    (float64, text-encoder LoRA too: DDP wraps only the denoiser, so the encoder's gradients must
+    be averaged across workers by the step itself); returns both results."""
+    from raydb.train.stage import train_distributed
 
-    With ``prior.mode: model`` no class images exist: each worker forms its prior rows from the
-    instance rows it drew and runs the frozen base pass locally, outside DDP.
+    common = {"prior": prior, "subject": subject or {},
+              "lora": {"train_text_encoder": True},
+              "train": {"max_steps": 2, "checkpoint_every": 100, "learning_rate": 1e-2,
+                        "dtype": "float64"}}
+    # one workspace: the second run reuses the first one's encoded cache (the run ids differ)
+    runs = []
+    for num_workers, batch in ((1, workers), (workers, 1)):
+        cfg = make_cfg(workspace=str(tmp_path / "ws"), cluster={"num_workers": num_workers},
+                       **{**common, "train": {**common["train"], "batch_size": batch}})
+        runs.append(train_distributed(cfg, quiet=True))
+    return runs
+
+
+def _assert_same_training(one: dict, many: dict) -> None:
+    a, b = adapter_tensors(one), adapter_tensors(many)
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=2.5e-7, atol=0.0)
+    la, lb = run_metrics(one), run_metrics(many)
+    for x, y in zip(la, lb, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+        # AdamW is nearly scale-invariant, so the adapters alone would barely notice summed instead
+        # of averaged gradients; the (pre-clip) gradient norm doubles.
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-6)
+    # and the LoRA actually moved, so the comparison is not between two untouched adapters
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
+    assert la[-1]["loss_prior"] > 0
+
+
+def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tmp_path):
+    """2 workers x batch b == 1 worker x batch 2b: DDP averages gradients correctly.
 
     The class images are identical copies, so however Ray Data splits them across workers, every
     worker's class half is the same data as the single worker's.
@@ -36,53 +67,28 @@ def test_ddp_two_workers_match_one_worker_double_batch(ray_cluster, make_cfg, tm
     worker's loss by the world size: the adapter comparison fails; the pre-clip gradient norm,
     compared below, doubles as well).
     """
-    from raydb.train.stage import train_distributed
-
     same = demo_images(1)[0]
     class_dir = image_folder(tmp_path / "class", [same, same, same, same])
-    prior = {"class_data": class_dir, "num_class_images": 4} if prior_mode == "images" else {"mode": "model"}
-    # text-encoder LoRA too: DDP wraps only the denoiser, so the encoder's gradients must be
-    # averaged across workers by the step itself
-    common = {"prior": prior,
-              "lora": {"train_text_encoder": True},
-              "train": {"max_steps": 2, "checkpoint_every": 100, "learning_rate": 1e-2,
-                        "dtype": "float64"}}
-    # one workspace: the second run reuses the first one's encoded cache (the run ids differ)
-    one = train_distributed(make_cfg(workspace=str(tmp_path / "ws"), cluster={"num_workers": 1},
-                                     **{**common, "train": {**common["train"], "batch_size": 2}}),
-                            quiet=True)
-    two = train_distributed(make_cfg(workspace=str(tmp_path / "ws"), cluster={"num_workers": 2},
-                                     **{**common, "train": {**common["train"], "batch_size": 1}}),
-                            quiet=True)
-    a, b = adapter_tensors(one), adapter_tensors(two)
-    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=2.5e-7, atol=0.0)
-    la, lb = run_metrics(one), run_metrics(two)
-    for x, y in zip(la, lb, strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
-        # AdamW is nearly scale-invariant, so the adapters alone would barely notice summed instead
-        # of averaged gradients; the (pre-clip) gradient norm doubles.
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-6)
-    # and the LoRA actually moved, so the comparison is not between two untouched adapters
-    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
-    assert la[-1]["loss_prior"] > 0  # model mode: the second step's adapter is no longer the base
+    one, two = _one_worker_and_many(make_cfg, tmp_path, 2, {"class_data": class_dir, "num_class_images": 4})
+    _assert_same_training(one, two)
     meta = json.loads((Path(two["adapter_uri"]) / "adapter.json").read_text())
-    assert (meta["training"]["prior_mode"], meta["training"]["num_workers"]) == (prior_mode, 2)
-    assert not (tmp_path / "ws" / "priors").exists()  # class images given, or none needed
+    assert (meta["training"]["prior_mode"], meta["training"]["num_workers"]) == ("images", 2)
+    assert not (tmp_path / "ws" / "priors").exists()  # class images given: none generated
 
 
-def test_three_instance_images_on_four_workers(ray_cluster, make_cfg, tmp_path, class_images_dir):
-    from raydb.train.stage import train_distributed
-
+def test_model_mode_on_four_workers_with_three_photos_matches_one_worker(ray_cluster, make_cfg, tmp_path):
+    """``prior.mode: model`` on more workers than photos: 4 workers x batch 1 == 1 worker x batch 4,
+    with 3 instance images. No class images exist: each worker forms its prior rows from the
+    instance rows it drew and runs the frozen base pass locally, outside DDP; a worker whose
+    position wraps past the last photo draws the first one again, as the single worker does."""
     photos = image_folder(tmp_path / "photos", demo_images(3))
-    cfg = make_cfg(subject={"instance_data": photos}, cluster={"num_workers": 4},
-                   prior={"class_data": class_images_dir, "num_class_images": 4},
-                   train={"max_steps": 2})
-    result = train_distributed(cfg, quiet=True)
-    assert result["steps"] == 2
-    meta = json.loads((Path(result["adapter_uri"]) / "adapter.json").read_text())
+    one, four = _one_worker_and_many(make_cfg, tmp_path, 4, {"mode": "model"}, {"instance_data": photos})
+    _assert_same_training(one, four)
+    assert four["steps"] == 2
+    meta = json.loads((Path(four["adapter_uri"]) / "adapter.json").read_text())
+    assert (meta["training"]["prior_mode"], meta["training"]["num_workers"]) == ("model", 4)
     assert meta["metrics"]["num_workers"] == 4
+    assert not (tmp_path / "ws" / "priors").exists()  # model mode: no class images at all
 
 
 def test_too_few_class_images_for_workers_is_a_clear_error(ray_cluster, make_cfg):

@@ -30,6 +30,11 @@ def test_demo_serves_a_recognizable_subject(tmp_path, monkeypatch):
     result = run_demo(cfg, output=str(tmp_path / "out"))
     assert result["stages"] == {"prior": "ran", "encode": "ran", "tune": "ran", "register": "ran",
                                 "serve": "ran"}
+    # the registered version's pictures: its loss curve, and the sample grid the search drew for its
+    # winner only (base row over adapter row, train.num_sample_images each)
+    assert result["artifacts"]["loss_curve"] and result["artifacts"]["samples"]
+    with Image.open(result["artifacts"]["samples"]) as grid:
+        assert grid.size == (4 * 32, 2 * 32)
     image = Image.open(tmp_path / "out" / "generated.png").convert("RGB")
     assert image.size == (32, 32)
     assert DigitJudge(resolution=32).classify([image]).tolist() == [3]

@@ -128,6 +128,29 @@ def _trial_lines() -> Any:
     return TrialLines()
 
 
+def _winner_samples(cfg: RaydbConfig, storage: Storage, best: dict[str, Any]) -> None:
+    """The sample grid (``train.num_sample_images``) for the best trial's adapter only: trials train
+    without one (``trial_config``), so a search of n trials samples once, not n times. It runs as a
+    Ray task (one CPU, where the trials ran), not in the driver; a rerun finds it and skips."""
+    import ray
+
+    from raydb.registry import ADAPTER_WEIGHTS, SAMPLES
+    from raydb.train.outputs import sample_grid_png
+
+    adapter = join(best["run_dir"], "adapter")
+    if not cfg.train.num_sample_images or storage.exists(join(adapter, SAMPLES)):
+        return
+    trial = trial_config(cfg, best["prior_loss_weight"], best["learning_rate"], best.get("prior_mode"))
+    trial.train.num_sample_images = cfg.train.num_sample_images
+
+    @ray.remote(num_cpus=1)
+    def grid() -> bytes:
+        here = Storage(cfg.s3_endpoint_url)
+        return sample_grid_png(trial, here, here.read_bytes(join(adapter, ADAPTER_WEIGHTS)))
+
+    storage.write_bytes(join(adapter, SAMPLES), ray.get(grid.remote()))
+
+
 def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = False) -> dict[str, Any]:
     """Priors + encode once, then the search; returns a summary with the best trial (``best``: its
     row of the results table, ``run_dir`` included). Registers nothing.
@@ -194,6 +217,7 @@ def run_tune(cfg: RaydbConfig, storage: Storage | None = None, *, quiet: bool = 
         raise TuneFailed(f"no trial of the search in {out} completed; see {join(out, 'results.csv')}")
     rank = min if metric_mode(tc.metric) == "min" else max
     best = rank(finished, key=lambda r: r[tc.metric])
+    _winner_samples(cfg, storage, best)
     summary: dict[str, Any] = {"best": best, "results_csv": join(out, "results.csv"),
                                "plot": join(out, "trials.png"), "trials": len(rows),
                                "stopped_early": sum(r["status"] == "stopped_early" for r in rows),

@@ -592,7 +592,7 @@ def _load(client, combos, seconds: float, clients: int, kill_after: float, app: 
 
 @pytest.mark.ray
 def test_a_killed_diffusion_replica_costs_no_client_errors(server, served_workspace):
-    """4 clients for 20 s against 2 diffusion replicas; one replica process is SIGKILLed mid-load.
+    """4 clients for 12 s against 2 diffusion replicas; one replica process is SIGKILLed mid-load.
     Every request gets 200 and the image a sequential request with the same seed gets (up to the
     batching engine's last bits, ``_close``): the ingress
     retried the lost requests on the other replica (raydb/serving/retry.py). Then, scaled to 1
@@ -630,7 +630,7 @@ def test_a_killed_diffusion_replica_costs_no_client_errors(server, served_worksp
                 "width": 64, "height": 64})
             assert resp.status_code == 200, resp.text
             expected[(sid, seed)] = _pixels(resp.json()["images"][0])
-        for replicas, seconds in ((2, 20), (1, 15)):
+        for replicas, seconds in ((2, 12), (1, 10)):
             if replicas == 1:
                 deploy(1)
             results = _load(client, combos, seconds, clients=4, kill_after=4, app=FAULT_APP)

@@ -43,7 +43,7 @@ from raydb.config import RaydbConfig
 from raydb.storage import NotFound, Storage, is_s3, join
 
 __all__ = ["STAGES", "StageResult", "run_pipeline", "inputs_key", "manifest_matches", "run_stage",
-           "stage_inputs", "format_summary", "pipeline_uri", "cluster_is_joined"]
+           "stage_inputs", "format_summary", "pipeline_uri", "cluster_is_joined", "search_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def _adapter_exists(storage: Storage, out: dict[str, Any]) -> bool:
     return _exists_all(storage, *(join(out["adapter_uri"], f) for f in ADAPTER_FILES))
 
 
-def _search_metadata(cfg: RaydbConfig, tuned: dict[str, Any]) -> dict[str, Any] | None:
+def search_metadata(cfg: RaydbConfig, tuned: dict[str, Any]) -> dict[str, Any] | None:
     """What a search adds to the registered adapter.json: the best trial's hyperparameters and
     validation scores (the one ``tune.metric`` ranked by among them), and where its results table
     is (None for a plain training)."""
@@ -257,7 +257,7 @@ def _register(cfg: RaydbConfig, storage: Storage, trained: dict[str, Any]) -> di
     # Idempotent: the same weights (and search metadata) as a registered version keep that version.
     adapter_uri = trained["adapter_uri"]
     record = register_adapter(storage, cfg.workspace, cfg.subject.tenant, cfg.subject.id, adapter_uri,
-                              extra_metadata=_search_metadata(cfg, trained))
+                              extra_metadata=search_metadata(cfg, trained))
     out = {"uri": record["uri"], "version": record["version"], "adapter_uri": adapter_uri}
     if cfg.export_formats:
         from raydb.export import export_version

@@ -738,7 +738,7 @@ def test_arrow_fs_and_ray_storage_take_the_buckets_own_region(s3_server, monkeyp
     import pyarrow.fs as pafs
 
     from raydb.storage import _BUCKET_REGIONS
-    from raydb.train.stage import _storage_location
+    from raydb.train.stage import storage_location
 
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.delenv("AWS_REGION", raising=False)
@@ -756,7 +756,7 @@ def test_arrow_fs_and_ray_storage_take_the_buckets_own_region(s3_server, monkeyp
     assert fs.get_file_info(f"{bucket}/runs/x/checkpoint.bin").type == pafs.FileType.File
 
     cfg = make_cfg(workspace=f"s3://{bucket}/ws", s3_endpoint_url=s3_server)
-    ray_path, ray_fs = _storage_location(Storage(s3_server), cfg)
+    ray_path, ray_fs = storage_location(Storage(s3_server), cfg)
     runs = f"{bucket}/ws/tenants/{cfg.subject.tenant}/runs/{cfg.subject.id}"
     assert (ray_fs.region, ray_path) == ("eu-central-1", runs)
     other = "raydb-default-region-bucket"  # and a us-east-1 bucket beside it keeps us-east-1

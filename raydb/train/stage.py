@@ -27,7 +27,8 @@ from raydb.config import RaydbConfig
 from raydb.encode.cache import EncodedCache
 from raydb.storage import Storage, is_s3, join
 
-__all__ = ["train_distributed", "build_trainer", "train_loop_per_worker", "resolve_use_gpu"]
+__all__ = ["train_distributed", "build_trainer", "train_loop_per_worker", "resolve_use_gpu",
+           "storage_location"]
 
 
 def resolve_use_gpu(cfg: RaydbConfig) -> bool:
@@ -38,7 +39,7 @@ def resolve_use_gpu(cfg: RaydbConfig) -> bool:
     return bool(cfg.cluster.use_gpu)
 
 
-def _storage_location(storage: Storage, cfg: RaydbConfig) -> tuple[str, Any]:
+def storage_location(storage: Storage, cfg: RaydbConfig) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray Train: the subject's runs folder."""
     from raydb.train.rundir import runs_uri
 
@@ -194,7 +195,7 @@ def build_trainer(cfg: RaydbConfig, storage: Storage, cache: EncodedCache, *,
         class_dataset = read_class_dataset(storage, cache)
     datasets = {"class": class_dataset} if class_dataset is not None else {}
     use_gpu = resolve_use_gpu(cfg)
-    storage_path, storage_fs = _storage_location(storage, cfg)
+    storage_path, storage_fs = storage_location(storage, cfg)
     cpus = cfg.cluster.cpus_per_worker
     name, run = run_id(cfg), run_uri(cfg)
     return TorchTrainer(

@@ -27,7 +27,7 @@ from raydb.train.loss import LossParts, dreambooth_loss, training_target
 from raydb.train.prior_target import prior_half_target, without_ddp
 
 __all__ = ["TrainState", "build_train_state", "forward_loss", "denoiser_prediction", "denoiser_target",
-           "optimizer_step", "autocast_dtype", "weights_dtype"]
+           "optimizer_step", "autocast_dtype", "weights_dtype", "sample_latents"]
 
 _DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -111,7 +111,7 @@ def build_train_state(
                       text_encoder_2=text_encoder_2 if trains_te else None)
 
 
-def _latents(batch: MicroBatch, vae, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
+def sample_latents(batch: MicroBatch, vae, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
     """``latent_dist.sample() * scaling_factor`` — from cached mean/std, or by running the VAE."""
     if batch.pixels is not None:
         param = next(vae.parameters())
@@ -209,7 +209,7 @@ def forward_loss(
     gradient-free :func:`denoiser_prediction` of the prior rows with every LoRA layer off runs
     first, for every family (the UNet's or FLUX.1's transformer's own prediction).
     """
-    latents = _latents(batch, vae, vae.config.scaling_factor, vae.config.get("shift_factor"))
+    latents = sample_latents(batch, vae, vae.config.scaling_factor, vae.config.get("shift_factor"))
     target = denoiser_target(noise_scheduler, batch, latents, prediction_type)
     dtype = autocast_dtype(mixed_precision)
     ctx = (torch.autocast(latents.device.type, dtype=dtype, cache_enabled=autocast_cache) if dtype

@@ -235,7 +235,7 @@ def test_model_mode_prior_target_is_the_frozen_base_prediction_for_flux(make_cfg
     guidance under the class prompt, and their target is the prediction of a separate LoRA-free
     copy of the base transformer; the instance rows' target is the flow velocity."""
     from raydb.train.flow import velocity_target
-    from raydb.train.step import _latents, denoiser_prediction
+    from raydb.train.step import denoiser_prediction, sample_latents
 
     cfg = make_cfg(model={"pretrained": "tiny-flux"}, prior={"mode": "model"},
                    train={"dtype": "float64", "mixed_precision": "no", "batch_size": B})
@@ -262,7 +262,7 @@ def test_model_mode_prior_target_is_the_frozen_base_prediction_for_flux(make_cfg
     parts = forward_loss(comps.denoiser, comps.noise_scheduler, batch, prediction_type=comps.prediction_type,
                          prior_loss_weight=weight, with_prior=True, vae=comps.vae, prior_mode="model")
     vae = comps.vae.config
-    latents = _latents(batch, comps.vae, vae.scaling_factor, vae.get("shift_factor"))
+    latents = sample_latents(batch, comps.vae, vae.scaling_factor, vae.get("shift_factor"))
     with torch.no_grad():
         base_pred = denoiser_prediction(base.denoiser, base.noise_scheduler, batch.rows(slice(B, None)),
                                         latents[B:])

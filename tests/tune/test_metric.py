@@ -59,17 +59,17 @@ def test_dino_metric_needs_a_dino_model(tmp_path):
 
 def test_the_registered_search_metadata_keeps_the_ranking_metric(tmp_path):
     """The pipeline's register stage records the best trial's scores, the one that ranked it included."""
-    from raydb.pipeline import _search_metadata
+    from raydb.pipeline import search_metadata
 
     cfg = load_config(data={"workspace": str(tmp_path), "tune": {"metric": "val_fidelity"},
                             "eval": {"fidelity": "digits"}})
     best = {"prior_mode": "model", "prior_loss_weight": 1.0, "learning_rate": 1e-3, "val_instance": 0.2,
             "val_prior": 0.3, "val_score": 0.5, "val_fidelity": 0.9}
-    meta = _search_metadata(cfg, {"best": best, "results_csv": "r.csv"})
+    meta = search_metadata(cfg, {"best": best, "results_csv": "r.csv"})
     assert meta["tune"]["hyperparameters"] == {"prior_mode": "model", "prior_loss_weight": 1.0,
                                                "learning_rate": 1e-3}
     assert meta["tune"]["validation"] == {"val_instance": 0.2, "val_prior": 0.3, "val_score": 0.5,
                                           "val_fidelity": 0.9}
     plain = load_config(data={"workspace": str(tmp_path), "tune": {}})
-    assert "val_fidelity" not in _search_metadata(plain, {"best": best})["tune"]["validation"]
-    assert _search_metadata(cfg, {}) is None
+    assert "val_fidelity" not in search_metadata(plain, {"best": best})["tune"]["validation"]
+    assert search_metadata(cfg, {}) is None

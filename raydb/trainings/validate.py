@@ -283,7 +283,8 @@ _OPERATOR_MAXIMA = {
 def override_fields(cfg: RaydbConfig) -> list[dict[str, Any]]:
     """The overrides a tenant may send (``service.allowed_overrides``) as form fields: ``{key, label,
     type (integer | number | boolean | string), default (the operator's value), minimum,
-    exclusive_minimum, maximum, description}`` from the config's own schema, ``train.max_steps``
+    exclusive_minimum, maximum, enum (a string field's choices, else None), description}`` from the
+    config's own schema, ``train.max_steps``
     capped at the operator's maxima (:func:`over_limits`) — the bounds :func:`validate_submission`
     enforces."""
     schema = RaydbConfig.model_json_schema()
@@ -303,7 +304,7 @@ def override_fields(cfg: RaydbConfig) -> list[dict[str, Any]]:
         row = {"key": key, "label": f"{node.get('title', key)} ({key})", "type": node.get("type", "string"),
                "default": value, "minimum": node.get("minimum"),
                "exclusive_minimum": node.get("exclusiveMinimum"), "maximum": node.get("maximum"),
-               "description": node.get("description", "")}
+               "enum": node.get("enum"), "description": node.get("description", "")}
         most = _OPERATOR_MAXIMA.get(key, lambda c: None)(cfg)
         if most is not None:
             row["maximum"] = most if row["maximum"] is None else min(row["maximum"], most)

@@ -291,7 +291,9 @@ def test_limits_describe_what_the_server_accepts(served):
     assert by_key["train.max_steps"] | {"description": ""} == {
         "key": "train.max_steps", "label": "Max Steps (train.max_steps)", "type": "integer",
         "default": cfg.train.max_steps, "minimum": 1, "exclusive_minimum": None, "maximum": 2000,
-        "description": ""}
+        "enum": None, "description": ""}
+    # a choice is offered as its choices (the console draws a select, not a number box)
+    assert (by_key["prior.mode"]["type"], by_key["prior.mode"]["enum"]) == ("string", ["images", "model"])
     assert by_key["train.learning_rate"]["exclusive_minimum"] == 0.0
     assert by_key["tune"]["type"] == "boolean"
     # every maximum the submission enforces (trainings/validate.over_limits), not just the schema's

@@ -256,6 +256,11 @@ function overrideField(o) {
     input.setAttribute("aria-describedby", `${id}-hint`);
     return {key: o.key, input, row, default: Boolean(o.default), value: () => input.checked};
   }
+  if (o.enum) {  // a choice (prior.mode: images | model): a select, its value the chosen string
+    const input = el("select", {id}, ...o.enum.map((v) => el("option", {value: v, selected: v === o.default}, v)));
+    const f = field({id, label: o.label, input, hint: `default ${o.default}. ${o.description || ""}`});
+    return {key: o.key, input, row: f.row, default: o.default, value: () => input.value};
+  }
   const integer = o.type === "integer";
   const input = el("input", {type: "number", inputmode: integer ? "numeric" : "decimal",
     step: integer ? 1 : "any", min: o.minimum ?? o.exclusive_minimum, max: o.maximum, value: o.default});

@@ -16,18 +16,29 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.ray
 @pytest.mark.slow
 def test_demo_serves_a_recognizable_subject(tmp_path, monkeypatch):
+    import ray
+    from ray import serve
+
     from raydb.data.digits import subject_images
     from raydb.demo import run_demo
     from raydb.fidelity.judge import ColourTrait, DigitJudge
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the demo starts (and stops) its own cluster
+    # the demo joins this process's cluster if an earlier file started one, else starts (and stops) its own
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     # one trial of the demo's grid (λ = 1, the one the README's figure is for): `make demo` runs both,
     # concurrently; on the suite's two cores the second trial would double the test's time
     cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml",
                       [f"workspace={tmp_path / 'ws'}", "tune.prior_loss_weight=[1.0]"])
     assert cfg.model.pretrained == "digits" and cfg.subject.instance_data == "builtin:red-three"
     monkeypatch.setenv(cfg.serve.api_keys_env, "")  # run_demo sets its own key; restored after
-    result = run_demo(cfg, output=str(tmp_path / "out"))
+    try:
+        result = run_demo(cfg, output=str(tmp_path / "out"))
+    finally:
+        # On the session's cluster (when an earlier file started it) the demo leaves Ray up and deletes
+        # only its own app; Serve's proxy would keep the demo's port, and the next test that deploys
+        # on another port would never answer. Like every test that deploys, stop Serve.
+        if ray.is_initialized():  # (else the demo started and stopped a cluster of its own)
+            serve.shutdown()
     assert result["stages"] == {"prior": "ran", "encode": "ran", "tune": "ran", "register": "ran",
                                 "serve": "ran"}
     # the registered version's pictures: its loss curve, and the sample grid the search drew for its

@@ -2,8 +2,8 @@
 
 The cluster is the test's own: a short temp dir, free ports for every listener (including the
 dashboard agent's, whose default 52365 another cluster on a shared machine may hold — then the Jobs
-API answers "No available agent"), and it is stopped by signalling the ``ray start --block`` process
-(which takes its children down) and then killing whatever still names the temp dir — never
+API answers "No available agent"), and it is stopped by killing the ``ray start --block`` process
+group (its children with it) and then whatever still names the temp dir — never
 ``ray stop``, which would stop every cluster on the machine (including the in-process one of
 tests/conftest.py).
 """
@@ -75,13 +75,11 @@ def job_info(dashboard: str, sub_id: str, token: str) -> dict:
 def _stop(proc: subprocess.Popen, temp_dir: str) -> None:
     import psutil
 
+    # no graceful stop (SIGTERM: Serve drains, the node shuts down in order, ~30 s of the suite's time
+    # per cluster): the test is over and the cluster is its own, so its process group goes at once
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
             if p.pid != os.getpid() and temp_dir in " ".join(p.info["cmdline"] or []):

@@ -3,7 +3,7 @@
 A test asks for faults through one environment variable on the driver, ``RAYDB_FAULTS``, holding
 JSON such as::
 
-    {"train_step": {"rank": 1, "step": 5, "once": "/tmp/marker"},   # add "pause": 60 to stall instead
+    {"train_step": {"rank": 1, "step": 5, "once": "/tmp/marker"},
      "prior_block": {"after": 1, "once": "/tmp/marker"}}
 
 The driver reads it with :func:`plan` and sends the plan along with the work (environment

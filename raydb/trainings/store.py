@@ -39,7 +39,7 @@ from typing import Any, Literal
 from raydb.ids import check_safe_id
 from raydb.storage import NotFound, Storage, join
 
-__all__ = ["STATES", "TERMINAL", "QueueEntry", "LeaseBusy", "TrainingStore", "new_training_id"]
+__all__ = ["STATES", "TERMINAL", "QueueEntry", "LeaseBusy", "TrainingStore", "new_training_id", "parse_entry"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _entry_name(tenant: str, training_id: str) -> str:
     return f"{time.time_ns():020d}--{tenant}--{training_id}.json"
 
 
-def _parse_entry(name: str) -> tuple[int, str, str] | None:
+def parse_entry(name: str) -> tuple[int, str, str] | None:
     """``(ns, tenant, training id)`` of a queue or retention file name, or None. The tenant is what
     lies between the first and the last ``--``: tenant names may contain ``--``, training ids never."""
     stamp, sep, rest = name.removesuffix(".json").partition("--")
@@ -254,7 +254,7 @@ class TrainingStore:
         """Trainings whose job may still run, of every tenant, oldest first."""
         out = []
         for name in sorted(self.storage.list(self._queue())):
-            parsed = _parse_entry(name)
+            parsed = parse_entry(name)
             if parsed is not None:
                 out.append(QueueEntry(name, parsed[1], parsed[2]))
         return out
@@ -272,7 +272,7 @@ class TrainingStore:
         cutoff = time.time_ns() - int(older_than_s * 1e9)
         out = []
         for name in sorted(self.storage.list(self._retention())):
-            parsed = _parse_entry(name)
+            parsed = parse_entry(name)
             if parsed is not None and parsed[0] <= cutoff:
                 out.append(QueueEntry(name, parsed[1], parsed[2]))
         return out

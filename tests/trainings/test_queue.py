@@ -154,13 +154,13 @@ def test_listing_pages_through_the_tenants_trainings_reading_only_the_page(servi
 
 def test_queue_and_retention_files_name_their_tenant_exactly(tmp_path):
     """The queue's name parser takes the tenant between the first and the last ``--``."""
-    from raydb.trainings.store import _parse_entry
+    from raydb.trainings.store import parse_entry
 
-    assert _parse_entry("00000000000000000012--a--b--tr-0190abc.json") == (12, "a--b", "tr-0190abc")
-    assert _parse_entry("00000000000000000012--t1--tr-1.json") == (12, "t1", "tr-1")
+    assert parse_entry("00000000000000000012--a--b--tr-0190abc.json") == (12, "a--b", "tr-0190abc")
+    assert parse_entry("00000000000000000012--t1--tr-1.json") == (12, "t1", "tr-1")
     for bad in ("12--t1.json", "x--t1--tr-1.json", "00000000000000000012--t1--tr-1.txt", "--t1--x.json",
                 "00000000000000000012----tr-1.json"):
-        assert _parse_entry(bad) is None, bad
+        assert parse_entry(bad) is None, bad
     store = TrainingStore(Storage(), str(tmp_path))
     (tmp_path / "service" / "queue").mkdir(parents=True)
     (tmp_path / "service" / "queue" / "stray.json").write_text(json.dumps({}))

@@ -118,7 +118,9 @@ def test_rerun_after_driver_killed_resumes(ray_cluster, make_cfg, tmp_path, same
     driver = start_driver(ray_cluster, cfg, tmp_path, "raydb.train.stage.train_distributed", env={
         faults.ENV: json.dumps({"train_step": {"rank": 0, "step": 5, "pause": 600, "once": str(held)}})})
     run = Path(run_uri(cfg))
-    deadline = time.time() + 240
+    # generous: the driver imports, encodes and starts a 2-worker group before step 5 (over 4 minutes
+    # in a full make test on the 2 shared cores)
+    deadline = time.time() + 600
     try:
         # held at step 5, and the checkpoint of step 4 registered by Ray Train (its snapshot names it;
         # the worker's upload merely appearing is not enough)

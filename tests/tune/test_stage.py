@@ -37,9 +37,9 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
     """A ``tune: true`` training of the service (photos submitted as over HTTP, then the job's
     entrypoint) runs the operator's ``service.tune`` search and registers its best trial.
 
-    2x2 grid, two trials at a time, 4 steps scored every 2 (ASHA's one rung: the first report):
-    the lr=1e-3 trials of the second pair reach the rung after both first-pair trials recorded
-    theirs, score worse than the cut-off (the lr=1e-2 trial is ahead) and are stopped there."""
+    2x2 grid, two trials at a time: the lr=1e-3 trials of the second pair reach the first rung
+    after both first-pair trials recorded theirs, score worse than the cut-off (the lr=1e-2 trial
+    is ahead) and are stopped there."""
     from raydb.config import RaydbConfig
     from raydb.storage import join
     from raydb.trainings.job import run_training
@@ -47,7 +47,7 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
     from raydb.tune import tune_uri
 
     # 4 class images to train on, the other 4 of the folder held out for val_prior
-    cfg = make_cfg(train={"max_steps": 4}, prior={"class_data": class_images_dir, "num_class_images": 4},
+    cfg = make_cfg(train={"max_steps": 8}, prior={"class_data": class_images_dir, "num_class_images": 4},
                    service={"tune": GRID | {"max_concurrent_trials": 2}, "max_tune_gpus": 2},
                    eval={"clip_model": "tiny", "num_images": 1, "num_inference_steps": 2})
     service = TrainingService(cfg, Storage(), FakeJobs())
@@ -63,7 +63,7 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
                             "val_prior", "val_score", "steps", "status"}
     stopped = [r for r in rows if r["status"] == "stopped_early"]
     assert stopped, "ASHA stopped no trial"
-    assert all(int(r["steps"]) < 4 for r in stopped)
+    assert all(int(r["steps"]) < 8 for r in stopped)
     completed = [r for r in rows if r["status"] == "completed"]
     best = min(completed, key=lambda r: float(r["val_score"]))
     assert summary["best"]["val_score"] == pytest.approx(float(best["val_score"]))
@@ -77,8 +77,8 @@ def test_grid_search_asha_and_best_registered(ray_cluster, make_cfg, class_image
     record = latest_version(Storage(), cfg.workspace, "t1", cfg.subject.id)
     view = service.get("t1", view["id"])
     assert view["subject"] == {"subject_id": cfg.subject.id, "version": record["version"]}
-    assert view["trials"] == {"planned": 4, "started": 4} and view["max_steps"] == 4 * 4
-    assert 4 * len(completed) < view["step"] <= 4 * 4  # the stopped trials ran some steps too
+    assert view["trials"] == {"planned": 4, "started": 4} and view["max_steps"] == 4 * 8
+    assert 8 * len(completed) < view["step"] <= 4 * 8  # the stopped trials ran some steps too
     meta = json.loads((Path(record["uri"]) / "adapter.json").read_text())
     assert meta["tune"]["hyperparameters"] == {"prior_mode": "images",
                                                "prior_loss_weight": float(best["prior_loss_weight"]),

@@ -77,18 +77,16 @@ test-lowest: | $(UV)
 demo: $(STAMP)
 	$(VENV)/bin/raydb demo --config jobs/configs/demo.yaml
 
-# Two pytest processes, whole files each (--dist loadfile keeps a file's session fixtures, such as
-# its Ray cluster, in one process): the Ray tiers spend about a quarter of their time waiting on
-# process start-up and polling, which the other process fills (measured on 2 cores: 638 s vs 869 s).
-# Files go out in collection order (--no-loadscope-reorder: xdist would otherwise send the files with
-# the most tests first, which put the few-test, minutes-long Ray files last; tests/conftest.py puts
-# them first). One torch thread per process, as in test-fast: two processes with torch's default
-# threads thrash 2 cores (Ray's workers get one thread per CPU they hold either way).
+# Two pytest processes side by side (tests/lanes.py): the Ray tier in one, its files one after
+# another on one Ray cluster, and everything else in the other; output lines prefixed [ray] / [rest].
+# Two Ray files at once on 2 cores took several times as long as one after the other; the Ray lane
+# waits on process start-up and polling, which the other lane fills. One torch thread per process,
+# as in test-fast: two processes with torch's default threads thrash 2 cores (Ray's workers get
+# one thread per CPU they hold either way). TEST_WORKERS: xdist processes of test-fast/test-lowest.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
-		--no-loadscope-reorder --durations=15
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/python tests/lanes.py --durations=15
 
 # The browser the console's tests drive (tests/console): Debian's chromium + chromium-driver, installed
 # when missing (apt, as root or through sudo), a no-op when present. CI (.ci/run) runs it before

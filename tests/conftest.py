@@ -164,17 +164,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
-    _ray_files_first(items)
     _fastest_first_under_mutmut(items)
-
-
-def _ray_files_first(items) -> None:
-    """Files with a Ray test first (stable otherwise). ``make test`` hands whole files to its two
-    processes in this order (``--no-loadscope-reorder``); the Ray files take minutes each, the
-    others seconds, so starting with the long ones and ending with the short ones keeps both
-    processes busy to the end."""
-    ray_files = {item.path for item in items if item.get_closest_marker("ray") is not None}
-    items.sort(key=lambda item: item.path not in ray_files)
 
 
 def _fastest_first_under_mutmut(items) -> None:

@@ -8,11 +8,11 @@ Why two lanes and not pytest-xdist's scheduling: a Ray file is dozens of process
 (Train's controller and workers, Tune's trials, Serve's replicas, Ray Data's actors), and two Ray
 files at once on 2 cores took far longer than one after the other. Measured here: with xdist's two
 processes each taking Ray files, tune/test_stage.py took 822 s and the HTTP training test 570 s
-(166 s and 62 s alone), and ``make test`` 43 min; with these lanes, 18 min (the Ray lane 1071 s,
-the rest 325 s). xdist hands out whole files, so it cannot keep the Ray files in one process while
-the other takes the rest (``--dist loadgroup`` would, but its groups are silently ignored with
-pytest 9.2: pytest-xdist issue #1386). The Ray lane waits on process start-up and polling much of
-the time; the other lane fills those gaps.
+(166 s and 62 s alone), and ``make test`` 42 min (with other work beside it); with these lanes,
+18 min (the Ray lane 1071 s, the rest 325 s). xdist hands out whole files, so it cannot keep the
+Ray files in one process while the other takes the rest (``--dist loadgroup`` would, but its
+groups are silently ignored with pytest 9.2: pytest-xdist issue #1386). The Ray lane waits on
+process start-up and polling much of the time; the other lane fills those gaps.
 
 Usage: ``python tests/lanes.py [pytest args for both lanes]`` (the Makefile adds ``--durations``).
 Each lane gets its own ``--basetemp`` under one fresh temporary folder, removed when both pass and

@@ -1,6 +1,9 @@
-"""The web console in a real browser: headless Chromium (Selenium) against one real ``raydb serve`` on
-127.0.0.1 — a private ``ray start --head`` cluster (the Jobs API runs the training), the tiny model,
-the built-in demo subject's photos, three training steps.
+"""Training as a service, end to end, against one real ``raydb serve`` on 127.0.0.1 — a private
+``ray start --head`` cluster (the Jobs API runs each training as a Ray job), the tiny model, the
+built-in demo subject's photos, three training steps, prior preservation in model mode (the
+operator's default here: no class image to generate) — first through the web console in a real
+browser (headless Chromium, Selenium), then over plain HTTP with faults. One server for the three
+tests: a head cluster and a Serve deployment are most of each test's time on 2 cores.
 
 ``test_the_main_loop_by_keyboard`` does the whole loop with the keyboard only (Tab, Shift+Tab,
 Enter, Space and typing; the one exception is handing the photo files to the file input, which
@@ -14,6 +17,14 @@ tests/helpers/browser.py's ARTIFACTS folder.
 ``test_tenant_strings_are_text_and_other_tenants_stay_out``: markup in a prompt, in a subject's
 metadata and in the URL renders as text; another tenant's subject appears nowhere; every ``/ui``
 response of the real server carries the CSP and no console ``/v1`` route answers without the key.
+
+``test_upload_train_as_a_ray_job_then_generate_without_redeploy`` (no browser): a multipart upload
+of the demo photos with overrides; the ingress replica is killed mid-training and its replacement
+still answers; the training is polled to ``succeeded``; ``POST /v1/generate`` returns a PNG of the
+new subject from the same, never redeployed, app; the Jobs API knows the training's job.
+
+The browser tests skip where no Chromium is installed (and fail under ``CI=true``); the HTTP test
+runs everywhere.
 """
 
 from __future__ import annotations
@@ -44,14 +55,14 @@ from tests.helpers.browser import (
     active,
     chromium,
     csp_violations,
-    find_browser,
     image_pixels,
     press,
     retype,
     screenshot,
     tab_to,
 )
-from tests.helpers.head_cluster import head_cluster, http_status
+from tests.helpers.head_cluster import head_cluster, http_status, job_info, run_job
+from tests.helpers.images import demo_photos
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -86,8 +97,8 @@ def _heading(d, text: str, timeout: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def console_server(tmp_path_factory):
-    """``raydb serve`` on 127.0.0.1 over a private head cluster; another tenant's subject registered."""
-    find_browser()  # skip (or fail in CI) before starting anything
+    """``raydb serve`` on 127.0.0.1 over a private head cluster; another tenant's subject registered.
+    Yields ``(url, workspace, cluster)``."""
     from raydb.registry import register_adapter
     from raydb.storage import Storage
 
@@ -105,7 +116,7 @@ def console_server(tmp_path_factory):
     config = tmp / "serve.yaml"
     config.write_text(yaml.safe_dump({
         "workspace": str(ws), "model": {"pretrained": "tiny", "cache_dir": str(tmp / "m")},
-        "prior": {"enabled": False},
+        "prior": {"enabled": True, "mode": "model"},  # prior preservation without a prior stage
         "train": {"resolution": 64, "max_steps": 3, "learning_rate": 1e-2, "checkpoint_every": 1000,
                   "num_sample_images": 1, "sample_steps": 2},
         "cluster": {"num_workers": 1, "use_gpu": False},
@@ -128,7 +139,7 @@ def console_server(tmp_path_factory):
                 assert time.monotonic() < deadline, "raydb serve did not come up"
                 time.sleep(1)
             print(f"\nconsole server up in {time.monotonic() - started:.0f} s; screenshots -> {ARTIFACTS}")
-            yield url, ws
+            yield url, ws, cluster
         finally:
             # no graceful Serve shutdown (it drains replicas: tens of seconds of the suite's time):
             # the driver goes at once, and stopping the private cluster takes Serve's actors with it
@@ -179,7 +190,7 @@ def test_the_main_loop_by_keyboard(console_server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    url, ws = console_server
+    url, ws, _ = console_server
     started = time.monotonic()
     photos = _photos(tmp_path / "photos")
     downloads = tmp_path / "downloads"
@@ -347,7 +358,7 @@ def test_tenant_strings_are_text_and_other_tenants_stay_out(console_server):
 
     from raydb.serving.console import CONTENT_SECURITY_POLICY, router
 
-    url, _ = console_server
+    url, _, _ = console_server
     no_markup = "return document.querySelectorAll('img[src=\"x\"], img[src$=\"/x\"]').length === 0 " \
                 "&& window.__xss === undefined"
     with chromium() as d:
@@ -427,3 +438,76 @@ def test_tenant_strings_are_text_and_other_tenants_stay_out(console_server):
         assert weights.status_code == 404  # t1 may not download t2's adapter
         own = client.get(theirs, headers={"Authorization": f"Bearer {KEY_TWO}"})
         assert own.content == b"not served in these tests"
+
+
+KILL_INGRESS = (
+    "import ray; ray.init(); "
+    "names = [a for a in ray.util.list_named_actors(all_namespaces=True) if 'RaydbIngress' in a['name']]; "
+    "assert len(names) == 1, names; "
+    "ray.kill(ray.get_actor(names[0]['name'], namespace=names[0]['namespace']), no_restart=False)")
+
+
+def _get(client, url: str, deadline: float):
+    """GET that rides out the moments when the ingress replica is being replaced."""
+    import httpx
+
+    while True:
+        try:
+            resp = client.get(url, headers={"Authorization": f"Bearer {KEY_ONE}"})
+            if resp.status_code < 500:
+                return resp
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"GET {url} did not answer"
+        time.sleep(1)
+
+
+def test_upload_train_as_a_ray_job_then_generate_without_redeploy(console_server):
+    """Over plain HTTP: the upload asks for ``prior.mode: model`` and ``lora.rank: 2`` (allowed
+    overrides), so it trains with prior preservation, no prior stage and the tenant's rank."""
+    import httpx
+
+    url, ws, cluster = console_server
+    deadline = time.monotonic() + 600  # generous: the 2 shared cores are often overloaded
+    client = httpx.Client(base_url=url, timeout=120)
+    files = [("photos", (name, data, "image/jpeg")) for name, data in demo_photos(4, 128, "JPEG")]
+    resp = client.post("/v1/trainings", headers={"Authorization": f"Bearer {KEY_ONE}"}, files=files,
+                       data={"subject_id": "toy", "instance_prompt": "a photo of sks toy",
+                             "class_prompt": "a photo of a toy",
+                             "overrides": json.dumps({"prior.mode": "model", "lora.rank": 2})})
+    assert resp.status_code == 202, resp.text
+    tid = resp.json()["id"]
+    assert resp.json()["status"] in ("queued", "running")  # queued while the job agent starts
+
+    # Serve replaces the replica; the new one answers from the workspace
+    run_job(cluster, [sys.executable, "-c", KILL_INGRESS], "kill-ingress", deadline)
+    while True:
+        view = _get(client, f"/v1/trainings/{tid}", deadline).json()
+        if view["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        assert time.monotonic() < deadline, f"training still {view}"
+        time.sleep(1)
+    assert view["status"] == "succeeded", view
+    assert view["subject"] == {"subject_id": "toy", "version": "v0001"}
+    assert (view["step"], view["max_steps"]) == (3, 3) and view["loss"] > 0
+    png = client.post("/v1/generate", headers={"Authorization": f"Bearer {KEY_ONE}", "Accept": "image/png"},
+                      json={"subject_id": "toy", "prompt": "a toy on a beach", "seed": 1,
+                            "num_inference_steps": 2, "width": 64, "height": 64})
+    assert png.status_code == 200, png.text
+    assert png.headers["X-Raydb-Adapter-Version"] == "v0001"
+    assert Image.open(io.BytesIO(png.content)).size == (64, 64)
+    client.close()
+    home = ws / "tenants" / "t1"  # subject ids are per tenant
+    meta = json.loads((home / "subjects" / "toy" / "v0001" / "adapter.json").read_text())
+    assert meta["training"]["prior_mode"] == "model" and meta["training"]["prior_enabled"]
+    assert meta["lora"]["rank"] == 2
+    assert not (ws / "priors").exists()  # no class image was generated
+    manifests = home / "pipeline" / "toy"
+    assert not (manifests / "prior.json").exists()  # the stage was off: no manifest
+    assert json.loads((manifests / "encode.json").read_text())["outputs"]["num_class"] == 0
+
+    # the Jobs API knows the job (its driver may take a moment to exit after the result is written)
+    while (job := job_info(cluster.dashboard, view["job_id"], cluster.token)).get("status") == "RUNNING":
+        assert time.monotonic() < deadline, job
+        time.sleep(1)
+    assert job["status"] == "SUCCEEDED" and "raydb.trainings.job" in job["entrypoint"]

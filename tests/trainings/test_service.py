@@ -1,6 +1,7 @@
 """Training as a service, fast tier: the ``/v1/trainings`` routes on a plain FastAPI app (no Ray),
 Ray's Jobs API replaced by a fake, and the job's entrypoint (``run_training``) called in-process
-without Ray, as the job would run it. tests/trainings/test_job.py runs the real thing once.
+without Ray, as the job would run it. tests/console/test_browser.py runs the real thing (a head cluster,
+``raydb serve``, trainings as Ray jobs), through the console and over plain HTTP.
 """
 
 from __future__ import annotations

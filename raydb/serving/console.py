@@ -114,7 +114,12 @@ def is_console_path(path: str) -> bool:
 
 class ConsoleHeadersMiddleware:
     """Puts :data:`SECURITY_HEADERS` on every answer under ``/ui``, whoever wrote it (added after the
-    gate's middleware, so it wraps the gate's refusals too)."""
+    gate's middleware, so it wraps the gate's refusals too).
+
+    An exception that escapes every handler would become Starlette's 500, written by its outermost
+    middleware, outside this one and so without the headers. Here it becomes a plain-text 500 with
+    them, and is raised on, so the server still logs it (Starlette's middleware sees a response
+    already sent and writes none of its own)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -123,15 +128,24 @@ class ConsoleHeadersMiddleware:
         if scope["type"] != "http" or not is_console_path(route_path(scope)):
             await self.app(scope, receive, send)
             return
+        started = False
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = MutableHeaders(scope=message)
                 for name, value in SECURITY_HEADERS.items():
                     headers[name] = value
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            if not started:
+                error = Response(b"Internal Server Error", status_code=500, media_type="text/plain")
+                await error(scope, receive, send_with_headers)
+            raise
 
 
 def _not_found() -> Response:

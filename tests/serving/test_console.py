@@ -137,6 +137,27 @@ def test_every_console_response_carries_the_csp(served, make_cfg, tmp_path):
         assert resp.headers["x-frame-options"] == "DENY"
 
 
+def test_a_console_page_that_fails_still_carries_the_csp(served, monkeypatch):
+    """An exception in a /ui handler: a plain 500 with the security headers (Starlette's own 500 is
+    written outside every middleware of ours), and the exception still reaches the server."""
+    from raydb.serving import console
+
+    cfg, client = served
+
+    def broken(name: str):
+        raise OSError(f"cannot read {name}")
+
+    monkeypatch.setattr(console, "asset", broken)
+    with pytest.raises(OSError, match="cannot read app.js"):
+        client.get("/ui/app.js")  # the test client re-raises what the server would log
+    quiet = TestClient(client.app, raise_server_exceptions=False)
+    resp = quiet.get("/ui/app.js")
+    assert resp.status_code == 500 and resp.text == "Internal Server Error"
+    assert resp.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert resp.headers["x-frame-options"] == "DENY"
+    assert quiet.get("/v1/limits", headers=ONE).status_code == 200  # the next request is served
+
+
 def test_console_defaults_to_on_exactly_when_auth_is_on():
     on = load_config(data={"serve": {}})
     off = load_config(data={"serve": {"auth": "none"}})

@@ -46,7 +46,8 @@ def cluster_env(token: str) -> dict[str, str]:
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_V2_ENABLED="1")
+               RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_V2_ENABLED="1",
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")  # as tests/conftest.py's TRAIN_POLL_ENV
     return env
 
 

@@ -127,4 +127,4 @@ def train_subject(
             if state.step % tc.checkpoint_every == 0 and state.step < tc.max_steps:
                 save_checkpoint(storage, run, state, metrics, tc.checkpoints_to_keep)
     bar.close()
-    return finish_run(cfg, storage, state, components, metrics, samples=samples)
+    return finish_run(cfg, storage, state, components, metrics, samples=samples, device=device)

@@ -108,15 +108,21 @@ def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
 @torch.no_grad()
 def sample_grid_png(
     cfg: RaydbConfig, storage: Storage, adapter_weights: bytes, *, seeds: list[int] | None = None,
+    device: torch.device | str = "cpu",
 ) -> bytes:
-    """Top row: base model; bottom row: base + trained adapter; instance prompt, same seeds."""
+    """Top row: base model; bottom row: base + trained adapter; instance prompt, same seeds.
+
+    Samples on ``device`` in the family's sampling dtype there (fp32 on CPU, fp16/bf16 on CUDA):
+    the training worker passes its own GPU, where on CPU a real model's grid takes minutes. The
+    seeds' noise is drawn on the CPU either way (diffusers moves it), so a seed gives the same
+    starting noise on any device."""
     import tempfile
     from pathlib import Path
 
     from raydb.models.components import load_pipeline, pipeline_call_kwargs
 
     seeds = seeds or list(range(cfg.train.num_sample_images))
-    pipe = load_pipeline(cfg.model, storage, cfg.workspace)
+    pipe = load_pipeline(cfg.model, storage, cfg.workspace, dtype=None, device=device)
     res = cfg.train.resolution
 
     def row() -> list[Image.Image]:
@@ -150,11 +156,13 @@ def summarize_speed(metrics: list[dict[str, Any]]) -> float:
 def finish_run(
     cfg: RaydbConfig, storage: Storage, state: Any, components: Any, metrics: list[dict[str, Any]],
     *, samples: bool = True, extra_metrics: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Write the adapter, adapter.json, metrics.jsonl and pictures (the finished adapter).
 
     ``state`` is the ``TrainState`` (its ``unet``/``text_encoder`` hold the trained LoRA and
-    ``step`` the steps done); ``components`` supplies the base model's identity.
+    ``step`` the steps done); ``components`` supplies the base model's identity; ``device`` is
+    where the sample grid is drawn (the one the run trained on).
     """
     from raydb.train.lora import save_lora
 
@@ -170,7 +178,7 @@ def finish_run(
     # the pictures sit beside the weights, so registering the adapter registers them with it
     storage.write_bytes(join(adapter, LOSS_CURVE), loss_curve_png(metrics, f"{cfg.subject.id} loss"))
     if samples and cfg.train.num_sample_images:
-        storage.write_bytes(join(adapter, SAMPLES), sample_grid_png(cfg, storage, weights))
+        storage.write_bytes(join(adapter, SAMPLES), sample_grid_png(cfg, storage, weights, device=device))
     write_adapter(storage, adapter, weights, meta)  # last: adapter.json marks the adapter complete
     return {"adapter_uri": adapter, "run_dir": run, "steps": state.step,
             "images_per_s": final["images_per_s"], "loss": final.get("loss")}

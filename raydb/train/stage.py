@@ -136,7 +136,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def write_outputs() -> None:
         """Rank 0: adapter, metrics, pictures and ``result.json`` (what the driver reads)."""
         result = finish_run(cfg, storage, state, comps, metrics, samples=bool(tc.num_sample_images),
-                            extra_metrics={"resumed_from": resumed_from, "num_workers": world})
+                            extra_metrics={"resumed_from": resumed_from, "num_workers": world},
+                            device=device)
         storage.write_json(join(config["run"], RESULT), result | {"resumed_from": resumed_from})
 
     engine = TrainEngine(

@@ -131,22 +131,26 @@ def _trial_lines() -> Any:
 def _winner_samples(cfg: RaydbConfig, storage: Storage, best: dict[str, Any]) -> None:
     """The sample grid (``train.num_sample_images``) for the best trial's adapter only: trials train
     without one (``trial_config``), so a search of n trials samples once, not n times. It runs as a
-    Ray task (one CPU, where the trials ran), not in the driver; a rerun finds it and skips."""
+    Ray task where the trials ran (one CPU, and one GPU when they trained on GPUs), not in the
+    driver; a rerun finds it and skips."""
     import ray
 
     from raydb.registry import ADAPTER_WEIGHTS, SAMPLES
     from raydb.train.outputs import sample_grid_png
+    from raydb.train.stage import resolve_use_gpu
 
     adapter = join(best["run_dir"], "adapter")
     if not cfg.train.num_sample_images or storage.exists(join(adapter, SAMPLES)):
         return
     trial = trial_config(cfg, best["prior_loss_weight"], best["learning_rate"], best.get("prior_mode"))
-    trial.train.num_sample_images = cfg.train.num_sample_images
+    seeds = list(range(cfg.train.num_sample_images))  # the trial's own config has none (see above)
+    gpu = resolve_use_gpu(cfg)
 
-    @ray.remote(num_cpus=1)
+    @ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)
     def grid() -> bytes:
         here = Storage(cfg.s3_endpoint_url)
-        return sample_grid_png(trial, here, here.read_bytes(join(adapter, ADAPTER_WEIGHTS)))
+        return sample_grid_png(trial, here, here.read_bytes(join(adapter, ADAPTER_WEIGHTS)), seeds=seeds,
+                               device="cuda" if gpu else "cpu")
 
     storage.write_bytes(join(adapter, SAMPLES), ray.get(grid.remote()))
 

@@ -286,9 +286,22 @@ def _is_png(data: bytes) -> bool:
 
 
 @pytest.mark.heavy
-def test_run_outputs(make_cfg):
+def test_run_outputs(make_cfg, monkeypatch):
+    from raydb.models import components
+
+    pipelines, load = [], components.load_pipeline
+
+    def spy(*args, **kwargs):
+        pipelines.append(kwargs)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(components, "load_pipeline", spy)
     cfg = make_cfg(train={"max_steps": 3, "num_sample_images": 2})
     result = train_subject(cfg, quiet=True)
+    # the sample grid (the last pipeline loaded; the prior stage loads one first) is drawn where the
+    # run trained, in the family's sampling dtype there
+    trained_on = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert pipelines[-1] == {"dtype": None, "device": trained_on}
     run = Path(result["run_dir"])
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3

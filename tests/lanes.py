@@ -29,7 +29,9 @@ import tempfile
 import threading
 import time
 
-LANES = {"ray": ["-m", "ray"], "rest": ["-m", "not ray"]}
+# The Ray lane's few tests take a minute or two each: a line per test (-v) says where it is; the
+# rest lane's hundreds of quick ones are dots (-q).
+LANES = {"ray": ["-v", "-m", "ray"], "rest": ["-q", "-m", "not ray"]}
 NO_TESTS = 5  # pytest's exit status when a lane's selection is empty (e.g. a path with no Ray test)
 
 
@@ -46,7 +48,7 @@ def main(args: list[str]) -> int:
     lock = threading.Lock()
     procs, pumps, started = {}, [], time.monotonic()
     for name, select in LANES.items():
-        cmd = [sys.executable, "-m", "pytest", "-q", f"--basetemp={base}/{name}", *select, *args]
+        cmd = [sys.executable, "-m", "pytest", f"--basetemp={base}/{name}", *select, *args]
         procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        env=env)
         pumps.append(threading.Thread(target=_pump, args=(name, procs[name], lock), daemon=True))

@@ -44,9 +44,19 @@ def test_demo_serves_a_recognizable_subject(tmp_path, monkeypatch):
     # the registered version's pictures: its loss curve, and the sample grid the search drew for its
     # winner only (base row over adapter row, train.num_sample_images each)
     assert result["artifacts"]["loss_curve"] and result["artifacts"]["samples"]
+    judge, colours = DigitJudge(resolution=32), ColourTrait.of(subject_images(32))
     with Image.open(result["artifacts"]["samples"]) as grid:
         assert grid.size == (4 * 32, 2 * 32)
+        rgb = grid.convert("RGB")
+        tiles = [[rgb.crop((32 * i, 32 * r, 32 * (i + 1), 32 * (r + 1))) for i in range(4)] for r in (0, 1)]
+    base, tuned = tiles
+    # the grid shows the subject (drawn at train.sample_guidance_scale 1, as the digits model draws:
+    # at SD's default 7.5 the adapter row was red mush); the base row lacks the subject's colours
+    shown = [d == 3 and c for d, c in zip(judge.classify(tuned).tolist(), colours.present(tuned).tolist(),
+                                          strict=True)]
+    assert sum(shown) >= 3, shown
+    assert not any(colours.present(base).tolist())
     image = Image.open(tmp_path / "out" / "generated.png").convert("RGB")
     assert image.size == (32, 32)
-    assert DigitJudge(resolution=32).classify([image]).tolist() == [3]
-    assert ColourTrait.of(subject_images(32)).present([image]).tolist() == [True]
+    assert judge.classify([image]).tolist() == [3]
+    assert colours.present([image]).tolist() == [True]

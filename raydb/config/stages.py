@@ -190,6 +190,10 @@ class TrainConfig(Section):
                                 "encoder) instead of every step.")
     num_sample_images: int = Field(4, ge=0, description="Images in the final sample grid.")
     sample_steps: int = Field(25, ge=1, description="Denoising steps for the sample grid.")
+    sample_guidance_scale: float | None = Field(
+        None, ge=0.0, le=50.0,
+        description="Guidance scale of the sample grid (none: the pipeline's default, 7.5 for SD/SDXL, "
+                    "3.5 for FLUX.1). The built-in digits model draws without guidance: its demo sets 1.")
     channels_last: Literal["auto"] | bool = Field(
         "auto", description="Run the UNet's convolutions in NHWC memory format (auto: on CUDA, "
         "where it measured 1.24-1.36x on an H200; off on CPU).")

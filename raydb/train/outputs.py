@@ -125,10 +125,13 @@ def sample_grid_png(
     pipe = load_pipeline(cfg.model, storage, cfg.workspace, dtype=None, device=device)
     res = cfg.train.resolution
 
+    guidance = {} if cfg.train.sample_guidance_scale is None else \
+        {"guidance_scale": cfg.train.sample_guidance_scale}
+
     def row() -> list[Image.Image]:
         return [pipe(cfg.subject.instance_prompt, num_inference_steps=cfg.train.sample_steps,
                      height=res, width=res, generator=torch.Generator().manual_seed(s),
-                     **pipeline_call_kwargs(pipe)).images[0]
+                     **guidance, **pipeline_call_kwargs(pipe)).images[0]
                 for s in seeds]
 
     base = row()

@@ -45,6 +45,8 @@ def run_id(cfg: RaydbConfig) -> str:
     relevant["train"].pop("checkpoints_to_keep", None)
     if relevant["prior"]["mode"] == "images":  # the default keeps the ids runs had before prior.mode
         del relevant["prior"]["mode"]
+    if relevant["train"].get("sample_guidance_scale") is None:  # likewise (the key came later)
+        relevant["train"].pop("sample_guidance_scale", None)
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.subject.id}-{digest}"
 

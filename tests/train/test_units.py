@@ -144,3 +144,34 @@ def test_load_lora_state_leaves_an_encoder_without_saved_state_alone():
     load_lora_state(_lora_module(3), states, enc, None)
     after = _lora(enc)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("guidance", [None, 1.0])
+def test_sample_grid_uses_the_configured_guidance(guidance, make_cfg, monkeypatch):
+    """``train.sample_guidance_scale`` reaches both rows of the grid; none leaves the pipeline's
+    default (the digits demo samples at 1: at SD's default 7.5 its subject row was mush while the
+    served image, generated at 1, showed the subject)."""
+    import io
+
+    from PIL import Image
+
+    from raydb.models import components
+    from raydb.train.outputs import sample_grid_png
+
+    calls = []
+
+    class Pipe:
+        def __call__(self, prompt, **kwargs):
+            calls.append(kwargs)
+            return type("Out", (), {"images": [Image.new("RGB", (8, 8))]})()
+
+        def load_lora_weights(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(components, "load_pipeline", lambda *args, **kwargs: Pipe())
+    cfg = make_cfg(train={"num_sample_images": 2, "sample_guidance_scale": guidance, "resolution": 8})
+    png = sample_grid_png(cfg, None, b"weights")
+    assert Image.open(io.BytesIO(png)).size == (16, 16)
+    assert len(calls) == 4  # two seeds, base row and adapter row
+    assert all(c.get("guidance_scale") == guidance for c in calls)
+    assert [c["generator"].initial_seed() for c in calls] == [0, 1, 0, 1]

@@ -139,12 +139,6 @@ def s3_bucket(s3_server, request):
     return s3_server, f"s3://{name}"
 
 
-# Ray Train's controller polls its worker group every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a
-# test's 2-step run waited on that poll to see its workers done, ~2 s of a ~15 s fit here (measured:
-# 15.2 s vs 13.0 s per warm fit). The test clusters poll every 0.5 s; nothing else changes.
-TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the integration tier (more logical CPUs than the 2 cores)."""
@@ -155,6 +149,8 @@ def ray_cluster():
     saved = os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         # Every process of the cluster inherits this (raylet, workers, drivers started by tests).
+        from tests.helpers.head_cluster import TRAIN_POLL_ENV
+
         os.environ.update(TRAIN_POLL_ENV)
         start_local_ray(8, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     yield ray
